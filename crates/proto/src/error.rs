@@ -17,11 +17,24 @@ struct OpenAiError<'a> {
 }
 
 /// `{"error":{"message":…,"type":…,"param":…,"code":…}}`, the shape OpenAI's SDKs parse.
-pub fn openai_error_body(message: &str, kind: &str, param: Option<&str>, code: Option<&str>) -> Vec<u8> {
+pub fn openai_error_body(
+    message: &str,
+    kind: &str,
+    param: Option<&str>,
+    code: Option<&str>,
+) -> Vec<u8> {
     serde_json::to_vec(&OpenAiErrorBody {
-        error: OpenAiError { message, kind, param, code },
+        error: OpenAiError {
+            message,
+            kind,
+            param,
+            code,
+        },
     })
-    .unwrap_or_else(|_| br#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#.to_vec())
+    .unwrap_or_else(|_| {
+        br#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#
+            .to_vec()
+    })
 }
 
 /// The same error as one SSE event, for failures after a stream has started: OpenAI's SDKs
@@ -39,9 +52,13 @@ mod tests {
 
     #[test]
     fn error_body_shape() {
-        let v: serde_json::Value =
-            serde_json::from_slice(&openai_error_body("no \"key\"", "invalid_request_error", None, Some("invalid_api_key")))
-                .unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_slice(&openai_error_body(
+            "no \"key\"",
+            "invalid_request_error",
+            None,
+            Some("invalid_api_key"),
+        ))
+        .unwrap_or_default();
         assert_eq!(v["error"]["message"], "no \"key\"");
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert_eq!(v["error"]["code"], "invalid_api_key");

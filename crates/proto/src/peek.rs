@@ -16,7 +16,10 @@ pub enum PeekError {
     /// The body is not JSON, or not a JSON object.
     Malformed(String),
     /// A field has the wrong type; names the field.
-    Field { field: &'static str, expected: &'static str },
+    Field {
+        field: &'static str,
+        expected: &'static str,
+    },
 }
 
 impl fmt::Display for PeekError {
@@ -48,7 +51,10 @@ impl<'de> Visitor<'de> for FieldsVisitor {
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
             let value: &'de RawValue = map.next_value()?;
             // A repeated key keeps the last value, as serde_json and most servers do.
-            if let Some(slot) = out.iter_mut().find(|(k, _): &&mut (Cow<str>, Cow<RawValue>)| *k == key) {
+            if let Some(slot) = out
+                .iter_mut()
+                .find(|(k, _): &&mut (Cow<str>, Cow<RawValue>)| *k == key)
+            {
                 slot.1 = Cow::Borrowed(value);
             } else {
                 out.push((key, Cow::Borrowed(value)));
@@ -58,7 +64,9 @@ impl<'de> Visitor<'de> for FieldsVisitor {
     }
 }
 
-fn parse_fields<'a>(body: &'a [u8]) -> Result<Vec<(Cow<'a, str>, Cow<'a, RawValue>)>, serde_json::Error> {
+fn parse_fields<'a>(
+    body: &'a [u8],
+) -> Result<Vec<(Cow<'a, str>, Cow<'a, RawValue>)>, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let fields = (&mut de).deserialize_map(FieldsVisitor)?;
     de.end()?;
@@ -72,16 +80,26 @@ impl<'a> RequestDoc<'a> {
     }
 
     pub fn raw(&self, name: &str) -> Option<&RawValue> {
-        self.fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_ref())
+        self.fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_ref())
     }
 
-    fn typed<T: de::DeserializeOwned>(&self, name: &'static str, expected: &'static str) -> Result<Option<T>, PeekError> {
+    fn typed<T: de::DeserializeOwned>(
+        &self,
+        name: &'static str,
+        expected: &'static str,
+    ) -> Result<Option<T>, PeekError> {
         match self.raw(name) {
             None => Ok(None),
             Some(raw) if raw.get() == "null" => Ok(None),
             Some(raw) => serde_json::from_str(raw.get())
                 .map(Some)
-                .map_err(|_| PeekError::Field { field: name, expected }),
+                .map_err(|_| PeekError::Field {
+                    field: name,
+                    expected,
+                }),
         }
     }
 
@@ -103,7 +121,9 @@ impl<'a> RequestDoc<'a> {
         }
         matches!(
             self.typed::<StreamOptions>("stream_options", "an object"),
-            Ok(Some(StreamOptions { include_usage: Some(true) }))
+            Ok(Some(StreamOptions {
+                include_usage: Some(true)
+            }))
         )
     }
 
@@ -118,8 +138,11 @@ impl<'a> RequestDoc<'a> {
     /// String-valued entries of `metadata`, used as attribution tags. Other value types are
     /// ignored rather than refused: `metadata` belongs to the provider's API, not to us.
     pub fn metadata_tags(&self) -> Vec<(String, String)> {
-        let Some(raw) = self.raw("metadata") else { return Vec::new() };
-        let Ok(map) = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(raw.get()) else {
+        let Some(raw) = self.raw("metadata") else {
+            return Vec::new();
+        };
+        let Ok(map) = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(raw.get())
+        else {
             return Vec::new();
         };
         map.into_iter()
@@ -136,7 +159,8 @@ impl<'a> RequestDoc<'a> {
         if let Some(slot) = self.fields.iter_mut().find(|(k, _)| k == name) {
             slot.1 = Cow::Owned(value);
         } else {
-            self.fields.push((Cow::Owned(name.to_owned()), Cow::Owned(value)));
+            self.fields
+                .push((Cow::Owned(name.to_owned()), Cow::Owned(value)));
         }
         Ok(())
     }
@@ -151,7 +175,10 @@ impl<'a> RequestDoc<'a> {
         let mut opts = match self.raw("stream_options") {
             Some(raw) if raw.get() != "null" => {
                 serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(raw.get())
-                    .map_err(|_| PeekError::Field { field: "stream_options", expected: "an object" })?
+                    .map_err(|_| PeekError::Field {
+                        field: "stream_options",
+                        expected: "an object",
+                    })?
             }
             _ => serde_json::Map::new(),
         };
@@ -166,7 +193,12 @@ impl<'a> RequestDoc<'a> {
 
     /// Re-assembles the body. Keys are re-escaped; values are the original bytes.
     pub fn to_vec(&self) -> Vec<u8> {
-        let cap = self.fields.iter().map(|(k, v)| k.len() + v.get().len() + 4).sum::<usize>() + 2;
+        let cap = self
+            .fields
+            .iter()
+            .map(|(k, v)| k.len() + v.get().len() + 4)
+            .sum::<usize>()
+            + 2;
         let mut out = Vec::with_capacity(cap);
         out.push(b'{');
         for (i, (k, v)) in self.fields.iter().enumerate() {
@@ -186,7 +218,14 @@ impl<'a> RequestDoc<'a> {
     /// inside `messages` / `input` / `prompt` / `tools`, joined.
     pub fn text_for_estimate(&self) -> String {
         let mut out = String::new();
-        for name in ["messages", "input", "prompt", "system", "tools", "instructions"] {
+        for name in [
+            "messages",
+            "input",
+            "prompt",
+            "system",
+            "tools",
+            "instructions",
+        ] {
             if let Some(raw) = self.raw(name) {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(raw.get()) {
                     collect_strings(&v, &mut out);
@@ -241,11 +280,26 @@ mod tests {
 
     #[test]
     fn malformed_and_mistyped_bodies_are_refused() {
-        assert!(matches!(RequestDoc::parse(b"{\"model\":"), Err(PeekError::Malformed(_))));
-        assert!(matches!(RequestDoc::parse(b"[1,2]"), Err(PeekError::Malformed(_))));
-        assert!(matches!(RequestDoc::parse(b"{} trailing"), Err(PeekError::Malformed(_))));
+        assert!(matches!(
+            RequestDoc::parse(b"{\"model\":"),
+            Err(PeekError::Malformed(_))
+        ));
+        assert!(matches!(
+            RequestDoc::parse(b"[1,2]"),
+            Err(PeekError::Malformed(_))
+        ));
+        assert!(matches!(
+            RequestDoc::parse(b"{} trailing"),
+            Err(PeekError::Malformed(_))
+        ));
         let doc = RequestDoc::parse(br#"{"model":5,"stream":"yes","max_tokens":-1}"#).unwrap();
-        assert_eq!(doc.model(), Err(PeekError::Field { field: "model", expected: "a string" }));
+        assert_eq!(
+            doc.model(),
+            Err(PeekError::Field {
+                field: "model",
+                expected: "a string"
+            })
+        );
         assert!(doc.stream().is_err());
         assert!(doc.max_output_tokens().is_err());
     }
@@ -262,7 +316,10 @@ mod tests {
         let doc = RequestDoc::parse(br#"{"metadata":{"run":"r1","n":3,"env":"prod"}}"#).unwrap();
         let mut tags = doc.metadata_tags();
         tags.sort();
-        assert_eq!(tags, vec![("env".into(), "prod".into()), ("run".into(), "r1".into())]);
+        assert_eq!(
+            tags,
+            vec![("env".into(), "prod".into()), ("run".into(), "r1".into())]
+        );
     }
 
     #[test]

@@ -23,7 +23,9 @@ impl SseEvent {
         let mut data: Option<Cow<str>> = None;
         for line in text.split('\n') {
             let line = line.strip_suffix('\r').unwrap_or(line);
-            let Some(rest) = line.strip_prefix("data:") else { continue };
+            let Some(rest) = line.strip_prefix("data:") else {
+                continue;
+            };
             let rest = rest.strip_prefix(' ').unwrap_or(rest);
             data = Some(match data {
                 None => Cow::Borrowed(rest),
@@ -167,13 +169,17 @@ impl ChatStreamObserver {
 
     pub fn observe(&mut self, event: &SseEvent) -> EventKind {
         self.events += 1;
-        let Some(data) = event.data() else { return EventKind::Other };
+        let Some(data) = event.data() else {
+            return EventKind::Other;
+        };
         let data = data.trim();
         if data == "[DONE]" {
             self.done = true;
             return EventKind::Done;
         }
-        let Ok(chunk) = serde_json::from_str::<ChunkPeek>(data) else { return EventKind::Other };
+        let Ok(chunk) = serde_json::from_str::<ChunkPeek>(data) else {
+            return EventKind::Other;
+        };
         if chunk.error.is_some() {
             self.saw_error = true;
             return EventKind::Error;
@@ -185,7 +191,10 @@ impl ChatStreamObserver {
         for choice in chunk.choices.into_iter().flatten() {
             no_choices = false;
             if let Some(delta) = choice.delta {
-                for text in [delta.content, delta.reasoning_content, delta.refusal].into_iter().flatten() {
+                for text in [delta.content, delta.reasoning_content, delta.refusal]
+                    .into_iter()
+                    .flatten()
+                {
                     self.output_text.push_str(&text);
                 }
                 for call in delta.tool_calls.into_iter().flatten() {
@@ -200,7 +209,10 @@ impl ChatStreamObserver {
                 self.finish_reason = Some(reason.into_owned());
             }
         }
-        match chunk.usage.and_then(|raw| Usage::from_openai_json(raw.get())) {
+        match chunk
+            .usage
+            .and_then(|raw| Usage::from_openai_json(raw.get()))
+        {
             Some(usage) => {
                 self.usage = Some(usage);
                 if no_choices {
@@ -230,11 +242,22 @@ mod tests {
 
     #[test]
     fn splits_on_blank_lines_with_either_line_ending() {
-        let ev = events_of(&[b"data: a\n\nda", b"ta: b\r\n\r\n: comment\n\ndata: x\ndata: y\n\n"]);
-        let data: Vec<_> = ev.iter().map(|e| e.data().map(|d| d.into_owned())).collect();
+        let ev = events_of(&[
+            b"data: a\n\nda",
+            b"ta: b\r\n\r\n: comment\n\ndata: x\ndata: y\n\n",
+        ]);
+        let data: Vec<_> = ev
+            .iter()
+            .map(|e| e.data().map(|d| d.into_owned()))
+            .collect();
         assert_eq!(
             data,
-            vec![Some("a".into()), Some("b".into()), None, Some("x\ny".into())]
+            vec![
+                Some("a".into()),
+                Some("b".into()),
+                None,
+                Some("x\ny".into())
+            ]
         );
     }
 
@@ -260,8 +283,23 @@ mod tests {
             b"data: [DONE]\n\n",
         ]);
         let kinds: Vec<_> = ev.iter().map(|e| obs.observe(e)).collect();
-        assert_eq!(kinds, vec![EventKind::Chunk, EventKind::Chunk, EventKind::UsageOnly, EventKind::Done]);
-        assert_eq!(obs.usage, Some(Usage { input: 5, output: 1, ..Usage::default() }));
+        assert_eq!(
+            kinds,
+            vec![
+                EventKind::Chunk,
+                EventKind::Chunk,
+                EventKind::UsageOnly,
+                EventKind::Done
+            ]
+        );
+        assert_eq!(
+            obs.usage,
+            Some(Usage {
+                input: 5,
+                output: 1,
+                ..Usage::default()
+            })
+        );
         assert_eq!(obs.output_text, "Hi");
         assert_eq!(obs.finish_reason.as_deref(), Some("stop"));
         assert_eq!(obs.model.as_deref(), Some("m"));

@@ -86,7 +86,12 @@ mod tests {
         );
         assert_eq!(
             u,
-            Some(Usage { input: 100, cached_input: 64, output: 40, reasoning: 12 })
+            Some(Usage {
+                input: 100,
+                cached_input: 64,
+                output: 40,
+                reasoning: 12
+            })
         );
     }
 
@@ -101,6 +106,12 @@ mod tests {
         let u = Usage::from_openai_response(
             br#"{"object":"list","data":[],"usage":{"prompt_tokens":8,"total_tokens":8}}"#,
         );
-        assert_eq!(u, Some(Usage { input: 8, ..Usage::default() }));
+        assert_eq!(
+            u,
+            Some(Usage {
+                input: 8,
+                ..Usage::default()
+            })
+        );
     }
 }

@@ -1,1 +1,589 @@
-fn main(){}
+//! The `tollgate` command.
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tollgate::admin::{self, CreatedKey, KeyView, NewKey};
+use tollgate::config::{parse_duration, Config};
+use tollgate::keys::ServerSecret;
+use tollgate::server::{Gateway, ServeOptions};
+use tollgate::store::{ReportRow, Store};
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "An AI agent gateway: virtual keys, routing across providers, exact usage metering."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the gateway. With no flags: 127.0.0.1:4000, data in ./tollgate-data, the built-in
+    /// mock provider, and an `openai` provider if OPENAI_API_KEY is set.
+    Serve(ServeArgs),
+    /// Check a configuration file and print every problem with its path.
+    CheckConfig {
+        #[arg(long, short, env = "TOLLGATE_CONFIG", default_value = "tollgate.toml")]
+        config: PathBuf,
+    },
+    /// Create, list, revoke and rotate virtual keys.
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Requests, tokens and spend, grouped.
+    Usage(UsageArgs),
+    /// Run the mock provider alone (for benchmarks and experiments).
+    MockProvider {
+        #[arg(long, default_value = "127.0.0.1:4010")]
+        listen: SocketAddr,
+        /// Require this bearer key from callers.
+        #[arg(long)]
+        api_key: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Configuration file. Without one, embedded defaults are used.
+    #[arg(long, short, env = "TOLLGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Overrides [server] listen.
+    #[arg(long, env = "TOLLGATE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Overrides [server] data_dir.
+    #[arg(long, env = "TOLLGATE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+/// Where management commands act: the data directory, or a running gateway.
+#[derive(Args)]
+struct Target {
+    /// Data directory of the gateway (used unless --url is given).
+    #[arg(
+        long,
+        global = true,
+        env = "TOLLGATE_DATA_DIR",
+        default_value = "./tollgate-data"
+    )]
+    data_dir: PathBuf,
+    /// A running gateway's base URL, e.g. http://127.0.0.1:4000 (needs --admin-key).
+    #[arg(long, global = true, env = "TOLLGATE_URL")]
+    url: Option<String>,
+    /// The admin key, for --url.
+    #[arg(
+        long,
+        global = true,
+        env = "TOLLGATE_ADMIN_KEY",
+        hide_env_values = true
+    )]
+    admin_key: Option<String>,
+    #[arg(long, global = true, value_enum, default_value = "table")]
+    format: Format,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Create a key and print its secret once.
+    Create {
+        /// The agent this key belongs to.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        team: Option<String>,
+        #[arg(long)]
+        project: Option<String>,
+        /// Allowed models, comma-separated; `prefix*` matches by prefix. Default: all.
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+        /// Lifetime, e.g. 30d, 12h.
+        #[arg(long)]
+        expires: Option<String>,
+        /// k=v attribution tag, repeatable.
+        #[arg(long = "tag", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
+    },
+    /// List keys (prefixes only, never secrets).
+    List,
+    /// Revoke a key by id (or by name when unique). Takes effect within a second.
+    Revoke { key: String },
+    /// Issue a new secret for a key; the old one keeps working for the grace period.
+    Rotate {
+        key: String,
+        #[arg(long, default_value = "24h")]
+        grace: String,
+    },
+}
+
+#[derive(Args)]
+struct UsageArgs {
+    /// key, team, project, model, day, or tag:NAME
+    #[arg(long, default_value = "model")]
+    by: String,
+    /// Only the last period, e.g. 7d, 24h.
+    #[arg(long)]
+    since: Option<String>,
+    #[command(flatten)]
+    target: Target,
+}
+
+fn parse_tag(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("tag \"{s}\" must be k=v"))?;
+    if k.is_empty() {
+        return Err(format!("tag \"{s}\" has an empty name"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    match cli.cmd {
+        Cmd::Serve(args) => serve(args).await?,
+        Cmd::CheckConfig { config } => {
+            let cfg = Config::from_file(&config).map_err(anyhow::Error::msg)?;
+            let problems = cfg
+                .with_implicit_providers(std::env::var_os("OPENAI_API_KEY").is_some())
+                .validate();
+            if problems.is_empty() {
+                println!("{}: ok", config.display());
+            } else {
+                for p in &problems {
+                    println!("{}: {p}", config.display());
+                }
+                return Ok(std::process::ExitCode::FAILURE);
+            }
+        }
+        Cmd::Keys { cmd, target } => keys(cmd, target).await?,
+        Cmd::Usage(args) => usage(args).await?,
+        Cmd::MockProvider { listen, api_key } => {
+            let l = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            eprintln!("mock provider listening on http://{}/v1", l.local_addr()?);
+            tollgate::mock::serve(l, api_key).await?;
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path).map_err(anyhow::Error::msg)?,
+        None => Config::default(),
+    };
+    if let Some(l) = args.listen {
+        config.server.listen = l;
+    }
+    if let Some(d) = args.data_dir {
+        config.server.data_dir = d;
+    }
+    let gw = Gateway::start(ServeOptions {
+        config,
+        config_path: args.config,
+        listener: None,
+        admin_key: std::env::var("TOLLGATE_ADMIN_KEY").ok(),
+        secret: std::env::var("TOLLGATE_SECRET").ok(),
+        openai_key_present: std::env::var_os("OPENAI_API_KEY").is_some(),
+    })
+    .await?;
+    if let Some(k) = &gw.generated_admin_key {
+        println!("Admin key (shown once; keep it, or set TOLLGATE_ADMIN_KEY next time):\n  {k}");
+    }
+    let models: Vec<String> = gw
+        .app
+        .runtime
+        .load()
+        .model_names()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    tracing::info!(addr = %gw.addr, data_dir = %gw.app.server.data_dir.display(), models = %models.join(","), "tollgate listening");
+    let app = gw.app.clone();
+    gw.run_until(tollgate::server::shutdown_signal(app)).await
+}
+
+/// Acts on the data directory, or calls a running gateway.
+enum Backend {
+    Local {
+        store: Store,
+        secret: ServerSecret,
+    },
+    Remote {
+        client: reqwest::Client,
+        url: String,
+        admin_key: String,
+    },
+}
+
+impl Backend {
+    fn new(t: &Target) -> anyhow::Result<Backend> {
+        match &t.url {
+            Some(url) => {
+                tollgate::server::init_tls();
+                let admin_key = t
+                    .admin_key
+                    .clone()
+                    .context("--url needs the admin key (--admin-key or TOLLGATE_ADMIN_KEY)")?;
+                Ok(Backend::Remote {
+                    client: reqwest::Client::new(),
+                    url: url.trim_end_matches('/').to_string(),
+                    admin_key,
+                })
+            }
+            None => {
+                if !t.data_dir.join("tollgate.db").exists() {
+                    bail!("no tollgate data in {} (run `tollgate serve` once, or pass --data-dir / --url)", t.data_dir.display());
+                }
+                let store = Store::open(&t.data_dir)?;
+                let secret =
+                    ServerSecret::load(&t.data_dir, std::env::var("TOLLGATE_SECRET").ok())?;
+                Ok(Backend::Local { store, secret })
+            }
+        }
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<T> {
+        let Backend::Remote {
+            client,
+            url,
+            admin_key,
+        } = self
+        else {
+            bail!("not a remote backend")
+        };
+        let mut req = client
+            .request(method, format!("{url}{path}"))
+            .bearer_auth(admin_key);
+        if let Some(b) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(serde_json::to_vec(&b)?);
+        }
+        let resp = req.send().await.with_context(|| format!("calling {url}"))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            let msg = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| {
+                    v.pointer("/error/message")
+                        .and_then(|m| m.as_str())
+                        .map(str::to_string)
+                })
+                .unwrap_or(text);
+            bail!("{status}: {msg}");
+        }
+        Ok(serde_json::from_str(&text)?)
+    }
+}
+
+async fn keys(cmd: KeysCmd, target: Target) -> anyhow::Result<()> {
+    let backend = Backend::new(&target)?;
+    match cmd {
+        KeysCmd::Create {
+            name,
+            team,
+            project,
+            models,
+            expires,
+            tags,
+        } => {
+            let req = NewKey {
+                name,
+                team,
+                project,
+                models,
+                expires,
+                tags: tags.into_iter().collect::<BTreeMap<_, _>>(),
+            };
+            let created: CreatedKey = match &backend {
+                Backend::Local { store, secret } => admin::create_key(store, secret, req)?,
+                Backend::Remote { .. } => {
+                    backend
+                        .call(
+                            reqwest::Method::POST,
+                            "/admin/keys",
+                            Some(serde_json::to_value(&req)?),
+                        )
+                        .await?
+                }
+            };
+            print_created(&created, target.format)?;
+        }
+        KeysCmd::List => {
+            let keys: Vec<KeyView> = match &backend {
+                Backend::Local { store, .. } => {
+                    store.list_keys()?.into_iter().map(admin::view).collect()
+                }
+                Backend::Remote { .. } => {
+                    backend
+                        .call(reqwest::Method::GET, "/admin/keys", None)
+                        .await?
+                }
+            };
+            print_keys(&keys, target.format)?;
+        }
+        KeysCmd::Revoke { key } => {
+            let v: KeyView = match &backend {
+                Backend::Local { store, .. } => admin::revoke_key(store, &key)?,
+                Backend::Remote { .. } => {
+                    backend
+                        .call(
+                            reqwest::Method::POST,
+                            &format!("/admin/keys/{}/revoke", urlencode(&key)),
+                            None,
+                        )
+                        .await?
+                }
+            };
+            print_keys(&[v], target.format)?;
+        }
+        KeysCmd::Rotate { key, grace } => {
+            let created: CreatedKey = match &backend {
+                Backend::Local { store, secret } => admin::rotate_key(
+                    store,
+                    secret,
+                    &key,
+                    parse_duration(&grace).map_err(anyhow::Error::msg)?,
+                )?,
+                Backend::Remote { .. } => {
+                    backend
+                        .call(
+                            reqwest::Method::POST,
+                            &format!("/admin/keys/{}/rotate", urlencode(&key)),
+                            Some(serde_json::json!({ "grace": grace })),
+                        )
+                        .await?
+                }
+            };
+            print_created(&created, target.format)?;
+        }
+    }
+    Ok(())
+}
+
+async fn usage(args: UsageArgs) -> anyhow::Result<()> {
+    let backend = Backend::new(&args.target)?;
+    let rows: Vec<ReportRow> = match &backend {
+        Backend::Local { store, .. } => {
+            admin::usage_report(store, &args.by, args.since.as_deref())?
+        }
+        Backend::Remote { .. } => {
+            let mut path = format!("/admin/usage?by={}", urlencode(&args.by));
+            if let Some(s) = &args.since {
+                path.push_str(&format!("&since={}", urlencode(s)));
+            }
+            backend.call(reqwest::Method::GET, &path, None).await?
+        }
+    };
+    match args.target.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        f => {
+            let header = [
+                args.by.as_str(),
+                "requests",
+                "errors",
+                "input",
+                "cached",
+                "output",
+                "reasoning",
+                "cost_usd",
+            ];
+            let body: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.group.clone(),
+                        r.requests.to_string(),
+                        r.errors.to_string(),
+                        r.input_tokens.to_string(),
+                        r.cached_input_tokens.to_string(),
+                        r.output_tokens.to_string(),
+                        r.reasoning_tokens.to_string(),
+                        usd(r.cost_micros),
+                    ]
+                })
+                .collect();
+            print_rows(&header, &body, f == Format::Csv);
+        }
+    }
+    Ok(())
+}
+
+/// Micro-USD as dollars, exactly: integer arithmetic, no floats.
+fn usd(micros: u64) -> String {
+    format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000)
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn print_created(c: &CreatedKey, format: Format) -> anyhow::Result<()> {
+    if format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(c)?);
+        return Ok(());
+    }
+    println!(
+        "Created key {} for agent \"{}\".",
+        c.key.key.id, c.key.key.name
+    );
+    println!("Secret (shown once; store it now):\n  {}", c.secret);
+    Ok(())
+}
+
+fn print_keys(keys: &[KeyView], format: Format) -> anyhow::Result<()> {
+    #[derive(Serialize)]
+    struct Out<'a>(&'a [KeyView]);
+    if format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&Out(keys))?);
+        return Ok(());
+    }
+    let header = [
+        "id", "prefix", "name", "team", "project", "models", "status", "expires",
+    ];
+    let rows: Vec<Vec<String>> = keys
+        .iter()
+        .map(|v| {
+            let k = &v.key;
+            vec![
+                k.id.clone(),
+                format!("{}…", k.prefix),
+                if k.admin {
+                    format!("{} (admin)", k.name)
+                } else {
+                    k.name.clone()
+                },
+                k.team.clone().unwrap_or_else(|| "-".into()),
+                k.project.clone().unwrap_or_else(|| "-".into()),
+                if k.models.is_empty() {
+                    "*".into()
+                } else {
+                    k.models.join(",")
+                },
+                serde_json::to_value(v.status)
+                    .ok()
+                    .and_then(|s| s.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                k.expires_ms.map_or_else(|| "never".into(), format_ms),
+            ]
+        })
+        .collect();
+    print_rows(&header, &rows, format == Format::Csv);
+    Ok(())
+}
+
+fn format_ms(ms: i64) -> String {
+    // Days since the epoch → civil date (Howard Hinnant's algorithm); avoids a date crate.
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
+fn print_rows(header: &[&str], rows: &[Vec<String>], csv: bool) {
+    if csv {
+        let esc = |s: &str| {
+            if s.contains([',', '"', '\n']) {
+                format!("\"{}\"", s.replace('"', "\"\""))
+            } else {
+                s.to_string()
+            }
+        };
+        println!(
+            "{}",
+            header.iter().map(|h| esc(h)).collect::<Vec<_>>().join(",")
+        );
+        for r in rows {
+            println!("{}", r.iter().map(|c| esc(c)).collect::<Vec<_>>().join(","));
+        }
+        return;
+    }
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}

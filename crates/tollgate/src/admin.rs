@@ -1,0 +1,407 @@
+//! Key and usage management, shared by the CLI (acting on the data directory) and the
+//! admin HTTP API (acting through a running gateway).
+
+use crate::config::parse_duration;
+use crate::error::{ApiError, ErrorKind};
+use crate::keys::{self, KeyRecord, KeyStatus, ServerSecret};
+use crate::metering::UsageRecord;
+use crate::proxy::{authenticate, now_ms};
+use crate::server::{refresh_keys, reload, AppState};
+use crate::store::{GroupBy, ReportRow, Store, StoreError};
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http::HeaderMap;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    pub name: String,
+    #[serde(default)]
+    pub team: Option<String>,
+    #[serde(default)]
+    pub project: Option<String>,
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// A duration from now, e.g. `30d`.
+    #[serde(default)]
+    pub expires: Option<String>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// A key as shown to operators: never the secret, only its prefix.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyView {
+    #[serde(flatten)]
+    pub key: KeyRecord,
+    pub status: KeyStatus,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreatedKey {
+    pub key: KeyView,
+    /// Shown once.
+    pub secret: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<AdminError> for ApiError {
+    fn from(e: AdminError) -> ApiError {
+        match e {
+            AdminError::Invalid(m) => ApiError::new(ErrorKind::BadRequest, m),
+            AdminError::Store(StoreError::KeyNotFound(k)) => {
+                ApiError::new(ErrorKind::NotFound, format!("no key matches \"{k}\""))
+            }
+            AdminError::Store(e @ StoreError::Ambiguous(_)) => {
+                ApiError::new(ErrorKind::BadRequest, e.to_string())
+            }
+            AdminError::Store(e) => ApiError::new(ErrorKind::Internal, e.to_string()),
+        }
+    }
+}
+
+pub fn view(key: KeyRecord) -> KeyView {
+    let status = key.status_at(now_ms());
+    KeyView { key, status }
+}
+
+fn validate_name(field: &str, v: &str) -> Result<(), AdminError> {
+    if v.is_empty() || v.len() > 128 || v.chars().any(char::is_control) {
+        return Err(AdminError::Invalid(format!(
+            "{field} must be 1 to 128 printable characters"
+        )));
+    }
+    Ok(())
+}
+
+pub fn create_key(
+    store: &Store,
+    secret: &ServerSecret,
+    req: NewKey,
+) -> Result<CreatedKey, AdminError> {
+    validate_name("name", &req.name)?;
+    for (f, v) in [("team", &req.team), ("project", &req.project)] {
+        if let Some(v) = v {
+            validate_name(f, v)?;
+        }
+    }
+    for m in &req.models {
+        validate_name("models entry", m)?;
+    }
+    let now = now_ms();
+    let expires_ms = match &req.expires {
+        Some(text) => {
+            let d = parse_duration(text).map_err(AdminError::Invalid)?;
+            if d.is_zero() {
+                return Err(AdminError::Invalid("expires must be in the future".into()));
+            }
+            Some(now.saturating_add(d.as_millis() as i64))
+        }
+        None => None,
+    };
+    let secret_text = keys::generate_secret();
+    let record = KeyRecord {
+        id: keys::generate_id(),
+        name: req.name,
+        team: req.team,
+        project: req.project,
+        models: req.models,
+        tags: req.tags,
+        admin: false,
+        prefix: keys::shown_prefix(&secret_text),
+        created_ms: now,
+        expires_ms,
+        revoked_ms: None,
+        rotated_from: None,
+    };
+    store.insert_key(&record, &secret.digest(&secret_text))?;
+    Ok(CreatedKey {
+        key: view(record),
+        secret: secret_text,
+    })
+}
+
+pub fn revoke_key(store: &Store, id_or_name: &str) -> Result<KeyView, AdminError> {
+    let key = store.find_key(id_or_name, now_ms())?;
+    store.revoke_key(&key.id, now_ms())?;
+    Ok(view(store.find_key(&key.id, now_ms())?))
+}
+
+/// A new secret with the same attributes; the old one keeps working for `grace`.
+pub fn rotate_key(
+    store: &Store,
+    secret: &ServerSecret,
+    id_or_name: &str,
+    grace: Duration,
+) -> Result<CreatedKey, AdminError> {
+    let old = store.find_key(id_or_name, now_ms())?;
+    if old.status_at(now_ms()) != KeyStatus::Active {
+        return Err(AdminError::Invalid(format!(
+            "key {} is not active; create a new one instead",
+            old.id
+        )));
+    }
+    let now = now_ms();
+    let secret_text = keys::generate_secret();
+    let new = KeyRecord {
+        id: keys::generate_id(),
+        prefix: keys::shown_prefix(&secret_text),
+        created_ms: now,
+        revoked_ms: None,
+        rotated_from: Some(old.id.clone()),
+        ..old.clone()
+    };
+    store.rotate_key(
+        &old.id,
+        now.saturating_add(grace.as_millis() as i64),
+        &new,
+        &secret.digest(&secret_text),
+    )?;
+    Ok(CreatedKey {
+        key: view(new),
+        secret: secret_text,
+    })
+}
+
+/// Makes sure an admin key exists. Returns a freshly generated one, to be printed once.
+pub fn bootstrap_admin_key(
+    store: &Store,
+    secret: &ServerSecret,
+    from_env: Option<&str>,
+) -> Result<Option<String>, StoreError> {
+    let now = now_ms();
+    let record = |secret_text: &str| KeyRecord {
+        id: keys::generate_id(),
+        name: "admin".into(),
+        team: None,
+        project: None,
+        models: Vec::new(),
+        tags: BTreeMap::new(),
+        admin: true,
+        prefix: keys::shown_prefix(secret_text),
+        created_ms: now,
+        expires_ms: None,
+        revoked_ms: None,
+        rotated_from: None,
+    };
+    if let Some(k) = from_env.filter(|k| !k.is_empty()) {
+        let digest = secret.digest(k);
+        if !store.key_with_digest_exists(&digest)? {
+            store.insert_key(&record(k), &digest)?;
+        }
+        return Ok(None);
+    }
+    if store.has_admin_key()? {
+        return Ok(None);
+    }
+    let k = keys::generate_secret();
+    store.insert_key(&record(&k), &secret.digest(&k))?;
+    Ok(Some(k))
+}
+
+/// `7d`, `24h` … → the timestamp that long ago.
+pub fn since_ms(since: Option<&str>) -> Result<i64, AdminError> {
+    match since {
+        None => Ok(0),
+        Some(s) => {
+            let d = parse_duration(s).map_err(AdminError::Invalid)?;
+            Ok(now_ms().saturating_sub(d.as_millis() as i64))
+        }
+    }
+}
+
+pub fn usage_report(
+    store: &Store,
+    by: &str,
+    since: Option<&str>,
+) -> Result<Vec<ReportRow>, AdminError> {
+    let by: GroupBy = by.parse().map_err(AdminError::Invalid)?;
+    Ok(store.usage_report(&by, since_ms(since)?)?)
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/keys", get(list_keys_h).post(create_key_h))
+        .route("/keys/{id}/revoke", post(revoke_key_h))
+        .route("/keys/{id}/rotate", post(rotate_key_h))
+        .route("/usage", get(usage_h))
+        .route("/usage/records", get(records_h))
+        .route("/reload", post(reload_h))
+}
+
+fn require_admin(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let key = authenticate(app, headers)?;
+    if !key.admin {
+        return Err(ApiError::new(
+            ErrorKind::AdminOnly,
+            "this endpoint needs the admin key",
+        ));
+    }
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(
+    app: &Arc<AppState>,
+    f: impl FnOnce(&AppState) -> Result<T, AdminError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let app = app.clone();
+    tokio::task::spawn_blocking(move || f(&app))
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(ErrorKind::BadRequest, format!("invalid JSON body: {e}")))
+}
+
+async fn list_keys_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let keys = blocking(&app, |a| {
+        Ok(a.store
+            .list_keys()?
+            .into_iter()
+            .map(view)
+            .collect::<Vec<_>>())
+    })
+    .await?;
+    Ok(Json(keys).into_response())
+}
+
+async fn create_key_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let req: NewKey = json_body(&body)?;
+    let created = blocking(&app, move |a| create_key(&a.store, &a.secret, req)).await?;
+    let _ = refresh_keys(&app).await;
+    Ok((http::StatusCode::CREATED, Json(created)).into_response())
+}
+
+async fn revoke_key_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let v = blocking(&app, move |a| revoke_key(&a.store, &id)).await?;
+    let _ = refresh_keys(&app).await;
+    Ok(Json(v).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RotateReq {
+    #[serde(default)]
+    grace: Option<String>,
+}
+
+async fn rotate_key_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let req: RotateReq = if body.is_empty() {
+        RotateReq::default()
+    } else {
+        json_body(&body)?
+    };
+    let grace = parse_duration(req.grace.as_deref().unwrap_or("24h"))
+        .map_err(|e| ApiError::new(ErrorKind::BadRequest, e))?;
+    let created = blocking(&app, move |a| rotate_key(&a.store, &a.secret, &id, grace)).await?;
+    let _ = refresh_keys(&app).await;
+    Ok((http::StatusCode::CREATED, Json(created)).into_response())
+}
+
+#[derive(Deserialize)]
+struct UsageQuery {
+    by: Option<String>,
+    since: Option<String>,
+}
+
+async fn usage_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<UsageQuery>,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    app.meter.flush().await;
+    let rows = blocking(&app, move |a| {
+        usage_report(
+            &a.store,
+            q.by.as_deref().unwrap_or("model"),
+            q.since.as_deref(),
+        )
+    })
+    .await?;
+    Ok(Json(rows).into_response())
+}
+
+#[derive(Deserialize)]
+struct RecordsQuery {
+    since: Option<String>,
+    request_id: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn records_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<RecordsQuery>,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    // Read-your-writes for operators and tests: whatever was queued is committed first.
+    app.meter.flush().await;
+    let rows: Vec<UsageRecord> = blocking(&app, move |a| {
+        let since = since_ms(q.since.as_deref())?;
+        Ok(a.store.usage_records(
+            since,
+            q.request_id.as_deref(),
+            q.limit.unwrap_or(1000).min(100_000),
+        )?)
+    })
+    .await?;
+    Ok(Json(rows).into_response())
+}
+
+async fn reload_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let app2 = app.clone();
+    let result = tokio::task::spawn_blocking(move || reload(&app2))
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+    match result {
+        Ok(()) => Ok(Json(serde_json::json!({"reloaded": true})).into_response()),
+        Err(problems) => Err(ApiError::new(
+            ErrorKind::BadRequest,
+            format!("configuration not reloaded: {}", problems.join("; ")),
+        )),
+    }
+}

@@ -1,0 +1,503 @@
+//! `tollgate.toml`: what the gateway serves and how.
+//!
+//! Static settings (`[server]`, `[metering]`) are read once; providers, models, prices and
+//! routing reload on SIGHUP or `POST /admin/reload` (see `server::reload`).
+
+use serde::{Deserialize, Deserializer};
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub routing: RoutingConfig,
+    pub metering: MeteringConfig,
+    pub providers: Vec<ProviderConfig>,
+    pub models: Vec<ModelConfig>,
+    pub prices: Vec<PriceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Largest request body accepted; larger bodies get 413 before they are read.
+    pub max_body_bytes: usize,
+    /// How long SIGTERM waits for in-flight requests (streams included) before giving up.
+    #[serde(deserialize_with = "de_duration")]
+    pub shutdown_grace: Duration,
+    /// How often a gateway looks for keys created or revoked by another process.
+    #[serde(deserialize_with = "de_duration")]
+    pub key_refresh: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Upstream attempts per request, first try included.
+    pub max_attempts: u32,
+    #[serde(deserialize_with = "de_duration")]
+    pub backoff_base: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub backoff_max: Duration,
+    /// The longest upstream `Retry-After` tollgate waits out itself; beyond it the 429 goes
+    /// back to the client with the upstream's `Retry-After`.
+    #[serde(deserialize_with = "de_duration")]
+    pub max_retry_wait: Duration,
+    /// Consecutive failures after which a deployment cools down.
+    pub cooldown_failures: u32,
+    #[serde(deserialize_with = "de_duration")]
+    pub cooldown: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeteringConfig {
+    /// Usage records waiting for the writer. A full queue counts and logs what it cannot take.
+    pub queue_capacity: usize,
+    /// Records per write transaction at most.
+    pub batch_max: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// Any OpenAI-compatible base URL: OpenAI, vLLM, llama.cpp, Ollama, OpenRouter, Groq…
+    Openai,
+    /// The built-in mock provider, started in-process on a loopback port.
+    Mock,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub kind: ProviderKind,
+    /// Including the version path, e.g. `https://api.openai.com/v1`. Not used by `mock`.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// Name of the environment variable holding the provider's API key.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    #[serde(default = "d_connect", deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+    /// Until the response head (and, for streams, the first chunk) arrives.
+    #[serde(default = "d_first_byte", deserialize_with = "de_duration")]
+    pub first_byte_timeout: Duration,
+    /// Longest silence between two chunks of a stream.
+    #[serde(default = "d_idle", deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+    #[serde(default = "d_total", deserialize_with = "de_duration")]
+    pub total_timeout: Duration,
+    /// Sent with every upstream request.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Model names (`*` suffix = prefix match) this provider serves directly under their own
+    /// name, without an alias in `[[models]]`.
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+fn d_connect() -> Duration {
+    Duration::from_secs(5)
+}
+fn d_first_byte() -> Duration {
+    Duration::from_secs(300)
+}
+fn d_idle() -> Duration {
+    Duration::from_secs(60)
+}
+fn d_total() -> Duration {
+    Duration::from_secs(900)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The name clients send as `model`.
+    pub name: String,
+    pub deployments: Vec<DeploymentConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentConfig {
+    pub provider: String,
+    /// The model name sent upstream; defaults to the alias.
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default = "d_weight")]
+    pub weight: u32,
+    /// Lower is tried first; weights share traffic within one priority.
+    #[serde(default)]
+    pub priority: u32,
+}
+
+fn d_weight() -> u32 {
+    1
+}
+
+/// Prices in integer micro-USD per million tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceConfig {
+    /// An upstream model name, or `provider/model` to price one provider's model only.
+    pub model: String,
+    /// Recorded with every cost computed from this price; defaults to a digest of the numbers.
+    #[serde(default)]
+    pub version: Option<String>,
+    pub input: u64,
+    #[serde(default)]
+    pub cached_input: Option<u64>,
+    pub output: u64,
+    #[serde(default)]
+    pub reasoning: Option<u64>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4000)),
+            data_dir: PathBuf::from("./tollgate-data"),
+            max_body_bytes: 16 * 1024 * 1024,
+            shutdown_grace: Duration::from_secs(30),
+            key_refresh: Duration::from_millis(250),
+        }
+    }
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            max_attempts: 3,
+            backoff_base: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(2),
+            max_retry_wait: Duration::from_secs(5),
+            cooldown_failures: 3,
+            cooldown: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for MeteringConfig {
+    fn default() -> Self {
+        MeteringConfig {
+            queue_capacity: 65_536,
+            batch_max: 2_000,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            routing: RoutingConfig::default(),
+            metering: MeteringConfig::default(),
+            providers: Vec::new(),
+            models: Vec::new(),
+            prices: Vec::new(),
+        }
+    }
+}
+
+/// Model-name patterns the automatic `openai` provider serves without aliases.
+pub const OPENAI_MODEL_PATTERNS: &[&str] = &[
+    "gpt-*",
+    "o1*",
+    "o3*",
+    "o4*",
+    "chatgpt-*",
+    "text-embedding-*",
+    "omni-moderation-*",
+];
+
+impl Config {
+    /// Reads and parses a file. Parse errors name the line and the offending key.
+    pub fn from_file(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Config::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Adds what a bare `tollgate serve` needs: the mock provider when nothing is configured,
+    /// and an `openai` provider when `OPENAI_API_KEY` is set and none is named so.
+    pub fn with_implicit_providers(mut self, openai_key_present: bool) -> Config {
+        if self.providers.is_empty() {
+            self.providers.push(ProviderConfig::builtin_mock());
+        }
+        if openai_key_present && !self.providers.iter().any(|p| p.name == "openai") {
+            self.providers.push(ProviderConfig {
+                name: "openai".into(),
+                kind: ProviderKind::Openai,
+                base_url: Some("https://api.openai.com/v1".into()),
+                api_key_env: Some("OPENAI_API_KEY".into()),
+                models: OPENAI_MODEL_PATTERNS
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                ..ProviderConfig::builtin_mock()
+            });
+        }
+        self
+    }
+
+    /// Every problem, each prefixed with its path (`models[2].deployments[0].provider: …`).
+    pub fn validate(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut p = |path: String, msg: &str| problems.push(format!("{path}: {msg}"));
+        if self.server.max_body_bytes == 0 {
+            p("server.max_body_bytes".into(), "must be greater than 0");
+        }
+        if self.routing.max_attempts == 0 {
+            p("routing.max_attempts".into(), "must be at least 1");
+        }
+        if self.routing.backoff_base > self.routing.backoff_max {
+            p(
+                "routing.backoff_base".into(),
+                "must not exceed routing.backoff_max",
+            );
+        }
+        if self.metering.queue_capacity == 0 {
+            p("metering.queue_capacity".into(), "must be greater than 0");
+        }
+        if self.metering.batch_max == 0 {
+            p("metering.batch_max".into(), "must be greater than 0");
+        }
+        let mut provider_names = HashSet::new();
+        for (i, prov) in self.providers.iter().enumerate() {
+            let path = format!("providers[{i}]");
+            if prov.name.is_empty() || prov.name.contains('/') {
+                p(
+                    format!("{path}.name"),
+                    "must be non-empty and must not contain '/'",
+                );
+            }
+            if !provider_names.insert(prov.name.as_str()) {
+                p(
+                    format!("{path}.name"),
+                    &format!("duplicate provider name \"{}\"", prov.name),
+                );
+            }
+            match (prov.kind, &prov.base_url) {
+                (ProviderKind::Openai, None) => {
+                    p(format!("{path}.base_url"), "required for kind \"openai\"")
+                }
+                (ProviderKind::Openai, Some(url)) => {
+                    if !(url.starts_with("http://") || url.starts_with("https://"))
+                        || reqwest::Url::parse(url).is_err()
+                    {
+                        p(
+                            format!("{path}.base_url"),
+                            &format!("not an http(s) URL: \"{url}\""),
+                        );
+                    }
+                }
+                (ProviderKind::Mock, Some(_)) => p(
+                    format!("{path}.base_url"),
+                    "not used by kind \"mock\" (it runs in-process)",
+                ),
+                (ProviderKind::Mock, None) => {}
+            }
+            if let Some(var) = &prov.api_key_env {
+                if var.is_empty() {
+                    p(
+                        format!("{path}.api_key_env"),
+                        "must name an environment variable",
+                    );
+                }
+            }
+            for (name, value) in &prov.headers {
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    p(format!("{path}.headers.{name}"), "not a valid header name");
+                }
+                if http::HeaderValue::from_str(value).is_err() {
+                    p(format!("{path}.headers.{name}"), "not a valid header value");
+                }
+            }
+            for (d, field) in [
+                (prov.connect_timeout, "connect_timeout"),
+                (prov.first_byte_timeout, "first_byte_timeout"),
+                (prov.idle_timeout, "idle_timeout"),
+                (prov.total_timeout, "total_timeout"),
+            ] {
+                if d.is_zero() {
+                    p(format!("{path}.{field}"), "must be greater than 0");
+                }
+            }
+        }
+        let mut aliases = HashSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let path = format!("models[{i}]");
+            if m.name.is_empty() {
+                p(format!("{path}.name"), "must be non-empty");
+            }
+            if !aliases.insert(m.name.as_str()) {
+                p(
+                    format!("{path}.name"),
+                    &format!("duplicate model name \"{}\"", m.name),
+                );
+            }
+            if m.deployments.is_empty() {
+                p(
+                    format!("{path}.deployments"),
+                    "needs at least one deployment",
+                );
+            }
+            for (j, d) in m.deployments.iter().enumerate() {
+                if !provider_names.contains(d.provider.as_str()) {
+                    p(
+                        format!("{path}.deployments[{j}].provider"),
+                        &format!("unknown provider \"{}\"", d.provider),
+                    );
+                }
+                if d.weight == 0 {
+                    p(
+                        format!("{path}.deployments[{j}].weight"),
+                        "must be at least 1 (remove the deployment to disable it)",
+                    );
+                }
+            }
+        }
+        let mut priced = HashSet::new();
+        for (i, pr) in self.prices.iter().enumerate() {
+            if !priced.insert(pr.model.as_str()) {
+                p(
+                    format!("prices[{i}].model"),
+                    &format!("duplicate price for \"{}\"", pr.model),
+                );
+            }
+            if let Some(c) = pr.cached_input {
+                if c > pr.input {
+                    p(
+                        format!("prices[{i}].cached_input"),
+                        "is more than input; check the units (micro-USD per million tokens)",
+                    );
+                }
+            }
+        }
+        problems
+    }
+}
+
+impl ProviderConfig {
+    pub fn builtin_mock() -> ProviderConfig {
+        ProviderConfig {
+            name: "mock".into(),
+            kind: ProviderKind::Mock,
+            base_url: None,
+            api_key_env: None,
+            connect_timeout: d_connect(),
+            first_byte_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(10),
+            total_timeout: d_total(),
+            headers: BTreeMap::new(),
+            models: vec!["mock*".into()],
+        }
+    }
+}
+
+/// `250ms`, `30s`, `5m`, `2h`, `30d`; a bare integer is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration \"{s}\" (try 500ms, 30s, 5m, 2h, 7d)"))?;
+    let secs = |m: u64| n.checked_mul(m).map(Duration::from_secs);
+    let d = match unit.trim() {
+        "ms" => Some(Duration::from_millis(n)),
+        "" | "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86_400),
+        "w" => secs(7 * 86_400),
+        _ => None,
+    };
+    d.ok_or_else(|| format!("invalid duration \"{s}\" (try 500ms, 30s, 5m, 2h, 7d)"))
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Secs(n) => Ok(Duration::from_secs(n)),
+        Raw::Text(s) => parse_duration(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
+        assert!(parse_duration("3 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_errors_with_their_name() {
+        let err =
+            Config::from_toml("[server]\nlisten = \"127.0.0.1:1\"\nlistne = 3\n").unwrap_err();
+        assert!(err.contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn validate_reports_every_problem_with_its_path() {
+        let cfg = Config::from_toml(
+            r#"
+            [[providers]]
+            name = "a"
+            kind = "openai"
+            [[providers]]
+            name = "a"
+            kind = "openai"
+            base_url = "ftp://x"
+            [[models]]
+            name = "smart"
+            deployments = [{ provider = "nope", weight = 0 }]
+            "#,
+        )
+        .unwrap();
+        let problems = cfg.validate();
+        for expected in [
+            "providers[0].base_url: required",
+            "providers[1].name: duplicate",
+            "providers[1].base_url: not an http(s) URL",
+            "models[0].deployments[0].provider: unknown provider \"nope\"",
+            "models[0].deployments[0].weight",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(expected)),
+                "missing {expected:?} in {problems:#?}"
+            );
+        }
+        assert_eq!(problems.len(), 5, "{problems:#?}");
+    }
+
+    #[test]
+    fn bare_config_gets_the_mock_provider() {
+        let cfg = Config::default().with_implicit_providers(false);
+        assert_eq!(cfg.providers.len(), 1);
+        assert_eq!(cfg.providers[0].kind, ProviderKind::Mock);
+        let cfg = Config::default().with_implicit_providers(true);
+        assert!(cfg.providers.iter().any(|p| p.name == "openai"));
+        assert!(cfg.validate().is_empty());
+    }
+}

@@ -1,0 +1,163 @@
+//! The one error type the HTTP surface returns, written in the caller's dialect.
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode};
+use tollgate_proto::error::openai_error_body;
+
+/// A low-cardinality name for each way a request can fail. It is what usage records and
+/// metrics carry as `error_kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    BadRequest,
+    InvalidApiKey,
+    KeyExpired,
+    KeyRevoked,
+    ModelNotAllowed,
+    AdminOnly,
+    ModelNotFound,
+    NotFound,
+    BodyTooLarge,
+    UpstreamRateLimited,
+    /// The provider refused the request itself (a 4xx other than 429): passed through.
+    UpstreamRejected,
+    /// The provider rejected tollgate's own credentials: an operator problem, not the client's.
+    UpstreamAuth,
+    UpstreamError,
+    UpstreamUnavailable,
+    NoHealthyDeployment,
+    UpstreamTimeout,
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::InvalidApiKey => "invalid_api_key",
+            ErrorKind::KeyExpired => "key_expired",
+            ErrorKind::KeyRevoked => "key_revoked",
+            ErrorKind::ModelNotAllowed => "model_not_allowed",
+            ErrorKind::AdminOnly => "admin_only",
+            ErrorKind::ModelNotFound => "model_not_found",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::BodyTooLarge => "request_too_large",
+            ErrorKind::UpstreamRateLimited => "upstream_rate_limited",
+            ErrorKind::UpstreamRejected => "upstream_rejected",
+            ErrorKind::UpstreamAuth => "upstream_auth",
+            ErrorKind::UpstreamError => "upstream_error",
+            ErrorKind::UpstreamUnavailable => "upstream_unavailable",
+            ErrorKind::NoHealthyDeployment => "no_healthy_deployment",
+            ErrorKind::UpstreamTimeout => "upstream_timeout",
+            ErrorKind::Internal => "internal_error",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::InvalidApiKey | ErrorKind::KeyExpired | ErrorKind::KeyRevoked => {
+                StatusCode::UNAUTHORIZED
+            }
+            ErrorKind::ModelNotAllowed | ErrorKind::AdminOnly => StatusCode::FORBIDDEN,
+            ErrorKind::ModelNotFound | ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::UpstreamRateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::UpstreamRejected => StatusCode::BAD_REQUEST,
+            ErrorKind::UpstreamAuth | ErrorKind::UpstreamError | ErrorKind::UpstreamUnavailable => {
+                StatusCode::BAD_GATEWAY
+            }
+            ErrorKind::NoHealthyDeployment => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's `error.type`.
+    fn openai_type(self) -> &'static str {
+        match self {
+            ErrorKind::BadRequest
+            | ErrorKind::InvalidApiKey
+            | ErrorKind::KeyExpired
+            | ErrorKind::KeyRevoked
+            | ErrorKind::ModelNotFound
+            | ErrorKind::NotFound
+            | ErrorKind::BodyTooLarge
+            | ErrorKind::UpstreamRejected => "invalid_request_error",
+            ErrorKind::ModelNotAllowed | ErrorKind::AdminOnly => "permission_error",
+            ErrorKind::UpstreamRateLimited => "rate_limit_error",
+            ErrorKind::UpstreamTimeout => "timeout_error",
+            _ => "server_error",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+    pub param: Option<&'static str>,
+    /// Overrides the kind's status, for upstream answers passed through as they came.
+    pub status: Option<StatusCode>,
+    pub retry_after_secs: Option<u64>,
+    /// An upstream error body in OpenAI's shape, returned verbatim.
+    pub upstream_body: Option<bytes::Bytes>,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> ApiError {
+        ApiError {
+            kind,
+            message: message.into(),
+            param: None,
+            status: None,
+            retry_after_secs: None,
+            upstream_body: None,
+        }
+    }
+
+    pub fn param(mut self, p: &'static str) -> ApiError {
+        self.param = Some(p);
+        self
+    }
+
+    pub fn retry_after(mut self, secs: u64) -> ApiError {
+        self.retry_after_secs = Some(secs);
+        self
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status.unwrap_or_else(|| self.kind.status())
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind.as_str(), self.message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = match &self.upstream_body {
+            Some(b) => b.to_vec(),
+            None => openai_error_body(
+                &self.message,
+                self.kind.openai_type(),
+                self.param,
+                Some(self.kind.as_str()),
+            ),
+        };
+        let mut resp = (status, body).into_response();
+        let h = resp.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(secs) = self.retry_after_secs {
+            h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp.extensions_mut().insert(self.kind);
+        resp
+    }
+}

@@ -1,0 +1,15 @@
+//! tollgate: an AI agent gateway. See `docs/ARCHITECTURE.md` for the life of a request.
+
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod estimate;
+pub mod keys;
+pub mod metering;
+pub mod metrics;
+pub mod mock;
+pub mod prices;
+pub mod proxy;
+pub mod server;
+pub mod store;
+pub mod upstream;

@@ -1,0 +1,155 @@
+//! Usage records and the batching writer behind a bounded queue.
+//!
+//! The request path hands a record to `Meter::record`, which never waits: a full queue is
+//! counted and logged with the record's id and numbers, so nothing disappears silently.
+//! A dedicated thread drains the queue into SQLite, one transaction per batch.
+
+use crate::metrics::Metrics;
+use crate::store;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// One per request that got past authentication.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct UsageRecord {
+    pub id: String,
+    pub ts_ms: i64,
+    pub endpoint: String,
+    pub key_id: String,
+    pub agent: String,
+    pub team: Option<String>,
+    pub project: Option<String>,
+    pub tags: BTreeMap<String, String>,
+    pub model_requested: Option<String>,
+    pub provider: Option<String>,
+    pub model_served: Option<String>,
+    pub attempts: u32,
+    pub status: u16,
+    pub error_kind: Option<String>,
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub output_tokens: u64,
+    pub reasoning_tokens: u64,
+    /// `provider`, `estimated` (the provider gave no usage), or `none` (nothing reached a provider).
+    pub usage_source: String,
+    pub cost_micros: u64,
+    pub price_version: Option<String>,
+    pub latency_ms: u64,
+    pub ttft_ms: Option<u64>,
+    pub stream: bool,
+    pub client_disconnected: bool,
+}
+
+enum Msg {
+    Record(Box<UsageRecord>),
+    /// Everything queued before this is committed when the reply comes.
+    Flush(oneshot::Sender<()>),
+}
+
+#[derive(Clone)]
+pub struct Meter {
+    tx: mpsc::Sender<Msg>,
+    metrics: Arc<Metrics>,
+}
+
+impl Meter {
+    /// Starts the writer thread on its own SQLite connection. The thread ends when every
+    /// `Meter` clone is gone; shutdown does not wait for that, it calls `flush`.
+    pub fn start(
+        db_path: PathBuf,
+        capacity: usize,
+        batch_max: usize,
+        metrics: Arc<Metrics>,
+    ) -> store::Result<Meter> {
+        let mut conn = store::connect(&db_path)?;
+        let (tx, mut rx) = mpsc::channel::<Msg>(capacity);
+        let writer_metrics = metrics.clone();
+        std::thread::Builder::new()
+            .name("tollgate-meter".into())
+            .spawn(move || {
+                let mut batch: Vec<UsageRecord> = Vec::with_capacity(batch_max);
+                let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
+                while let Some(first) = rx.blocking_recv() {
+                    let mut next = Some(first);
+                    while let Some(msg) = next.take() {
+                        match msg {
+                            Msg::Record(r) => batch.push(*r),
+                            Msg::Flush(w) => waiters.push(w),
+                        }
+                        if batch.len() >= batch_max {
+                            break;
+                        }
+                        next = rx.try_recv().ok();
+                    }
+                    writer_metrics.usage_queue_depth.set((rx.len()) as i64);
+                    write_with_retry(&mut conn, &batch, &writer_metrics);
+                    batch.clear();
+                    for w in waiters.drain(..) {
+                        let _ = w.send(());
+                    }
+                }
+            })?;
+        Ok(Meter { tx, metrics })
+    }
+
+    /// Queues a record without waiting. Never blocks the request path.
+    pub fn record(&self, rec: UsageRecord) {
+        match self.tx.try_send(Msg::Record(Box::new(rec))) {
+            Ok(()) => {
+                self.metrics.usage_records_queued.inc();
+            }
+            Err(err) => {
+                self.metrics.usage_records_dropped.inc();
+                let rec = match err {
+                    mpsc::error::TrySendError::Full(Msg::Record(r))
+                    | mpsc::error::TrySendError::Closed(Msg::Record(r)) => r,
+                    _ => return,
+                };
+                // The log line carries everything needed to re-bill by hand.
+                tracing::error!(
+                    target: "tollgate::metering",
+                    record = %serde_json::to_string(&rec).unwrap_or_default(),
+                    "usage queue full or closed: record not stored"
+                );
+            }
+        }
+    }
+
+    /// Waits until everything queued so far is committed.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+fn write_with_retry(conn: &mut rusqlite::Connection, batch: &[UsageRecord], metrics: &Metrics) {
+    if batch.is_empty() {
+        return;
+    }
+    let mut delay = Duration::from_millis(50);
+    // Records are only lost if the database stays unwritable for minutes; each failure is
+    // logged, and the batch is retried rather than dropped.
+    for attempt in 1..=12 {
+        match store::insert_usage_batch(conn, batch) {
+            Ok(()) => {
+                metrics.usage_records_written.inc_by(batch.len() as u64);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, records = batch.len(), "usage batch write failed; retrying");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    metrics.usage_records_dropped.inc_by(batch.len() as u64);
+    for rec in batch {
+        tracing::error!(record = %serde_json::to_string(rec).unwrap_or_default(), "usage record not stored after retries");
+    }
+}

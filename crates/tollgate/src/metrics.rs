@@ -1,0 +1,132 @@
+//! Prometheus metrics. Labels stay low-cardinality: per-key numbers live in the usage table.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub endpoint: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub provider: String,
+    pub outcome: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub upstream_attempts: Family<UpstreamLabels, Counter>,
+    pub request_seconds: Histogram,
+    pub usage_records_queued: Counter,
+    pub usage_records_written: Counter,
+    pub usage_records_dropped: Counter,
+    pub usage_queue_depth: Gauge,
+    pub streams_cut: Counter,
+    pub client_disconnects: Counter,
+    pub config_reloads: Family<ReloadLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub result: &'static str,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("tollgate");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by endpoint and status",
+            requests.clone(),
+        );
+        let upstream_attempts = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_attempts",
+            "Upstream attempts, by provider and outcome",
+            upstream_attempts.clone(),
+        );
+        let request_seconds = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+        ]);
+        registry.register(
+            "request_seconds",
+            "Request latency until the response head",
+            request_seconds.clone(),
+        );
+        let usage_records_queued = Counter::default();
+        registry.register(
+            "usage_records_queued",
+            "Usage records handed to the writer",
+            usage_records_queued.clone(),
+        );
+        let usage_records_written = Counter::default();
+        registry.register(
+            "usage_records_written",
+            "Usage records committed to the store",
+            usage_records_written.clone(),
+        );
+        let usage_records_dropped = Counter::default();
+        registry.register(
+            "usage_records_dropped",
+            "Usage records that could not be queued or written (each is logged in full)",
+            usage_records_dropped.clone(),
+        );
+        let usage_queue_depth = Gauge::default();
+        registry.register(
+            "usage_queue_depth",
+            "Usage records waiting for the writer",
+            usage_queue_depth.clone(),
+        );
+        let streams_cut = Counter::default();
+        registry.register(
+            "streams_cut",
+            "Streams that ended early on the upstream side",
+            streams_cut.clone(),
+        );
+        let client_disconnects = Counter::default();
+        registry.register(
+            "client_disconnects",
+            "Requests the client abandoned before the end",
+            client_disconnects.clone(),
+        );
+        let config_reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads, by result",
+            config_reloads.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            upstream_attempts,
+            request_seconds,
+            usage_records_queued,
+            usage_records_written,
+            usage_records_dropped,
+            usage_queue_depth,
+            streams_cut,
+            client_disconnects,
+            config_reloads,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

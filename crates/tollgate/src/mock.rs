@@ -1,0 +1,597 @@
+//! The mock provider: OpenAI's wire format with deterministic content, realistic usage
+//! blocks, and every failure a test needs, chosen by the model name (or the
+//! `x-mock-behavior` header, which wins) so tests drive each path through the real gateway:
+//!
+//! | flag in the name  | behaviour                                                          |
+//! |-------------------|--------------------------------------------------------------------|
+//! | `429`             | 429 with `Retry-After` (seconds from `x-mock-retry-after`, else 1) |
+//! | `500`             | 500 with an OpenAI error body                                      |
+//! | `flaky-N`         | the first N requests for this model name get 500, then success    |
+//! | `slow`            | 200 ms before a JSON answer, 50 ms between stream chunks           |
+//! | `stall`           | JSON: never answers; stream: two chunks, then silence              |
+//! | `truncate`        | the connection drops half way (no usage, no `[DONE]`)              |
+//! | `nousage`         | no usage block anywhere                                            |
+//! | `long`            | 200 output tokens instead of 16                                    |
+//! | `cached`          | half the prompt reported as cached                                 |
+//! | `reasoning`       | 8 reasoning tokens on top of the output                            |
+//!
+//! Output is one token per word, so the usage it reports is exact for what it sends.
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tollgate_proto::error::openai_error_body;
+
+const WORDS: &[&str] = &[
+    "The",
+    "mock",
+    "provider",
+    "answers",
+    "every",
+    "request",
+    "with",
+    "the",
+    "same",
+    "calm",
+    "and",
+    "predictable",
+    "words",
+    "so",
+    "tests",
+    "can",
+    "count",
+    "each",
+    "token",
+    "it",
+    "bills",
+];
+const DEFAULT_OUTPUT_TOKENS: u64 = 16;
+const LONG_OUTPUT_TOKENS: u64 = 200;
+pub const MOCK_MODELS: &[&str] = &[
+    "mock",
+    "mock-long",
+    "mock-slow",
+    "mock-stall",
+    "mock-truncate",
+    "mock-nousage",
+    "mock-429",
+    "mock-500",
+    "mock-embed",
+];
+
+#[derive(Default)]
+pub struct MockStats {
+    pub requests: AtomicU64,
+    pub streams_completed: AtomicU64,
+    pub streams_cancelled: AtomicU64,
+}
+
+#[derive(Default)]
+struct MockState {
+    /// When set, requests must carry `Authorization: Bearer <api_key>`.
+    api_key: Option<String>,
+    flaky_seen: Mutex<HashMap<String, u64>>,
+    stats: MockStats,
+}
+
+pub fn router(api_key: Option<String>) -> Router {
+    let state = Arc::new(MockState {
+        api_key,
+        ..MockState::default()
+    });
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .route("/mock/stats", get(stats))
+        .with_state(state)
+}
+
+/// Serves the mock on a listener until the process ends.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    api_key: Option<String>,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(api_key)).await
+}
+
+struct Behaviour {
+    flags: String,
+    retry_after: u64,
+}
+
+impl Behaviour {
+    fn from(model: &str, headers: &HeaderMap) -> Behaviour {
+        let header = headers.get("x-mock-behavior").and_then(|v| v.to_str().ok());
+        let retry_after = headers
+            .get("x-mock-retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        Behaviour {
+            flags: header.unwrap_or(model).to_string(),
+            retry_after,
+        }
+    }
+    fn has(&self, flag: &str) -> bool {
+        self.flags.split('-').any(|f| f == flag)
+    }
+    fn flaky(&self) -> Option<u64> {
+        let mut parts = self.flags.split('-');
+        while let Some(p) = parts.next() {
+            if p == "flaky" {
+                return parts.next().and_then(|n| n.parse().ok());
+            }
+        }
+        None
+    }
+    fn output_tokens(&self) -> u64 {
+        if self.has("long") {
+            LONG_OUTPUT_TOKENS
+        } else {
+            DEFAULT_OUTPUT_TOKENS
+        }
+    }
+}
+
+fn error(status: StatusCode, message: &str, kind: &str, code: &str) -> Response {
+    let mut r = (status, openai_error_body(message, kind, None, Some(code))).into_response();
+    r.headers_mut().insert(
+        "content-type",
+        "application/json"
+            .parse()
+            .unwrap_or_else(|_| unreachable!()),
+    );
+    r
+}
+
+impl MockState {
+    /// The failures every endpoint shares. `None` means: answer normally.
+    async fn failure(&self, b: &Behaviour, headers: &HeaderMap) -> Option<Response> {
+        if let Some(key) = &self.api_key {
+            let ok = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_some_and(|v| v == key);
+            if !ok {
+                return Some(error(
+                    StatusCode::UNAUTHORIZED,
+                    "Incorrect API key provided.",
+                    "invalid_request_error",
+                    "invalid_api_key",
+                ));
+            }
+        }
+        if b.has("429") {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Rate limit reached for requests. Please try again later.",
+                "requests",
+                "rate_limit_exceeded",
+            );
+            r.headers_mut().insert("retry-after", b.retry_after.into());
+            r.headers_mut()
+                .insert("x-ratelimit-remaining-requests", 0.into());
+            return Some(r);
+        }
+        if b.has("500") {
+            return Some(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "The server had an error processing your request.",
+                "server_error",
+                "internal_error",
+            ));
+        }
+        if let Some(n) = b.flaky() {
+            let mut seen = self.flaky_seen.lock().unwrap_or_else(|p| p.into_inner());
+            let count = seen.entry(b.flags.clone()).or_insert(0);
+            *count += 1;
+            if *count <= n {
+                return Some(error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "Flaky mock failure.",
+                    "server_error",
+                    "internal_error",
+                ));
+            }
+        }
+        None
+    }
+}
+
+fn prompt_tokens(req: &Value) -> u64 {
+    let mut text = String::new();
+    collect_text(req.get("messages").unwrap_or(&Value::Null), &mut text);
+    collect_text(req.get("input").unwrap_or(&Value::Null), &mut text);
+    collect_text(req.get("tools").unwrap_or(&Value::Null), &mut text);
+    let messages = req
+        .get("messages")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len) as u64;
+    (text.len() as u64).div_ceil(4) + 3 * messages + 1
+}
+
+fn collect_text(v: &Value, out: &mut String) {
+    match v {
+        Value::String(s) => out.push_str(s),
+        Value::Array(a) => a.iter().for_each(|x| collect_text(x, out)),
+        Value::Object(m) => m.values().for_each(|x| collect_text(x, out)),
+        _ => {}
+    }
+}
+
+fn usage_json(prompt: u64, completion: u64, b: &Behaviour) -> Value {
+    let cached = if b.has("cached") { prompt / 2 } else { 0 };
+    let reasoning = if b.has("reasoning") { 8 } else { 0 };
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion + reasoning,
+        "total_tokens": prompt + completion + reasoning,
+        "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0,
+            "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
+    })
+}
+
+/// The tool call the mock makes: the chosen (or first) function, with every required string
+/// argument set to "mock" and numbers to 1.
+fn tool_call(req: &Value) -> Option<(String, String)> {
+    let tools = req.get("tools")?.as_array()?;
+    if tools.is_empty() || req.get("tool_choice").and_then(Value::as_str) == Some("none") {
+        return None;
+    }
+    let last_role = req
+        .get("messages")?
+        .as_array()?
+        .last()?
+        .get("role")?
+        .as_str()?;
+    if last_role == "tool" {
+        return None;
+    }
+    let wanted = req
+        .pointer("/tool_choice/function/name")
+        .and_then(Value::as_str);
+    let func = tools
+        .iter()
+        .filter_map(|t| t.get("function"))
+        .find(|f| wanted.is_none_or(|w| f.get("name").and_then(Value::as_str) == Some(w)))?;
+    let name = func.get("name")?.as_str()?.to_string();
+    let mut args = serde_json::Map::new();
+    let props = func
+        .pointer("/parameters/properties")
+        .and_then(Value::as_object);
+    for req_name in func
+        .pointer("/parameters/required")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let Some(req_name) = req_name.as_str() else {
+            continue;
+        };
+        let ty = props
+            .and_then(|p| p.get(req_name))
+            .and_then(|p| p.get("type"))
+            .and_then(Value::as_str);
+        let v = match ty {
+            Some("number" | "integer") => json!(1),
+            Some("boolean") => json!(true),
+            Some("array") => json!([]),
+            Some("object") => json!({}),
+            _ => json!("mock"),
+        };
+        args.insert(req_name.to_string(), v);
+    }
+    Some((name, Value::Object(args).to_string()))
+}
+
+fn words(n: u64) -> Vec<String> {
+    (0..n as usize)
+        .map(|i| {
+            format!(
+                "{}{}",
+                if i == 0 { "" } else { " " },
+                WORDS[i % WORDS.len()]
+            )
+        })
+        .collect()
+}
+
+async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
+    state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "We could not parse the JSON body of your request.",
+            "invalid_request_error",
+            "invalid_json",
+        );
+    };
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock")
+        .to_string();
+    let b = Behaviour::from(&model, &headers);
+    if let Some(r) = state.failure(&b, &headers).await {
+        return r;
+    }
+    let max = req
+        .get("max_completion_tokens")
+        .or_else(|| req.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(u64::MAX);
+    let prompt = prompt_tokens(&req);
+    let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = req
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let id = format!(
+        "chatcmpl-mock{:x}",
+        state.stats.requests.load(Ordering::Relaxed)
+    );
+    let created = 1_700_000_000u64;
+    let call = tool_call(&req);
+    let n = b.output_tokens().min(max);
+    let pieces = words(n);
+    let (completion, finish) = match &call {
+        Some((name, args)) => ((name.len() + args.len()).div_ceil(4) as u64, "tool_calls"),
+        None => (
+            n,
+            if n < b.output_tokens() {
+                "length"
+            } else {
+                "stop"
+            },
+        ),
+    };
+    let usage = usage_json(prompt, completion, &b);
+
+    if !stream {
+        if b.has("stall") {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        if b.has("slow") {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let message = match &call {
+            Some((name, args)) => json!({"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_mock0", "type": "function", "function": {"name": name, "arguments": args}}]}),
+            None => json!({"role": "assistant", "content": pieces.concat(), "refusal": null}),
+        };
+        let mut resp = json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
+            "system_fingerprint": "fp_mock",
+        });
+        if !b.has("nousage") {
+            resp["usage"] = usage;
+        }
+        let bytes = resp.to_string().into_bytes();
+        if b.has("truncate") {
+            let half = Bytes::from(bytes[..bytes.len() / 2].to_vec());
+            let parts: Vec<Result<Bytes, std::io::Error>> =
+                vec![Ok(half), Err(std::io::Error::other("mock truncation"))];
+            let mut r = Response::new(Body::from_stream(futures_util::stream::iter(parts)));
+            r.headers_mut().insert(
+                "content-type",
+                "application/json"
+                    .parse()
+                    .unwrap_or_else(|_| unreachable!()),
+            );
+            return r;
+        }
+        let mut r = (StatusCode::OK, bytes).into_response();
+        r.headers_mut().insert(
+            "content-type",
+            "application/json"
+                .parse()
+                .unwrap_or_else(|_| unreachable!()),
+        );
+        return r;
+    }
+
+    // Stream: build the whole event list, then send it with the behaviour's pacing.
+    let chunk = |delta: Value, finish: Option<&str>| {
+        let mut c = json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": "fp_mock",
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        });
+        if include_usage {
+            c["usage"] = Value::Null;
+        }
+        format!("data: {c}\n\n")
+    };
+    let mut events = Vec::new();
+    match &call {
+        Some((name, args)) => {
+            events.push(chunk(
+                json!({"role": "assistant", "content": null, "tool_calls": [{"index": 0, "id": "call_mock0",
+                    "type": "function", "function": {"name": name, "arguments": ""}}]}),
+                None,
+            ));
+            let chars: Vec<char> = args.chars().collect();
+            for part in chars.chunks(8) {
+                let part: String = part.iter().collect();
+                events.push(chunk(
+                    json!({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}),
+                    None,
+                ));
+            }
+        }
+        None => {
+            events.push(chunk(
+                json!({"role": "assistant", "content": "", "refusal": null}),
+                None,
+            ));
+            for p in &pieces {
+                events.push(chunk(json!({"content": p}), None));
+            }
+        }
+    }
+    events.push(chunk(json!({}), Some(finish)));
+    if include_usage && !b.has("nousage") {
+        let c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": "fp_mock", "choices": [], "usage": usage});
+        events.push(format!("data: {c}\n\n"));
+    }
+    events.push("data: [DONE]\n\n".to_string());
+
+    let (tx, mut rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let stall = b.has("stall");
+    let truncate = b.has("truncate");
+    let gap = if b.has("slow") {
+        Duration::from_millis(50)
+    } else {
+        Duration::ZERO
+    };
+    let stats = state.clone();
+    tokio::spawn(async move {
+        let total = events.len();
+        for (i, ev) in events.into_iter().enumerate() {
+            if (stall && i == 2) || (truncate && i == total / 2) {
+                if truncate {
+                    let _ = tx.send(Err(std::io::Error::other("mock truncation"))).await;
+                    return;
+                }
+                // Silence until the client gives up.
+                tx.closed().await;
+                stats
+                    .stats
+                    .streams_cancelled
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if !gap.is_zero() && i > 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(gap) => {}
+                    _ = tx.closed() => {}
+                }
+            }
+            if tx.send(Ok(Bytes::from(ev))).await.is_err() {
+                stats
+                    .stats
+                    .streams_cancelled
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        stats
+            .stats
+            .streams_completed
+            .fetch_add(1, Ordering::Relaxed);
+    });
+    let body = Body::from_stream(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+    let mut r = Response::new(body);
+    let h = r.headers_mut();
+    h.insert(
+        "content-type",
+        "text/event-stream; charset=utf-8"
+            .parse()
+            .unwrap_or_else(|_| unreachable!()),
+    );
+    h.insert(
+        "cache-control",
+        "no-cache".parse().unwrap_or_else(|_| unreachable!()),
+    );
+    r
+}
+
+async fn embeddings(
+    State(state): State<Arc<MockState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "We could not parse the JSON body of your request.",
+            "invalid_request_error",
+            "invalid_json",
+        );
+    };
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock-embed")
+        .to_string();
+    let b = Behaviour::from(&model, &headers);
+    if let Some(r) = state.failure(&b, &headers).await {
+        return r;
+    }
+    let inputs: Vec<String> = match req.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        Some(Value::Array(a)) if a.iter().all(Value::is_number) => {
+            vec![Value::Array(a.clone()).to_string()]
+        }
+        Some(Value::Array(a)) => a.iter().map(Value::to_string).collect(),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "'input' is a required property",
+                "invalid_request_error",
+                "invalid_value",
+            )
+        }
+    };
+    let dims = req
+        .get("dimensions")
+        .and_then(Value::as_u64)
+        .unwrap_or(8)
+        .clamp(1, 4096) as usize;
+    let mut tokens = 0u64;
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            tokens += (text.len() as u64).div_ceil(4).max(1);
+            let seed = text.bytes().fold(2166136261u32, |h, c| {
+                (h ^ u32::from(c)).wrapping_mul(16777619)
+            });
+            let v: Vec<f64> = (0..dims)
+                .map(|d| f64::from(seed.wrapping_mul(d as u32 + 1) % 2000) / 1000.0 - 1.0)
+                .collect();
+            json!({"object": "embedding", "index": i, "embedding": v})
+        })
+        .collect();
+    let mut resp = json!({"object": "list", "data": data, "model": model});
+    if !b.has("nousage") {
+        resp["usage"] = json!({"prompt_tokens": tokens, "total_tokens": tokens});
+    }
+    axum::Json(resp).into_response()
+}
+
+async fn models() -> Response {
+    let data: Vec<Value> = MOCK_MODELS
+        .iter()
+        .map(|m| json!({"id": m, "object": "model", "created": 1_700_000_000u64, "owned_by": "tollgate-mock"}))
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn stats(State(state): State<Arc<MockState>>) -> Response {
+    axum::Json(json!({
+        "requests": state.stats.requests.load(Ordering::Relaxed),
+        "streams_completed": state.stats.streams_completed.load(Ordering::Relaxed),
+        "streams_cancelled": state.stats.streams_cancelled.load(Ordering::Relaxed),
+    }))
+    .into_response()
+}

@@ -1,0 +1,1017 @@
+//! The life of a request, top to bottom.
+//!
+//! accept → authenticate → peek → authorize → route → forward → settle
+//!
+//! Each phase is a function with one job. `Settlement` is created as soon as the caller is
+//! known and records exactly one usage record however the request ends: success, upstream
+//! failure, client disconnect (its `Drop`), or a stream cut short.
+
+use crate::error::{ApiError, ErrorKind};
+use crate::estimate;
+use crate::keys::{KeyRecord, KeyStatus};
+use crate::metering::UsageRecord;
+use crate::metrics::{RequestLabels, UpstreamLabels};
+use crate::server::AppState;
+use crate::upstream::{self, Deployment, Runtime};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::Stream;
+use http::{HeaderMap, HeaderValue, StatusCode};
+use http_body_util::BodyExt;
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tollgate_proto::error::openai_error_event;
+use tollgate_proto::sse::EventKind;
+use tollgate_proto::{ChatStreamObserver, RequestDoc, SseSplitter, Usage};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Embeddings,
+}
+
+impl Endpoint {
+    fn name(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat.completions",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+    fn upstream_path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/chat/completions",
+            Endpoint::Embeddings => "/embeddings",
+        }
+    }
+}
+
+pub async fn chat_completions(State(app): State<Arc<AppState>>, req: Request) -> Response {
+    handle(app, Endpoint::ChatCompletions, req).await
+}
+
+pub async fn embeddings(State(app): State<Arc<AppState>>, req: Request) -> Response {
+    handle(app, Endpoint::Embeddings, req).await
+}
+
+async fn handle(app: Arc<AppState>, endpoint: Endpoint, req: Request) -> Response {
+    let started = Instant::now();
+    let request_id = new_request_id();
+    let (parts, body) = req.into_parts();
+
+    // authenticate: before reading the body, so unknown callers cost nothing.
+    let key = match authenticate(&app, &parts.headers) {
+        Ok(k) => k,
+        Err(e) => return respond_unmetered(&app, endpoint, &request_id, e),
+    };
+    let mut settle = Settlement::new(app.clone(), &key, endpoint, &request_id, started);
+
+    let response = match run(&app, endpoint, &parts.headers, body, &key, &mut settle).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            settle.finish_error(&e);
+            e.into_response()
+        }
+    };
+    finish_response(&app, endpoint, &request_id, started, response)
+}
+
+async fn run(
+    app: &Arc<AppState>,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: Body,
+    key: &KeyRecord,
+    settle: &mut Settlement,
+) -> Result<Response, ApiError> {
+    // accept
+    let body = read_body(body, headers, app.server.max_body_bytes).await?;
+    settle.body = body.clone();
+
+    // peek
+    let mut doc = RequestDoc::parse(&body)
+        .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?;
+    let model = doc
+        .model()
+        .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()).param("model"))?
+        .ok_or_else(|| {
+            ApiError::new(ErrorKind::BadRequest, "you must provide a model parameter")
+                .param("model")
+        })?;
+    settle.rec_mut().model_requested = Some(model.clone());
+    let stream = endpoint == Endpoint::ChatCompletions
+        && doc
+            .stream()
+            .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()).param("stream"))?;
+    settle.rec_mut().stream = stream;
+    if endpoint == Endpoint::ChatCompletions {
+        doc.max_output_tokens()
+            .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()).param("max_tokens"))?;
+    }
+    let tags = collect_tags(key, headers, &doc)?;
+    settle.rec_mut().tags = tags;
+
+    // authorize
+    if !key.allows_model(&model) {
+        return Err(ApiError::new(
+            ErrorKind::ModelNotAllowed,
+            format!("this key may not use model '{model}'"),
+        )
+        .param("model"));
+    }
+
+    // route
+    let runtime = app.runtime.load_full();
+    let deployments = runtime.resolve(&model).ok_or_else(|| {
+        ApiError::new(
+            ErrorKind::ModelNotFound,
+            format!("the model '{model}' does not exist or is not served here"),
+        )
+        .param("model")
+    })?;
+    let candidates = upstream::order_candidates(&deployments, now_ms()).map_err(|until| {
+        let secs = ((until - now_ms()).max(0) as u64).div_ceil(1000).max(1);
+        ApiError::new(
+            ErrorKind::NoHealthyDeployment,
+            format!("every deployment of '{model}' is cooling down after failures"),
+        )
+        .retry_after(secs)
+    })?;
+
+    // forward
+    let client_wants_usage = doc.client_wants_stream_usage();
+    if stream {
+        doc.force_stream_usage()
+            .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?;
+    }
+    let mut attempt = 0u32;
+    let mut idx = 0usize;
+    loop {
+        attempt += 1;
+        let dep = candidates[idx % candidates.len()].clone();
+        {
+            let rec = settle.rec_mut();
+            rec.attempts = attempt;
+            rec.provider = Some(dep.provider.name.clone());
+            rec.model_served = Some(dep.model.clone());
+        }
+        doc.set_str("model", &dep.model)
+            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+        let upstream_body = Bytes::from(doc.to_vec());
+        settle.upstream_started = true;
+        let outcome = forward_once(&dep, endpoint, upstream_body, stream).await;
+        let label = match &outcome {
+            Ok(_) => "ok",
+            Err(f) => f.error.kind.as_str(),
+        };
+        app.metrics
+            .upstream_attempts
+            .get_or_create(&UpstreamLabels {
+                provider: dep.provider.name.clone(),
+                outcome: label,
+            })
+            .inc();
+        match outcome {
+            Ok(Upstream::Json {
+                status,
+                headers: up_headers,
+                body: up_body,
+            }) => {
+                dep.health.success();
+                return Ok(settle.finish_json(&runtime, &dep, status, &up_headers, up_body));
+            }
+            Ok(Upstream::Stream { first, rest }) => {
+                dep.health.success();
+                return Ok(stream_response(
+                    app,
+                    settle,
+                    &dep,
+                    first,
+                    rest,
+                    !client_wants_usage,
+                ));
+            }
+            Err(failure) => {
+                dep.health
+                    .failure(now_ms(), failure.retry_after, &runtime.routing);
+                tracing::debug!(provider = %dep.provider.name, model = %dep.model, attempt, error = %failure.error, "upstream attempt failed");
+                if !failure.retryable || attempt >= runtime.routing.max_attempts {
+                    return Err(failure.error);
+                }
+                idx += 1;
+                let next = &candidates[idx % candidates.len()];
+                let mut wait = upstream::backoff(attempt, &runtime.routing);
+                if Arc::ptr_eq(next, &dep) {
+                    if let Some(ra) = failure.retry_after {
+                        if ra > runtime.routing.max_retry_wait {
+                            return Err(failure.error);
+                        }
+                        wait = wait.max(ra);
+                    }
+                }
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// accept / authenticate / peek helpers
+
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            ErrorKind::BodyTooLarge,
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+    };
+    if let Some(len) = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit as u64 {
+            return Err(too_large());
+        }
+    }
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large())
+        }
+        Err(e) => Err(ApiError::new(
+            ErrorKind::BadRequest,
+            format!("could not read the request body: {e}"),
+        )),
+    }
+}
+
+/// The virtual key from `Authorization: Bearer` (or `x-api-key`), looked up by digest in
+/// memory.
+pub fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<Arc<KeyRecord>, ApiError> {
+    let secret = bearer(headers).ok_or_else(|| {
+        ApiError::new(
+            ErrorKind::InvalidApiKey,
+            "missing API key: send it as 'Authorization: Bearer tg_…'",
+        )
+    })?;
+    let key = app
+        .keys
+        .get(&app.secret.digest(secret))
+        .ok_or_else(|| ApiError::new(ErrorKind::InvalidApiKey, "invalid API key"))?;
+    match key.status_at(now_ms()) {
+        KeyStatus::Active => Ok(key),
+        KeyStatus::Expired => Err(ApiError::new(
+            ErrorKind::KeyExpired,
+            "this API key has expired",
+        )),
+        KeyStatus::Revoked => Err(ApiError::new(
+            ErrorKind::KeyRevoked,
+            "this API key has been revoked",
+        )),
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let v = v.trim();
+        let token = v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+            .unwrap_or(v)
+            .trim();
+        if !token.is_empty() {
+            return Some(token);
+        }
+    }
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+const MAX_TAGS: usize = 32;
+
+/// Tags from the request's `metadata`, then `x-tollgate-tags`, then the key; later sources
+/// win, so an agent cannot relabel what its key says about it.
+fn collect_tags(
+    key: &KeyRecord,
+    headers: &HeaderMap,
+    doc: &RequestDoc,
+) -> Result<BTreeMap<String, String>, ApiError> {
+    let mut tags: BTreeMap<String, String> = doc
+        .metadata_tags()
+        .into_iter()
+        .filter(|(k, v)| k.len() <= 64 && v.len() <= 256)
+        .take(MAX_TAGS)
+        .collect();
+    for value in headers.get_all("x-tollgate-tags") {
+        let bad = || {
+            ApiError::new(ErrorKind::BadRequest, "x-tollgate-tags must be k=v pairs separated by commas (keys up to 64 bytes, values up to 256)")
+        };
+        let text = value.to_str().map_err(|_| bad())?;
+        for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').ok_or_else(bad)?;
+            let (k, v) = (k.trim(), v.trim());
+            if k.is_empty() || k.len() > 64 || v.len() > 256 {
+                return Err(bad());
+            }
+            tags.insert(k.to_string(), v.to_string());
+        }
+    }
+    if tags.len() > MAX_TAGS {
+        return Err(ApiError::new(
+            ErrorKind::BadRequest,
+            format!("at most {MAX_TAGS} tags per request"),
+        ));
+    }
+    for (k, v) in &key.tags {
+        tags.insert(k.clone(), v.clone());
+    }
+    Ok(tags)
+}
+
+// ---------------------------------------------------------------------------------------
+// forward
+
+enum Upstream {
+    Json {
+        status: StatusCode,
+        headers: reqwest::header::HeaderMap,
+        body: Bytes,
+    },
+    Stream {
+        first: Bytes,
+        rest: reqwest::Response,
+    },
+}
+
+struct Failure {
+    error: ApiError,
+    retryable: bool,
+    retry_after: Option<Duration>,
+}
+
+impl Failure {
+    fn retry(kind: ErrorKind, message: String) -> Failure {
+        Failure {
+            error: ApiError::new(kind, message),
+            retryable: true,
+            retry_after: None,
+        }
+    }
+}
+
+/// One upstream attempt, up to the first byte of a stream or the whole of a JSON answer.
+/// Anything that fails here can still be retried: the client has seen nothing yet.
+async fn forward_once(
+    dep: &Deployment,
+    endpoint: Endpoint,
+    body: Bytes,
+    stream: bool,
+) -> Result<Upstream, Failure> {
+    let p = &dep.provider;
+    let url = format!("{}{}", p.base_url, endpoint.upstream_path());
+    let deadline = tokio::time::Instant::now() + p.first_byte_timeout;
+    let send = p
+        .client
+        .post(url)
+        .headers(p.headers.clone())
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .send();
+    let resp = match tokio::time::timeout_at(deadline, send).await {
+        Err(_) => {
+            return Err(Failure::retry(
+                ErrorKind::UpstreamTimeout,
+                format!(
+                    "provider '{}' did not answer within {:?}",
+                    p.name, p.first_byte_timeout
+                ),
+            ))
+        }
+        Ok(Err(e)) => {
+            return Err(Failure::retry(
+                ErrorKind::UpstreamUnavailable,
+                format!("provider '{}' unreachable: {}", p.name, error_chain(&e)),
+            ))
+        }
+        Ok(Ok(r)) => r,
+    };
+    let status = resp.status();
+    if !status.is_success() {
+        let retry_after = upstream::retry_after(resp.headers());
+        let body = tokio::time::timeout_at(deadline, resp.bytes())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        return Err(classify_status(&p.name, status, retry_after, body));
+    }
+    if stream {
+        let mut resp = resp;
+        return match tokio::time::timeout_at(deadline, resp.chunk()).await {
+            Err(_) => Err(Failure::retry(
+                ErrorKind::UpstreamTimeout,
+                format!(
+                    "provider '{}' sent no stream data within {:?}",
+                    p.name, p.first_byte_timeout
+                ),
+            )),
+            Ok(Err(e)) => Err(Failure::retry(
+                ErrorKind::UpstreamError,
+                format!("provider '{}' stream failed: {}", p.name, error_chain(&e)),
+            )),
+            Ok(Ok(None)) => Err(Failure::retry(
+                ErrorKind::UpstreamError,
+                format!("provider '{}' closed the stream before any data", p.name),
+            )),
+            Ok(Ok(Some(first))) => Ok(Upstream::Stream { first, rest: resp }),
+        };
+    }
+    let headers = resp.headers().clone();
+    let total_deadline = tokio::time::Instant::now() + p.total_timeout;
+    match tokio::time::timeout_at(total_deadline, resp.bytes()).await {
+        Err(_) => Err(Failure::retry(
+            ErrorKind::UpstreamTimeout,
+            format!(
+                "provider '{}' did not finish within {:?}",
+                p.name, p.total_timeout
+            ),
+        )),
+        Ok(Err(e)) => Err(Failure::retry(
+            ErrorKind::UpstreamError,
+            format!(
+                "provider '{}' response broke off: {}",
+                p.name,
+                error_chain(&e)
+            ),
+        )),
+        Ok(Ok(body)) => Ok(Upstream::Json {
+            status,
+            headers,
+            body,
+        }),
+    }
+}
+
+fn classify_status(
+    provider: &str,
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: Bytes,
+) -> Failure {
+    let is_openai_error = serde_json::from_slice::<serde_json::Value>(&body)
+        .is_ok_and(|v| v.get("error").is_some_and(|e| e.is_object()));
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        let mut error = ApiError::new(
+            ErrorKind::UpstreamRateLimited,
+            format!("provider '{provider}' is rate limiting requests"),
+        );
+        error.retry_after_secs = Some(
+            retry_after
+                .map_or(1, |d| d.as_secs_f64().ceil() as u64)
+                .max(1),
+        );
+        return Failure {
+            error,
+            retryable: true,
+            retry_after,
+        };
+    }
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        tracing::error!(provider, %status, "provider rejected tollgate's credentials; check its api_key_env");
+        return Failure::retry(
+            ErrorKind::UpstreamAuth,
+            format!("provider '{provider}' rejected the gateway's credentials ({status})"),
+        );
+    }
+    if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
+        return Failure::retry(
+            ErrorKind::UpstreamError,
+            format!("provider '{provider}' failed with {status}"),
+        );
+    }
+    // The request itself is at fault: pass the provider's answer through unchanged.
+    let mut error = ApiError::new(
+        ErrorKind::UpstreamRejected,
+        format!("provider '{provider}' refused the request ({status})"),
+    );
+    error.status = Some(status);
+    if is_openai_error {
+        error.upstream_body = Some(body);
+    }
+    Failure {
+        error,
+        retryable: false,
+        retry_after: None,
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------
+// settle
+
+/// Owns the request's usage record until it is handed to the meter, exactly once.
+struct Settlement {
+    app: Arc<AppState>,
+    rec: UsageRecord,
+    /// Set once the record has been handed on (to the meter, or to a stream that settles it).
+    done: bool,
+    started: Instant,
+    body: Bytes,
+    upstream_started: bool,
+}
+
+impl Settlement {
+    fn new(
+        app: Arc<AppState>,
+        key: &KeyRecord,
+        endpoint: Endpoint,
+        request_id: &str,
+        started: Instant,
+    ) -> Settlement {
+        let rec = UsageRecord {
+            id: request_id.to_string(),
+            ts_ms: now_ms(),
+            endpoint: endpoint.name().to_string(),
+            key_id: key.id.clone(),
+            agent: key.name.clone(),
+            team: key.team.clone(),
+            project: key.project.clone(),
+            tags: key.tags.clone(),
+            model_requested: None,
+            provider: None,
+            model_served: None,
+            attempts: 0,
+            status: 0,
+            error_kind: None,
+            input_tokens: 0,
+            cached_input_tokens: 0,
+            output_tokens: 0,
+            reasoning_tokens: 0,
+            usage_source: "none".into(),
+            cost_micros: 0,
+            price_version: None,
+            latency_ms: 0,
+            ttft_ms: None,
+            stream: false,
+            client_disconnected: false,
+        };
+        Settlement {
+            app,
+            rec,
+            done: false,
+            started,
+            body: Bytes::new(),
+            upstream_started: false,
+        }
+    }
+
+    fn rec_mut(&mut self) -> &mut UsageRecord {
+        &mut self.rec
+    }
+
+    /// The record, once; `None` if it was already handed on.
+    fn take(&mut self) -> Option<UsageRecord> {
+        if self.done {
+            return None;
+        }
+        self.done = true;
+        Some(std::mem::take(&mut self.rec))
+    }
+
+    fn commit(&mut self, mut rec: UsageRecord) {
+        rec.latency_ms = self.started.elapsed().as_millis() as u64;
+        self.app.meter.record(rec);
+    }
+
+    fn finish_error(&mut self, e: &ApiError) {
+        if let Some(mut rec) = self.take() {
+            rec.status = e.status().as_u16();
+            rec.error_kind = Some(e.kind.as_str().to_string());
+            self.commit(rec);
+        }
+    }
+
+    fn finish_json(
+        &mut self,
+        runtime: &Runtime,
+        dep: &Deployment,
+        status: StatusCode,
+        up_headers: &reqwest::header::HeaderMap,
+        body: Bytes,
+    ) -> Response {
+        let Some(mut rec) = self.take() else {
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        };
+        let (usage, source) = match Usage::from_openai_response(&body) {
+            Some(u) => (u, "provider"),
+            None => (
+                Usage {
+                    input: estimate::request_tokens(&self.body),
+                    output: estimate_output_json(&body),
+                    ..Usage::default()
+                },
+                "estimated",
+            ),
+        };
+        apply_usage(&mut rec, runtime, dep, usage, source);
+        rec.status = status.as_u16();
+        rec.ttft_ms = Some(self.started.elapsed().as_millis() as u64);
+        let cost = rec.cost_micros;
+        self.commit(rec);
+        let mut resp = Response::new(Body::from(body));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            up_headers
+                .get(http::header::CONTENT_TYPE)
+                .cloned()
+                .unwrap_or(HeaderValue::from_static("application/json")),
+        );
+        h.insert("x-tollgate-cost", HeaderValue::from(cost));
+        resp
+    }
+}
+
+impl Drop for Settlement {
+    /// The handler future was dropped: the client went away before an answer.
+    fn drop(&mut self) {
+        if let Some(mut rec) = self.take() {
+            rec.client_disconnected = true;
+            rec.status = 499;
+            rec.error_kind = Some("client_disconnected".into());
+            if self.upstream_started {
+                // The provider may have started work; its input is the best bound we have.
+                rec.input_tokens = estimate::request_tokens(&self.body);
+                rec.usage_source = "estimated".into();
+                if let (Some(p), Some(m)) = (rec.provider.clone(), rec.model_served.clone()) {
+                    if let Some(price) = self.app.runtime.load().prices.lookup(&p, &m) {
+                        rec.cost_micros = price.cost(&Usage {
+                            input: rec.input_tokens,
+                            ..Usage::default()
+                        });
+                        rec.price_version = Some(price.version.clone());
+                    }
+                }
+            }
+            self.app.metrics.client_disconnects.inc();
+            self.commit(rec);
+        }
+    }
+}
+
+fn apply_usage(
+    rec: &mut UsageRecord,
+    runtime: &Runtime,
+    dep: &Deployment,
+    usage: Usage,
+    source: &str,
+) {
+    rec.input_tokens = usage.input;
+    rec.cached_input_tokens = usage.cached_input;
+    rec.output_tokens = usage.output;
+    rec.reasoning_tokens = usage.reasoning;
+    rec.usage_source = source.to_string();
+    match runtime.prices.lookup(&dep.provider.name, &dep.model) {
+        Some(price) => {
+            rec.cost_micros = price.cost(&usage);
+            rec.price_version = Some(price.version.clone());
+        }
+        None => {
+            rec.cost_micros = 0;
+            rec.price_version = Some("unpriced".into());
+        }
+    }
+}
+
+fn estimate_output_json(body: &[u8]) -> u64 {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return 0;
+    };
+    let mut text = String::new();
+    for choice in v
+        .get("choices")
+        .and_then(|c| c.as_array())
+        .into_iter()
+        .flatten()
+    {
+        if let Some(m) = choice.get("message") {
+            if let Some(c) = m.get("content").and_then(|c| c.as_str()) {
+                text.push_str(c);
+            }
+            for call in m
+                .get("tool_calls")
+                .and_then(|c| c.as_array())
+                .into_iter()
+                .flatten()
+            {
+                for f in ["name", "arguments"] {
+                    if let Some(s) = call
+                        .pointer(&format!("/function/{f}"))
+                        .and_then(|s| s.as_str())
+                    {
+                        text.push_str(s);
+                    }
+                }
+            }
+        }
+    }
+    estimate::tokens(&text)
+}
+
+// ---------------------------------------------------------------------------------------
+// streams
+
+fn stream_response(
+    app: &Arc<AppState>,
+    settle: &mut Settlement,
+    dep: &Deployment,
+    first: Bytes,
+    rest: reqwest::Response,
+    filter_usage: bool,
+) -> Response {
+    let rec = settle.take();
+    let runtime = app.runtime.load_full();
+    let mut s = GatewayStream {
+        app: app.clone(),
+        upstream: Box::pin(rest.bytes_stream()),
+        splitter: SseSplitter::new(),
+        observer: ChatStreamObserver::new(),
+        out: VecDeque::new(),
+        filter_usage,
+        idle: dep.provider.idle_timeout,
+        idle_timer: Box::pin(tokio::time::sleep(dep.provider.idle_timeout)),
+        deadline: Box::pin(tokio::time::sleep(dep.provider.total_timeout)),
+        rec,
+        runtime,
+        provider: dep.provider.name.clone(),
+        model: dep.model.clone(),
+        body: settle.body.clone(),
+        started: settle.started,
+        finished: false,
+        events: Vec::new(),
+    };
+    if let Some(r) = s.rec.as_mut() {
+        r.status = 200;
+        r.ttft_ms = Some(settle.started.elapsed().as_millis() as u64);
+    }
+    s.ingest(&first);
+    let mut resp = Response::new(Body::from_stream(s));
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    // Tells nginx-style proxies in front of tollgate not to buffer the stream.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+/// Forwards an upstream SSE stream event by event as it arrives, while the observer reads a
+/// copy for usage. Settles when the stream ends, fails, stalls, or is dropped.
+struct GatewayStream {
+    app: Arc<AppState>,
+    upstream: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    splitter: SseSplitter,
+    observer: ChatStreamObserver,
+    out: VecDeque<Bytes>,
+    filter_usage: bool,
+    idle: Duration,
+    idle_timer: Pin<Box<tokio::time::Sleep>>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    rec: Option<UsageRecord>,
+    runtime: Arc<Runtime>,
+    provider: String,
+    model: String,
+    body: Bytes,
+    started: Instant,
+    finished: bool,
+    events: Vec<tollgate_proto::SseEvent>,
+}
+
+impl GatewayStream {
+    fn ingest(&mut self, chunk: &[u8]) {
+        self.splitter.push(chunk, &mut self.events);
+        for ev in self.events.drain(..) {
+            let kind = self.observer.observe(&ev);
+            if kind == EventKind::UsageOnly && self.filter_usage {
+                continue;
+            }
+            self.out.push_back(ev.raw);
+        }
+    }
+
+    /// Ends the stream, telling the client why when the upstream did not finish cleanly.
+    fn end(&mut self, error: Option<(&str, String)>) {
+        self.finished = true;
+        if let Some((kind, message)) = &error {
+            self.app.metrics.streams_cut.inc();
+            self.out.push_back(Bytes::from(openai_error_event(
+                message,
+                "upstream_error",
+                Some(kind),
+            )));
+        }
+        self.settle(error.map(|(k, _)| k.to_string()), false);
+    }
+
+    fn settle(&mut self, error_kind: Option<String>, disconnected: bool) {
+        let Some(mut rec) = self.rec.take() else {
+            return;
+        };
+        let (usage, source) = match self.observer.usage {
+            Some(u) => (u, "provider"),
+            None => (
+                Usage {
+                    input: estimate::request_tokens(&self.body),
+                    output: estimate::tokens(&self.observer.output_text),
+                    ..Usage::default()
+                },
+                "estimated",
+            ),
+        };
+        rec.input_tokens = usage.input;
+        rec.cached_input_tokens = usage.cached_input;
+        rec.output_tokens = usage.output;
+        rec.reasoning_tokens = usage.reasoning;
+        rec.usage_source = source.into();
+        match self.runtime.prices.lookup(&self.provider, &self.model) {
+            Some(price) => {
+                rec.cost_micros = price.cost(&usage);
+                rec.price_version = Some(price.version.clone());
+            }
+            None => rec.price_version = Some("unpriced".into()),
+        }
+        rec.error_kind = error_kind;
+        rec.client_disconnected = disconnected;
+        rec.latency_ms = self.started.elapsed().as_millis() as u64;
+        if disconnected {
+            self.app.metrics.client_disconnects.inc();
+        }
+        self.app.meter.record(rec);
+    }
+}
+
+impl Stream for GatewayStream {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if let Some(b) = this.out.pop_front() {
+                return Poll::Ready(Some(Ok(b)));
+            }
+            if this.finished {
+                return Poll::Ready(None);
+            }
+            match this.upstream.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    let next = tokio::time::Instant::now() + this.idle;
+                    this.idle_timer.as_mut().reset(next);
+                    this.ingest(&chunk);
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    let msg = format!("the provider's stream broke off: {}", error_chain(&e));
+                    this.end(Some(("upstream_stream_error", msg)));
+                }
+                Poll::Ready(None) => {
+                    if this.observer.done || this.observer.saw_error {
+                        this.end(None);
+                    } else {
+                        this.end(Some((
+                            "stream_truncated",
+                            "the provider ended the stream before it was complete".into(),
+                        )));
+                    }
+                }
+                Poll::Pending => {
+                    if this.idle_timer.as_mut().poll(cx).is_ready() {
+                        let msg = format!("the provider sent nothing for {:?}", this.idle);
+                        this.end(Some(("upstream_idle_timeout", msg)));
+                        continue;
+                    }
+                    if this.deadline.as_mut().poll(cx).is_ready() {
+                        this.end(Some((
+                            "upstream_timeout",
+                            "the stream exceeded the provider's total timeout".into(),
+                        )));
+                        continue;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for GatewayStream {
+    fn drop(&mut self) {
+        if self.rec.is_some() {
+            // Dropping `upstream` closes the provider connection, which cancels generation.
+            self.settle(Some("client_disconnected".into()), true);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// responses
+
+fn respond_unmetered(
+    app: &AppState,
+    endpoint: Endpoint,
+    request_id: &str,
+    e: ApiError,
+) -> Response {
+    let status = e.status().as_u16();
+    app.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            endpoint: endpoint.name(),
+            status,
+        })
+        .inc();
+    let mut resp = e.into_response();
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+fn finish_response(
+    app: &AppState,
+    endpoint: Endpoint,
+    request_id: &str,
+    started: Instant,
+    mut resp: Response,
+) -> Response {
+    let status = resp.status().as_u16();
+    app.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            endpoint: endpoint.name(),
+            status,
+        })
+        .inc();
+    app.metrics
+        .request_seconds
+        .observe(started.elapsed().as_secs_f64());
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+pub fn new_request_id() -> String {
+    format!("req_{:024x}", rand::random::<u128>() >> 32)
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// `GET /v1/models`: what this key may call.
+pub async fn list_models(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let key = match authenticate(&app, &headers) {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
+    let runtime = app.runtime.load();
+    let data: Vec<serde_json::Value> = runtime
+        .model_names()
+        .into_iter()
+        .filter(|(name, _)| key.allows_model(name))
+        .map(|(name, owner)| serde_json::json!({"id": name, "object": "model", "created": 0, "owned_by": owner}))
+        .collect();
+    axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+}

@@ -1,0 +1,338 @@
+//! The gateway process: state, router, background tasks, reload and graceful shutdown.
+
+use crate::config::{Config, ProviderKind, ServerConfig};
+use crate::error::{ApiError, ErrorKind};
+use crate::keys::{KeyCache, ServerSecret};
+use crate::metering::Meter;
+use crate::metrics::{Metrics, ReloadLabels};
+use crate::store::Store;
+use crate::upstream::{HealthRegistry, Runtime};
+use crate::{admin, mock, proxy};
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+pub struct AppState {
+    pub runtime: ArcSwap<Runtime>,
+    pub keys: KeyCache,
+    pub secret: ServerSecret,
+    pub store: Arc<Store>,
+    pub meter: Meter,
+    pub metrics: Arc<Metrics>,
+    /// Settings that need a restart to change.
+    pub server: ServerConfig,
+    pub config_path: Option<PathBuf>,
+    openai_key_present: bool,
+    mock_url: Option<String>,
+    health: Arc<HealthRegistry>,
+    pub shutting_down: AtomicBool,
+}
+
+/// How to start a gateway. `tollgate serve` fills it from flags and the environment; tests
+/// fill it directly, which keeps process-global state out of them.
+pub struct ServeOptions {
+    pub config: Config,
+    pub config_path: Option<PathBuf>,
+    /// Bind here instead of `config.server.listen` (tests pass `127.0.0.1:0`).
+    pub listener: Option<tokio::net::TcpListener>,
+    /// `TOLLGATE_ADMIN_KEY`: registered as an admin key if the store does not know it.
+    pub admin_key: Option<String>,
+    /// `TOLLGATE_SECRET`: overrides `<data_dir>/secret`.
+    pub secret: Option<String>,
+    pub openai_key_present: bool,
+}
+
+pub struct Gateway {
+    pub app: Arc<AppState>,
+    pub addr: SocketAddr,
+    /// An admin key generated on this first start, to be shown once.
+    pub generated_admin_key: Option<String>,
+    listener: tokio::net::TcpListener,
+}
+
+/// Installs ring as rustls's crypto provider: the default one would pull in aws-lc-sys.
+pub fn init_tls() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl Gateway {
+    pub async fn start(opts: ServeOptions) -> anyhow::Result<Gateway> {
+        init_tls();
+        let config = opts.config.with_implicit_providers(opts.openai_key_present);
+        let problems = config.validate();
+        if !problems.is_empty() {
+            anyhow::bail!("invalid configuration:\n  {}", problems.join("\n  "));
+        }
+        let data_dir = config.server.data_dir.clone();
+        let store = Arc::new(
+            Store::open(&data_dir)
+                .with_context(|| format!("opening the store in {}", data_dir.display()))?,
+        );
+        let secret =
+            ServerSecret::load(&data_dir, opts.secret).context("loading the server secret")?;
+        let metrics = Arc::new(Metrics::new());
+        let meter = Meter::start(
+            store.path().to_path_buf(),
+            config.metering.queue_capacity,
+            config.metering.batch_max,
+            metrics.clone(),
+        )
+        .context("starting the usage writer")?;
+
+        let mock_url = if config
+            .providers
+            .iter()
+            .any(|p| p.kind == ProviderKind::Mock)
+        {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .context("binding the built-in mock provider")?;
+            let url = format!("http://{}/v1", l.local_addr()?);
+            tokio::spawn(async move {
+                if let Err(e) = mock::serve(l, None).await {
+                    tracing::error!(error = %e, "built-in mock provider stopped");
+                }
+            });
+            Some(url)
+        } else {
+            None
+        };
+        let health = Arc::new(HealthRegistry::default());
+        let runtime = Runtime::build(&config, mock_url.as_deref(), health.clone())?;
+
+        let generated_admin_key = {
+            let store = store.clone();
+            let secret = secret.clone();
+            let admin_key = opts.admin_key;
+            tokio::task::spawn_blocking(move || {
+                admin::bootstrap_admin_key(&store, &secret, admin_key.as_deref())
+            })
+            .await??
+        };
+
+        let listener = match opts.listener {
+            Some(l) => l,
+            None => tokio::net::TcpListener::bind(config.server.listen)
+                .await
+                .with_context(|| format!("binding {}", config.server.listen))?,
+        };
+        let addr = listener.local_addr()?;
+        let app = Arc::new(AppState {
+            runtime: ArcSwap::from_pointee(runtime),
+            keys: KeyCache::new(),
+            secret,
+            store,
+            meter,
+            metrics,
+            server: config.server.clone(),
+            config_path: opts.config_path,
+            openai_key_present: opts.openai_key_present,
+            mock_url,
+            health,
+            shutting_down: AtomicBool::new(false),
+        });
+        refresh_keys(&app).await.context("loading keys")?;
+        tokio::spawn(poll_keys(Arc::downgrade(&app)));
+        Ok(Gateway {
+            app,
+            addr,
+            generated_admin_key,
+            listener,
+        })
+    }
+
+    /// Serves until `shutdown` resolves, then drains: stops accepting, lets in-flight requests
+    /// and streams finish (up to `shutdown_grace`), and commits every queued usage record.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let app = self.app.clone();
+        let router = router(app.clone());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = axum::serve(self.listener, router).with_graceful_shutdown(async move {
+            let _ = stop_rx.await;
+        });
+        let mut server_task = tokio::spawn(async move { server.await });
+        tokio::select! {
+            res = &mut server_task => {
+                res??;
+                return Ok(());
+            }
+            _ = shutdown => {}
+        }
+        tracing::info!("shutting down: draining in-flight requests");
+        app.shutting_down.store(true, Ordering::SeqCst);
+        let _ = stop_tx.send(());
+        match tokio::time::timeout(app.server.shutdown_grace, &mut server_task).await {
+            Ok(res) => res??,
+            Err(_) => {
+                tracing::warn!(grace = ?app.server.shutdown_grace, "requests still in flight after the grace period; stopping anyway");
+                server_task.abort();
+            }
+        }
+        app.meter.flush().await;
+        tracing::info!("usage records flushed; bye");
+        Ok(())
+    }
+}
+
+pub fn router(app: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(proxy::chat_completions))
+        .route("/v1/embeddings", post(proxy::embeddings))
+        .route("/v1/models", get(proxy::list_models))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .nest("/admin", admin::router())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(app)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(axum::extract::State(app): axum::extract::State<Arc<AppState>>) -> Response {
+    if app.shutting_down.load(Ordering::SeqCst) {
+        return (http::StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    "ready\n".into_response()
+}
+
+async fn metrics(axum::extract::State(app): axum::extract::State<Arc<AppState>>) -> Response {
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn not_found(uri: http::Uri) -> Response {
+    ApiError::new(ErrorKind::NotFound, format!("no route for {}", uri.path())).into_response()
+}
+
+async fn method_not_allowed(method: http::Method, uri: http::Uri) -> Response {
+    let mut e = ApiError::new(
+        ErrorKind::NotFound,
+        format!("{method} is not allowed on {}", uri.path()),
+    );
+    e.status = Some(http::StatusCode::METHOD_NOT_ALLOWED);
+    e.into_response()
+}
+
+/// Reloads providers, models, prices and routing from the config file. In-flight requests
+/// keep the version they started with.
+pub fn reload(app: &AppState) -> Result<(), Vec<String>> {
+    let result = (|| {
+        let path = app
+            .config_path
+            .as_ref()
+            .ok_or_else(|| vec!["no --config file to reload from".to_string()])?;
+        let cfg = Config::from_file(path)
+            .map_err(|e| vec![e])?
+            .with_implicit_providers(app.openai_key_present);
+        let problems = cfg.validate();
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        if cfg.providers.iter().any(|p| p.kind == ProviderKind::Mock) && app.mock_url.is_none() {
+            return Err(vec![
+                "a mock provider was added: that needs a restart".to_string()
+            ]);
+        }
+        if cfg.server.listen != app.server.listen || cfg.server.data_dir != app.server.data_dir {
+            tracing::warn!("[server] changes need a restart; they were not applied");
+        }
+        let runtime = Runtime::build(&cfg, app.mock_url.as_deref(), app.health.clone())
+            .map_err(|e| vec![e.to_string()])?;
+        app.runtime.store(Arc::new(runtime));
+        Ok(())
+    })();
+    let label = if result.is_ok() { "ok" } else { "error" };
+    app.metrics
+        .config_reloads
+        .get_or_create(&ReloadLabels { result: label })
+        .inc();
+    match &result {
+        Ok(()) => tracing::info!("configuration reloaded"),
+        Err(p) => {
+            tracing::error!(problems = ?p, "configuration reload failed; keeping the running configuration")
+        }
+    }
+    result
+}
+
+/// Reloads the key cache from the store if its revision moved.
+pub async fn refresh_keys(app: &Arc<AppState>) -> anyhow::Result<()> {
+    let store = app.store.clone();
+    let known = app.keys.rev();
+    let loaded = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<(i64, Vec<_>)>> {
+        if store.keys_rev()? == known {
+            return Ok(None);
+        }
+        Ok(Some(store.load_keys()?))
+    })
+    .await??;
+    if let Some((rev, keys)) = loaded {
+        let n = keys.len();
+        app.keys.replace(rev, keys);
+        tracing::debug!(rev, keys = n, "key cache refreshed");
+    }
+    Ok(())
+}
+
+/// Picks up keys created or revoked by other processes sharing the store.
+async fn poll_keys(app: std::sync::Weak<AppState>) {
+    loop {
+        let Some(strong) = app.upgrade() else { return };
+        let every = strong.server.key_refresh;
+        if let Err(e) = refresh_keys(&strong).await {
+            tracing::warn!(error = %e, "key refresh failed; serving the cached keys");
+        }
+        drop(strong);
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C. SIGHUP reloads the configuration meanwhile.
+pub async fn shutdown_signal(app: Arc<AppState>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = tokio::signal::ctrl_c() => return,
+                _ = hup.recv() => {
+                    let app = app.clone();
+                    let _ = tokio::task::spawn_blocking(move || reload(&app)).await;
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = app;
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,523 @@
+//! The embedded store: SQLite in WAL mode, shared safely by several processes (a gateway and
+//! the CLI, or several gateways on one host).
+
+use crate::keys::KeyRecord;
+use crate::metering::UsageRecord;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("no key matches \"{0}\"")]
+    KeyNotFound(String),
+    #[error("\"{0}\" matches more than one key; use the key id")]
+    Ambiguous(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: keys, usage, meta
+    "CREATE TABLE meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+     INSERT INTO meta (k, v) VALUES ('keys_rev', 0);
+     CREATE TABLE keys (
+        id TEXT PRIMARY KEY,
+        digest BLOB NOT NULL UNIQUE,
+        prefix TEXT NOT NULL,
+        name TEXT NOT NULL,
+        team TEXT,
+        project TEXT,
+        models TEXT NOT NULL,
+        tags TEXT NOT NULL,
+        admin INTEGER NOT NULL DEFAULT 0,
+        created_ms INTEGER NOT NULL,
+        expires_ms INTEGER,
+        revoked_ms INTEGER,
+        rotated_from TEXT
+     );
+     CREATE INDEX keys_name ON keys(name);
+     CREATE TABLE usage (
+        id TEXT PRIMARY KEY,
+        ts_ms INTEGER NOT NULL,
+        endpoint TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        team TEXT,
+        project TEXT,
+        tags TEXT NOT NULL,
+        model_requested TEXT,
+        provider TEXT,
+        model_served TEXT,
+        attempts INTEGER NOT NULL,
+        status INTEGER NOT NULL,
+        error_kind TEXT,
+        input_tokens INTEGER NOT NULL,
+        cached_input_tokens INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        reasoning_tokens INTEGER NOT NULL,
+        usage_source TEXT NOT NULL,
+        cost_micros INTEGER NOT NULL,
+        price_version TEXT,
+        latency_ms INTEGER NOT NULL,
+        ttft_ms INTEGER,
+        stream INTEGER NOT NULL,
+        client_disconnected INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     CREATE INDEX usage_ts ON usage(ts_ms);",
+];
+
+/// Opens a connection with the settings every tollgate connection needs.
+pub fn connect(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    // Other processes (the CLI, sibling gateways) may hold the write lock briefly.
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // WAL + NORMAL survives process crashes; only an OS crash can lose the last commits.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+pub struct Store {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct ReportRow {
+    pub group: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub output_tokens: u64,
+    pub reasoning_tokens: u64,
+    pub cost_micros: u64,
+}
+
+/// What `usage --by` groups on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupBy {
+    Key,
+    Team,
+    Project,
+    Model,
+    Day,
+    Tag(String),
+}
+
+impl std::str::FromStr for GroupBy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s {
+            "key" | "agent" => GroupBy::Key,
+            "team" => GroupBy::Team,
+            "project" => GroupBy::Project,
+            "model" => GroupBy::Model,
+            "day" => GroupBy::Day,
+            _ => {
+                match s.strip_prefix("tag:") {
+                    Some(t) if !t.is_empty() => GroupBy::Tag(t.to_string()),
+                    _ => return Err(format!(
+                        "cannot group by \"{s}\": use key, team, project, model, day or tag:NAME"
+                    )),
+                }
+            }
+        })
+    }
+}
+
+fn lock(conn: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
+    // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
+    // back), so a poisoned lock is still safe to use.
+    conn.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Store {
+    pub fn open(data_dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(data_dir)?;
+        let path = data_dir.join("tollgate.db");
+        let mut conn = connect(&path)?;
+        migrate(&mut conn)?;
+        Ok(Store {
+            path,
+            conn: Mutex::new(conn),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn keys_rev(&self) -> Result<i64> {
+        let conn = lock(&self.conn);
+        Ok(conn.query_row("SELECT v FROM meta WHERE k = 'keys_rev'", [], |r| r.get(0))?)
+    }
+
+    pub fn insert_key(&self, key: &KeyRecord, digest: &[u8; 32]) -> Result<()> {
+        let mut conn = lock(&self.conn);
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO keys (id, digest, prefix, name, team, project, models, tags, admin,
+                               created_ms, expires_ms, revoked_ms, rotated_from)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            params![
+                key.id,
+                &digest[..],
+                key.prefix,
+                key.name,
+                key.team,
+                key.project,
+                json(&key.models),
+                json(&key.tags),
+                key.admin,
+                key.created_ms,
+                key.expires_ms,
+                key.revoked_ms,
+                key.rotated_from
+            ],
+        )?;
+        bump_keys_rev(&tx)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every key with its digest, for the gateway's cache, and the revision it reflects.
+    pub fn load_keys(&self) -> Result<(i64, Vec<([u8; 32], KeyRecord)>)> {
+        let mut conn = lock(&self.conn);
+        // One read transaction, so the revision matches the rows.
+        let tx = conn.transaction()?;
+        let rev = tx.query_row("SELECT v FROM meta WHERE k = 'keys_rev'", [], |r| r.get(0))?;
+        let mut stmt = tx.prepare(&format!("SELECT digest, {KEY_COLUMNS} FROM keys"))?;
+        let rows = stmt.query_map([], |r| {
+            let digest: Vec<u8> = r.get(0)?;
+            Ok((digest, key_from_row(r, 1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (digest, key) = row?;
+            let digest: [u8; 32] = digest
+                .try_into()
+                .map_err(|_| StoreError::Corrupt(format!("key {} has a bad digest", key.id)))?;
+            out.push((digest, key));
+        }
+        drop(stmt);
+        tx.commit()?;
+        Ok((rev, out))
+    }
+
+    pub fn list_keys(&self) -> Result<Vec<KeyRecord>> {
+        let conn = lock(&self.conn);
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {KEY_COLUMNS} FROM keys ORDER BY created_ms, id"
+        ))?;
+        let rows = stmt.query_map([], |r| key_from_row(r, 0))?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// By id, or by name when exactly one live key has it.
+    pub fn find_key(&self, id_or_name: &str, now_ms: i64) -> Result<KeyRecord> {
+        let conn = lock(&self.conn);
+        let by_id = conn
+            .query_row(
+                &format!("SELECT {KEY_COLUMNS} FROM keys WHERE id = ?1"),
+                [id_or_name],
+                |r| key_from_row(r, 0),
+            )
+            .optional()?;
+        if let Some(k) = by_id {
+            return Ok(k);
+        }
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {KEY_COLUMNS} FROM keys WHERE name = ?1 AND revoked_ms IS NULL
+               AND (expires_ms IS NULL OR expires_ms > ?2)"
+        ))?;
+        let mut found: Vec<KeyRecord> = stmt
+            .query_map(params![id_or_name, now_ms], |r| key_from_row(r, 0))?
+            .collect::<std::result::Result<_, _>>()?;
+        match found.len() {
+            0 => Err(StoreError::KeyNotFound(id_or_name.to_string())),
+            1 => Ok(found.remove(0)),
+            _ => Err(StoreError::Ambiguous(id_or_name.to_string())),
+        }
+    }
+
+    pub fn revoke_key(&self, id: &str, now_ms: i64) -> Result<()> {
+        let mut conn = lock(&self.conn);
+        let tx = conn.transaction()?;
+        let n = tx.execute(
+            "UPDATE keys SET revoked_ms = ?2 WHERE id = ?1 AND revoked_ms IS NULL",
+            params![id, now_ms],
+        )?;
+        if n == 0
+            && tx
+                .query_row("SELECT 1 FROM keys WHERE id = ?1", [id], |_| Ok(()))
+                .optional()?
+                .is_none()
+        {
+            return Err(StoreError::KeyNotFound(id.to_string()));
+        }
+        bump_keys_rev(&tx)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Inserts the new key and shortens the old one's life to the grace period, atomically.
+    pub fn rotate_key(
+        &self,
+        old_id: &str,
+        old_expires_ms: i64,
+        new_key: &KeyRecord,
+        digest: &[u8; 32],
+    ) -> Result<()> {
+        let mut conn = lock(&self.conn);
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE keys SET expires_ms = MIN(COALESCE(expires_ms, ?2), ?2) WHERE id = ?1",
+            params![old_id, old_expires_ms],
+        )?;
+        tx.execute(
+            "INSERT INTO keys (id, digest, prefix, name, team, project, models, tags, admin,
+                               created_ms, expires_ms, revoked_ms, rotated_from)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            params![
+                new_key.id,
+                &digest[..],
+                new_key.prefix,
+                new_key.name,
+                new_key.team,
+                new_key.project,
+                json(&new_key.models),
+                json(&new_key.tags),
+                new_key.admin,
+                new_key.created_ms,
+                new_key.expires_ms,
+                new_key.revoked_ms,
+                new_key.rotated_from
+            ],
+        )?;
+        bump_keys_rev(&tx)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn has_admin_key(&self) -> Result<bool> {
+        let conn = lock(&self.conn);
+        Ok(conn
+            .query_row(
+                "SELECT 1 FROM keys WHERE admin = 1 AND revoked_ms IS NULL LIMIT 1",
+                [],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    pub fn key_with_digest_exists(&self, digest: &[u8; 32]) -> Result<bool> {
+        let conn = lock(&self.conn);
+        Ok(conn
+            .query_row(
+                "SELECT 1 FROM keys WHERE digest = ?1",
+                [&digest[..]],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    pub fn usage_report(&self, by: &GroupBy, since_ms: i64) -> Result<Vec<ReportRow>> {
+        let conn = lock(&self.conn);
+        let group = match by {
+            GroupBy::Key => "agent || ' (' || key_id || ')'".to_string(),
+            GroupBy::Team => "COALESCE(team, '-')".to_string(),
+            GroupBy::Project => "COALESCE(project, '-')".to_string(),
+            GroupBy::Model => "COALESCE(model_served, model_requested, '-')".to_string(),
+            GroupBy::Day => "date(ts_ms / 1000, 'unixepoch')".to_string(),
+            GroupBy::Tag(_) => {
+                "COALESCE(json_extract(tags, '$.' || json_quote(?2)), '-')".to_string()
+            }
+        };
+        let sql = format!(
+            "SELECT {group} AS g, COUNT(*),
+                    SUM(CASE WHEN status >= 400 OR error_kind IS NOT NULL THEN 1 ELSE 0 END),
+                    SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens),
+                    SUM(reasoning_tokens), SUM(cost_micros)
+             FROM usage WHERE ts_ms >= ?1 GROUP BY g ORDER BY SUM(cost_micros) DESC, g"
+        );
+        let mut stmt = conn.prepare(&sql)?;
+        let map = |r: &rusqlite::Row| {
+            Ok(ReportRow {
+                group: r.get(0)?,
+                requests: r.get::<_, i64>(1)? as u64,
+                errors: r.get::<_, i64>(2)? as u64,
+                input_tokens: r.get::<_, i64>(3)? as u64,
+                cached_input_tokens: r.get::<_, i64>(4)? as u64,
+                output_tokens: r.get::<_, i64>(5)? as u64,
+                reasoning_tokens: r.get::<_, i64>(6)? as u64,
+                cost_micros: r.get::<_, i64>(7)? as u64,
+            })
+        };
+        let rows = match by {
+            GroupBy::Tag(t) => stmt
+                .query_map(params![since_ms, t], map)?
+                .collect::<std::result::Result<Vec<_>, _>>()?,
+            _ => stmt
+                .query_map(params![since_ms], map)?
+                .collect::<std::result::Result<Vec<_>, _>>()?,
+        };
+        Ok(rows)
+    }
+
+    /// Raw records, newest first; `request_id` narrows to one.
+    pub fn usage_records(
+        &self,
+        since_ms: i64,
+        request_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<UsageRecord>> {
+        let conn = lock(&self.conn);
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {USAGE_COLUMNS} FROM usage WHERE ts_ms >= ?1 AND (?2 IS NULL OR id = ?2)
+             ORDER BY ts_ms DESC, id LIMIT ?3"
+        ))?;
+        let rows = stmt.query_map(params![since_ms, request_id, limit], usage_from_row)?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    pub fn count_usage(&self) -> Result<u64> {
+        let conn = lock(&self.conn);
+        Ok(conn.query_row("SELECT COUNT(*) FROM usage", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn bump_keys_rev(tx: &rusqlite::Transaction) -> Result<()> {
+    tx.execute("UPDATE meta SET v = v + 1 WHERE k = 'keys_rev'", [])?;
+    Ok(())
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+const KEY_COLUMNS: &str =
+    "id, prefix, name, team, project, models, tags, admin, created_ms, expires_ms, revoked_ms, rotated_from";
+
+fn key_from_row(r: &rusqlite::Row, o: usize) -> rusqlite::Result<KeyRecord> {
+    let models: String = r.get(o + 5)?;
+    let tags: String = r.get(o + 6)?;
+    Ok(KeyRecord {
+        id: r.get(o)?,
+        prefix: r.get(o + 1)?,
+        name: r.get(o + 2)?,
+        team: r.get(o + 3)?,
+        project: r.get(o + 4)?,
+        models: serde_json::from_str(&models).unwrap_or_default(),
+        tags: serde_json::from_str(&tags).unwrap_or_default(),
+        admin: r.get(o + 7)?,
+        created_ms: r.get(o + 8)?,
+        expires_ms: r.get(o + 9)?,
+        revoked_ms: r.get(o + 10)?,
+        rotated_from: r.get(o + 11)?,
+    })
+}
+
+const USAGE_COLUMNS: &str =
+    "id, ts_ms, endpoint, key_id, agent, team, project, tags, model_requested, provider,
+    model_served, attempts, status, error_kind, input_tokens, cached_input_tokens, output_tokens,
+    reasoning_tokens, usage_source, cost_micros, price_version, latency_ms, ttft_ms, stream,
+    client_disconnected";
+
+fn usage_from_row(r: &rusqlite::Row) -> rusqlite::Result<UsageRecord> {
+    let tags: String = r.get(7)?;
+    Ok(UsageRecord {
+        id: r.get(0)?,
+        ts_ms: r.get(1)?,
+        endpoint: r.get(2)?,
+        key_id: r.get(3)?,
+        agent: r.get(4)?,
+        team: r.get(5)?,
+        project: r.get(6)?,
+        tags: serde_json::from_str(&tags).unwrap_or_default(),
+        model_requested: r.get(8)?,
+        provider: r.get(9)?,
+        model_served: r.get(10)?,
+        attempts: r.get(11)?,
+        status: r.get(12)?,
+        error_kind: r.get(13)?,
+        input_tokens: r.get::<_, i64>(14)? as u64,
+        cached_input_tokens: r.get::<_, i64>(15)? as u64,
+        output_tokens: r.get::<_, i64>(16)? as u64,
+        reasoning_tokens: r.get::<_, i64>(17)? as u64,
+        usage_source: r.get(18)?,
+        cost_micros: r.get::<_, i64>(19)? as u64,
+        price_version: r.get(20)?,
+        latency_ms: r.get::<_, i64>(21)? as u64,
+        ttft_ms: r.get::<_, Option<i64>>(22)?.map(|v| v as u64),
+        stream: r.get(23)?,
+        client_disconnected: r.get(24)?,
+    })
+}
+
+/// Writes a batch in one transaction. `INSERT OR IGNORE` on the request id makes a replayed
+/// batch (a retry after a failed commit) harmless.
+pub fn insert_usage_batch(conn: &mut Connection, batch: &[UsageRecord]) -> Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut stmt = tx.prepare_cached(&format!(
+            "INSERT OR IGNORE INTO usage ({USAGE_COLUMNS}) VALUES
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
+              ?20, ?21, ?22, ?23, ?24, ?25)"
+        ))?;
+        for u in batch {
+            stmt.execute(params![
+                u.id,
+                u.ts_ms,
+                u.endpoint,
+                u.key_id,
+                u.agent,
+                u.team,
+                u.project,
+                json(&u.tags),
+                u.model_requested,
+                u.provider,
+                u.model_served,
+                u.attempts,
+                u.status,
+                u.error_kind,
+                u.input_tokens as i64,
+                u.cached_input_tokens as i64,
+                u.output_tokens as i64,
+                u.reasoning_tokens as i64,
+                u.usage_source,
+                u.cost_micros as i64,
+                u.price_version,
+                u.latency_ms as i64,
+                u.ttft_ms.map(|v| v as i64),
+                u.stream,
+                u.client_disconnected
+            ])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}

@@ -1,0 +1,424 @@
+//! Providers, deployments and their health: what `route` chooses from.
+
+use crate::config::{Config, ProviderConfig, ProviderKind, RoutingConfig};
+use crate::keys::pattern_matches;
+use crate::prices::PriceTable;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use rand::Rng;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub struct Provider {
+    pub name: String,
+    pub kind: ProviderKind,
+    /// Without a trailing slash, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    pub client: reqwest::Client,
+    /// Authorization and configured extra headers, ready to send.
+    pub headers: HeaderMap,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub total_timeout: Duration,
+    pub models: Vec<String>,
+}
+
+pub struct Deployment {
+    pub provider: Arc<Provider>,
+    /// The model name sent upstream.
+    pub model: String,
+    pub weight: u32,
+    pub priority: u32,
+    pub health: Arc<Health>,
+}
+
+/// Consecutive failures and cooldown of one deployment (provider + upstream model). Kept
+/// across config reloads so that a reload does not forgive a failing deployment.
+#[derive(Default)]
+pub struct Health {
+    consecutive_failures: AtomicU32,
+    cooldown_until_ms: AtomicI64,
+}
+
+impl Health {
+    pub fn success(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+    }
+
+    /// Counts a failure; after `threshold` in a row the deployment cools down. An upstream
+    /// `Retry-After` cools it down at once for as long as the upstream asked.
+    pub fn failure(&self, now_ms: i64, retry_after: Option<Duration>, routing: &RoutingConfig) {
+        let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut until = 0i64;
+        if n >= routing.cooldown_failures {
+            until = now_ms + routing.cooldown.as_millis() as i64;
+        }
+        if let Some(ra) = retry_after {
+            until = until.max(now_ms + ra.as_millis() as i64);
+        }
+        if until > 0 {
+            self.cooldown_until_ms.fetch_max(until, Ordering::Relaxed);
+        }
+    }
+
+    pub fn cooling_until(&self, now_ms: i64) -> Option<i64> {
+        let until = self.cooldown_until_ms.load(Ordering::Relaxed);
+        (until > now_ms).then_some(until)
+    }
+}
+
+#[derive(Default)]
+pub struct HealthRegistry {
+    by_deployment: Mutex<HashMap<String, Arc<Health>>>,
+}
+
+impl HealthRegistry {
+    fn get(&self, provider: &str, model: &str) -> Arc<Health> {
+        let mut map = self.by_deployment.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(format!("{provider}/{model}"))
+            .or_default()
+            .clone()
+    }
+}
+
+/// Everything that reloads: swapped whole, so a request sees one consistent version.
+pub struct Runtime {
+    pub providers: Vec<Arc<Provider>>,
+    pub aliases: HashMap<String, Vec<Arc<Deployment>>>,
+    /// Deployments for names served directly by a provider's `models` patterns, built lazily.
+    direct: Mutex<HashMap<String, Vec<Arc<Deployment>>>>,
+    pub prices: PriceTable,
+    pub routing: RoutingConfig,
+    health: Arc<HealthRegistry>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("providers.{0}: {1}")]
+    Provider(String, String),
+}
+
+impl Runtime {
+    /// `mock_url` is where the in-process mock provider listens, if one was started.
+    pub fn build(
+        cfg: &Config,
+        mock_url: Option<&str>,
+        health: Arc<HealthRegistry>,
+    ) -> Result<Runtime, BuildError> {
+        let mut providers = Vec::new();
+        for p in &cfg.providers {
+            providers.push(Arc::new(build_provider(p, mock_url)?));
+        }
+        let by_name: HashMap<&str, Arc<Provider>> = providers
+            .iter()
+            .map(|p| (p.name.as_str(), p.clone()))
+            .collect();
+        let mut aliases = HashMap::new();
+        for m in &cfg.models {
+            let mut deps = Vec::new();
+            for d in &m.deployments {
+                let Some(provider) = by_name.get(d.provider.as_str()) else {
+                    return Err(BuildError::Provider(
+                        d.provider.clone(),
+                        "unknown provider".into(),
+                    ));
+                };
+                let model = d.model.clone().unwrap_or_else(|| m.name.clone());
+                deps.push(Arc::new(Deployment {
+                    health: health.get(&provider.name, &model),
+                    provider: provider.clone(),
+                    model,
+                    weight: d.weight,
+                    priority: d.priority,
+                }));
+            }
+            aliases.insert(m.name.clone(), deps);
+        }
+        Ok(Runtime {
+            providers,
+            aliases,
+            direct: Mutex::new(HashMap::new()),
+            prices: PriceTable::new(&cfg.prices),
+            routing: cfg.routing.clone(),
+            health,
+        })
+    }
+
+    /// The deployments that can serve `model`: an alias, `provider/model`, or a model name a
+    /// provider's `models` patterns claim (the first such provider).
+    pub fn resolve(&self, model: &str) -> Option<Vec<Arc<Deployment>>> {
+        if let Some(deps) = self.aliases.get(model) {
+            return Some(deps.clone());
+        }
+        let mut direct = self.direct.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(deps) = direct.get(model) {
+            return Some(deps.clone());
+        }
+        let (provider, upstream_model) = match model.split_once('/') {
+            Some((p, m)) if !m.is_empty() => (self.providers.iter().find(|x| x.name == p)?, m),
+            _ => (
+                self.providers
+                    .iter()
+                    .find(|p| p.models.iter().any(|pat| pattern_matches(pat, model)))?,
+                model,
+            ),
+        };
+        let deps = vec![Arc::new(Deployment {
+            health: self.health.get(&provider.name, upstream_model),
+            provider: provider.clone(),
+            model: upstream_model.to_string(),
+            weight: 1,
+            priority: 0,
+        })];
+        // Bounded: only names that resolved are remembered, and a reload starts afresh.
+        if direct.len() < 10_000 {
+            direct.insert(model.to_string(), deps.clone());
+        }
+        Some(deps)
+    }
+
+    /// Names a client may send, for `/v1/models`.
+    pub fn model_names(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = self
+            .aliases
+            .keys()
+            .map(|a| (a.clone(), "tollgate".to_string()))
+            .collect();
+        for p in &self.providers {
+            let candidates: Vec<String> = match p.kind {
+                ProviderKind::Mock => crate::mock::MOCK_MODELS
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                ProviderKind::Openai => self.prices.models().map(str::to_string).collect(),
+            };
+            for c in candidates {
+                if p.models.iter().any(|pat| pattern_matches(pat, &c))
+                    && !out.iter().any(|(n, _)| *n == c)
+                {
+                    out.push((c, p.name.clone()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+/// Orders candidates for one request: by priority, then a weighted shuffle within each
+/// priority, skipping deployments that are cooling down. `Err` carries the earliest moment
+/// (ms) a cooling deployment comes back when none is usable now.
+pub fn order_candidates(
+    deps: &[Arc<Deployment>],
+    now_ms: i64,
+) -> Result<Vec<Arc<Deployment>>, i64> {
+    let mut healthy: Vec<Arc<Deployment>> = Vec::with_capacity(deps.len());
+    let mut earliest = i64::MAX;
+    for d in deps {
+        match d.health.cooling_until(now_ms) {
+            Some(until) => earliest = earliest.min(until),
+            None => healthy.push(d.clone()),
+        }
+    }
+    if healthy.is_empty() {
+        return Err(earliest);
+    }
+    healthy.sort_by_key(|d| d.priority);
+    let mut rng = rand::rng();
+    let mut out = Vec::with_capacity(healthy.len());
+    let mut start = 0;
+    while start < healthy.len() {
+        let prio = healthy[start].priority;
+        let end = healthy[start..]
+            .iter()
+            .position(|d| d.priority != prio)
+            .map_or(healthy.len(), |i| start + i);
+        let mut group: Vec<Arc<Deployment>> = healthy[start..end].to_vec();
+        while !group.is_empty() {
+            let total: u64 = group.iter().map(|d| u64::from(d.weight.max(1))).sum();
+            let mut pick = rng.random_range(0..total);
+            let idx = group
+                .iter()
+                .position(|d| {
+                    let w = u64::from(d.weight.max(1));
+                    if pick < w {
+                        true
+                    } else {
+                        pick -= w;
+                        false
+                    }
+                })
+                .unwrap_or(0);
+            out.push(group.remove(idx));
+        }
+        start = end;
+    }
+    Ok(out)
+}
+
+fn build_provider(p: &ProviderConfig, mock_url: Option<&str>) -> Result<Provider, BuildError> {
+    let err = |m: String| BuildError::Provider(p.name.clone(), m);
+    let base_url = match p.kind {
+        ProviderKind::Mock => mock_url
+            .ok_or_else(|| err("the mock provider is not running".into()))?
+            .to_string(),
+        ProviderKind::Openai => p
+            .base_url
+            .clone()
+            .ok_or_else(|| err("base_url is required".into()))?,
+    };
+    let mut headers = HeaderMap::new();
+    if let Some(var) = &p.api_key_env {
+        match std::env::var(var) {
+            Ok(key) if !key.is_empty() => {
+                let mut v = HeaderValue::from_str(&format!("Bearer {key}"))
+                    .map_err(|_| err(format!("the value of {var} is not a valid header value")))?;
+                v.set_sensitive(true);
+                headers.insert(http::header::AUTHORIZATION, v);
+            }
+            _ => {
+                tracing::warn!(provider = %p.name, env = %var, "API key variable is not set; requests go unauthenticated")
+            }
+        }
+    }
+    for (k, v) in &p.headers {
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| err(format!("bad header name {k}")))?;
+        let value =
+            HeaderValue::from_str(v).map_err(|_| err(format!("bad value for header {k}")))?;
+        headers.insert(name, value);
+    }
+    let client = reqwest::Client::builder()
+        .connect_timeout(p.connect_timeout)
+        // Shorter than common upstream keep-alives, so a pooled connection is not reused just
+        // as the server closes it (which fails a POST that cannot be safely replayed).
+        .pool_idle_timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| err(format!("HTTP client: {e}")))?;
+    Ok(Provider {
+        name: p.name.clone(),
+        kind: p.kind,
+        base_url: base_url.trim_end_matches('/').to_string(),
+        client,
+        headers,
+        first_byte_timeout: p.first_byte_timeout,
+        idle_timeout: p.idle_timeout,
+        total_timeout: p.total_timeout,
+        models: p.models.clone(),
+    })
+}
+
+/// Exponential backoff with full jitter, capped.
+pub fn backoff(attempt: u32, routing: &RoutingConfig) -> Duration {
+    let exp = routing
+        .backoff_base
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    let cap = exp.min(routing.backoff_max);
+    let ms = cap.as_millis() as u64;
+    Duration::from_millis(if ms == 0 {
+        0
+    } else {
+        rand::rng().random_range(ms / 2..=ms)
+    })
+}
+
+/// `Retry-After` in seconds, or OpenAI's `retry-after-ms`. HTTP dates are not used by the
+/// providers tollgate speaks to, and are ignored.
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    if let Some(ms) = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+    {
+        if ms.is_finite() && ms >= 0.0 {
+            return Some(Duration::from_millis(ms as u64));
+        }
+    }
+    let secs = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<f64>()
+        .ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_millis((secs * 1000.0) as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dep(name: &str, weight: u32, priority: u32, health: Arc<Health>) -> Arc<Deployment> {
+        let cfg = ProviderConfig::builtin_mock();
+        Arc::new(Deployment {
+            provider: Arc::new(
+                build_provider(
+                    &ProviderConfig {
+                        name: name.into(),
+                        ..cfg
+                    },
+                    Some("http://127.0.0.1:1/v1"),
+                )
+                .unwrap(),
+            ),
+            model: "m".into(),
+            weight,
+            priority,
+            health,
+        })
+    }
+
+    #[test]
+    fn priority_first_then_weight() {
+        let a = dep("a", 1, 1, Arc::default());
+        let b = dep("b", 9, 0, Arc::default());
+        let c = dep("c", 1, 0, Arc::default());
+        let mut first_b = 0;
+        for _ in 0..1000 {
+            let order = order_candidates(&[a.clone(), b.clone(), c.clone()], 0).unwrap();
+            assert_eq!(order.len(), 3);
+            assert_eq!(order[2].provider.name, "a");
+            if order[0].provider.name == "b" {
+                first_b += 1;
+            }
+        }
+        // Weight 9 vs 1: b leads about 90% of the time.
+        assert!((820..=970).contains(&first_b), "{first_b}");
+    }
+
+    #[test]
+    fn cooling_deployments_are_skipped_until_they_recover() {
+        let routing = RoutingConfig {
+            cooldown_failures: 2,
+            cooldown: Duration::from_secs(10),
+            ..RoutingConfig::default()
+        };
+        let h = Arc::new(Health::default());
+        let a = dep("a", 1, 0, h.clone());
+        h.failure(0, None, &routing);
+        assert!(order_candidates(&[a.clone()], 1).is_ok());
+        h.failure(0, None, &routing);
+        assert_eq!(order_candidates(&[a.clone()], 1).err(), Some(10_000));
+        assert!(order_candidates(&[a.clone()], 10_000).is_ok());
+        h.success();
+        h.failure(20_000, Some(Duration::from_secs(3)), &routing);
+        assert_eq!(order_candidates(&[a], 20_001).err(), Some(23_000));
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("retry-after", "2".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
+        h.insert("retry-after-ms", "150".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(150)));
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(
+            "retry-after",
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&h), None);
+    }
+}
