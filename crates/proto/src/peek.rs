@@ -33,14 +33,17 @@ impl fmt::Display for PeekError {
 
 impl std::error::Error for PeekError {}
 
+/// Top-level `(key, raw value)` pairs in document order.
+type Fields<'a> = Vec<(Cow<'a, str>, Cow<'a, RawValue>)>;
+
 pub struct RequestDoc<'a> {
-    fields: Vec<(Cow<'a, str>, Cow<'a, RawValue>)>,
+    fields: Fields<'a>,
 }
 
 struct FieldsVisitor;
 
 impl<'de> Visitor<'de> for FieldsVisitor {
-    type Value = Vec<(Cow<'de, str>, Cow<'de, RawValue>)>;
+    type Value = Fields<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON object")
@@ -64,9 +67,7 @@ impl<'de> Visitor<'de> for FieldsVisitor {
     }
 }
 
-fn parse_fields<'a>(
-    body: &'a [u8],
-) -> Result<Vec<(Cow<'a, str>, Cow<'a, RawValue>)>, serde_json::Error> {
+fn parse_fields<'a>(body: &'a [u8]) -> Result<Fields<'a>, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let fields = (&mut de).deserialize_map(FieldsVisitor)?;
     de.end()?;

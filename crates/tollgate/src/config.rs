@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -188,19 +188,6 @@ impl Default for MeteringConfig {
         MeteringConfig {
             queue_capacity: 65_536,
             batch_max: 2_000,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            routing: RoutingConfig::default(),
-            metering: MeteringConfig::default(),
-            providers: Vec::new(),
-            models: Vec::new(),
-            prices: Vec::new(),
         }
     }
 }

@@ -91,7 +91,7 @@ impl PriceTable {
             .iter()
             .filter_map(|(k, v)| k.strip_suffix('*').map(|p| (p.to_string(), v.clone())))
             .collect();
-        prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
         by_model.retain(|k, _| !k.ends_with('*'));
         PriceTable { by_model, prefixes }
     }

@@ -25,6 +25,9 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// A key with the HMAC digest it is looked up by.
+pub type DigestedKey = ([u8; 32], KeyRecord);
+
 const MIGRATIONS: &[&str] = &[
     // 1: keys, usage, meta
     "CREATE TABLE meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
@@ -124,14 +127,14 @@ impl std::str::FromStr for GroupBy {
             "project" => GroupBy::Project,
             "model" => GroupBy::Model,
             "day" => GroupBy::Day,
-            _ => {
-                match s.strip_prefix("tag:") {
-                    Some(t) if !t.is_empty() => GroupBy::Tag(t.to_string()),
-                    _ => return Err(format!(
+            _ => match s.strip_prefix("tag:") {
+                Some(t) if !t.is_empty() => GroupBy::Tag(t.to_string()),
+                _ => {
+                    return Err(format!(
                         "cannot group by \"{s}\": use key, team, project, model, day or tag:NAME"
-                    )),
+                    ))
                 }
-            }
+            },
         })
     }
 }
@@ -192,7 +195,7 @@ impl Store {
     }
 
     /// Every key with its digest, for the gateway's cache, and the revision it reflects.
-    pub fn load_keys(&self) -> Result<(i64, Vec<([u8; 32], KeyRecord)>)> {
+    pub fn load_keys(&self) -> Result<(i64, Vec<DigestedKey>)> {
         let mut conn = lock(&self.conn);
         // One read transaction, so the revision matches the rows.
         let tx = conn.transaction()?;

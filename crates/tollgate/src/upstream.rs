@@ -289,6 +289,8 @@ fn build_provider(p: &ProviderConfig, mock_url: Option<&str>) -> Result<Provider
             HeaderValue::from_str(v).map_err(|_| err(format!("bad value for header {k}")))?;
         headers.insert(name, value);
     }
+    // reqwest panics when no rustls crypto provider is installed; installing is idempotent.
+    crate::server::init_tls();
     let client = reqwest::Client::builder()
         .connect_timeout(p.connect_timeout)
         // Shorter than common upstream keep-alives, so a pooled connection is not reused just
@@ -398,10 +400,13 @@ mod tests {
         let h = Arc::new(Health::default());
         let a = dep("a", 1, 0, h.clone());
         h.failure(0, None, &routing);
-        assert!(order_candidates(&[a.clone()], 1).is_ok());
+        assert!(order_candidates(std::slice::from_ref(&a), 1).is_ok());
         h.failure(0, None, &routing);
-        assert_eq!(order_candidates(&[a.clone()], 1).err(), Some(10_000));
-        assert!(order_candidates(&[a.clone()], 10_000).is_ok());
+        assert_eq!(
+            order_candidates(std::slice::from_ref(&a), 1).err(),
+            Some(10_000)
+        );
+        assert!(order_candidates(std::slice::from_ref(&a), 10_000).is_ok());
         h.success();
         h.failure(20_000, Some(Duration::from_secs(3)), &routing);
         assert_eq!(order_candidates(&[a], 20_001).err(), Some(23_000));

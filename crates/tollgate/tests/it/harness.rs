@@ -1,0 +1,240 @@
+//! A gateway in-process on a free loopback port, with its own data directory, plus
+//! helpers to drive it through its HTTP API.
+
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use tollgate::config::Config;
+use tollgate::metering::UsageRecord;
+use tollgate::server::{Gateway, ServeOptions};
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "tollgate-test-{tag}-{}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub struct TestGateway {
+    pub url: String,
+    pub admin_key: String,
+    pub dir: TempDir,
+    pub client: reqwest::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+pub const ADMIN_KEY: &str = "tg_test_admin_key_0123456789abcdef";
+
+impl TestGateway {
+    /// `config` is TOML; `[server] data_dir` is set by the harness.
+    pub async fn start(config: &str) -> TestGateway {
+        let dir = TempDir::new("gw");
+        Self::start_in(config, dir, None).await
+    }
+
+    pub async fn start_in(config: &str, dir: TempDir, config_path: Option<PathBuf>) -> TestGateway {
+        let mut cfg = Config::from_toml(config).unwrap();
+        cfg.server.data_dir = dir.path().to_path_buf();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gw = Gateway::start(ServeOptions {
+            config: cfg,
+            config_path,
+            listener: Some(listener),
+            admin_key: Some(ADMIN_KEY.into()),
+            secret: None,
+            openai_key_present: false,
+        })
+        .await
+        .unwrap();
+        let url = format!("http://{}", gw.addr);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(gw.run_until(async move {
+            let _ = rx.await;
+        }));
+        TestGateway {
+            url,
+            admin_key: ADMIN_KEY.into(),
+            dir,
+            client: reqwest::Client::new(),
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Graceful shutdown, as on SIGTERM; hands back the data directory for inspection.
+    pub async fn stop(mut self) -> TempDir {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.unwrap().unwrap();
+        }
+        self.dir
+    }
+
+    pub async fn create_key(&self, body: Value) -> (String, String) {
+        let r = self
+            .client
+            .post(format!("{}/admin/keys", self.url))
+            .bearer_auth(&self.admin_key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        let v: Value = r.json().await.unwrap();
+        (
+            v["secret"].as_str().unwrap().to_string(),
+            v["key"]["id"].as_str().unwrap().to_string(),
+        )
+    }
+
+    pub async fn key(&self) -> String {
+        self.create_key(json!({"name": "agent-1", "team": "team-a", "project": "proj-x"}))
+            .await
+            .0
+    }
+
+    pub async fn chat(&self, key: &str, body: Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}/v1/chat/completions", self.url))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn records(&self) -> Vec<UsageRecord> {
+        let r = self
+            .client
+            .get(format!("{}/admin/usage/records?limit=100000", self.url))
+            .bearer_auth(&self.admin_key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    }
+
+    /// The one record for a request id; fails if there is not exactly one.
+    pub async fn record_for(&self, resp_headers: &reqwest::header::HeaderMap) -> UsageRecord {
+        let id = resp_headers
+            .get("x-request-id")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        let all: Vec<UsageRecord> = self
+            .records()
+            .await
+            .into_iter()
+            .filter(|r| r.id == id)
+            .collect();
+        assert_eq!(all.len(), 1, "expected exactly one record for {id}");
+        all.into_iter().next().unwrap()
+    }
+
+    /// Waits until `n` records exist (streams settle after the client has its last byte).
+    pub async fn wait_records(&self, n: usize) -> Vec<UsageRecord> {
+        for _ in 0..200 {
+            let recs = self.records().await;
+            if recs.len() >= n {
+                return recs;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        self.records().await
+    }
+}
+
+/// A standalone mock provider on a free port; returns its `/v1` base URL.
+pub async fn spawn_mock(api_key: Option<&str>) -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", l.local_addr().unwrap());
+    let key = api_key.map(str::to_string);
+    tokio::spawn(async move { tollgate::mock::serve(l, key).await });
+    url
+}
+
+/// A loopback address where nothing listens.
+pub async fn dead_url() -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    format!("http://{addr}/v1")
+}
+
+pub async fn mock_stats(base_url: &str) -> Value {
+    let root = base_url.trim_end_matches("/v1");
+    reqwest::get(format!("{root}/mock/stats"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Asserts an OpenAI-shaped error with this status and `error.code`.
+pub async fn assert_openai_error(resp: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(resp.status(), status);
+    assert!(resp
+        .headers()
+        .get("content-type")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
+    let v: Value = resp.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+    assert!(v["error"]["type"].is_string(), "{v}");
+    assert_eq!(v["error"]["code"], code, "{v}");
+    v
+}
+
+/// Reads an SSE body to the end; returns the data payloads.
+pub async fn sse_data(resp: reqwest::Response) -> Vec<String> {
+    let text = resp.text().await.unwrap();
+    text.split("\n\n")
+        .filter_map(|ev| {
+            ev.lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+pub fn user(text: &str) -> Value {
+    json!([{"role": "user", "content": text}])
+}

@@ -1,0 +1,13 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! End-to-end tests: a real gateway on loopback, real SQLite, the mock provider speaking
+//! OpenAI's wire format over real HTTP.
+
+mod harness;
+
+mod auth;
+mod cli;
+mod clients;
+mod metering;
+mod routing;
+mod shutdown;
+mod streaming;

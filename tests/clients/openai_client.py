@@ -1,0 +1,125 @@
+"""The official `openai` package against tollgate, unchanged but for base_url.
+
+Usage: openai_client.py BASE_URL KEY. Prints `CALLS n` (requests that reach the gateway's
+metering) and `ALL OK` at the end; any failed check raises.
+"""
+import json
+import sys
+
+import openai
+from openai import OpenAI
+
+base_url, key = sys.argv[1], sys.argv[2]
+client = OpenAI(base_url=base_url, api_key=key, max_retries=0)
+calls = 0
+
+# JSON
+r = client.chat.completions.create(model="mock", messages=[{"role": "user", "content": "Say hello"}])
+calls += 1
+assert r.choices[0].message.content.startswith("The mock provider"), r
+assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens == 16, r.usage
+raw = client.chat.completions.with_raw_response.create(model="mock", messages=[{"role": "user", "content": "x"}])
+calls += 1
+assert raw.headers.get("x-request-id", "").startswith("req_"), dict(raw.headers)
+assert int(raw.headers["x-tollgate-cost"]) > 0
+
+# Streaming, without and with usage
+text = ""
+for chunk in client.chat.completions.create(model="mock", stream=True, messages=[{"role": "user", "content": "Stream"}]):
+    assert chunk.usage is None, chunk
+    if chunk.choices and chunk.choices[0].delta.content:
+        text += chunk.choices[0].delta.content
+calls += 1
+assert len(text.split()) == 16, text
+
+usage = None
+stream = client.chat.completions.create(
+    model="mock-long", stream=True, stream_options={"include_usage": True},
+    messages=[{"role": "user", "content": "Stream with usage"}],
+)
+for chunk in stream:
+    if chunk.usage is not None:
+        usage = chunk.usage
+calls += 1
+assert usage is not None and usage.completion_tokens == 200, usage
+
+# Tool calls, JSON and streaming
+tools = [{
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}]
+r = client.chat.completions.create(model="mock", tools=tools, messages=[{"role": "user", "content": "Weather in Paris?"}])
+calls += 1
+call = r.choices[0].message.tool_calls[0]
+assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "mock"}, call
+assert r.choices[0].finish_reason == "tool_calls"
+
+followup = client.chat.completions.create(
+    model="mock", tools=tools,
+    messages=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
+    ],
+)
+calls += 1
+assert followup.choices[0].message.content, followup
+
+args = ""
+name = None
+for chunk in client.chat.completions.create(model="mock", tools=tools, stream=True,
+                                             messages=[{"role": "user", "content": "Weather?"}]):
+    if chunk.choices and chunk.choices[0].delta.tool_calls:
+        tc = chunk.choices[0].delta.tool_calls[0]
+        if tc.function.name:
+            name = tc.function.name
+        args += tc.function.arguments or ""
+calls += 1
+assert name == "get_weather" and json.loads(args) == {"city": "mock"}, (name, args)
+
+# Embeddings
+e = client.embeddings.create(model="mock-embed", input=["one", "two"])
+calls += 1
+assert len(e.data) == 2 and e.usage.prompt_tokens > 0
+
+# Models
+ids = [m.id for m in client.models.list()]
+assert "mock" in ids, ids
+
+# Errors arrive as the SDK's own exception types
+try:
+    client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    raise AssertionError("expected NotFoundError")
+except openai.NotFoundError as err:
+    assert err.body["code"] == "model_not_found", err.body
+calls += 1
+
+try:
+    OpenAI(base_url=base_url, api_key="tg_wrong", max_retries=0).chat.completions.create(
+        model="mock", messages=[{"role": "user", "content": "x"}])
+    raise AssertionError("expected AuthenticationError")
+except openai.AuthenticationError:
+    pass  # not metered: the caller is unknown
+
+try:
+    client.chat.completions.create(model="mock-500", messages=[{"role": "user", "content": "x"}])
+    raise AssertionError("expected InternalServerError")
+except openai.InternalServerError as err:
+    assert err.status_code == 502
+calls += 1
+
+# A stream the upstream cuts surfaces as an error in the SDK, not as a clean ending.
+try:
+    for _ in client.chat.completions.create(model="mock-truncate", stream=True, messages=[{"role": "user", "content": "x"}]):
+        pass
+    raise AssertionError("expected APIError for a truncated stream")
+except openai.APIError as err:
+    assert "stream" in str(err), err
+calls += 1
+
+print(f"CALLS {calls}")
+print("ALL OK")
