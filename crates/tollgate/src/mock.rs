@@ -101,6 +101,11 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     api_key: Option<String>,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Without TCP_NODELAY, small SSE writes wait for the peer's delayed ACK (~40 ms each).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router(api_key)).await
 }
 

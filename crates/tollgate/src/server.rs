@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -157,7 +158,11 @@ impl Gateway {
         let app = self.app.clone();
         let router = router(app.clone());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = axum::serve(self.listener, router).with_graceful_shutdown(async move {
+        // Without TCP_NODELAY, small SSE writes wait for the peer's delayed ACK (~40 ms each).
+        let listener = self.listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let server = axum::serve(listener, router).with_graceful_shutdown(async move {
             let _ = stop_rx.await;
         });
         let mut server_task = tokio::spawn(async move { server.await });

@@ -7,7 +7,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use rand::Rng;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 pub struct Provider {
@@ -87,7 +87,8 @@ pub struct Runtime {
     pub providers: Vec<Arc<Provider>>,
     pub aliases: HashMap<String, Vec<Arc<Deployment>>>,
     /// Deployments for names served directly by a provider's `models` patterns, built lazily.
-    direct: Mutex<HashMap<String, Vec<Arc<Deployment>>>>,
+    /// Read on every such request, written once per name: a read lock on the hot path.
+    direct: RwLock<HashMap<String, Vec<Arc<Deployment>>>>,
     pub prices: PriceTable,
     pub routing: RoutingConfig,
     health: Arc<HealthRegistry>,
@@ -138,7 +139,7 @@ impl Runtime {
         Ok(Runtime {
             providers,
             aliases,
-            direct: Mutex::new(HashMap::new()),
+            direct: RwLock::new(HashMap::new()),
             prices: PriceTable::new(&cfg.prices),
             routing: cfg.routing.clone(),
             health,
@@ -151,8 +152,12 @@ impl Runtime {
         if let Some(deps) = self.aliases.get(model) {
             return Some(deps.clone());
         }
-        let mut direct = self.direct.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(deps) = direct.get(model) {
+        if let Some(deps) = self
+            .direct
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(model)
+        {
             return Some(deps.clone());
         }
         let (provider, upstream_model) = match model.split_once('/') {
@@ -172,6 +177,7 @@ impl Runtime {
             priority: 0,
         })];
         // Bounded: only names that resolved are remembered, and a reload starts afresh.
+        let mut direct = self.direct.write().unwrap_or_else(|p| p.into_inner());
         if direct.len() < 10_000 {
             direct.insert(model.to_string(), deps.clone());
         }

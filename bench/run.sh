@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Reproducible benchmark: tollgate in front of the standalone mock provider, against the mock
+# called directly and nginx as a plain reverse proxy, in the same run on the same machine.
+#
+#   bench/run.sh            # needs nginx (apt install nginx-light); builds release binaries
+#
+# Results (one JSON line per run) go to bench/out/results.jsonl; a Markdown table is printed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=bench/out
+rm -rf "$OUT"; mkdir -p "$OUT"
+SECONDS_PER_RUN=${SECONDS_PER_RUN:-15}
+RATE_JSON=${RATE_JSON:-1000}
+RATE_STREAM=${RATE_STREAM:-500}
+CONC=${CONC:-32}
+
+cargo build --release -q -p tollgate -p tollgate-loadgen
+TG=target/release/tollgate
+LG=target/release/tollgate-loadgen
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; nginx -p "$PWD/$OUT/nginx" -c nginx.conf -s stop 2>/dev/null || true; }
+trap cleanup EXIT
+
+$TG mock-provider --listen 127.0.0.1:4010 2>"$OUT/mock.log" & pids+=($!)
+
+cat > "$OUT/tollgate.toml" <<TOML
+[server]
+listen = "127.0.0.1:4000"
+data_dir = "$OUT/data"
+[[providers]]
+name = "up"
+kind = "openai"
+base_url = "http://127.0.0.1:4010/v1"
+models = ["mock*"]
+TOML
+ADMIN=tg_bench_admin_$(date +%s)
+TOLLGATE_ADMIN_KEY=$ADMIN RUST_LOG=warn $TG serve --config "$OUT/tollgate.toml" 2>"$OUT/tollgate.log" >/dev/null & pids+=($!)
+
+mkdir -p "$OUT/nginx/logs"
+cat > "$OUT/nginx/nginx.conf" <<NGINX
+worker_processes auto;
+pid nginx.pid;
+error_log logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream mock { server 127.0.0.1:4010; keepalive 256; }
+  server {
+    listen 127.0.0.1:4020;
+    location / {
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }
+  }
+}
+NGINX
+nginx -p "$PWD/$OUT/nginx" -c nginx.conf
+
+for _ in $(seq 100); do curl -sf http://127.0.0.1:4000/healthz >/dev/null && break; sleep 0.1; done
+KEY=$(curl -sf http://127.0.0.1:4000/admin/keys -H "Authorization: Bearer $ADMIN" -d '{"name":"bench"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+
+declare -A URL=( [mock]=http://127.0.0.1:4010 [nginx]=http://127.0.0.1:4020 [tollgate]=http://127.0.0.1:4000 )
+for target in mock nginx tollgate; do
+  u="${URL[$target]}/v1/chat/completions"
+  $LG --url "$u" --key "$KEY" --rate "$RATE_JSON" --seconds "$SECONDS_PER_RUN" --label "$target json fixed" >> "$OUT/results.jsonl"
+  $LG --url "$u" --key "$KEY" --rate "$RATE_STREAM" --stream --seconds "$SECONDS_PER_RUN" --label "$target stream fixed" >> "$OUT/results.jsonl"
+  $LG --url "$u" --key "$KEY" --concurrency "$CONC" --seconds "$SECONDS_PER_RUN" --label "$target json max" >> "$OUT/results.jsonl"
+  $LG --url "$u" --key "$KEY" --concurrency "$CONC" --stream --seconds "$SECONDS_PER_RUN" --label "$target stream max" >> "$OUT/results.jsonl"
+done
+
+# Every benchmarked request through tollgate was metered: compare with what the loadgen sent.
+curl -sf "http://127.0.0.1:4000/admin/usage?by=key" -H "Authorization: Bearer $ADMIN" > "$OUT/usage.json"
+
+python3 bench/report.py "$OUT/results.jsonl" "$OUT/usage.json"
