@@ -46,6 +46,39 @@ pub fn openai_error_event(message: &str, kind: &str, code: Option<&str>) -> Vec<
     out
 }
 
+#[derive(Serialize)]
+struct AnthropicErrorBody<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    error: AnthropicError<'a>,
+}
+
+#[derive(Serialize)]
+struct AnthropicError<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    message: &'a str,
+}
+
+/// `{"type":"error","error":{"type":…,"message":…}}`, the shape Anthropic's SDKs parse.
+pub fn anthropic_error_body(kind: &str, message: &str) -> Vec<u8> {
+    serde_json::to_vec(&AnthropicErrorBody {
+        kind: "error",
+        error: AnthropicError { kind, message },
+    })
+    .unwrap_or_else(|_| {
+        br#"{"type":"error","error":{"type":"api_error","message":"internal error"}}"#.to_vec()
+    })
+}
+
+/// The same as an SSE `error` event, for failures after a Messages stream has started.
+pub fn anthropic_error_event(kind: &str, message: &str) -> Vec<u8> {
+    let mut out = b"event: error\ndata: ".to_vec();
+    out.extend_from_slice(&anthropic_error_body(kind, message));
+    out.extend_from_slice(b"\n\n");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,5 +96,15 @@ mod tests {
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert_eq!(v["error"]["code"], "invalid_api_key");
         assert!(v["error"]["param"].is_null());
+    }
+
+    #[test]
+    fn anthropic_error_shape() {
+        let v: serde_json::Value =
+            serde_json::from_slice(&anthropic_error_body("not_found_error", "no model"))
+                .unwrap_or_default();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "not_found_error");
+        assert_eq!(v["error"]["message"], "no model");
     }
 }

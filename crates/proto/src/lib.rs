@@ -7,5 +7,5 @@ pub mod sse;
 pub mod usage;
 
 pub use peek::{PeekError, RequestDoc};
-pub use sse::{ChatStreamObserver, SseEvent, SseSplitter};
+pub use sse::{ChatStreamObserver, MessagesStreamObserver, SseEvent, SseSplitter};
 pub use usage::Usage;

@@ -4,7 +4,7 @@
 //! The splitter never copies: each event is a `Bytes` slice of what arrived, so the gateway
 //! can forward it unchanged and still look inside.
 
-use crate::usage::Usage;
+use crate::usage::{AnthropicUsage, Usage};
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use std::borrow::Cow;
@@ -226,6 +226,130 @@ impl ChatStreamObserver {
     }
 }
 
+/// Watches an Anthropic Messages stream: `message_start` carries the input side of usage,
+/// `message_delta` the (cumulative) output side, `message_stop` ends it.
+#[derive(Debug, Default)]
+pub struct MessagesStreamObserver {
+    usage: Option<AnthropicUsage>,
+    /// `message_delta` carried usage: the output count is final.
+    final_usage: bool,
+    pub model: Option<String>,
+    pub stop_reason: Option<String>,
+    pub done: bool,
+    pub saw_error: bool,
+    /// Generated text, thinking and tool input, for an estimate when usage never came.
+    pub output_text: String,
+    pub events: u64,
+}
+
+#[derive(Deserialize)]
+struct MessagesEventPeek<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default)]
+    message: Option<MessageStartPeek<'a>>,
+    #[serde(default, borrow)]
+    delta: Option<MessagesDeltaPeek<'a>>,
+    #[serde(default)]
+    usage: Option<AnthropicUsage>,
+}
+
+#[derive(Deserialize)]
+struct MessageStartPeek<'a> {
+    #[serde(default, borrow)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    usage: Option<AnthropicUsage>,
+}
+
+#[derive(Deserialize)]
+struct MessagesDeltaPeek<'a> {
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    partial_json: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    thinking: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    stop_reason: Option<Cow<'a, str>>,
+}
+
+impl MessagesStreamObserver {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The provider's complete usage: only once `message_delta` has given the output count.
+    pub fn usage(&self) -> Option<Usage> {
+        if !self.final_usage {
+            return None;
+        }
+        self.usage.map(|u| u.normalise())
+    }
+
+    /// What `message_start` reported, for a stream that ended before its final usage: the
+    /// input side is exact, the output side is not.
+    pub fn input_usage(&self) -> Option<Usage> {
+        self.usage.map(|u| Usage {
+            output: 0,
+            reasoning: 0,
+            ..u.normalise()
+        })
+    }
+
+    pub fn observe(&mut self, event: &SseEvent) -> EventKind {
+        self.events += 1;
+        let Some(data) = event.data() else {
+            return EventKind::Other;
+        };
+        let Ok(ev) = serde_json::from_str::<MessagesEventPeek>(data.trim()) else {
+            return EventKind::Other;
+        };
+        match ev.kind.as_ref() {
+            "message_start" => {
+                if let Some(m) = ev.message {
+                    self.model = m.model.map(Cow::into_owned);
+                    if let Some(u) = m.usage {
+                        self.usage
+                            .get_or_insert_with(AnthropicUsage::default)
+                            .merge(&u);
+                    }
+                }
+                EventKind::Chunk
+            }
+            "content_block_delta" => {
+                if let Some(d) = ev.delta {
+                    for text in [d.text, d.partial_json, d.thinking].into_iter().flatten() {
+                        self.output_text.push_str(&text);
+                    }
+                }
+                EventKind::Chunk
+            }
+            "message_delta" => {
+                if let Some(reason) = ev.delta.and_then(|d| d.stop_reason) {
+                    self.stop_reason = Some(reason.into_owned());
+                }
+                if let Some(u) = ev.usage {
+                    self.usage
+                        .get_or_insert_with(AnthropicUsage::default)
+                        .merge(&u);
+                    self.final_usage = true;
+                }
+                EventKind::Chunk
+            }
+            "message_stop" => {
+                self.done = true;
+                EventKind::Done
+            }
+            "error" => {
+                self.saw_error = true;
+                EventKind::Error
+            }
+            _ => EventKind::Chunk,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,6 +455,7 @@ mod tests {
                     cached_input: u64::from(cached).min(u64::from(input)),
                     output: u64::from(output),
                     reasoning: u64::from(reasoning).min(u64::from(output)),
+                    ..Usage::default()
                 };
                 let last = serde_json::json!({
                     "choices": [],
@@ -375,6 +500,57 @@ mod tests {
             prop_assert!(obs.done);
             // Forwarding event by event loses nothing but keep-alive padding.
             prop_assert_eq!(forwarded, bytes);
+        }
+    }
+
+    fn messages_stream(pieces: &[String], input: u64, read: u64, output: u64) -> String {
+        let mut s = String::new();
+        let start = serde_json::json!({"type": "message_start", "message": {"id": "msg_1", "type": "message",
+            "role": "assistant", "content": [], "model": "claude-x", "stop_reason": null,
+            "usage": {"input_tokens": input, "cache_read_input_tokens": read, "cache_creation_input_tokens": 0, "output_tokens": 1}}});
+        s.push_str(&format!("event: message_start\ndata: {start}\n\n"));
+        s.push_str("event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n");
+        s.push_str("event: ping\ndata: {\"type\": \"ping\"}\n\n");
+        for p in pieces {
+            let d = serde_json::json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}});
+            s.push_str(&format!("event: content_block_delta\ndata: {d}\n\n"));
+        }
+        s.push_str(
+            "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        );
+        let delta = serde_json::json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+            "usage": {"output_tokens": output}});
+        s.push_str(&format!("event: message_delta\ndata: {delta}\n\n"));
+        s.push_str("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n");
+        s
+    }
+
+    proptest! {
+        #[test]
+        fn any_split_of_a_messages_stream_gives_the_same_usage(
+            pieces in prop::collection::vec("[a-z \"\\\\é]{0,10}", 0..15),
+            input in 0u64..100_000, read in 0u64..100_000, output in 1u64..10_000,
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..30),
+        ) {
+            let bytes = messages_stream(&pieces, input, read, output).into_bytes();
+            let mut points: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+            points.extend([0, bytes.len()]);
+            points.sort_unstable();
+            points.dedup();
+            let mut splitter = SseSplitter::new();
+            let mut obs = MessagesStreamObserver::new();
+            let mut events = Vec::new();
+            for w in points.windows(2) {
+                splitter.push(&bytes[w[0]..w[1]], &mut events);
+                for e in events.drain(..) {
+                    obs.observe(&e);
+                }
+            }
+            let u = obs.usage().unwrap();
+            prop_assert_eq!((u.input, u.cached_input, u.output), (input + read, read, output));
+            prop_assert_eq!(obs.output_text, pieces.concat());
+            prop_assert!(obs.done);
+            prop_assert_eq!(obs.stop_reason.as_deref(), Some("end_turn"));
         }
     }
 }

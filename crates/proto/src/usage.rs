@@ -1,13 +1,85 @@
 use serde::Deserialize;
 
-/// Token counts as a provider bills them. `output` includes `reasoning` (OpenAI counts
-/// reasoning tokens inside `completion_tokens`); `input` includes `cached_input`.
+/// Token counts as a provider bills them, normalised across dialects: `input` is every input
+/// token, and `cached_input` (cache reads) and the two cache-write classes are parts of it;
+/// `output` includes `reasoning` (OpenAI counts reasoning inside `completion_tokens`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     pub input: u64,
     pub cached_input: u64,
+    /// Anthropic prompt-cache writes with the 5-minute TTL.
+    pub cache_write_5m: u64,
+    /// Anthropic prompt-cache writes with the 1-hour TTL.
+    pub cache_write_1h: u64,
     pub output: u64,
     pub reasoning: u64,
+}
+
+/// Anthropic's `usage` object. Its `input_tokens` excludes cache reads and writes.
+#[derive(Deserialize, Default, Debug, Clone, Copy)]
+pub struct AnthropicUsage {
+    #[serde(default)]
+    pub input_tokens: Option<u64>,
+    #[serde(default)]
+    pub output_tokens: Option<u64>,
+    #[serde(default)]
+    pub cache_creation_input_tokens: Option<u64>,
+    #[serde(default)]
+    pub cache_read_input_tokens: Option<u64>,
+    #[serde(default)]
+    pub cache_creation: Option<CacheCreation>,
+}
+
+#[derive(Deserialize, Default, Debug, Clone, Copy)]
+pub struct CacheCreation {
+    #[serde(default)]
+    pub ephemeral_5m_input_tokens: Option<u64>,
+    #[serde(default)]
+    pub ephemeral_1h_input_tokens: Option<u64>,
+}
+
+impl AnthropicUsage {
+    /// Later fields win: `message_delta` repeats (cumulatively) what `message_start` said.
+    pub fn merge(&mut self, later: &AnthropicUsage) {
+        macro_rules! take {
+            ($f:ident) => {
+                if later.$f.is_some() {
+                    self.$f = later.$f;
+                }
+            };
+        }
+        take!(input_tokens);
+        take!(output_tokens);
+        take!(cache_creation_input_tokens);
+        take!(cache_read_input_tokens);
+        take!(cache_creation);
+    }
+
+    pub fn normalise(&self) -> Usage {
+        let read = self.cache_read_input_tokens.unwrap_or(0);
+        let created = self.cache_creation_input_tokens.unwrap_or(0);
+        let (w5, w1) = match self.cache_creation {
+            Some(c)
+                if c.ephemeral_5m_input_tokens.is_some()
+                    || c.ephemeral_1h_input_tokens.is_some() =>
+            {
+                (
+                    c.ephemeral_5m_input_tokens.unwrap_or(0),
+                    c.ephemeral_1h_input_tokens.unwrap_or(0),
+                )
+            }
+            // Without the breakdown every write is a 5-minute write, the API's default TTL.
+            _ => (created, 0),
+        };
+        Usage {
+            input: self.input_tokens.unwrap_or(0) + read + w5 + w1,
+            cached_input: read,
+            cache_write_5m: w5,
+            cache_write_1h: w1,
+            output: self.output_tokens.unwrap_or(0),
+            reasoning: 0,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -54,6 +126,7 @@ impl Usage {
                 .completion_tokens_details
                 .and_then(|d| d.reasoning_tokens)
                 .unwrap_or(0),
+            ..Usage::default()
         })
     }
 
@@ -70,6 +143,20 @@ impl Usage {
 
     pub fn total(&self) -> u64 {
         self.input + self.output
+    }
+
+    /// Extracts `usage` from a whole Anthropic Messages response body.
+    pub fn from_anthropic_response(body: &[u8]) -> Option<Usage> {
+        #[derive(Deserialize)]
+        struct Envelope {
+            usage: Option<AnthropicUsage>,
+        }
+        let env: Envelope = serde_json::from_slice(body).ok()?;
+        let u = env.usage?;
+        if u.input_tokens.is_none() && u.output_tokens.is_none() {
+            return None;
+        }
+        Some(u.normalise())
     }
 }
 
@@ -90,9 +177,36 @@ mod tests {
                 input: 100,
                 cached_input: 64,
                 output: 40,
-                reasoning: 12
+                reasoning: 12,
+                ..Usage::default()
             })
         );
+    }
+
+    #[test]
+    fn anthropic_usage_counts_cache_reads_and_writes_as_input() {
+        let u = Usage::from_anthropic_response(
+            br#"{"type":"message","usage":{"input_tokens":10,"output_tokens":7,
+               "cache_creation_input_tokens":300,"cache_read_input_tokens":2000,
+               "cache_creation":{"ephemeral_5m_input_tokens":100,"ephemeral_1h_input_tokens":200}}}"#,
+        );
+        assert_eq!(
+            u,
+            Some(Usage {
+                input: 2310,
+                cached_input: 2000,
+                cache_write_5m: 100,
+                cache_write_1h: 200,
+                output: 7,
+                reasoning: 0
+            })
+        );
+        // No breakdown: writes default to the 5-minute class.
+        let u = Usage::from_anthropic_response(
+            br#"{"usage":{"input_tokens":1,"output_tokens":2,"cache_creation_input_tokens":50}}"#,
+        )
+        .unwrap();
+        assert_eq!((u.input, u.cache_write_5m, u.cache_write_1h), (51, 50, 0));
     }
 
     #[test]

@@ -63,12 +63,31 @@ pub struct MeteringConfig {
     pub batch_max: usize,
 }
 
+/// Which well-known provider keys are present in the environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProviderKeys {
+    pub openai: bool,
+    pub anthropic: bool,
+}
+
+impl ProviderKeys {
+    pub fn from_env() -> ProviderKeys {
+        ProviderKeys {
+            openai: std::env::var_os("OPENAI_API_KEY").is_some_and(|v| !v.is_empty()),
+            anthropic: std::env::var_os("ANTHROPIC_API_KEY").is_some_and(|v| !v.is_empty()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProviderKind {
     /// Any OpenAI-compatible base URL: OpenAI, vLLM, llama.cpp, Ollama, OpenRouter, Groq…
     Openai,
-    /// The built-in mock provider, started in-process on a loopback port.
+    /// Anthropic's Messages API (`x-api-key` auth, `anthropic-version` header).
+    Anthropic,
+    /// The built-in mock provider, started in-process on a loopback port. It speaks both
+    /// dialects.
     Mock,
 }
 
@@ -156,6 +175,12 @@ pub struct PriceConfig {
     pub output: u64,
     #[serde(default)]
     pub reasoning: Option<u64>,
+    /// Prompt-cache writes with a 5-minute TTL; defaults to `input`.
+    #[serde(default)]
+    pub cache_write_5m: Option<u64>,
+    /// Prompt-cache writes with a 1-hour TTL; defaults to `input`.
+    #[serde(default)]
+    pub cache_write_1h: Option<u64>,
 }
 
 impl Default for ServerConfig {
@@ -192,6 +217,9 @@ impl Default for MeteringConfig {
     }
 }
 
+/// Model-name patterns the automatic `anthropic` provider serves without aliases.
+pub const ANTHROPIC_MODEL_PATTERNS: &[&str] = &["claude-*"];
+
 /// Model-name patterns the automatic `openai` provider serves without aliases.
 pub const OPENAI_MODEL_PATTERNS: &[&str] = &[
     "gpt-*",
@@ -216,17 +244,30 @@ impl Config {
 
     /// Adds what a bare `tollgate serve` needs: the mock provider when nothing is configured,
     /// and an `openai` provider when `OPENAI_API_KEY` is set and none is named so.
-    pub fn with_implicit_providers(mut self, openai_key_present: bool) -> Config {
+    pub fn with_implicit_providers(mut self, keys: ProviderKeys) -> Config {
         if self.providers.is_empty() {
             self.providers.push(ProviderConfig::builtin_mock());
         }
-        if openai_key_present && !self.providers.iter().any(|p| p.name == "openai") {
+        if keys.openai && !self.providers.iter().any(|p| p.name == "openai") {
             self.providers.push(ProviderConfig {
                 name: "openai".into(),
                 kind: ProviderKind::Openai,
                 base_url: Some("https://api.openai.com/v1".into()),
                 api_key_env: Some("OPENAI_API_KEY".into()),
                 models: OPENAI_MODEL_PATTERNS
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                ..ProviderConfig::builtin_mock()
+            });
+        }
+        if keys.anthropic && !self.providers.iter().any(|p| p.name == "anthropic") {
+            self.providers.push(ProviderConfig {
+                name: "anthropic".into(),
+                kind: ProviderKind::Anthropic,
+                base_url: Some("https://api.anthropic.com/v1".into()),
+                api_key_env: Some("ANTHROPIC_API_KEY".into()),
+                models: ANTHROPIC_MODEL_PATTERNS
                     .iter()
                     .map(|s| s.to_string())
                     .collect(),
@@ -274,10 +315,11 @@ impl Config {
                 );
             }
             match (prov.kind, &prov.base_url) {
-                (ProviderKind::Openai, None) => {
-                    p(format!("{path}.base_url"), "required for kind \"openai\"")
-                }
-                (ProviderKind::Openai, Some(url)) => {
+                (ProviderKind::Openai | ProviderKind::Anthropic, None) => p(
+                    format!("{path}.base_url"),
+                    "required for kinds \"openai\" and \"anthropic\"",
+                ),
+                (ProviderKind::Openai | ProviderKind::Anthropic, Some(url)) => {
                     if !(url.starts_with("http://") || url.starts_with("https://"))
                         || reqwest::Url::parse(url).is_err()
                     {
@@ -464,7 +506,7 @@ mod tests {
         .unwrap();
         let problems = cfg.validate();
         for expected in [
-            "providers[0].base_url: required",
+            "providers[0].base_url: required for kinds",
             "providers[1].name: duplicate",
             "providers[1].base_url: not an http(s) URL",
             "models[0].deployments[0].provider: unknown provider \"nope\"",
@@ -480,11 +522,18 @@ mod tests {
 
     #[test]
     fn bare_config_gets_the_mock_provider() {
-        let cfg = Config::default().with_implicit_providers(false);
+        let cfg = Config::default().with_implicit_providers(ProviderKeys::default());
         assert_eq!(cfg.providers.len(), 1);
         assert_eq!(cfg.providers[0].kind, ProviderKind::Mock);
-        let cfg = Config::default().with_implicit_providers(true);
+        let cfg = Config::default().with_implicit_providers(ProviderKeys {
+            openai: true,
+            anthropic: true,
+        });
         assert!(cfg.providers.iter().any(|p| p.name == "openai"));
+        assert!(cfg
+            .providers
+            .iter()
+            .any(|p| p.name == "anthropic" && p.kind == ProviderKind::Anthropic));
         assert!(cfg.validate().is_empty());
     }
 }

@@ -2,7 +2,14 @@
 
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode};
-use tollgate_proto::error::openai_error_body;
+use tollgate_proto::error::{anthropic_error_body, openai_error_body};
+
+/// The wire dialect a client speaks, which decides the shape of its errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    OpenAi,
+    Anthropic,
+}
 
 /// A low-cardinality name for each way a request can fail. It is what usage records and
 /// metrics carry as `error_kind`.
@@ -16,6 +23,8 @@ pub enum ErrorKind {
     AdminOnly,
     ModelNotFound,
     NotFound,
+    /// The model's deployments speak another dialect and cannot serve this endpoint.
+    DialectMismatch,
     BodyTooLarge,
     UpstreamRateLimited,
     /// The provider refused the request itself (a 4xx other than 429): passed through.
@@ -40,6 +49,7 @@ impl ErrorKind {
             ErrorKind::AdminOnly => "admin_only",
             ErrorKind::ModelNotFound => "model_not_found",
             ErrorKind::NotFound => "not_found",
+            ErrorKind::DialectMismatch => "dialect_mismatch",
             ErrorKind::BodyTooLarge => "request_too_large",
             ErrorKind::UpstreamRateLimited => "upstream_rate_limited",
             ErrorKind::UpstreamRejected => "upstream_rejected",
@@ -54,7 +64,7 @@ impl ErrorKind {
 
     pub fn status(self) -> StatusCode {
         match self {
-            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::BadRequest | ErrorKind::DialectMismatch => StatusCode::BAD_REQUEST,
             ErrorKind::InvalidApiKey | ErrorKind::KeyExpired | ErrorKind::KeyRevoked => {
                 StatusCode::UNAUTHORIZED
             }
@@ -82,7 +92,8 @@ impl ErrorKind {
             | ErrorKind::ModelNotFound
             | ErrorKind::NotFound
             | ErrorKind::BodyTooLarge
-            | ErrorKind::UpstreamRejected => "invalid_request_error",
+            | ErrorKind::UpstreamRejected
+            | ErrorKind::DialectMismatch => "invalid_request_error",
             ErrorKind::ModelNotAllowed | ErrorKind::AdminOnly => "permission_error",
             ErrorKind::UpstreamRateLimited => "rate_limit_error",
             ErrorKind::UpstreamTimeout => "timeout_error",
@@ -99,8 +110,9 @@ pub struct ApiError {
     /// Overrides the kind's status, for upstream answers passed through as they came.
     pub status: Option<StatusCode>,
     pub retry_after_secs: Option<u64>,
-    /// An upstream error body in OpenAI's shape, returned verbatim.
+    /// An upstream error body, returned verbatim to clients of the same dialect.
     pub upstream_body: Option<bytes::Bytes>,
+    pub upstream_dialect: Option<Dialect>,
 }
 
 impl ApiError {
@@ -112,6 +124,7 @@ impl ApiError {
             status: None,
             retry_after_secs: None,
             upstream_body: None,
+            upstream_dialect: None,
         }
     }
 
@@ -128,26 +141,24 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         self.status.unwrap_or_else(|| self.kind.status())
     }
-}
 
-impl std::fmt::Display for ApiError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.kind.as_str(), self.message)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+    /// The error as the client's dialect writes it. An upstream error body is passed through
+    /// only to clients of the upstream's own dialect.
+    pub fn into_dialect_response(self, dialect: Dialect) -> Response {
         let status = self.status();
-        let body = match &self.upstream_body {
-            Some(b) => b.to_vec(),
-            None => openai_error_body(
+        let passthrough = match (&self.upstream_body, self.upstream_dialect) {
+            (Some(b), Some(d)) if d == dialect => Some(b.to_vec()),
+            _ => None,
+        };
+        let body = passthrough.unwrap_or_else(|| match dialect {
+            Dialect::OpenAi => openai_error_body(
                 &self.message,
                 self.kind.openai_type(),
                 self.param,
                 Some(self.kind.as_str()),
             ),
-        };
+            Dialect::Anthropic => anthropic_error_body(anthropic_type(status), &self.message),
+        });
         let mut resp = (status, body).into_response();
         let h = resp.headers_mut();
         h.insert(
@@ -159,5 +170,34 @@ impl IntoResponse for ApiError {
         }
         resp.extensions_mut().insert(self.kind);
         resp
+    }
+}
+
+/// Anthropic's `error.type`, chosen by status as Anthropic's API does.
+fn anthropic_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 405 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        402 => "billing_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        504 => "timeout_error",
+        _ => "api_error",
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind.as_str(), self.message)
+    }
+}
+
+/// OpenAI's shape: the default for routes that are not dialect-specific (admin, fallbacks).
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.into_dialect_response(Dialect::OpenAi)
     }
 }

@@ -187,7 +187,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Cmd::CheckConfig { config } => {
             let cfg = Config::from_file(&config).map_err(anyhow::Error::msg)?;
             let problems = cfg
-                .with_implicit_providers(std::env::var_os("OPENAI_API_KEY").is_some())
+                .with_implicit_providers(tollgate::config::ProviderKeys::from_env())
                 .validate();
             if problems.is_empty() {
                 println!("{}: ok", config.display());
@@ -228,7 +228,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         listener: None,
         admin_key: std::env::var("TOLLGATE_ADMIN_KEY").ok(),
         secret: std::env::var("TOLLGATE_SECRET").ok(),
-        openai_key_present: std::env::var_os("OPENAI_API_KEY").is_some(),
+        provider_keys: tollgate::config::ProviderKeys::from_env(),
     })
     .await?;
     if let Some(k) = &gw.generated_admin_key {
@@ -435,6 +435,7 @@ async fn usage(args: UsageArgs) -> anyhow::Result<()> {
                 "errors",
                 "input",
                 "cached",
+                "cache_write",
                 "output",
                 "reasoning",
                 "cost_usd",
@@ -448,6 +449,7 @@ async fn usage(args: UsageArgs) -> anyhow::Result<()> {
                         r.errors.to_string(),
                         r.input_tokens.to_string(),
                         r.cached_input_tokens.to_string(),
+                        r.cache_write_tokens.to_string(),
                         r.output_tokens.to_string(),
                         r.reasoning_tokens.to_string(),
                         usd(r.cost_micros),

@@ -34,6 +34,11 @@ pub struct UsageRecord {
     pub cached_input_tokens: u64,
     pub output_tokens: u64,
     pub reasoning_tokens: u64,
+    /// Anthropic prompt-cache writes (part of `input_tokens`), by TTL.
+    #[serde(default)]
+    pub cache_write_5m_tokens: u64,
+    #[serde(default)]
+    pub cache_write_1h_tokens: u64,
     /// `provider`, `estimated` (the provider gave no usage), or `none` (nothing reached a provider).
     pub usage_source: String,
     pub cost_micros: u64,

@@ -19,6 +19,7 @@
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
+use axum::http::HeaderValue;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -29,7 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tollgate_proto::error::openai_error_body;
+use tollgate_proto::error::{anthropic_error_body, openai_error_body};
 
 const WORDS: &[&str] = &[
     "The",
@@ -66,6 +67,8 @@ pub const MOCK_MODELS: &[&str] = &[
     "mock-429",
     "mock-500",
     "mock-embed",
+    "mock-cached",
+    "mock-cachewrite",
 ];
 
 #[derive(Default)]
@@ -91,6 +94,8 @@ pub fn router(api_key: Option<String>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/messages", post(messages))
+        .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/v1/models", get(models))
         .route("/mock/stats", get(stats))
         .with_state(state)
@@ -139,6 +144,16 @@ impl Behaviour {
         }
         None
     }
+    /// `stall`: never answer; `slow`: answer after 200 ms.
+    async fn json_delay(&self) {
+        if self.has("stall") {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        if self.has("slow") {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     fn output_tokens(&self) -> u64 {
         if self.has("long") {
             LONG_OUTPUT_TOKENS
@@ -149,25 +164,44 @@ impl Behaviour {
 }
 
 fn error(status: StatusCode, message: &str, kind: &str, code: &str) -> Response {
-    let mut r = (status, openai_error_body(message, kind, None, Some(code))).into_response();
-    r.headers_mut().insert(
-        "content-type",
-        "application/json"
-            .parse()
-            .unwrap_or_else(|_| unreachable!()),
-    );
+    json_response(status, openai_error_body(message, kind, None, Some(code)))
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut r = (status, body).into_response();
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
     r
+}
+
+/// An OpenAI-shaped error answer re-shaped for Anthropic's dialect, as Anthropic writes it.
+fn to_anthropic(r: Response) -> Response {
+    let status = r.status();
+    let kind = match status.as_u16() {
+        401 => "authentication_error",
+        429 => "rate_limit_error",
+        529 => "overloaded_error",
+        400 => "invalid_request_error",
+        _ => "api_error",
+    };
+    let retry = r.headers().get("retry-after").cloned();
+    let mut out = json_response(status, anthropic_error_body(kind, "mock failure"));
+    if let Some(v) = retry {
+        out.headers_mut().insert("retry-after", v);
+    }
+    out
 }
 
 impl MockState {
     /// The failures every endpoint shares. `None` means: answer normally.
     async fn failure(&self, b: &Behaviour, headers: &HeaderMap) -> Option<Response> {
         if let Some(key) = &self.api_key {
-            let ok = headers
+            let bearer = headers
                 .get("authorization")
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .is_some_and(|v| v == key);
+                .and_then(|v| v.strip_prefix("Bearer "));
+            let x_api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+            let ok = bearer.or(x_api_key).is_some_and(|v| v == key);
             if !ok {
                 return Some(error(
                     StatusCode::UNAUTHORIZED,
@@ -365,12 +399,7 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
     let usage = usage_json(prompt, completion, &b);
 
     if !stream {
-        if b.has("stall") {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-        }
-        if b.has("slow") {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        b.json_delay().await;
         let message = match &call {
             Some((name, args)) => json!({"role": "assistant", "content": null, "tool_calls": [
                 {"id": "call_mock0", "type": "function", "function": {"name": name, "arguments": args}}]}),
@@ -390,21 +419,13 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
             let parts: Vec<Result<Bytes, std::io::Error>> =
                 vec![Ok(half), Err(std::io::Error::other("mock truncation"))];
             let mut r = Response::new(Body::from_stream(futures_util::stream::iter(parts)));
-            r.headers_mut().insert(
-                "content-type",
-                "application/json"
-                    .parse()
-                    .unwrap_or_else(|_| unreachable!()),
-            );
+            r.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/json"));
             return r;
         }
         let mut r = (StatusCode::OK, bytes).into_response();
-        r.headers_mut().insert(
-            "content-type",
-            "application/json"
-                .parse()
-                .unwrap_or_else(|_| unreachable!()),
-        );
+        r.headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/json"));
         return r;
     }
 
@@ -455,64 +476,7 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
     }
     events.push("data: [DONE]\n\n".to_string());
 
-    let (tx, mut rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    let stall = b.has("stall");
-    let truncate = b.has("truncate");
-    let gap = if b.has("slow") {
-        Duration::from_millis(50)
-    } else {
-        Duration::ZERO
-    };
-    let stats = state.clone();
-    tokio::spawn(async move {
-        let total = events.len();
-        for (i, ev) in events.into_iter().enumerate() {
-            if (stall && i == 2) || (truncate && i == total / 2) {
-                if truncate {
-                    let _ = tx.send(Err(std::io::Error::other("mock truncation"))).await;
-                    return;
-                }
-                // Silence until the client gives up.
-                tx.closed().await;
-                stats
-                    .stats
-                    .streams_cancelled
-                    .fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            if !gap.is_zero() && i > 0 {
-                tokio::select! {
-                    _ = tokio::time::sleep(gap) => {}
-                    _ = tx.closed() => {}
-                }
-            }
-            if tx.send(Ok(Bytes::from(ev))).await.is_err() {
-                stats
-                    .stats
-                    .streams_cancelled
-                    .fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        }
-        stats
-            .stats
-            .streams_completed
-            .fetch_add(1, Ordering::Relaxed);
-    });
-    let body = Body::from_stream(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
-    let mut r = Response::new(body);
-    let h = r.headers_mut();
-    h.insert(
-        "content-type",
-        "text/event-stream; charset=utf-8"
-            .parse()
-            .unwrap_or_else(|_| unreachable!()),
-    );
-    h.insert(
-        "cache-control",
-        "no-cache".parse().unwrap_or_else(|_| unreachable!()),
-    );
-    r
+    stream_events(&state, &b, events)
 }
 
 async fn embeddings(
@@ -599,4 +563,283 @@ async fn stats(State(state): State<Arc<MockState>>) -> Response {
         "streams_cancelled": state.stats.streams_cancelled.load(Ordering::Relaxed),
     }))
     .into_response()
+}
+
+/// Sends prepared SSE events with the behaviour's pacing and failures, counting completed and
+/// cancelled streams so tests can see what the gateway did to the upstream connection.
+fn stream_events(state: &Arc<MockState>, b: &Behaviour, events: Vec<String>) -> Response {
+    let (tx, mut rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let stall = b.has("stall");
+    let truncate = b.has("truncate");
+    let gap = if b.has("slow") {
+        Duration::from_millis(50)
+    } else {
+        Duration::ZERO
+    };
+    let stats = state.clone();
+    tokio::spawn(async move {
+        let total = events.len();
+        for (i, ev) in events.into_iter().enumerate() {
+            if (stall && i == 2) || (truncate && i == total / 2) {
+                if truncate {
+                    let _ = tx.send(Err(std::io::Error::other("mock truncation"))).await;
+                    return;
+                }
+                // Silence until the client gives up.
+                tx.closed().await;
+                stats
+                    .stats
+                    .streams_cancelled
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if !gap.is_zero() && i > 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(gap) => {}
+                    _ = tx.closed() => {}
+                }
+            }
+            if tx.send(Ok(Bytes::from(ev))).await.is_err() {
+                stats
+                    .stats
+                    .streams_cancelled
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        stats
+            .stats
+            .streams_completed
+            .fetch_add(1, Ordering::Relaxed);
+    });
+    let body = Body::from_stream(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+    let mut r = Response::new(body);
+    let h = r.headers_mut();
+    h.insert(
+        "content-type",
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    h.insert("cache-control", HeaderValue::from_static("no-cache"));
+    r
+}
+
+// ---------------------------------------------------------------------------------------
+// Anthropic Messages
+
+/// The tool_use the mock makes in Messages: the chosen (or first) tool, arguments built from
+/// its `input_schema` as in the chat dialect.
+fn anthropic_tool_use(req: &Value) -> Option<(String, Value)> {
+    let tools = req.get("tools")?.as_array()?;
+    if tools.is_empty() || req.pointer("/tool_choice/type").and_then(Value::as_str) == Some("none")
+    {
+        return None;
+    }
+    let last = req.get("messages")?.as_array()?.last()?;
+    let answered = last
+        .get("content")
+        .and_then(Value::as_array)
+        .is_some_and(|blocks| {
+            blocks
+                .iter()
+                .any(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
+        });
+    if answered {
+        return None;
+    }
+    let wanted = req.pointer("/tool_choice/name").and_then(Value::as_str);
+    let tool = tools
+        .iter()
+        .find(|t| wanted.is_none_or(|w| t.get("name").and_then(Value::as_str) == Some(w)))?;
+    let as_chat =
+        json!({"function": {"name": tool.get("name")?, "parameters": tool.get("input_schema")?}});
+    let (name, args) = tool_call(&json!({"tools": [as_chat], "messages": [{"role": "user"}]}))?;
+    Some((name, serde_json::from_str(&args).ok()?))
+}
+
+fn anthropic_usage(prompt: u64, output: u64, b: &Behaviour) -> Value {
+    let read = if b.has("cached") { prompt / 2 } else { 0 };
+    let (w5, w1) = if b.has("cachewrite") {
+        (prompt / 4, prompt / 8)
+    } else {
+        (0, 0)
+    };
+    json!({
+        "input_tokens": prompt - read - w5 - w1,
+        "output_tokens": output,
+        "cache_read_input_tokens": read,
+        "cache_creation_input_tokens": w5 + w1,
+        "cache_creation": {"ephemeral_5m_input_tokens": w5, "ephemeral_1h_input_tokens": w1},
+    })
+}
+
+fn anthropic_prompt_tokens(req: &Value) -> u64 {
+    let mut text = String::new();
+    for f in ["system", "messages", "tools"] {
+        collect_text(req.get(f).unwrap_or(&Value::Null), &mut text);
+    }
+    let messages = req
+        .get("messages")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len) as u64;
+    (text.len() as u64).div_ceil(4) + 3 * messages + 1
+}
+
+async fn messages(
+    State(state): State<Arc<MockState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            anthropic_error_body("invalid_request_error", "invalid JSON body"),
+        );
+    };
+    if headers.get("anthropic-version").is_none() {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            anthropic_error_body(
+                "invalid_request_error",
+                "anthropic-version: header is required",
+            ),
+        );
+    }
+    let Some(max) = req.get("max_tokens").and_then(Value::as_u64) else {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            anthropic_error_body("invalid_request_error", "max_tokens: Field required"),
+        );
+    };
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock")
+        .to_string();
+    let b = Behaviour::from(&model, &headers);
+    if let Some(r) = state.failure(&b, &headers).await {
+        return to_anthropic(r);
+    }
+    let prompt = anthropic_prompt_tokens(&req);
+    let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let id = format!("msg_mock{:x}", state.stats.requests.load(Ordering::Relaxed));
+    let tool = anthropic_tool_use(&req);
+    let n = b.output_tokens().min(max);
+    let pieces = words(n);
+    let (output, stop) = match &tool {
+        Some((name, input)) => (
+            (name.len() + input.to_string().len()).div_ceil(4) as u64,
+            "tool_use",
+        ),
+        None => (
+            n,
+            if n < b.output_tokens() {
+                "max_tokens"
+            } else {
+                "end_turn"
+            },
+        ),
+    };
+    let usage = anthropic_usage(prompt, output, &b);
+
+    if !stream {
+        b.json_delay().await;
+        let content = match &tool {
+            Some((name, input)) => {
+                json!([{"type": "tool_use", "id": "toolu_mock0", "name": name, "input": input}])
+            }
+            None => json!([{"type": "text", "text": pieces.concat()}]),
+        };
+        let mut resp = json!({"id": id, "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": stop, "stop_sequence": null});
+        if !b.has("nousage") {
+            resp["usage"] = usage;
+        }
+        return json_response(StatusCode::OK, resp.to_string().into_bytes());
+    }
+
+    let ev = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
+    let mut start_usage = usage.clone();
+    start_usage["output_tokens"] = json!(1);
+    let mut message = json!({"id": id, "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": null, "stop_sequence": null});
+    if !b.has("nousage") {
+        message["usage"] = start_usage;
+    }
+    let mut events = vec![ev(
+        "message_start",
+        json!({"type": "message_start", "message": message}),
+    )];
+    match &tool {
+        Some((name, input)) => {
+            events.push(ev("content_block_start", json!({"type": "content_block_start", "index": 0,
+                "content_block": {"type": "tool_use", "id": "toolu_mock0", "name": name, "input": {}}})));
+            events.push(ev("ping", json!({"type": "ping"})));
+            let chars: Vec<char> = input.to_string().chars().collect();
+            for part in chars.chunks(8) {
+                let part: String = part.iter().collect();
+                events.push(ev(
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": 0,
+                    "delta": {"type": "input_json_delta", "partial_json": part}}),
+                ));
+            }
+        }
+        None => {
+            events.push(ev(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0,
+                "content_block": {"type": "text", "text": ""}}),
+            ));
+            events.push(ev("ping", json!({"type": "ping"})));
+            for p in &pieces {
+                events.push(ev(
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": 0,
+                    "delta": {"type": "text_delta", "text": p}}),
+                ));
+            }
+        }
+    }
+    events.push(ev(
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": 0}),
+    ));
+    let mut delta =
+        json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}});
+    if !b.has("nousage") {
+        delta["usage"] = json!({"output_tokens": output});
+    }
+    events.push(ev("message_delta", delta));
+    events.push(ev("message_stop", json!({"type": "message_stop"})));
+    stream_events(&state, &b, events)
+}
+
+async fn count_tokens(
+    State(state): State<Arc<MockState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            anthropic_error_body("invalid_request_error", "invalid JSON body"),
+        );
+    };
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock")
+        .to_string();
+    let b = Behaviour::from(&model, &headers);
+    if let Some(r) = state.failure(&b, &headers).await {
+        return to_anthropic(r);
+    }
+    json_response(
+        StatusCode::OK,
+        json!({"input_tokens": anthropic_prompt_tokens(&req)})
+            .to_string()
+            .into_bytes(),
+    )
 }

@@ -11,6 +11,8 @@ pub struct Price {
     pub cached_input: u64,
     pub output: u64,
     pub reasoning: u64,
+    pub cache_write_5m: u64,
+    pub cache_write_1h: u64,
     /// `model@version`, recorded with each cost so a bill can be recomputed.
     pub version: String,
 }
@@ -55,6 +57,13 @@ impl PriceTable {
     pub fn new(overrides: &[PriceConfig]) -> PriceTable {
         let mut by_model = HashMap::new();
         for (model, input, cached, output) in BUILTIN {
+            // Anthropic charges 1.25x input for 5-minute cache writes and 2x for 1-hour ones;
+            // other providers have no separate write price.
+            let (w5, w1) = if model.starts_with("claude") {
+                (input * 5 / 4, input * 2)
+            } else {
+                (*input, *input)
+            };
             by_model.insert(
                 (*model).to_string(),
                 Price {
@@ -62,6 +71,8 @@ impl PriceTable {
                     cached_input: *cached,
                     output: *output,
                     reasoning: *output,
+                    cache_write_5m: w5,
+                    cache_write_1h: w1,
                     version: format!("{model}@{BUILTIN_VERSION}"),
                 },
             );
@@ -69,10 +80,12 @@ impl PriceTable {
         for p in overrides {
             let cached_input = p.cached_input.unwrap_or(p.input);
             let reasoning = p.reasoning.unwrap_or(p.output);
+            let w5 = p.cache_write_5m.unwrap_or(p.input);
+            let w1 = p.cache_write_1h.unwrap_or(p.input);
             let version = p.version.clone().unwrap_or_else(|| {
                 let digest = Sha256::digest(format!(
-                    "{}/{}/{}/{}",
-                    p.input, cached_input, p.output, reasoning
+                    "{}/{}/{}/{}/{}/{}",
+                    p.input, cached_input, p.output, reasoning, w5, w1
                 ));
                 format!("cfg-{}", &hex::encode(digest)[..8])
             });
@@ -83,6 +96,8 @@ impl PriceTable {
                     cached_input,
                     output: p.output,
                     reasoning,
+                    cache_write_5m: w5,
+                    cache_write_1h: w1,
                     version: format!("{}@{version}", p.model),
                 },
             );
@@ -160,9 +175,13 @@ impl Price {
     /// rounding error is below one micro-dollar per request (ADR 0003).
     pub fn cost(&self, u: &Usage) -> u64 {
         let cached = u.cached_input.min(u.input);
+        let w5 = u.cache_write_5m.min(u.input - cached);
+        let w1 = u.cache_write_1h.min(u.input - cached - w5);
         let reasoning = u.reasoning.min(u.output);
-        let pico = u128::from(u.input - cached) * u128::from(self.input)
+        let pico = u128::from(u.input - cached - w5 - w1) * u128::from(self.input)
             + u128::from(cached) * u128::from(self.cached_input)
+            + u128::from(w5) * u128::from(self.cache_write_5m)
+            + u128::from(w1) * u128::from(self.cache_write_1h)
             + u128::from(u.output - reasoning) * u128::from(self.output)
             + u128::from(reasoning) * u128::from(self.reasoning);
         u64::try_from(pico.div_ceil(1_000_000)).unwrap_or(u64::MAX)
@@ -183,6 +202,7 @@ mod tests {
             cached_input: 400,
             output: 200,
             reasoning: 50,
+            ..Usage::default()
         };
         // 600*0.15 + 400*0.075 + 150*0.6 + 50*0.6 = 90 + 30 + 90 + 30 = 240 micro-USD
         assert_eq!(p.cost(&u), 240);
@@ -194,6 +214,23 @@ mod tests {
             1
         );
         assert_eq!(p.cost(&Usage::default()), 0);
+    }
+
+    #[test]
+    fn anthropic_cache_classes_are_priced_apart() {
+        let t = PriceTable::new(&[]);
+        let p = t.lookup("anthropic", "claude-sonnet-4-5-20250929").unwrap();
+        // 10 plain input, 2000 cache reads, 100 + 200 cache writes, 7 output.
+        let u = Usage {
+            input: 2310,
+            cached_input: 2000,
+            cache_write_5m: 100,
+            cache_write_1h: 200,
+            output: 7,
+            reasoning: 0,
+        };
+        // 10*3 + 2000*0.3 + 100*3.75 + 200*6 + 7*15 = 30 + 600 + 375 + 1200 + 105 = 2310
+        assert_eq!(p.cost(&u), 2310);
     }
 
     #[test]
@@ -221,6 +258,8 @@ mod tests {
             cached_input: None,
             output: 80_000,
             reasoning: None,
+            cache_write_5m: None,
+            cache_write_1h: None,
         }]);
         let p = t.lookup("groq", "llama-3").unwrap();
         assert_eq!(
@@ -240,6 +279,8 @@ mod tests {
             cached_input: None,
             output: 9,
             reasoning: None,
+            cache_write_5m: None,
+            cache_write_1h: None,
         }]);
         assert_eq!(
             t.lookup("mock", "mock-expensive").unwrap().version,

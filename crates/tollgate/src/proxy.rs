@@ -6,11 +6,13 @@
 //! known and records exactly one usage record however the request ends: success, upstream
 //! failure, client disconnect (its `Drop`), or a stream cut short.
 
-use crate::error::{ApiError, ErrorKind};
+use crate::config::ProviderKind;
+use crate::error::{ApiError, Dialect, ErrorKind};
 use crate::estimate;
 use crate::keys::{KeyRecord, KeyStatus};
 use crate::metering::UsageRecord;
 use crate::metrics::{RequestLabels, UpstreamLabels};
+use crate::prices::PriceTable;
 use crate::server::AppState;
 use crate::upstream::{self, Deployment, Runtime};
 use axum::body::Body;
@@ -26,14 +28,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tollgate_proto::error::anthropic_error_event;
 use tollgate_proto::error::openai_error_event;
 use tollgate_proto::sse::EventKind;
-use tollgate_proto::{ChatStreamObserver, RequestDoc, SseSplitter, Usage};
+use tollgate_proto::{ChatStreamObserver, MessagesStreamObserver, RequestDoc, SseSplitter, Usage};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     ChatCompletions,
     Embeddings,
+    Messages,
+    CountTokens,
 }
 
 impl Endpoint {
@@ -41,12 +46,34 @@ impl Endpoint {
         match self {
             Endpoint::ChatCompletions => "chat.completions",
             Endpoint::Embeddings => "embeddings",
+            Endpoint::Messages => "messages",
+            Endpoint::CountTokens => "messages.count_tokens",
         }
+    }
+    pub fn dialect(self) -> Dialect {
+        match self {
+            Endpoint::ChatCompletions | Endpoint::Embeddings => Dialect::OpenAi,
+            Endpoint::Messages | Endpoint::CountTokens => Dialect::Anthropic,
+        }
+    }
+    /// Whether a provider of this kind serves the endpoint natively. Translation between
+    /// dialects is a separate step (not yet built), so a mismatch is refused clearly.
+    fn served_by(self, kind: ProviderKind) -> bool {
+        match kind {
+            ProviderKind::Mock => true,
+            ProviderKind::Openai => self.dialect() == Dialect::OpenAi,
+            ProviderKind::Anthropic => self.dialect() == Dialect::Anthropic,
+        }
+    }
+    fn streams(self) -> bool {
+        matches!(self, Endpoint::ChatCompletions | Endpoint::Messages)
     }
     fn upstream_path(self) -> &'static str {
         match self {
             Endpoint::ChatCompletions => "/chat/completions",
             Endpoint::Embeddings => "/embeddings",
+            Endpoint::Messages => "/messages",
+            Endpoint::CountTokens => "/messages/count_tokens",
         }
     }
 }
@@ -57,6 +84,14 @@ pub async fn chat_completions(State(app): State<Arc<AppState>>, req: Request) ->
 
 pub async fn embeddings(State(app): State<Arc<AppState>>, req: Request) -> Response {
     handle(app, Endpoint::Embeddings, req).await
+}
+
+pub async fn messages(State(app): State<Arc<AppState>>, req: Request) -> Response {
+    handle(app, Endpoint::Messages, req).await
+}
+
+pub async fn count_tokens(State(app): State<Arc<AppState>>, req: Request) -> Response {
+    handle(app, Endpoint::CountTokens, req).await
 }
 
 async fn handle(app: Arc<AppState>, endpoint: Endpoint, req: Request) -> Response {
@@ -75,7 +110,7 @@ async fn handle(app: Arc<AppState>, endpoint: Endpoint, req: Request) -> Respons
         Ok(resp) => resp,
         Err(e) => {
             settle.finish_error(&e);
-            e.into_response()
+            e.into_dialect_response(endpoint.dialect())
         }
     };
     finish_response(&app, endpoint, &request_id, started, response)
@@ -104,12 +139,12 @@ async fn run(
                 .param("model")
         })?;
     settle.rec_mut().model_requested = Some(model.clone());
-    let stream = endpoint == Endpoint::ChatCompletions
+    let stream = endpoint.streams()
         && doc
             .stream()
             .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()).param("stream"))?;
     settle.rec_mut().stream = stream;
-    if endpoint == Endpoint::ChatCompletions {
+    if endpoint.streams() {
         doc.max_output_tokens()
             .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()).param("max_tokens"))?;
     }
@@ -127,13 +162,28 @@ async fn run(
 
     // route
     let runtime = app.runtime.load_full();
-    let deployments = runtime.resolve(&model).ok_or_else(|| {
+    let mut deployments = runtime.resolve(&model).ok_or_else(|| {
         ApiError::new(
             ErrorKind::ModelNotFound,
             format!("the model '{model}' does not exist or is not served here"),
         )
         .param("model")
     })?;
+    deployments.retain(|d| endpoint.served_by(d.provider.kind));
+    if deployments.is_empty() {
+        if endpoint == Endpoint::CountTokens {
+            return Ok(settle.finish_local_count());
+        }
+        return Err(ApiError::new(
+            ErrorKind::DialectMismatch,
+            format!(
+                "the model '{model}' is served by providers that do not speak this API ({}); \
+                 translation between dialects is not available yet",
+                endpoint.upstream_path()
+            ),
+        )
+        .param("model"));
+    }
     let candidates = upstream::order_candidates(&deployments, now_ms()).map_err(|until| {
         let secs = ((until - now_ms()).max(0) as u64).div_ceil(1000).max(1);
         ApiError::new(
@@ -145,7 +195,8 @@ async fn run(
 
     // forward
     let client_wants_usage = doc.client_wants_stream_usage();
-    if stream {
+    let extra_headers = anthropic_headers(endpoint, headers);
+    if stream && endpoint == Endpoint::ChatCompletions {
         doc.force_stream_usage()
             .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?;
     }
@@ -164,7 +215,7 @@ async fn run(
             .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
         let upstream_body = Bytes::from(doc.to_vec());
         settle.upstream_started = true;
-        let outcome = forward_once(&dep, endpoint, upstream_body, stream).await;
+        let outcome = forward_once(&dep, endpoint, &extra_headers, upstream_body, stream).await;
         let label = match &outcome {
             Ok(_) => "ok",
             Err(f) => f.error.kind.as_str(),
@@ -183,17 +234,26 @@ async fn run(
                 body: up_body,
             }) => {
                 dep.health.success();
-                return Ok(settle.finish_json(&runtime, &dep, status, &up_headers, up_body));
+                return Ok(settle.finish_json(
+                    &runtime,
+                    &dep,
+                    endpoint,
+                    status,
+                    &up_headers,
+                    up_body,
+                ));
             }
             Ok(Upstream::Stream { first, rest }) => {
                 dep.health.success();
+                let filter_usage = endpoint == Endpoint::ChatCompletions && !client_wants_usage;
                 return Ok(stream_response(
                     app,
                     settle,
                     &dep,
+                    endpoint,
                     first,
                     rest,
-                    !client_wants_usage,
+                    filter_usage,
                 ));
             }
             Err(failure) => {
@@ -343,6 +403,23 @@ fn collect_tags(
     Ok(tags)
 }
 
+/// `anthropic-version` (the client's, or the current one) and `anthropic-beta` for the
+/// Anthropic dialect; nothing for OpenAI's.
+fn anthropic_headers(endpoint: Endpoint, client: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    if endpoint.dialect() == Dialect::Anthropic {
+        let version = client
+            .get("anthropic-version")
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("2023-06-01"));
+        out.insert("anthropic-version", version);
+        for beta in client.get_all("anthropic-beta") {
+            out.append("anthropic-beta", beta.clone());
+        }
+    }
+    out
+}
+
 // ---------------------------------------------------------------------------------------
 // forward
 
@@ -379,6 +456,7 @@ impl Failure {
 async fn forward_once(
     dep: &Deployment,
     endpoint: Endpoint,
+    extra_headers: &HeaderMap,
     body: Bytes,
     stream: bool,
 ) -> Result<Upstream, Failure> {
@@ -389,6 +467,7 @@ async fn forward_once(
         .client
         .post(url)
         .headers(p.headers.clone())
+        .headers(extra_headers.clone())
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(body)
         .send();
@@ -473,8 +552,18 @@ fn classify_status(
     retry_after: Option<Duration>,
     body: Bytes,
 ) -> Failure {
-    let is_openai_error = serde_json::from_slice::<serde_json::Value>(&body)
-        .is_ok_and(|v| v.get("error").is_some_and(|e| e.is_object()));
+    // Which dialect the provider's error body speaks, so it can be passed through verbatim
+    // to clients of that dialect.
+    let body_dialect = match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(v)
+            if v.get("type").and_then(|t| t.as_str()) == Some("error")
+                && v.get("error").is_some_and(|e| e.is_object()) =>
+        {
+            Some(Dialect::Anthropic)
+        }
+        Ok(v) if v.get("error").is_some_and(|e| e.is_object()) => Some(Dialect::OpenAi),
+        _ => None,
+    };
     if status == StatusCode::TOO_MANY_REQUESTS {
         let mut error = ApiError::new(
             ErrorKind::UpstreamRateLimited,
@@ -510,8 +599,9 @@ fn classify_status(
         format!("provider '{provider}' refused the request ({status})"),
     );
     error.status = Some(status);
-    if is_openai_error {
+    if body_dialect.is_some() {
         error.upstream_body = Some(body);
+        error.upstream_dialect = body_dialect;
     }
     Failure {
         error,
@@ -562,23 +652,8 @@ impl Settlement {
             team: key.team.clone(),
             project: key.project.clone(),
             tags: key.tags.clone(),
-            model_requested: None,
-            provider: None,
-            model_served: None,
-            attempts: 0,
-            status: 0,
-            error_kind: None,
-            input_tokens: 0,
-            cached_input_tokens: 0,
-            output_tokens: 0,
-            reasoning_tokens: 0,
             usage_source: "none".into(),
-            cost_micros: 0,
-            price_version: None,
-            latency_ms: 0,
-            ttft_ms: None,
-            stream: false,
-            client_disconnected: false,
+            ..UsageRecord::default()
         };
         Settlement {
             app,
@@ -620,6 +695,7 @@ impl Settlement {
         &mut self,
         runtime: &Runtime,
         dep: &Deployment,
+        endpoint: Endpoint,
         status: StatusCode,
         up_headers: &reqwest::header::HeaderMap,
         body: Bytes,
@@ -627,9 +703,15 @@ impl Settlement {
         let Some(mut rec) = self.take() else {
             return StatusCode::INTERNAL_SERVER_ERROR.into_response();
         };
-        let (usage, source) = match Usage::from_openai_response(&body) {
-            Some(u) => (u, "provider"),
-            None => (
+        let reported = match endpoint.dialect() {
+            Dialect::OpenAi => Usage::from_openai_response(&body),
+            Dialect::Anthropic => Usage::from_anthropic_response(&body),
+        };
+        let (usage, source) = match (endpoint, reported) {
+            // Counting tokens is free at the provider: nothing to bill.
+            (Endpoint::CountTokens, _) => (Usage::default(), "none"),
+            (_, Some(u)) => (u, "provider"),
+            (_, None) => (
                 Usage {
                     input: estimate::request_tokens(&self.body),
                     output: estimate_output_json(&body),
@@ -638,7 +720,14 @@ impl Settlement {
                 "estimated",
             ),
         };
-        apply_usage(&mut rec, runtime, dep, usage, source);
+        apply_usage(
+            &mut rec,
+            &runtime.prices,
+            &dep.provider.name,
+            &dep.model,
+            usage,
+            source,
+        );
         rec.status = status.as_u16();
         rec.ttft_ms = Some(self.started.elapsed().as_millis() as u64);
         let cost = rec.cost_micros;
@@ -656,6 +745,21 @@ impl Settlement {
         h.insert("x-tollgate-cost", HeaderValue::from(cost));
         resp
     }
+
+    /// `count_tokens` for a model no provider can count: a local estimate, marked as such.
+    fn finish_local_count(&mut self) -> Response {
+        let n = estimate::request_tokens(&self.body);
+        if let Some(mut rec) = self.take() {
+            rec.status = 200;
+            self.commit(rec);
+        }
+        let mut resp = axum::Json(serde_json::json!({ "input_tokens": n })).into_response();
+        resp.headers_mut().insert(
+            "x-tollgate-usage-source",
+            HeaderValue::from_static("estimated"),
+        );
+        resp
+    }
 }
 
 impl Drop for Settlement {
@@ -664,40 +768,49 @@ impl Drop for Settlement {
         if let Some(mut rec) = self.take() {
             rec.client_disconnected = true;
             rec.status = 499;
-            rec.error_kind = Some("client_disconnected".into());
             if self.upstream_started {
                 // The provider may have started work; its input is the best bound we have.
-                rec.input_tokens = estimate::request_tokens(&self.body);
-                rec.usage_source = "estimated".into();
-                if let (Some(p), Some(m)) = (rec.provider.clone(), rec.model_served.clone()) {
-                    if let Some(price) = self.app.runtime.load().prices.lookup(&p, &m) {
-                        rec.cost_micros = price.cost(&Usage {
-                            input: rec.input_tokens,
-                            ..Usage::default()
-                        });
-                        rec.price_version = Some(price.version.clone());
-                    }
-                }
+                let usage = Usage {
+                    input: estimate::request_tokens(&self.body),
+                    ..Usage::default()
+                };
+                let (p, m) = (
+                    rec.provider.clone().unwrap_or_default(),
+                    rec.model_served.clone().unwrap_or_default(),
+                );
+                apply_usage(
+                    &mut rec,
+                    &self.app.runtime.load().prices,
+                    &p,
+                    &m,
+                    usage,
+                    "estimated",
+                );
             }
+            rec.error_kind = Some("client_disconnected".into());
             self.app.metrics.client_disconnects.inc();
             self.commit(rec);
         }
     }
 }
 
+/// Tokens, source and cost into the record, under the price of what was actually served.
 fn apply_usage(
     rec: &mut UsageRecord,
-    runtime: &Runtime,
-    dep: &Deployment,
+    prices: &PriceTable,
+    provider: &str,
+    model: &str,
     usage: Usage,
     source: &str,
 ) {
     rec.input_tokens = usage.input;
     rec.cached_input_tokens = usage.cached_input;
+    rec.cache_write_5m_tokens = usage.cache_write_5m;
+    rec.cache_write_1h_tokens = usage.cache_write_1h;
     rec.output_tokens = usage.output;
     rec.reasoning_tokens = usage.reasoning;
     rec.usage_source = source.to_string();
-    match runtime.prices.lookup(&dep.provider.name, &dep.model) {
+    match prices.lookup(provider, model) {
         Some(price) => {
             rec.cost_micros = price.cost(&usage);
             rec.price_version = Some(price.version.clone());
@@ -709,36 +822,44 @@ fn apply_usage(
     }
 }
 
+/// Output tokens of a JSON answer that came without usage, in either dialect.
 fn estimate_output_json(body: &[u8]) -> u64 {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
         return 0;
     };
     let mut text = String::new();
+    let mut push = |s: Option<&str>| {
+        if let Some(s) = s {
+            text.push_str(s);
+        }
+    };
     for choice in v
         .get("choices")
         .and_then(|c| c.as_array())
         .into_iter()
         .flatten()
     {
-        if let Some(m) = choice.get("message") {
-            if let Some(c) = m.get("content").and_then(|c| c.as_str()) {
-                text.push_str(c);
-            }
-            for call in m
-                .get("tool_calls")
-                .and_then(|c| c.as_array())
-                .into_iter()
-                .flatten()
-            {
-                for f in ["name", "arguments"] {
-                    if let Some(s) = call
-                        .pointer(&format!("/function/{f}"))
-                        .and_then(|s| s.as_str())
-                    {
-                        text.push_str(s);
-                    }
-                }
-            }
+        push(choice.pointer("/message/content").and_then(|c| c.as_str()));
+        for call in choice
+            .pointer("/message/tool_calls")
+            .and_then(|c| c.as_array())
+            .into_iter()
+            .flatten()
+        {
+            push(call.pointer("/function/name").and_then(|s| s.as_str()));
+            push(call.pointer("/function/arguments").and_then(|s| s.as_str()));
+        }
+    }
+    for block in v
+        .get("content")
+        .and_then(|c| c.as_array())
+        .into_iter()
+        .flatten()
+    {
+        push(block.get("text").and_then(|s| s.as_str()));
+        push(block.get("thinking").and_then(|s| s.as_str()));
+        if let Some(input) = block.get("input") {
+            push(Some(&input.to_string()));
         }
     }
     estimate::tokens(&text)
@@ -747,28 +868,78 @@ fn estimate_output_json(body: &[u8]) -> u64 {
 // ---------------------------------------------------------------------------------------
 // streams
 
+/// The observer for the stream's dialect.
+enum Observer {
+    Chat(ChatStreamObserver),
+    Messages(MessagesStreamObserver),
+}
+
+impl Observer {
+    fn observe(&mut self, ev: &tollgate_proto::SseEvent) -> EventKind {
+        match self {
+            Observer::Chat(o) => o.observe(ev),
+            Observer::Messages(o) => o.observe(ev),
+        }
+    }
+    fn usage(&self) -> Option<Usage> {
+        match self {
+            Observer::Chat(o) => o.usage,
+            Observer::Messages(o) => o.usage(),
+        }
+    }
+    /// The stream reached its proper end, or the provider reported an error in-band.
+    fn ended_properly(&self) -> bool {
+        match self {
+            Observer::Chat(o) => o.done || o.saw_error,
+            Observer::Messages(o) => o.done || o.saw_error,
+        }
+    }
+    fn output_text(&self) -> &str {
+        match self {
+            Observer::Chat(o) => &o.output_text,
+            Observer::Messages(o) => &o.output_text,
+        }
+    }
+    /// Exact input-side counts the provider gave before the stream ended early, if any.
+    fn input_usage(&self) -> Option<Usage> {
+        match self {
+            Observer::Chat(_) => None,
+            Observer::Messages(o) => o.input_usage(),
+        }
+    }
+}
+
 fn stream_response(
     app: &Arc<AppState>,
     settle: &mut Settlement,
     dep: &Deployment,
+    endpoint: Endpoint,
     first: Bytes,
     rest: reqwest::Response,
     filter_usage: bool,
 ) -> Response {
-    let rec = settle.take();
-    let runtime = app.runtime.load_full();
+    let mut rec = settle.take();
+    if let Some(r) = rec.as_mut() {
+        r.status = 200;
+        r.ttft_ms = Some(settle.started.elapsed().as_millis() as u64);
+    }
+    let observer = match endpoint.dialect() {
+        Dialect::OpenAi => Observer::Chat(ChatStreamObserver::new()),
+        Dialect::Anthropic => Observer::Messages(MessagesStreamObserver::new()),
+    };
     let mut s = GatewayStream {
         app: app.clone(),
         upstream: Box::pin(rest.bytes_stream()),
         splitter: SseSplitter::new(),
-        observer: ChatStreamObserver::new(),
+        observer,
+        dialect: endpoint.dialect(),
         out: VecDeque::new(),
         filter_usage,
         idle: dep.provider.idle_timeout,
         idle_timer: Box::pin(tokio::time::sleep(dep.provider.idle_timeout)),
         deadline: Box::pin(tokio::time::sleep(dep.provider.total_timeout)),
         rec,
-        runtime,
+        runtime: app.runtime.load_full(),
         provider: dep.provider.name.clone(),
         model: dep.model.clone(),
         body: settle.body.clone(),
@@ -776,10 +947,6 @@ fn stream_response(
         finished: false,
         events: Vec::new(),
     };
-    if let Some(r) = s.rec.as_mut() {
-        r.status = 200;
-        r.ttft_ms = Some(settle.started.elapsed().as_millis() as u64);
-    }
     s.ingest(&first);
     let mut resp = Response::new(Body::from_stream(s));
     let h = resp.headers_mut();
@@ -802,7 +969,8 @@ struct GatewayStream {
     app: Arc<AppState>,
     upstream: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
     splitter: SseSplitter,
-    observer: ChatStreamObserver,
+    observer: Observer,
+    dialect: Dialect,
     out: VecDeque<Bytes>,
     filter_usage: bool,
     idle: Duration,
@@ -835,11 +1003,13 @@ impl GatewayStream {
         self.finished = true;
         if let Some((kind, message)) = &error {
             self.app.metrics.streams_cut.inc();
-            self.out.push_back(Bytes::from(openai_error_event(
-                message,
-                "upstream_error",
-                Some(kind),
-            )));
+            let event = match self.dialect {
+                Dialect::OpenAi => openai_error_event(message, "upstream_error", Some(kind)),
+                Dialect::Anthropic => {
+                    anthropic_error_event("api_error", &format!("{kind}: {message}"))
+                }
+            };
+            self.out.push_back(Bytes::from(event));
         }
         self.settle(error.map(|(k, _)| k.to_string()), false);
     }
@@ -848,29 +1018,30 @@ impl GatewayStream {
         let Some(mut rec) = self.rec.take() else {
             return;
         };
-        let (usage, source) = match self.observer.usage {
+        let (usage, source) = match self.observer.usage() {
             Some(u) => (u, "provider"),
-            None => (
-                Usage {
+            None => {
+                let input = self.observer.input_usage().unwrap_or_else(|| Usage {
                     input: estimate::request_tokens(&self.body),
-                    output: estimate::tokens(&self.observer.output_text),
                     ..Usage::default()
-                },
-                "estimated",
-            ),
-        };
-        rec.input_tokens = usage.input;
-        rec.cached_input_tokens = usage.cached_input;
-        rec.output_tokens = usage.output;
-        rec.reasoning_tokens = usage.reasoning;
-        rec.usage_source = source.into();
-        match self.runtime.prices.lookup(&self.provider, &self.model) {
-            Some(price) => {
-                rec.cost_micros = price.cost(&usage);
-                rec.price_version = Some(price.version.clone());
+                });
+                (
+                    Usage {
+                        output: estimate::tokens(self.observer.output_text()),
+                        ..input
+                    },
+                    "estimated",
+                )
             }
-            None => rec.price_version = Some("unpriced".into()),
-        }
+        };
+        apply_usage(
+            &mut rec,
+            &self.runtime.prices,
+            &self.provider,
+            &self.model,
+            usage,
+            source,
+        );
         rec.error_kind = error_kind;
         rec.client_disconnected = disconnected;
         rec.latency_ms = self.started.elapsed().as_millis() as u64;
@@ -904,7 +1075,7 @@ impl Stream for GatewayStream {
                     this.end(Some(("upstream_stream_error", msg)));
                 }
                 Poll::Ready(None) => {
-                    if this.observer.done || this.observer.saw_error {
+                    if this.observer.ended_properly() {
                         this.end(None);
                     } else {
                         this.end(Some((
@@ -959,7 +1130,7 @@ fn respond_unmetered(
             status,
         })
         .inc();
-    let mut resp = e.into_response();
+    let mut resp = e.into_dialect_response(endpoint.dialect());
     if let Ok(v) = HeaderValue::from_str(request_id) {
         resp.headers_mut().insert("x-request-id", v);
     }

@@ -1,6 +1,6 @@
 //! The gateway process: state, router, background tasks, reload and graceful shutdown.
 
-use crate::config::{Config, ProviderKind, ServerConfig};
+use crate::config::{Config, ProviderKeys, ProviderKind, ServerConfig};
 use crate::error::{ApiError, ErrorKind};
 use crate::keys::{KeyCache, ServerSecret};
 use crate::metering::Meter;
@@ -30,7 +30,7 @@ pub struct AppState {
     /// Settings that need a restart to change.
     pub server: ServerConfig,
     pub config_path: Option<PathBuf>,
-    openai_key_present: bool,
+    provider_keys: ProviderKeys,
     mock_url: Option<String>,
     health: Arc<HealthRegistry>,
     pub shutting_down: AtomicBool,
@@ -47,7 +47,8 @@ pub struct ServeOptions {
     pub admin_key: Option<String>,
     /// `TOLLGATE_SECRET`: overrides `<data_dir>/secret`.
     pub secret: Option<String>,
-    pub openai_key_present: bool,
+    /// Which of OPENAI_API_KEY / ANTHROPIC_API_KEY are set (implicit providers).
+    pub provider_keys: ProviderKeys,
 }
 
 pub struct Gateway {
@@ -66,7 +67,7 @@ pub fn init_tls() {
 impl Gateway {
     pub async fn start(opts: ServeOptions) -> anyhow::Result<Gateway> {
         init_tls();
-        let config = opts.config.with_implicit_providers(opts.openai_key_present);
+        let config = opts.config.with_implicit_providers(opts.provider_keys);
         let problems = config.validate();
         if !problems.is_empty() {
             anyhow::bail!("invalid configuration:\n  {}", problems.join("\n  "));
@@ -134,7 +135,7 @@ impl Gateway {
             metrics,
             server: config.server.clone(),
             config_path: opts.config_path,
-            openai_key_present: opts.openai_key_present,
+            provider_keys: opts.provider_keys,
             mock_url,
             health,
             shutting_down: AtomicBool::new(false),
@@ -193,6 +194,8 @@ pub fn router(app: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(proxy::chat_completions))
         .route("/v1/embeddings", post(proxy::embeddings))
+        .route("/v1/messages", post(proxy::messages))
+        .route("/v1/messages/count_tokens", post(proxy::count_tokens))
         .route("/v1/models", get(proxy::list_models))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -248,7 +251,7 @@ pub fn reload(app: &AppState) -> Result<(), Vec<String>> {
             .ok_or_else(|| vec!["no --config file to reload from".to_string()])?;
         let cfg = Config::from_file(path)
             .map_err(|e| vec![e])?
-            .with_implicit_providers(app.openai_key_present);
+            .with_implicit_providers(app.provider_keys);
         let problems = cfg.validate();
         if !problems.is_empty() {
             return Err(problems);

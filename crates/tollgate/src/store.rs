@@ -76,6 +76,9 @@ const MIGRATIONS: &[&str] = &[
         client_disconnected INTEGER NOT NULL
      ) WITHOUT ROWID;
      CREATE INDEX usage_ts ON usage(ts_ms);",
+    // 2: Anthropic prompt-cache writes
+    "ALTER TABLE usage ADD COLUMN cache_write_5m_tokens INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE usage ADD COLUMN cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Opens a connection with the settings every tollgate connection needs.
@@ -104,6 +107,8 @@ pub struct ReportRow {
     pub cached_input_tokens: u64,
     pub output_tokens: u64,
     pub reasoning_tokens: u64,
+    #[serde(default)]
+    pub cache_write_tokens: u64,
     pub cost_micros: u64,
 }
 
@@ -353,7 +358,8 @@ impl Store {
             "SELECT {group} AS g, COUNT(*),
                     SUM(CASE WHEN status >= 400 OR error_kind IS NOT NULL THEN 1 ELSE 0 END),
                     SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens),
-                    SUM(reasoning_tokens), SUM(cost_micros)
+                    SUM(reasoning_tokens), SUM(cost_micros),
+                    SUM(cache_write_5m_tokens + cache_write_1h_tokens)
              FROM usage WHERE ts_ms >= ?1 GROUP BY g ORDER BY SUM(cost_micros) DESC, g"
         );
         let mut stmt = conn.prepare(&sql)?;
@@ -367,6 +373,7 @@ impl Store {
                 output_tokens: r.get::<_, i64>(5)? as u64,
                 reasoning_tokens: r.get::<_, i64>(6)? as u64,
                 cost_micros: r.get::<_, i64>(7)? as u64,
+                cache_write_tokens: r.get::<_, i64>(8)? as u64,
             })
         };
         let rows = match by {
@@ -448,7 +455,7 @@ const USAGE_COLUMNS: &str =
     "id, ts_ms, endpoint, key_id, agent, team, project, tags, model_requested, provider,
     model_served, attempts, status, error_kind, input_tokens, cached_input_tokens, output_tokens,
     reasoning_tokens, usage_source, cost_micros, price_version, latency_ms, ttft_ms, stream,
-    client_disconnected";
+    client_disconnected, cache_write_5m_tokens, cache_write_1h_tokens";
 
 fn usage_from_row(r: &rusqlite::Row) -> rusqlite::Result<UsageRecord> {
     let tags: String = r.get(7)?;
@@ -478,6 +485,8 @@ fn usage_from_row(r: &rusqlite::Row) -> rusqlite::Result<UsageRecord> {
         ttft_ms: r.get::<_, Option<i64>>(22)?.map(|v| v as u64),
         stream: r.get(23)?,
         client_disconnected: r.get(24)?,
+        cache_write_5m_tokens: r.get::<_, i64>(25)? as u64,
+        cache_write_1h_tokens: r.get::<_, i64>(26)? as u64,
     })
 }
 
@@ -489,7 +498,7 @@ pub fn insert_usage_batch(conn: &mut Connection, batch: &[UsageRecord]) -> Resul
         let mut stmt = tx.prepare_cached(&format!(
             "INSERT OR IGNORE INTO usage ({USAGE_COLUMNS}) VALUES
              (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
-              ?20, ?21, ?22, ?23, ?24, ?25)"
+              ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)"
         ))?;
         for u in batch {
             stmt.execute(params![
@@ -517,7 +526,9 @@ pub fn insert_usage_batch(conn: &mut Connection, batch: &[UsageRecord]) -> Resul
                 u.latency_ms as i64,
                 u.ttft_ms.map(|v| v as i64),
                 u.stream,
-                u.client_disconnected
+                u.client_disconnected,
+                u.cache_write_5m_tokens as i64,
+                u.cache_write_1h_tokens as i64
             ])?;
         }
     }

@@ -197,7 +197,9 @@ impl Runtime {
                     .iter()
                     .map(|s| s.to_string())
                     .collect(),
-                ProviderKind::Openai => self.prices.models().map(str::to_string).collect(),
+                ProviderKind::Openai | ProviderKind::Anthropic => {
+                    self.prices.models().map(str::to_string).collect()
+                }
             };
             for c in candidates {
                 if p.models.iter().any(|pat| pattern_matches(pat, &c))
@@ -269,7 +271,7 @@ fn build_provider(p: &ProviderConfig, mock_url: Option<&str>) -> Result<Provider
         ProviderKind::Mock => mock_url
             .ok_or_else(|| err("the mock provider is not running".into()))?
             .to_string(),
-        ProviderKind::Openai => p
+        ProviderKind::Openai | ProviderKind::Anthropic => p
             .base_url
             .clone()
             .ok_or_else(|| err("base_url is required".into()))?,
@@ -278,10 +280,15 @@ fn build_provider(p: &ProviderConfig, mock_url: Option<&str>) -> Result<Provider
     if let Some(var) = &p.api_key_env {
         match std::env::var(var) {
             Ok(key) if !key.is_empty() => {
-                let mut v = HeaderValue::from_str(&format!("Bearer {key}"))
+                // Anthropic authenticates with `x-api-key`; everyone else with a bearer token.
+                let (name, value) = match p.kind {
+                    ProviderKind::Anthropic => (HeaderName::from_static("x-api-key"), key),
+                    _ => (http::header::AUTHORIZATION, format!("Bearer {key}")),
+                };
+                let mut v = HeaderValue::from_str(&value)
                     .map_err(|_| err(format!("the value of {var} is not a valid header value")))?;
                 v.set_sensitive(true);
-                headers.insert(http::header::AUTHORIZATION, v);
+                headers.insert(name, v);
             }
             _ => {
                 tracing::warn!(provider = %p.name, env = %var, "API key variable is not set; requests go unauthenticated")

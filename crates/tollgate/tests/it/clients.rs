@@ -24,18 +24,12 @@ fn have(module: &str) -> bool {
     ok
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn openai_python_sdk_works_unchanged() {
-    if !have("openai") {
-        return;
-    }
+/// Runs one client script against a fresh gateway, then checks that every call it made that
+/// reached a provider left exactly one usage record.
+async fn run_client(script: &'static str, url_suffix: &str) {
     let gw = TestGateway::start("").await;
     let key = gw.key().await;
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/clients/openai_client.py"
-    );
-    let url = format!("{}/v1", gw.url);
+    let url = format!("{}{url_suffix}", gw.url);
     let out = tokio::task::spawn_blocking(move || {
         Command::new(python())
             .args([script, &url, &key])
@@ -51,12 +45,39 @@ async fn openai_python_sdk_works_unchanged() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("ALL OK"), "{stdout}");
-    // Every SDK call that reached a provider left exactly one record.
-    let recs = gw.records().await;
+    let recs = gw.wait_records(1).await;
     let calls: usize = stdout
         .lines()
         .filter_map(|l| l.strip_prefix("CALLS "))
         .map(|n| n.trim().parse::<usize>().unwrap())
         .sum();
     assert_eq!(recs.len(), calls, "{recs:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_python_sdk_works_unchanged() {
+    if have("openai") {
+        run_client(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../tests/clients/openai_client.py"
+            ),
+            "/v1",
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_python_sdk_works_unchanged() {
+    if have("anthropic") {
+        run_client(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../tests/clients/anthropic_client.py"
+            ),
+            "",
+        )
+        .await;
+    }
 }

@@ -68,7 +68,7 @@ impl TestGateway {
             listener: Some(listener),
             admin_key: Some(ADMIN_KEY.into()),
             secret: None,
-            openai_key_present: false,
+            provider_keys: Default::default(),
         })
         .await
         .unwrap();

@@ -25,6 +25,7 @@ async fn json_request_gets_one_record_with_the_providers_numbers() {
         reasoning: u["completion_tokens_details"]["reasoning_tokens"]
             .as_u64()
             .unwrap(),
+        ..Usage::default()
     };
     assert!(
         expected.cached_input > 0 && expected.reasoning > 0,
