@@ -62,7 +62,7 @@ assert n.input_tokens > 0
 
 # Errors arrive as the SDK's own exception types
 try:
-    client.messages.create(model="claude-does-not-exist", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    client.messages.create(model="no-such-model", max_tokens=5, messages=[{"role": "user", "content": "x"}])
     raise AssertionError("expected NotFoundError")
 except anthropic.NotFoundError as err:
     assert err.body["type"] == "error" and err.body["error"]["type"] == "not_found_error", err.body

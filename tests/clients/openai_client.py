@@ -43,6 +43,21 @@ for chunk in stream:
 calls += 1
 assert usage is not None and usage.completion_tokens == 200, usage
 
+# Streaming through an Anthropic deployment (translated): a valid chunk sequence, usage at the end
+usage = None
+text = ""
+for chunk in client.chat.completions.create(
+        model="claude-via-translation", stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "Through Claude"}]):
+    assert chunk.object == "chat.completion.chunk", chunk
+    if chunk.choices and chunk.choices[0].delta.content:
+        text += chunk.choices[0].delta.content
+    if chunk.usage is not None:
+        usage = chunk.usage
+calls += 1
+assert len(text.split()) == 16, text
+assert usage is not None and usage.completion_tokens == 16 and usage.prompt_tokens > 0, usage
+
 # Tool calls, JSON and streaming
 tools = [{
     "type": "function",

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod peek;
 pub mod sse;
+pub mod translate;
 pub mod usage;
 
 pub use peek::{PeekError, RequestDoc};

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use tollgate_proto::error::anthropic_error_event;
 use tollgate_proto::error::openai_error_event;
 use tollgate_proto::sse::EventKind;
+use tollgate_proto::translate;
 use tollgate_proto::{ChatStreamObserver, MessagesStreamObserver, RequestDoc, SseSplitter, Usage};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +63,17 @@ impl Endpoint {
         match kind {
             ProviderKind::Mock => true,
             ProviderKind::Openai => self.dialect() == Dialect::OpenAi,
-            ProviderKind::Anthropic => self.dialect() == Dialect::Anthropic,
+            // Chat Completions reaches Anthropic through translation.
+            ProviderKind::Anthropic => {
+                self.dialect() == Dialect::Anthropic || self == Endpoint::ChatCompletions
+            }
+        }
+    }
+    /// The endpoint to call on a provider of this kind.
+    fn for_provider(self, kind: ProviderKind) -> Endpoint {
+        match (self, kind) {
+            (Endpoint::ChatCompletions, ProviderKind::Anthropic) => Endpoint::Messages,
+            _ => self,
         }
     }
     fn streams(self) -> bool {
@@ -195,7 +206,6 @@ async fn run(
 
     // forward
     let client_wants_usage = doc.client_wants_stream_usage();
-    let extra_headers = anthropic_headers(endpoint, headers);
     if stream && endpoint == Endpoint::ChatCompletions {
         doc.force_stream_usage()
             .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?;
@@ -213,9 +223,20 @@ async fn run(
         }
         doc.set_str("model", &dep.model)
             .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
-        let upstream_body = Bytes::from(doc.to_vec());
+        // The endpoint the provider is called on: the client's, or its counterpart in the
+        // provider's dialect when the request must be translated.
+        let up_endpoint = endpoint.for_provider(dep.provider.kind);
+        let translated = up_endpoint != endpoint;
+        let upstream_body = if translated {
+            let body = translate::chat_request_to_messages(&doc.to_vec(), &dep.model)
+                .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?;
+            Bytes::from(body)
+        } else {
+            Bytes::from(doc.to_vec())
+        };
+        let extra_headers = anthropic_headers(up_endpoint, headers);
         settle.upstream_started = true;
-        let outcome = forward_once(&dep, endpoint, &extra_headers, upstream_body, stream).await;
+        let outcome = forward_once(&dep, up_endpoint, &extra_headers, upstream_body, stream).await;
         let label = match &outcome {
             Ok(_) => "ok",
             Err(f) => f.error.kind.as_str(),
@@ -228,33 +249,40 @@ async fn run(
             })
             .inc();
         match outcome {
-            Ok(Upstream::Json {
-                status,
-                headers: up_headers,
-                body: up_body,
-            }) => {
+            Ok(Upstream::Json(answer)) => {
                 dep.health.success();
-                return Ok(settle.finish_json(
-                    &runtime,
-                    &dep,
-                    endpoint,
-                    status,
-                    &up_headers,
-                    up_body,
-                ));
+                let client_body = if translated {
+                    match translate::messages_response_to_chat(
+                        &answer.body,
+                        (now_ms() / 1000) as u64,
+                    ) {
+                        Ok(b) => Some(Bytes::from(b)),
+                        Err(e) => {
+                            return Err(ApiError::new(
+                                ErrorKind::UpstreamError,
+                                format!("could not translate the provider's answer: {e}"),
+                            ))
+                        }
+                    }
+                } else {
+                    None
+                };
+                return Ok(settle.finish_json(&runtime, &dep, up_endpoint, answer, client_body));
             }
             Ok(Upstream::Stream { first, rest }) => {
                 dep.health.success();
-                let filter_usage = endpoint == Endpoint::ChatCompletions && !client_wants_usage;
-                return Ok(stream_response(
-                    app,
-                    settle,
-                    &dep,
-                    endpoint,
-                    first,
-                    rest,
-                    filter_usage,
-                ));
+                let view = StreamView {
+                    client: endpoint.dialect(),
+                    upstream: up_endpoint.dialect(),
+                    filter_usage: endpoint == Endpoint::ChatCompletions && !client_wants_usage,
+                    translator: translated.then(|| {
+                        translate::MessagesToChatStream::new(
+                            (now_ms() / 1000) as u64,
+                            client_wants_usage,
+                        )
+                    }),
+                };
+                return Ok(stream_response(app, settle, &dep, view, first, rest));
             }
             Err(failure) => {
                 dep.health
@@ -423,12 +451,15 @@ fn anthropic_headers(endpoint: Endpoint, client: &HeaderMap) -> HeaderMap {
 // ---------------------------------------------------------------------------------------
 // forward
 
+/// A complete JSON answer from the provider.
+struct JsonAnswer {
+    status: StatusCode,
+    headers: reqwest::header::HeaderMap,
+    body: Bytes,
+}
+
 enum Upstream {
-    Json {
-        status: StatusCode,
-        headers: reqwest::header::HeaderMap,
-        body: Bytes,
-    },
+    Json(JsonAnswer),
     Stream {
         first: Bytes,
         rest: reqwest::Response,
@@ -538,11 +569,11 @@ async fn forward_once(
                 error_chain(&e)
             ),
         )),
-        Ok(Ok(body)) => Ok(Upstream::Json {
+        Ok(Ok(body)) => Ok(Upstream::Json(JsonAnswer {
             status,
             headers,
             body,
-        }),
+        })),
     }
 }
 
@@ -691,15 +722,22 @@ impl Settlement {
         }
     }
 
+    /// Settles a JSON answer. `endpoint` is what the provider was called on (its dialect
+    /// decides how usage is read); `client_body`, when set, is the answer translated into the
+    /// client's dialect.
     fn finish_json(
         &mut self,
         runtime: &Runtime,
         dep: &Deployment,
         endpoint: Endpoint,
-        status: StatusCode,
-        up_headers: &reqwest::header::HeaderMap,
-        body: Bytes,
+        answer: JsonAnswer,
+        client_body: Option<Bytes>,
     ) -> Response {
+        let JsonAnswer {
+            status,
+            headers: up_headers,
+            body,
+        } = answer;
         let Some(mut rec) = self.take() else {
             return StatusCode::INTERNAL_SERVER_ERROR.into_response();
         };
@@ -732,16 +770,17 @@ impl Settlement {
         rec.ttft_ms = Some(self.started.elapsed().as_millis() as u64);
         let cost = rec.cost_micros;
         self.commit(rec);
-        let mut resp = Response::new(Body::from(body));
-        *resp.status_mut() = status;
-        let h = resp.headers_mut();
-        h.insert(
-            http::header::CONTENT_TYPE,
-            up_headers
+        let content_type = match client_body {
+            Some(_) => HeaderValue::from_static("application/json"),
+            None => up_headers
                 .get(http::header::CONTENT_TYPE)
                 .cloned()
                 .unwrap_or(HeaderValue::from_static("application/json")),
-        );
+        };
+        let mut resp = Response::new(Body::from(client_body.unwrap_or(body)));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(http::header::CONTENT_TYPE, content_type);
         h.insert("x-tollgate-cost", HeaderValue::from(cost));
         resp
     }
@@ -909,21 +948,32 @@ impl Observer {
     }
 }
 
+/// How a stream is read and what the client sees of it.
+struct StreamView {
+    /// The client's dialect: decides the shape of a final error event.
+    client: Dialect,
+    /// The provider's dialect: decides how usage is observed.
+    upstream: Dialect,
+    /// Drop the usage-only chunk tollgate asked for on the client's behalf.
+    filter_usage: bool,
+    /// Rewrites each upstream event into the client's dialect.
+    translator: Option<translate::MessagesToChatStream>,
+}
+
 fn stream_response(
     app: &Arc<AppState>,
     settle: &mut Settlement,
     dep: &Deployment,
-    endpoint: Endpoint,
+    view: StreamView,
     first: Bytes,
     rest: reqwest::Response,
-    filter_usage: bool,
 ) -> Response {
     let mut rec = settle.take();
     if let Some(r) = rec.as_mut() {
         r.status = 200;
         r.ttft_ms = Some(settle.started.elapsed().as_millis() as u64);
     }
-    let observer = match endpoint.dialect() {
+    let observer = match view.upstream {
         Dialect::OpenAi => Observer::Chat(ChatStreamObserver::new()),
         Dialect::Anthropic => Observer::Messages(MessagesStreamObserver::new()),
     };
@@ -932,9 +982,10 @@ fn stream_response(
         upstream: Box::pin(rest.bytes_stream()),
         splitter: SseSplitter::new(),
         observer,
-        dialect: endpoint.dialect(),
+        dialect: view.client,
+        translator: view.translator,
         out: VecDeque::new(),
-        filter_usage,
+        filter_usage: view.filter_usage,
         idle: dep.provider.idle_timeout,
         idle_timer: Box::pin(tokio::time::sleep(dep.provider.idle_timeout)),
         deadline: Box::pin(tokio::time::sleep(dep.provider.total_timeout)),
@@ -970,7 +1021,9 @@ struct GatewayStream {
     upstream: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
     splitter: SseSplitter,
     observer: Observer,
+    /// The client's dialect.
     dialect: Dialect,
+    translator: Option<translate::MessagesToChatStream>,
     out: VecDeque<Bytes>,
     filter_usage: bool,
     idle: Duration,
@@ -991,6 +1044,13 @@ impl GatewayStream {
         self.splitter.push(chunk, &mut self.events);
         for ev in self.events.drain(..) {
             let kind = self.observer.observe(&ev);
+            if let Some(t) = self.translator.as_mut() {
+                let translated = t.on_event(&ev);
+                if !translated.is_empty() {
+                    self.out.push_back(Bytes::from(translated));
+                }
+                continue;
+            }
             if kind == EventKind::UsageOnly && self.filter_usage {
                 continue;
             }

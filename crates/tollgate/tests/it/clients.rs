@@ -27,7 +27,26 @@ fn have(module: &str) -> bool {
 /// Runs one client script against a fresh gateway, then checks that every call it made that
 /// reached a provider left exactly one usage record.
 async fn run_client(script: &'static str, url_suffix: &str) {
-    let gw = TestGateway::start("").await;
+    // The built-in mock, plus an Anthropic-dialect deployment the OpenAI SDK reaches through
+    // translation.
+    let up = spawn_mock(None).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+        [[providers]]
+        name = "mock"
+        kind = "mock"
+        models = ["mock*"]
+        [[providers]]
+        name = "claude"
+        kind = "anthropic"
+        base_url = "{up}"
+        models = ["claude-*"]
+        [[models]]
+        name = "claude-via-translation"
+        deployments = [{{ provider = "claude", model = "mock" }}]
+        "#
+    ))
+    .await;
     let key = gw.key().await;
     let url = format!("{}{url_suffix}", gw.url);
     let out = tokio::task::spawn_blocking(move || {

@@ -12,3 +12,4 @@ mod metering;
 mod routing;
 mod shutdown;
 mod streaming;
+mod translation;

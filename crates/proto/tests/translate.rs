@@ -1,0 +1,108 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Golden tests: each fixture translated, one snapshot per direction (insta). Review a changed
+//! snapshot with `cargo insta review`, or `INSTA_UPDATE=always cargo test` and `git diff`.
+
+use serde_json::Value;
+use tollgate_proto::translate::{
+    chat_request_to_messages, messages_response_to_chat, MessagesToChatStream,
+};
+use tollgate_proto::SseSplitter;
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(format!(
+        "{}/tests/fixtures/translate/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+fn pretty(bytes: &[u8]) -> String {
+    serde_json::to_string_pretty(&serde_json::from_slice::<Value>(bytes).unwrap()).unwrap()
+}
+
+#[test]
+fn chat_request_to_messages_golden() {
+    for name in ["chat_basic", "chat_tools", "chat_images"] {
+        let out = chat_request_to_messages(&fixture(&format!("{name}.json")), "claude-sonnet-4-5")
+            .unwrap();
+        insta::assert_snapshot!(format!("{name}.to_messages"), pretty(&out));
+    }
+}
+
+#[test]
+fn messages_response_to_chat_golden() {
+    for name in ["messages_text", "messages_tool_use"] {
+        let out =
+            messages_response_to_chat(&fixture(&format!("{name}.json")), 1_700_000_000).unwrap();
+        insta::assert_snapshot!(format!("{name}.to_chat"), pretty(&out));
+    }
+}
+
+/// The stream translation does not depend on how the network chunks the upstream stream.
+#[test]
+fn messages_stream_to_chat_golden() {
+    for name in ["messages_stream_text", "messages_stream_tools"] {
+        let bytes = fixture(&format!("{name}.sse"));
+        let mut outputs = Vec::new();
+        for chunk_size in [bytes.len(), 7, 1] {
+            let mut splitter = SseSplitter::new();
+            let mut t = MessagesToChatStream::new(1_700_000_000, true);
+            let mut events = Vec::new();
+            let mut out = String::new();
+            for chunk in bytes.chunks(chunk_size) {
+                splitter.push(chunk, &mut events);
+                for ev in events.drain(..) {
+                    out.push_str(&t.on_event(&ev));
+                }
+            }
+            outputs.push(out);
+        }
+        assert!(outputs.windows(2).all(|w| w[0] == w[1]));
+        assert!(outputs[0].ends_with("data: [DONE]\n\n"));
+        insta::assert_snapshot!(format!("{name}.to_chat"), outputs[0]);
+    }
+}
+
+#[test]
+fn untranslatable_fields_are_named() {
+    let cases: &[(&str, &str)] = &[
+        (
+            r#"{"model":"m","n":2,"messages":[{"role":"user","content":"x"}]}"#,
+            "n",
+        ),
+        (
+            r#"{"model":"m","response_format":{"type":"json_object"},"messages":[{"role":"user","content":"x"}]}"#,
+            "response_format",
+        ),
+        (
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"input_audio","input_audio":{}}]}]}"#,
+            "messages[0].content[1].type",
+        ),
+        (
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"array"}}}]}"#,
+            "tools[0].function.parameters",
+        ),
+        (
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"custom","custom":{}}]}"#,
+            "tools[0].type",
+        ),
+        (
+            r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{oops"}}]}]}"#,
+            "messages[0].tool_calls[0].function.arguments",
+        ),
+        (
+            r#"{"model":"m","temperature":1.5,"messages":[{"role":"user","content":"x"}]}"#,
+            "temperature",
+        ),
+        (
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/tiff;base64,AAAA"}}]}]}"#,
+            "messages[0].content[0].image_url.url",
+        ),
+        (r#"{"model":"m","messages":[]}"#, "messages"),
+    ];
+    for (body, field) in cases {
+        let e = chat_request_to_messages(body.as_bytes(), "claude").unwrap_err();
+        assert_eq!(e.field, *field, "{body}");
+        assert!(e.to_string().contains(field));
+    }
+}

@@ -1,0 +1,210 @@
+//! A Chat Completions client served by an Anthropic deployment, and fallback across dialects.
+
+use crate::harness::*;
+use serde_json::{json, Value};
+
+async fn gateway(primary: (&str, &str), secondary: (&str, &str)) -> TestGateway {
+    let up = spawn_mock(None).await;
+    TestGateway::start(&format!(
+        r#"
+        [routing]
+        backoff_base = "5ms"
+        backoff_max = "10ms"
+        [[providers]]
+        name = "claude"
+        kind = "anthropic"
+        base_url = "{up}"
+        [[providers]]
+        name = "oai"
+        kind = "openai"
+        base_url = "{up}"
+        [[models]]
+        name = "via-claude"
+        deployments = [{{ provider = "claude", model = "mock-cached" }}]
+        [[models]]
+        name = "smart"
+        deployments = [
+          {{ provider = "{}", model = "{}", priority = 0 }},
+          {{ provider = "{}", model = "{}", priority = 1 }},
+        ]
+        "#,
+        primary.0, primary.1, secondary.0, secondary.1
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn chat_json_through_an_anthropic_deployment() {
+    let gw = gateway(("claude", "mock"), ("oai", "mock")).await;
+    let key = gw.key().await;
+    let resp = gw
+        .chat(
+            &key,
+            json!({"model": "via-claude", "max_tokens": 50, "messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let headers = resp.headers().clone();
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert!(v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .starts_with("The mock provider"));
+    let rec = gw.record_for(&headers).await;
+    assert_eq!(rec.provider.as_deref(), Some("claude"));
+    assert_eq!(rec.usage_source, "provider");
+    assert_eq!(
+        rec.input_tokens,
+        v["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(
+        rec.cached_input_tokens,
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    );
+    assert!(rec.cached_input_tokens > 0);
+    assert_eq!(rec.output_tokens, 16);
+
+    // Tools cross over and come back as tool_calls.
+    let tools = json!([{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object",
+        "properties": {"q": {"type": "string"}}, "required": ["q"]}}}]);
+    let v: Value = gw.chat(&key, json!({"model": "via-claude", "messages": user("find"), "tools": tools, "tool_choice": "required"})).await.json().await.unwrap();
+    let call = &v["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "lookup");
+    assert_eq!(
+        serde_json::from_str::<Value>(call["function"]["arguments"].as_str().unwrap()).unwrap(),
+        json!({"q": "mock"})
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+}
+
+#[tokio::test]
+async fn chat_stream_through_an_anthropic_deployment() {
+    let gw = gateway(("claude", "mock"), ("oai", "mock")).await;
+    let key = gw.key().await;
+    let resp = gw
+        .chat(
+            &key,
+            json!({"model": "via-claude", "stream": true, "stream_options": {"include_usage": true},
+        "messages": user("Stream through Claude")}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let headers = resp.headers().clone();
+    let data = sse_data(resp).await;
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text.split_whitespace().count(), 16);
+    let usage = &chunks.last().unwrap()["usage"];
+    gw.wait_records(1).await;
+    let rec = gw.record_for(&headers).await;
+    assert_eq!(rec.usage_source, "provider");
+    assert_eq!(
+        rec.output_tokens,
+        usage["completion_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(rec.input_tokens, usage["prompt_tokens"].as_u64().unwrap());
+
+    // Without include_usage, no usage chunk reaches the client.
+    let data = sse_data(
+        gw.chat(
+            &key,
+            json!({"model": "via-claude", "stream": true, "messages": user("x")}),
+        )
+        .await,
+    )
+    .await;
+    assert!(data[..data.len() - 1]
+        .iter()
+        .all(|d| serde_json::from_str::<Value>(d).unwrap()["usage"].is_null()));
+}
+
+#[tokio::test]
+async fn fallback_crosses_dialects_both_ways() {
+    for (primary, secondary, served_by) in [
+        (("claude", "mock-500"), ("oai", "mock"), "oai"),
+        (("oai", "mock-500"), ("claude", "mock"), "claude"),
+    ] {
+        let gw = gateway(primary, secondary).await;
+        let key = gw.key().await;
+        for stream in [false, true] {
+            let resp = gw
+                .chat(
+                    &key,
+                    json!({"model": "smart", "stream": stream, "messages": user("hi")}),
+                )
+                .await;
+            assert_eq!(resp.status(), 200);
+            let headers = resp.headers().clone();
+            let body = resp.text().await.unwrap();
+            if stream {
+                assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+            } else {
+                assert_eq!(
+                    serde_json::from_str::<Value>(&body).unwrap()["object"],
+                    "chat.completion"
+                );
+            }
+            let id = headers["x-request-id"].to_str().unwrap();
+            let rec = gw
+                .wait_records(if stream { 2 } else { 1 })
+                .await
+                .into_iter()
+                .find(|r| r.id == id)
+                .unwrap();
+            assert_eq!(
+                (rec.provider.as_deref(), rec.attempts, rec.output_tokens),
+                (Some(served_by), 2, 16),
+                "{rec:?}"
+            );
+        }
+        assert_eq!(gw.records().await.len(), 2);
+    }
+}
+
+#[tokio::test]
+async fn an_untranslatable_field_is_a_400_that_names_it() {
+    let gw = gateway(("claude", "mock"), ("oai", "mock")).await;
+    let key = gw.key().await;
+    let v = assert_openai_error(
+        gw.chat(
+            &key,
+            json!({"model": "via-claude", "n": 3, "messages": user("x")}),
+        )
+        .await,
+        400,
+        "bad_request",
+    )
+    .await;
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("'n'"),
+        "{v}"
+    );
+    let v = assert_openai_error(
+        gw.chat(&key, json!({"model": "via-claude", "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]})).await,
+        400,
+        "bad_request",
+    )
+    .await;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("messages[0].content[0].type"),
+        "{v}"
+    );
+}
