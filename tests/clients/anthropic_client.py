@@ -27,6 +27,17 @@ calls += 1
 assert len(text.split()) == 16, text
 assert final.usage.output_tokens == 16 and final.usage.cache_read_input_tokens > 0, final.usage
 
+# Through an OpenAI-compatible deployment (translated), JSON and streaming
+m = client.messages.create(model="gpt-via-translation", max_tokens=64, messages=[{"role": "user", "content": "hi"}])
+calls += 1
+assert m.type == "message" and m.content[0].text.startswith("The mock provider") and m.usage.output_tokens == 16, m
+with client.messages.stream(model="gpt-via-translation", max_tokens=64,
+                            messages=[{"role": "user", "content": "Stream via OpenAI"}]) as stream:
+    text = "".join(stream.text_stream)
+    final = stream.get_final_message()
+calls += 1
+assert len(text.split()) == 16 and final.usage.output_tokens == 16 and final.usage.input_tokens > 0, final.usage
+
 # Tool use, JSON and streaming
 tools = [{
     "name": "get_weather",

@@ -580,3 +580,470 @@ impl MessagesToChatStream {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Messages client → OpenAI-compatible provider
+
+/// Messages request → Chat Completions request for `model`. Streams ask for the usage chunk,
+/// which is how the provider's numbers reach the meter.
+pub fn messages_request_to_chat(body: &[u8], model: &str) -> Result<Vec<u8>, TranslateError> {
+    let req: Map<String, Value> =
+        serde_json::from_slice(body).map_err(|e| err("$", e.to_string()))?;
+    let mut out = Map::new();
+    out.insert("model".into(), json!(model));
+    let mut messages: Vec<Value> = Vec::new();
+    if let Some(system) = req.get("system") {
+        match system {
+            Value::String(s) => messages.push(json!({"role": "system", "content": s})),
+            Value::Array(blocks) => {
+                let mut parts = Vec::new();
+                for (i, b) in blocks.iter().enumerate() {
+                    if b.get("type").and_then(Value::as_str) != Some("text") {
+                        return Err(err(
+                            format!("system[{i}].type"),
+                            "only text blocks can be translated",
+                        ));
+                    }
+                    parts.push(json!({"type": "text", "text": b.get("text").cloned().unwrap_or(json!(""))}));
+                }
+                messages.push(json!({"role": "system", "content": parts}));
+            }
+            Value::Null => {}
+            _ => return Err(err("system", "must be a string or an array of text blocks")),
+        }
+    }
+    let mut tool_choice = None;
+    for (k, v) in &req {
+        match k.as_str() {
+            "model" | "system" => {}
+            "messages" => {
+                let list = v
+                    .as_array()
+                    .ok_or_else(|| err("messages", "must be an array"))?;
+                for (i, m) in list.iter().enumerate() {
+                    message_to_chat(i, m, &mut messages)?;
+                }
+            }
+            // max_completion_tokens is what current OpenAI models accept (o-series refuse max_tokens).
+            "max_tokens" => {
+                out.insert("max_completion_tokens".into(), v.clone());
+            }
+            "temperature" | "top_p" => {
+                out.insert(k.clone(), v.clone());
+            }
+            "stop_sequences" => {
+                let list = v
+                    .as_array()
+                    .ok_or_else(|| err("stop_sequences", "must be an array"))?;
+                if list.len() > 4 {
+                    return Err(err(
+                        "stop_sequences",
+                        "OpenAI accepts at most 4 stop sequences",
+                    ));
+                }
+                if !list.is_empty() {
+                    out.insert("stop".into(), v.clone());
+                }
+            }
+            "stream" => {
+                out.insert("stream".into(), v.clone());
+                if v.as_bool() == Some(true) {
+                    out.insert("stream_options".into(), json!({"include_usage": true}));
+                }
+            }
+            "tools" => {
+                let list = v
+                    .as_array()
+                    .ok_or_else(|| err("tools", "must be an array"))?;
+                let mut tools = Vec::new();
+                for (i, t) in list.iter().enumerate() {
+                    if t.get("type").is_some_and(|ty| ty != "custom") {
+                        return Err(err(
+                            format!("tools[{i}].type"),
+                            "server tools have no OpenAI equivalent",
+                        ));
+                    }
+                    let name = t
+                        .get("name")
+                        .ok_or_else(|| err(format!("tools[{i}].name"), "is required"))?;
+                    let mut f = json!({"name": name, "parameters": t.get("input_schema").cloned().unwrap_or(json!({"type": "object"}))});
+                    if let Some(d) = t.get("description") {
+                        f["description"] = d.clone();
+                    }
+                    tools.push(json!({"type": "function", "function": f}));
+                }
+                out.insert("tools".into(), Value::Array(tools));
+            }
+            "tool_choice" => tool_choice = Some(v.clone()),
+            "metadata" => {
+                if let Some(u) = v.get("user_id").and_then(Value::as_str) {
+                    out.insert("user".into(), json!(u));
+                }
+            }
+            "thinking" if v.get("type").and_then(Value::as_str) == Some("disabled") => {}
+            other => {
+                return Err(err(
+                    other,
+                    "OpenAI's Chat Completions API has no equivalent",
+                ))
+            }
+        }
+    }
+    if let Some(c) = tool_choice {
+        let (choice, parallel) = match c.get("type").and_then(Value::as_str) {
+            Some("auto") => (json!("auto"), c.get("disable_parallel_tool_use")),
+            Some("any") => (json!("required"), c.get("disable_parallel_tool_use")),
+            Some("none") => (json!("none"), None),
+            Some("tool") => {
+                let name = c
+                    .get("name")
+                    .ok_or_else(|| err("tool_choice.name", "is required"))?;
+                (
+                    json!({"type": "function", "function": {"name": name}}),
+                    c.get("disable_parallel_tool_use"),
+                )
+            }
+            _ => return Err(err("tool_choice.type", "must be auto, any, tool or none")),
+        };
+        out.insert("tool_choice".into(), choice);
+        if parallel.and_then(Value::as_bool) == Some(true) {
+            out.insert("parallel_tool_calls".into(), json!(false));
+        }
+    }
+    out.insert("messages".into(), Value::Array(messages));
+    serde_json::to_vec(&Value::Object(out)).map_err(|e| err("$", e.to_string()))
+}
+
+fn message_to_chat(i: usize, m: &Value, out: &mut Vec<Value>) -> Result<(), TranslateError> {
+    let path = format!("messages[{i}]");
+    let role = m
+        .get("role")
+        .and_then(Value::as_str)
+        .ok_or_else(|| err(format!("{path}.role"), "is required"))?;
+    let blocks: Vec<Value> = match m.get("content") {
+        Some(Value::String(s)) => {
+            out.push(json!({"role": role, "content": s}));
+            return Ok(());
+        }
+        Some(Value::Array(a)) => a.clone(),
+        _ => {
+            return Err(err(
+                format!("{path}.content"),
+                "must be a string or an array of blocks",
+            ))
+        }
+    };
+    let mut parts = Vec::new();
+    let mut calls = Vec::new();
+    let mut text = String::new();
+    for (j, b) in blocks.iter().enumerate() {
+        let bpath = format!("{path}.content[{j}]");
+        match (role, b.get("type").and_then(Value::as_str)) {
+            ("user", Some("text")) => parts.push(json!({"type": "text", "text": b.get("text").cloned().unwrap_or(json!(""))})),
+            ("assistant", Some("text")) => text.push_str(b.get("text").and_then(Value::as_str).unwrap_or("")),
+            ("user", Some("image")) => {
+                let src = b.get("source").ok_or_else(|| err(format!("{bpath}.source"), "is required"))?;
+                let url = match src.get("type").and_then(Value::as_str) {
+                    Some("base64") => format!(
+                        "data:{};base64,{}",
+                        src.get("media_type").and_then(Value::as_str).unwrap_or("image/png"),
+                        src.get("data").and_then(Value::as_str).unwrap_or("")
+                    ),
+                    Some("url") => src.get("url").and_then(Value::as_str).unwrap_or("").to_string(),
+                    _ => return Err(err(format!("{bpath}.source.type"), "only base64 and url images can be translated")),
+                };
+                parts.push(json!({"type": "image_url", "image_url": {"url": url}}));
+            }
+            ("user", Some("tool_result")) => {
+                let id = b.get("tool_use_id").ok_or_else(|| err(format!("{bpath}.tool_use_id"), "is required"))?;
+                let content = match b.get("content") {
+                    None | Some(Value::Null) => String::new(),
+                    Some(Value::String(s)) => s.clone(),
+                    Some(Value::Array(inner)) => {
+                        let mut s = String::new();
+                        for (k, x) in inner.iter().enumerate() {
+                            if x.get("type").and_then(Value::as_str) != Some("text") {
+                                return Err(err(format!("{bpath}.content[{k}].type"), "only text tool results can be translated"));
+                            }
+                            s.push_str(x.get("text").and_then(Value::as_str).unwrap_or(""));
+                        }
+                        s
+                    }
+                    Some(_) => return Err(err(format!("{bpath}.content"), "must be a string or text blocks")),
+                };
+                // Tool answers must directly follow the assistant's tool calls in OpenAI's API.
+                out.push(json!({"role": "tool", "tool_call_id": id, "content": content}));
+            }
+            ("assistant", Some("tool_use")) => calls.push(json!({
+                "id": b.get("id"),
+                "type": "function",
+                "function": {"name": b.get("name"), "arguments": b.get("input").map_or_else(|| "{}".to_string(), Value::to_string)},
+            })),
+            // The model's earlier reasoning cannot be replayed to another vendor's model.
+            ("assistant", Some("thinking" | "redacted_thinking")) => {}
+            (_, other) => return Err(err(format!("{bpath}.type"), format!("{other:?} blocks have no OpenAI equivalent here"))),
+        }
+    }
+    match role {
+        "user" if !parts.is_empty() => out.push(json!({"role": "user", "content": parts})),
+        "user" => {}
+        "assistant" => {
+            let mut msg = json!({"role": "assistant", "content": if text.is_empty() { Value::Null } else { json!(text) }});
+            if !calls.is_empty() {
+                msg["tool_calls"] = Value::Array(calls);
+            }
+            out.push(msg);
+        }
+        other => {
+            return Err(err(
+                format!("{path}.role"),
+                format!("role {other:?} is not a Messages role"),
+            ))
+        }
+    }
+    Ok(())
+}
+
+/// OpenAI `finish_reason` → Anthropic `stop_reason`.
+pub fn stop_reason(finish_reason: &str) -> &'static str {
+    match finish_reason {
+        "length" => "max_tokens",
+        "tool_calls" | "function_call" => "tool_use",
+        "content_filter" => "refusal",
+        _ => "end_turn",
+    }
+}
+
+fn messages_usage(u: Option<&Value>) -> Value {
+    let get = |p: &str| {
+        u.and_then(|u| u.pointer(p))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    let cached = get("/prompt_tokens_details/cached_tokens");
+    json!({
+        "input_tokens": get("/prompt_tokens").saturating_sub(cached),
+        "output_tokens": get("/completion_tokens"),
+        "cache_read_input_tokens": cached,
+        "cache_creation_input_tokens": 0,
+    })
+}
+
+/// Chat Completions response → Messages response.
+pub fn chat_response_to_messages(body: &[u8]) -> Result<Vec<u8>, TranslateError> {
+    let c: Value = serde_json::from_slice(body).map_err(|e| err("$", e.to_string()))?;
+    let choice = c
+        .pointer("/choices/0")
+        .ok_or_else(|| err("choices", "the provider returned no choice"))?;
+    let mut content = Vec::new();
+    if let Some(t) = choice.pointer("/message/content").and_then(Value::as_str) {
+        if !t.is_empty() {
+            content.push(json!({"type": "text", "text": t}));
+        }
+    }
+    for (i, call) in choice
+        .pointer("/message/tool_calls")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let args = call
+            .pointer("/function/arguments")
+            .and_then(Value::as_str)
+            .unwrap_or("{}");
+        let input: Value = serde_json::from_str(if args.trim().is_empty() { "{}" } else { args })
+            .map_err(|_| {
+            err(
+                format!("choices[0].message.tool_calls[{i}].function.arguments"),
+                "the provider sent invalid JSON",
+            )
+        })?;
+        content.push(json!({"type": "tool_use", "id": call.get("id"), "name": call.pointer("/function/name"), "input": input}));
+    }
+    let finish = choice
+        .get("finish_reason")
+        .and_then(Value::as_str)
+        .unwrap_or("stop");
+    let id = c.get("id").and_then(Value::as_str).unwrap_or("");
+    let out = json!({
+        "id": format!("msg_{}", id.trim_start_matches("chatcmpl-")),
+        "type": "message",
+        "role": "assistant",
+        "model": c.get("model"),
+        "content": content,
+        "stop_reason": stop_reason(finish),
+        "stop_sequence": null,
+        "usage": messages_usage(c.get("usage")),
+    });
+    serde_json::to_vec(&out).map_err(|e| err("$", e.to_string()))
+}
+
+#[derive(PartialEq, Eq, Clone, Copy)]
+enum OpenBlock {
+    None,
+    Text(usize),
+    Tool(usize),
+}
+
+/// Turns a Chat Completions chunk stream into the Messages event sequence.
+pub struct ChatToMessagesStream {
+    started: bool,
+    next_block: usize,
+    open: OpenBlock,
+    /// OpenAI tool-call index → Anthropic block index.
+    tools: HashMap<u64, usize>,
+    finish: Option<String>,
+    usage: Option<Value>,
+}
+
+impl Default for ChatToMessagesStream {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ChatToMessagesStream {
+    pub fn new() -> Self {
+        ChatToMessagesStream {
+            started: false,
+            next_block: 0,
+            open: OpenBlock::None,
+            tools: HashMap::new(),
+            finish: None,
+            usage: None,
+        }
+    }
+
+    fn ev(out: &mut String, name: &str, data: Value) {
+        out.push_str(&format!("event: {name}\ndata: {data}\n\n"));
+    }
+
+    fn close(&mut self, out: &mut String) {
+        if let OpenBlock::Text(i) | OpenBlock::Tool(i) = self.open {
+            Self::ev(
+                out,
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": i}),
+            );
+        }
+        self.open = OpenBlock::None;
+    }
+
+    pub fn on_event(&mut self, ev: &SseEvent) -> String {
+        let mut out = String::new();
+        let Some(data) = ev.data() else { return out };
+        let data = data.trim();
+        if data == "[DONE]" {
+            self.close(&mut out);
+            let stop = stop_reason(self.finish.as_deref().unwrap_or("stop"));
+            Self::ev(
+                &mut out,
+                "message_delta",
+                json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null},
+                    "usage": messages_usage(self.usage.as_ref())}),
+            );
+            Self::ev(&mut out, "message_stop", json!({"type": "message_stop"}));
+            return out;
+        }
+        let Ok(c) = serde_json::from_str::<Value>(data) else {
+            return out;
+        };
+        if let Some(e) = c.get("error") {
+            let message = e
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("upstream error");
+            Self::ev(
+                &mut out,
+                "error",
+                json!({"type": "error", "error": {"type": "api_error", "message": message}}),
+            );
+            return out;
+        }
+        if !self.started {
+            self.started = true;
+            let id = c.get("id").and_then(Value::as_str).unwrap_or("");
+            Self::ev(
+                &mut out,
+                "message_start",
+                json!({"type": "message_start", "message": {"id": format!("msg_{}", id.trim_start_matches("chatcmpl-")),
+                    "type": "message", "role": "assistant", "model": c.get("model"), "content": [],
+                    "stop_reason": null, "stop_sequence": null,
+                    "usage": {"input_tokens": 0, "output_tokens": 0}}}),
+            );
+        }
+        if let Some(u) = c.get("usage").filter(|u| !u.is_null()) {
+            self.usage = Some(u.clone());
+        }
+        let Some(choice) = c.pointer("/choices/0") else {
+            return out;
+        };
+        let delta = choice.get("delta").cloned().unwrap_or(Value::Null);
+        if let Some(text) = delta
+            .get("content")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+        {
+            if !matches!(self.open, OpenBlock::Text(_)) {
+                self.close(&mut out);
+                let i = self.next_block;
+                self.next_block += 1;
+                self.open = OpenBlock::Text(i);
+                Self::ev(
+                    &mut out,
+                    "content_block_start",
+                    json!({"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}}),
+                );
+            }
+            if let OpenBlock::Text(i) = self.open {
+                Self::ev(
+                    &mut out,
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": text}}),
+                );
+            }
+        }
+        for call in delta
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let oi = call.get("index").and_then(Value::as_u64).unwrap_or(0);
+            let block = match self.tools.get(&oi) {
+                Some(b) => *b,
+                None => {
+                    self.close(&mut out);
+                    let i = self.next_block;
+                    self.next_block += 1;
+                    self.tools.insert(oi, i);
+                    self.open = OpenBlock::Tool(i);
+                    Self::ev(
+                        &mut out,
+                        "content_block_start",
+                        json!({"type": "content_block_start", "index": i, "content_block": {"type": "tool_use",
+                            "id": call.get("id"), "name": call.pointer("/function/name"), "input": {}}}),
+                    );
+                    i
+                }
+            };
+            if let Some(args) = call
+                .pointer("/function/arguments")
+                .and_then(Value::as_str)
+                .filter(|a| !a.is_empty())
+            {
+                Self::ev(
+                    &mut out,
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": block, "delta": {"type": "input_json_delta", "partial_json": args}}),
+                );
+            }
+        }
+        if let Some(f) = choice.get("finish_reason").and_then(Value::as_str) {
+            self.finish = Some(f.to_string());
+            self.close(&mut out);
+        }
+        out
+    }
+}

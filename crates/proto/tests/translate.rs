@@ -4,7 +4,8 @@
 
 use serde_json::Value;
 use tollgate_proto::translate::{
-    chat_request_to_messages, messages_response_to_chat, MessagesToChatStream,
+    chat_request_to_messages, chat_response_to_messages, messages_request_to_chat,
+    messages_response_to_chat, ChatToMessagesStream, MessagesToChatStream,
 };
 use tollgate_proto::SseSplitter;
 
@@ -60,6 +61,74 @@ fn messages_stream_to_chat_golden() {
         assert!(outputs.windows(2).all(|w| w[0] == w[1]));
         assert!(outputs[0].ends_with("data: [DONE]\n\n"));
         insta::assert_snapshot!(format!("{name}.to_chat"), outputs[0]);
+    }
+}
+
+#[test]
+fn messages_request_to_chat_golden() {
+    for name in ["messages_basic", "messages_tools"] {
+        let out = messages_request_to_chat(&fixture(&format!("{name}.json")), "gpt-4.1").unwrap();
+        insta::assert_snapshot!(format!("{name}.to_chat"), pretty(&out));
+    }
+}
+
+#[test]
+fn chat_response_to_messages_golden() {
+    for name in ["chat_text", "chat_tool_calls"] {
+        let out = chat_response_to_messages(&fixture(&format!("{name}.json"))).unwrap();
+        insta::assert_snapshot!(format!("{name}.to_messages"), pretty(&out));
+    }
+}
+
+#[test]
+fn chat_stream_to_messages_golden() {
+    let bytes = fixture("chat_stream_tools.sse");
+    let mut outputs = Vec::new();
+    for chunk_size in [bytes.len(), 5, 1] {
+        let mut splitter = SseSplitter::new();
+        let mut t = ChatToMessagesStream::new();
+        let mut events = Vec::new();
+        let mut out = String::new();
+        for chunk in bytes.chunks(chunk_size) {
+            splitter.push(chunk, &mut events);
+            for ev in events.drain(..) {
+                out.push_str(&t.on_event(&ev));
+            }
+        }
+        outputs.push(out);
+    }
+    assert!(outputs.windows(2).all(|w| w[0] == w[1]));
+    assert!(outputs[0].ends_with("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"));
+    insta::assert_snapshot!("chat_stream_tools.to_messages", outputs[0]);
+}
+
+#[test]
+fn untranslatable_messages_fields_are_named() {
+    let cases: &[(&str, &str)] = &[
+        (
+            r#"{"model":"m","max_tokens":5,"top_k":3,"messages":[{"role":"user","content":"x"}]}"#,
+            "top_k",
+        ),
+        (
+            r#"{"model":"m","max_tokens":5,"thinking":{"type":"enabled","budget_tokens":1024},"messages":[{"role":"user","content":"x"}]}"#,
+            "thinking",
+        ),
+        (
+            r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":[{"type":"document","source":{}}]}]}"#,
+            "messages[0].content[0].type",
+        ),
+        (
+            r#"{"model":"m","max_tokens":5,"tools":[{"type":"web_search_20250305","name":"web_search"}],"messages":[{"role":"user","content":"x"}]}"#,
+            "tools[0].type",
+        ),
+        (
+            r#"{"model":"m","max_tokens":5,"stop_sequences":["a","b","c","d","e"],"messages":[{"role":"user","content":"x"}]}"#,
+            "stop_sequences",
+        ),
+    ];
+    for (body, field) in cases {
+        let e = messages_request_to_chat(body.as_bytes(), "gpt").unwrap_err();
+        assert_eq!(e.field, *field, "{body}");
     }
 }
 

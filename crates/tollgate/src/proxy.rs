@@ -62,8 +62,8 @@ impl Endpoint {
     fn served_by(self, kind: ProviderKind) -> bool {
         match kind {
             ProviderKind::Mock => true,
-            ProviderKind::Openai => self.dialect() == Dialect::OpenAi,
-            // Chat Completions reaches Anthropic through translation.
+            // Chat Completions and Messages reach each other's providers through translation.
+            ProviderKind::Openai => self.dialect() == Dialect::OpenAi || self == Endpoint::Messages,
             ProviderKind::Anthropic => {
                 self.dialect() == Dialect::Anthropic || self == Endpoint::ChatCompletions
             }
@@ -73,6 +73,7 @@ impl Endpoint {
     fn for_provider(self, kind: ProviderKind) -> Endpoint {
         match (self, kind) {
             (Endpoint::ChatCompletions, ProviderKind::Anthropic) => Endpoint::Messages,
+            (Endpoint::Messages, ProviderKind::Openai) => Endpoint::ChatCompletions,
             _ => self,
         }
     }
@@ -228,9 +229,13 @@ async fn run(
         let up_endpoint = endpoint.for_provider(dep.provider.kind);
         let translated = up_endpoint != endpoint;
         let upstream_body = if translated {
-            let body = translate::chat_request_to_messages(&doc.to_vec(), &dep.model)
-                .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?;
-            Bytes::from(body)
+            let body = match up_endpoint {
+                Endpoint::Messages => {
+                    translate::chat_request_to_messages(&doc.to_vec(), &dep.model)
+                }
+                _ => translate::messages_request_to_chat(&doc.to_vec(), &dep.model),
+            };
+            Bytes::from(body.map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?)
         } else {
             Bytes::from(doc.to_vec())
         };
@@ -252,10 +257,14 @@ async fn run(
             Ok(Upstream::Json(answer)) => {
                 dep.health.success();
                 let client_body = if translated {
-                    match translate::messages_response_to_chat(
-                        &answer.body,
-                        (now_ms() / 1000) as u64,
-                    ) {
+                    let back = match up_endpoint {
+                        Endpoint::Messages => translate::messages_response_to_chat(
+                            &answer.body,
+                            (now_ms() / 1000) as u64,
+                        ),
+                        _ => translate::chat_response_to_messages(&answer.body),
+                    };
+                    match back {
                         Ok(b) => Some(Bytes::from(b)),
                         Err(e) => {
                             return Err(ApiError::new(
@@ -275,12 +284,18 @@ async fn run(
                     client: endpoint.dialect(),
                     upstream: up_endpoint.dialect(),
                     filter_usage: endpoint == Endpoint::ChatCompletions && !client_wants_usage,
-                    translator: translated.then(|| {
-                        translate::MessagesToChatStream::new(
-                            (now_ms() / 1000) as u64,
-                            client_wants_usage,
-                        )
-                    }),
+                    translator: match (translated, up_endpoint) {
+                        (false, _) => None,
+                        (true, Endpoint::Messages) => {
+                            Some(Translator::ToChat(translate::MessagesToChatStream::new(
+                                (now_ms() / 1000) as u64,
+                                client_wants_usage,
+                            )))
+                        }
+                        (true, _) => Some(Translator::ToMessages(
+                            translate::ChatToMessagesStream::new(),
+                        )),
+                    },
                 };
                 return Ok(stream_response(app, settle, &dep, view, first, rest));
             }
@@ -957,7 +972,21 @@ struct StreamView {
     /// Drop the usage-only chunk tollgate asked for on the client's behalf.
     filter_usage: bool,
     /// Rewrites each upstream event into the client's dialect.
-    translator: Option<translate::MessagesToChatStream>,
+    translator: Option<Translator>,
+}
+
+enum Translator {
+    ToChat(translate::MessagesToChatStream),
+    ToMessages(translate::ChatToMessagesStream),
+}
+
+impl Translator {
+    fn on_event(&mut self, ev: &tollgate_proto::SseEvent) -> String {
+        match self {
+            Translator::ToChat(t) => t.on_event(ev),
+            Translator::ToMessages(t) => t.on_event(ev),
+        }
+    }
 }
 
 fn stream_response(
@@ -1023,7 +1052,7 @@ struct GatewayStream {
     observer: Observer,
     /// The client's dialect.
     dialect: Dialect,
-    translator: Option<translate::MessagesToChatStream>,
+    translator: Option<Translator>,
     out: VecDeque<Bytes>,
     filter_usage: bool,
     idle: Duration,

@@ -41,9 +41,16 @@ async fn run_client(script: &'static str, url_suffix: &str) {
         kind = "anthropic"
         base_url = "{up}"
         models = ["claude-*"]
+        [[providers]]
+        name = "oai"
+        kind = "openai"
+        base_url = "{up}"
         [[models]]
         name = "claude-via-translation"
         deployments = [{{ provider = "claude", model = "mock" }}]
+        [[models]]
+        name = "gpt-via-translation"
+        deployments = [{{ provider = "oai", model = "mock" }}]
         "#
     ))
     .await;

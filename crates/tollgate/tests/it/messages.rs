@@ -23,6 +23,7 @@ async fn anthropic_gateway() -> (TestGateway, String) {
         name = "oai"
         kind = "openai"
         base_url = "{up}"
+        api_key_env = "CARGO_PKG_NAME"
         [[models]]
         name = "gpt-only"
         deployments = [{{ provider = "oai", model = "mock" }}]
@@ -289,23 +290,19 @@ async fn messages_errors_speak_anthropics_dialect() {
     )
     .await;
 
-    // A model whose deployments speak only OpenAI's dialect is refused clearly to a Messages client.
+    // A model served only by an OpenAI-compatible deployment is reached through translation;
+    // what cannot be translated is refused in Anthropic's shape, naming the field.
+    let r = post_messages(&gw, &key, json!({"model": "gpt-only", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["type"], "message");
     let v = assert_anthropic_error(
-        post_messages(
-            &gw,
-            &key,
-            json!({"model": "gpt-only", "max_tokens": 5, "messages": []}),
-        )
-        .await,
+        post_messages(&gw, &key, json!({"model": "gpt-only", "max_tokens": 5, "top_k": 5, "messages": [{"role": "user", "content": "hi"}]})).await,
         400,
         "invalid_request_error",
     )
     .await;
     assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("translation"),
+        v["error"]["message"].as_str().unwrap().contains("'top_k'"),
         "{v}"
     );
     // The other way round, a Chat Completions client reaches the Anthropic deployment through

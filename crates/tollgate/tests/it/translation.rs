@@ -1,4 +1,4 @@
-//! A Chat Completions client served by an Anthropic deployment, and fallback across dialects.
+//! Clients of one dialect served by deployments of the other, and fallback across dialects.
 
 use crate::harness::*;
 use serde_json::{json, Value};
@@ -207,4 +207,128 @@ async fn an_untranslatable_field_is_a_400_that_names_it() {
             .contains("messages[0].content[0].type"),
         "{v}"
     );
+}
+
+async fn post_messages(gw: &TestGateway, key: &str, body: Value) -> reqwest::Response {
+    gw.client
+        .post(format!("{}/v1/messages", gw.url))
+        .header("x-api-key", key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn messages_client_through_an_openai_deployment() {
+    let gw = gateway(("oai", "mock-cached"), ("oai", "mock")).await;
+    let key = gw.key().await;
+    let tools = json!([{"name": "lookup", "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}]);
+    let resp = post_messages(&gw, &key, json!({"model": "smart", "max_tokens": 64, "system": "Be brief.",
+        "messages": [{"role": "user", "content": "find it"}], "tools": tools, "tool_choice": {"type": "any"}})).await;
+    assert_eq!(resp.status(), 200);
+    let headers = resp.headers().clone();
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (v["type"].as_str(), v["stop_reason"].as_str()),
+        (Some("message"), Some("tool_use"))
+    );
+    assert_eq!(v["content"][0]["input"], json!({"q": "mock"}));
+    let rec = gw.record_for(&headers).await;
+    assert_eq!(
+        (rec.provider.as_deref(), rec.usage_source.as_str()),
+        (Some("oai"), "provider")
+    );
+    let u = &v["usage"];
+    assert_eq!(
+        rec.input_tokens,
+        u["input_tokens"].as_u64().unwrap() + u["cache_read_input_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(
+        rec.cached_input_tokens,
+        u["cache_read_input_tokens"].as_u64().unwrap()
+    );
+    assert!(rec.cached_input_tokens > 0);
+
+    let resp = post_messages(
+        &gw,
+        &key,
+        json!({"model": "smart", "max_tokens": 64, "stream": true,
+        "messages": [{"role": "user", "content": "stream it"}]}),
+    )
+    .await;
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap();
+    let names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(names.first(), Some(&"message_start"));
+    assert_eq!(
+        &names[names.len() - 2..],
+        &["message_delta", "message_stop"]
+    );
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| **n == "content_block_delta")
+            .count(),
+        16
+    );
+    let delta_line = text
+        .lines()
+        .find(|l| l.contains("\"message_delta\""))
+        .unwrap();
+    let delta: Value = serde_json::from_str(delta_line.strip_prefix("data: ").unwrap()).unwrap();
+    gw.wait_records(2).await;
+    let rec = gw.record_for(&headers).await;
+    assert_eq!(rec.usage_source, "provider");
+    assert_eq!(
+        rec.output_tokens,
+        delta["usage"]["output_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(rec.output_tokens, 16);
+}
+
+#[tokio::test]
+async fn messages_fallback_crosses_dialects_both_ways() {
+    for (primary, secondary, served_by) in [
+        (("claude", "mock-500"), ("oai", "mock"), "oai"),
+        (("oai", "mock-500"), ("claude", "mock"), "claude"),
+    ] {
+        let gw = gateway(primary, secondary).await;
+        let key = gw.key().await;
+        for stream in [false, true] {
+            let resp = post_messages(
+                &gw,
+                &key,
+                json!({"model": "smart", "max_tokens": 50, "stream": stream,
+                "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .await;
+            assert_eq!(resp.status(), 200);
+            let headers = resp.headers().clone();
+            let body = resp.text().await.unwrap();
+            if stream {
+                assert!(body.contains("event: message_stop"), "{body}");
+            } else {
+                assert_eq!(
+                    serde_json::from_str::<Value>(&body).unwrap()["type"],
+                    "message"
+                );
+            }
+            let id = headers["x-request-id"].to_str().unwrap();
+            let rec = gw
+                .wait_records(if stream { 2 } else { 1 })
+                .await
+                .into_iter()
+                .find(|r| r.id == id)
+                .unwrap();
+            assert_eq!(
+                (rec.provider.as_deref(), rec.attempts, rec.output_tokens),
+                (Some(served_by), 2, 16),
+                "{rec:?}"
+            );
+        }
+    }
 }
