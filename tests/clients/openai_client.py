@@ -96,6 +96,20 @@ for chunk in client.chat.completions.create(model="mock", tools=tools, stream=Tr
 calls += 1
 assert name == "get_weather" and json.loads(args) == {"city": "mock"}, (name, args)
 
+# Responses API, JSON and streaming
+r = client.responses.create(model="mock", instructions="Be brief.", input="Hello via Responses")
+calls += 1
+assert r.output_text.startswith("The mock provider") and r.usage.output_tokens == 16, r
+completed = None
+deltas = ""
+for event in client.responses.create(model="mock", input="Stream via Responses", stream=True):
+    if event.type == "response.output_text.delta":
+        deltas += event.delta
+    if event.type == "response.completed":
+        completed = event.response
+calls += 1
+assert len(deltas.split()) == 16 and completed is not None and completed.usage.output_tokens == 16, completed
+
 # Embeddings
 e = client.embeddings.create(model="mock-embed", input=["one", "two"])
 calls += 1

@@ -8,5 +8,7 @@ pub mod translate;
 pub mod usage;
 
 pub use peek::{PeekError, RequestDoc};
-pub use sse::{ChatStreamObserver, MessagesStreamObserver, SseEvent, SseSplitter};
+pub use sse::{
+    ChatStreamObserver, MessagesStreamObserver, ResponsesStreamObserver, SseEvent, SseSplitter,
+};
 pub use usage::Usage;

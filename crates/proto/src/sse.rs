@@ -350,6 +350,75 @@ impl MessagesStreamObserver {
     }
 }
 
+/// Watches an OpenAI Responses stream: text deltas as they come, usage in the terminal
+/// `response.completed` (or `response.incomplete` / `response.failed`) event.
+#[derive(Debug, Default)]
+pub struct ResponsesStreamObserver {
+    pub usage: Option<Usage>,
+    pub done: bool,
+    pub saw_error: bool,
+    pub output_text: String,
+    pub events: u64,
+}
+
+#[derive(Deserialize)]
+struct ResponsesEventPeek<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    delta: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    response: Option<ResponsePeek<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ResponsePeek<'a> {
+    #[serde(default, borrow)]
+    usage: Option<&'a serde_json::value::RawValue>,
+}
+
+impl ResponsesStreamObserver {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn observe(&mut self, event: &SseEvent) -> EventKind {
+        self.events += 1;
+        let Some(data) = event.data() else {
+            return EventKind::Other;
+        };
+        let Ok(ev) = serde_json::from_str::<ResponsesEventPeek>(data.trim()) else {
+            return EventKind::Other;
+        };
+        match ev.kind.as_ref() {
+            "response.output_text.delta"
+            | "response.function_call_arguments.delta"
+            | "response.reasoning_summary_text.delta" => {
+                if let Some(d) = ev.delta {
+                    self.output_text.push_str(&d);
+                }
+                EventKind::Chunk
+            }
+            "response.completed" | "response.incomplete" | "response.failed" => {
+                if let Some(u) = ev
+                    .response
+                    .and_then(|r| r.usage)
+                    .and_then(|raw| Usage::from_openai_json(raw.get()))
+                {
+                    self.usage = Some(u);
+                }
+                self.done = true;
+                EventKind::Done
+            }
+            "error" => {
+                self.saw_error = true;
+                EventKind::Error
+            }
+            _ => EventKind::Chunk,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -552,5 +621,30 @@ mod tests {
             prop_assert!(obs.done);
             prop_assert_eq!(obs.stop_reason.as_deref(), Some("end_turn"));
         }
+    }
+
+    #[test]
+    fn responses_observer_reads_usage_from_the_terminal_event() {
+        let mut obs = ResponsesStreamObserver::new();
+        let ev = events_of(&[
+            b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\n",
+            b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n",
+            b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":9,\"input_tokens_details\":{\"cached_tokens\":4},\"output_tokens\":3,\"output_tokens_details\":{\"reasoning_tokens\":1},\"total_tokens\":12}}}\n\n",
+        ]);
+        for e in &ev {
+            obs.observe(e);
+        }
+        assert_eq!(
+            obs.usage,
+            Some(Usage {
+                input: 9,
+                cached_input: 4,
+                output: 3,
+                reasoning: 1,
+                ..Usage::default()
+            })
+        );
+        assert_eq!(obs.output_text, "Hi");
+        assert!(obs.done);
     }
 }

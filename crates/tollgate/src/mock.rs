@@ -95,6 +95,7 @@ pub fn router(api_key: Option<String>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/messages", post(messages))
+        .route("/v1/responses", post(responses))
         .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/v1/models", get(models))
         .route("/mock/stats", get(stats))
@@ -842,4 +843,133 @@ async fn count_tokens(
             .to_string()
             .into_bytes(),
     )
+}
+
+// ---------------------------------------------------------------------------------------
+// OpenAI Responses
+
+async fn responses(
+    State(state): State<Arc<MockState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "We could not parse the JSON body of your request.",
+            "invalid_request_error",
+            "invalid_json",
+        );
+    };
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock")
+        .to_string();
+    let b = Behaviour::from(&model, &headers);
+    if let Some(r) = state.failure(&b, &headers).await {
+        return r;
+    }
+    let mut text = String::new();
+    collect_text(req.get("input").unwrap_or(&Value::Null), &mut text);
+    collect_text(req.get("instructions").unwrap_or(&Value::Null), &mut text);
+    let prompt = (text.len() as u64).div_ceil(4) + 4;
+    let max = req
+        .get("max_output_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(u64::MAX);
+    let n = b.output_tokens().min(max);
+    let pieces = words(n);
+    let reasoning = if b.has("reasoning") { 8 } else { 0 };
+    let cached = if b.has("cached") { prompt / 2 } else { 0 };
+    let seq = state.stats.requests.load(Ordering::Relaxed);
+    let id = format!("resp_mock{seq:x}");
+    let item_id = format!("msg_mock{seq:x}");
+    let usage = json!({"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
+        "output_tokens": n + reasoning, "output_tokens_details": {"reasoning_tokens": reasoning},
+        "total_tokens": prompt + n + reasoning});
+    let status = if n < b.output_tokens() {
+        "incomplete"
+    } else {
+        "completed"
+    };
+    let response = |status: &str, output: Value, usage: Value| {
+        json!({"id": id, "object": "response", "created_at": 1_700_000_000u64, "status": status, "model": model,
+            "output": output, "parallel_tool_calls": true, "tool_choice": "auto", "tools": [], "temperature": 1.0,
+            "top_p": 1.0, "error": null, "incomplete_details": null, "instructions": req.get("instructions"),
+            "metadata": {}, "usage": usage})
+    };
+    let message = |text: &str| {
+        json!({"type": "message", "id": item_id, "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]})
+    };
+    let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    if !stream {
+        b.json_delay().await;
+        let usage = if b.has("nousage") { Value::Null } else { usage };
+        return json_response(
+            StatusCode::OK,
+            response(status, json!([message(&pieces.concat())]), usage)
+                .to_string()
+                .into_bytes(),
+        );
+    }
+    let mut events = Vec::new();
+    let mut seq_no = 0u64;
+    let mut ev = |name: &str, mut data: Value| {
+        data["type"] = json!(name);
+        data["sequence_number"] = json!(seq_no);
+        seq_no += 1;
+        events.push(format!("event: {name}\ndata: {data}\n\n"));
+    };
+    ev(
+        "response.created",
+        json!({"response": response("in_progress", json!([]), Value::Null)}),
+    );
+    ev(
+        "response.in_progress",
+        json!({"response": response("in_progress", json!([]), Value::Null)}),
+    );
+    ev(
+        "response.output_item.added",
+        json!({"output_index": 0, "item": {"type": "message", "id": item_id,
+        "status": "in_progress", "role": "assistant", "content": []}}),
+    );
+    ev(
+        "response.content_part.added",
+        json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+        "part": {"type": "output_text", "text": "", "annotations": []}}),
+    );
+    for p in &pieces {
+        ev(
+            "response.output_text.delta",
+            json!({"item_id": item_id, "output_index": 0, "content_index": 0, "delta": p}),
+        );
+    }
+    let full = pieces.concat();
+    ev(
+        "response.output_text.done",
+        json!({"item_id": item_id, "output_index": 0, "content_index": 0, "text": full}),
+    );
+    ev(
+        "response.content_part.done",
+        json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+        "part": {"type": "output_text", "text": full, "annotations": []}}),
+    );
+    ev(
+        "response.output_item.done",
+        json!({"output_index": 0, "item": message(&full)}),
+    );
+    let usage = if b.has("nousage") { Value::Null } else { usage };
+    let terminal = if status == "completed" {
+        "response.completed"
+    } else {
+        "response.incomplete"
+    };
+    ev(
+        terminal,
+        json!({"response": response(status, json!([message(&full)]), usage)}),
+    );
+    stream_events(&state, &b, events)
 }

@@ -32,7 +32,10 @@ use tollgate_proto::error::anthropic_error_event;
 use tollgate_proto::error::openai_error_event;
 use tollgate_proto::sse::EventKind;
 use tollgate_proto::translate;
-use tollgate_proto::{ChatStreamObserver, MessagesStreamObserver, RequestDoc, SseSplitter, Usage};
+use tollgate_proto::{
+    ChatStreamObserver, MessagesStreamObserver, RequestDoc, ResponsesStreamObserver, SseSplitter,
+    Usage,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -40,12 +43,14 @@ pub enum Endpoint {
     Embeddings,
     Messages,
     CountTokens,
+    Responses,
 }
 
 impl Endpoint {
     fn name(self) -> &'static str {
         match self {
             Endpoint::ChatCompletions => "chat.completions",
+            Endpoint::Responses => "responses",
             Endpoint::Embeddings => "embeddings",
             Endpoint::Messages => "messages",
             Endpoint::CountTokens => "messages.count_tokens",
@@ -53,12 +58,13 @@ impl Endpoint {
     }
     pub fn dialect(self) -> Dialect {
         match self {
-            Endpoint::ChatCompletions | Endpoint::Embeddings => Dialect::OpenAi,
+            Endpoint::ChatCompletions | Endpoint::Embeddings | Endpoint::Responses => {
+                Dialect::OpenAi
+            }
             Endpoint::Messages | Endpoint::CountTokens => Dialect::Anthropic,
         }
     }
-    /// Whether a provider of this kind serves the endpoint natively. Translation between
-    /// dialects is a separate step (not yet built), so a mismatch is refused clearly.
+    /// Whether a provider of this kind can serve the endpoint, natively or through translation.
     fn served_by(self, kind: ProviderKind) -> bool {
         match kind {
             ProviderKind::Mock => true,
@@ -78,11 +84,15 @@ impl Endpoint {
         }
     }
     fn streams(self) -> bool {
-        matches!(self, Endpoint::ChatCompletions | Endpoint::Messages)
+        matches!(
+            self,
+            Endpoint::ChatCompletions | Endpoint::Messages | Endpoint::Responses
+        )
     }
     fn upstream_path(self) -> &'static str {
         match self {
             Endpoint::ChatCompletions => "/chat/completions",
+            Endpoint::Responses => "/responses",
             Endpoint::Embeddings => "/embeddings",
             Endpoint::Messages => "/messages",
             Endpoint::CountTokens => "/messages/count_tokens",
@@ -100,6 +110,10 @@ pub async fn embeddings(State(app): State<Arc<AppState>>, req: Request) -> Respo
 
 pub async fn messages(State(app): State<Arc<AppState>>, req: Request) -> Response {
     handle(app, Endpoint::Messages, req).await
+}
+
+pub async fn responses(State(app): State<Arc<AppState>>, req: Request) -> Response {
+    handle(app, Endpoint::Responses, req).await
 }
 
 pub async fn count_tokens(State(app): State<Arc<AppState>>, req: Request) -> Response {
@@ -282,7 +296,7 @@ async fn run(
                 dep.health.success();
                 let view = StreamView {
                     client: endpoint.dialect(),
-                    upstream: up_endpoint.dialect(),
+                    upstream: up_endpoint,
                     filter_usage: endpoint == Endpoint::ChatCompletions && !client_wants_usage,
                     translator: match (translated, up_endpoint) {
                         (false, _) => None,
@@ -916,6 +930,23 @@ fn estimate_output_json(body: &[u8]) -> u64 {
             push(Some(&input.to_string()));
         }
     }
+    // Responses API: output items hold content parts or function-call arguments.
+    for item in v
+        .get("output")
+        .and_then(|c| c.as_array())
+        .into_iter()
+        .flatten()
+    {
+        push(item.get("arguments").and_then(|s| s.as_str()));
+        for part in item
+            .get("content")
+            .and_then(|c| c.as_array())
+            .into_iter()
+            .flatten()
+        {
+            push(part.get("text").and_then(|s| s.as_str()));
+        }
+    }
     estimate::tokens(&text)
 }
 
@@ -926,6 +957,7 @@ fn estimate_output_json(body: &[u8]) -> u64 {
 enum Observer {
     Chat(ChatStreamObserver),
     Messages(MessagesStreamObserver),
+    Responses(ResponsesStreamObserver),
 }
 
 impl Observer {
@@ -933,12 +965,14 @@ impl Observer {
         match self {
             Observer::Chat(o) => o.observe(ev),
             Observer::Messages(o) => o.observe(ev),
+            Observer::Responses(o) => o.observe(ev),
         }
     }
     fn usage(&self) -> Option<Usage> {
         match self {
             Observer::Chat(o) => o.usage,
             Observer::Messages(o) => o.usage(),
+            Observer::Responses(o) => o.usage,
         }
     }
     /// The stream reached its proper end, or the provider reported an error in-band.
@@ -946,18 +980,20 @@ impl Observer {
         match self {
             Observer::Chat(o) => o.done || o.saw_error,
             Observer::Messages(o) => o.done || o.saw_error,
+            Observer::Responses(o) => o.done || o.saw_error,
         }
     }
     fn output_text(&self) -> &str {
         match self {
             Observer::Chat(o) => &o.output_text,
             Observer::Messages(o) => &o.output_text,
+            Observer::Responses(o) => &o.output_text,
         }
     }
     /// Exact input-side counts the provider gave before the stream ended early, if any.
     fn input_usage(&self) -> Option<Usage> {
         match self {
-            Observer::Chat(_) => None,
+            Observer::Chat(_) | Observer::Responses(_) => None,
             Observer::Messages(o) => o.input_usage(),
         }
     }
@@ -968,7 +1004,7 @@ struct StreamView {
     /// The client's dialect: decides the shape of a final error event.
     client: Dialect,
     /// The provider's dialect: decides how usage is observed.
-    upstream: Dialect,
+    upstream: Endpoint,
     /// Drop the usage-only chunk tollgate asked for on the client's behalf.
     filter_usage: bool,
     /// Rewrites each upstream event into the client's dialect.
@@ -1003,8 +1039,9 @@ fn stream_response(
         r.ttft_ms = Some(settle.started.elapsed().as_millis() as u64);
     }
     let observer = match view.upstream {
-        Dialect::OpenAi => Observer::Chat(ChatStreamObserver::new()),
-        Dialect::Anthropic => Observer::Messages(MessagesStreamObserver::new()),
+        Endpoint::Messages => Observer::Messages(MessagesStreamObserver::new()),
+        Endpoint::Responses => Observer::Responses(ResponsesStreamObserver::new()),
+        _ => Observer::Chat(ChatStreamObserver::new()),
     };
     let mut s = GatewayStream {
         app: app.clone(),

@@ -195,6 +195,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(proxy::chat_completions))
         .route("/v1/embeddings", post(proxy::embeddings))
         .route("/v1/messages", post(proxy::messages))
+        .route("/v1/responses", post(proxy::responses))
         .route("/v1/messages/count_tokens", post(proxy::count_tokens))
         .route("/v1/models", get(proxy::list_models))
         .route("/healthz", get(healthz))

@@ -9,6 +9,7 @@ mod cli;
 mod clients;
 mod messages;
 mod metering;
+mod responses;
 mod routing;
 mod shutdown;
 mod streaming;
