@@ -33,6 +33,13 @@ name = "up"
 kind = "openai"
 base_url = "http://127.0.0.1:4010/v1"
 models = ["mock*"]
+[[providers]]
+name = "claude"
+kind = "anthropic"
+base_url = "http://127.0.0.1:4010/v1"
+[[models]]
+name = "via-claude"
+deployments = [{ provider = "claude", model = "mock" }]
 TOML
 ADMIN=tg_bench_admin_$(date +%s)
 TOLLGATE_ADMIN_KEY=$ADMIN RUST_LOG=warn $TG serve --config "$OUT/tollgate.toml" 2>"$OUT/tollgate.log" >/dev/null & pids+=($!)
@@ -70,6 +77,11 @@ for target in mock nginx tollgate; do
   $LG --url "$u" --key "$KEY" --concurrency "$CONC" --seconds "$SECONDS_PER_RUN" --label "$target json max" >> "$OUT/results.jsonl"
   $LG --url "$u" --key "$KEY" --concurrency "$CONC" --stream --seconds "$SECONDS_PER_RUN" --label "$target stream max" >> "$OUT/results.jsonl"
 done
+
+# The translation path: a Chat Completions client served by an Anthropic-dialect deployment.
+u=http://127.0.0.1:4000/v1/chat/completions
+$LG --url "$u" --key "$KEY" --model via-claude --rate "$RATE_JSON" --seconds "$SECONDS_PER_RUN" --label "tollgate-xlate json fixed" >> "$OUT/results.jsonl"
+$LG --url "$u" --key "$KEY" --model via-claude --rate "$RATE_STREAM" --stream --seconds "$SECONDS_PER_RUN" --label "tollgate-xlate stream fixed" >> "$OUT/results.jsonl"
 
 # Every benchmarked request through tollgate was metered: compare with what the loadgen sent.
 curl -sf "http://127.0.0.1:4000/admin/usage?by=key" -H "Authorization: Bearer $ADMIN" > "$OUT/usage.json"

@@ -13,6 +13,8 @@
 //! | `nousage`         | no usage block anywhere                                            |
 //! | `long`            | 200 output tokens instead of 16                                    |
 //! | `cached`          | half the prompt reported as cached                                 |
+//! | `cachewrite`      | Messages: a quarter of the prompt to the 5-minute cache, an eighth to the 1-hour one |
+//! | `errorevent`      | a stream that reports an in-band error event after a few events   |
 //! | `reasoning`       | 8 reasoning tokens on top of the output                            |
 //!
 //! Output is one token per word, so the usage it reports is exact for what it sends.
@@ -477,6 +479,11 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
     }
     events.push("data: [DONE]\n\n".to_string());
 
+    if b.has("errorevent") {
+        events.truncate(4);
+        let e = json!({"error": {"message": "The server is overloaded.", "type": "server_error", "param": null, "code": "overloaded"}});
+        events.push(format!("data: {e}\n\n"));
+    }
     stream_events(&state, &b, events)
 }
 
@@ -813,6 +820,11 @@ async fn messages(
     }
     events.push(ev("message_delta", delta));
     events.push(ev("message_stop", json!({"type": "message_stop"})));
+    if b.has("errorevent") {
+        events.truncate(5);
+        let e = json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}});
+        events.push(format!("event: error\ndata: {e}\n\n"));
+    }
     stream_events(&state, &b, events)
 }
 
@@ -971,5 +983,10 @@ async fn responses(
         terminal,
         json!({"response": response(status, json!([message(&full)]), usage)}),
     );
+    if b.has("errorevent") {
+        events.truncate(5);
+        let e = json!({"type": "error", "code": "server_error", "message": "The server is overloaded.", "param": null});
+        events.push(format!("event: error\ndata: {e}\n\n"));
+    }
     stream_events(&state, &b, events)
 }

@@ -975,6 +975,14 @@ impl Observer {
             Observer::Responses(o) => o.usage,
         }
     }
+    /// The provider reported an error inside the stream.
+    fn saw_error(&self) -> bool {
+        match self {
+            Observer::Chat(o) => o.saw_error,
+            Observer::Messages(o) => o.saw_error,
+            Observer::Responses(o) => o.saw_error,
+        }
+    }
     /// The stream reached its proper end, or the provider reported an error in-band.
     fn ended_properly(&self) -> bool {
         match self {
@@ -1137,7 +1145,12 @@ impl GatewayStream {
             };
             self.out.push_back(Bytes::from(event));
         }
-        self.settle(error.map(|(k, _)| k.to_string()), false);
+        let kind = match error {
+            Some((k, _)) => Some(k.to_string()),
+            None if self.observer.saw_error() => Some("provider_error_event".to_string()),
+            None => None,
+        };
+        self.settle(kind, false);
     }
 
     fn settle(&mut self, error_kind: Option<String>, disconnected: bool) {

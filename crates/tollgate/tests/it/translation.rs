@@ -22,6 +22,9 @@ async fn gateway(primary: (&str, &str), secondary: (&str, &str)) -> TestGateway 
         name = "via-claude"
         deployments = [{{ provider = "claude", model = "mock-cached" }}]
         [[models]]
+        name = "via-claude-error"
+        deployments = [{{ provider = "claude", model = "mock-errorevent" }}]
+        [[models]]
         name = "smart"
         deployments = [
           {{ provider = "{}", model = "{}", priority = 0 }},
@@ -331,4 +334,109 @@ async fn messages_fallback_crosses_dialects_both_ways() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn translated_stream_disconnect_is_metered_once_and_cancels_upstream() {
+    let up = spawn_mock(None).await;
+    let gw = TestGateway::start(&format!(
+        "[[providers]]\nname = \"claude\"\nkind = \"anthropic\"\nbase_url = \"{up}\"\nmodels = [\"mock*\"]\n"
+    ))
+    .await;
+    let key = gw.key().await;
+    let mut resp = gw
+        .chat(
+            &key,
+            json!({"model": "mock-slow-long", "stream": true, "messages": user("long story")}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let mut got = Vec::new();
+    while got.len() < 600 {
+        got.extend_from_slice(&resp.chunk().await.unwrap().unwrap());
+    }
+    assert!(String::from_utf8_lossy(&got).contains("chat.completion.chunk"));
+    drop(resp);
+    let mut rec = None;
+    for _ in 0..100 {
+        rec = gw.records().await.into_iter().find(|r| r.id == id);
+        if rec.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let rec = rec.unwrap();
+    assert!(rec.client_disconnected);
+    // The provider's input count from message_start is kept; only the output is estimated.
+    assert_eq!(rec.usage_source, "estimated");
+    assert!(
+        rec.input_tokens > 0 && rec.output_tokens >= 1 && rec.output_tokens < 200,
+        "{rec:?}"
+    );
+    for _ in 0..100 {
+        if mock_stats(&up).await["streams_cancelled"] == 1 {
+            assert_eq!(gw.records().await.len(), 1);
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("upstream not cancelled");
+}
+
+#[tokio::test]
+async fn provider_error_events_reach_the_client_in_its_dialect() {
+    let gw = gateway(("claude", "mock"), ("oai", "mock")).await;
+    let key = gw.key().await;
+    // Native Messages: the provider's own error event passes through.
+    let resp = post_messages(
+        &gw,
+        &key,
+        json!({"model": "claude/mock-errorevent", "max_tokens": 50, "stream": true,
+        "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap();
+    assert!(
+        text.contains("event: error") && text.contains("overloaded_error"),
+        "{text}"
+    );
+    gw.wait_records(1).await;
+    let rec = gw.record_for(&headers).await;
+    assert_eq!(rec.error_kind.as_deref(), Some("provider_error_event"));
+    // Translated for a Chat client: an OpenAI-style error chunk.
+    let resp = gw
+        .chat(
+            &key,
+            json!({"model": "via-claude-error", "stream": true, "messages": user("hi")}),
+        )
+        .await;
+    let data = sse_data(resp).await;
+    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["type"], "overloaded_error", "{data:?}");
+}
+
+#[tokio::test]
+async fn an_untranslatable_tool_schema_is_a_400_in_the_callers_dialect() {
+    let gw = gateway(("claude", "mock"), ("oai", "mock")).await;
+    let key = gw.key().await;
+    let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "array", "items": {}}}}]);
+    let v = assert_openai_error(
+        gw.chat(
+            &key,
+            json!({"model": "via-claude", "messages": user("x"), "tools": tools}),
+        )
+        .await,
+        400,
+        "bad_request",
+    )
+    .await;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tools[0].function.parameters"),
+        "{v}"
+    );
 }
