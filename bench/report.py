@@ -19,7 +19,7 @@ for r in rows:
 print("\n### Added latency over calling the mock directly (ms)\n")
 print("| proxy | kind | p50 | p99 | p99.9 |")
 print("|---|---|---|---|---|")
-for proxy in ["nginx", "tollgate", "tollgate-xlate"]:
+for proxy in ["nginx", "tollgate", "tollgate-limits", "tollgate-xlate"]:
     for kind in ["json", "stream"]:
         base, p = by.get(f"mock {kind} fixed"), by.get(f"{proxy} {kind} fixed")
         if not base or not p:

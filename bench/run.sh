@@ -68,6 +68,8 @@ nginx -p "$PWD/$OUT/nginx" -c nginx.conf
 
 for _ in $(seq 100); do curl -sf http://127.0.0.1:4000/healthz >/dev/null && break; sleep 0.1; done
 KEY=$(curl -sf http://127.0.0.1:4000/admin/keys -H "Authorization: Bearer $ADMIN" -d '{"name":"bench"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+# A key whose limits are all on but never reached: measures what the limiter itself costs.
+LKEY=$(curl -sf http://127.0.0.1:4000/admin/keys -H "Authorization: Bearer $ADMIN" -d '{"name":"bench-limited","rpm":100000000,"tpm":1000000000000,"concurrency":100000}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
 
 declare -A URL=( [mock]=http://127.0.0.1:4010 [nginx]=http://127.0.0.1:4020 [tollgate]=http://127.0.0.1:4000 )
 for target in mock nginx tollgate; do
@@ -77,6 +79,9 @@ for target in mock nginx tollgate; do
   $LG --url "$u" --key "$KEY" --concurrency "$CONC" --seconds "$SECONDS_PER_RUN" --label "$target json max" >> "$OUT/results.jsonl"
   $LG --url "$u" --key "$KEY" --concurrency "$CONC" --stream --seconds "$SECONDS_PER_RUN" --label "$target stream max" >> "$OUT/results.jsonl"
 done
+
+# The limiter: requests, tokens and concurrency limits on, never reached.
+$LG --url http://127.0.0.1:4000/v1/chat/completions --key "$LKEY" --rate "$RATE_JSON" --seconds "$SECONDS_PER_RUN" --label "tollgate-limits json fixed" >> "$OUT/results.jsonl"
 
 # The translation path: a Chat Completions client served by an Anthropic-dialect deployment.
 u=http://127.0.0.1:4000/v1/chat/completions

@@ -3,7 +3,7 @@
 
 use crate::config::parse_duration;
 use crate::error::{ApiError, ErrorKind};
-use crate::keys::{self, KeyRecord, KeyStatus, ServerSecret};
+use crate::keys::{self, KeyLimits, KeyRecord, KeyStatus, ServerSecret};
 use crate::metering::UsageRecord;
 use crate::proxy::{authenticate, now_ms};
 use crate::server::{refresh_keys, reload, AppState};
@@ -33,6 +33,15 @@ pub struct NewKey {
     pub expires: Option<String>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
+    /// Requests per minute; overrides `[limits] rpm`.
+    #[serde(default)]
+    pub rpm: Option<u64>,
+    /// Tokens per minute; overrides `[limits] tpm`.
+    #[serde(default)]
+    pub tpm: Option<u64>,
+    /// Requests in flight at once; overrides `[limits] concurrency`.
+    #[serde(default)]
+    pub concurrency: Option<u32>,
 }
 
 /// A key as shown to operators: never the secret, only its prefix.
@@ -126,6 +135,11 @@ pub fn create_key(
         expires_ms,
         revoked_ms: None,
         rotated_from: None,
+        limits: KeyLimits {
+            rpm: req.rpm,
+            tpm: req.tpm,
+            concurrency: req.concurrency,
+        },
     };
     store.insert_key(&record, &secret.digest(&secret_text))?;
     Ok(CreatedKey {
@@ -196,6 +210,7 @@ pub fn bootstrap_admin_key(
         expires_ms: None,
         revoked_ms: None,
         rotated_from: None,
+        limits: KeyLimits::default(),
     };
     if let Some(k) = from_env.filter(|k| !k.is_empty()) {
         let digest = secret.digest(k);

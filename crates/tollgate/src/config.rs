@@ -15,6 +15,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub routing: RoutingConfig,
     pub metering: MeteringConfig,
+    pub limits: LimitsConfig,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelConfig>,
     pub prices: Vec<PriceConfig>,
@@ -52,6 +53,32 @@ pub struct RoutingConfig {
     pub cooldown_failures: u32,
     #[serde(deserialize_with = "de_duration")]
     pub cooldown: Duration,
+}
+
+/// Default limits for keys without their own (0 = unlimited). Reloadable.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Requests per minute per key.
+    pub rpm: u64,
+    /// Tokens (input + output) per minute per key: an estimate is reserved at admission and
+    /// settled with the provider's count.
+    pub tpm: u64,
+    /// Requests in flight at once per key.
+    pub concurrency: u32,
+    /// Output tokens reserved for a request that sets no `max_tokens`.
+    pub output_estimate: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            rpm: 0,
+            tpm: 0,
+            concurrency: 0,
+            output_estimate: 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -26,6 +26,8 @@ pub enum ErrorKind {
     /// The model's deployments speak another dialect and cannot serve this endpoint.
     DialectMismatch,
     BodyTooLarge,
+    /// One of this key's own limits refused the request.
+    RateLimited,
     UpstreamRateLimited,
     /// The provider refused the request itself (a 4xx other than 429): passed through.
     UpstreamRejected,
@@ -51,6 +53,7 @@ impl ErrorKind {
             ErrorKind::NotFound => "not_found",
             ErrorKind::DialectMismatch => "dialect_mismatch",
             ErrorKind::BodyTooLarge => "request_too_large",
+            ErrorKind::RateLimited => "rate_limited",
             ErrorKind::UpstreamRateLimited => "upstream_rate_limited",
             ErrorKind::UpstreamRejected => "upstream_rejected",
             ErrorKind::UpstreamAuth => "upstream_auth",
@@ -71,7 +74,9 @@ impl ErrorKind {
             ErrorKind::ModelNotAllowed | ErrorKind::AdminOnly => StatusCode::FORBIDDEN,
             ErrorKind::ModelNotFound | ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorKind::UpstreamRateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::UpstreamRateLimited | ErrorKind::RateLimited => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ErrorKind::UpstreamRejected => StatusCode::BAD_REQUEST,
             ErrorKind::UpstreamAuth | ErrorKind::UpstreamError | ErrorKind::UpstreamUnavailable => {
                 StatusCode::BAD_GATEWAY
@@ -95,7 +100,7 @@ impl ErrorKind {
             | ErrorKind::UpstreamRejected
             | ErrorKind::DialectMismatch => "invalid_request_error",
             ErrorKind::ModelNotAllowed | ErrorKind::AdminOnly => "permission_error",
-            ErrorKind::UpstreamRateLimited => "rate_limit_error",
+            ErrorKind::UpstreamRateLimited | ErrorKind::RateLimited => "rate_limit_error",
             ErrorKind::UpstreamTimeout => "timeout_error",
             _ => "server_error",
         }
@@ -113,6 +118,8 @@ pub struct ApiError {
     /// An upstream error body, returned verbatim to clients of the same dialect.
     pub upstream_body: Option<bytes::Bytes>,
     pub upstream_dialect: Option<Dialect>,
+    /// Sent with the error, e.g. the `x-ratelimit-*` state of the limit that refused it.
+    pub headers: Option<Box<http::HeaderMap>>,
 }
 
 impl ApiError {
@@ -125,6 +132,7 @@ impl ApiError {
             retry_after_secs: None,
             upstream_body: None,
             upstream_dialect: None,
+            headers: None,
         }
     }
 
@@ -167,6 +175,9 @@ impl ApiError {
         );
         if let Some(secs) = self.retry_after_secs {
             h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some(extra) = self.headers {
+            h.extend(*extra);
         }
         resp.extensions_mut().insert(self.kind);
         resp

@@ -32,6 +32,19 @@ pub struct KeyRecord {
     pub expires_ms: Option<i64>,
     pub revoked_ms: Option<i64>,
     pub rotated_from: Option<String>,
+    /// Overrides of the configured default limits.
+    #[serde(default)]
+    pub limits: KeyLimits,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
 }
 
 impl KeyRecord {
@@ -220,6 +233,7 @@ mod tests {
             expires_ms: Some(100),
             revoked_ms: None,
             rotated_from: None,
+            limits: KeyLimits::default(),
         };
         assert!(k.allows_model("anything"));
         k.models = vec!["gpt-4o".into(), "mock*".into()];

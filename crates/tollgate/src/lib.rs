@@ -5,6 +5,7 @@ pub mod config;
 pub mod error;
 pub mod estimate;
 pub mod keys;
+pub mod limits;
 pub mod metering;
 pub mod metrics;
 pub mod mock;

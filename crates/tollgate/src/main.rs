@@ -118,6 +118,15 @@ enum KeysCmd {
         /// k=v attribution tag, repeatable.
         #[arg(long = "tag", value_parser = parse_tag)]
         tags: Vec<(String, String)>,
+        /// Requests per minute for this key (overrides [limits] rpm).
+        #[arg(long)]
+        rpm: Option<u64>,
+        /// Tokens per minute for this key (overrides [limits] tpm).
+        #[arg(long)]
+        tpm: Option<u64>,
+        /// Requests in flight at once for this key (overrides [limits] concurrency).
+        #[arg(long)]
+        concurrency: Option<u32>,
     },
     /// List keys (prefixes only, never secrets).
     List,
@@ -337,14 +346,21 @@ async fn keys(cmd: KeysCmd, target: Target) -> anyhow::Result<()> {
             models,
             expires,
             tags,
+            rpm,
+            tpm,
+            concurrency,
         } => {
+            let tags = tags.into_iter().collect::<BTreeMap<_, _>>();
             let req = NewKey {
                 name,
                 team,
                 project,
                 models,
                 expires,
-                tags: tags.into_iter().collect::<BTreeMap<_, _>>(),
+                tags,
+                rpm,
+                tpm,
+                concurrency,
             };
             let created: CreatedKey = match &backend {
                 Backend::Local { store, secret } => admin::create_key(store, secret, req)?,

@@ -10,6 +10,7 @@ use crate::config::ProviderKind;
 use crate::error::{ApiError, Dialect, ErrorKind};
 use crate::estimate;
 use crate::keys::{KeyRecord, KeyStatus};
+use crate::limits::{Admission, Decision, Limits, Refusal};
 use crate::metering::UsageRecord;
 use crate::metrics::{RequestLabels, UpstreamLabels};
 use crate::prices::PriceTable;
@@ -132,13 +133,16 @@ async fn handle(app: Arc<AppState>, endpoint: Endpoint, req: Request) -> Respons
     };
     let mut settle = Settlement::new(app.clone(), &key, endpoint, &request_id, started);
 
-    let response = match run(&app, endpoint, &parts.headers, body, &key, &mut settle).await {
+    let mut response = match run(&app, endpoint, &parts.headers, body, &key, &mut settle).await {
         Ok(resp) => resp,
         Err(e) => {
             settle.finish_error(&e);
             e.into_dialect_response(endpoint.dialect())
         }
     };
+    response
+        .headers_mut()
+        .extend(std::mem::take(&mut settle.rate_headers));
     finish_response(&app, endpoint, &request_id, started, response)
 }
 
@@ -186,8 +190,31 @@ async fn run(
         .param("model"));
     }
 
-    // route
+    // admit
     let runtime = app.runtime.load_full();
+    let limits = effective_limits(key, &runtime.limits);
+    let estimate = if limits.tpm > 0 {
+        let output = match endpoint {
+            Endpoint::Embeddings | Endpoint::CountTokens => 0,
+            _ => doc
+                .max_output_tokens()
+                .ok()
+                .flatten()
+                .unwrap_or(runtime.limits.output_estimate),
+        };
+        // Bytes / 4 over the whole body: cheap, and biased up (JSON syntax counts too).
+        (body.len() as u64).div_ceil(4) + output
+    } else {
+        0
+    };
+    let admission = app
+        .limiter
+        .admit(&key.id, limits, now_us(), estimate)
+        .map_err(refusal)?;
+    settle.rate_headers = rate_limit_headers(admission.requests, admission.tokens);
+    settle.admission = Some(admission);
+
+    // route
     let mut deployments = runtime.resolve(&model).ok_or_else(|| {
         ApiError::new(
             ErrorKind::ModelNotFound,
@@ -693,6 +720,11 @@ struct Settlement {
     started: Instant,
     body: Bytes,
     upstream_started: bool,
+    /// The limiter's grant: its token reservation is settled with the real count, and its
+    /// concurrency slot is released, when the record is committed.
+    admission: Option<Admission>,
+    /// `x-ratelimit-*` for the response.
+    rate_headers: HeaderMap,
 }
 
 impl Settlement {
@@ -722,6 +754,8 @@ impl Settlement {
             started,
             body: Bytes::new(),
             upstream_started: false,
+            admission: None,
+            rate_headers: HeaderMap::new(),
         }
     }
 
@@ -740,6 +774,9 @@ impl Settlement {
 
     fn commit(&mut self, mut rec: UsageRecord) {
         rec.latency_ms = self.started.elapsed().as_millis() as u64;
+        if let Some(mut a) = self.admission.take() {
+            a.settle(now_us(), rec.input_tokens + rec.output_tokens);
+        }
         self.app.meter.record(rec);
     }
 
@@ -1042,6 +1079,7 @@ fn stream_response(
     rest: reqwest::Response,
 ) -> Response {
     let mut rec = settle.take();
+    let admission = settle.admission.take();
     if let Some(r) = rec.as_mut() {
         r.status = 200;
         r.ttft_ms = Some(settle.started.elapsed().as_millis() as u64);
@@ -1064,6 +1102,7 @@ fn stream_response(
         idle_timer: Box::pin(tokio::time::sleep(dep.provider.idle_timeout)),
         deadline: Box::pin(tokio::time::sleep(dep.provider.total_timeout)),
         rec,
+        admission,
         runtime: app.runtime.load_full(),
         provider: dep.provider.name.clone(),
         model: dep.model.clone(),
@@ -1104,6 +1143,8 @@ struct GatewayStream {
     idle_timer: Pin<Box<tokio::time::Sleep>>,
     deadline: Pin<Box<tokio::time::Sleep>>,
     rec: Option<UsageRecord>,
+    /// Held for the stream's whole life: the concurrency slot is the stream's.
+    admission: Option<Admission>,
     runtime: Arc<Runtime>,
     provider: String,
     model: String,
@@ -1186,6 +1227,9 @@ impl GatewayStream {
         rec.latency_ms = self.started.elapsed().as_millis() as u64;
         if disconnected {
             self.app.metrics.client_disconnects.inc();
+        }
+        if let Some(mut a) = self.admission.take() {
+            a.settle(now_us(), rec.input_tokens + rec.output_tokens);
         }
         self.app.meter.record(rec);
     }
@@ -1298,6 +1342,90 @@ fn finish_response(
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
+}
+
+/// The key's own limits where it has them, the configured defaults elsewhere.
+fn effective_limits(key: &KeyRecord, defaults: &crate::config::LimitsConfig) -> Limits {
+    Limits {
+        rpm: key.limits.rpm.unwrap_or(defaults.rpm),
+        tpm: key.limits.tpm.unwrap_or(defaults.tpm),
+        concurrency: key.limits.concurrency.unwrap_or(defaults.concurrency),
+    }
+}
+
+/// A refusal by one of the key's limits: 429 with `Retry-After` and a body naming the limit.
+fn refusal(r: Refusal) -> ApiError {
+    let (message, param, retry_us, headers) = match r {
+        Refusal::Requests(d) => (
+            format!("rate limit reached: {} requests per minute for this key", d.limit),
+            "requests",
+            d.retry_after_us,
+            rate_limit_headers(Some(d), None),
+        ),
+        Refusal::Tokens(d) => (
+            format!("rate limit reached: {} tokens per minute for this key (this request reserves its input estimate plus max_tokens)", d.limit),
+            "tokens",
+            d.retry_after_us,
+            rate_limit_headers(None, Some(d)),
+        ),
+        Refusal::Concurrency { limit } => (
+            format!("too many concurrent requests: this key may have {limit} in flight"),
+            "concurrency",
+            // A slot frees when any in-flight request ends; a second is a fair hint.
+            1_000_000,
+            HeaderMap::new(),
+        ),
+    };
+    let mut e = ApiError::new(ErrorKind::RateLimited, message)
+        .param(param)
+        .retry_after(retry_us.div_ceil(1_000_000).max(1));
+    e.headers = Some(Box::new(headers));
+    e
+}
+
+/// OpenAI's `x-ratelimit-*` headers for the limits that apply.
+fn rate_limit_headers(requests: Option<Decision>, tokens: Option<Decision>) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (name, d) in [("requests", requests), ("tokens", tokens)] {
+        let Some(d) = d else { continue };
+        let pairs = [
+            (format!("x-ratelimit-limit-{name}"), d.limit.to_string()),
+            (
+                format!("x-ratelimit-remaining-{name}"),
+                d.remaining.to_string(),
+            ),
+            (format!("x-ratelimit-reset-{name}"), reset_text(d.reset_us)),
+        ];
+        for (k, v) in pairs {
+            if let (Ok(k), Ok(v)) = (
+                http::HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_str(&v),
+            ) {
+                h.insert(k, v);
+            }
+        }
+    }
+    h
+}
+
+/// `850ms`, `12s`, `1m30s`: the duration format OpenAI uses in reset headers.
+fn reset_text(us: u64) -> String {
+    let ms = us.div_ceil(1000);
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = ms.div_ceil(1000);
+    match (secs / 60, secs % 60) {
+        (0, s) => format!("{s}s"),
+        (m, 0) => format!("{m}m"),
+        (m, s) => format!("{m}m{s}s"),
+    }
+}
+
+/// Microseconds on a monotonic clock: limits must not jump with the wall clock.
+pub fn now_us() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_micros() as u64
 }
 
 pub fn new_request_id() -> String {

@@ -34,6 +34,7 @@ pub struct AppState {
     mock_url: Option<String>,
     health: Arc<HealthRegistry>,
     pub shutting_down: AtomicBool,
+    pub limiter: crate::limits::Limiter,
 }
 
 /// How to start a gateway. `tollgate serve` fills it from flags and the environment; tests
@@ -139,6 +140,7 @@ impl Gateway {
             mock_url,
             health,
             shutting_down: AtomicBool::new(false),
+            limiter: crate::limits::Limiter::default(),
         });
         refresh_keys(&app).await.context("loading keys")?;
         tokio::spawn(poll_keys(Arc::downgrade(&app)));

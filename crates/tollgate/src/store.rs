@@ -79,6 +79,8 @@ const MIGRATIONS: &[&str] = &[
     // 2: Anthropic prompt-cache writes
     "ALTER TABLE usage ADD COLUMN cache_write_5m_tokens INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE usage ADD COLUMN cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0;",
+    // 3: per-key limit overrides
+    "ALTER TABLE keys ADD COLUMN limits TEXT NOT NULL DEFAULT '{}';",
 ];
 
 /// Opens a connection with the settings every tollgate connection needs.
@@ -176,8 +178,8 @@ impl Store {
         let tx = conn.transaction()?;
         tx.execute(
             "INSERT INTO keys (id, digest, prefix, name, team, project, models, tags, admin,
-                               created_ms, expires_ms, revoked_ms, rotated_from)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                               created_ms, expires_ms, revoked_ms, rotated_from, limits)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             params![
                 key.id,
                 &digest[..],
@@ -191,7 +193,8 @@ impl Store {
                 key.created_ms,
                 key.expires_ms,
                 key.revoked_ms,
-                key.rotated_from
+                key.rotated_from,
+                json(&key.limits)
             ],
         )?;
         bump_keys_rev(&tx)?;
@@ -295,8 +298,8 @@ impl Store {
         )?;
         tx.execute(
             "INSERT INTO keys (id, digest, prefix, name, team, project, models, tags, admin,
-                               created_ms, expires_ms, revoked_ms, rotated_from)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                               created_ms, expires_ms, revoked_ms, rotated_from, limits)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             params![
                 new_key.id,
                 &digest[..],
@@ -310,7 +313,8 @@ impl Store {
                 new_key.created_ms,
                 new_key.expires_ms,
                 new_key.revoked_ms,
-                new_key.rotated_from
+                new_key.rotated_from,
+                json(&new_key.limits)
             ],
         )?;
         bump_keys_rev(&tx)?;
@@ -430,7 +434,7 @@ fn json<T: Serialize>(v: &T) -> String {
 }
 
 const KEY_COLUMNS: &str =
-    "id, prefix, name, team, project, models, tags, admin, created_ms, expires_ms, revoked_ms, rotated_from";
+    "id, prefix, name, team, project, models, tags, admin, created_ms, expires_ms, revoked_ms, rotated_from, limits";
 
 fn key_from_row(r: &rusqlite::Row, o: usize) -> rusqlite::Result<KeyRecord> {
     let models: String = r.get(o + 5)?;
@@ -448,6 +452,7 @@ fn key_from_row(r: &rusqlite::Row, o: usize) -> rusqlite::Result<KeyRecord> {
         expires_ms: r.get(o + 9)?,
         revoked_ms: r.get(o + 10)?,
         rotated_from: r.get(o + 11)?,
+        limits: serde_json::from_str(&r.get::<_, String>(o + 12)?).unwrap_or_default(),
     })
 }
 

@@ -91,6 +91,7 @@ pub struct Runtime {
     direct: RwLock<HashMap<String, Vec<Arc<Deployment>>>>,
     pub prices: PriceTable,
     pub routing: RoutingConfig,
+    pub limits: crate::config::LimitsConfig,
     health: Arc<HealthRegistry>,
 }
 
@@ -142,6 +143,7 @@ impl Runtime {
             direct: RwLock::new(HashMap::new()),
             prices: PriceTable::new(&cfg.prices),
             routing: cfg.routing.clone(),
+            limits: cfg.limits.clone(),
             health,
         })
     }

@@ -7,6 +7,7 @@ mod harness;
 mod auth;
 mod cli;
 mod clients;
+mod limits;
 mod messages;
 mod metering;
 mod responses;
