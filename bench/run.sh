@@ -25,6 +25,8 @@ trap cleanup EXIT
 $TG mock-provider --listen 127.0.0.1:4010 2>"$OUT/mock.log" & pids+=($!)
 
 cat > "$OUT/tollgate.toml" <<TOML
+[loop_guard]
+enabled = false   # the load generator replays one request, which is exactly what the guard stops
 [server]
 listen = "127.0.0.1:4000"
 data_dir = "$OUT/data"

@@ -16,6 +16,7 @@ pub struct Config {
     pub routing: RoutingConfig,
     pub metering: MeteringConfig,
     pub limits: LimitsConfig,
+    pub loop_guard: LoopGuardConfig,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelConfig>,
     pub prices: Vec<PriceConfig>,
@@ -53,6 +54,43 @@ pub struct RoutingConfig {
     pub cooldown_failures: u32,
     #[serde(deserialize_with = "de_duration")]
     pub cooldown: Duration,
+}
+
+/// Catches agents that repeat themselves. Reloadable.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoopGuardConfig {
+    pub enabled: bool,
+    /// The same request (key, model, conversation, tools) this many times within `window`
+    /// trips the guard: the default 5 trips on the 5th, not the 4th.
+    pub max_repeats: usize,
+    #[serde(deserialize_with = "de_duration")]
+    pub window: Duration,
+    /// The conversation's latest tool call (same tool, same arguments) appearing this many
+    /// times trips the guard; 0 turns the check off.
+    pub max_tool_repeats: usize,
+    pub action: LoopAction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoopAction {
+    /// 429 `loop_detected`, telling the agent it is repeating itself.
+    Reject,
+    /// Serve it, with an `x-tollgate-warning` header.
+    Warn,
+}
+
+impl Default for LoopGuardConfig {
+    fn default() -> Self {
+        LoopGuardConfig {
+            enabled: true,
+            max_repeats: 5,
+            window: Duration::from_secs(60),
+            max_tool_repeats: 3,
+            action: LoopAction::Reject,
+        }
+    }
 }
 
 /// Default limits for keys without their own (0 = unlimited). Reloadable.

@@ -28,6 +28,8 @@ pub enum ErrorKind {
     BodyTooLarge,
     /// One of this key's own limits refused the request.
     RateLimited,
+    /// The agent is repeating itself.
+    LoopDetected,
     UpstreamRateLimited,
     /// The provider refused the request itself (a 4xx other than 429): passed through.
     UpstreamRejected,
@@ -54,6 +56,7 @@ impl ErrorKind {
             ErrorKind::DialectMismatch => "dialect_mismatch",
             ErrorKind::BodyTooLarge => "request_too_large",
             ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::LoopDetected => "loop_detected",
             ErrorKind::UpstreamRateLimited => "upstream_rate_limited",
             ErrorKind::UpstreamRejected => "upstream_rejected",
             ErrorKind::UpstreamAuth => "upstream_auth",
@@ -74,7 +77,7 @@ impl ErrorKind {
             ErrorKind::ModelNotAllowed | ErrorKind::AdminOnly => StatusCode::FORBIDDEN,
             ErrorKind::ModelNotFound | ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorKind::UpstreamRateLimited | ErrorKind::RateLimited => {
+            ErrorKind::UpstreamRateLimited | ErrorKind::RateLimited | ErrorKind::LoopDetected => {
                 StatusCode::TOO_MANY_REQUESTS
             }
             ErrorKind::UpstreamRejected => StatusCode::BAD_REQUEST,
@@ -100,7 +103,9 @@ impl ErrorKind {
             | ErrorKind::UpstreamRejected
             | ErrorKind::DialectMismatch => "invalid_request_error",
             ErrorKind::ModelNotAllowed | ErrorKind::AdminOnly => "permission_error",
-            ErrorKind::UpstreamRateLimited | ErrorKind::RateLimited => "rate_limit_error",
+            ErrorKind::UpstreamRateLimited | ErrorKind::RateLimited | ErrorKind::LoopDetected => {
+                "rate_limit_error"
+            }
             ErrorKind::UpstreamTimeout => "timeout_error",
             _ => "server_error",
         }

@@ -6,6 +6,7 @@ pub mod error;
 pub mod estimate;
 pub mod keys;
 pub mod limits;
+pub mod loopguard;
 pub mod metering;
 pub mod metrics;
 pub mod mock;

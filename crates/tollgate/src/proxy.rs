@@ -207,11 +207,18 @@ async fn run(
     } else {
         0
     };
+    if let Some(warning) = loop_check(app, &runtime.loop_guard, key, endpoint, &model, &doc)? {
+        if let Ok(v) = HeaderValue::from_str(&warning) {
+            settle.rate_headers.insert("x-tollgate-warning", v);
+        }
+    }
     let admission = app
         .limiter
         .admit(&key.id, limits, now_us(), estimate)
         .map_err(refusal)?;
-    settle.rate_headers = rate_limit_headers(admission.requests, admission.tokens);
+    settle
+        .rate_headers
+        .extend(rate_limit_headers(admission.requests, admission.tokens));
     settle.admission = Some(admission);
 
     // route
@@ -1342,6 +1349,68 @@ fn finish_response(
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
+}
+
+/// Refuses (or flags) a request that repeats an earlier one, or whose conversation keeps
+/// calling the same tool with the same arguments. Returns a warning in `warn` mode.
+fn loop_check(
+    app: &AppState,
+    cfg: &crate::config::LoopGuardConfig,
+    key: &KeyRecord,
+    endpoint: Endpoint,
+    model: &str,
+    doc: &RequestDoc,
+) -> Result<Option<String>, ApiError> {
+    use crate::loopguard::{fingerprint, repeated_tool_call, tool_calls};
+    if !cfg.enabled {
+        return Ok(None);
+    }
+    let fields: &[&str] = match endpoint {
+        Endpoint::ChatCompletions => &["messages", "tools"],
+        Endpoint::Messages => &["system", "messages", "tools"],
+        Endpoint::Responses => &["instructions", "input", "tools"],
+        // Re-embedding or re-counting the same text is not an agent stuck in a loop.
+        Endpoint::Embeddings | Endpoint::CountTokens => return Ok(None),
+    };
+    let parts: Vec<Option<&str>> = fields.iter().map(|f| doc.raw(f).map(|r| r.get())).collect();
+    let fp = fingerprint(&key.id, model, &parts);
+    let window_us = cfg.window.as_micros() as u64;
+    let (seen, clears_in) = app.loop_guard.sighting(fp, now_us(), window_us);
+    let mut problem = None;
+    if cfg.max_repeats > 0 && seen >= cfg.max_repeats {
+        problem = Some((
+            format!(
+                "loop detected: this exact request was sent {seen} times in the last {}s. You appear to be repeating yourself; change the request or stop.",
+                cfg.window.as_secs()
+            ),
+            clears_in,
+        ));
+    } else if cfg.max_tool_repeats > 0 && doc.raw("tools").is_some() {
+        if let Some(history) = doc
+            .raw("messages")
+            .and_then(|m| serde_json::from_str::<serde_json::Value>(m.get()).ok())
+        {
+            let calls = tool_calls(&history);
+            if let Some((n, tool)) = repeated_tool_call(&calls) {
+                if n >= cfg.max_tool_repeats {
+                    problem = Some((
+                        format!(
+                            "loop detected: the tool '{tool}' was called with the same arguments {n} times in this conversation. You appear to be stuck; try something different or stop."
+                        ),
+                        window_us,
+                    ));
+                }
+            }
+        }
+    }
+    match (problem, cfg.action) {
+        (None, _) => Ok(None),
+        (Some((message, retry_us)), crate::config::LoopAction::Reject) => {
+            Err(ApiError::new(ErrorKind::LoopDetected, message)
+                .retry_after(retry_us.div_ceil(1_000_000).max(1)))
+        }
+        (Some((message, _)), crate::config::LoopAction::Warn) => Ok(Some(message)),
+    }
 }
 
 /// The key's own limits where it has them, the configured defaults elsewhere.

@@ -35,6 +35,7 @@ pub struct AppState {
     health: Arc<HealthRegistry>,
     pub shutting_down: AtomicBool,
     pub limiter: crate::limits::Limiter,
+    pub loop_guard: crate::loopguard::LoopGuard,
 }
 
 /// How to start a gateway. `tollgate serve` fills it from flags and the environment; tests
@@ -141,6 +142,7 @@ impl Gateway {
             health,
             shutting_down: AtomicBool::new(false),
             limiter: crate::limits::Limiter::default(),
+            loop_guard: crate::loopguard::LoopGuard::default(),
         });
         refresh_keys(&app).await.context("loading keys")?;
         tokio::spawn(poll_keys(Arc::downgrade(&app)));

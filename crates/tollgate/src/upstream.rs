@@ -92,6 +92,7 @@ pub struct Runtime {
     pub prices: PriceTable,
     pub routing: RoutingConfig,
     pub limits: crate::config::LimitsConfig,
+    pub loop_guard: crate::config::LoopGuardConfig,
     health: Arc<HealthRegistry>,
 }
 
@@ -144,6 +145,7 @@ impl Runtime {
             prices: PriceTable::new(&cfg.prices),
             routing: cfg.routing.clone(),
             limits: cfg.limits.clone(),
+            loop_guard: cfg.loop_guard.clone(),
             health,
         })
     }

@@ -8,6 +8,7 @@ mod auth;
 mod cli;
 mod clients;
 mod limits;
+mod loopguard;
 mod messages;
 mod metering;
 mod responses;
