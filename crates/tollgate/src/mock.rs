@@ -251,6 +251,35 @@ impl MockState {
     }
 }
 
+/// What every OpenAI-dialect endpoint does first: count the request, parse it, pick the
+/// behaviour from the model name, and fail if the behaviour says so.
+async fn openai_preamble(
+    state: &MockState,
+    headers: &HeaderMap,
+    body: &[u8],
+    default_model: &str,
+) -> Result<(Value, String, Behaviour), Response> {
+    state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let Ok(req) = serde_json::from_slice::<Value>(body) else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "We could not parse the JSON body of your request.",
+            "invalid_request_error",
+            "invalid_json",
+        ));
+    };
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or(default_model)
+        .to_string();
+    let b = Behaviour::from(&model, headers);
+    if let Some(r) = state.failure(&b, headers).await {
+        return Err(r);
+    }
+    Ok((req, model, b))
+}
+
 fn prompt_tokens(req: &Value) -> u64 {
     let mut text = String::new();
     collect_text(req.get("messages").unwrap_or(&Value::Null), &mut text);
@@ -351,24 +380,10 @@ fn words(n: u64) -> Vec<String> {
 }
 
 async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
-    state.stats.requests.fetch_add(1, Ordering::Relaxed);
-    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "We could not parse the JSON body of your request.",
-            "invalid_request_error",
-            "invalid_json",
-        );
+    let (req, model, b) = match openai_preamble(&state, &headers, &body, "mock").await {
+        Ok(p) => p,
+        Err(r) => return r,
     };
-    let model = req
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("mock")
-        .to_string();
-    let b = Behaviour::from(&model, &headers);
-    if let Some(r) = state.failure(&b, &headers).await {
-        return r;
-    }
     let max = req
         .get("max_completion_tokens")
         .or_else(|| req.get("max_tokens"))
@@ -492,24 +507,10 @@ async fn embeddings(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    state.stats.requests.fetch_add(1, Ordering::Relaxed);
-    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "We could not parse the JSON body of your request.",
-            "invalid_request_error",
-            "invalid_json",
-        );
+    let (req, model, b) = match openai_preamble(&state, &headers, &body, "mock-embed").await {
+        Ok(p) => p,
+        Err(r) => return r,
     };
-    let model = req
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("mock-embed")
-        .to_string();
-    let b = Behaviour::from(&model, &headers);
-    if let Some(r) = state.failure(&b, &headers).await {
-        return r;
-    }
     let inputs: Vec<String> = match req.get("input") {
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(a)) if a.iter().all(Value::is_string) => a
@@ -865,24 +866,10 @@ async fn responses(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    state.stats.requests.fetch_add(1, Ordering::Relaxed);
-    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "We could not parse the JSON body of your request.",
-            "invalid_request_error",
-            "invalid_json",
-        );
+    let (req, model, b) = match openai_preamble(&state, &headers, &body, "mock").await {
+        Ok(p) => p,
+        Err(r) => return r,
     };
-    let model = req
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("mock")
-        .to_string();
-    let b = Behaviour::from(&model, &headers);
-    if let Some(r) = state.failure(&b, &headers).await {
-        return r;
-    }
     let mut text = String::new();
     collect_text(req.get("input").unwrap_or(&Value::Null), &mut text);
     collect_text(req.get("instructions").unwrap_or(&Value::Null), &mut text);

@@ -176,27 +176,7 @@ impl Store {
     pub fn insert_key(&self, key: &KeyRecord, digest: &[u8; 32]) -> Result<()> {
         let mut conn = lock(&self.conn);
         let tx = conn.transaction()?;
-        tx.execute(
-            "INSERT INTO keys (id, digest, prefix, name, team, project, models, tags, admin,
-                               created_ms, expires_ms, revoked_ms, rotated_from, limits)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-            params![
-                key.id,
-                &digest[..],
-                key.prefix,
-                key.name,
-                key.team,
-                key.project,
-                json(&key.models),
-                json(&key.tags),
-                key.admin,
-                key.created_ms,
-                key.expires_ms,
-                key.revoked_ms,
-                key.rotated_from,
-                json(&key.limits)
-            ],
-        )?;
+        insert_key_row(&tx, key, digest)?;
         bump_keys_rev(&tx)?;
         tx.commit()?;
         Ok(())
@@ -296,27 +276,7 @@ impl Store {
             "UPDATE keys SET expires_ms = MIN(COALESCE(expires_ms, ?2), ?2) WHERE id = ?1",
             params![old_id, old_expires_ms],
         )?;
-        tx.execute(
-            "INSERT INTO keys (id, digest, prefix, name, team, project, models, tags, admin,
-                               created_ms, expires_ms, revoked_ms, rotated_from, limits)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-            params![
-                new_key.id,
-                &digest[..],
-                new_key.prefix,
-                new_key.name,
-                new_key.team,
-                new_key.project,
-                json(&new_key.models),
-                json(&new_key.tags),
-                new_key.admin,
-                new_key.created_ms,
-                new_key.expires_ms,
-                new_key.revoked_ms,
-                new_key.rotated_from,
-                json(&new_key.limits)
-            ],
-        )?;
+        insert_key_row(&tx, new_key, digest)?;
         bump_keys_rev(&tx)?;
         tx.commit()?;
         Ok(())
@@ -421,6 +381,32 @@ fn migrate(conn: &mut Connection) -> Result<()> {
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
     }
     tx.commit()?;
+    Ok(())
+}
+
+/// The one INSERT for a key row, shared by creation and rotation.
+fn insert_key_row(tx: &rusqlite::Transaction, key: &KeyRecord, digest: &[u8; 32]) -> Result<()> {
+    tx.execute(
+        "INSERT INTO keys (id, digest, prefix, name, team, project, models, tags, admin,
+                           created_ms, expires_ms, revoked_ms, rotated_from, limits)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        params![
+            key.id,
+            &digest[..],
+            key.prefix,
+            key.name,
+            key.team,
+            key.project,
+            json(&key.models),
+            json(&key.tags),
+            key.admin,
+            key.created_ms,
+            key.expires_ms,
+            key.revoked_ms,
+            key.rotated_from,
+            json(&key.limits)
+        ],
+    )?;
     Ok(())
 }
 
