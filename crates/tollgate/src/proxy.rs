@@ -244,14 +244,15 @@ async fn run(
         )
         .param("model"));
     }
-    let candidates = upstream::order_candidates(&deployments, now_ms()).map_err(|until| {
-        let secs = ((until - now_ms()).max(0) as u64).div_ceil(1000).max(1);
-        ApiError::new(
-            ErrorKind::NoHealthyDeployment,
-            format!("every deployment of '{model}' is cooling down after failures"),
-        )
-        .retry_after(secs)
-    })?;
+    let candidates =
+        upstream::order_candidates(&deployments, now_ms(), &runtime.routing).map_err(|until| {
+            let secs = ((until - now_ms()).max(0) as u64).div_ceil(1000).max(1);
+            ApiError::new(
+                ErrorKind::NoHealthyDeployment,
+                format!("every deployment of '{model}' is cooling down after failures"),
+            )
+            .retry_after(secs)
+        })?;
 
     // forward
     let client_wants_usage = doc.client_wants_stream_usage();

@@ -33,26 +33,47 @@ pub struct Deployment {
     pub health: Arc<Health>,
 }
 
-/// Consecutive failures and cooldown of one deployment (provider + upstream model). Kept
-/// across config reloads so that a reload does not forgive a failing deployment.
+/// The circuit breaker of one deployment (provider + upstream model), kept across config
+/// reloads so that a reload does not forgive a failing deployment.
+///
+/// Closed: traffic flows. `cooldown_failures` consecutive failures open it for `cooldown`
+/// (an upstream `Retry-After` also cools it down, for as long as asked). After the cooldown it
+/// is half-open: one request at a time is let through as a probe; a success closes it, a
+/// failure opens it again.
 #[derive(Default)]
 pub struct Health {
     consecutive_failures: AtomicU32,
     cooldown_until_ms: AtomicI64,
+    open: std::sync::atomic::AtomicBool,
+    /// When the current probe was let through (0: none). A probe that never reports back
+    /// (its request went to another deployment) frees the slot after one cooldown.
+    probe_started_ms: AtomicI64,
+}
+
+/// Whether a deployment may take a request now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    Closed,
+    /// Half-open, and this request is the probe.
+    Probe,
+    /// Open (cooling down, or another request is probing) until this time.
+    Unavailable(i64),
 }
 
 impl Health {
     pub fn success(&self) {
         self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.open.store(false, Ordering::Release);
+        self.probe_started_ms.store(0, Ordering::Release);
     }
 
-    /// Counts a failure; after `threshold` in a row the deployment cools down. An upstream
-    /// `Retry-After` cools it down at once for as long as the upstream asked.
+    /// Counts a failure; after `threshold` in a row the circuit opens for `cooldown`.
     pub fn failure(&self, now_ms: i64, retry_after: Option<Duration>, routing: &RoutingConfig) {
         let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         let mut until = 0i64;
         if n >= routing.cooldown_failures {
             until = now_ms + routing.cooldown.as_millis() as i64;
+            self.open.store(true, Ordering::Release);
         }
         if let Some(ra) = retry_after {
             until = until.max(now_ms + ra.as_millis() as i64);
@@ -60,11 +81,33 @@ impl Health {
         if until > 0 {
             self.cooldown_until_ms.fetch_max(until, Ordering::Relaxed);
         }
+        self.probe_started_ms.store(0, Ordering::Release);
     }
 
     pub fn cooling_until(&self, now_ms: i64) -> Option<i64> {
         let until = self.cooldown_until_ms.load(Ordering::Relaxed);
         (until > now_ms).then_some(until)
+    }
+
+    /// Decides for one request; in the half-open state only one caller gets `Probe`.
+    pub fn availability(&self, now_ms: i64, routing: &RoutingConfig) -> Availability {
+        if let Some(until) = self.cooling_until(now_ms) {
+            return Availability::Unavailable(until);
+        }
+        if !self.open.load(Ordering::Acquire) {
+            return Availability::Closed;
+        }
+        let started = self.probe_started_ms.load(Ordering::Acquire);
+        let slot_free = started == 0 || now_ms - started >= routing.cooldown.as_millis() as i64;
+        if slot_free
+            && self
+                .probe_started_ms
+                .compare_exchange(started, now_ms, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            return Availability::Probe;
+        }
+        Availability::Unavailable(started + routing.cooldown.as_millis() as i64)
     }
 }
 
@@ -224,13 +267,14 @@ impl Runtime {
 pub fn order_candidates(
     deps: &[Arc<Deployment>],
     now_ms: i64,
+    routing: &RoutingConfig,
 ) -> Result<Vec<Arc<Deployment>>, i64> {
     let mut healthy: Vec<Arc<Deployment>> = Vec::with_capacity(deps.len());
     let mut earliest = i64::MAX;
     for d in deps {
-        match d.health.cooling_until(now_ms) {
-            Some(until) => earliest = earliest.min(until),
-            None => healthy.push(d.clone()),
+        match d.health.availability(now_ms, routing) {
+            Availability::Unavailable(until) => earliest = earliest.min(until),
+            Availability::Closed | Availability::Probe => healthy.push(d.clone()),
         }
     }
     if healthy.is_empty() {
@@ -396,7 +440,12 @@ mod tests {
         let c = dep("c", 1, 0, Arc::default());
         let mut first_b = 0;
         for _ in 0..1000 {
-            let order = order_candidates(&[a.clone(), b.clone(), c.clone()], 0).unwrap();
+            let order = order_candidates(
+                &[a.clone(), b.clone(), c.clone()],
+                0,
+                &RoutingConfig::default(),
+            )
+            .unwrap();
             assert_eq!(order.len(), 3);
             assert_eq!(order[2].provider.name, "a");
             if order[0].provider.name == "b" {
@@ -408,7 +457,7 @@ mod tests {
     }
 
     #[test]
-    fn cooling_deployments_are_skipped_until_they_recover() {
+    fn the_breaker_opens_then_lets_one_probe_through_then_closes() {
         let routing = RoutingConfig {
             cooldown_failures: 2,
             cooldown: Duration::from_secs(10),
@@ -416,17 +465,51 @@ mod tests {
         };
         let h = Arc::new(Health::default());
         let a = dep("a", 1, 0, h.clone());
+        let one = std::slice::from_ref(&a);
         h.failure(0, None, &routing);
-        assert!(order_candidates(std::slice::from_ref(&a), 1).is_ok());
+        assert!(order_candidates(one, 1, &routing).is_ok());
         h.failure(0, None, &routing);
+        assert_eq!(order_candidates(one, 1, &routing).err(), Some(10_000));
+        // Half-open: one probe, and nobody else until it reports.
+        assert_eq!(h.availability(10_000, &routing), Availability::Probe);
         assert_eq!(
-            order_candidates(std::slice::from_ref(&a), 1).err(),
-            Some(10_000)
+            h.availability(10_001, &routing),
+            Availability::Unavailable(20_000)
         );
-        assert!(order_candidates(std::slice::from_ref(&a), 10_000).is_ok());
+        // The probe fails: open again.
+        h.failure(10_050, None, &routing);
+        assert_eq!(order_candidates(one, 10_051, &routing).err(), Some(20_050));
+        // The next probe succeeds: closed, everyone gets through.
+        assert_eq!(h.availability(20_050, &routing), Availability::Probe);
         h.success();
+        assert_eq!(h.availability(20_051, &routing), Availability::Closed);
+        assert_eq!(h.availability(20_052, &routing), Availability::Closed);
+    }
+
+    #[test]
+    fn a_probe_that_never_reports_frees_its_slot_after_a_cooldown() {
+        let routing = RoutingConfig {
+            cooldown_failures: 1,
+            cooldown: Duration::from_secs(1),
+            ..RoutingConfig::default()
+        };
+        let h = Health::default();
+        h.failure(0, None, &routing);
+        assert_eq!(h.availability(1_000, &routing), Availability::Probe);
+        assert!(matches!(
+            h.availability(1_500, &routing),
+            Availability::Unavailable(_)
+        ));
+        assert_eq!(h.availability(2_000, &routing), Availability::Probe);
+    }
+
+    #[test]
+    fn retry_after_cools_a_deployment_for_as_long_as_asked() {
+        let routing = RoutingConfig::default();
+        let h = Arc::new(Health::default());
+        let a = dep("a", 1, 0, h.clone());
         h.failure(20_000, Some(Duration::from_secs(3)), &routing);
-        assert_eq!(order_candidates(&[a], 20_001).err(), Some(23_000));
+        assert_eq!(order_candidates(&[a], 20_001, &routing).err(), Some(23_000));
     }
 
     #[test]

@@ -309,3 +309,53 @@ async fn reload_adds_an_alias_without_a_restart() {
         200
     );
 }
+
+#[tokio::test]
+async fn a_circuit_opens_on_a_failing_deployment_and_closes_after_it_recovers() {
+    let flaky = spawn_mock(None).await;
+    let good = spawn_mock(None).await;
+    // The primary fails its first 4 requests, then recovers.
+    let cfg = two_providers(&flaky, "mock-flaky-4", &good).replace(
+        "max_attempts = 3",
+        "max_attempts = 2\ncooldown_failures = 2\ncooldown = \"300ms\"",
+    );
+    let gw = TestGateway::start(&cfg).await;
+    let key = gw.key().await;
+    let mut n = 0;
+    let mut ask = || {
+        n += 1;
+        let body = json!({"model": "smart", "messages": user(&format!("request {n}"))});
+        let gw = &gw;
+        let key = key.clone();
+        async move {
+            let r = gw.chat(&key, body).await;
+            assert_eq!(r.status(), 200);
+            let rec = gw.record_for(r.headers()).await;
+            (rec.provider.unwrap(), rec.attempts)
+        }
+    };
+    let pause = || tokio::time::sleep(std::time::Duration::from_millis(350));
+    // Two failures open the circuit; traffic moves to the healthy deployment.
+    assert_eq!(ask().await, ("secondary".into(), 2));
+    assert_eq!(ask().await, ("secondary".into(), 2));
+    assert_eq!(
+        ask().await,
+        ("secondary".into(), 1),
+        "open: the primary is not tried"
+    );
+    // Half-open probes fail twice more (the primary's 3rd and 4th failures).
+    pause().await;
+    assert_eq!(ask().await, ("secondary".into(), 2));
+    assert_eq!(
+        ask().await,
+        ("secondary".into(), 1),
+        "open again after the failed probe"
+    );
+    pause().await;
+    assert_eq!(ask().await, ("secondary".into(), 2));
+    // The next probe succeeds and the circuit closes: traffic comes back.
+    pause().await;
+    assert_eq!(ask().await, ("primary".into(), 1));
+    assert_eq!(ask().await, ("primary".into(), 1));
+    assert_eq!(mock_stats(&flaky).await["requests"], 6);
+}
