@@ -148,7 +148,8 @@ pub enum Refusal {
 /// Admission granted: holds the concurrency slot and the token reservation until settled
 /// (or dropped, which releases the slot and keeps the reservation, the safe side).
 pub struct Admission {
-    state: Arc<KeyState>,
+    /// `None` for a key without limits: nothing to take, settle or release.
+    state: Option<Arc<KeyState>>,
     limits: Limits,
     reserved_tokens: u64,
     pub requests: Option<Decision>,
@@ -163,12 +164,11 @@ impl Admission {
             return;
         }
         self.settled = true;
+        let Some(state) = &self.state else { return };
         if self.limits.tpm > 0 {
             let delta = actual_tokens as i64 - self.reserved_tokens as i64;
             if delta != 0 {
-                self.state
-                    .tokens
-                    .adjust(now, self.limits.tpm, MINUTE_US, delta);
+                state.tokens.adjust(now, self.limits.tpm, MINUTE_US, delta);
             }
         }
     }
@@ -176,8 +176,8 @@ impl Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        if self.limits.concurrency > 0 {
-            self.state.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if let (Some(state), true) = (&self.state, self.limits.concurrency > 0) {
+            state.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
@@ -215,6 +215,17 @@ impl Limiter {
         now: u64,
         estimated_tokens: u64,
     ) -> Result<Admission, Refusal> {
+        // The common case, a key without limits, takes no lock and does no lookup.
+        if limits == Limits::default() {
+            return Ok(Admission {
+                state: None,
+                limits,
+                reserved_tokens: 0,
+                requests: None,
+                tokens: None,
+                settled: false,
+            });
+        }
         let state = self.state(key_id);
         if limits.concurrency > 0 {
             let prev = state.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -227,7 +238,7 @@ impl Limiter {
         }
         // From here, dropping `adm` releases the concurrency slot.
         let mut adm = Admission {
-            state: state.clone(),
+            state: Some(state.clone()),
             limits,
             reserved_tokens: 0,
             requests: None,

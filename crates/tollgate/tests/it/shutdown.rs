@@ -181,3 +181,68 @@ async fn shutdown_lets_an_in_flight_stream_finish_and_records_it() {
     assert_eq!(recs.len(), 1);
     assert_eq!((recs[0].status, recs[0].output_tokens), (200, 16));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_config_file_in_the_real_binary() {
+    tollgate::server::init_tls();
+    let dir = TempDir::new("sighup");
+    let port = free_port();
+    let cfg_path = dir.path().join("tollgate.toml");
+    let base = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[[providers]]\nname = \"mock\"\nkind = \"mock\"\nmodels = [\"mock*\"]\n",
+        dir.path().join("data").display()
+    );
+    std::fs::write(&cfg_path, &base).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--config", cfg_path.to_str().unwrap()])
+        .env("TOLLGATE_ADMIN_KEY", ADMIN_KEY)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let child = KillOnDrop(Some(child));
+    let url = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    for _ in 0..200 {
+        if client.get(format!("{url}/healthz")).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let chat = |model: &'static str| {
+        let client = client.clone();
+        let url = url.clone();
+        async move {
+            client
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(ADMIN_KEY)
+                .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(chat("fast").await, 404);
+    std::fs::write(&cfg_path, format!("{base}[[models]]\nname = \"fast\"\ndeployments = [{{ provider = \"mock\", model = \"mock\" }}]\n")).unwrap();
+    let pid = child.0.as_ref().unwrap().id().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut status = 0;
+    for _ in 0..100 {
+        status = chat("fast").await;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        status, 200,
+        "the alias added to the file is served after SIGHUP"
+    );
+}
