@@ -174,6 +174,33 @@ impl TestGateway {
     }
 }
 
+/// Waits (up to 2 s) for the record of a request whose client went away, which the stream's
+/// drop settles after the client has stopped reading.
+pub async fn wait_record(gw: &TestGateway, id: &str) -> UsageRecord {
+    for _ in 0..100 {
+        if let Some(rec) = gw.records().await.into_iter().find(|r| r.id == id) {
+            return rec;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("no usage record for {id}");
+}
+
+/// Waits (up to 2 s) until the mock has seen `n` streams cancelled; fails otherwise.
+pub async fn wait_streams_cancelled(base_url: &str, n: u64) {
+    let mut seen = 0;
+    for _ in 0..100 {
+        seen = mock_stats(base_url).await["streams_cancelled"]
+            .as_u64()
+            .unwrap();
+        if seen == n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("the upstream saw {seen} cancelled streams, expected {n}");
+}
+
 /// A standalone mock provider on a free port; returns its `/v1` base URL.
 pub async fn spawn_mock(api_key: Option<&str>) -> String {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

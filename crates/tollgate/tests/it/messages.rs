@@ -3,7 +3,6 @@
 
 use crate::harness::*;
 use serde_json::{json, Value};
-use std::time::Duration;
 
 /// A standalone mock behind an `anthropic`-kind provider whose key must arrive as x-api-key,
 /// with every token class priced differently.
@@ -201,26 +200,12 @@ async fn messages_disconnect_keeps_the_providers_input_and_estimates_output() {
         got.extend_from_slice(&resp.chunk().await.unwrap().unwrap());
     }
     drop(resp);
-    let mut rec = None;
-    for _ in 0..100 {
-        rec = gw.records().await.into_iter().find(|r| r.id == id);
-        if rec.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let rec = rec.unwrap();
+    let rec = wait_record(&gw, &id).await;
     assert!(rec.client_disconnected);
     assert_eq!(rec.usage_source, "estimated");
     assert!(rec.input_tokens > 0);
     assert!(rec.output_tokens >= 1 && rec.output_tokens < 200, "{rec:?}");
-    for _ in 0..100 {
-        if mock_stats(&up).await["streams_cancelled"] == 1 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the upstream stream was not cancelled");
+    wait_streams_cancelled(&up, 1).await;
 }
 
 #[tokio::test]

@@ -93,15 +93,7 @@ async fn client_disconnect_mid_stream_cancels_upstream_and_meters_what_was_sent(
     }
     drop(resp);
 
-    let mut rec = None;
-    for _ in 0..100 {
-        rec = gw.records().await.into_iter().find(|r| r.id == id);
-        if rec.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let rec = rec.expect("a record for the abandoned stream");
+    let rec = wait_record(&gw, &id).await;
     assert!(rec.client_disconnected);
     assert_eq!(rec.status, 200);
     assert_eq!(rec.error_kind.as_deref(), Some("client_disconnected"));
@@ -109,15 +101,7 @@ async fn client_disconnect_mid_stream_cancels_upstream_and_meters_what_was_sent(
     assert!(rec.output_tokens >= 1 && rec.output_tokens < 200, "{rec:?}");
     assert!(rec.cost_micros > 0);
     // The upstream saw the cancellation rather than generating all 200 words.
-    let mut cancelled = 0;
-    for _ in 0..100 {
-        cancelled = mock_stats(&up).await["streams_cancelled"].as_u64().unwrap();
-        if cancelled == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(cancelled, 1);
+    wait_streams_cancelled(&up, 1).await;
     assert_eq!(mock_stats(&up).await["streams_completed"], 0);
     assert_eq!(gw.records().await.len(), 1);
 }
@@ -171,13 +155,7 @@ async fn stalled_stream_is_cut_after_the_idle_timeout() {
     let rec = gw.record_for(&headers).await;
     assert_eq!(rec.error_kind.as_deref(), Some("upstream_idle_timeout"));
     // The stalled upstream connection was closed.
-    for _ in 0..100 {
-        if mock_stats(&up).await["streams_cancelled"] == 1 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("upstream stream was not cancelled");
+    wait_streams_cancelled(&up, 1).await;
 }
 
 #[tokio::test]

@@ -358,15 +358,7 @@ async fn translated_stream_disconnect_is_metered_once_and_cancels_upstream() {
     }
     assert!(String::from_utf8_lossy(&got).contains("chat.completion.chunk"));
     drop(resp);
-    let mut rec = None;
-    for _ in 0..100 {
-        rec = gw.records().await.into_iter().find(|r| r.id == id);
-        if rec.is_some() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    let rec = rec.unwrap();
+    let rec = wait_record(&gw, &id).await;
     assert!(rec.client_disconnected);
     // The provider's input count from message_start is kept; only the output is estimated.
     assert_eq!(rec.usage_source, "estimated");
@@ -374,14 +366,8 @@ async fn translated_stream_disconnect_is_metered_once_and_cancels_upstream() {
         rec.input_tokens > 0 && rec.output_tokens >= 1 && rec.output_tokens < 200,
         "{rec:?}"
     );
-    for _ in 0..100 {
-        if mock_stats(&up).await["streams_cancelled"] == 1 {
-            assert_eq!(gw.records().await.len(), 1);
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    panic!("upstream not cancelled");
+    wait_streams_cancelled(&up, 1).await;
+    assert_eq!(gw.records().await.len(), 1);
 }
 
 #[tokio::test]
