@@ -7,10 +7,10 @@ use crate::keys::{self, KeyLimits, KeyRecord, KeyStatus, ServerSecret};
 use crate::metering::UsageRecord;
 use crate::proxy::{authenticate, now_ms};
 use crate::server::{refresh_keys, reload, AppState};
-use crate::store::{GroupBy, ReportRow, Store, StoreError};
+use crate::store::{GroupBy, ReportRow, Store, StoreError, TeamRecord};
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use http::HeaderMap;
 use serde::{Deserialize, Serialize};
@@ -247,6 +247,33 @@ pub fn usage_report(
     Ok(store.usage_report(&by, since_ms(since)?)?)
 }
 
+/// Creates the team if new and replaces its limit overrides (unset = the `[limits.team]`
+/// default).
+pub fn set_team_limits(
+    store: &Store,
+    name: &str,
+    limits: KeyLimits,
+) -> Result<TeamRecord, AdminError> {
+    validate_name("team", name)?;
+    store.set_team_limits(name, &limits, now_ms())?;
+    store
+        .list_teams()?
+        .into_iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| AdminError::Invalid(format!("team \"{name}\" vanished")))
+}
+
+/// Replaces a key's limit overrides (unset = the `[limits]` default).
+pub fn set_key_limits(
+    store: &Store,
+    id_or_name: &str,
+    limits: KeyLimits,
+) -> Result<KeyView, AdminError> {
+    let key = store.find_key(id_or_name, now_ms())?;
+    store.set_key_limits(&key.id, &limits)?;
+    Ok(view(store.find_key(&key.id, now_ms())?))
+}
+
 // ---------------------------------------------------------------------------------------
 // HTTP
 
@@ -255,6 +282,9 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/keys", get(list_keys_h).post(create_key_h))
         .route("/keys/{id}/revoke", post(revoke_key_h))
         .route("/keys/{id}/rotate", post(rotate_key_h))
+        .route("/keys/{id}/limits", put(key_limits_h))
+        .route("/teams", get(list_teams_h))
+        .route("/teams/{name}", put(team_limits_h))
         .route("/usage", get(usage_h))
         .route("/usage/records", get(records_h))
         .route("/reload", post(reload_h))
@@ -350,6 +380,41 @@ async fn rotate_key_h(
     let created = blocking(&app, move |a| rotate_key(&a.store, &a.secret, &id, grace)).await?;
     let _ = refresh_keys(&app).await;
     Ok((http::StatusCode::CREATED, Json(created)).into_response())
+}
+
+async fn key_limits_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let limits: KeyLimits = json_body(&body)?;
+    let v = blocking(&app, move |a| set_key_limits(&a.store, &id, limits)).await?;
+    let _ = refresh_keys(&app).await;
+    Ok(Json(v).into_response())
+}
+
+async fn list_teams_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let teams = blocking(&app, |a| Ok(a.store.list_teams()?)).await?;
+    Ok(Json(teams).into_response())
+}
+
+async fn team_limits_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let limits: KeyLimits = json_body(&body)?;
+    let t = blocking(&app, move |a| set_team_limits(&a.store, &name, limits)).await?;
+    let _ = refresh_keys(&app).await;
+    Ok(Json(t).into_response())
 }
 
 #[derive(Deserialize)]

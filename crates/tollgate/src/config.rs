@@ -106,6 +106,80 @@ pub struct LimitsConfig {
     pub concurrency: u32,
     /// Output tokens reserved for a request that sets no `max_tokens`.
     pub output_estimate: u64,
+    /// Default limits per team (keys with a team share them); teams can override them.
+    pub team: ScopeLimits,
+    /// Where limit state lives: `local` (this process) or `redis` (shared by replicas).
+    /// Needs a restart to change.
+    pub backend: LimitsBackend,
+    pub redis: RedisLimitsConfig,
+}
+
+/// Requests per minute, tokens per minute and requests in flight (0 = unlimited).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScopeLimits {
+    pub rpm: u64,
+    pub tpm: u64,
+    pub concurrency: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitsBackend {
+    #[default]
+    Local,
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisLimitsConfig {
+    /// `redis://host:port/db` (or `redis://:password@host:port`).
+    pub url: Option<String>,
+    /// Deadline of one limiter call; a slower Redis counts as down.
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// How many replicas share the limits: a `fail_open` replica enforces 1/replicas of each.
+    pub replicas: u64,
+    /// A concurrency slot held by a replica that died frees after this long.
+    #[serde(deserialize_with = "de_duration")]
+    pub lease_ttl: Duration,
+    /// After a failure, how long a replica decides locally before asking Redis again.
+    #[serde(deserialize_with = "de_duration")]
+    pub retry_interval: Duration,
+    pub on_error: OnRedisError,
+}
+
+/// What each limit class does while Redis is unreachable.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OnRedisError {
+    pub requests: FailPolicy,
+    pub tokens: FailPolicy,
+    pub concurrency: FailPolicy,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailPolicy {
+    /// Keep serving under this replica's share of the limit (limit / replicas).
+    #[default]
+    FailOpen,
+    /// Refuse with 503 until Redis answers again.
+    FailClosed,
+}
+
+impl Default for RedisLimitsConfig {
+    fn default() -> Self {
+        RedisLimitsConfig {
+            url: None,
+            timeout: Duration::from_millis(50),
+            replicas: 1,
+            lease_ttl: Duration::from_secs(900),
+            retry_interval: Duration::from_secs(1),
+            on_error: OnRedisError::default(),
+        }
+    }
 }
 
 impl Default for LimitsConfig {
@@ -115,6 +189,9 @@ impl Default for LimitsConfig {
             tpm: 0,
             concurrency: 0,
             output_estimate: 1024,
+            team: ScopeLimits::default(),
+            backend: LimitsBackend::Local,
+            redis: RedisLimitsConfig::default(),
         }
     }
 }
@@ -205,6 +282,13 @@ pub struct ModelConfig {
     /// The name clients send as `model`.
     pub name: String,
     pub deployments: Vec<DeploymentConfig>,
+    /// Limits on this model across all keys.
+    #[serde(default)]
+    pub rpm: u64,
+    #[serde(default)]
+    pub tpm: u64,
+    #[serde(default)]
+    pub concurrency: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -219,6 +303,13 @@ pub struct DeploymentConfig {
     /// Lower is tried first; weights share traffic within one priority.
     #[serde(default)]
     pub priority: u32,
+    /// The provider account's quota for this model: a deployment at its limit is skipped.
+    #[serde(default)]
+    pub rpm: u64,
+    #[serde(default)]
+    pub tpm: u64,
+    #[serde(default)]
+    pub concurrency: u32,
 }
 
 fn d_weight() -> u32 {
@@ -363,6 +454,29 @@ impl Config {
         }
         if self.metering.batch_max == 0 {
             p("metering.batch_max".into(), "must be greater than 0");
+        }
+        if self.limits.backend == LimitsBackend::Redis {
+            let r = &self.limits.redis;
+            match r.url.as_deref() {
+                None => p(
+                    "limits.redis.url".into(),
+                    "required when limits.backend = \"redis\"",
+                ),
+                Some(u) if !(u.starts_with("redis://") || u.starts_with("unix://")) => p(
+                    "limits.redis.url".into(),
+                    &format!("not a redis:// URL: \"{u}\""),
+                ),
+                Some(_) => {}
+            }
+            if r.timeout.is_zero() {
+                p("limits.redis.timeout".into(), "must be greater than 0");
+            }
+            if r.replicas == 0 {
+                p("limits.redis.replicas".into(), "must be at least 1");
+            }
+            if r.lease_ttl < Duration::from_secs(1) {
+                p("limits.redis.lease_ttl".into(), "must be at least 1s");
+            }
         }
         let mut provider_names = HashSet::new();
         for (i, prov) in self.providers.iter().enumerate() {

@@ -30,6 +30,10 @@ pub enum ErrorKind {
     RateLimited,
     /// The agent is repeating itself.
     LoopDetected,
+    /// The agent's retries exceed its retry budget.
+    RetryBudgetExhausted,
+    /// The shared limiter (Redis) is unreachable and this limit fails closed.
+    LimiterUnavailable,
     UpstreamRateLimited,
     /// The provider refused the request itself (a 4xx other than 429): passed through.
     UpstreamRejected,
@@ -57,6 +61,8 @@ impl ErrorKind {
             ErrorKind::BodyTooLarge => "request_too_large",
             ErrorKind::RateLimited => "rate_limited",
             ErrorKind::LoopDetected => "loop_detected",
+            ErrorKind::RetryBudgetExhausted => "retry_budget_exhausted",
+            ErrorKind::LimiterUnavailable => "limiter_unavailable",
             ErrorKind::UpstreamRateLimited => "upstream_rate_limited",
             ErrorKind::UpstreamRejected => "upstream_rejected",
             ErrorKind::UpstreamAuth => "upstream_auth",
@@ -77,14 +83,17 @@ impl ErrorKind {
             ErrorKind::ModelNotAllowed | ErrorKind::AdminOnly => StatusCode::FORBIDDEN,
             ErrorKind::ModelNotFound | ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorKind::UpstreamRateLimited | ErrorKind::RateLimited | ErrorKind::LoopDetected => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            ErrorKind::UpstreamRateLimited
+            | ErrorKind::RateLimited
+            | ErrorKind::LoopDetected
+            | ErrorKind::RetryBudgetExhausted => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::UpstreamRejected => StatusCode::BAD_REQUEST,
             ErrorKind::UpstreamAuth | ErrorKind::UpstreamError | ErrorKind::UpstreamUnavailable => {
                 StatusCode::BAD_GATEWAY
             }
-            ErrorKind::NoHealthyDeployment => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::NoHealthyDeployment | ErrorKind::LimiterUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -103,9 +112,10 @@ impl ErrorKind {
             | ErrorKind::UpstreamRejected
             | ErrorKind::DialectMismatch => "invalid_request_error",
             ErrorKind::ModelNotAllowed | ErrorKind::AdminOnly => "permission_error",
-            ErrorKind::UpstreamRateLimited | ErrorKind::RateLimited | ErrorKind::LoopDetected => {
-                "rate_limit_error"
-            }
+            ErrorKind::UpstreamRateLimited
+            | ErrorKind::RateLimited
+            | ErrorKind::LoopDetected
+            | ErrorKind::RetryBudgetExhausted => "rate_limit_error",
             ErrorKind::UpstreamTimeout => "timeout_error",
             _ => "server_error",
         }

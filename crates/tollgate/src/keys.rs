@@ -37,7 +37,9 @@ pub struct KeyRecord {
     pub limits: KeyLimits,
 }
 
+/// Limit overrides of a key or a team; unset fields use the configured defaults.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct KeyLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpm: Option<u64>,
@@ -160,6 +162,8 @@ pub fn generate_id() -> String {
 #[derive(Default)]
 pub struct KeyCache {
     map: ArcSwap<HashMap<[u8; 32], Arc<KeyRecord>>>,
+    /// Team name → its limit overrides; teams without a row use the `[limits.team]` defaults.
+    teams: ArcSwap<HashMap<String, KeyLimits>>,
     rev: std::sync::atomic::AtomicI64,
 }
 
@@ -167,6 +171,7 @@ impl KeyCache {
     pub fn new() -> Self {
         KeyCache {
             map: ArcSwap::from_pointee(HashMap::new()),
+            teams: ArcSwap::from_pointee(HashMap::new()),
             rev: std::sync::atomic::AtomicI64::new(-1),
         }
     }
@@ -175,9 +180,19 @@ impl KeyCache {
         self.map.load().get(digest).cloned()
     }
 
-    pub fn replace(&self, rev: i64, keys: Vec<([u8; 32], KeyRecord)>) {
+    pub fn team_limits(&self, team: &str) -> Option<KeyLimits> {
+        self.teams.load().get(team).copied()
+    }
+
+    pub fn replace(
+        &self,
+        rev: i64,
+        keys: Vec<([u8; 32], KeyRecord)>,
+        teams: impl IntoIterator<Item = (String, KeyLimits)>,
+    ) {
         let map = keys.into_iter().map(|(d, k)| (d, Arc::new(k))).collect();
         self.map.store(Arc::new(map));
+        self.teams.store(Arc::new(teams.into_iter().collect()));
         self.rev.store(rev, std::sync::atomic::Ordering::Release);
     }
 

@@ -8,9 +8,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use tollgate::admin::{self, CreatedKey, KeyView, NewKey};
 use tollgate::config::{parse_duration, Config};
+use tollgate::keys::KeyLimits;
 use tollgate::keys::ServerSecret;
 use tollgate::server::{Gateway, ServeOptions};
-use tollgate::store::{ReportRow, Store};
+use tollgate::store::{ReportRow, Store, TeamRecord};
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +38,13 @@ enum Cmd {
     Keys {
         #[command(subcommand)]
         cmd: KeysCmd,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Teams and their limit overrides.
+    Teams {
+        #[command(subcommand)]
+        cmd: TeamsCmd,
         #[command(flatten)]
         target: Target,
     },
@@ -118,26 +126,62 @@ enum KeysCmd {
         /// k=v attribution tag, repeatable.
         #[arg(long = "tag", value_parser = parse_tag)]
         tags: Vec<(String, String)>,
-        /// Requests per minute for this key (overrides [limits] rpm).
-        #[arg(long)]
-        rpm: Option<u64>,
-        /// Tokens per minute for this key (overrides [limits] tpm).
-        #[arg(long)]
-        tpm: Option<u64>,
-        /// Requests in flight at once for this key (overrides [limits] concurrency).
-        #[arg(long)]
-        concurrency: Option<u32>,
+        /// This key's limits (each overrides its [limits] default).
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// List keys (prefixes only, never secrets).
     List,
     /// Revoke a key by id (or by name when unique). Takes effect within a second.
     Revoke { key: String },
+    /// Replace a key's limit overrides; a limit left out falls back to [limits]. 0 = none.
+    Limits {
+        key: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
     /// Issue a new secret for a key; the old one keeps working for the grace period.
     Rotate {
         key: String,
         #[arg(long, default_value = "24h")]
         grace: String,
     },
+}
+
+#[derive(Subcommand)]
+enum TeamsCmd {
+    /// List teams with limit overrides.
+    List,
+    /// Create a team or replace its limit overrides; a limit left out falls back to
+    /// [limits.team]. 0 = none. Keys with this team share these limits.
+    Set {
+        name: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+}
+
+#[derive(Args)]
+struct LimitArgs {
+    /// Requests per minute.
+    #[arg(long)]
+    rpm: Option<u64>,
+    /// Tokens (input + output) per minute.
+    #[arg(long)]
+    tpm: Option<u64>,
+    /// Requests in flight at once.
+    #[arg(long)]
+    concurrency: Option<u32>,
+}
+
+impl LimitArgs {
+    fn overrides(&self) -> KeyLimits {
+        KeyLimits {
+            rpm: self.rpm,
+            tpm: self.tpm,
+            concurrency: self.concurrency,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -208,6 +252,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             }
         }
         Cmd::Keys { cmd, target } => keys(cmd, target).await?,
+        Cmd::Teams { cmd, target } => teams(cmd, target).await?,
         Cmd::Usage(args) => usage(args).await?,
         Cmd::MockProvider { listen, api_key } => {
             let l = tokio::net::TcpListener::bind(listen)
@@ -346,9 +391,7 @@ async fn keys(cmd: KeysCmd, target: Target) -> anyhow::Result<()> {
             models,
             expires,
             tags,
-            rpm,
-            tpm,
-            concurrency,
+            limits,
         } => {
             let tags = tags.into_iter().collect::<BTreeMap<_, _>>();
             let req = NewKey {
@@ -358,9 +401,9 @@ async fn keys(cmd: KeysCmd, target: Target) -> anyhow::Result<()> {
                 models,
                 expires,
                 tags,
-                rpm,
-                tpm,
-                concurrency,
+                rpm: limits.rpm,
+                tpm: limits.tpm,
+                concurrency: limits.concurrency,
             };
             let created: CreatedKey = match &backend {
                 Backend::Local { store, secret } => admin::create_key(store, secret, req)?,
@@ -404,6 +447,23 @@ async fn keys(cmd: KeysCmd, target: Target) -> anyhow::Result<()> {
             };
             print_keys(&[v], target.format)?;
         }
+        KeysCmd::Limits { key, limits } => {
+            let v: KeyView = match &backend {
+                Backend::Local { store, .. } => {
+                    admin::set_key_limits(store, &key, limits.overrides())?
+                }
+                Backend::Remote { .. } => {
+                    backend
+                        .call(
+                            reqwest::Method::PUT,
+                            &format!("/admin/keys/{}/limits", urlencode(&key)),
+                            Some(serde_json::to_value(limits.overrides())?),
+                        )
+                        .await?
+                }
+            };
+            print_keys(&[v], target.format)?;
+        }
         KeysCmd::Rotate { key, grace } => {
             let created: CreatedKey = match &backend {
                 Backend::Local { store, secret } => admin::rotate_key(
@@ -425,6 +485,56 @@ async fn keys(cmd: KeysCmd, target: Target) -> anyhow::Result<()> {
             print_created(&created, target.format)?;
         }
     }
+    Ok(())
+}
+
+async fn teams(cmd: TeamsCmd, target: Target) -> anyhow::Result<()> {
+    let backend = Backend::new(&target)?;
+    let teams: Vec<TeamRecord> = match cmd {
+        TeamsCmd::List => match &backend {
+            Backend::Local { store, .. } => store.list_teams()?,
+            Backend::Remote { .. } => {
+                backend
+                    .call(reqwest::Method::GET, "/admin/teams", None)
+                    .await?
+            }
+        },
+        TeamsCmd::Set { name, limits } => vec![match &backend {
+            Backend::Local { store, .. } => {
+                admin::set_team_limits(store, &name, limits.overrides())?
+            }
+            Backend::Remote { .. } => {
+                backend
+                    .call(
+                        reqwest::Method::PUT,
+                        &format!("/admin/teams/{}", urlencode(&name)),
+                        Some(serde_json::to_value(limits.overrides())?),
+                    )
+                    .await?
+            }
+        }],
+    };
+    if target.format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&teams)?);
+        return Ok(());
+    }
+    let or_default = |v: Option<String>| v.unwrap_or_else(|| "default".into());
+    let rows: Vec<Vec<String>> = teams
+        .iter()
+        .map(|t| {
+            vec![
+                t.name.clone(),
+                or_default(t.limits.rpm.map(|v| v.to_string())),
+                or_default(t.limits.tpm.map(|v| v.to_string())),
+                or_default(t.limits.concurrency.map(|v| v.to_string())),
+            ]
+        })
+        .collect();
+    print_rows(
+        &["team", "rpm", "tpm", "concurrency"],
+        &rows,
+        target.format == Format::Csv,
+    );
     Ok(())
 }
 

@@ -31,6 +31,44 @@ pub struct Metrics {
     pub streams_cut: Counter,
     pub client_disconnects: Counter,
     pub config_reloads: Family<ReloadLabels, Counter>,
+    pub limit_refusals: Family<RefusalLabels, Counter>,
+    pub limiter_redis_errors: Counter,
+    pub limiter_redis_seconds: Histogram,
+    pub limiter_fallbacks: Family<FallbackLabels, Counter>,
+    pub retries_suppressed: Family<ScopeLabels, Counter>,
+    pub answers_reused: Family<ReuseLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub scope: &'static str,
+    pub class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FallbackLabels {
+    pub policy: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScopeLabels {
+    pub scope: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReuseLabels {
+    pub kind: &'static str,
+}
+
+/// Registers `metric` under `name` and hands it back.
+fn reg<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -103,8 +141,50 @@ impl Metrics {
             "Configuration reloads, by result",
             config_reloads.clone(),
         );
+        let limit_refusals = reg(
+            &mut registry,
+            "limit_refusals",
+            "Requests refused by a limit, by scope and class",
+            Family::default(),
+        );
+        let limiter_redis_errors = reg(
+            &mut registry,
+            "limiter_redis_errors",
+            "Limiter calls to Redis that failed or missed their deadline",
+            Counter::default(),
+        );
+        let limiter_redis_seconds = reg(
+            &mut registry,
+            "limiter_redis_seconds",
+            "Latency of limiter admissions in Redis",
+            Histogram::new([0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25]),
+        );
+        let limiter_fallbacks = reg(
+            &mut registry,
+            "limiter_fallbacks",
+            "Admissions decided without Redis, by the policy applied",
+            Family::default(),
+        );
+        let retries_suppressed = reg(
+            &mut registry,
+            "retries_suppressed",
+            "Retries refused or not made because a retry budget was spent, by scope",
+            Family::default(),
+        );
+        let answers_reused = reg(
+            &mut registry,
+            "answers_reused",
+            "Requests answered without an upstream call of their own, by kind",
+            Family::default(),
+        );
         Metrics {
             registry,
+            limit_refusals,
+            limiter_redis_errors,
+            limiter_redis_seconds,
+            limiter_fallbacks,
+            retries_suppressed,
+            answers_reused,
             requests,
             upstream_attempts,
             request_seconds,

@@ -10,9 +10,9 @@ use crate::config::ProviderKind;
 use crate::error::{ApiError, Dialect, ErrorKind};
 use crate::estimate;
 use crate::keys::{KeyRecord, KeyStatus};
-use crate::limits::{Admission, Decision, Limits, Refusal};
+use crate::limits::{now_us, Admission, Check, Class, Decision, Limits, Refusal, Scope};
 use crate::metering::UsageRecord;
-use crate::metrics::{RequestLabels, UpstreamLabels};
+use crate::metrics::{RefusalLabels, RequestLabels, UpstreamLabels};
 use crate::prices::PriceTable;
 use crate::server::AppState;
 use crate::upstream::{self, Deployment, Runtime};
@@ -192,30 +192,18 @@ async fn run(
 
     // admit
     let runtime = app.runtime.load_full();
-    let limits = effective_limits(key, &runtime.limits);
-    let estimate = if limits.tpm > 0 {
-        let output = match endpoint {
-            Endpoint::Embeddings | Endpoint::CountTokens => 0,
-            _ => doc
-                .max_output_tokens()
-                .ok()
-                .flatten()
-                .unwrap_or(runtime.limits.output_estimate),
-        };
-        // Bytes / 4 over the whole body: cheap, and biased up (JSON syntax counts too).
-        (body.len() as u64).div_ceil(4) + output
-    } else {
-        0
-    };
+    let estimate = token_estimate(endpoint, &doc, body.len(), &runtime.limits);
     if let Some(warning) = loop_check(app, &runtime.loop_guard, key, endpoint, &model, &doc)? {
         if let Ok(v) = HeaderValue::from_str(&warning) {
             settle.rate_headers.insert("x-tollgate-warning", v);
         }
     }
+    let checks = limit_checks(app, key, &runtime, &model);
     let admission = app
         .limiter
-        .admit(&key.id, limits, now_us(), estimate)
-        .map_err(refusal)?;
+        .admit(&checks, estimate)
+        .await
+        .map_err(|r| refusal(app, r))?;
     settle
         .rate_headers
         .extend(rate_limit_headers(admission.requests, admission.tokens));
@@ -262,9 +250,33 @@ async fn run(
     }
     let mut attempt = 0u32;
     let mut idx = 0usize;
+    let mut over_quota = 0usize;
     loop {
-        attempt += 1;
         let dep = candidates[idx % candidates.len()].clone();
+        if !dep.limits.is_unlimited() {
+            let check = Check {
+                scope: Scope::Deployment,
+                subject: format!("{}/{}", dep.provider.name, dep.model),
+                limits: dep.limits,
+            };
+            match app
+                .limiter
+                .admit(std::slice::from_ref(&check), estimate)
+                .await
+            {
+                Ok(a) => settle.admission.get_or_insert_default().absorb(a),
+                // A deployment at its provider quota is skipped, not tried.
+                Err(r) => {
+                    over_quota += 1;
+                    if over_quota >= candidates.len() {
+                        return Err(refusal(app, r));
+                    }
+                    idx += 1;
+                    continue;
+                }
+            }
+        }
+        attempt += 1;
         {
             let rec = settle.rec_mut();
             rec.attempts = attempt;
@@ -1414,41 +1426,124 @@ fn loop_check(
     }
 }
 
-/// The key's own limits where it has them, the configured defaults elsewhere.
-fn effective_limits(key: &KeyRecord, defaults: &crate::config::LimitsConfig) -> Limits {
+/// Tokens a request may use, reserved against token limits at admission: bytes / 4 over the
+/// whole body (cheap, and biased up: JSON syntax counts too) plus the output cap.
+fn token_estimate(
+    endpoint: Endpoint,
+    doc: &RequestDoc,
+    body_len: usize,
+    defaults: &crate::config::LimitsConfig,
+) -> u64 {
+    let output = match endpoint {
+        Endpoint::Embeddings | Endpoint::CountTokens => 0,
+        _ => doc
+            .max_output_tokens()
+            .ok()
+            .flatten()
+            .unwrap_or(defaults.output_estimate),
+    };
+    (body_len as u64).div_ceil(4) + output
+}
+
+/// Overrides where they are set, the configured defaults elsewhere.
+fn merge_limits(o: crate::keys::KeyLimits, d: crate::config::ScopeLimits) -> Limits {
     Limits {
-        rpm: key.limits.rpm.unwrap_or(defaults.rpm),
-        tpm: key.limits.tpm.unwrap_or(defaults.tpm),
-        concurrency: key.limits.concurrency.unwrap_or(defaults.concurrency),
+        rpm: o.rpm.unwrap_or(d.rpm),
+        tpm: o.tpm.unwrap_or(d.tpm),
+        concurrency: o.concurrency.unwrap_or(d.concurrency),
     }
 }
 
-/// A refusal by one of the key's limits: 429 with `Retry-After` and a body naming the limit.
-fn refusal(r: Refusal) -> ApiError {
-    let (message, param, retry_us, headers) = match r {
-        Refusal::Requests(d) => (
-            format!("rate limit reached: {} requests per minute for this key", d.limit),
-            "requests",
-            d.retry_after_us,
+/// The limits a request to `model` with `key` must pass: the key's, its team's, the model's.
+/// Unlimited scopes are left out, so a gateway without limits checks nothing.
+fn limit_checks(app: &AppState, key: &KeyRecord, runtime: &Runtime, model: &str) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let d = &runtime.limits;
+    let key_limits = merge_limits(
+        key.limits,
+        crate::config::ScopeLimits {
+            rpm: d.rpm,
+            tpm: d.tpm,
+            concurrency: d.concurrency,
+        },
+    );
+    if !key_limits.is_unlimited() {
+        checks.push(Check {
+            scope: Scope::Key,
+            subject: key.id.clone(),
+            limits: key_limits,
+        });
+    }
+    if let Some(team) = &key.team {
+        let l = merge_limits(app.keys.team_limits(team).unwrap_or_default(), d.team);
+        if !l.is_unlimited() {
+            checks.push(Check {
+                scope: Scope::Team,
+                subject: team.clone(),
+                limits: l,
+            });
+        }
+    }
+    if let Some(l) = runtime.model_limits.get(model) {
+        checks.push(Check {
+            scope: Scope::Model,
+            subject: model.to_string(),
+            limits: *l,
+        });
+    }
+    checks
+}
+
+/// A refusal by a limit: 429 with `Retry-After` and a body naming the limit (or 503 when the
+/// shared limiter is unreachable and the limit fails closed).
+fn refusal(app: &AppState, r: Refusal) -> ApiError {
+    app.metrics
+        .limit_refusals
+        .get_or_create(&RefusalLabels {
+            scope: r.scope.as_str(),
+            class: r.class.as_str(),
+        })
+        .inc();
+    let whose = match r.scope {
+        Scope::Key => "this key".to_string(),
+        Scope::Team => format!("team '{}'", r.subject),
+        Scope::Model => format!("model '{}' (all keys together)", r.subject),
+        Scope::Deployment => format!("deployment '{}'", r.subject),
+        Scope::Route => "this key on this route".to_string(),
+    };
+    let d = r.decision;
+    let retry_secs = d.retry_after_us.div_ceil(1_000_000).max(1);
+    if r.backend_unavailable {
+        return ApiError::new(
+            ErrorKind::LimiterUnavailable,
+            format!(
+                "the shared rate limiter is unreachable and the {} limit of {whose} fails closed; try again shortly",
+                r.class.as_str()
+            ),
+        )
+        .retry_after(retry_secs);
+    }
+    let (message, headers) = match r.class {
+        Class::Requests => (
+            format!("rate limit reached: {} requests per minute for {whose}", d.limit),
             rate_limit_headers(Some(d), None),
         ),
-        Refusal::Tokens(d) => (
-            format!("rate limit reached: {} tokens per minute for this key (this request reserves its input estimate plus max_tokens)", d.limit),
-            "tokens",
-            d.retry_after_us,
+        Class::Tokens => (
+            format!("rate limit reached: {} tokens per minute for {whose} (a request reserves its input estimate plus max_tokens)", d.limit),
             rate_limit_headers(None, Some(d)),
         ),
-        Refusal::Concurrency { limit } => (
-            format!("too many concurrent requests: this key may have {limit} in flight"),
-            "concurrency",
-            // A slot frees when any in-flight request ends; a second is a fair hint.
-            1_000_000,
+        Class::Concurrency => (
+            format!("too many concurrent requests: {whose} may have {} in flight", d.limit),
             HeaderMap::new(),
         ),
     };
     let mut e = ApiError::new(ErrorKind::RateLimited, message)
-        .param(param)
-        .retry_after(retry_us.div_ceil(1_000_000).max(1));
+        .param(r.class.as_str())
+        .retry_after(retry_secs);
+    let mut headers = headers;
+    if let Ok(v) = HeaderValue::from_str(&format!("{}:{}", r.scope.as_str(), r.class.as_str())) {
+        headers.insert("x-tollgate-limit", v);
+    }
     e.headers = Some(Box::new(headers));
     e
 }
@@ -1490,12 +1585,6 @@ fn reset_text(us: u64) -> String {
         (m, 0) => format!("{m}m"),
         (m, s) => format!("{m}m{s}s"),
     }
-}
-
-/// Microseconds on a monotonic clock: limits must not jump with the wall clock.
-pub fn now_us() -> u64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_micros() as u64
 }
 
 pub fn new_request_id() -> String {

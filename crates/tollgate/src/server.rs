@@ -108,6 +108,13 @@ impl Gateway {
         } else {
             None
         };
+        let limiter = match config.limits.backend {
+            crate::config::LimitsBackend::Local => crate::limits::Limiter::default(),
+            crate::config::LimitsBackend::Redis => crate::limits::Limiter::Redis(
+                crate::limits::redis::RedisLimiter::new(&config.limits.redis, metrics.clone())
+                    .context("setting up the redis limiter")?,
+            ),
+        };
         let health = Arc::new(HealthRegistry::default());
         let runtime = Runtime::build(&config, mock_url.as_deref(), health.clone())?;
 
@@ -141,7 +148,7 @@ impl Gateway {
             mock_url,
             health,
             shutting_down: AtomicBool::new(false),
-            limiter: crate::limits::Limiter::default(),
+            limiter,
             loop_guard: crate::loopguard::LoopGuard::default(),
         });
         refresh_keys(&app).await.context("loading keys")?;
@@ -292,16 +299,18 @@ pub fn reload(app: &AppState) -> Result<(), Vec<String>> {
 pub async fn refresh_keys(app: &Arc<AppState>) -> anyhow::Result<()> {
     let store = app.store.clone();
     let known = app.keys.rev();
-    let loaded = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<(i64, Vec<_>)>> {
-        if store.keys_rev()? == known {
-            return Ok(None);
-        }
-        Ok(Some(store.load_keys()?))
-    })
-    .await??;
-    if let Some((rev, keys)) = loaded {
+    let loaded =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Option<(i64, Vec<_>, Vec<_>)>> {
+            if store.keys_rev()? == known {
+                return Ok(None);
+            }
+            Ok(Some(store.load_keys()?))
+        })
+        .await??;
+    if let Some((rev, keys, teams)) = loaded {
         let n = keys.len();
-        app.keys.replace(rev, keys);
+        app.keys
+            .replace(rev, keys, teams.into_iter().map(|t| (t.name, t.limits)));
         tracing::debug!(rev, keys = n, "key cache refreshed");
     }
     Ok(())

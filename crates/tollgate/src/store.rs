@@ -1,7 +1,7 @@
 //! The embedded store: SQLite in WAL mode, shared safely by several processes (a gateway and
 //! the CLI, or several gateways on one host).
 
-use crate::keys::KeyRecord;
+use crate::keys::{KeyLimits, KeyRecord};
 use crate::metering::UsageRecord;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
@@ -81,6 +81,13 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE usage ADD COLUMN cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0;",
     // 3: per-key limit overrides
     "ALTER TABLE keys ADD COLUMN limits TEXT NOT NULL DEFAULT '{}';",
+    // 4: teams and their limit overrides (loaded with the keys, under the same revision)
+    "CREATE TABLE teams (
+        name TEXT PRIMARY KEY,
+        limits TEXT NOT NULL DEFAULT '{}',
+        created_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL
+     );",
 ];
 
 /// Opens a connection with the settings every tollgate connection needs.
@@ -182,8 +189,9 @@ impl Store {
         Ok(())
     }
 
-    /// Every key with its digest, for the gateway's cache, and the revision it reflects.
-    pub fn load_keys(&self) -> Result<(i64, Vec<DigestedKey>)> {
+    /// Every key with its digest and every team, for the gateway's cache, and the revision
+    /// they reflect.
+    pub fn load_keys(&self) -> Result<(i64, Vec<DigestedKey>, Vec<TeamRecord>)> {
         let mut conn = lock(&self.conn);
         // One read transaction, so the revision matches the rows.
         let tx = conn.transaction()?;
@@ -202,8 +210,44 @@ impl Store {
             out.push((digest, key));
         }
         drop(stmt);
+        let teams = teams_in(&tx)?;
         tx.commit()?;
-        Ok((rev, out))
+        Ok((rev, out, teams))
+    }
+
+    pub fn list_teams(&self) -> Result<Vec<TeamRecord>> {
+        let conn = lock(&self.conn);
+        teams_in(&conn)
+    }
+
+    /// Creates the team or replaces its limit overrides.
+    pub fn set_team_limits(&self, name: &str, limits: &KeyLimits, now_ms: i64) -> Result<()> {
+        let mut conn = lock(&self.conn);
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO teams (name, limits, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?3)
+             ON CONFLICT(name) DO UPDATE SET limits = excluded.limits, updated_ms = excluded.updated_ms",
+            params![name, json(limits), now_ms],
+        )?;
+        bump_keys_rev(&tx)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Replaces a key's limit overrides.
+    pub fn set_key_limits(&self, id: &str, limits: &KeyLimits) -> Result<()> {
+        let mut conn = lock(&self.conn);
+        let tx = conn.transaction()?;
+        let n = tx.execute(
+            "UPDATE keys SET limits = ?2 WHERE id = ?1",
+            params![id, json(limits)],
+        )?;
+        if n == 0 {
+            return Err(StoreError::KeyNotFound(id.to_string()));
+        }
+        bump_keys_rev(&tx)?;
+        tx.commit()?;
+        Ok(())
     }
 
     pub fn list_keys(&self) -> Result<Vec<KeyRecord>> {
@@ -417,6 +461,29 @@ fn bump_keys_rev(tx: &rusqlite::Transaction) -> Result<()> {
 
 fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+/// A team and its limit overrides.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct TeamRecord {
+    pub name: String,
+    pub limits: KeyLimits,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+fn teams_in(conn: &Connection) -> Result<Vec<TeamRecord>> {
+    let mut stmt =
+        conn.prepare("SELECT name, limits, created_ms, updated_ms FROM teams ORDER BY name")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(TeamRecord {
+            name: r.get(0)?,
+            limits: serde_json::from_str(&r.get::<_, String>(1)?).unwrap_or_default(),
+            created_ms: r.get(2)?,
+            updated_ms: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<std::result::Result<_, _>>()?)
 }
 
 const KEY_COLUMNS: &str =

@@ -31,6 +31,8 @@ pub struct Deployment {
     pub weight: u32,
     pub priority: u32,
     pub health: Arc<Health>,
+    /// The provider account's quota for this model (all zero: none).
+    pub limits: crate::limits::Limits,
 }
 
 /// The circuit breaker of one deployment (provider + upstream model), kept across config
@@ -129,6 +131,8 @@ impl HealthRegistry {
 pub struct Runtime {
     pub providers: Vec<Arc<Provider>>,
     pub aliases: HashMap<String, Vec<Arc<Deployment>>>,
+    /// Limits on model names across all keys (`[[models]] rpm/tpm/concurrency`).
+    pub model_limits: HashMap<String, crate::limits::Limits>,
     /// Deployments for names served directly by a provider's `models` patterns, built lazily.
     /// Read on every such request, written once per name: a read lock on the hot path.
     direct: RwLock<HashMap<String, Vec<Arc<Deployment>>>>,
@@ -161,6 +165,7 @@ impl Runtime {
             .map(|p| (p.name.as_str(), p.clone()))
             .collect();
         let mut aliases = HashMap::new();
+        let mut model_limits = HashMap::new();
         for m in &cfg.models {
             let mut deps = Vec::new();
             for d in &m.deployments {
@@ -177,13 +182,27 @@ impl Runtime {
                     model,
                     weight: d.weight,
                     priority: d.priority,
+                    limits: crate::limits::Limits {
+                        rpm: d.rpm,
+                        tpm: d.tpm,
+                        concurrency: d.concurrency,
+                    },
                 }));
             }
             aliases.insert(m.name.clone(), deps);
+            let limits = crate::limits::Limits {
+                rpm: m.rpm,
+                tpm: m.tpm,
+                concurrency: m.concurrency,
+            };
+            if !limits.is_unlimited() {
+                model_limits.insert(m.name.clone(), limits);
+            }
         }
         Ok(Runtime {
             providers,
             aliases,
+            model_limits,
             direct: RwLock::new(HashMap::new()),
             prices: PriceTable::new(&cfg.prices),
             routing: cfg.routing.clone(),
@@ -222,6 +241,7 @@ impl Runtime {
             model: upstream_model.to_string(),
             weight: 1,
             priority: 0,
+            limits: crate::limits::Limits::default(),
         })];
         // Bounded: only names that resolved are remembered, and a reload starts afresh.
         let mut direct = self.direct.write().unwrap_or_else(|p| p.into_inner());
@@ -430,6 +450,7 @@ mod tests {
             weight,
             priority,
             health,
+            limits: crate::limits::Limits::default(),
         })
     }
 

@@ -179,3 +179,181 @@ async fn tokens_are_reserved_up_front_and_settled_with_the_real_count() {
     .await;
     assert_eq!(v["error"]["param"], "tokens");
 }
+
+#[tokio::test]
+async fn team_limits_are_shared_by_the_team_and_overridden_through_the_api() {
+    let gw = TestGateway::start("[limits.team]\nrpm = 100\n").await;
+    let (a, _) = gw.create_key(json!({"name": "a", "team": "search"})).await;
+    let (b, _) = gw.create_key(json!({"name": "b", "team": "search"})).await;
+    let (other, _) = gw.create_key(json!({"name": "c", "team": "ads"})).await;
+    let r = gw
+        .client
+        .put(format!("{}/admin/teams/search", gw.url))
+        .bearer_auth(&gw.admin_key)
+        .json(&json!({"rpm": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["limits"]["rpm"], 3);
+    // Two keys of one team draw on one budget of 3.
+    for k in [&a, &b, &a] {
+        let r = gw
+            .chat(k, json!({"model": "mock", "messages": user("hi")}))
+            .await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-ratelimit-limit-requests"), "3");
+    }
+    let r = gw
+        .chat(&b, json!({"model": "mock", "messages": user("hi")}))
+        .await;
+    assert_eq!(header(&r, "x-tollgate-limit"), "team:requests");
+    let v = assert_openai_error(r, 429, "rate_limited").await;
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("team 'search'"));
+    // Another team runs on the [limits.team] default.
+    let r = gw
+        .chat(&other, json!({"model": "mock", "messages": user("hi")}))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-ratelimit-limit-requests"), "100");
+    // Raising the override lets the team through again.
+    let r = gw
+        .client
+        .put(format!("{}/admin/teams/search", gw.url))
+        .bearer_auth(&gw.admin_key)
+        .json(&json!({"rpm": 50}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let listed: Value = gw
+        .client
+        .get(format!("{}/admin/teams", gw.url))
+        .bearer_auth(&gw.admin_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed[0]["name"], "search");
+    assert_eq!(listed[0]["limits"]["rpm"], 50);
+    // The new limit applies at once; the share of the window already used stays used (GCRA
+    // keeps time, not counts), so the team waits about one new interval, not a minute.
+    let r = gw
+        .chat(&b, json!({"model": "mock", "messages": user("hi")}))
+        .await;
+    assert_eq!(header(&r, "x-ratelimit-limit-requests"), "50");
+    let retry: u64 = header(&r, "retry-after").parse().unwrap();
+    assert!(retry <= 2, "{retry}");
+    // Unknown fields are refused, not ignored.
+    let r = gw
+        .client
+        .put(format!("{}/admin/teams/search", gw.url))
+        .bearer_auth(&gw.admin_key)
+        .json(&json!({"rpn": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test]
+async fn a_key_limit_set_after_creation_applies_within_the_request_that_follows() {
+    let gw = TestGateway::start("").await;
+    let (key, id) = gw.create_key(json!({"name": "later"})).await;
+    let r = gw
+        .chat(&key, json!({"model": "mock", "messages": user("hi")}))
+        .await;
+    assert!(!r.headers().contains_key("x-ratelimit-limit-requests"));
+    let r = gw
+        .client
+        .put(format!("{}/admin/keys/{id}/limits", gw.url))
+        .bearer_auth(&gw.admin_key)
+        .json(&json!({"rpm": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["limits"]["rpm"], 1);
+    assert_eq!(
+        gw.chat(&key, json!({"model": "mock", "messages": user("hi")}))
+            .await
+            .status(),
+        200
+    );
+    let r = gw
+        .chat(&key, json!({"model": "mock", "messages": user("hi")}))
+        .await;
+    assert_eq!(header(&r, "x-tollgate-limit"), "key:requests");
+    assert_eq!(r.status(), 429);
+}
+
+const SCOPED: &str = r#"
+[[providers]]
+name = "primary"
+kind = "mock"
+[[providers]]
+name = "overflow"
+kind = "mock"
+
+[[models]]
+name = "capped"
+rpm = 4
+deployments = [{ provider = "primary", model = "mock" }]
+
+[[models]]
+name = "quota"
+deployments = [
+  { provider = "primary", model = "mock", priority = 0, rpm = 2 },
+  { provider = "overflow", model = "mock", priority = 1, rpm = 1 },
+]
+"#;
+
+#[tokio::test]
+async fn a_model_limit_holds_across_keys() {
+    let gw = TestGateway::start(SCOPED).await;
+    let keys = [gw.key().await, gw.key().await];
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let r = gw
+            .chat(
+                &keys[i % 2],
+                json!({"model": "capped", "messages": user("hi")}),
+            )
+            .await;
+        statuses.push(r.status().as_u16());
+        if r.status() == 429 {
+            assert_eq!(header(&r, "x-tollgate-limit"), "model:requests");
+        }
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 429, 429]);
+}
+
+#[tokio::test]
+async fn a_deployment_at_its_quota_is_skipped_for_the_next_one() {
+    let gw = TestGateway::start(SCOPED).await;
+    let key = gw.key().await;
+    let mut served = Vec::new();
+    for _ in 0..3 {
+        let r = gw
+            .chat(&key, json!({"model": "quota", "messages": user("hi")}))
+            .await;
+        assert_eq!(r.status(), 200);
+        served.push(gw.record_for(r.headers()).await.provider.unwrap());
+    }
+    assert_eq!(served, ["primary", "primary", "overflow"]);
+    // Every deployment at its quota: a 429 naming the deployment, no upstream call.
+    let r = gw
+        .chat(&key, json!({"model": "quota", "messages": user("hi")}))
+        .await;
+    assert_eq!(header(&r, "x-tollgate-limit"), "deployment:requests");
+    let v = assert_openai_error(r, 429, "rate_limited").await;
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("deployment '"));
+}
