@@ -208,15 +208,22 @@ impl RedisLimiter {
                 .observe(started.elapsed().as_secs_f64());
             match result {
                 Ok(reply) => {
-                    inner.down_until_us.store(0, Ordering::Release);
+                    if inner.down_until_us.swap(0, Ordering::AcqRel) != 0 {
+                        tracing::info!("redis limiter reachable again");
+                    }
                     return self.grant(checks, estimate, lease_id, &reply);
                 }
                 Err(e) => {
                     inner.metrics.limiter_redis_errors.inc();
-                    inner
+                    let was = inner
                         .down_until_us
-                        .store(now + inner.retry_interval_us, Ordering::Release);
-                    tracing::warn!(error = %e, "redis limiter unavailable; applying the fail policies");
+                        .swap(now + inner.retry_interval_us, Ordering::AcqRel);
+                    // Once per outage, not once per request in flight when it began.
+                    if was == 0 {
+                        tracing::warn!(error = %e, "redis limiter unavailable; applying the fail policies until it answers");
+                    } else {
+                        tracing::debug!(error = %e, "redis limiter still unavailable");
+                    }
                 }
             }
         }

@@ -265,3 +265,135 @@ pub async fn sse_data(resp: reqwest::Response) -> Vec<String> {
 pub fn user(text: &str) -> Value {
     json!([{"role": "user", "content": text}])
 }
+
+/// A process the test started; killed when the test ends, pass or fail (a leftover gateway
+/// would hold the test's stderr open).
+pub struct KillOnDrop(pub Option<std::process::Child>);
+
+impl KillOnDrop {
+    pub fn pid(&self) -> u32 {
+        self.0.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// Sends a signal by name (`TERM`, `KILL`, `STOP`, `CONT`, `HUP`).
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([format!("-{sig}"), self.pid().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} failed");
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts the real `tollgate` binary with `args` and waits until its `/healthz` answers on
+/// `addr` (where `args` or its config make it listen).
+pub async fn spawn_gateway(args: &[&str], addr: &str) -> KillOnDrop {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .env("TOLLGATE_ADMIN_KEY", ADMIN_KEY)
+        .env("TOLLGATE_SECRET", "shared-test-secret")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let child = KillOnDrop(Some(child));
+    let client = reqwest::Client::new();
+    for _ in 0..400 {
+        if client
+            .get(format!("http://{addr}/healthz"))
+            .send()
+            .await
+            .is_ok()
+        {
+            return child;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("gateway {args:?} did not come up on {addr}");
+}
+
+/// A real `redis-server` on a free port, for as long as the value lives. `None` (and a loud
+/// line on stderr) when the binary is missing, unless TOLLGATE_REQUIRE_SERVERS=1 makes that
+/// a failure, as in CI.
+pub struct RedisServer {
+    pub port: u16,
+    pub process: KillOnDrop,
+    _dir: TempDir,
+}
+
+impl RedisServer {
+    pub async fn start() -> Option<RedisServer> {
+        let which = std::process::Command::new("sh")
+            .args(["-c", "command -v redis-server"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !which {
+            assert!(
+                std::env::var("TOLLGATE_REQUIRE_SERVERS").as_deref() != Ok("1"),
+                "redis-server is not installed and TOLLGATE_REQUIRE_SERVERS=1"
+            );
+            eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+            return None;
+        }
+        let dir = TempDir::new("redis");
+        let port = free_port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                dir.path().to_str().unwrap(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let process = KillOnDrop(Some(child));
+        for _ in 0..200 {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 7];
+                if s.write_all(b"PING\r\n").await.is_ok()
+                    && s.read_exact(&mut buf).await.is_ok()
+                    && &buf == b"+PONG\r\n"
+                {
+                    return Some(RedisServer {
+                        port,
+                        process,
+                        _dir: dir,
+                    });
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("redis-server did not come up on port {port}");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}

@@ -11,6 +11,7 @@ mod limits;
 mod loopguard;
 mod messages;
 mod metering;
+mod redis;
 mod responses;
 mod routing;
 mod shutdown;

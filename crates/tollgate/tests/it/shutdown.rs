@@ -2,29 +2,8 @@
 
 use crate::harness::*;
 use serde_json::json;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// A failing test must not leave a gateway running (it would hold the test's stderr open).
-struct KillOnDrop(Option<std::process::Child>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_loses_no_usage_record() {
@@ -32,34 +11,21 @@ async fn sigterm_under_load_loses_no_usage_record() {
     let dir = TempDir::new("shutdown");
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
-    let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args([
+    let mut child = spawn_gateway(
+        &[
             "serve",
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--data-dir",
             dir.path().to_str().unwrap(),
-        ])
-        .env("TOLLGATE_ADMIN_KEY", ADMIN_KEY)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(Some(child));
+        ],
+        &format!("127.0.0.1:{port}"),
+    )
+    .await;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();
-    let mut up = false;
-    for _ in 0..200 {
-        if client.get(format!("{url}/healthz")).send().await.is_ok() {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(up, "gateway did not come up");
     let r = client
         .post(format!("{url}/admin/keys"))
         .bearer_auth(ADMIN_KEY)
@@ -100,12 +66,7 @@ async fn sigterm_under_load_loses_no_usage_record() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(250)).await;
-    let pid = child.0.as_ref().unwrap().id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    child.signal("TERM");
 
     let mut ok_ids = Vec::new();
     let mut failed = 0;
@@ -193,23 +154,13 @@ async fn sighup_reloads_the_config_file_in_the_real_binary() {
         dir.path().join("data").display()
     );
     std::fs::write(&cfg_path, &base).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["serve", "--config", cfg_path.to_str().unwrap()])
-        .env("TOLLGATE_ADMIN_KEY", ADMIN_KEY)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let child = KillOnDrop(Some(child));
+    let child = spawn_gateway(
+        &["serve", "--config", cfg_path.to_str().unwrap()],
+        &format!("127.0.0.1:{port}"),
+    )
+    .await;
     let url = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    for _ in 0..200 {
-        if client.get(format!("{url}/healthz")).send().await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
     let chat = |model: &'static str| {
         let client = client.clone();
         let url = url.clone();
@@ -227,12 +178,7 @@ async fn sighup_reloads_the_config_file_in_the_real_binary() {
     };
     assert_eq!(chat("fast").await, 404);
     std::fs::write(&cfg_path, format!("{base}[[models]]\nname = \"fast\"\ndeployments = [{{ provider = \"mock\", model = \"mock\" }}]\n")).unwrap();
-    let pid = child.0.as_ref().unwrap().id().to_string();
-    assert!(Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .unwrap()
-        .success());
+    child.signal("HUP");
     let mut status = 0;
     for _ in 0..100 {
         status = chat("fast").await;
