@@ -20,6 +20,7 @@ pub struct Config {
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelConfig>,
     pub prices: Vec<PriceConfig>,
+    pub routes: Vec<RouteConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -312,6 +313,54 @@ pub struct DeploymentConfig {
     pub concurrency: u32,
 }
 
+/// A tool route: a path prefix on the gateway proxied to any HTTP service (an agent's tool
+/// API, an internal CRM…) behind the same virtual keys, limits, loop guard and metering.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    /// The prefix on the gateway, e.g. `/tools/crm`; it is replaced by `upstream`.
+    pub path: String,
+    /// e.g. `http://crm.internal:8080/api`.
+    pub upstream: String,
+    /// Sent upstream as `Authorization: Bearer …` (the agent's own key never is).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Sent with every upstream request.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Per key: calls per minute and calls in flight (0 = unlimited).
+    #[serde(default)]
+    pub rpm: u64,
+    #[serde(default)]
+    pub concurrency: u32,
+    /// For all keys together: what the service behind can take.
+    #[serde(default)]
+    pub total_rpm: u64,
+    #[serde(default)]
+    pub total_concurrency: u32,
+    /// Micro-USD charged per call the service answered (status below 500).
+    #[serde(default)]
+    pub price_per_call: u64,
+    #[serde(default = "d_route_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// The same call (method, path, query, body) repeated `[loop_guard] max_repeats` times
+    /// within the window is refused.
+    #[serde(default = "d_true")]
+    pub loop_guard: bool,
+}
+
+fn d_route_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn d_true() -> bool {
+    true
+}
+
+/// Paths the gateway serves itself, which a tool route may not shadow.
+pub const RESERVED_PATHS: &[&str] = &["/v1", "/admin", "/healthz", "/readyz", "/metrics"];
+
 fn d_weight() -> u32 {
     1
 }
@@ -476,6 +525,36 @@ impl Config {
             }
             if r.lease_ttl < Duration::from_secs(1) {
                 p("limits.redis.lease_ttl".into(), "must be at least 1s");
+            }
+        }
+        let mut route_names = HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let path = format!("routes[{i}]");
+            if r.name.is_empty() || !route_names.insert(r.name.as_str()) {
+                p(format!("{path}.name"), "must be non-empty and unique");
+            }
+            let prefix = r.path.trim_end_matches('/');
+            if !r.path.starts_with('/') || prefix.is_empty() {
+                p(
+                    format!("{path}.path"),
+                    "must start with '/' and name a prefix",
+                );
+            } else if RESERVED_PATHS
+                .iter()
+                .any(|res| prefix == *res || prefix.starts_with(&format!("{res}/")))
+            {
+                p(
+                    format!("{path}.path"),
+                    &format!("\"{}\" is served by the gateway itself", r.path),
+                );
+            }
+            if !(r.upstream.starts_with("http://") || r.upstream.starts_with("https://"))
+                || reqwest::Url::parse(&r.upstream).is_err()
+            {
+                p(
+                    format!("{path}.upstream"),
+                    &format!("not an http(s) URL: \"{}\"", r.upstream),
+                );
             }
         }
         let mut provider_names = HashSet::new();

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod mock;
 pub mod prices;
 pub mod proxy;
+pub mod routes;
 pub mod server;
 pub mod store;
 pub mod upstream;

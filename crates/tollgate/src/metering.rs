@@ -47,6 +47,19 @@ pub struct UsageRecord {
     pub ttft_ms: Option<u64>,
     pub stream: bool,
     pub client_disconnected: bool,
+    /// Body sizes, recorded for tool routes.
+    #[serde(default)]
+    pub request_bytes: u64,
+    #[serde(default)]
+    pub response_bytes: u64,
+    /// Set when the answer came from another request instead of an upstream call of this
+    /// one's: `coalesced` (joined an identical request in flight), `replayed` (a retry with
+    /// a known `Idempotency-Key`), `loop_replay` (the loop guard answered from the last
+    /// response). Such records cost nothing; `reused_from` names the request that paid.
+    #[serde(default)]
+    pub reused: Option<String>,
+    #[serde(default)]
+    pub reused_from: Option<String>,
 }
 
 enum Msg {

@@ -387,7 +387,11 @@ async fn run(
 // ---------------------------------------------------------------------------------------
 // accept / authenticate / peek helpers
 
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             ErrorKind::BodyTooLarge,
@@ -1496,7 +1500,7 @@ fn limit_checks(app: &AppState, key: &KeyRecord, runtime: &Runtime, model: &str)
 
 /// A refusal by a limit: 429 with `Retry-After` and a body naming the limit (or 503 when the
 /// shared limiter is unreachable and the limit fails closed).
-fn refusal(app: &AppState, r: Refusal) -> ApiError {
+pub(crate) fn refusal(app: &AppState, r: Refusal) -> ApiError {
     app.metrics
         .limit_refusals
         .get_or_create(&RefusalLabels {
@@ -1509,7 +1513,10 @@ fn refusal(app: &AppState, r: Refusal) -> ApiError {
         Scope::Team => format!("team '{}'", r.subject),
         Scope::Model => format!("model '{}' (all keys together)", r.subject),
         Scope::Deployment => format!("deployment '{}'", r.subject),
-        Scope::Route => "this key on this route".to_string(),
+        Scope::Route => match r.subject.split_once('/') {
+            Some((route, _)) => format!("this key on route '{route}'"),
+            None => format!("route '{}' (all keys together)", r.subject),
+        },
     };
     let d = r.decision;
     let retry_secs = d.retry_after_us.div_ceil(1_000_000).max(1);

@@ -213,7 +213,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .nest("/admin", admin::router())
-        .fallback(not_found)
+        .fallback(crate::routes::fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)
 }
@@ -238,10 +238,6 @@ async fn metrics(axum::extract::State(app): axum::extract::State<Arc<AppState>>)
         app.metrics.encode(),
     )
         .into_response()
-}
-
-async fn not_found(uri: http::Uri) -> Response {
-    ApiError::new(ErrorKind::NotFound, format!("no route for {}", uri.path())).into_response()
 }
 
 async fn method_not_allowed(method: http::Method, uri: http::Uri) -> Response {

@@ -88,6 +88,11 @@ const MIGRATIONS: &[&str] = &[
         created_ms INTEGER NOT NULL,
         updated_ms INTEGER NOT NULL
      );",
+    // 5: tool-route traffic, and answers reused from another request
+    "ALTER TABLE usage ADD COLUMN request_bytes INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE usage ADD COLUMN response_bytes INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE usage ADD COLUMN reused TEXT;
+     ALTER TABLE usage ADD COLUMN reused_from TEXT;",
 ];
 
 /// Opens a connection with the settings every tollgate connection needs.
@@ -513,7 +518,8 @@ const USAGE_COLUMNS: &str =
     "id, ts_ms, endpoint, key_id, agent, team, project, tags, model_requested, provider,
     model_served, attempts, status, error_kind, input_tokens, cached_input_tokens, output_tokens,
     reasoning_tokens, usage_source, cost_micros, price_version, latency_ms, ttft_ms, stream,
-    client_disconnected, cache_write_5m_tokens, cache_write_1h_tokens";
+    client_disconnected, cache_write_5m_tokens, cache_write_1h_tokens, request_bytes,
+    response_bytes, reused, reused_from";
 
 fn usage_from_row(r: &rusqlite::Row) -> rusqlite::Result<UsageRecord> {
     let tags: String = r.get(7)?;
@@ -545,6 +551,10 @@ fn usage_from_row(r: &rusqlite::Row) -> rusqlite::Result<UsageRecord> {
         client_disconnected: r.get(24)?,
         cache_write_5m_tokens: r.get::<_, i64>(25)? as u64,
         cache_write_1h_tokens: r.get::<_, i64>(26)? as u64,
+        request_bytes: r.get::<_, i64>(27)? as u64,
+        response_bytes: r.get::<_, i64>(28)? as u64,
+        reused: r.get(29)?,
+        reused_from: r.get(30)?,
     })
 }
 
@@ -556,7 +566,7 @@ pub fn insert_usage_batch(conn: &mut Connection, batch: &[UsageRecord]) -> Resul
         let mut stmt = tx.prepare_cached(&format!(
             "INSERT OR IGNORE INTO usage ({USAGE_COLUMNS}) VALUES
              (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
-              ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)"
+              ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31)"
         ))?;
         for u in batch {
             stmt.execute(params![
@@ -586,7 +596,11 @@ pub fn insert_usage_batch(conn: &mut Connection, batch: &[UsageRecord]) -> Resul
                 u.stream,
                 u.client_disconnected,
                 u.cache_write_5m_tokens as i64,
-                u.cache_write_1h_tokens as i64
+                u.cache_write_1h_tokens as i64,
+                u.request_bytes as i64,
+                u.response_bytes as i64,
+                u.reused,
+                u.reused_from
             ])?;
         }
     }

@@ -140,6 +140,8 @@ pub struct Runtime {
     pub routing: RoutingConfig,
     pub limits: crate::config::LimitsConfig,
     pub loop_guard: crate::config::LoopGuardConfig,
+    /// Tool routes, longest prefix first.
+    pub routes: Vec<Arc<crate::routes::ToolRoute>>,
     health: Arc<HealthRegistry>,
 }
 
@@ -147,6 +149,8 @@ pub struct Runtime {
 pub enum BuildError {
     #[error("providers.{0}: {1}")]
     Provider(String, String),
+    #[error("{0}")]
+    Route(String),
 }
 
 impl Runtime {
@@ -199,8 +203,16 @@ impl Runtime {
                 model_limits.insert(m.name.clone(), limits);
             }
         }
+        let mut routes = Vec::new();
+        for r in &cfg.routes {
+            routes.push(Arc::new(
+                crate::routes::ToolRoute::build(r).map_err(BuildError::Route)?,
+            ));
+        }
+        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
         Ok(Runtime {
             providers,
+            routes,
             aliases,
             model_limits,
             direct: RwLock::new(HashMap::new()),

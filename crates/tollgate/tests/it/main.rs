@@ -13,6 +13,7 @@ mod messages;
 mod metering;
 mod redis;
 mod responses;
+mod routes;
 mod routing;
 mod shutdown;
 mod streaming;

@@ -1,0 +1,426 @@
+//! Tool routes: a path prefix proxied to any HTTP service, behind the same virtual keys,
+//! limits, loop guard and metering as model calls, so one runaway agent cannot take down
+//! the service behind.
+//!
+//! The life of a call: match the route → authenticate → read the body → loop guard →
+//! admit (per-key and route-wide limits) → forward → stream the answer back, counting its
+//! bytes → record (calls, bytes, latency, price per call) when the body ends or the client
+//! leaves.
+
+use crate::config::RouteConfig;
+use crate::error::{ApiError, Dialect, ErrorKind};
+use crate::keys::KeyRecord;
+use crate::limits::{now_us, Admission, Check, Limits, Scope};
+use crate::metering::UsageRecord;
+use crate::metrics::RequestLabels;
+use crate::proxy::{authenticate, new_request_id, now_ms, read_body, refusal};
+use crate::server::AppState;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::Response;
+use bytes::Bytes;
+use futures_util::Stream;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+pub struct ToolRoute {
+    pub name: String,
+    /// Without a trailing slash.
+    pub prefix: String,
+    /// Without a trailing slash.
+    pub upstream: String,
+    pub headers: HeaderMap,
+    pub client: reqwest::Client,
+    pub per_key: Limits,
+    pub total: Limits,
+    pub price_per_call: u64,
+    pub timeout: Duration,
+    pub loop_guard: bool,
+}
+
+impl ToolRoute {
+    pub fn build(cfg: &RouteConfig) -> Result<ToolRoute, String> {
+        let mut headers = HeaderMap::new();
+        for (k, v) in &cfg.headers {
+            let name = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| format!("routes.{}: bad header name {k}", cfg.name))?;
+            let value = HeaderValue::from_str(v)
+                .map_err(|_| format!("routes.{}: bad value for header {k}", cfg.name))?;
+            headers.insert(name, value);
+        }
+        if let Some(var) = &cfg.api_key_env {
+            match std::env::var(var) {
+                Ok(key) if !key.is_empty() => {
+                    let mut v = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+                        format!("routes.{}: {var} is not a valid header value", cfg.name)
+                    })?;
+                    v.set_sensitive(true);
+                    headers.insert(http::header::AUTHORIZATION, v);
+                }
+                _ => {
+                    tracing::warn!(route = %cfg.name, env = %var, "API key variable is not set; calls go unauthenticated")
+                }
+            }
+        }
+        crate::server::init_tls();
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5).min(cfg.timeout))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .tcp_nodelay(true)
+            // The agent sees the service's redirects, as it would without the gateway.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| format!("routes.{}: HTTP client: {e}", cfg.name))?;
+        Ok(ToolRoute {
+            name: cfg.name.clone(),
+            prefix: cfg.path.trim_end_matches('/').to_string(),
+            upstream: cfg.upstream.trim_end_matches('/').to_string(),
+            headers,
+            client,
+            per_key: Limits {
+                rpm: cfg.rpm,
+                tpm: 0,
+                concurrency: cfg.concurrency,
+            },
+            total: Limits {
+                rpm: cfg.total_rpm,
+                tpm: 0,
+                concurrency: cfg.total_concurrency,
+            },
+            price_per_call: cfg.price_per_call,
+            timeout: cfg.timeout,
+            loop_guard: cfg.loop_guard,
+        })
+    }
+
+    /// The rest of the path after this route's prefix, if the path is under it.
+    fn rest<'a>(&self, path: &'a str) -> Option<&'a str> {
+        let rest = path.strip_prefix(&self.prefix)?;
+        (rest.is_empty() || rest.starts_with('/')).then_some(rest)
+    }
+}
+
+/// Headers that belong to one hop, or to the caller's relation with the gateway.
+fn forwardable(name: &HeaderName) -> bool {
+    !matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+            | "authorization"
+            | "x-api-key"
+    )
+}
+
+/// Everything no other route claimed: a tool route, or 404.
+pub async fn fallback(State(app): State<Arc<AppState>>, req: Request) -> Response {
+    let runtime = app.runtime.load_full();
+    let path = req.uri().path();
+    // Longest prefix first (the runtime keeps them sorted so).
+    let Some(route) = runtime
+        .routes
+        .iter()
+        .find(|r| r.rest(path).is_some())
+        .cloned()
+    else {
+        return ApiError::new(ErrorKind::NotFound, format!("no route for {path}"))
+            .into_dialect_response(Dialect::OpenAi);
+    };
+    let started = Instant::now();
+    let request_id = new_request_id();
+    let mut resp = match call(&app, &route, req, &request_id, started, &runtime).await {
+        Ok(r) => r,
+        Err(e) => e.into_dialect_response(Dialect::OpenAi),
+    };
+    app.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            endpoint: "route",
+            status: resp.status().as_u16(),
+        })
+        .inc();
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+async fn call(
+    app: &Arc<AppState>,
+    route: &Arc<ToolRoute>,
+    req: Request,
+    request_id: &str,
+    started: Instant,
+    runtime: &crate::upstream::Runtime,
+) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let key = authenticate(app, &parts.headers)?;
+    let mut rec = RouteRecord {
+        app: app.clone(),
+        rec: Some(UsageRecord {
+            id: request_id.to_string(),
+            ts_ms: now_ms(),
+            endpoint: format!("route:{}", route.name),
+            key_id: key.id.clone(),
+            agent: key.name.clone(),
+            team: key.team.clone(),
+            project: key.project.clone(),
+            tags: key.tags.clone(),
+            provider: Some(route.name.clone()),
+            usage_source: "none".into(),
+            ..UsageRecord::default()
+        }),
+        started,
+        admission: None,
+        price: route.price_per_call,
+        answered: false,
+    };
+    match forward(app, route, parts, body, &key, &mut rec, runtime).await {
+        Ok(resp) => Ok(resp),
+        Err(e) => {
+            rec.finish(e.status().as_u16(), Some(e.kind.as_str()), 0, false);
+            Err(e)
+        }
+    }
+}
+
+async fn forward(
+    app: &Arc<AppState>,
+    route: &Arc<ToolRoute>,
+    parts: http::request::Parts,
+    body: Body,
+    key: &KeyRecord,
+    rec: &mut RouteRecord,
+    runtime: &crate::upstream::Runtime,
+) -> Result<Response, ApiError> {
+    let body = read_body(body, &parts.headers, app.server.max_body_bytes).await?;
+    if let Some(r) = rec.rec.as_mut() {
+        r.request_bytes = body.len() as u64;
+    }
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+
+    // loop guard
+    let lg = &runtime.loop_guard;
+    if route.loop_guard && lg.enabled && lg.max_repeats > 0 {
+        let body_text = String::from_utf8_lossy(&body);
+        let fp = crate::loopguard::fingerprint(
+            &key.id,
+            &format!("route:{}", route.name),
+            &[
+                Some(parts.method.as_str()),
+                Some(path_and_query),
+                Some(&body_text),
+            ],
+        );
+        let window_us = lg.window.as_micros() as u64;
+        let (seen, clears_in) = app.loop_guard.sighting(fp, now_us(), window_us);
+        if seen >= lg.max_repeats && lg.action != crate::config::LoopAction::Warn {
+            return Err(ApiError::new(
+                ErrorKind::LoopDetected,
+                format!(
+                    "loop detected: this exact call to '{}' was made {seen} times in the last {}s. You appear to be repeating yourself; change the call or stop.",
+                    route.name,
+                    lg.window.as_secs()
+                ),
+            )
+            .retry_after(clears_in.div_ceil(1_000_000).max(1)));
+        }
+    }
+
+    // admit
+    let mut checks = Vec::with_capacity(2);
+    if !route.per_key.is_unlimited() {
+        checks.push(Check {
+            scope: Scope::Route,
+            subject: format!("{}/{}", route.name, key.id),
+            limits: route.per_key,
+        });
+    }
+    if !route.total.is_unlimited() {
+        checks.push(Check {
+            scope: Scope::Route,
+            subject: route.name.clone(),
+            limits: route.total,
+        });
+    }
+    let admission = app
+        .limiter
+        .admit(&checks, 0)
+        .await
+        .map_err(|r| refusal(app, r))?;
+    rec.admission = Some(admission);
+
+    // forward
+    let rest = route.rest(parts.uri.path()).unwrap_or_default().to_string();
+    let query = parts
+        .uri
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let url = format!("{}{rest}{query}", route.upstream);
+    let mut headers: HeaderMap = parts
+        .headers
+        .iter()
+        .filter(|(n, _)| forwardable(n))
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    headers.extend(route.headers.clone());
+    if let Ok(v) = HeaderValue::from_str(&rec.id()) {
+        headers.insert("x-request-id", v);
+    }
+    let sent = route
+        .client
+        .request(parts.method.clone(), &url)
+        .headers(headers)
+        .body(body)
+        .timeout(route.timeout)
+        .send()
+        .await;
+    let upstream = match sent {
+        Ok(r) => r,
+        Err(e) => {
+            let kind = if e.is_timeout() {
+                ErrorKind::UpstreamTimeout
+            } else {
+                ErrorKind::UpstreamUnavailable
+            };
+            return Err(ApiError::new(
+                kind,
+                format!(
+                    "the tool service behind '{}' did not answer: {e}",
+                    route.name
+                ),
+            ));
+        }
+    };
+    let status = upstream.status();
+    let mut resp_headers = HeaderMap::new();
+    for (n, v) in upstream.headers() {
+        if forwardable(n) {
+            resp_headers.append(n.clone(), v.clone());
+        }
+    }
+    let body = CountingBody {
+        inner: Box::pin(upstream.bytes_stream()),
+        bytes: 0,
+        status: status.as_u16(),
+        rec: rec.hand_over(),
+        done: false,
+    };
+    let mut resp = Response::new(Body::from_stream(body));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = resp_headers;
+    Ok(resp)
+}
+
+/// The usage record of one tool call, committed once: when the answer's body ends, fails,
+/// or is abandoned by the client.
+struct RouteRecord {
+    app: Arc<AppState>,
+    rec: Option<UsageRecord>,
+    started: Instant,
+    /// Released with the record: a call holds its concurrency slot until its body is done.
+    admission: Option<Admission>,
+    price: u64,
+    /// The service answered (its status is the call's).
+    answered: bool,
+}
+
+impl RouteRecord {
+    /// Moves the record and the admission into the response body, which finishes them;
+    /// `self` is left empty, so finishing it does nothing.
+    fn hand_over(&mut self) -> RouteRecord {
+        RouteRecord {
+            app: self.app.clone(),
+            rec: self.rec.take(),
+            started: self.started,
+            admission: self.admission.take(),
+            price: self.price,
+            answered: true,
+        }
+    }
+
+    fn id(&self) -> String {
+        self.rec.as_ref().map(|r| r.id.clone()).unwrap_or_default()
+    }
+
+    fn finish(&mut self, status: u16, error: Option<&str>, bytes: u64, disconnected: bool) {
+        let Some(mut rec) = self.rec.take() else {
+            return;
+        };
+        rec.status = status;
+        rec.error_kind = error.map(str::to_string);
+        rec.response_bytes = bytes;
+        rec.client_disconnected = disconnected;
+        rec.latency_ms = self.started.elapsed().as_millis() as u64;
+        rec.attempts = u32::from(self.answered);
+        // A call is paid for when the service handled it: any answer below 500.
+        if self.answered && status < 500 && error.is_none() {
+            rec.cost_micros = self.price;
+            rec.price_version = (self.price > 0).then(|| format!("per-call:{}", self.price));
+        }
+        self.admission = None;
+        self.app.meter.record(rec);
+    }
+}
+
+struct CountingBody {
+    inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    bytes: u64,
+    status: u16,
+    rec: RouteRecord,
+    done: bool,
+}
+
+impl Stream for CountingBody {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match this.inner.as_mut().poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                this.bytes += chunk.len() as u64;
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.done = true;
+                let bytes = this.bytes;
+                this.rec
+                    .finish(this.status, Some("upstream_error"), bytes, false);
+                Poll::Ready(Some(Err(std::io::Error::other(e))))
+            }
+            Poll::Ready(None) => {
+                this.done = true;
+                let (status, bytes) = (this.status, this.bytes);
+                this.rec.finish(status, None, bytes, false);
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for CountingBody {
+    fn drop(&mut self) {
+        // The client left before the end.
+        let (status, bytes) = (self.status, self.bytes);
+        self.rec.finish(status, None, bytes, true);
+    }
+}
