@@ -209,7 +209,7 @@ impl Runtime {
                 crate::routes::ToolRoute::build(r).map_err(BuildError::Route)?,
             ));
         }
-        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         Ok(Runtime {
             providers,
             routes,
