@@ -17,6 +17,7 @@ pub struct Config {
     pub metering: MeteringConfig,
     pub limits: LimitsConfig,
     pub loop_guard: LoopGuardConfig,
+    pub retries: RetriesConfig,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelConfig>,
     pub prices: Vec<PriceConfig>,
@@ -53,6 +54,12 @@ pub struct RoutingConfig {
     pub max_retry_wait: Duration,
     /// Consecutive failures after which a deployment cools down.
     pub cooldown_failures: u32,
+    /// A failure share over `error_rate_window` that also cools a deployment down (0 = off),
+    /// once it has seen `error_rate_min_requests` outcomes in the window.
+    pub error_rate: f64,
+    pub error_rate_min_requests: u32,
+    #[serde(deserialize_with = "de_duration")]
+    pub error_rate_window: Duration,
     #[serde(deserialize_with = "de_duration")]
     pub cooldown: Duration,
 }
@@ -80,6 +87,43 @@ pub enum LoopAction {
     Reject,
     /// Serve it, with an `x-tollgate-warning` header.
     Warn,
+    /// Answer with the previous response to the same request (no upstream call, no cost);
+    /// reject when there is none to give (streams, or nothing kept yet).
+    Replay,
+}
+
+/// Retry-storm damping (see `damping.rs`). Reloadable.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetriesConfig {
+    /// A key's client retries may be at most this share of its requests in `window`; the
+    /// gateway's own upstream retries, this share of a deployment's requests.
+    pub budget_ratio: f64,
+    /// …but at least this many per window.
+    pub budget_min: u32,
+    #[serde(deserialize_with = "de_duration")]
+    pub window: Duration,
+    /// The same request (byte for byte, same key) again within this counts as a retry.
+    #[serde(deserialize_with = "de_duration")]
+    pub same_request_within: Duration,
+    /// Identical concurrent non-streaming requests from one key make one upstream call.
+    pub coalesce: bool,
+    /// How long the answer to a request with an `Idempotency-Key` is replayed to retries.
+    #[serde(deserialize_with = "de_duration")]
+    pub idempotency_ttl: Duration,
+}
+
+impl Default for RetriesConfig {
+    fn default() -> Self {
+        RetriesConfig {
+            budget_ratio: 0.2,
+            budget_min: 10,
+            window: Duration::from_secs(60),
+            same_request_within: Duration::from_secs(10),
+            coalesce: true,
+            idempotency_ttl: Duration::from_secs(600),
+        }
+    }
 }
 
 impl Default for LoopGuardConfig {
@@ -409,6 +453,9 @@ impl Default for RoutingConfig {
             max_retry_wait: Duration::from_secs(5),
             cooldown_failures: 3,
             cooldown: Duration::from_secs(30),
+            error_rate: 0.5,
+            error_rate_min_requests: 20,
+            error_rate_window: Duration::from_secs(30),
         }
     }
 }
@@ -497,6 +544,15 @@ impl Config {
                 "routing.backoff_base".into(),
                 "must not exceed routing.backoff_max",
             );
+        }
+        if !(0.0..=1.0).contains(&self.routing.error_rate) {
+            p("routing.error_rate".into(), "must be between 0 and 1");
+        }
+        if !(0.0..=1.0).contains(&self.retries.budget_ratio) {
+            p("retries.budget_ratio".into(), "must be between 0 and 1");
+        }
+        if self.retries.window.is_zero() {
+            p("retries.window".into(), "must be greater than 0");
         }
         if self.metering.queue_capacity == 0 {
             p("metering.queue_capacity".into(), "must be greater than 0");

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod damping;
 pub mod error;
 pub mod estimate;
 pub mod keys;

@@ -12,7 +12,7 @@ use crate::estimate;
 use crate::keys::{KeyRecord, KeyStatus};
 use crate::limits::{now_us, Admission, Check, Class, Decision, Limits, Refusal, Scope};
 use crate::metering::UsageRecord;
-use crate::metrics::{RefusalLabels, RequestLabels, UpstreamLabels};
+use crate::metrics::{RefusalLabels, RequestLabels, ReuseLabels, ScopeLabels, UpstreamLabels};
 use crate::prices::PriceTable;
 use crate::server::AppState;
 use crate::upstream::{self, Deployment, Runtime};
@@ -136,6 +136,15 @@ async fn handle(app: Arc<AppState>, endpoint: Endpoint, req: Request) -> Respons
     let mut response = match run(&app, endpoint, &parts.headers, body, &key, &mut settle).await {
         Ok(resp) => resp,
         Err(e) => {
+            if let Some(fp) = settle.lead.take() {
+                app.damper.finish_lead(
+                    fp,
+                    Some(crate::damping::Outcome::Error(
+                        e.clone(),
+                        request_id.clone(),
+                    )),
+                );
+            }
             settle.finish_error(&e);
             e.into_dialect_response(endpoint.dialect())
         }
@@ -190,14 +199,40 @@ async fn run(
         .param("model"));
     }
 
-    // admit
+    // damp: replays, retry budgets
     let runtime = app.runtime.load_full();
-    let estimate = token_estimate(endpoint, &doc, body.len(), &runtime.limits);
-    if let Some(warning) = loop_check(app, &runtime.loop_guard, key, endpoint, &model, &doc)? {
-        if let Ok(v) = HeaderValue::from_str(&warning) {
-            settle.rate_headers.insert("x-tollgate-warning", v);
-        }
+    let reuse_ok = !no_cache(headers) && endpoint != Endpoint::CountTokens;
+    if let Some(answer) = damp(app, &runtime.retries, key, endpoint, headers, &body, settle)? {
+        return Ok(settle.reuse(&answer, "replayed"));
     }
+
+    // admit: loop guard, limits
+    let (verdict, loop_fp) = loop_check(
+        app,
+        &runtime.loop_guard,
+        key,
+        endpoint,
+        &model,
+        &doc,
+        stream,
+    )?;
+    match verdict {
+        LoopVerdict::Pass => {}
+        LoopVerdict::Warn(warning) => {
+            if let Ok(v) = HeaderValue::from_str(&warning) {
+                settle.rate_headers.insert("x-tollgate-warning", v);
+            }
+        }
+        LoopVerdict::Replay(answer) => return Ok(settle.reuse(&answer, "loop_replay")),
+    }
+    if let (Some(fp), crate::config::LoopAction::Replay, false) =
+        (loop_fp, runtime.loop_guard.action, stream)
+    {
+        settle
+            .keep
+            .push((fp, now_us() + runtime.loop_guard.window.as_micros() as u64));
+    }
+    let estimate = token_estimate(endpoint, &doc, body.len(), &runtime.limits);
     let checks = limit_checks(app, key, &runtime, &model);
     let admission = app
         .limiter
@@ -208,6 +243,39 @@ async fn run(
         .rate_headers
         .extend(rate_limit_headers(admission.requests, admission.tokens));
     settle.admission = Some(admission);
+
+    // coalesce: one upstream call for identical requests in flight
+    if !stream && reuse_ok && runtime.retries.coalesce {
+        let fp = settle.idempotency_fp.unwrap_or(settle.request_fp);
+        loop {
+            match app.damper.coalesce(fp) {
+                crate::damping::Coalesce::Lead => {
+                    settle.lead = Some(fp);
+                    break;
+                }
+                crate::damping::Coalesce::Follow(mut rx) => {
+                    let outcome = rx
+                        .wait_for(Option::is_some)
+                        .await
+                        .ok()
+                        .and_then(|o| o.clone());
+                    match outcome {
+                        Some(crate::damping::Outcome::Answer(a)) => {
+                            return Ok(settle.reuse(&a, "coalesced"))
+                        }
+                        Some(crate::damping::Outcome::Error(e, from)) => {
+                            let rec = settle.rec_mut();
+                            rec.reused = Some("coalesced".into());
+                            rec.reused_from = Some(from);
+                            return Err(e);
+                        }
+                        // The leader went away without an answer: lead, or follow another.
+                        None => continue,
+                    }
+                }
+            }
+        }
+    }
 
     // route
     let mut deployments = runtime.resolve(&model).ok_or_else(|| {
@@ -277,6 +345,16 @@ async fn run(
             }
         }
         attempt += 1;
+        if attempt == 1 {
+            let r = &runtime.retries;
+            dep.health.retry_budget.admit(
+                now_us(),
+                r.window.as_micros() as u64,
+                false,
+                r.budget_ratio,
+                r.budget_min,
+            );
+        }
         {
             let rec = settle.rec_mut();
             rec.attempts = attempt;
@@ -316,7 +394,7 @@ async fn run(
             .inc();
         match outcome {
             Ok(Upstream::Json(answer)) => {
-                dep.health.success();
+                dep.health.success(now_ms(), &runtime.routing);
                 let client_body = if translated {
                     let back = match up_endpoint {
                         Endpoint::Messages => translate::messages_response_to_chat(
@@ -340,7 +418,7 @@ async fn run(
                 return Ok(settle.finish_json(&runtime, &dep, up_endpoint, answer, client_body));
             }
             Ok(Upstream::Stream { first, rest }) => {
-                dep.health.success();
+                dep.health.success(now_ms(), &runtime.routing);
                 let view = StreamView {
                     client: endpoint.dialect(),
                     upstream: up_endpoint,
@@ -369,6 +447,23 @@ async fn run(
                 }
                 idx += 1;
                 let next = &candidates[idx % candidates.len()];
+                let r = &runtime.retries;
+                if !next.health.retry_budget.admit(
+                    now_us(),
+                    r.window.as_micros() as u64,
+                    true,
+                    r.budget_ratio,
+                    r.budget_min,
+                ) {
+                    // Failover must not multiply load on providers already in trouble.
+                    app.metrics
+                        .retries_suppressed
+                        .get_or_create(&ScopeLabels {
+                            scope: "deployment",
+                        })
+                        .inc();
+                    return Err(failure.error);
+                }
                 let mut wait = upstream::backoff(attempt, &runtime.routing);
                 if Arc::ptr_eq(next, &dep) {
                     if let Some(ra) = failure.retry_after {
@@ -749,6 +844,15 @@ struct Settlement {
     admission: Option<Admission>,
     /// `x-ratelimit-*` for the response.
     rate_headers: HeaderMap,
+    /// Identifies the request (key, endpoint, body) for retry recognition and coalescing.
+    request_fp: u64,
+    /// Key, endpoint and `Idempotency-Key`, when the request carries one.
+    idempotency_fp: Option<u64>,
+    /// Set while identical requests wait for this one's answer.
+    lead: Option<u64>,
+    request_id: String,
+    /// Fingerprints under which a successful JSON answer is kept, and until when (µs).
+    keep: Vec<(u64, u64)>,
 }
 
 impl Settlement {
@@ -780,6 +884,68 @@ impl Settlement {
             upstream_started: false,
             admission: None,
             rate_headers: HeaderMap::new(),
+            request_fp: 0,
+            idempotency_fp: None,
+            lead: None,
+            request_id: request_id.to_string(),
+            keep: Vec::new(),
+        }
+    }
+
+    /// Answers with another request's answer: no upstream call, no cost.
+    fn reuse(&mut self, answer: &crate::damping::Answer, kind: &'static str) -> Response {
+        if let Some(mut rec) = self.take() {
+            rec.status = answer.status.as_u16();
+            rec.reused = Some(kind.to_string());
+            rec.reused_from = Some(answer.request_id.clone());
+            self.commit(rec);
+        }
+        self.app
+            .metrics
+            .answers_reused
+            .get_or_create(&ReuseLabels { kind })
+            .inc();
+        let mut resp = Response::new(Body::from(answer.body.clone()));
+        *resp.status_mut() = answer.status;
+        let h = resp.headers_mut();
+        h.insert(http::header::CONTENT_TYPE, answer.content_type.clone());
+        h.insert("x-tollgate-cost", HeaderValue::from(0));
+        h.insert("x-tollgate-reused", HeaderValue::from_static(kind));
+        if let Ok(v) = HeaderValue::from_str(&answer.request_id) {
+            h.insert("x-tollgate-reused-from", v);
+        }
+        resp
+    }
+
+    /// Hands a finished JSON answer to the requests waiting on this one, and keeps it for
+    /// idempotent retries and the loop guard.
+    fn share(&mut self, status: StatusCode, content_type: &HeaderValue, body: &Bytes) {
+        if self.lead.is_none() && self.keep.is_empty() && self.idempotency_fp.is_none() {
+            return;
+        }
+        let answer = Arc::new(crate::damping::Answer {
+            status,
+            content_type: content_type.clone(),
+            body: body.clone(),
+            request_id: self.request_id.clone(),
+            request_fp: self.request_fp,
+        });
+        if let Some(fp) = self.lead.take() {
+            self.app
+                .damper
+                .finish_lead(fp, Some(crate::damping::Outcome::Answer(answer.clone())));
+        }
+        if !status.is_success() {
+            return;
+        }
+        let ttl = self.app.runtime.load().retries.idempotency_ttl.as_micros() as u64;
+        if let Some(fp) = self.idempotency_fp {
+            self.app
+                .damper
+                .keep_answer(fp, now_us() + ttl, answer.clone());
+        }
+        for (fp, until) in std::mem::take(&mut self.keep) {
+            self.app.damper.keep_answer(fp, until, answer.clone());
         }
     }
 
@@ -867,7 +1033,9 @@ impl Settlement {
                 .cloned()
                 .unwrap_or(HeaderValue::from_static("application/json")),
         };
-        let mut resp = Response::new(Body::from(client_body.unwrap_or(body)));
+        let body = client_body.unwrap_or(body);
+        self.share(status, &content_type, &body);
+        let mut resp = Response::new(Body::from(body));
         *resp.status_mut() = status;
         let h = resp.headers_mut();
         h.insert(http::header::CONTENT_TYPE, content_type);
@@ -894,6 +1062,10 @@ impl Settlement {
 impl Drop for Settlement {
     /// The handler future was dropped: the client went away before an answer.
     fn drop(&mut self) {
+        if let Some(fp) = self.lead.take() {
+            // Whoever waits on this request makes its own call.
+            self.app.damper.finish_lead(fp, None);
+        }
         if let Some(mut rec) = self.take() {
             rec.client_disconnected = true;
             rec.status = 499;
@@ -1368,8 +1540,10 @@ fn finish_response(
     resp
 }
 
-/// Refuses (or flags) a request that repeats an earlier one, or whose conversation keeps
-/// calling the same tool with the same arguments. Returns a warning in `warn` mode.
+/// Refuses (or flags, or answers from the last response) a request that repeats an earlier
+/// one, or whose conversation keeps calling the same tool with the same arguments. Also
+/// returns the request's fingerprint when the guard looked at it.
+#[allow(clippy::too_many_arguments)]
 fn loop_check(
     app: &AppState,
     cfg: &crate::config::LoopGuardConfig,
@@ -1377,17 +1551,18 @@ fn loop_check(
     endpoint: Endpoint,
     model: &str,
     doc: &RequestDoc,
-) -> Result<Option<String>, ApiError> {
+    stream: bool,
+) -> Result<(LoopVerdict, Option<u64>), ApiError> {
     use crate::loopguard::{fingerprint, repeated_tool_call, tool_calls};
     if !cfg.enabled {
-        return Ok(None);
+        return Ok((LoopVerdict::Pass, None));
     }
     let fields: &[&str] = match endpoint {
         Endpoint::ChatCompletions => &["messages", "tools"],
         Endpoint::Messages => &["system", "messages", "tools"],
         Endpoint::Responses => &["instructions", "input", "tools"],
         // Re-embedding or re-counting the same text is not an agent stuck in a loop.
-        Endpoint::Embeddings | Endpoint::CountTokens => return Ok(None),
+        Endpoint::Embeddings | Endpoint::CountTokens => return Ok((LoopVerdict::Pass, None)),
     };
     let parts: Vec<Option<&str>> = fields.iter().map(|f| doc.raw(f).map(|r| r.get())).collect();
     let fp = fingerprint(&key.id, model, &parts);
@@ -1420,14 +1595,120 @@ fn loop_check(
             }
         }
     }
+    use crate::config::LoopAction;
+    let reject = |message: String, retry_us: u64| {
+        Err(ApiError::new(ErrorKind::LoopDetected, message)
+            .retry_after(retry_us.div_ceil(1_000_000).max(1)))
+    };
     match (problem, cfg.action) {
-        (None, _) => Ok(None),
-        (Some((message, retry_us)), crate::config::LoopAction::Reject) => {
-            Err(ApiError::new(ErrorKind::LoopDetected, message)
-                .retry_after(retry_us.div_ceil(1_000_000).max(1)))
+        (None, _) => Ok((LoopVerdict::Pass, Some(fp))),
+        (Some((message, retry_us)), LoopAction::Reject) => reject(message, retry_us),
+        (Some((message, _)), LoopAction::Warn) => Ok((LoopVerdict::Warn(message), Some(fp))),
+        (Some((message, retry_us)), LoopAction::Replay) => {
+            match (!stream).then(|| app.damper.answer(fp, now_us())).flatten() {
+                Some(answer) => Ok((LoopVerdict::Replay(answer), Some(fp))),
+                None => reject(message, retry_us),
+            }
         }
-        (Some((message, _)), crate::config::LoopAction::Warn) => Ok(Some(message)),
     }
+}
+
+enum LoopVerdict {
+    Pass,
+    Warn(String),
+    /// Answer with this earlier response to the same request.
+    Replay(Arc<crate::damping::Answer>),
+}
+
+/// `Cache-Control: no-cache` or `no-store`: the client wants its own upstream call, never
+/// another request's answer.
+fn no_cache(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(http::header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("no-cache") || v.contains("no-store"))
+}
+
+/// Recognises client retries and holds them to the key's retry budget; returns the kept
+/// answer when this is a retry of an `Idempotency-Key` request that already succeeded.
+fn damp(
+    app: &AppState,
+    cfg: &crate::config::RetriesConfig,
+    key: &KeyRecord,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: &Bytes,
+    settle: &mut Settlement,
+) -> Result<Option<Arc<crate::damping::Answer>>, ApiError> {
+    use crate::damping::fingerprint;
+    let now = now_us();
+    let scope = [key.id.as_bytes(), endpoint.name().as_bytes()];
+    settle.request_fp = fingerprint(&[scope[0], scope[1], body]);
+    let idempotency = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => match v.to_str() {
+            Ok(k) if !k.trim().is_empty() && k.len() <= 255 => Some(k.trim()),
+            _ => {
+                return Err(ApiError::new(
+                    ErrorKind::BadRequest,
+                    "Idempotency-Key must be 1 to 255 visible ASCII characters",
+                ))
+            }
+        },
+    };
+    let ttl = cfg.idempotency_ttl.as_micros() as u64;
+    let mut retry = false;
+    if let Some(k) = idempotency {
+        let fp = fingerprint(&[scope[0], scope[1], b"idempotency-key", k.as_bytes()]);
+        settle.idempotency_fp = Some(fp);
+        if !no_cache(headers) {
+            if let Some(answer) = app.damper.answer(fp, now) {
+                if answer.request_fp != settle.request_fp {
+                    return Err(ApiError::new(
+                        ErrorKind::BadRequest,
+                        "this Idempotency-Key was used for a different request; use a new key for a new request",
+                    ));
+                }
+                return Ok(Some(answer));
+            }
+        }
+        retry |= app.damper.seen_recently(fp, now, ttl, ttl);
+    }
+    let within = cfg.same_request_within.as_micros() as u64;
+    retry |= app
+        .damper
+        .seen_recently(settle.request_fp, now, within, within.max(ttl));
+    let window = cfg.window.as_micros() as u64;
+    if !app.damper.admit(
+        &key.id,
+        now,
+        window,
+        retry,
+        cfg.budget_ratio,
+        cfg.budget_min,
+    ) {
+        app.metrics
+            .retries_suppressed
+            .get_or_create(&ScopeLabels { scope: "key" })
+            .inc();
+        return Err(ApiError::new(
+            ErrorKind::RetryBudgetExhausted,
+            format!(
+                "too many retries: retries may be at most {:.0}% of this key's requests (at least {}) per {}s. Back off before retrying again.",
+                cfg.budget_ratio * 100.0,
+                cfg.budget_min,
+                cfg.window.as_secs()
+            ),
+        )
+        .retry_after((within / 1_000_000).max(1)));
+    }
+    if retry {
+        settle
+            .rate_headers
+            .insert("x-tollgate-retry", HeaderValue::from_static("true"));
+    }
+    Ok(None)
 }
 
 /// Tokens a request may use, reserved against token limits at admission: bytes / 4 over the

@@ -36,6 +36,7 @@ pub struct AppState {
     pub shutting_down: AtomicBool,
     pub limiter: crate::limits::Limiter,
     pub loop_guard: crate::loopguard::LoopGuard,
+    pub damper: crate::damping::Damper,
 }
 
 /// How to start a gateway. `tollgate serve` fills it from flags and the environment; tests
@@ -150,6 +151,7 @@ impl Gateway {
             shutting_down: AtomicBool::new(false),
             limiter,
             loop_guard: crate::loopguard::LoopGuard::default(),
+            damper: crate::damping::Damper::default(),
         });
         refresh_keys(&app).await.context("loading keys")?;
         tokio::spawn(poll_keys(Arc::downgrade(&app)));

@@ -50,6 +50,11 @@ pub struct Health {
     /// When the current probe was let through (0: none). A probe that never reports back
     /// (its request went to another deployment) frees the slot after one cooldown.
     probe_started_ms: AtomicI64,
+    /// The gateway's own retries to this deployment spend from here.
+    pub retry_budget: crate::damping::DeploymentBudget,
+    /// Outcomes over the error-rate window: (window start ms, ok, failed, previous ok,
+    /// previous failed).
+    outcomes: Mutex<(i64, u32, u32, u32, u32)>,
 }
 
 /// Whether a deployment may take a request now.
@@ -63,7 +68,34 @@ pub enum Availability {
 }
 
 impl Health {
-    pub fn success(&self) {
+    /// Counts an outcome; returns the failure share over the window (the previous bucket
+    /// weighted by how much of it is still inside) and the number of outcomes it covers.
+    fn outcome(&self, now_ms: i64, failed: bool, routing: &RoutingConfig) -> (f64, f64) {
+        let window = (routing.error_rate_window.as_millis() as i64).max(1);
+        let mut o = self.outcomes.lock().unwrap_or_else(|p| p.into_inner());
+        let (start, ok, err, prev_ok, prev_err) = &mut *o;
+        if now_ms >= *start + window {
+            (*prev_ok, *prev_err) = if now_ms < *start + 2 * window {
+                (*ok, *err)
+            } else {
+                (0, 0)
+            };
+            (*ok, *err) = (0, 0);
+            *start = now_ms - (now_ms - *start).rem_euclid(window);
+        }
+        if failed {
+            *err += 1;
+        } else {
+            *ok += 1;
+        }
+        let weight = 1.0 - ((now_ms - *start) as f64 / window as f64).clamp(0.0, 1.0);
+        let errs = f64::from(*err) + f64::from(*prev_err) * weight;
+        let total = errs + f64::from(*ok) + f64::from(*prev_ok) * weight;
+        (if total > 0.0 { errs / total } else { 0.0 }, total)
+    }
+
+    pub fn success(&self, now_ms: i64, routing: &RoutingConfig) {
+        self.outcome(now_ms, false, routing);
         self.consecutive_failures.store(0, Ordering::Relaxed);
         self.open.store(false, Ordering::Release);
         self.probe_started_ms.store(0, Ordering::Release);
@@ -72,8 +104,14 @@ impl Health {
     /// Counts a failure; after `threshold` in a row the circuit opens for `cooldown`.
     pub fn failure(&self, now_ms: i64, retry_after: Option<Duration>, routing: &RoutingConfig) {
         let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let (rate, seen) = self.outcome(now_ms, true, routing);
+        // A deployment failing a steady share of requests, with successes in between, never
+        // trips the consecutive count: the error rate catches it.
+        let too_many_errors = routing.error_rate > 0.0
+            && seen >= f64::from(routing.error_rate_min_requests)
+            && rate >= routing.error_rate;
         let mut until = 0i64;
-        if n >= routing.cooldown_failures {
+        if n >= routing.cooldown_failures || too_many_errors {
             until = now_ms + routing.cooldown.as_millis() as i64;
             self.open.store(true, Ordering::Release);
         }
@@ -140,6 +178,7 @@ pub struct Runtime {
     pub routing: RoutingConfig,
     pub limits: crate::config::LimitsConfig,
     pub loop_guard: crate::config::LoopGuardConfig,
+    pub retries: crate::config::RetriesConfig,
     /// Tool routes, longest prefix first.
     pub routes: Vec<Arc<crate::routes::ToolRoute>>,
     health: Arc<HealthRegistry>,
@@ -220,6 +259,7 @@ impl Runtime {
             routing: cfg.routing.clone(),
             limits: cfg.limits.clone(),
             loop_guard: cfg.loop_guard.clone(),
+            retries: cfg.retries.clone(),
             health,
         })
     }
@@ -514,9 +554,50 @@ mod tests {
         assert_eq!(order_candidates(one, 10_051, &routing).err(), Some(20_050));
         // The next probe succeeds: closed, everyone gets through.
         assert_eq!(h.availability(20_050, &routing), Availability::Probe);
-        h.success();
+        h.success(20_050, &routing);
         assert_eq!(h.availability(20_051, &routing), Availability::Closed);
         assert_eq!(h.availability(20_052, &routing), Availability::Closed);
+    }
+
+    #[test]
+    fn a_steady_error_rate_opens_the_breaker_without_consecutive_failures() {
+        let routing = RoutingConfig {
+            cooldown_failures: 3,
+            error_rate: 0.5,
+            error_rate_min_requests: 10,
+            ..RoutingConfig::default()
+        };
+        let h = Health::default();
+        // Fail, succeed, fail, succeed…: never two failures in a row.
+        for i in 0..9 {
+            if i % 2 == 0 {
+                h.failure(i, None, &routing);
+            } else {
+                h.success(i, &routing);
+            }
+            assert_eq!(h.availability(i, &routing), Availability::Closed, "{i}");
+        }
+        // The 10th outcome brings the window to its minimum at a 50% failure share.
+        h.success(9, &routing);
+        h.failure(10, None, &routing);
+        assert!(matches!(
+            h.availability(11, &routing),
+            Availability::Unavailable(_)
+        ));
+        // Off when error_rate is 0.
+        let off = RoutingConfig {
+            error_rate: 0.0,
+            ..routing
+        };
+        let h = Health::default();
+        for i in 0..40 {
+            if i % 2 == 0 {
+                h.failure(i, None, &off);
+            } else {
+                h.success(i, &off);
+            }
+        }
+        assert_eq!(h.availability(41, &off), Availability::Closed);
     }
 
     #[test]

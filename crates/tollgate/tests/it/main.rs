@@ -7,6 +7,7 @@ mod harness;
 mod auth;
 mod cli;
 mod clients;
+mod damping;
 mod limits;
 mod loopguard;
 mod messages;
