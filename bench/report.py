@@ -19,13 +19,22 @@ for r in rows:
 print("\n### Added latency over calling the mock directly (ms)\n")
 print("| proxy | kind | p50 | p99 | p99.9 |")
 print("|---|---|---|---|---|")
-for proxy in ["nginx", "tollgate", "tollgate-limits", "tollgate-xlate"]:
+for proxy in ["nginx", "tollgate", "tollgate-limits", "tollgate-redis-nolimits", "tollgate-redis-limits", "tollgate-xlate"]:
     for kind in ["json", "stream"]:
         base, p = by.get(f"mock {kind} fixed"), by.get(f"{proxy} {kind} fixed")
         if not base or not p:
             continue
         d = {k: p["ms"][k] - base["ms"][k] for k in ["p50", "p99", "p999"]}
         print(f"| {proxy} | {kind} | {d['p50']:+.3f} | {d['p99']:+.3f} | {d['p999']:+.3f} |")
+
+print("\n### What the limiter adds (same gateway, a key with limits on vs. none; ms)\n")
+print("| mode | p50 | p99 | p99.9 |")
+print("|---|---|---|---|")
+for mode, without, with_ in [("in-process", "tollgate", "tollgate-limits"), ("redis", "tollgate-redis-nolimits", "tollgate-redis-limits")]:
+    a, b = by.get(f"{without} json fixed"), by.get(f"{with_} json fixed")
+    if a and b:
+        d = {k: b["ms"][k] - a["ms"][k] for k in ["p50", "p99", "p999"]}
+        print(f"| {mode} | {d['p50']:+.3f} | {d['p99']:+.3f} | {d['p999']:+.3f} |")
 
 print("\n### Maximum throughput (closed loop)\n")
 print("| target | kind | concurrency | rps | errors | p50 ms | p99 ms |")

@@ -25,8 +25,8 @@ trap cleanup EXIT
 $TG mock-provider --listen 127.0.0.1:4010 2>"$OUT/mock.log" & pids+=($!)
 
 cat > "$OUT/tollgate.toml" <<TOML
-[loop_guard]
-enabled = false   # the load generator replays one request, which is exactly what the guard stops
+# Defaults everywhere else: loop guard, retry budgets and coalescing on (the load generator
+# numbers every request, so none is a repeat).
 [server]
 listen = "127.0.0.1:4000"
 data_dir = "$OUT/data"
@@ -84,6 +84,21 @@ done
 
 # The limiter: requests, tokens and concurrency limits on, never reached.
 $LG --url http://127.0.0.1:4000/v1/chat/completions --key "$LKEY" --rate "$RATE_JSON" --seconds "$SECONDS_PER_RUN" --label "tollgate-limits json fixed" >> "$OUT/results.jsonl"
+
+# The limiter in Redis mode: a second gateway sharing limits through a local redis-server.
+if command -v redis-server >/dev/null; then
+  redis-server --port 6390 --bind 127.0.0.1 --save "" --appendonly no >"$OUT/redis.log" 2>&1 & pids+=($!)
+  sed -e 's/127.0.0.1:4000/127.0.0.1:4001/' -e "s#$OUT/data#$OUT/data-redis#" "$OUT/tollgate.toml" > "$OUT/tollgate-redis.toml"
+  printf '[limits]\nbackend = "redis"\n[limits.redis]\nurl = "redis://127.0.0.1:6390"\n' >> "$OUT/tollgate-redis.toml"
+  TOLLGATE_ADMIN_KEY=$ADMIN RUST_LOG=warn $TG serve --config "$OUT/tollgate-redis.toml" 2>"$OUT/tollgate-redis.log" >/dev/null & pids+=($!)
+  for _ in $(seq 100); do curl -sf http://127.0.0.1:4001/healthz >/dev/null && break; sleep 0.1; done
+  RKEY=$(curl -sf http://127.0.0.1:4001/admin/keys -H "Authorization: Bearer $ADMIN" -d '{"name":"bench-redis","rpm":100000000,"tpm":1000000000000,"concurrency":100000}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+  RNOKEY=$(curl -sf http://127.0.0.1:4001/admin/keys -H "Authorization: Bearer $ADMIN" -d '{"name":"bench-redis-nolimits"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+  $LG --url http://127.0.0.1:4001/v1/chat/completions --key "$RNOKEY" --rate "$RATE_JSON" --seconds "$SECONDS_PER_RUN" --label "tollgate-redis-nolimits json fixed" >> "$OUT/results.jsonl"
+  $LG --url http://127.0.0.1:4001/v1/chat/completions --key "$RKEY" --rate "$RATE_JSON" --seconds "$SECONDS_PER_RUN" --label "tollgate-redis-limits json fixed" >> "$OUT/results.jsonl"
+else
+  echo "redis-server not installed: skipping the Redis limiter run (apt install redis-server)" >&2
+fi
 
 # The translation path: a Chat Completions client served by an Anthropic-dialect deployment.
 u=http://127.0.0.1:4000/v1/chat/completions

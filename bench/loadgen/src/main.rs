@@ -39,17 +39,39 @@ struct Sample {
     ok: bool,
 }
 
+/// The request body around a per-request number: every request is distinct, as real traffic
+/// is (identical ones would be coalesced, replayed or stopped by the loop guard).
+struct Template {
+    head: Vec<u8>,
+    tail: Vec<u8>,
+}
+
+static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl Template {
+    fn body(&self) -> Vec<u8> {
+        let n = SEQ
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .to_string();
+        let mut b = Vec::with_capacity(self.head.len() + n.len() + self.tail.len());
+        b.extend_from_slice(&self.head);
+        b.extend_from_slice(n.as_bytes());
+        b.extend_from_slice(&self.tail);
+        b
+    }
+}
+
 async fn one(
     client: &reqwest::Client,
     args: &Args,
-    body: &Arc<Vec<u8>>,
+    body: &Arc<Template>,
     scheduled: Instant,
 ) -> Sample {
     let resp = client
         .post(&args.url)
         .bearer_auth(&args.key)
         .header("content-type", "application/json")
-        .body(body.as_ref().clone())
+        .body(body.body())
         .send()
         .await;
     let mut resp = match resp {
@@ -101,12 +123,17 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Arc::new(Args::parse());
-    let body = Arc::new(serde_json::to_vec(&serde_json::json!({
+    let text = serde_json::to_string(&serde_json::json!({
         "model": args.model,
         "stream": args.stream,
         "messages": [{"role": "system", "content": "You are a helpful assistant."},
-                     {"role": "user", "content": "Summarise the benchmark setup in one sentence."}],
-    }))?);
+                     {"role": "user", "content": "Summarise benchmark request @SEQ@ in one sentence."}],
+    }))?;
+    let (head, tail) = text.split_once("@SEQ@").unwrap_or((&text, ""));
+    let body = Arc::new(Template {
+        head: head.as_bytes().to_vec(),
+        tail: tail.as_bytes().to_vec(),
+    });
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(4096)
         .tcp_nodelay(true)

@@ -13,6 +13,7 @@
 //!   action answers a repeated request from its previous answer (`loop_replay`).
 
 use crate::error::ApiError;
+use crate::genmap::GenMap;
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use std::collections::{HashMap, VecDeque};
@@ -150,19 +151,43 @@ pub enum Coalesce {
     Follow(watch::Receiver<Option<Outcome>>),
 }
 
-#[derive(Default)]
 pub struct Damper {
     budgets: Mutex<HashMap<String, RetryWindow>>,
-    /// Request fingerprint → when it was last seen (µs).
-    recent: Mutex<HashMap<u64, u64>>,
+    /// Request fingerprint → when it was last seen (µs), for the same-request window.
+    recent: Mutex<GenMap<u64>>,
+    /// `Idempotency-Key` fingerprint → when it was last seen, for the idempotency TTL.
+    idempotency: Mutex<GenMap<u64>>,
     inflight: Mutex<HashMap<u64, watch::Sender<Option<Outcome>>>>,
     answers: Mutex<AnswerCache>,
 }
 
-const RECENT_PRUNE_AT: usize = 100_000;
+/// Fingerprints remembered per generation (two generations are kept).
+const RECENT_CAP: usize = 500_000;
+const IDEMPOTENCY_CAP: usize = 200_000;
+
+impl Default for Damper {
+    fn default() -> Self {
+        Damper {
+            budgets: Mutex::default(),
+            recent: Mutex::new(GenMap::new(RECENT_CAP)),
+            idempotency: Mutex::new(GenMap::new(IDEMPOTENCY_CAP)),
+            inflight: Mutex::default(),
+            answers: Mutex::default(),
+        }
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn sighting(map: &Mutex<GenMap<u64>>, fp: u64, now: u64, within_us: u64) -> bool {
+    let mut map = lock(map);
+    // u64::MAX marks "never seen": a fresh entry.
+    let last = map.entry(fp, now, within_us.max(1), || u64::MAX);
+    let seen = *last != u64::MAX && now.saturating_sub(*last) < within_us;
+    *last = now;
+    seen
 }
 
 /// One 64-bit fingerprint of parts that identify a request.
@@ -175,14 +200,14 @@ pub fn fingerprint(parts: &[&[u8]]) -> u64 {
 }
 
 impl Damper {
-    /// Records a sighting of `fp`; true if it was seen within `within_us` before.
-    pub fn seen_recently(&self, fp: u64, now: u64, within_us: u64, keep_us: u64) -> bool {
-        let mut recent = lock(&self.recent);
-        if recent.len() > RECENT_PRUNE_AT {
-            recent.retain(|_, t| now.saturating_sub(*t) < keep_us);
-        }
-        let before = recent.insert(fp, now);
-        before.is_some_and(|t| now.saturating_sub(t) < within_us)
+    /// Records a sighting of a request; true if it was seen within `within_us` before.
+    pub fn seen_recently(&self, fp: u64, now: u64, within_us: u64) -> bool {
+        sighting(&self.recent, fp, now, within_us)
+    }
+
+    /// Records a sighting of an `Idempotency-Key`; true if it was seen within `ttl_us`.
+    pub fn idempotency_seen(&self, fp: u64, now: u64, ttl_us: u64) -> bool {
+        sighting(&self.idempotency, fp, now, ttl_us)
     }
 
     /// Counts a key's request against its retry budget.

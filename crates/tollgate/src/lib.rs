@@ -5,6 +5,7 @@ pub mod config;
 pub mod damping;
 pub mod error;
 pub mod estimate;
+pub mod genmap;
 pub mod keys;
 pub mod limits;
 pub mod loopguard;

@@ -2,23 +2,26 @@
 //! tool with the same arguments over and over, is told so instead of being served (and billed)
 //! indefinitely.
 
-use std::collections::{HashMap, VecDeque};
+use crate::genmap::GenMap;
+use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 
 const SHARDS: usize = 16;
-/// Above this many tracked fingerprints in a shard, stale ones are dropped.
-const PRUNE_AT: usize = 4096;
+/// Fingerprints tracked per shard and generation: 16 × 2 × 64 Ki at most, whatever the load.
+const SHARD_CAP: usize = 65_536;
 
 /// Recent sightings of each (key, fingerprint), in microseconds of the limiter's clock.
 pub struct LoopGuard {
-    shards: Vec<Mutex<HashMap<u64, VecDeque<u64>>>>,
+    shards: Vec<Mutex<GenMap<VecDeque<u64>>>>,
 }
 
 impl Default for LoopGuard {
     fn default() -> Self {
         LoopGuard {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(GenMap::new(SHARD_CAP)))
+                .collect(),
         }
     }
 }
@@ -41,13 +44,7 @@ impl LoopGuard {
     pub fn sighting(&self, fp: u64, now: u64, window_us: u64) -> (usize, u64) {
         let shard = &self.shards[(fp as usize) % SHARDS];
         let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() > PRUNE_AT {
-            map.retain(|_, seen| {
-                seen.back()
-                    .is_some_and(|t| now.saturating_sub(*t) < window_us)
-            });
-        }
-        let seen = map.entry(fp).or_default();
+        let seen = map.entry(fp, now, window_us, VecDeque::new);
         while seen
             .front()
             .is_some_and(|t| now.saturating_sub(*t) >= window_us)

@@ -1673,12 +1673,10 @@ fn damp(
                 return Ok(Some(answer));
             }
         }
-        retry |= app.damper.seen_recently(fp, now, ttl, ttl);
+        retry |= app.damper.idempotency_seen(fp, now, ttl);
     }
     let within = cfg.same_request_within.as_micros() as u64;
-    retry |= app
-        .damper
-        .seen_recently(settle.request_fp, now, within, within.max(ttl));
+    retry |= app.damper.seen_recently(settle.request_fp, now, within);
     let window = cfg.window.as_micros() as u64;
     if !app.damper.admit(
         &key.id,
