@@ -24,6 +24,9 @@ pub struct NewKey {
     pub name: String,
     #[serde(default)]
     pub team: Option<String>,
+    /// The organisation, for its wallet (`default` when unset).
+    #[serde(default)]
+    pub org: Option<String>,
     #[serde(default)]
     pub project: Option<String>,
     #[serde(default)]
@@ -77,6 +80,17 @@ impl From<AdminError> for ApiError {
             AdminError::Store(e @ StoreError::Ambiguous(_)) => {
                 ApiError::new(ErrorKind::BadRequest, e.to_string())
             }
+            AdminError::Store(StoreError::Wallet(e)) => {
+                use crate::wallet::WalletError as W;
+                let kind = match &e {
+                    W::NotFound(_) => ErrorKind::NotFound,
+                    W::Exists(_) | W::IdempotencyConflict(_) | W::Invalid(_) => {
+                        ErrorKind::BadRequest
+                    }
+                    W::Sql(_) => ErrorKind::Internal,
+                };
+                ApiError::new(kind, e.to_string())
+            }
             AdminError::Store(e) => ApiError::new(ErrorKind::Internal, e.to_string()),
         }
     }
@@ -102,7 +116,11 @@ pub fn create_key(
     req: NewKey,
 ) -> Result<CreatedKey, AdminError> {
     validate_name("name", &req.name)?;
-    for (f, v) in [("team", &req.team), ("project", &req.project)] {
+    for (f, v) in [
+        ("team", &req.team),
+        ("project", &req.project),
+        ("org", &req.org),
+    ] {
         if let Some(v) = v {
             validate_name(f, v)?;
         }
@@ -139,7 +157,9 @@ pub fn create_key(
             rpm: req.rpm,
             tpm: req.tpm,
             concurrency: req.concurrency,
+            ..KeyLimits::default()
         },
+        org: req.org,
     };
     store.insert_key(&record, &secret.digest(&secret_text))?;
     Ok(CreatedKey {
@@ -211,6 +231,7 @@ pub fn bootstrap_admin_key(
         revoked_ms: None,
         rotated_from: None,
         limits: KeyLimits::default(),
+        org: None,
     };
     if let Some(k) = from_env.filter(|k| !k.is_empty()) {
         let digest = secret.digest(k);
@@ -275,6 +296,133 @@ pub fn set_key_limits(
 }
 
 // ---------------------------------------------------------------------------------------
+// Wallets
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewWallet {
+    /// `org:NAME`, `team:NAME` or `key:KEY_ID`.
+    pub owner: String,
+    /// The balance never goes below this, in USD (default 0: strictly prepaid).
+    #[serde(default)]
+    pub floor: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WalletCredit {
+    /// USD, e.g. `10.00` (signed for an adjustment).
+    pub amount: String,
+    /// Replaying a request with the same key changes nothing; without one, every call counts.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    #[serde(default)]
+    pub note: Option<String>,
+    /// For a grant: its lifetime, e.g. `30d`.
+    #[serde(default)]
+    pub expires: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Credited {
+    pub entry: crate::wallet::Entry,
+    /// False when the idempotency key had been used: the entry is the first one.
+    pub applied: bool,
+    pub wallet: crate::wallet::Wallet,
+}
+
+impl From<crate::wallet::WalletError> for AdminError {
+    fn from(e: crate::wallet::WalletError) -> AdminError {
+        AdminError::Store(StoreError::Wallet(e))
+    }
+}
+
+fn usd_arg(field: &str, text: &str) -> Result<i64, AdminError> {
+    crate::wallet::parse_usd(text).map_err(|e| AdminError::Invalid(format!("{field}: {e}")))
+}
+
+pub fn create_wallet(store: &Store, req: NewWallet) -> Result<crate::wallet::Wallet, AdminError> {
+    use crate::wallet::OwnerKind;
+    let (kind, owner) = req
+        .owner
+        .split_once(':')
+        .and_then(|(k, o)| OwnerKind::parse(k).map(|k| (k, o)))
+        .ok_or_else(|| {
+            AdminError::Invalid("owner must be org:NAME, team:NAME or key:KEY_ID".into())
+        })?;
+    validate_name("owner", owner)?;
+    let owner = match kind {
+        // By id or by name, stored by id: a key's wallet follows the key, not its name.
+        OwnerKind::Key => store.find_key(owner, now_ms())?.id,
+        _ => owner.to_string(),
+    };
+    let floor = match &req.floor {
+        Some(f) => usd_arg("floor", f)?,
+        None => 0,
+    };
+    Ok(store.create_wallet(kind, &owner, floor, now_ms())?)
+}
+
+pub fn credit_wallet(
+    store: &Store,
+    wallet: &str,
+    kind: &str,
+    req: WalletCredit,
+) -> Result<Credited, AdminError> {
+    use crate::wallet::Credit;
+    let amount = usd_arg("amount", &req.amount)?;
+    let now = now_ms();
+    let credit = match kind {
+        "topup" => Credit::Topup,
+        "refund" => Credit::Refund,
+        "adjust" => {
+            if req.note.as_deref().unwrap_or("").trim().is_empty() {
+                return Err(AdminError::Invalid(
+                    "an adjustment needs a note saying why".into(),
+                ));
+            }
+            Credit::Adjustment
+        }
+        "grant" => {
+            let d = parse_duration(req.expires.as_deref().unwrap_or("")).map_err(|e| {
+                AdminError::Invalid(format!("a grant needs expires (e.g. 30d): {e}"))
+            })?;
+            Credit::Grant {
+                expires_ms: now.saturating_add(d.as_millis() as i64),
+            }
+        }
+        other => return Err(AdminError::Invalid(format!("unknown credit kind {other}"))),
+    };
+    let idem = req
+        .idempotency_key
+        .filter(|k| !k.trim().is_empty())
+        .unwrap_or_else(|| format!("{kind}:{:016x}", rand::random::<u64>()));
+    if idem.len() > 255 {
+        return Err(AdminError::Invalid(
+            "idempotency_key: at most 255 characters".into(),
+        ));
+    }
+    let wallet = store.read(|c| crate::wallet::find(c, wallet))?;
+    let (entry, applied) = store.write(|tx| {
+        crate::wallet::credit(
+            tx,
+            &wallet.id,
+            credit,
+            amount,
+            &idem,
+            req.note.as_deref(),
+            now,
+        )
+    })?;
+    let wallet = store.read(|c| crate::wallet::get(c, &wallet.id))?;
+    Ok(Credited {
+        entry,
+        applied,
+        wallet,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
 // HTTP
 
 pub fn router() -> Router<Arc<AppState>> {
@@ -285,6 +433,11 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/keys/{id}/limits", put(key_limits_h))
         .route("/teams", get(list_teams_h))
         .route("/teams/{name}", put(team_limits_h))
+        .route("/wallets", get(list_wallets_h).post(create_wallet_h))
+        .route("/wallets/verify", get(verify_wallets_h))
+        .route("/wallets/{id}", get(show_wallet_h))
+        .route("/wallets/{id}/ledger", get(ledger_h))
+        .route("/wallets/{id}/{kind}", post(credit_wallet_h))
         .route("/usage", get(usage_h))
         .route("/usage/records", get(records_h))
         .route("/reload", post(reload_h))
@@ -415,6 +568,104 @@ async fn team_limits_h(
     let t = blocking(&app, move |a| set_team_limits(&a.store, &name, limits)).await?;
     let _ = refresh_keys(&app).await;
     Ok(Json(t).into_response())
+}
+
+async fn list_wallets_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let w = blocking(&app, |a| Ok(a.store.read(crate::wallet::list)?)).await?;
+    Ok(Json(w).into_response())
+}
+
+async fn create_wallet_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let req: NewWallet = json_body(&body)?;
+    let w = blocking(&app, move |a| create_wallet(&a.store, req)).await?;
+    let _ = refresh_keys(&app).await;
+    Ok((http::StatusCode::CREATED, Json(w)).into_response())
+}
+
+async fn show_wallet_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let w = blocking(&app, move |a| {
+        Ok(a.store.read(|c| crate::wallet::find(c, &id))?)
+    })
+    .await?;
+    Ok(Json(w).into_response())
+}
+
+#[derive(Deserialize)]
+struct LedgerQuery {
+    limit: Option<u32>,
+}
+
+async fn ledger_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<LedgerQuery>,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    // Captures are written with usage records: commit what is queued first.
+    app.meter.flush().await;
+    let limit = q.limit.unwrap_or(100).min(100_000);
+    let entries = blocking(&app, move |a| {
+        Ok(a.store.read(|c| {
+            let w = crate::wallet::find(c, &id)?;
+            crate::wallet::entries(c, &w.id, limit)
+        })?)
+    })
+    .await?;
+    Ok(Json(entries).into_response())
+}
+
+async fn verify_wallets_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    app.meter.flush().await;
+    let bad = blocking(&app, |a| Ok(a.store.read(crate::wallet::verify)?)).await?;
+    let rows: Vec<_> = bad
+        .into_iter()
+        .map(|(id, balance, sum, floor)| {
+            serde_json::json!({"wallet": id, "balance_micros": balance, "ledger_sum_micros": sum, "floor_micros": floor})
+        })
+        .collect();
+    Ok(Json(serde_json::json!({"ok": rows.is_empty(), "mismatches": rows})).into_response())
+}
+
+async fn credit_wallet_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((id, kind)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let mut req: WalletCredit = json_body(&body)?;
+    if req.idempotency_key.is_none() {
+        req.idempotency_key = headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+    }
+    let c = blocking(&app, move |a| credit_wallet(&a.store, &id, &kind, req)).await?;
+    let status = if c.applied {
+        http::StatusCode::CREATED
+    } else {
+        http::StatusCode::OK
+    };
+    Ok((status, Json(c)).into_response())
 }
 
 #[derive(Deserialize)]

@@ -18,6 +18,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub loop_guard: LoopGuardConfig,
     pub retries: RetriesConfig,
+    pub wallets: WalletsConfig,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelConfig>,
     pub prices: Vec<PriceConfig>,
@@ -90,6 +91,35 @@ pub enum LoopAction {
     /// Answer with the previous response to the same request (no upstream call, no cost);
     /// reject when there is none to give (streams, or nothing kept yet).
     Replay,
+}
+
+/// Money: holds and streams. Reloadable.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalletsConfig {
+    /// Output tokens held for a request that sets no `max_tokens`.
+    pub default_max_output: u64,
+    /// A hold not settled within this is released, so a crash never freezes money. Longer
+    /// than any provider's `total_timeout`.
+    #[serde(deserialize_with = "de_duration")]
+    pub hold_ttl: Duration,
+    /// How often expired holds and grants are swept.
+    #[serde(deserialize_with = "de_duration")]
+    pub sweep_interval: Duration,
+    /// A stream whose running cost passes its hold by more than this share (percent) is cut
+    /// with a terminal error event; 0 cuts at the hold.
+    pub stream_overrun_percent: u64,
+}
+
+impl Default for WalletsConfig {
+    fn default() -> Self {
+        WalletsConfig {
+            default_max_output: 4096,
+            hold_ttl: Duration::from_secs(1200),
+            sweep_interval: Duration::from_secs(5),
+            stream_overrun_percent: 0,
+        }
+    }
 }
 
 /// Retry-storm damping (see `damping.rs`). Reloadable.

@@ -32,6 +32,12 @@ pub enum ErrorKind {
     LoopDetected,
     /// The agent's retries exceed its retry budget.
     RetryBudgetExhausted,
+    /// The wallet cannot cover the request's hold.
+    InsufficientFunds,
+    /// The request's estimated cost is above its cap (`x-tollgate-max-cost` or the key's).
+    MaxCostExceeded,
+    /// A run envelope's cap is spent.
+    RunBudgetExhausted,
     /// The shared limiter (Redis) is unreachable and this limit fails closed.
     LimiterUnavailable,
     UpstreamRateLimited,
@@ -62,6 +68,9 @@ impl ErrorKind {
             ErrorKind::RateLimited => "rate_limited",
             ErrorKind::LoopDetected => "loop_detected",
             ErrorKind::RetryBudgetExhausted => "retry_budget_exhausted",
+            ErrorKind::InsufficientFunds => "insufficient_funds",
+            ErrorKind::MaxCostExceeded => "max_cost_exceeded",
+            ErrorKind::RunBudgetExhausted => "run_budget_exhausted",
             ErrorKind::LimiterUnavailable => "limiter_unavailable",
             ErrorKind::UpstreamRateLimited => "upstream_rate_limited",
             ErrorKind::UpstreamRejected => "upstream_rejected",
@@ -83,6 +92,9 @@ impl ErrorKind {
             ErrorKind::ModelNotAllowed | ErrorKind::AdminOnly => StatusCode::FORBIDDEN,
             ErrorKind::ModelNotFound | ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::InsufficientFunds
+            | ErrorKind::MaxCostExceeded
+            | ErrorKind::RunBudgetExhausted => StatusCode::PAYMENT_REQUIRED,
             ErrorKind::UpstreamRateLimited
             | ErrorKind::RateLimited
             | ErrorKind::LoopDetected
@@ -112,6 +124,8 @@ impl ErrorKind {
             | ErrorKind::UpstreamRejected
             | ErrorKind::DialectMismatch => "invalid_request_error",
             ErrorKind::ModelNotAllowed | ErrorKind::AdminOnly => "permission_error",
+            ErrorKind::InsufficientFunds | ErrorKind::RunBudgetExhausted => "insufficient_funds",
+            ErrorKind::MaxCostExceeded => "invalid_request_error",
             ErrorKind::UpstreamRateLimited
             | ErrorKind::RateLimited
             | ErrorKind::LoopDetected
@@ -135,6 +149,8 @@ pub struct ApiError {
     pub upstream_dialect: Option<Dialect>,
     /// Sent with the error, e.g. the `x-ratelimit-*` state of the limit that refused it.
     pub headers: Option<Box<http::HeaderMap>>,
+    /// Extra fields of the error object, e.g. the balance and the hold a 402 needed.
+    pub details: Option<Box<serde_json::Map<String, serde_json::Value>>>,
 }
 
 impl ApiError {
@@ -148,7 +164,13 @@ impl ApiError {
             upstream_body: None,
             upstream_dialect: None,
             headers: None,
+            details: None,
         }
+    }
+
+    pub fn details(mut self, d: serde_json::Map<String, serde_json::Value>) -> ApiError {
+        self.details = Some(Box::new(d));
+        self
     }
 
     pub fn param(mut self, p: &'static str) -> ApiError {
@@ -182,6 +204,10 @@ impl ApiError {
             ),
             Dialect::Anthropic => anthropic_error_body(anthropic_type(status), &self.message),
         });
+        let body = match &self.details {
+            Some(d) => with_details(body, d),
+            None => body,
+        };
         let mut resp = (status, body).into_response();
         let h = resp.headers_mut();
         h.insert(
@@ -200,6 +226,19 @@ impl ApiError {
 }
 
 /// Anthropic's `error.type`, chosen by status as Anthropic's API does.
+/// Adds fields to the body's `error` object (both dialects have one).
+fn with_details(body: Vec<u8>, d: &serde_json::Map<String, serde_json::Value>) -> Vec<u8> {
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return body;
+    };
+    if let Some(e) = v.get_mut("error").and_then(|e| e.as_object_mut()) {
+        for (k, x) in d {
+            e.insert(k.clone(), x.clone());
+        }
+    }
+    serde_json::to_vec(&v).unwrap_or(body)
+}
+
 fn anthropic_type(status: StatusCode) -> &'static str {
     match status.as_u16() {
         400 | 405 | 422 => "invalid_request_error",

@@ -35,6 +35,9 @@ pub struct KeyRecord {
     /// Overrides of the configured default limits.
     #[serde(default)]
     pub limits: KeyLimits,
+    /// The organisation the key belongs to, for its wallet; `default` when unset.
+    #[serde(default)]
+    pub org: Option<String>,
 }
 
 /// Limit overrides of a key or a team; unset fields use the configured defaults.
@@ -47,6 +50,13 @@ pub struct KeyLimits {
     pub tpm: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<u32>,
+    /// Refuse a request whose estimated cost is above this (micro-USD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost_micros: Option<u64>,
+    /// When the wallet cannot cover `max_tokens`, lower `max_tokens` to what it can pay
+    /// instead of refusing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clamp_max_tokens: Option<bool>,
 }
 
 impl KeyRecord {
@@ -164,6 +174,8 @@ pub struct KeyCache {
     map: ArcSwap<HashMap<[u8; 32], Arc<KeyRecord>>>,
     /// Team name → its limit overrides; teams without a row use the `[limits.team]` defaults.
     teams: ArcSwap<HashMap<String, KeyLimits>>,
+    /// (owner kind, owner) → wallet id.
+    wallets: ArcSwap<HashMap<(crate::wallet::OwnerKind, String), String>>,
     rev: std::sync::atomic::AtomicI64,
 }
 
@@ -172,6 +184,7 @@ impl KeyCache {
         KeyCache {
             map: ArcSwap::from_pointee(HashMap::new()),
             teams: ArcSwap::from_pointee(HashMap::new()),
+            wallets: ArcSwap::from_pointee(HashMap::new()),
             rev: std::sync::atomic::AtomicI64::new(-1),
         }
     }
@@ -184,15 +197,37 @@ impl KeyCache {
         self.teams.load().get(team).copied()
     }
 
-    pub fn replace(
-        &self,
-        rev: i64,
-        keys: Vec<([u8; 32], KeyRecord)>,
-        teams: impl IntoIterator<Item = (String, KeyLimits)>,
-    ) {
-        let map = keys.into_iter().map(|(d, k)| (d, Arc::new(k))).collect();
+    /// The wallet a key draws on: its own, else its team's, else its org's (`default` when
+    /// the key names none).
+    pub fn wallet_for(&self, key: &KeyRecord) -> Option<String> {
+        use crate::wallet::OwnerKind;
+        let w = self.wallets.load();
+        if w.is_empty() {
+            return None;
+        }
+        let get = |kind: OwnerKind, owner: &str| w.get(&(kind, owner.to_string())).cloned();
+        get(OwnerKind::Key, &key.id)
+            .or_else(|| key.team.as_deref().and_then(|t| get(OwnerKind::Team, t)))
+            .or_else(|| get(OwnerKind::Org, key.org.as_deref().unwrap_or("default")))
+    }
+
+    pub fn replace(&self, snap: crate::store::KeySnapshot) {
+        let rev = snap.rev;
+        let map = snap
+            .keys
+            .into_iter()
+            .map(|(d, k)| (d, Arc::new(k)))
+            .collect();
         self.map.store(Arc::new(map));
-        self.teams.store(Arc::new(teams.into_iter().collect()));
+        self.teams.store(Arc::new(
+            snap.teams.into_iter().map(|t| (t.name, t.limits)).collect(),
+        ));
+        self.wallets.store(Arc::new(
+            snap.wallets
+                .into_iter()
+                .map(|(kind, owner, id)| ((kind, owner), id))
+                .collect(),
+        ));
         self.rev.store(rev, std::sync::atomic::Ordering::Release);
     }
 
@@ -249,6 +284,7 @@ mod tests {
             revoked_ms: None,
             rotated_from: None,
             limits: KeyLimits::default(),
+            org: None,
         };
         assert!(k.allows_model("anything"));
         k.models = vec!["gpt-4o".into(), "mock*".into()];

@@ -41,6 +41,13 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Prepaid wallets and their ledger.
+    Wallet {
+        #[command(subcommand)]
+        cmd: WalletCmd,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Teams and their limit overrides.
     Teams {
         #[command(subcommand)]
@@ -115,6 +122,9 @@ enum KeysCmd {
         name: String,
         #[arg(long)]
         team: Option<String>,
+        /// The organisation, whose wallet the key draws on without a key or team wallet.
+        #[arg(long)]
+        org: Option<String>,
         #[arg(long)]
         project: Option<String>,
         /// Allowed models, comma-separated; `prefix*` matches by prefix. Default: all.
@@ -149,6 +159,68 @@ enum KeysCmd {
 }
 
 #[derive(Subcommand)]
+enum WalletCmd {
+    /// Create a wallet for an org, a team or a key. A key draws on its own wallet, else its
+    /// team's, else its org's (`default` for keys without an org).
+    Create {
+        /// org:NAME, team:NAME or key:KEY
+        #[arg(long)]
+        owner: String,
+        /// The balance never goes below this, in USD (default 0: strictly prepaid).
+        #[arg(long)]
+        floor: Option<String>,
+    },
+    /// Add money. Replaying the same --idempotency-key adds once.
+    Topup(CreditArgs),
+    /// Add free credit that expires (--expires 30d); spent before top-ups.
+    Grant(CreditArgs),
+    /// Correct a balance (signed amount; --note required).
+    Adjust(CreditArgs),
+    /// Give money back for a request.
+    Refund(CreditArgs),
+    /// A wallet's balance, floor and money held by requests in flight.
+    Show {
+        wallet: String,
+    },
+    List,
+    /// A wallet's ledger entries, newest first.
+    Ledger {
+        wallet: String,
+        #[arg(long, default_value = "50")]
+        limit: u32,
+    },
+    /// Check that every balance equals the sum of its ledger entries and sits above its floor.
+    Verify,
+}
+
+#[derive(Args)]
+struct CreditArgs {
+    /// Wallet id, or org:NAME / team:NAME / key:KEY_ID.
+    wallet: String,
+    /// USD, e.g. 25.00
+    #[arg(long, allow_hyphen_values = true)]
+    amount: String,
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    #[arg(long)]
+    note: Option<String>,
+    /// For grants: lifetime, e.g. 30d.
+    #[arg(long)]
+    expires: Option<String>,
+}
+
+impl CreditArgs {
+    fn request(&self) -> admin::WalletCredit {
+        admin::WalletCredit {
+            amount: self.amount.clone(),
+            idempotency_key: self.idempotency_key.clone(),
+            note: self.note.clone(),
+            expires: self.expires.clone(),
+        }
+    }
+}
+
+#[derive(Subcommand)]
 enum TeamsCmd {
     /// List teams with limit overrides.
     List,
@@ -172,6 +244,17 @@ struct LimitArgs {
     /// Requests in flight at once.
     #[arg(long)]
     concurrency: Option<u32>,
+    /// Refuse requests whose estimated cost is above this, in USD (e.g. 0.50).
+    #[arg(long, value_parser = parse_usd_arg)]
+    max_cost: Option<u64>,
+    /// When the wallet cannot cover max_tokens, lower it to what the wallet can pay.
+    #[arg(long)]
+    clamp_max_tokens: Option<bool>,
+}
+
+fn parse_usd_arg(s: &str) -> Result<u64, String> {
+    let v = tollgate::wallet::parse_usd(s)?;
+    u64::try_from(v).map_err(|_| format!("\"{s}\" must not be negative"))
 }
 
 impl LimitArgs {
@@ -180,6 +263,8 @@ impl LimitArgs {
             rpm: self.rpm,
             tpm: self.tpm,
             concurrency: self.concurrency,
+            max_cost_micros: self.max_cost,
+            clamp_max_tokens: self.clamp_max_tokens,
         }
     }
 }
@@ -253,6 +338,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Cmd::Keys { cmd, target } => keys(cmd, target).await?,
         Cmd::Teams { cmd, target } => teams(cmd, target).await?,
+        Cmd::Wallet { cmd, target } => return wallet(cmd, target).await,
         Cmd::Usage(args) => usage(args).await?,
         Cmd::MockProvider { listen, api_key } => {
             let l = tokio::net::TcpListener::bind(listen)
@@ -387,6 +473,7 @@ async fn keys(cmd: KeysCmd, target: Target) -> anyhow::Result<()> {
         KeysCmd::Create {
             name,
             team,
+            org,
             project,
             models,
             expires,
@@ -397,6 +484,7 @@ async fn keys(cmd: KeysCmd, target: Target) -> anyhow::Result<()> {
             let req = NewKey {
                 name,
                 team,
+                org,
                 project,
                 models,
                 expires,
@@ -486,6 +574,199 @@ async fn keys(cmd: KeysCmd, target: Target) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+async fn wallet(cmd: WalletCmd, target: Target) -> anyhow::Result<std::process::ExitCode> {
+    use tollgate::wallet::{usd, Entry, Wallet};
+    let backend = Backend::new(&target)?;
+    let remote = |method: reqwest::Method, path: String, body: Option<serde_json::Value>| {
+        let backend = &backend;
+        async move { backend.call::<serde_json::Value>(method, &path, body).await }
+    };
+    let local = match &backend {
+        Backend::Local { store, .. } => Some(store),
+        Backend::Remote { .. } => None,
+    };
+    let print_wallets = |ws: &[Wallet]| -> anyhow::Result<()> {
+        if target.format == Format::Json {
+            println!("{}", serde_json::to_string_pretty(ws)?);
+            return Ok(());
+        }
+        let rows: Vec<Vec<String>> = ws
+            .iter()
+            .map(|w| {
+                vec![
+                    w.id.clone(),
+                    format!("{}:{}", w.owner_kind.as_str(), w.owner),
+                    usd(w.balance_micros),
+                    usd(w.held_micros),
+                    usd(w.floor_micros),
+                ]
+            })
+            .collect();
+        print_rows(
+            &["wallet", "owner", "available_usd", "held_usd", "floor_usd"],
+            &rows,
+            target.format == Format::Csv,
+        );
+        Ok(())
+    };
+    let kind = match &cmd {
+        WalletCmd::Topup(_) => "topup",
+        WalletCmd::Grant(_) => "grant",
+        WalletCmd::Adjust(_) => "adjust",
+        _ => "refund",
+    };
+    match cmd {
+        WalletCmd::Create { owner, floor } => {
+            let req = admin::NewWallet { owner, floor };
+            let w: Wallet = match local {
+                Some(store) => admin::create_wallet(store, req)?,
+                None => serde_json::from_value(
+                    remote(
+                        reqwest::Method::POST,
+                        "/admin/wallets".into(),
+                        Some(serde_json::to_value(&req)?),
+                    )
+                    .await?,
+                )?,
+            };
+            print_wallets(&[w])?;
+        }
+        WalletCmd::Show { wallet } => {
+            let w: Wallet = match local {
+                Some(store) => store.read(|c| tollgate::wallet::find(c, &wallet))?,
+                None => serde_json::from_value(
+                    remote(
+                        reqwest::Method::GET,
+                        format!("/admin/wallets/{}", urlencode(&wallet)),
+                        None,
+                    )
+                    .await?,
+                )?,
+            };
+            print_wallets(&[w])?;
+        }
+        WalletCmd::List => {
+            let ws: Vec<Wallet> = match local {
+                Some(store) => store.read(tollgate::wallet::list)?,
+                None => serde_json::from_value(
+                    remote(reqwest::Method::GET, "/admin/wallets".into(), None).await?,
+                )?,
+            };
+            print_wallets(&ws)?;
+        }
+        WalletCmd::Ledger { wallet, limit } => {
+            let entries: Vec<Entry> = match local {
+                Some(store) => store.read(|c| {
+                    let w = tollgate::wallet::find(c, &wallet)?;
+                    tollgate::wallet::entries(c, &w.id, limit)
+                })?,
+                None => serde_json::from_value(
+                    remote(
+                        reqwest::Method::GET,
+                        format!("/admin/wallets/{}/ledger?limit={limit}", urlencode(&wallet)),
+                        None,
+                    )
+                    .await?,
+                )?,
+            };
+            if target.format == Format::Json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                let rows: Vec<Vec<String>> = entries
+                    .iter()
+                    .map(|e| {
+                        vec![
+                            e.seq.to_string(),
+                            format_ms(e.ts_ms),
+                            e.kind.clone(),
+                            usd(e.amount_micros),
+                            e.request_id.clone().unwrap_or_else(|| "-".into()),
+                            e.idempotency_key.clone(),
+                            e.note.clone().unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                print_rows(
+                    &[
+                        "seq",
+                        "time",
+                        "kind",
+                        "amount_usd",
+                        "request",
+                        "idempotency_key",
+                        "note",
+                    ],
+                    &rows,
+                    target.format == Format::Csv,
+                );
+            }
+        }
+        WalletCmd::Verify => {
+            let bad: Vec<(String, i64, i64, i64)> = match local {
+                Some(store) => store.read(tollgate::wallet::verify)?,
+                None => {
+                    let v =
+                        remote(reqwest::Method::GET, "/admin/wallets/verify".into(), None).await?;
+                    v["mismatches"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|m| {
+                            (
+                                m["wallet"].as_str().unwrap_or_default().to_string(),
+                                m["balance_micros"].as_i64().unwrap_or_default(),
+                                m["ledger_sum_micros"].as_i64().unwrap_or_default(),
+                                m["floor_micros"].as_i64().unwrap_or_default(),
+                            )
+                        })
+                        .collect()
+                }
+            };
+            if bad.is_empty() {
+                println!(
+                    "ok: every balance equals the sum of its ledger and sits at or above its floor"
+                );
+            } else {
+                for (id, bal, sum, floor) in &bad {
+                    println!(
+                        "MISMATCH {id}: balance {} ledger sum {} floor {}",
+                        usd(*bal),
+                        usd(*sum),
+                        usd(*floor)
+                    );
+                }
+                return Ok(std::process::ExitCode::FAILURE);
+            }
+        }
+        WalletCmd::Topup(a) | WalletCmd::Grant(a) | WalletCmd::Adjust(a) | WalletCmd::Refund(a) => {
+            let c: admin::Credited = match local {
+                Some(store) => admin::credit_wallet(store, &a.wallet, kind, a.request())?,
+                None => serde_json::from_value(
+                    remote(
+                        reqwest::Method::POST,
+                        format!("/admin/wallets/{}/{kind}", urlencode(&a.wallet)),
+                        Some(serde_json::to_value(a.request())?),
+                    )
+                    .await?,
+                )?,
+            };
+            if target.format == Format::Json {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+            } else {
+                if !c.applied {
+                    println!(
+                        "Already applied (idempotency key {}): nothing changed.",
+                        c.entry.idempotency_key
+                    );
+                }
+                print_wallets(&[c.wallet])?;
+            }
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 async fn teams(cmd: TeamsCmd, target: Target) -> anyhow::Result<()> {

@@ -60,6 +60,13 @@ pub struct UsageRecord {
     pub reused: Option<String>,
     #[serde(default)]
     pub reused_from: Option<String>,
+    /// The wallet that held money for this request; the hold is settled (released, and the
+    /// cost captured) in the same transaction that writes this record.
+    #[serde(default)]
+    pub wallet_id: Option<String>,
+    /// Cost the wallet could not pay without passing its floor (not captured).
+    #[serde(default)]
+    pub shortfall_micros: u64,
 }
 
 enum Msg {

@@ -310,6 +310,21 @@ async fn run(
             .retry_after(secs)
         })?;
 
+    // hold: spend caps, and the wallet's hold for the request's maximum cost
+    if endpoint != Endpoint::CountTokens {
+        hold(
+            app,
+            &runtime,
+            key,
+            endpoint,
+            headers,
+            &mut doc,
+            &deployments,
+            settle,
+        )
+        .await?;
+    }
+
     // forward
     let client_wants_usage = doc.client_wants_stream_usage();
     if stream && endpoint == Endpoint::ChatCompletions {
@@ -851,6 +866,8 @@ struct Settlement {
     /// Set while identical requests wait for this one's answer.
     lead: Option<u64>,
     request_id: String,
+    /// The quote held in the key's wallet, for a stream's running cost.
+    money: Option<Quote>,
     /// Fingerprints under which a successful JSON answer is kept, and until when (µs).
     keep: Vec<(u64, u64)>,
 }
@@ -888,6 +905,7 @@ impl Settlement {
             idempotency_fp: None,
             lead: None,
             request_id: request_id.to_string(),
+            money: None,
             keep: Vec::new(),
         }
     }
@@ -1306,6 +1324,12 @@ fn stream_response(
         started: settle.started,
         finished: false,
         events: Vec::new(),
+        budget: settle.money.map(|q| StreamBudget {
+            limit_micros: q.cost_micros
+                + q.cost_micros * app.runtime.load().wallets.stream_overrun_percent / 100,
+            input_micros: q.input_micros(),
+            output_price: q.output_price,
+        }),
     };
     s.ingest(&first);
     let mut resp = Response::new(Body::from_stream(s));
@@ -1348,17 +1372,43 @@ struct GatewayStream {
     started: Instant,
     finished: bool,
     events: Vec<tollgate_proto::SseEvent>,
+    /// The wallet's hold: a stream whose running cost passes it is cut.
+    budget: Option<StreamBudget>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct StreamBudget {
+    limit_micros: u64,
+    input_micros: u64,
+    output_price: u64,
+}
+
+impl StreamBudget {
+    /// The cost so far, from the text delivered (bytes / 3: biased up, as the hold was).
+    fn spent(&self, output_text: &str) -> u64 {
+        let tokens = (output_text.len() as u64).div_ceil(3);
+        self.input_micros
+            + u64::try_from(
+                (u128::from(tokens) * u128::from(self.output_price)).div_ceil(1_000_000),
+            )
+            .unwrap_or(u64::MAX)
+    }
 }
 
 impl GatewayStream {
     fn ingest(&mut self, chunk: &[u8]) {
         self.splitter.push(chunk, &mut self.events);
-        for ev in self.events.drain(..) {
+        // Taken out of `self` for the loop (and put back, to keep its allocation).
+        let mut events = std::mem::take(&mut self.events);
+        for ev in events.drain(..) {
             let kind = self.observer.observe(&ev);
             if let Some(t) = self.translator.as_mut() {
                 let translated = t.on_event(&ev);
                 if !translated.is_empty() {
                     self.out.push_back(Bytes::from(translated));
+                }
+                if self.over_budget() {
+                    break;
                 }
                 continue;
             }
@@ -1366,7 +1416,29 @@ impl GatewayStream {
                 continue;
             }
             self.out.push_back(ev.raw);
+            if self.over_budget() {
+                break;
+            }
         }
+        events.clear();
+        self.events = events;
+    }
+
+    /// Cuts the stream once its running cost passes the wallet's hold: the event that
+    /// crossed it is delivered (and billed), nothing after it.
+    fn over_budget(&mut self) -> bool {
+        let Some(b) = self.budget else { return false };
+        if self.finished || b.spent(self.observer.output_text()) <= b.limit_micros {
+            return false;
+        }
+        self.end(Some((
+            "insufficient_funds",
+            format!(
+                "the wallet's hold for this request (${}) is used up; the stream was cut",
+                crate::wallet::usd(b.limit_micros as i64)
+            ),
+        )));
+        true
     }
 
     /// Ends the stream, telling the client why when the upstream did not finish cleanly.
@@ -1374,11 +1446,21 @@ impl GatewayStream {
         self.finished = true;
         if let Some((kind, message)) = &error {
             self.app.metrics.streams_cut.inc();
+            let money = *kind == "insufficient_funds";
             let event = match self.dialect {
-                Dialect::OpenAi => openai_error_event(message, "upstream_error", Some(kind)),
-                Dialect::Anthropic => {
-                    anthropic_error_event("api_error", &format!("{kind}: {message}"))
-                }
+                Dialect::OpenAi => openai_error_event(
+                    message,
+                    if money {
+                        "insufficient_funds"
+                    } else {
+                        "upstream_error"
+                    },
+                    Some(kind),
+                ),
+                Dialect::Anthropic => anthropic_error_event(
+                    if money { "billing_error" } else { "api_error" },
+                    &format!("{kind}: {message}"),
+                ),
             };
             self.out.push_back(Bytes::from(event));
         }
@@ -1618,6 +1700,328 @@ enum LoopVerdict {
     Warn(String),
     /// Answer with this earlier response to the same request.
     Replay(Arc<crate::damping::Answer>),
+}
+
+/// The most a request can cost on any of its deployments: its input (body bytes / 3, biased
+/// up) at the highest input-side price (cache writes can cost more than input), plus its
+/// output cap (`max_tokens`, or `[wallets] default_max_output`) at the highest output price.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Quote {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub input_price: u64,
+    pub output_price: u64,
+    pub cost_micros: u64,
+}
+
+impl Quote {
+    fn new(input_tokens: u64, output_tokens: u64, input_price: u64, output_price: u64) -> Quote {
+        let pico = u128::from(input_tokens) * u128::from(input_price)
+            + u128::from(output_tokens) * u128::from(output_price);
+        Quote {
+            input_tokens,
+            output_tokens,
+            input_price,
+            output_price,
+            cost_micros: u64::try_from(pico.div_ceil(1_000_000)).unwrap_or(u64::MAX),
+        }
+    }
+
+    fn input_micros(&self) -> u64 {
+        Quote::new(self.input_tokens, 0, self.input_price, 0).cost_micros
+    }
+}
+
+pub fn quote(
+    runtime: &Runtime,
+    deployments: &[Arc<Deployment>],
+    endpoint: Endpoint,
+    doc: &RequestDoc,
+    body_len: usize,
+) -> Quote {
+    let input = (body_len as u64).div_ceil(3);
+    let output = match endpoint {
+        Endpoint::Embeddings | Endpoint::CountTokens => 0,
+        _ => doc
+            .max_output_tokens()
+            .ok()
+            .flatten()
+            .unwrap_or(runtime.wallets.default_max_output),
+    };
+    let (mut ip, mut op) = (0, 0);
+    for d in deployments {
+        if let Some(p) = runtime.prices.lookup(&d.provider.name, &d.model) {
+            ip = ip.max(p.input).max(p.cache_write_5m).max(p.cache_write_1h);
+            op = op.max(p.output).max(p.reasoning);
+        }
+    }
+    Quote::new(input, output, ip, op)
+}
+
+/// A request's cap from `x-tollgate-max-cost` (USD) and the key's (or its team's) setting:
+/// the lower one.
+fn cost_cap(app: &AppState, key: &KeyRecord, headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let header = match headers.get("x-tollgate-max-cost") {
+        None => None,
+        Some(v) => {
+            let text = v.to_str().unwrap_or("");
+            let micros = crate::wallet::parse_usd(text)
+                .ok()
+                .and_then(|m| u64::try_from(m).ok())
+                .ok_or_else(|| {
+                    ApiError::new(
+                        ErrorKind::BadRequest,
+                        format!("x-tollgate-max-cost must be an amount in USD, e.g. 0.25 (got \"{text}\")"),
+                    )
+                })?;
+            Some(micros)
+        }
+    };
+    let configured = key.limits.max_cost_micros.or_else(|| {
+        key.team
+            .as_deref()
+            .and_then(|t| app.keys.team_limits(t))
+            .and_then(|l| l.max_cost_micros)
+    });
+    Ok(match (header, configured) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    })
+}
+
+fn money_details(
+    pairs: &[(&str, serde_json::Value)],
+) -> serde_json::Map<String, serde_json::Value> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
+}
+
+#[derive(serde::Deserialize)]
+pub struct QuoteQuery {
+    /// `chat` (default), `messages`, `responses` or `embeddings`: the body's dialect.
+    endpoint: Option<String>,
+}
+
+/// `POST /v1/quote`: what a request would hold and whether it would be admitted, without
+/// calling upstream or holding anything.
+pub async fn quote_handler(
+    State(app): State<Arc<AppState>>,
+    axum::extract::Query(q): axum::extract::Query<QuoteQuery>,
+    req: Request,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let result = async {
+        let key = authenticate(&app, &parts.headers)?;
+        let endpoint =
+            match q.endpoint.as_deref().unwrap_or("chat") {
+                "chat" => Endpoint::ChatCompletions,
+                "messages" => Endpoint::Messages,
+                "responses" => Endpoint::Responses,
+                "embeddings" => Endpoint::Embeddings,
+                other => return Err(ApiError::new(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "endpoint must be chat, messages, responses or embeddings, not \"{other}\""
+                    ),
+                )),
+            };
+        let body = read_body(body, &parts.headers, app.server.max_body_bytes).await?;
+        let doc = RequestDoc::parse(&body)
+            .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?;
+        let model = doc
+            .model()
+            .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()).param("model"))?
+            .ok_or_else(|| {
+                ApiError::new(ErrorKind::BadRequest, "you must provide a model parameter")
+                    .param("model")
+            })?;
+        let runtime = app.runtime.load_full();
+        let deployments = runtime.resolve(&model).ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::ModelNotFound,
+                format!("the model '{model}' does not exist or is not served here"),
+            )
+            .param("model")
+        })?;
+        let quote = quote(&runtime, &deployments, endpoint, &doc, body.len());
+        let cap = cost_cap(&app, &key, &parts.headers)?;
+        let wallet_id = app.keys.wallet_for(&key);
+        let wallet = match &wallet_id {
+            Some(id) => {
+                let (store, id) = (app.store.clone(), id.clone());
+                tokio::task::spawn_blocking(move || store.read(|c| crate::wallet::get(c, &id)))
+                    .await
+                    .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
+                    .ok()
+            }
+            None => None,
+        };
+        let reason = if !key.allows_model(&model) {
+            Some("model_not_allowed")
+        } else if cap.is_some_and(|c| quote.cost_micros > c) {
+            Some("max_cost_exceeded")
+        } else if wallet
+            .as_ref()
+            .is_some_and(|w| w.balance_micros - (quote.cost_micros as i64) < w.floor_micros)
+        {
+            Some("insufficient_funds")
+        } else {
+            None
+        };
+        Ok(axum::Json(serde_json::json!({
+            "model": model,
+            "estimate": {
+                "input_tokens": quote.input_tokens,
+                "output_tokens": quote.output_tokens,
+                "cost_micros": quote.cost_micros,
+                "cost_usd": crate::wallet::usd(quote.cost_micros as i64),
+            },
+            "hold_micros": if wallet.is_some() { quote.cost_micros } else { 0 },
+            "cap_micros": cap,
+            "wallet": wallet,
+            "admitted": reason.is_none(),
+            "reason": reason,
+        }))
+        .into_response())
+    }
+    .await;
+    match result {
+        Ok(r) => r,
+        Err(e) => e.into_dialect_response(Dialect::OpenAi),
+    }
+}
+
+/// Refuses a request over its cost cap, and holds its maximum cost in the key's wallet (or
+/// refuses with 402). With `clamp_max_tokens`, a request the wallet cannot cover in full is
+/// sent with a `max_tokens` the wallet can pay instead.
+#[allow(clippy::too_many_arguments)]
+async fn hold(
+    app: &Arc<AppState>,
+    runtime: &Runtime,
+    key: &KeyRecord,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    doc: &mut RequestDoc<'_>,
+    deployments: &[Arc<Deployment>],
+    settle: &mut Settlement,
+) -> Result<(), ApiError> {
+    let mut q = quote(runtime, deployments, endpoint, doc, settle.body.len());
+    if let Some(cap) = cost_cap(app, key, headers)? {
+        if q.cost_micros > cap {
+            return Err(ApiError::new(
+                ErrorKind::MaxCostExceeded,
+                format!(
+                    "this request could cost up to ${} ({} input tokens estimated, {} output tokens allowed), above its cap of ${}; lower max_tokens or raise the cap",
+                    crate::wallet::usd(q.cost_micros as i64),
+                    q.input_tokens,
+                    q.output_tokens,
+                    crate::wallet::usd(cap as i64)
+                ),
+            )
+            .details(money_details(&[
+                ("estimate_micros", q.cost_micros.into()),
+                ("cap_micros", cap.into()),
+            ])));
+        }
+    }
+    let Some(wallet_id) = app.keys.wallet_for(key) else {
+        return Ok(());
+    };
+    let ttl_ms = runtime.wallets.hold_ttl.as_millis() as i64;
+    let clamp = key
+        .limits
+        .clamp_max_tokens
+        .or_else(|| {
+            key.team
+                .as_deref()
+                .and_then(|t| app.keys.team_limits(t))
+                .and_then(|l| l.clamp_max_tokens)
+        })
+        .unwrap_or(false);
+    let mut clamped = false;
+    loop {
+        let (store, wid, rid, amount) = (
+            app.store.clone(),
+            wallet_id.clone(),
+            settle.request_id.clone(),
+            q.cost_micros as i64,
+        );
+        let outcome = tokio::task::spawn_blocking(move || {
+            let now = now_ms();
+            store.write(|tx| crate::wallet::hold(tx, &wid, &rid, amount, now + ttl_ms, now))
+        })
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
+        .map_err(|e| ApiError::new(ErrorKind::Internal, format!("wallet: {e}")))?;
+        match outcome {
+            crate::wallet::Hold::Held { balance_micros } => {
+                settle.rec_mut().wallet_id = Some(wallet_id.clone());
+                settle.money = Some(q);
+                if let Ok(v) = HeaderValue::from_str(&balance_micros.to_string()) {
+                    settle.rate_headers.insert("x-tollgate-balance", v);
+                }
+                if clamped {
+                    settle.rate_headers.insert(
+                        "x-tollgate-clamped-max-tokens",
+                        HeaderValue::from(q.output_tokens),
+                    );
+                }
+                return Ok(());
+            }
+            crate::wallet::Hold::Insufficient {
+                balance_micros,
+                floor_micros,
+            } => {
+                let payable = (balance_micros - floor_micros).max(0) as u64;
+                // What the wallet can pay for output once the input is paid for.
+                let affordable = payable
+                    .checked_sub(q.input_micros())
+                    .map(|left| {
+                        if q.output_price == 0 {
+                            q.output_tokens
+                        } else {
+                            (u128::from(left) * 1_000_000 / u128::from(q.output_price)) as u64
+                        }
+                    })
+                    .unwrap_or(0);
+                const MIN_CLAMPED_OUTPUT: u64 = 16;
+                if clamp
+                    && !clamped
+                    && affordable >= MIN_CLAMPED_OUTPUT
+                    && affordable < q.output_tokens
+                {
+                    let field = match endpoint {
+                        Endpoint::Messages => "max_tokens",
+                        Endpoint::Responses => "max_output_tokens",
+                        _ if doc.raw("max_completion_tokens").is_some() => "max_completion_tokens",
+                        _ => "max_tokens",
+                    };
+                    doc.set_raw(field, affordable.to_string())
+                        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+                    q = Quote::new(q.input_tokens, affordable, q.input_price, q.output_price);
+                    clamped = true;
+                    continue;
+                }
+                return Err(ApiError::new(
+                    ErrorKind::InsufficientFunds,
+                    format!(
+                        "insufficient funds: this request needs a hold of ${} and wallet {wallet_id} has ${} available (floor ${}); top it up or lower max_tokens",
+                        crate::wallet::usd(q.cost_micros as i64),
+                        crate::wallet::usd(balance_micros),
+                        crate::wallet::usd(floor_micros)
+                    ),
+                )
+                .details(money_details(&[
+                    ("wallet", wallet_id.clone().into()),
+                    ("balance_micros", balance_micros.into()),
+                    ("hold_micros", q.cost_micros.into()),
+                    ("floor_micros", floor_micros.into()),
+                ])));
+            }
+        }
+    }
 }
 
 /// `Cache-Control: no-cache` or `no-store`: the client wants its own upstream call, never

@@ -155,6 +155,7 @@ impl Gateway {
         });
         refresh_keys(&app).await.context("loading keys")?;
         tokio::spawn(poll_keys(Arc::downgrade(&app)));
+        tokio::spawn(sweep_wallets(Arc::downgrade(&app)));
         Ok(Gateway {
             app,
             addr,
@@ -211,6 +212,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/v1/responses", post(proxy::responses))
         .route("/v1/messages/count_tokens", post(proxy::count_tokens))
         .route("/v1/models", get(proxy::list_models))
+        .route("/v1/quote", post(proxy::quote_handler))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -297,18 +299,18 @@ pub fn reload(app: &AppState) -> Result<(), Vec<String>> {
 pub async fn refresh_keys(app: &Arc<AppState>) -> anyhow::Result<()> {
     let store = app.store.clone();
     let known = app.keys.rev();
-    let loaded =
-        tokio::task::spawn_blocking(move || -> anyhow::Result<Option<(i64, Vec<_>, Vec<_>)>> {
+    let loaded = tokio::task::spawn_blocking(
+        move || -> anyhow::Result<Option<crate::store::KeySnapshot>> {
             if store.keys_rev()? == known {
                 return Ok(None);
             }
             Ok(Some(store.load_keys()?))
-        })
-        .await??;
-    if let Some((rev, keys, teams)) = loaded {
-        let n = keys.len();
-        app.keys
-            .replace(rev, keys, teams.into_iter().map(|t| (t.name, t.limits)));
+        },
+    )
+    .await??;
+    if let Some(snap) = loaded {
+        let (rev, n) = (snap.rev, snap.keys.len());
+        app.keys.replace(snap);
         tracing::debug!(rev, keys = n, "key cache refreshed");
     }
     Ok(())
@@ -321,6 +323,29 @@ async fn poll_keys(app: std::sync::Weak<AppState>) {
         let every = strong.server.key_refresh;
         if let Err(e) = refresh_keys(&strong).await {
             tracing::warn!(error = %e, "key refresh failed; serving the cached keys");
+        }
+        drop(strong);
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Releases expired holds (a gateway that died mid-request never freezes money) and expires
+/// grants; the first sweep runs at start, which is what recovers from a crash.
+async fn sweep_wallets(app: std::sync::Weak<AppState>) {
+    loop {
+        let Some(strong) = app.upgrade() else { return };
+        let every = strong.runtime.load().wallets.sweep_interval;
+        let store = strong.store.clone();
+        let swept = tokio::task::spawn_blocking(move || {
+            store.write(|tx| crate::wallet::expire(tx, crate::proxy::now_ms()))
+        })
+        .await;
+        match swept {
+            Ok(Ok((holds, grants))) if holds + grants > 0 => {
+                tracing::info!(holds, grants, "released expired holds / expired grants")
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "wallet sweep failed; retrying"),
+            _ => {}
         }
         drop(strong);
         tokio::time::sleep(every).await;

@@ -21,6 +21,8 @@ pub enum StoreError {
     Ambiguous(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error(transparent)]
+    Wallet(#[from] crate::wallet::WalletError),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -93,6 +95,11 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE usage ADD COLUMN response_bytes INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE usage ADD COLUMN reused TEXT;
      ALTER TABLE usage ADD COLUMN reused_from TEXT;",
+    // 6: wallets, the ledger, holds and grants; keys get an org
+    crate::wallet::MIGRATION,
+    // 7: which wallet paid for a request, and what it could not pay
+    "ALTER TABLE usage ADD COLUMN wallet_id TEXT;
+     ALTER TABLE usage ADD COLUMN shortfall_micros INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Opens a connection with the settings every tollgate connection needs.
@@ -196,7 +203,7 @@ impl Store {
 
     /// Every key with its digest and every team, for the gateway's cache, and the revision
     /// they reflect.
-    pub fn load_keys(&self) -> Result<(i64, Vec<DigestedKey>, Vec<TeamRecord>)> {
+    pub fn load_keys(&self) -> Result<KeySnapshot> {
         let mut conn = lock(&self.conn);
         // One read transaction, so the revision matches the rows.
         let tx = conn.transaction()?;
@@ -216,8 +223,51 @@ impl Store {
         }
         drop(stmt);
         let teams = teams_in(&tx)?;
+        let wallets = crate::wallet::owners(&tx)?;
         tx.commit()?;
-        Ok((rev, out, teams))
+        Ok(KeySnapshot {
+            rev,
+            keys: out,
+            teams,
+            wallets,
+        })
+    }
+
+    /// Runs `f` in one write transaction (taken up front, so it never fails half-way on a
+    /// lock upgrade) and commits it.
+    pub fn write<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction) -> std::result::Result<T, crate::wallet::WalletError>,
+    ) -> Result<T> {
+        let mut conn = lock(&self.conn);
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Runs `f` on the store's connection, for reads.
+    pub fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> std::result::Result<T, crate::wallet::WalletError>,
+    ) -> Result<T> {
+        let conn = lock(&self.conn);
+        Ok(f(&conn)?)
+    }
+
+    /// Creates a wallet; bumps the key revision so gateways learn who now pays for whom.
+    pub fn create_wallet(
+        &self,
+        owner_kind: crate::wallet::OwnerKind,
+        owner: &str,
+        floor_micros: i64,
+        now_ms: i64,
+    ) -> Result<crate::wallet::Wallet> {
+        self.write(|tx| {
+            let w = crate::wallet::create(tx, owner_kind, owner, floor_micros, now_ms)?;
+            tx.execute("UPDATE meta SET v = v + 1 WHERE k = 'keys_rev'", [])?;
+            Ok(w)
+        })
     }
 
     pub fn list_teams(&self) -> Result<Vec<TeamRecord>> {
@@ -437,8 +487,8 @@ fn migrate(conn: &mut Connection) -> Result<()> {
 fn insert_key_row(tx: &rusqlite::Transaction, key: &KeyRecord, digest: &[u8; 32]) -> Result<()> {
     tx.execute(
         "INSERT INTO keys (id, digest, prefix, name, team, project, models, tags, admin,
-                           created_ms, expires_ms, revoked_ms, rotated_from, limits)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                           created_ms, expires_ms, revoked_ms, rotated_from, limits, org)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         params![
             key.id,
             &digest[..],
@@ -453,7 +503,8 @@ fn insert_key_row(tx: &rusqlite::Transaction, key: &KeyRecord, digest: &[u8; 32]
             key.expires_ms,
             key.revoked_ms,
             key.rotated_from,
-            json(&key.limits)
+            json(&key.limits),
+            key.org
         ],
     )?;
     Ok(())
@@ -466,6 +517,15 @@ fn bump_keys_rev(tx: &rusqlite::Transaction) -> Result<()> {
 
 fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+/// What a gateway keeps in memory about who may call and who pays, at one revision.
+pub struct KeySnapshot {
+    pub rev: i64,
+    pub keys: Vec<DigestedKey>,
+    pub teams: Vec<TeamRecord>,
+    /// (owner kind, owner, wallet id)
+    pub wallets: Vec<(crate::wallet::OwnerKind, String, String)>,
 }
 
 /// A team and its limit overrides.
@@ -492,7 +552,7 @@ fn teams_in(conn: &Connection) -> Result<Vec<TeamRecord>> {
 }
 
 const KEY_COLUMNS: &str =
-    "id, prefix, name, team, project, models, tags, admin, created_ms, expires_ms, revoked_ms, rotated_from, limits";
+    "id, prefix, name, team, project, models, tags, admin, created_ms, expires_ms, revoked_ms, rotated_from, limits, org";
 
 fn key_from_row(r: &rusqlite::Row, o: usize) -> rusqlite::Result<KeyRecord> {
     let models: String = r.get(o + 5)?;
@@ -511,6 +571,7 @@ fn key_from_row(r: &rusqlite::Row, o: usize) -> rusqlite::Result<KeyRecord> {
         revoked_ms: r.get(o + 10)?,
         rotated_from: r.get(o + 11)?,
         limits: serde_json::from_str(&r.get::<_, String>(o + 12)?).unwrap_or_default(),
+        org: r.get(o + 13)?,
     })
 }
 
@@ -519,7 +580,7 @@ const USAGE_COLUMNS: &str =
     model_served, attempts, status, error_kind, input_tokens, cached_input_tokens, output_tokens,
     reasoning_tokens, usage_source, cost_micros, price_version, latency_ms, ttft_ms, stream,
     client_disconnected, cache_write_5m_tokens, cache_write_1h_tokens, request_bytes,
-    response_bytes, reused, reused_from";
+    response_bytes, reused, reused_from, wallet_id, shortfall_micros";
 
 fn usage_from_row(r: &rusqlite::Row) -> rusqlite::Result<UsageRecord> {
     let tags: String = r.get(7)?;
@@ -555,20 +616,30 @@ fn usage_from_row(r: &rusqlite::Row) -> rusqlite::Result<UsageRecord> {
         response_bytes: r.get::<_, i64>(28)? as u64,
         reused: r.get(29)?,
         reused_from: r.get(30)?,
+        wallet_id: r.get(31)?,
+        shortfall_micros: r.get::<_, i64>(32)? as u64,
     })
 }
 
 /// Writes a batch in one transaction. `INSERT OR IGNORE` on the request id makes a replayed
 /// batch (a retry after a failed commit) harmless.
 pub fn insert_usage_batch(conn: &mut Connection, batch: &[UsageRecord]) -> Result<()> {
-    let tx = conn.transaction()?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let now = crate::proxy::now_ms();
     {
         let mut stmt = tx.prepare_cached(&format!(
             "INSERT OR IGNORE INTO usage ({USAGE_COLUMNS}) VALUES
              (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
-              ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31)"
+              ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33)"
         ))?;
         for u in batch {
+            // The capture of the request's hold commits with its usage record, or neither
+            // does: money and metering cannot disagree.
+            let shortfall = match &u.wallet_id {
+                Some(_) => crate::wallet::settle(&tx, &u.id, u.cost_micros as i64, now)?
+                    .map_or(u.shortfall_micros, |s| s.shortfall_micros as u64),
+                None => 0,
+            };
             stmt.execute(params![
                 u.id,
                 u.ts_ms,
@@ -600,7 +671,9 @@ pub fn insert_usage_batch(conn: &mut Connection, batch: &[UsageRecord]) -> Resul
                 u.request_bytes as i64,
                 u.response_bytes as i64,
                 u.reused,
-                u.reused_from
+                u.reused_from,
+                u.wallet_id,
+                shortfall as i64
             ])?;
         }
     }

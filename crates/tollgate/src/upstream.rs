@@ -179,6 +179,7 @@ pub struct Runtime {
     pub limits: crate::config::LimitsConfig,
     pub loop_guard: crate::config::LoopGuardConfig,
     pub retries: crate::config::RetriesConfig,
+    pub wallets: crate::config::WalletsConfig,
     /// Tool routes, longest prefix first.
     pub routes: Vec<Arc<crate::routes::ToolRoute>>,
     health: Arc<HealthRegistry>,
@@ -260,6 +261,7 @@ impl Runtime {
             limits: cfg.limits.clone(),
             loop_guard: cfg.loop_guard.clone(),
             retries: cfg.retries.clone(),
+            wallets: cfg.wallets.clone(),
             health,
         })
     }

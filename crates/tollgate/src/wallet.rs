@@ -1,0 +1,858 @@
+//! Wallets and their ledger: prepaid balances an agent cannot overdraw.
+//!
+//! Every movement of money is an append-only ledger entry in integer micro-USD, signed by its
+//! effect on the wallet's available balance, with an idempotency key unique per wallet. The
+//! wallet row carries the balance as a projection that every operation updates in the same
+//! transaction as its entry, so `balance == sum(entries)` always (checked by `verify`, by the
+//! property test and by the integration tests).
+//!
+//! A request holds its estimated maximum cost before the upstream call (`hold`: an atomic
+//! conditional decrement that cannot pass the floor, so concurrent requests cannot overdraw),
+//! and settles after (`settle`: the hold is released and the actual cost captured, in the
+//! same transaction as the request's usage record). Holds expire, so a crash never freezes
+//! money.
+//!
+//! Entries per request: `hold -H`, then `release +H` and `capture -C`. The sum of a request's
+//! entries is what it cost.
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OwnerKind {
+    Org,
+    Team,
+    Key,
+}
+
+impl OwnerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OwnerKind::Org => "org",
+            OwnerKind::Team => "team",
+            OwnerKind::Key => "key",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<OwnerKind> {
+        match s {
+            "org" => Some(OwnerKind::Org),
+            "team" => Some(OwnerKind::Team),
+            "key" => Some(OwnerKind::Key),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Wallet {
+    pub id: String,
+    pub owner_kind: OwnerKind,
+    pub owner: String,
+    /// Available: top-ups and grants, minus captures and open holds.
+    pub balance_micros: i64,
+    /// The balance never goes below this (0: strictly prepaid).
+    pub floor_micros: i64,
+    /// Money held by requests in flight.
+    #[serde(default)]
+    pub held_micros: i64,
+    pub created_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub seq: i64,
+    pub wallet_id: String,
+    pub kind: String,
+    pub amount_micros: i64,
+    pub idempotency_key: String,
+    pub request_id: Option<String>,
+    pub expires_ms: Option<i64>,
+    pub note: Option<String>,
+    pub ts_ms: i64,
+}
+
+/// Money put into a wallet (or, for an adjustment, taken out) by an operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credit {
+    Topup,
+    /// Free credit that expires; spent before top-ups.
+    Grant {
+        expires_ms: i64,
+    },
+    Refund,
+    /// Signed; a negative adjustment cannot take the balance below the floor.
+    Adjustment,
+}
+
+impl Credit {
+    fn kind(self) -> &'static str {
+        match self {
+            Credit::Topup => "topup",
+            Credit::Grant { .. } => "grant",
+            Credit::Refund => "refund",
+            Credit::Adjustment => "adjustment",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalletError {
+    #[error("no wallet \"{0}\"")]
+    NotFound(String),
+    #[error("a wallet for {0} already exists")]
+    Exists(String),
+    #[error("idempotency key \"{0}\" was already used for a different entry")]
+    IdempotencyConflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Sql(#[from] rusqlite::Error),
+}
+
+pub type Result<T> = std::result::Result<T, WalletError>;
+
+pub const MIGRATION: &str = "
+    CREATE TABLE wallets (
+        id TEXT PRIMARY KEY,
+        owner_kind TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        balance_micros INTEGER NOT NULL DEFAULT 0,
+        floor_micros INTEGER NOT NULL DEFAULT 0,
+        created_ms INTEGER NOT NULL,
+        UNIQUE (owner_kind, owner)
+    );
+    CREATE TABLE ledger (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        wallet_id TEXT NOT NULL REFERENCES wallets(id),
+        kind TEXT NOT NULL,
+        amount_micros INTEGER NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        request_id TEXT,
+        expires_ms INTEGER,
+        note TEXT,
+        ts_ms INTEGER NOT NULL,
+        UNIQUE (wallet_id, idempotency_key)
+    );
+    CREATE INDEX ledger_request ON ledger(request_id);
+    CREATE TABLE holds (
+        id TEXT PRIMARY KEY,
+        wallet_id TEXT NOT NULL REFERENCES wallets(id),
+        amount_micros INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        captured_micros INTEGER,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE INDEX holds_open ON holds(state, expires_ms);
+    CREATE TABLE grants (
+        id TEXT PRIMARY KEY,
+        wallet_id TEXT NOT NULL REFERENCES wallets(id),
+        amount_micros INTEGER NOT NULL,
+        remaining_micros INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL
+    );
+    CREATE INDEX grants_wallet ON grants(wallet_id, expires_ms);
+    ALTER TABLE keys ADD COLUMN org TEXT;
+";
+
+const WALLET_COLUMNS: &str = "id, owner_kind, owner, balance_micros, floor_micros, created_ms,
+    (SELECT COALESCE(SUM(amount_micros), 0) FROM holds h WHERE h.wallet_id = wallets.id AND h.state = 'held')";
+
+fn wallet_from_row(r: &rusqlite::Row) -> rusqlite::Result<Wallet> {
+    let kind: String = r.get(1)?;
+    Ok(Wallet {
+        id: r.get(0)?,
+        owner_kind: OwnerKind::parse(&kind).unwrap_or(OwnerKind::Org),
+        owner: r.get(2)?,
+        balance_micros: r.get(3)?,
+        floor_micros: r.get(4)?,
+        created_ms: r.get(5)?,
+        held_micros: r.get(6)?,
+    })
+}
+
+const ENTRY_COLUMNS: &str =
+    "seq, wallet_id, kind, amount_micros, idempotency_key, request_id, expires_ms, note, ts_ms";
+
+fn entry_from_row(r: &rusqlite::Row) -> rusqlite::Result<Entry> {
+    Ok(Entry {
+        seq: r.get(0)?,
+        wallet_id: r.get(1)?,
+        kind: r.get(2)?,
+        amount_micros: r.get(3)?,
+        idempotency_key: r.get(4)?,
+        request_id: r.get(5)?,
+        expires_ms: r.get(6)?,
+        note: r.get(7)?,
+        ts_ms: r.get(8)?,
+    })
+}
+
+pub fn new_wallet_id() -> String {
+    format!("wal_{:016x}", rand::random::<u64>())
+}
+
+pub fn create(
+    tx: &Transaction,
+    owner_kind: OwnerKind,
+    owner: &str,
+    floor_micros: i64,
+    now_ms: i64,
+) -> Result<Wallet> {
+    let id = new_wallet_id();
+    let n = tx.execute(
+        "INSERT OR IGNORE INTO wallets (id, owner_kind, owner, floor_micros, created_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![id, owner_kind.as_str(), owner, floor_micros, now_ms],
+    )?;
+    if n == 0 {
+        return Err(WalletError::Exists(format!(
+            "{}:{owner}",
+            owner_kind.as_str()
+        )));
+    }
+    get(tx, &id)
+}
+
+pub fn get(conn: &Connection, id: &str) -> Result<Wallet> {
+    conn.query_row(
+        &format!("SELECT {WALLET_COLUMNS} FROM wallets WHERE id = ?1"),
+        [id],
+        wallet_from_row,
+    )
+    .optional()?
+    .ok_or_else(|| WalletError::NotFound(id.to_string()))
+}
+
+/// By id, or by `kind:owner` (e.g. `team:search`).
+pub fn find(conn: &Connection, id_or_owner: &str) -> Result<Wallet> {
+    if let Some((kind, owner)) = id_or_owner.split_once(':') {
+        if let Some(kind) = OwnerKind::parse(kind) {
+            return conn
+                .query_row(
+                    &format!(
+                        "SELECT {WALLET_COLUMNS} FROM wallets WHERE owner_kind = ?1 AND owner = ?2"
+                    ),
+                    params![kind.as_str(), owner],
+                    wallet_from_row,
+                )
+                .optional()?
+                .ok_or_else(|| WalletError::NotFound(id_or_owner.to_string()));
+        }
+    }
+    get(conn, id_or_owner)
+}
+
+pub fn list(conn: &Connection) -> Result<Vec<Wallet>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {WALLET_COLUMNS} FROM wallets ORDER BY created_ms, id"
+    ))?;
+    let rows = stmt.query_map([], wallet_from_row)?;
+    Ok(rows.collect::<std::result::Result<_, _>>()?)
+}
+
+pub fn entries(conn: &Connection, wallet_id: &str, limit: u32) -> Result<Vec<Entry>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {ENTRY_COLUMNS} FROM ledger WHERE wallet_id = ?1 ORDER BY seq DESC LIMIT ?2"
+    ))?;
+    let rows = stmt.query_map(params![wallet_id, limit], entry_from_row)?;
+    Ok(rows.collect::<std::result::Result<_, _>>()?)
+}
+
+/// Appends an entry and moves the balance by its amount; `false` if an entry with this
+/// idempotency key exists already (then nothing changes).
+#[allow(clippy::too_many_arguments)]
+fn append(
+    tx: &Transaction,
+    wallet_id: &str,
+    kind: &str,
+    amount: i64,
+    idem: &str,
+    request_id: Option<&str>,
+    expires_ms: Option<i64>,
+    note: Option<&str>,
+    now_ms: i64,
+) -> Result<bool> {
+    let n = tx.execute(
+        "INSERT OR IGNORE INTO ledger (wallet_id, kind, amount_micros, idempotency_key,
+                                       request_id, expires_ms, note, ts_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![wallet_id, kind, amount, idem, request_id, expires_ms, note, now_ms],
+    )?;
+    if n == 0 {
+        return Ok(false);
+    }
+    tx.execute(
+        "UPDATE wallets SET balance_micros = balance_micros + ?2 WHERE id = ?1",
+        params![wallet_id, amount],
+    )?;
+    Ok(true)
+}
+
+fn entry_by_key(tx: &Transaction, wallet_id: &str, idem: &str) -> Result<Option<Entry>> {
+    Ok(tx
+        .query_row(
+            &format!(
+                "SELECT {ENTRY_COLUMNS} FROM ledger WHERE wallet_id = ?1 AND idempotency_key = ?2"
+            ),
+            params![wallet_id, idem],
+            entry_from_row,
+        )
+        .optional()?)
+}
+
+/// An operator's credit (or adjustment). Replaying the same idempotency key returns the
+/// first entry and changes nothing; the same key with another amount or kind is refused.
+pub fn credit(
+    tx: &Transaction,
+    wallet_id: &str,
+    credit: Credit,
+    amount: i64,
+    idem: &str,
+    note: Option<&str>,
+    now_ms: i64,
+) -> Result<(Entry, bool)> {
+    let w = get(tx, wallet_id)?;
+    if amount == 0 || (credit != Credit::Adjustment && amount < 0) {
+        return Err(WalletError::Invalid(
+            "the amount must be positive (an adjustment: non-zero)".into(),
+        ));
+    }
+    if amount < 0 && w.balance_micros + amount < w.floor_micros {
+        if let Some(e) = entry_by_key(tx, wallet_id, idem)? {
+            return replayed(e, credit.kind(), amount);
+        }
+        return Err(WalletError::Invalid(format!(
+            "an adjustment of {amount} would take the balance ({}) below the floor ({})",
+            w.balance_micros, w.floor_micros
+        )));
+    }
+    let expires = match credit {
+        Credit::Grant { expires_ms } => Some(expires_ms),
+        _ => None,
+    };
+    let applied = append(
+        tx,
+        wallet_id,
+        credit.kind(),
+        amount,
+        idem,
+        None,
+        expires,
+        note,
+        now_ms,
+    )?;
+    let entry = entry_by_key(tx, wallet_id, idem)?
+        .ok_or_else(|| WalletError::Invalid("the entry vanished".into()))?;
+    if !applied {
+        return replayed(entry, credit.kind(), amount);
+    }
+    if let Credit::Grant { expires_ms } = credit {
+        tx.execute(
+            "INSERT INTO grants (id, wallet_id, amount_micros, remaining_micros, expires_ms)
+             VALUES (?1, ?2, ?3, ?3, ?4)",
+            params![
+                format!("grant:{}", entry.seq),
+                wallet_id,
+                amount,
+                expires_ms
+            ],
+        )?;
+    }
+    Ok((entry, true))
+}
+
+fn replayed(e: Entry, kind: &str, amount: i64) -> Result<(Entry, bool)> {
+    if e.kind != kind || e.amount_micros != amount {
+        return Err(WalletError::IdempotencyConflict(e.idempotency_key));
+    }
+    Ok((e, false))
+}
+
+/// The result of trying to hold money for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Held; the available balance after it.
+    Held { balance_micros: i64 },
+    /// The wallet cannot cover it without passing its floor.
+    Insufficient {
+        balance_micros: i64,
+        floor_micros: i64,
+    },
+}
+
+/// Holds `amount` for `request_id` until `expires_ms`, or refuses. One conditional UPDATE:
+/// two concurrent holds can never both pass the floor. Holding twice for one request id
+/// returns the first hold.
+pub fn hold(
+    tx: &Transaction,
+    wallet_id: &str,
+    request_id: &str,
+    amount: i64,
+    expires_ms: i64,
+    now_ms: i64,
+) -> Result<Hold> {
+    if tx
+        .query_row(
+            "SELECT 1 FROM holds WHERE id = ?1",
+            [request_id],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some()
+    {
+        let w = get(tx, wallet_id)?;
+        return Ok(Hold::Held {
+            balance_micros: w.balance_micros,
+        });
+    }
+    let after: Option<i64> = tx
+        .query_row(
+            "UPDATE wallets SET balance_micros = balance_micros - ?2
+             WHERE id = ?1 AND balance_micros - ?2 >= floor_micros
+             RETURNING balance_micros",
+            params![wallet_id, amount],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(balance) = after else {
+        let w = get(tx, wallet_id)?;
+        return Ok(Hold::Insufficient {
+            balance_micros: w.balance_micros,
+            floor_micros: w.floor_micros,
+        });
+    };
+    tx.execute(
+        "INSERT INTO ledger (wallet_id, kind, amount_micros, idempotency_key, request_id,
+                             expires_ms, ts_ms)
+         VALUES (?1, 'hold', ?2, ?3, ?4, ?5, ?6)",
+        params![
+            wallet_id,
+            -amount,
+            format!("hold:{request_id}"),
+            request_id,
+            expires_ms,
+            now_ms
+        ],
+    )?;
+    tx.execute(
+        "INSERT INTO holds (id, wallet_id, amount_micros, expires_ms, state, created_ms)
+         VALUES (?1, ?2, ?3, ?4, 'held', ?5)",
+        params![request_id, wallet_id, amount, expires_ms, now_ms],
+    )?;
+    Ok(Hold::Held {
+        balance_micros: balance,
+    })
+}
+
+/// What settling a hold did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Settled {
+    pub captured_micros: i64,
+    /// Cost the wallet could not pay without passing its floor (never captured).
+    pub shortfall_micros: i64,
+}
+
+/// Releases the request's hold and captures its actual cost, at most down to the floor.
+/// Idempotent: a settled hold is left alone (`None`), so a replayed usage batch or a retried
+/// settle never captures twice. A hold that already expired is not released again.
+pub fn settle(
+    tx: &Transaction,
+    request_id: &str,
+    cost_micros: i64,
+    now_ms: i64,
+) -> Result<Option<Settled>> {
+    let hold: Option<(String, i64, String)> = tx
+        .query_row(
+            "SELECT wallet_id, amount_micros, state FROM holds WHERE id = ?1",
+            [request_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let Some((wallet_id, amount, state)) = hold else {
+        return Ok(None);
+    };
+    if state == "settled" {
+        return Ok(None);
+    }
+    if state == "held" {
+        append(
+            tx,
+            &wallet_id,
+            "release",
+            amount,
+            &format!("release:{request_id}"),
+            Some(request_id),
+            None,
+            None,
+            now_ms,
+        )?;
+    }
+    let w = get(tx, &wallet_id)?;
+    let payable = (w.balance_micros - w.floor_micros).max(0);
+    let captured = cost_micros.max(0).min(payable);
+    if captured > 0 {
+        append(
+            tx,
+            &wallet_id,
+            "capture",
+            -captured,
+            &format!("capture:{request_id}"),
+            Some(request_id),
+            None,
+            None,
+            now_ms,
+        )?;
+        spend_grants(tx, &wallet_id, captured, now_ms)?;
+    }
+    tx.execute(
+        "UPDATE holds SET state = 'settled', captured_micros = ?2 WHERE id = ?1",
+        params![request_id, captured],
+    )?;
+    Ok(Some(Settled {
+        captured_micros: captured,
+        shortfall_micros: cost_micros.max(0) - captured,
+    }))
+}
+
+/// Spending draws on grants first, the soonest to expire first.
+fn spend_grants(tx: &Transaction, wallet_id: &str, mut amount: i64, now_ms: i64) -> Result<()> {
+    let grants: Vec<(String, i64)> = {
+        let mut stmt = tx.prepare(
+            "SELECT id, remaining_micros FROM grants
+             WHERE wallet_id = ?1 AND remaining_micros > 0 AND expires_ms > ?2
+             ORDER BY expires_ms, id",
+        )?;
+        let rows = stmt.query_map(params![wallet_id, now_ms], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<std::result::Result<_, _>>()?
+    };
+    for (id, remaining) in grants {
+        if amount == 0 {
+            break;
+        }
+        let take = remaining.min(amount);
+        tx.execute(
+            "UPDATE grants SET remaining_micros = remaining_micros - ?2 WHERE id = ?1",
+            params![id, take],
+        )?;
+        amount -= take;
+    }
+    Ok(())
+}
+
+/// Releases holds past their expiry and removes what is left of expired grants. Returns
+/// (holds released, grants expired).
+pub fn expire(tx: &Transaction, now_ms: i64) -> Result<(usize, usize)> {
+    let holds: Vec<(String, String, i64)> = {
+        let mut stmt = tx.prepare(
+            "SELECT id, wallet_id, amount_micros FROM holds
+             WHERE state = 'held' AND expires_ms <= ?1",
+        )?;
+        let rows = stmt.query_map([now_ms], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        rows.collect::<std::result::Result<_, _>>()?
+    };
+    for (id, wallet_id, amount) in &holds {
+        append(
+            tx,
+            wallet_id,
+            "release",
+            *amount,
+            &format!("release:{id}"),
+            Some(id),
+            None,
+            Some("hold expired"),
+            now_ms,
+        )?;
+        tx.execute("UPDATE holds SET state = 'expired' WHERE id = ?1", [id])?;
+    }
+    let grants: Vec<(String, String, i64)> = {
+        let mut stmt = tx.prepare(
+            "SELECT id, wallet_id, remaining_micros FROM grants
+             WHERE remaining_micros > 0 AND expires_ms <= ?1",
+        )?;
+        let rows = stmt.query_map([now_ms], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        rows.collect::<std::result::Result<_, _>>()?
+    };
+    for (id, wallet_id, remaining) in &grants {
+        let w = get(tx, wallet_id)?;
+        // What is left of the grant, but never through the floor: money held right now may
+        // be grant money, and the request holding it must still be able to pay.
+        let amount = (*remaining).min((w.balance_micros - w.floor_micros).max(0));
+        if amount > 0 {
+            append(
+                tx,
+                wallet_id,
+                "expire",
+                -amount,
+                &format!("expire:{id}"),
+                None,
+                None,
+                Some("grant expired"),
+                now_ms,
+            )?;
+        }
+        tx.execute("UPDATE grants SET remaining_micros = 0 WHERE id = ?1", [id])?;
+    }
+    Ok((holds.len(), grants.len()))
+}
+
+/// Wallets whose balance differs from the sum of their entries, or is below their floor:
+/// (wallet id, balance, sum of entries, floor). Empty when the books are right.
+pub fn verify(conn: &Connection) -> Result<Vec<(String, i64, i64, i64)>> {
+    let mut stmt = conn.prepare(
+        "SELECT w.id, w.balance_micros,
+                (SELECT COALESCE(SUM(amount_micros), 0) FROM ledger l WHERE l.wallet_id = w.id),
+                w.floor_micros
+         FROM wallets w",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+    let all: Vec<(String, i64, i64, i64)> = rows.collect::<std::result::Result<_, _>>()?;
+    Ok(all
+        .into_iter()
+        .filter(|(_, bal, sum, floor)| bal != sum || bal < floor)
+        .collect())
+}
+
+/// Every wallet's owner, for the gateway's in-memory lookup.
+pub fn owners(conn: &Connection) -> Result<Vec<(OwnerKind, String, String)>> {
+    let mut stmt = conn.prepare("SELECT owner_kind, owner, id FROM wallets")?;
+    let rows = stmt.query_map([], |r| {
+        let kind: String = r.get(0)?;
+        Ok((kind, r.get(1)?, r.get(2)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (kind, owner, id) = row?;
+        if let Some(k) = OwnerKind::parse(&kind) {
+            out.push((k, owner, id));
+        }
+    }
+    Ok(out)
+}
+
+/// `12.50`, `$0.01`, `0.000001` → micro-USD, exactly (no floats). At most 6 decimals.
+pub fn parse_usd(text: &str) -> std::result::Result<i64, String> {
+    let t = text.trim();
+    let (neg, t) = match t.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, t),
+    };
+    let t = t.strip_prefix('$').unwrap_or(t);
+    let (whole, frac) = t.split_once('.').unwrap_or((t, ""));
+    let bad = || format!("\"{text}\" is not an amount in USD (e.g. 12.50)");
+    if whole.is_empty() && frac.is_empty()
+        || !whole.chars().all(|c| c.is_ascii_digit())
+        || !frac.chars().all(|c| c.is_ascii_digit())
+    {
+        return Err(bad());
+    }
+    if frac.len() > 6 {
+        return Err(format!(
+            "\"{text}\" has more than 6 decimals (the ledger counts micro-dollars)"
+        ));
+    }
+    let whole: i64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| bad())?
+    };
+    let frac_micros: i64 = format!("{frac:0<6}").parse().map_err(|_| bad())?;
+    let v = whole
+        .checked_mul(1_000_000)
+        .and_then(|w| w.checked_add(frac_micros))
+        .ok_or_else(bad)?;
+    Ok(if neg { -v } else { v })
+}
+
+/// Micro-USD as dollars, exactly.
+pub fn usd(micros: i64) -> String {
+    let sign = if micros < 0 { "-" } else { "" };
+    let m = micros.unsigned_abs();
+    format!("{sign}{}.{:06}", m / 1_000_000, m % 1_000_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn db() -> Connection {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE keys (id TEXT);").unwrap();
+        conn.execute_batch(MIGRATION).unwrap();
+        conn
+    }
+
+    fn tx<T>(conn: &mut Connection, f: impl FnOnce(&Transaction) -> T) -> T {
+        let tx = conn.transaction().unwrap();
+        let out = f(&tx);
+        tx.commit().unwrap();
+        out
+    }
+
+    #[test]
+    fn amounts_parse_exactly() {
+        assert_eq!(parse_usd("12.50"), Ok(12_500_000));
+        assert_eq!(parse_usd("$0.01"), Ok(10_000));
+        assert_eq!(parse_usd("0.000001"), Ok(1));
+        assert_eq!(parse_usd("-3"), Ok(-3_000_000));
+        assert_eq!(parse_usd(".5"), Ok(500_000));
+        assert!(parse_usd("0.0000001").is_err());
+        assert!(parse_usd("1e3").is_err());
+        assert!(parse_usd("").is_err());
+        assert_eq!(usd(-1_500_001), "-1.500001");
+    }
+
+    #[test]
+    fn a_replayed_topup_adds_once_and_a_conflicting_one_is_refused() {
+        let mut c = db();
+        let w = tx(&mut c, |t| create(t, OwnerKind::Team, "a", 0, 0)).unwrap();
+        let (e1, applied) = tx(&mut c, |t| {
+            credit(t, &w.id, Credit::Topup, 5_000_000, "inv-1", None, 1)
+        })
+        .unwrap();
+        assert!(applied);
+        let (e2, applied) = tx(&mut c, |t| {
+            credit(t, &w.id, Credit::Topup, 5_000_000, "inv-1", None, 2)
+        })
+        .unwrap();
+        assert!(!applied);
+        assert_eq!(e1, e2);
+        assert!(matches!(
+            tx(&mut c, |t| credit(
+                t,
+                &w.id,
+                Credit::Topup,
+                7,
+                "inv-1",
+                None,
+                3
+            )),
+            Err(WalletError::IdempotencyConflict(_))
+        ));
+        assert_eq!(get(&c, &w.id).unwrap().balance_micros, 5_000_000);
+        assert!(verify(&c).unwrap().is_empty());
+    }
+
+    #[test]
+    fn hold_capture_release_and_the_floor() {
+        let mut c = db();
+        let w = tx(&mut c, |t| create(t, OwnerKind::Key, "k", 0, 0)).unwrap();
+        tx(&mut c, |t| {
+            credit(t, &w.id, Credit::Topup, 100, "t", None, 0)
+        })
+        .unwrap();
+        assert_eq!(
+            tx(&mut c, |t| hold(t, &w.id, "r1", 60, 1000, 0)).unwrap(),
+            Hold::Held { balance_micros: 40 }
+        );
+        assert_eq!(
+            tx(&mut c, |t| hold(t, &w.id, "r2", 60, 1000, 0)).unwrap(),
+            Hold::Insufficient {
+                balance_micros: 40,
+                floor_micros: 0
+            }
+        );
+        let s = tx(&mut c, |t| settle(t, "r1", 25, 1)).unwrap().unwrap();
+        assert_eq!(s.captured_micros, 25);
+        assert_eq!(get(&c, &w.id).unwrap().balance_micros, 75);
+        // Settling again changes nothing.
+        assert_eq!(tx(&mut c, |t| settle(t, "r1", 25, 2)).unwrap(), None);
+        // A cost above what the wallet holds is captured down to the floor, never past it.
+        tx(&mut c, |t| hold(t, &w.id, "r3", 10, 1000, 3)).unwrap();
+        let s = tx(&mut c, |t| settle(t, "r3", 500, 4)).unwrap().unwrap();
+        assert_eq!((s.captured_micros, s.shortfall_micros), (75, 425));
+        assert_eq!(get(&c, &w.id).unwrap().balance_micros, 0);
+        assert!(verify(&c).unwrap().is_empty());
+    }
+
+    #[test]
+    fn expired_holds_come_back_and_grants_run_out() {
+        let mut c = db();
+        let w = tx(&mut c, |t| create(t, OwnerKind::Org, "o", 0, 0)).unwrap();
+        tx(&mut c, |t| {
+            credit(
+                t,
+                &w.id,
+                Credit::Grant { expires_ms: 100 },
+                50,
+                "g",
+                None,
+                0,
+            )
+        })
+        .unwrap();
+        tx(&mut c, |t| {
+            credit(t, &w.id, Credit::Topup, 50, "t", None, 0)
+        })
+        .unwrap();
+        tx(&mut c, |t| hold(t, &w.id, "r1", 30, 10, 0)).unwrap();
+        // The gateway died: the hold expires and the money comes back.
+        assert_eq!(tx(&mut c, |t| expire(t, 10)).unwrap(), (1, 0));
+        assert_eq!(get(&c, &w.id).unwrap().balance_micros, 100);
+        // A late settle of an expired hold captures without releasing twice.
+        tx(&mut c, |t| settle(t, "r1", 20, 11)).unwrap();
+        assert_eq!(get(&c, &w.id).unwrap().balance_micros, 80);
+        // The 20 spent came out of the grant; 30 of it is left to expire.
+        assert_eq!(tx(&mut c, |t| expire(t, 100)).unwrap(), (0, 1));
+        assert_eq!(get(&c, &w.id).unwrap().balance_micros, 50);
+        assert!(verify(&c).unwrap().is_empty());
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Hold(u8, i64),
+        Settle(u8, i64),
+        Topup(i64),
+        Grant(i64, i64),
+        Expire(i64),
+        Adjust(i64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..16, 0i64..400).prop_map(|(r, a)| Op::Hold(r, a)),
+            (0u8..16, 0i64..600).prop_map(|(r, a)| Op::Settle(r, a)),
+            (1i64..300).prop_map(Op::Topup),
+            (1i64..300, 0i64..50).prop_map(|(a, e)| Op::Grant(a, e)),
+            (0i64..60).prop_map(Op::Expire),
+            (-300i64..300).prop_map(Op::Adjust),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Any interleaving of holds, settles (captures and releases), top-ups, grants,
+        /// expiries and adjustments keeps the balance equal to the sum of the entries and
+        /// never below the floor; and no request is captured twice.
+        #[test]
+        fn the_books_always_balance(
+            ops in prop::collection::vec(op(), 1..80),
+            floor in -200i64..=0,
+        ) {
+            let mut c = db();
+            let w = tx(&mut c, |t| create(t, OwnerKind::Team, "p", floor, 0)).unwrap();
+            let mut now = 0i64;
+            for (i, o) in ops.iter().enumerate() {
+                now += 1;
+                let t = c.transaction().unwrap();
+                let _ = match o {
+                    Op::Hold(r, a) => hold(&t, &w.id, &format!("r{r}"), *a, now + 20, now).map(|_| ()),
+                    Op::Settle(r, a) => settle(&t, &format!("r{r}"), *a, now).map(|_| ()),
+                    Op::Topup(a) => credit(&t, &w.id, Credit::Topup, *a, &format!("t{i}"), None, now).map(|_| ()),
+                    Op::Grant(a, e) => credit(&t, &w.id, Credit::Grant { expires_ms: now + e }, *a, &format!("g{i}"), None, now).map(|_| ()),
+                    Op::Expire(dt) => { now += dt; expire(&t, now).map(|_| ()) }
+                    Op::Adjust(a) => credit(&t, &w.id, Credit::Adjustment, *a, &format!("a{i}"), None, now).map(|_| ()),
+                };
+                t.commit().unwrap();
+                prop_assert!(verify(&c).unwrap().is_empty(), "after {o:?}: {:?}", get(&c, &w.id));
+            }
+            let captures: i64 = c.query_row(
+                "SELECT COUNT(*) - COUNT(DISTINCT request_id) FROM ledger WHERE kind = 'capture'",
+                [], |r| r.get(0)).unwrap();
+            prop_assert_eq!(captures, 0);
+        }
+    }
+}
