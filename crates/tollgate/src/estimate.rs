@@ -9,6 +9,14 @@ fn bpe() -> Option<&'static CoreBPE> {
     BPE.get_or_init(|| tiktoken_rs::o200k_base().ok()).as_ref()
 }
 
+/// Loads the encoder ahead of traffic. Loading takes from a hundred milliseconds (release)
+/// to a second (debug), and the first caller waits for it on whichever thread it runs: lazily,
+/// that is the first client disconnect or usage-less answer, stalling every request sharing
+/// the runtime's threads meanwhile.
+pub fn warm_up() {
+    let _ = bpe();
+}
+
 /// Tokens in `text` under o200k (the GPT-4o family's encoding); a byte-based guess if the
 /// encoder failed to load.
 pub fn tokens(text: &str) -> u64 {

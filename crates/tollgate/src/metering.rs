@@ -73,6 +73,60 @@ enum Msg {
     Record(Box<UsageRecord>),
     /// Everything queued before this is committed when the reply comes.
     Flush(oneshot::Sender<()>),
+    Hold(Box<HoldRequest>),
+    Sweep(oneshot::Sender<Result<(usize, usize), String>>),
+}
+
+struct HoldRequest {
+    wallet_id: String,
+    request_id: String,
+    amount: i64,
+    expires_ms: i64,
+    reply: oneshot::Sender<Result<crate::wallet::Hold, String>>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, String>>;
+
+/// Runs `f` in one immediate transaction on the writer's connection.
+fn in_tx<T>(
+    conn: &mut rusqlite::Connection,
+    f: impl FnOnce(&rusqlite::Transaction) -> Result<T, crate::wallet::WalletError>,
+) -> Result<T, String> {
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(|e| e.to_string())?;
+    let out = f(&tx).map_err(|e| e.to_string())?;
+    tx.commit().map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// Places every queued hold in one transaction (group commit: under load, many holds share
+/// one write), then answers each.
+fn place_holds(conn: &mut rusqlite::Connection, holds: &mut Vec<HoldRequest>) {
+    if holds.is_empty() {
+        return;
+    }
+    let now = crate::proxy::now_ms();
+    let result = in_tx(conn, |tx| {
+        holds
+            .iter()
+            .map(|h| {
+                crate::wallet::hold(tx, &h.wallet_id, &h.request_id, h.amount, h.expires_ms, now)
+            })
+            .collect::<Result<Vec<_>, _>>()
+    });
+    match result {
+        Ok(outcomes) => {
+            for (h, o) in holds.drain(..).zip(outcomes) {
+                let _ = h.reply.send(Ok(o));
+            }
+        }
+        Err(e) => {
+            for h in holds.drain(..) {
+                let _ = h.reply.send(Err(e.clone()));
+            }
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -98,12 +152,16 @@ impl Meter {
             .spawn(move || {
                 let mut batch: Vec<UsageRecord> = Vec::with_capacity(batch_max);
                 let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
+                let mut holds: Vec<HoldRequest> = Vec::new();
+                let mut sweeps: Vec<Reply<(usize, usize)>> = Vec::new();
                 while let Some(first) = rx.blocking_recv() {
                     let mut next = Some(first);
                     while let Some(msg) = next.take() {
                         match msg {
                             Msg::Record(r) => batch.push(*r),
                             Msg::Flush(w) => waiters.push(w),
+                            Msg::Hold(h) => holds.push(*h),
+                            Msg::Sweep(w) => sweeps.push(w),
                         }
                         if batch.len() >= batch_max {
                             break;
@@ -111,6 +169,12 @@ impl Meter {
                         next = rx.try_recv().ok();
                     }
                     writer_metrics.usage_queue_depth.set((rx.len()) as i64);
+                    // Requests wait on their holds; records wait on nobody: holds first.
+                    place_holds(&mut conn, &mut holds);
+                    for w in sweeps.drain(..) {
+                        let now = crate::proxy::now_ms();
+                        let _ = w.send(in_tx(&mut conn, |tx| crate::wallet::expire(tx, now)));
+                    }
                     write_with_retry(&mut conn, &batch, &writer_metrics);
                     batch.clear();
                     for w in waiters.drain(..) {
@@ -142,6 +206,42 @@ impl Meter {
                 );
             }
         }
+    }
+
+    /// Holds money for a request. Holds go through the writer's connection, the one writer
+    /// of money and usage, so they never wait on SQLite's lock, and many share one commit.
+    pub async fn hold(
+        &self,
+        wallet_id: &str,
+        request_id: &str,
+        amount: i64,
+        expires_ms: i64,
+    ) -> Result<crate::wallet::Hold, String> {
+        let (reply, rx) = oneshot::channel();
+        let msg = Msg::Hold(Box::new(HoldRequest {
+            wallet_id: wallet_id.to_string(),
+            request_id: request_id.to_string(),
+            amount,
+            expires_ms,
+            reply,
+        }));
+        self.tx
+            .send(msg)
+            .await
+            .map_err(|_| "the writer has stopped".to_string())?;
+        rx.await
+            .map_err(|_| "the writer dropped the hold".to_string())?
+    }
+
+    /// Releases expired holds and expires grants; (holds, grants).
+    pub async fn sweep(&self) -> Result<(usize, usize), String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Sweep(reply))
+            .await
+            .map_err(|_| "the writer has stopped".to_string())?;
+        rx.await
+            .map_err(|_| "the writer dropped the sweep".to_string())?
     }
 
     /// Waits until everything queued so far is committed.

@@ -1814,19 +1814,20 @@ pub async fn quote_handler(
     let (parts, body) = req.into_parts();
     let result = async {
         let key = authenticate(&app, &parts.headers)?;
-        let endpoint =
-            match q.endpoint.as_deref().unwrap_or("chat") {
-                "chat" => Endpoint::ChatCompletions,
-                "messages" => Endpoint::Messages,
-                "responses" => Endpoint::Responses,
-                "embeddings" => Endpoint::Embeddings,
-                other => return Err(ApiError::new(
+        let endpoint = match q.endpoint.as_deref().unwrap_or("chat") {
+            "chat" => Endpoint::ChatCompletions,
+            "messages" => Endpoint::Messages,
+            "responses" => Endpoint::Responses,
+            "embeddings" => Endpoint::Embeddings,
+            other => {
+                return Err(ApiError::new(
                     ErrorKind::BadRequest,
                     format!(
                         "endpoint must be chat, messages, responses or embeddings, not \"{other}\""
                     ),
-                )),
-            };
+                ))
+            }
+        };
         let body = read_body(body, &parts.headers, app.server.max_body_bytes).await?;
         let doc = RequestDoc::parse(&body)
             .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?;
@@ -1942,19 +1943,16 @@ async fn hold(
         .unwrap_or(false);
     let mut clamped = false;
     loop {
-        let (store, wid, rid, amount) = (
-            app.store.clone(),
-            wallet_id.clone(),
-            settle.request_id.clone(),
-            q.cost_micros as i64,
-        );
-        let outcome = tokio::task::spawn_blocking(move || {
-            let now = now_ms();
-            store.write(|tx| crate::wallet::hold(tx, &wid, &rid, amount, now + ttl_ms, now))
-        })
-        .await
-        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
-        .map_err(|e| ApiError::new(ErrorKind::Internal, format!("wallet: {e}")))?;
+        let outcome = app
+            .meter
+            .hold(
+                &wallet_id,
+                &settle.request_id,
+                q.cost_micros as i64,
+                now_ms() + ttl_ms,
+            )
+            .await
+            .map_err(|e| ApiError::new(ErrorKind::Internal, format!("wallet: {e}")))?;
         match outcome {
             crate::wallet::Hold::Held { balance_micros } => {
                 settle.rec_mut().wallet_id = Some(wallet_id.clone());

@@ -70,6 +70,8 @@ pub fn init_tls() {
 impl Gateway {
     pub async fn start(opts: ServeOptions) -> anyhow::Result<Gateway> {
         init_tls();
+        // Off the request path, and finished before the listener is up (see `warm_up`).
+        let warm = tokio::task::spawn_blocking(crate::estimate::warm_up);
         let config = opts.config.with_implicit_providers(opts.provider_keys);
         let problems = config.validate();
         if !problems.is_empty() {
@@ -154,6 +156,7 @@ impl Gateway {
             damper: crate::damping::Damper::default(),
         });
         refresh_keys(&app).await.context("loading keys")?;
+        let _ = warm.await;
         tokio::spawn(poll_keys(Arc::downgrade(&app)));
         tokio::spawn(sweep_wallets(Arc::downgrade(&app)));
         Ok(Gateway {
@@ -335,16 +338,11 @@ async fn sweep_wallets(app: std::sync::Weak<AppState>) {
     loop {
         let Some(strong) = app.upgrade() else { return };
         let every = strong.runtime.load().wallets.sweep_interval;
-        let store = strong.store.clone();
-        let swept = tokio::task::spawn_blocking(move || {
-            store.write(|tx| crate::wallet::expire(tx, crate::proxy::now_ms()))
-        })
-        .await;
-        match swept {
-            Ok(Ok((holds, grants))) if holds + grants > 0 => {
+        match strong.meter.sweep().await {
+            Ok((holds, grants)) if holds + grants > 0 => {
                 tracing::info!(holds, grants, "released expired holds / expired grants")
             }
-            Ok(Err(e)) => tracing::warn!(error = %e, "wallet sweep failed; retrying"),
+            Err(e) => tracing::warn!(error = %e, "wallet sweep failed; retrying"),
             _ => {}
         }
         drop(strong);

@@ -1,0 +1,596 @@
+//! Wallets: holds before the call, captures after, 402 when the money is not there, and a
+//! ledger that always balances.
+
+use crate::harness::*;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+/// 16 output tokens (the mock's default answer) cost exactly $0.01; input is free, so a
+/// request's hold equals its cost.
+const PRICED: &str = r#"
+[[prices]]
+model = "mock*"
+input = 0
+output = 625000000
+"#;
+
+async fn admin(
+    gw: &TestGateway,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut r = gw
+        .client
+        .request(method, format!("{}{path}", gw.url))
+        .bearer_auth(&gw.admin_key);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn wallet_for(gw: &TestGateway, owner: &str, topup: &str) -> String {
+    let (s, w) = admin(
+        gw,
+        reqwest::Method::POST,
+        "/admin/wallets",
+        Some(json!({"owner": owner})),
+    )
+    .await;
+    assert_eq!(s, 201, "{w}");
+    let id = w["id"].as_str().unwrap().to_string();
+    let (s, c) = admin(
+        gw,
+        reqwest::Method::POST,
+        &format!("/admin/wallets/{id}/topup"),
+        Some(json!({"amount": topup, "idempotency_key": format!("initial-{id}")})),
+    )
+    .await;
+    assert_eq!(s, 201, "{c}");
+    id
+}
+
+async fn verify(gw: &TestGateway) {
+    let (s, v) = admin(gw, reqwest::Method::GET, "/admin/wallets/verify", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["ok"], true, "{v}");
+}
+
+async fn balance(gw: &TestGateway, wallet: &str) -> i64 {
+    gw.wait_records(0).await;
+    let (_, w) = admin(
+        gw,
+        reqwest::Method::GET,
+        &format!("/admin/wallets/{wallet}"),
+        None,
+    )
+    .await;
+    w["balance_micros"].as_i64().unwrap()
+}
+
+async fn ledger(gw: &TestGateway, wallet: &str) -> Vec<Value> {
+    let (_, l) = admin(
+        gw,
+        reqwest::Method::GET,
+        &format!("/admin/wallets/{wallet}/ledger?limit=100000"),
+        None,
+    )
+    .await;
+    l.as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dollar_buys_a_hundred_cent_requests_out_of_a_thousand_concurrent_ones() {
+    let gw = TestGateway::start(PRICED).await;
+    let (key, _) = gw.create_key(json!({"name": "spender", "team": "t"})).await;
+    let wallet = wallet_for(&gw, "team:t", "1.00").await;
+    let statuses: Vec<(u16, Value)> = futures_util::stream::iter(0..1000)
+        .map(|i| {
+            let gw = &gw;
+            let key = key.clone();
+            async move {
+                let r = gw
+                    .chat(
+                        &key,
+                        json!({"model": "mock", "max_tokens": 16, "messages": user(&format!("job {i}"))}),
+                    )
+                    .await;
+                let s = r.status().as_u16();
+                (s, r.json::<Value>().await.unwrap_or(Value::Null))
+            }
+        })
+        .buffer_unordered(1000)
+        .collect()
+        .await;
+    let ok = statuses.iter().filter(|(s, _)| *s == 200).count();
+    let refused: Vec<_> = statuses.iter().filter(|(s, _)| *s == 402).collect();
+    assert_eq!(ok, 100, "exactly what $1.00 affords");
+    assert_eq!(refused.len(), 900);
+    let e = &refused[0].1["error"];
+    assert_eq!(e["type"], "insufficient_funds");
+    assert_eq!(e["code"], "insufficient_funds");
+    assert_eq!(e["wallet"], wallet.as_str());
+    assert_eq!(e["hold_micros"], 10_000);
+    assert!(e["balance_micros"].as_i64().unwrap() < 10_000);
+
+    assert_eq!(
+        balance(&gw, &wallet).await,
+        0,
+        "never below the floor, nothing left over"
+    );
+    verify(&gw).await;
+    let entries = ledger(&gw, &wallet).await;
+    let captures = entries.iter().filter(|e| e["kind"] == "capture").count();
+    assert_eq!(captures, 100);
+    let sum: i64 = entries
+        .iter()
+        .map(|e| e["amount_micros"].as_i64().unwrap())
+        .sum();
+    assert_eq!(sum, 0, "the ledger sums to the balance");
+    // Each paid request's record names the wallet and its cost matches its capture.
+    let recs = gw.records().await;
+    let paid: u64 = recs
+        .iter()
+        .filter(|r| r.status == 200)
+        .map(|r| r.cost_micros)
+        .sum();
+    assert_eq!(paid, 1_000_000);
+    assert!(recs
+        .iter()
+        .filter(|r| r.status == 200)
+        .all(|r| r.wallet_id.as_deref() == Some(wallet.as_str())));
+}
+
+#[tokio::test]
+async fn wallets_by_cli_and_api_with_idempotent_topups_grants_and_refusals_in_both_dialects() {
+    let gw = TestGateway::start(PRICED).await;
+    let (key, key_id) = gw.create_key(json!({"name": "solo", "org": "acme"})).await;
+    // No wallet anywhere: requests are not money-checked.
+    assert_eq!(
+        gw.chat(&key, json!({"model": "mock", "messages": user("free")}))
+            .await
+            .status(),
+        200
+    );
+    // The org's wallet, then the key's own, which wins.
+    let org = wallet_for(&gw, "org:acme", "0.005").await;
+    let r = gw
+        .chat(
+            &key,
+            json!({"model": "mock", "max_tokens": 16, "messages": user("a")}),
+        )
+        .await;
+    let v = assert_openai_error(r, 402, "insufficient_funds").await;
+    assert_eq!(v["error"]["wallet"], org.as_str());
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("$0.010000"));
+    let r = gw
+        .client
+        .post(format!("{}/v1/messages", gw.url))
+        .header("x-api-key", &key)
+        .json(&json!({"model": "mock", "max_tokens": 16, "messages": [{"role": "user", "content": "b"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 402);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "billing_error");
+    assert_eq!(v["error"]["hold_micros"], 10_000);
+
+    let own = wallet_for(&gw, &format!("key:{key_id}"), "0.02").await;
+    let r = gw
+        .chat(
+            &key,
+            json!({"model": "mock", "max_tokens": 16, "messages": user("c")}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-tollgate-balance"], "10000", "after the hold");
+    assert_eq!(r.headers()["x-tollgate-cost"], "10000");
+
+    // A replayed top-up adds once; the same key for another amount is refused.
+    let topup_path = format!("/admin/wallets/{own}/topup");
+    let topup = |amount: &'static str| {
+        admin(
+            &gw,
+            reqwest::Method::POST,
+            &topup_path,
+            Some(json!({"amount": amount, "idempotency_key": "invoice-7"})),
+        )
+    };
+    let (s1, c1) = topup("1.00").await;
+    let (s2, c2) = topup("1.00").await;
+    assert_eq!((s1, s2), (201, 200));
+    assert_eq!(c1["entry"], c2["entry"]);
+    assert_eq!(c2["applied"], false);
+    let (s3, c3) = topup("2.00").await;
+    assert_eq!(s3, 400, "{c3}");
+    assert_eq!(balance(&gw, &own).await, 1_010_000);
+
+    // The CLI on the same store sees the same books.
+    let dir = gw.dir.path().to_str().unwrap().to_string();
+    let own2 = own.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        let run = |args: &[&str]| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+                .args(args)
+                .args(["--data-dir", &dir])
+                .output()
+                .unwrap()
+        };
+        let grant = run(&[
+            "wallet",
+            "grant",
+            &own2,
+            "--amount",
+            "0.50",
+            "--expires",
+            "30d",
+            "--idempotency-key",
+            "promo",
+        ]);
+        assert!(
+            grant.status.success(),
+            "{}",
+            String::from_utf8_lossy(&grant.stderr)
+        );
+        let again = run(&[
+            "wallet",
+            "grant",
+            &own2,
+            "--amount",
+            "0.50",
+            "--expires",
+            "30d",
+            "--idempotency-key",
+            "promo",
+        ]);
+        assert!(String::from_utf8_lossy(&again.stdout).contains("Already applied"));
+        let bad = run(&["wallet", "adjust", &own2, "--amount", "-0.10"]);
+        assert!(!bad.status.success(), "an adjustment needs a note");
+        let show = run(&["wallet", "show", &own2, "--format", "json"]);
+        let ledger = run(&["wallet", "ledger", &own2]);
+        let verify = run(&["wallet", "verify"]);
+        (show, ledger, verify)
+    })
+    .await
+    .unwrap();
+    let shown: Value = serde_json::from_slice(&out.0.stdout).unwrap();
+    assert_eq!(shown[0]["balance_micros"], 1_510_000);
+    let ledger_text = String::from_utf8_lossy(&out.1.stdout);
+    for kind in ["topup", "grant", "hold", "release", "capture"] {
+        assert!(
+            ledger_text.contains(kind),
+            "{kind} missing from\n{ledger_text}"
+        );
+    }
+    assert!(out.2.status.success());
+    assert!(String::from_utf8_lossy(&out.2.stdout).starts_with("ok"));
+    verify(&gw).await;
+}
+
+#[tokio::test]
+async fn spend_caps_quotes_and_clamping() {
+    let gw = TestGateway::start(PRICED).await;
+    let (key, key_id) = gw.create_key(json!({"name": "careful"})).await;
+    let wallet = wallet_for(&gw, &format!("key:{key_id}"), "0.005").await;
+    let body = json!({"model": "mock", "max_tokens": 16, "messages": user("quote me")});
+
+    // A quote says what would happen, and holds nothing.
+    let q: Value = gw
+        .client
+        .post(format!("{}/v1/quote", gw.url))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(q["estimate"]["cost_micros"], 10_000);
+    assert_eq!(q["estimate"]["output_tokens"], 16);
+    assert_eq!(q["admitted"], false);
+    assert_eq!(q["reason"], "insufficient_funds");
+    assert_eq!(q["wallet"]["balance_micros"], 5_000);
+    assert_eq!(balance(&gw, &wallet).await, 5_000);
+
+    // The caller's own cap refuses before any upstream call.
+    let r = gw
+        .client
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .bearer_auth(&key)
+        .header("x-tollgate-max-cost", "0.001")
+        .json(&json!({"model": "mock", "max_tokens": 1, "messages": user("tiny")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "a $0.000625 request is under a $0.001 cap");
+    let r = gw
+        .client
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .bearer_auth(&key)
+        .header("x-tollgate-max-cost", "0.001")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let v = assert_openai_error(r, 402, "max_cost_exceeded").await;
+    assert_eq!(v["error"]["cap_micros"], 1_000);
+    let r = gw
+        .client
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .bearer_auth(&key)
+        .header("x-tollgate-max-cost", "a lot")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_openai_error(r, 400, "bad_request").await;
+
+    // With clamping on, a request the wallet cannot cover in full gets the max_tokens it can
+    // pay for: $0.004375 left buys 7 tokens, below the floor of 16 worth clamping to…
+    let set = |v: Value| {
+        gw.client
+            .put(format!("{}/admin/keys/{key_id}/limits", gw.url))
+            .bearer_auth(&gw.admin_key)
+            .json(&v)
+            .send()
+    };
+    assert_eq!(
+        set(json!({"clamp_max_tokens": true}))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    gw.wait_records(2).await;
+    let r = gw
+        .chat(
+            &key,
+            json!({"model": "mock", "max_tokens": 16, "messages": user("clamp 1")}),
+        )
+        .await;
+    assert_eq!(
+        r.status(),
+        402,
+        "7 tokens is below the smallest useful answer"
+    );
+    // …so add money: $0.014375 pays 23 tokens; a request for 64 is sent with 23.
+    admin(
+        &gw,
+        reqwest::Method::POST,
+        &format!("/admin/wallets/{wallet}/topup"),
+        Some(json!({"amount": "0.01"})),
+    )
+    .await;
+    let r = gw
+        .chat(
+            &key,
+            json!({"model": "mock-long", "max_tokens": 64, "messages": user("clamp 2")}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-tollgate-clamped-max-tokens"], "23");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 23);
+    // The key's own cap works like the header.
+    assert_eq!(
+        set(json!({"max_cost_micros": 100})).await.unwrap().status(),
+        200
+    );
+    gw.wait_records(3).await;
+    let r = gw
+        .chat(
+            &key,
+            json!({"model": "mock", "max_tokens": 1, "messages": user("capped")}),
+        )
+        .await;
+    assert_openai_error(r, 402, "max_cost_exceeded").await;
+    verify(&gw).await;
+}
+
+#[tokio::test]
+async fn a_stream_that_uses_up_its_hold_is_cut_and_billed_for_what_was_delivered() {
+    let gw = TestGateway::start(&format!("{PRICED}[wallets]\ndefault_max_output = 40\n")).await;
+    let (key, key_id) = gw.create_key(json!({"name": "streamer"})).await;
+    let wallet = wallet_for(&gw, &format!("key:{key_id}"), "1.00").await;
+    // No max_tokens: the hold covers [wallets] default_max_output (40 tokens, $0.025); the
+    // mock would write 200.
+    let r = gw
+        .chat(
+            &key,
+            json!({"model": "mock-long", "stream": true, "messages": user("go on and on")}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let events = sse_data(r).await;
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["type"], "insufficient_funds", "{last}");
+    assert!(!events.iter().any(|e| e == "[DONE]"));
+    let rec = wait_record(&gw, &id).await;
+    assert_eq!(rec.error_kind.as_deref(), Some("insufficient_funds"));
+    assert!(
+        rec.output_tokens > 0 && rec.output_tokens < 200,
+        "{}",
+        rec.output_tokens
+    );
+    // Billed for what was delivered, which never exceeds the hold.
+    assert!(
+        rec.cost_micros > 0 && rec.cost_micros <= 25_000 + 2_000,
+        "{}",
+        rec.cost_micros
+    );
+    assert_eq!(
+        balance(&gw, &wallet).await,
+        1_000_000 - rec.cost_micros as i64
+    );
+    verify(&gw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_then_restart_leaves_no_hold_open_and_the_books_balanced() {
+    tollgate::server::init_tls();
+    let dir = TempDir::new("crash");
+    let cfg = dir.path().join("tollgate.toml");
+    std::fs::write(
+        &cfg,
+        format!("{PRICED}[wallets]\nhold_ttl = \"1s\"\nsweep_interval = \"200ms\"\n"),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let start = |port: u16| {
+        let (cfg, data) = (cfg.clone(), data.clone());
+        async move {
+            let listen = format!("127.0.0.1:{port}");
+            spawn_gateway(
+                &[
+                    "serve",
+                    "--config",
+                    cfg.to_str().unwrap(),
+                    "--data-dir",
+                    data.to_str().unwrap(),
+                    "--listen",
+                    &listen,
+                ],
+                &listen,
+            )
+            .await
+        }
+    };
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let gw = start(port).await;
+    let client = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: String, body: Option<Value>| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let mut r = client
+                .request(method, format!("{url}{path}"))
+                .bearer_auth(ADMIN_KEY);
+            if let Some(b) = body {
+                r = r.json(&b);
+            }
+            r.send().await.unwrap().json::<Value>().await.unwrap()
+        }
+    };
+    let key = call(
+        reqwest::Method::POST,
+        "/admin/keys".into(),
+        Some(json!({"name": "crashy", "team": "c"})),
+    )
+    .await["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let wallet = call(
+        reqwest::Method::POST,
+        "/admin/wallets".into(),
+        Some(json!({"owner": "team:c"})),
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    call(
+        reqwest::Method::POST,
+        format!("/admin/wallets/{wallet}/topup"),
+        Some(json!({"amount": "100.00", "idempotency_key": "seed"})),
+    )
+    .await;
+
+    // 400 slow requests (200 ms upstream) over 800 ms; kill -9 in the middle of them.
+    let mut tasks = Vec::new();
+    for i in 0..400u64 {
+        let (client, url, key) = (client.clone(), url.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(2 * i)).await;
+            let r = client
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(&key)
+                .json(&json!({"model": "mock-slow", "max_tokens": 16, "stream": i % 3 == 0, "messages": user(&format!("crash {i}"))}))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .ok();
+            r
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    gw.signal("KILL");
+    let mut answered = std::collections::BTreeMap::new();
+    for t in tasks {
+        *answered.entry(t.await.unwrap()).or_insert(0) += 1;
+    }
+    eprintln!("crash: answers before the kill {answered:?}");
+    drop(gw);
+
+    // Restart on the same store: the sweeper releases every hold the dead process left.
+    let _gw = start(port).await;
+    let mut open = i64::MAX;
+    for _ in 0..100 {
+        let w = call(
+            reqwest::Method::GET,
+            format!("/admin/wallets/{wallet}"),
+            None,
+        )
+        .await;
+        open = w["held_micros"].as_i64().unwrap();
+        if open == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(open, 0, "no money stays frozen");
+    let v = call(reqwest::Method::GET, "/admin/wallets/verify".into(), None).await;
+    assert_eq!(v["ok"], true, "{v}");
+    let entries = call(
+        reqwest::Method::GET,
+        format!("/admin/wallets/{wallet}/ledger?limit=100000"),
+        None,
+    )
+    .await;
+    let entries = entries.as_array().unwrap();
+    let of = |kind: &str| -> Vec<&Value> { entries.iter().filter(|e| e["kind"] == kind).collect() };
+    let (holds, releases, captures) = (of("hold"), of("release"), of("capture"));
+    assert!(!holds.is_empty());
+    assert_eq!(
+        holds.len(),
+        releases.len(),
+        "every hold released: settled or expired"
+    );
+    let mut ids: Vec<&str> = captures
+        .iter()
+        .map(|e| e["request_id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), captures.len(), "nothing captured twice");
+    let spent: i64 = captures
+        .iter()
+        .map(|e| -e["amount_micros"].as_i64().unwrap())
+        .sum();
+    let w = call(
+        reqwest::Method::GET,
+        format!("/admin/wallets/{wallet}"),
+        None,
+    )
+    .await;
+    assert_eq!(w["balance_micros"].as_i64().unwrap(), 100_000_000 - spent);
+    eprintln!(
+        "crash: {} holds, {} captured, {} released by expiry",
+        holds.len(),
+        captures.len(),
+        entries
+            .iter()
+            .filter(|e| e["note"] == "hold expired")
+            .count()
+    );
+}
