@@ -423,6 +423,104 @@ pub fn credit_wallet(
 }
 
 // ---------------------------------------------------------------------------------------
+// Budgets and runs
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetReq {
+    /// `key:ID`, `team:NAME` or `org:NAME`.
+    pub scope: String,
+    /// daily, weekly, monthly (calendar, UTC) or lifetime.
+    pub period: String,
+    /// Refuse beyond this, in USD.
+    #[serde(default)]
+    pub hard: Option<String>,
+    /// Webhook and log when crossed, in USD.
+    #[serde(default)]
+    pub soft: Option<String>,
+}
+
+pub fn set_budget(store: &Store, req: BudgetReq) -> Result<crate::envelope::Budget, AdminError> {
+    let (kind, owner) = req
+        .scope
+        .split_once(':')
+        .filter(|(k, o)| matches!(*k, "key" | "team" | "org") && !o.is_empty())
+        .ok_or_else(|| AdminError::Invalid("scope must be key:ID, team:NAME or org:NAME".into()))?;
+    let scope = if kind == "key" {
+        format!("key:{}", store.find_key(owner, now_ms())?.id)
+    } else {
+        req.scope.clone()
+    };
+    let period = crate::envelope::Period::parse(&req.period).ok_or_else(|| {
+        AdminError::Invalid("period must be daily, weekly, monthly or lifetime".into())
+    })?;
+    let amount = |f: &str, v: &Option<String>| -> Result<Option<i64>, AdminError> {
+        v.as_deref().map(|t| usd_arg(f, t)).transpose()
+    };
+    let b = crate::envelope::Budget {
+        scope,
+        period,
+        hard_micros: amount("hard", &req.hard)?,
+        soft_micros: amount("soft", &req.soft)?,
+    };
+    if b.hard_micros.is_none() && b.soft_micros.is_none() {
+        return Err(AdminError::Invalid(
+            "give a hard limit, a soft limit, or both".into(),
+        ));
+    }
+    store.write(|tx| {
+        crate::envelope::set_budget(tx, &b)?;
+        tx.execute("UPDATE meta SET v = v + 1 WHERE k = 'keys_rev'", [])?;
+        Ok(())
+    })?;
+    Ok(b)
+}
+
+/// A run's envelope, its sub-runs, and its own requests by model.
+pub fn run_report(store: &Store, run: &str) -> Result<serde_json::Value, AdminError> {
+    let id = format!("run:{run}");
+    store
+        .read(|c| {
+            let Some(env) = crate::envelope::get(c, &id)? else {
+                return Err(crate::wallet::WalletError::NotFound(format!("run {run}")));
+            };
+            let subs = crate::envelope::children(c, &id)?;
+            let mut stmt = c.prepare(
+                "SELECT COALESCE(model_served, model_requested, '-'), COUNT(*), SUM(cost_micros),
+                        SUM(input_tokens), SUM(output_tokens)
+                 FROM usage WHERE run_id = ?1 GROUP BY 1 ORDER BY 3 DESC",
+            )?;
+            let by_model: Vec<serde_json::Value> = stmt
+                .query_map([run], |r| {
+                    Ok(serde_json::json!({
+                        "model": r.get::<_, String>(0)?,
+                        "requests": r.get::<_, i64>(1)?,
+                        "cost_micros": r.get::<_, i64>(2)?,
+                        "input_tokens": r.get::<_, i64>(3)?,
+                        "output_tokens": r.get::<_, i64>(4)?,
+                    }))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let strip = |e: &crate::envelope::Envelope| {
+                let mut v = serde_json::to_value(e).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("run".into(), e.id.trim_start_matches("run:").into());
+                    if let Some(p) = &e.parent {
+                        o.insert("parent_run".into(), p.trim_start_matches("run:").into());
+                    }
+                }
+                v
+            };
+            Ok(serde_json::json!({
+                "run": strip(&env),
+                "sub_runs": subs.iter().map(strip).collect::<Vec<_>>(),
+                "by_model": by_model,
+            }))
+        })
+        .map_err(AdminError::from)
+}
+
+// ---------------------------------------------------------------------------------------
 // HTTP
 
 pub fn router() -> Router<Arc<AppState>> {
@@ -438,6 +536,8 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/wallets/{id}", get(show_wallet_h))
         .route("/wallets/{id}/ledger", get(ledger_h))
         .route("/wallets/{id}/{kind}", post(credit_wallet_h))
+        .route("/budgets", get(list_budgets_h).put(set_budget_h))
+        .route("/runs/{id}", get(run_h).put(run_caps_h))
         .route("/usage", get(usage_h))
         .route("/usage/records", get(records_h))
         .route("/reload", post(reload_h))
@@ -666,6 +766,87 @@ async fn credit_wallet_h(
         http::StatusCode::OK
     };
     Ok((status, Json(c)).into_response())
+}
+
+async fn list_budgets_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let b = blocking(&app, |a| {
+        Ok(a.store.read(|c| Ok(crate::envelope::budgets(c)?))?)
+    })
+    .await?;
+    Ok(Json(b).into_response())
+}
+
+async fn set_budget_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let req: BudgetReq = json_body(&body)?;
+    let b = blocking(&app, move |a| set_budget(&a.store, req)).await?;
+    let _ = refresh_keys(&app).await;
+    Ok(Json(b).into_response())
+}
+
+async fn run_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    app.meter.flush().await;
+    let r = blocking(&app, move |a| run_report(&a.store, &id)).await?;
+    Ok(Json(r).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunCaps {
+    #[serde(default)]
+    cost: Option<String>,
+    #[serde(default)]
+    tokens: Option<i64>,
+    #[serde(default)]
+    calls: Option<i64>,
+}
+
+/// Sets a run's caps, creating the run (in the `default` org) if it does not exist yet.
+async fn run_caps_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let req: RunCaps = json_body(&body)?;
+    let cost = req
+        .cost
+        .as_deref()
+        .map(|c| usd_arg("cost", c))
+        .transpose()
+        .map_err(ApiError::from)?;
+    let r = blocking(&app, move |a| {
+        let eid = format!("run:{id}");
+        a.store.write(|tx| {
+            tx.execute(
+                "INSERT INTO envelopes (id, kind, org, created_ms) VALUES (?1, 'run', 'default', ?2)
+                 ON CONFLICT(id) DO NOTHING",
+                rusqlite::params![eid, now_ms()],
+            )?;
+            tx.execute(
+                "UPDATE envelopes SET cap_cost_micros = ?2, cap_tokens = ?3, cap_calls = ?4 WHERE id = ?1",
+                rusqlite::params![eid, cost, req.tokens, req.calls],
+            )?;
+            Ok(())
+        })?;
+        run_report(&a.store, &id)
+    })
+    .await?;
+    Ok(Json(r).into_response())
 }
 
 #[derive(Deserialize)]

@@ -23,6 +23,7 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     pub prices: Vec<PriceConfig>,
     pub routes: Vec<RouteConfig>,
+    pub webhooks: Vec<WebhookConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -91,6 +92,33 @@ pub enum LoopAction {
     /// Answer with the previous response to the same request (no upstream call, no cost);
     /// reject when there is none to give (streams, or nothing kept yet).
     Replay,
+}
+
+/// An endpoint that receives money events. Reloadable.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub url: String,
+    /// Environment variable holding the signing secret (`x-tollgate-signature:
+    /// sha256=HMAC(secret, body)`).
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// The secret itself, when it may live in the file (prefer `secret_env`).
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// Event types to send (`budget.threshold`, `budget.soft_limit`, `run.threshold`,
+    /// `run.exhausted`, `wallet.insufficient_funds`); empty = all.
+    #[serde(default)]
+    pub events: Vec<String>,
+}
+
+impl WebhookConfig {
+    pub fn secret(&self) -> Option<String> {
+        self.secret_env
+            .as_deref()
+            .and_then(|v| std::env::var(v).ok())
+            .or_else(|| self.secret.clone())
+    }
 }
 
 /// Money: holds and streams. Reloadable.
@@ -611,6 +639,16 @@ impl Config {
             }
             if r.lease_ttl < Duration::from_secs(1) {
                 p("limits.redis.lease_ttl".into(), "must be at least 1s");
+            }
+        }
+        for (i, w) in self.webhooks.iter().enumerate() {
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://"))
+                || reqwest::Url::parse(&w.url).is_err()
+            {
+                p(
+                    format!("webhooks[{i}].url"),
+                    &format!("not an http(s) URL: \"{}\"", w.url),
+                );
             }
         }
         let mut route_names = HashSet::new();

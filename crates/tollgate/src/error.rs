@@ -38,6 +38,8 @@ pub enum ErrorKind {
     MaxCostExceeded,
     /// A run envelope's cap is spent.
     RunBudgetExhausted,
+    /// A budget's hard limit is reached.
+    BudgetExceeded,
     /// The shared limiter (Redis) is unreachable and this limit fails closed.
     LimiterUnavailable,
     UpstreamRateLimited,
@@ -71,6 +73,7 @@ impl ErrorKind {
             ErrorKind::InsufficientFunds => "insufficient_funds",
             ErrorKind::MaxCostExceeded => "max_cost_exceeded",
             ErrorKind::RunBudgetExhausted => "run_budget_exhausted",
+            ErrorKind::BudgetExceeded => "budget_exceeded",
             ErrorKind::LimiterUnavailable => "limiter_unavailable",
             ErrorKind::UpstreamRateLimited => "upstream_rate_limited",
             ErrorKind::UpstreamRejected => "upstream_rejected",
@@ -94,7 +97,8 @@ impl ErrorKind {
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::InsufficientFunds
             | ErrorKind::MaxCostExceeded
-            | ErrorKind::RunBudgetExhausted => StatusCode::PAYMENT_REQUIRED,
+            | ErrorKind::RunBudgetExhausted
+            | ErrorKind::BudgetExceeded => StatusCode::PAYMENT_REQUIRED,
             ErrorKind::UpstreamRateLimited
             | ErrorKind::RateLimited
             | ErrorKind::LoopDetected
@@ -124,7 +128,9 @@ impl ErrorKind {
             | ErrorKind::UpstreamRejected
             | ErrorKind::DialectMismatch => "invalid_request_error",
             ErrorKind::ModelNotAllowed | ErrorKind::AdminOnly => "permission_error",
-            ErrorKind::InsufficientFunds | ErrorKind::RunBudgetExhausted => "insufficient_funds",
+            ErrorKind::InsufficientFunds
+            | ErrorKind::RunBudgetExhausted
+            | ErrorKind::BudgetExceeded => "insufficient_funds",
             ErrorKind::MaxCostExceeded => "invalid_request_error",
             ErrorKind::UpstreamRateLimited
             | ErrorKind::RateLimited

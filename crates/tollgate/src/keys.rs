@@ -176,6 +176,8 @@ pub struct KeyCache {
     teams: ArcSwap<HashMap<String, KeyLimits>>,
     /// (owner kind, owner) → wallet id.
     wallets: ArcSwap<HashMap<(crate::wallet::OwnerKind, String), String>>,
+    /// Scope (`key:ID`, `team:NAME`, `org:NAME`) → its budgets.
+    budgets: ArcSwap<HashMap<String, Vec<crate::envelope::Budget>>>,
     rev: std::sync::atomic::AtomicI64,
 }
 
@@ -185,6 +187,7 @@ impl KeyCache {
             map: ArcSwap::from_pointee(HashMap::new()),
             teams: ArcSwap::from_pointee(HashMap::new()),
             wallets: ArcSwap::from_pointee(HashMap::new()),
+            budgets: ArcSwap::from_pointee(HashMap::new()),
             rev: std::sync::atomic::AtomicI64::new(-1),
         }
     }
@@ -211,6 +214,25 @@ impl KeyCache {
             .or_else(|| get(OwnerKind::Org, key.org.as_deref().unwrap_or("default")))
     }
 
+    /// The budgets that apply to a key: its own, its team's, its org's.
+    pub fn budgets_for(&self, key: &KeyRecord) -> Vec<crate::envelope::Budget> {
+        let b = self.budgets.load();
+        if b.is_empty() {
+            return Vec::new();
+        }
+        let mut scopes = vec![format!("key:{}", key.id)];
+        if let Some(t) = &key.team {
+            scopes.push(format!("team:{t}"));
+        }
+        scopes.push(format!("org:{}", key.org.as_deref().unwrap_or("default")));
+        scopes
+            .iter()
+            .filter_map(|s| b.get(s))
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
     pub fn replace(&self, snap: crate::store::KeySnapshot) {
         let rev = snap.rev;
         let map = snap
@@ -222,6 +244,11 @@ impl KeyCache {
         self.teams.store(Arc::new(
             snap.teams.into_iter().map(|t| (t.name, t.limits)).collect(),
         ));
+        let mut budgets: HashMap<String, Vec<crate::envelope::Budget>> = HashMap::new();
+        for b in snap.budgets {
+            budgets.entry(b.scope.clone()).or_default().push(b);
+        }
+        self.budgets.store(Arc::new(budgets));
         self.wallets.store(Arc::new(
             snap.wallets
                 .into_iter()

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod config;
 pub mod damping;
+pub mod envelope;
 pub mod error;
 pub mod estimate;
 pub mod genmap;
@@ -19,3 +20,4 @@ pub mod server;
 pub mod store;
 pub mod upstream;
 pub mod wallet;
+pub mod webhooks;

@@ -48,6 +48,20 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Spending budgets per key, team or org (daily, weekly, monthly, lifetime).
+    Budget {
+        #[command(subcommand)]
+        cmd: BudgetCmd,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// What an agent run (x-tollgate-run) spent, by model and sub-run.
+    Run {
+        /// The run id the agent sent.
+        id: String,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Teams and their limit overrides.
     Teams {
         #[command(subcommand)]
@@ -221,6 +235,27 @@ impl CreditArgs {
 }
 
 #[derive(Subcommand)]
+enum BudgetCmd {
+    /// Create or replace a budget. Hard: requests are refused beyond it (402
+    /// budget_exceeded); soft: a webhook and a log line when crossed.
+    Set {
+        /// key:ID, team:NAME or org:NAME
+        #[arg(long)]
+        scope: String,
+        /// daily, weekly, monthly (calendar, UTC) or lifetime
+        #[arg(long)]
+        period: String,
+        /// USD
+        #[arg(long)]
+        hard: Option<String>,
+        /// USD
+        #[arg(long)]
+        soft: Option<String>,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
 enum TeamsCmd {
     /// List teams with limit overrides.
     List,
@@ -338,6 +373,23 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Cmd::Keys { cmd, target } => keys(cmd, target).await?,
         Cmd::Teams { cmd, target } => teams(cmd, target).await?,
+        Cmd::Budget { cmd, target } => budget(cmd, target).await?,
+        Cmd::Run { id, target } => {
+            let backend = Backend::new(&target)?;
+            let report: serde_json::Value = match &backend {
+                Backend::Local { store, .. } => admin::run_report(store, &id)?,
+                Backend::Remote { .. } => {
+                    backend
+                        .call(
+                            reqwest::Method::GET,
+                            &format!("/admin/runs/{}", urlencode(&id)),
+                            None,
+                        )
+                        .await?
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
         Cmd::Wallet { cmd, target } => return wallet(cmd, target).await,
         Cmd::Usage(args) => usage(args).await?,
         Cmd::MockProvider { listen, api_key } => {
@@ -767,6 +819,68 @@ async fn wallet(cmd: WalletCmd, target: Target) -> anyhow::Result<std::process::
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn budget(cmd: BudgetCmd, target: Target) -> anyhow::Result<()> {
+    use tollgate::envelope::Budget;
+    let backend = Backend::new(&target)?;
+    let budgets: Vec<Budget> = match cmd {
+        BudgetCmd::Set {
+            scope,
+            period,
+            hard,
+            soft,
+        } => {
+            let req = admin::BudgetReq {
+                scope,
+                period,
+                hard,
+                soft,
+            };
+            vec![match &backend {
+                Backend::Local { store, .. } => admin::set_budget(store, req)?,
+                Backend::Remote { .. } => {
+                    backend
+                        .call(
+                            reqwest::Method::PUT,
+                            "/admin/budgets",
+                            Some(serde_json::to_value(&req)?),
+                        )
+                        .await?
+                }
+            }]
+        }
+        BudgetCmd::List => match &backend {
+            Backend::Local { store, .. } => store.read(|c| Ok(tollgate::envelope::budgets(c)?))?,
+            Backend::Remote { .. } => {
+                backend
+                    .call(reqwest::Method::GET, "/admin/budgets", None)
+                    .await?
+            }
+        },
+    };
+    if target.format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&budgets)?);
+        return Ok(());
+    }
+    let amount = |v: Option<i64>| v.map_or_else(|| "-".into(), tollgate::wallet::usd);
+    let rows: Vec<Vec<String>> = budgets
+        .iter()
+        .map(|b| {
+            vec![
+                b.scope.clone(),
+                b.period.as_str().to_string(),
+                amount(b.hard_micros),
+                amount(b.soft_micros),
+            ]
+        })
+        .collect();
+    print_rows(
+        &["scope", "period", "hard_usd", "soft_usd"],
+        &rows,
+        target.format == Format::Csv,
+    );
+    Ok(())
 }
 
 async fn teams(cmd: TeamsCmd, target: Target) -> anyhow::Result<()> {

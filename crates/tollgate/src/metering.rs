@@ -67,22 +67,82 @@ pub struct UsageRecord {
     /// Cost the wallet could not pay without passing its floor (not captured).
     #[serde(default)]
     pub shortfall_micros: u64,
+    /// The run envelope (`x-tollgate-run`) the request drew on.
+    #[serde(default)]
+    pub run_id: Option<String>,
+    /// The request reserved in envelopes (its run, budgets), settled with this record.
+    #[serde(skip)]
+    pub enveloped: bool,
 }
 
 enum Msg {
     Record(Box<UsageRecord>),
     /// Everything queued before this is committed when the reply comes.
     Flush(oneshot::Sender<()>),
-    Hold(Box<HoldRequest>),
+    Hold(Box<HoldReply>),
     Sweep(oneshot::Sender<Result<(usize, usize), String>>),
 }
 
-struct HoldRequest {
-    wallet_id: String,
-    request_id: String,
-    amount: i64,
-    expires_ms: i64,
-    reply: oneshot::Sender<Result<crate::wallet::Hold, String>>,
+/// Everything a request reserves before its upstream call, decided together.
+pub struct HoldRequest {
+    pub wallet_id: Option<String>,
+    pub envelopes: Vec<crate::envelope::Spec>,
+    pub request_id: String,
+    pub amount: i64,
+    pub tokens: i64,
+    pub expires_ms: i64,
+}
+
+/// What the writer decided for a hold request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Held {
+    /// Reserved everywhere; the wallet's available balance after the hold, if there is one.
+    Ok {
+        balance_micros: Option<i64>,
+    },
+    Insufficient {
+        balance_micros: i64,
+        floor_micros: i64,
+    },
+    Exhausted(crate::envelope::Exhausted),
+}
+
+type HoldReply = (HoldRequest, oneshot::Sender<Result<Held, String>>);
+
+/// Envelopes first (cheap to undo by rolling back), then the wallet; all or nothing.
+fn hold_one(tx: &rusqlite::Connection, h: &HoldRequest, now: i64) -> Result<Held, String> {
+    if !h.envelopes.is_empty() {
+        if let Err(e) = crate::envelope::reserve(
+            tx,
+            &h.envelopes,
+            &h.request_id,
+            h.amount,
+            h.tokens,
+            h.expires_ms,
+            now,
+        )? {
+            return Ok(Held::Exhausted(e));
+        }
+    }
+    let Some(w) = &h.wallet_id else {
+        return Ok(Held::Ok {
+            balance_micros: None,
+        });
+    };
+    match crate::wallet::hold(tx, w, &h.request_id, h.amount, h.expires_ms, now)
+        .map_err(|e| e.to_string())?
+    {
+        crate::wallet::Hold::Held { balance_micros } => Ok(Held::Ok {
+            balance_micros: Some(balance_micros),
+        }),
+        crate::wallet::Hold::Insufficient {
+            balance_micros,
+            floor_micros,
+        } => Ok(Held::Insufficient {
+            balance_micros,
+            floor_micros,
+        }),
+    }
 }
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
@@ -100,30 +160,91 @@ fn in_tx<T>(
     Ok(out)
 }
 
+/// Tells the webhooks a wallet or an envelope turned a request away; at most one event per
+/// wallet per hour, and one per envelope.
+fn refusal_event(
+    tx: &rusqlite::Connection,
+    h: &HoldRequest,
+    r: &Result<Held, String>,
+    now: i64,
+) -> rusqlite::Result<()> {
+    match r {
+        Ok(Held::Insufficient {
+            balance_micros,
+            floor_micros,
+        }) => {
+            let w = h.wallet_id.clone().unwrap_or_default();
+            crate::webhooks::enqueue(
+                tx,
+                &format!("wallet:{w}:insufficient:{}", now / 3_600_000),
+                "wallet.insufficient_funds",
+                serde_json::json!({
+                    "wallet": w,
+                    "balance_micros": balance_micros,
+                    "floor_micros": floor_micros,
+                    "hold_micros": h.amount,
+                    "request_id": h.request_id,
+                }),
+                now,
+            )
+        }
+        Ok(Held::Exhausted(e)) => crate::webhooks::enqueue(
+            tx,
+            &format!("{}:refused", e.envelope),
+            if e.envelope.starts_with("budget:") {
+                "budget.exceeded"
+            } else {
+                "run.exhausted"
+            },
+            serde_json::json!({
+                "envelope": e.envelope,
+                "limit": e.what,
+                "cap": e.cap,
+                "used": e.used,
+                "needed": e.needed,
+            }),
+            now,
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Places every queued hold in one transaction (group commit: under load, many holds share
-/// one write), then answers each.
-fn place_holds(conn: &mut rusqlite::Connection, holds: &mut Vec<HoldRequest>) {
+/// one write), each in its own savepoint so a refused one leaves nothing behind, then
+/// answers each.
+fn place_holds(conn: &mut rusqlite::Connection, holds: &mut Vec<HoldReply>) {
     if holds.is_empty() {
         return;
     }
     let now = crate::proxy::now_ms();
-    let result = in_tx(conn, |tx| {
-        holds
-            .iter()
-            .map(|h| {
-                crate::wallet::hold(tx, &h.wallet_id, &h.request_id, h.amount, h.expires_ms, now)
-            })
-            .collect::<Result<Vec<_>, _>>()
-    });
+    let result = (|| -> Result<Vec<Result<Held, String>>, String> {
+        let mut tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::with_capacity(holds.len());
+        for (h, _) in holds.iter() {
+            let sp = tx.savepoint().map_err(|e| e.to_string())?;
+            let r = hold_one(&sp, h, now);
+            if matches!(r, Ok(Held::Ok { .. })) {
+                sp.commit().map_err(|e| e.to_string())?;
+            } else {
+                drop(sp); // rolls back whatever the refused hold had reserved
+                refusal_event(&tx, h, &r, now).map_err(|e| e.to_string())?;
+            }
+            out.push(r);
+        }
+        tx.commit().map_err(|e| e.to_string())?;
+        Ok(out)
+    })();
     match result {
         Ok(outcomes) => {
-            for (h, o) in holds.drain(..).zip(outcomes) {
-                let _ = h.reply.send(Ok(o));
+            for ((_, reply), o) in holds.drain(..).zip(outcomes) {
+                let _ = reply.send(o);
             }
         }
         Err(e) => {
-            for h in holds.drain(..) {
-                let _ = h.reply.send(Err(e.clone()));
+            for (_, reply) in holds.drain(..) {
+                let _ = reply.send(Err(e.clone()));
             }
         }
     }
@@ -152,7 +273,7 @@ impl Meter {
             .spawn(move || {
                 let mut batch: Vec<UsageRecord> = Vec::with_capacity(batch_max);
                 let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
-                let mut holds: Vec<HoldRequest> = Vec::new();
+                let mut holds: Vec<HoldReply> = Vec::new();
                 let mut sweeps: Vec<Reply<(usize, usize)>> = Vec::new();
                 while let Some(first) = rx.blocking_recv() {
                     let mut next = Some(first);
@@ -173,7 +294,11 @@ impl Meter {
                     place_holds(&mut conn, &mut holds);
                     for w in sweeps.drain(..) {
                         let now = crate::proxy::now_ms();
-                        let _ = w.send(in_tx(&mut conn, |tx| crate::wallet::expire(tx, now)));
+                        let _ = w.send(in_tx(&mut conn, |tx| {
+                            let (h, g) = crate::wallet::expire(tx, now)?;
+                            let e = crate::envelope::expire(tx, now)?;
+                            Ok((h + e, g))
+                        }));
                     }
                     write_with_retry(&mut conn, &batch, &writer_metrics);
                     batch.clear();
@@ -208,25 +333,13 @@ impl Meter {
         }
     }
 
-    /// Holds money for a request. Holds go through the writer's connection, the one writer
-    /// of money and usage, so they never wait on SQLite's lock, and many share one commit.
-    pub async fn hold(
-        &self,
-        wallet_id: &str,
-        request_id: &str,
-        amount: i64,
-        expires_ms: i64,
-    ) -> Result<crate::wallet::Hold, String> {
+    /// Reserves a request's money: its envelopes and its wallet hold, all or nothing. Holds
+    /// go through the writer's connection, the one writer of money and usage, so they never
+    /// wait on SQLite's lock, and many share one commit.
+    pub async fn hold(&self, req: HoldRequest) -> Result<Held, String> {
         let (reply, rx) = oneshot::channel();
-        let msg = Msg::Hold(Box::new(HoldRequest {
-            wallet_id: wallet_id.to_string(),
-            request_id: request_id.to_string(),
-            amount,
-            expires_ms,
-            reply,
-        }));
         self.tx
-            .send(msg)
+            .send(Msg::Hold(Box::new((req, reply))))
             .await
             .map_err(|_| "the writer has stopped".to_string())?;
         rx.await

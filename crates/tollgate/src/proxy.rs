@@ -1927,9 +1927,11 @@ async fn hold(
             ])));
         }
     }
-    let Some(wallet_id) = app.keys.wallet_for(key) else {
+    let envelopes = envelopes_for(app, key, headers, settle)?;
+    let wallet_id = app.keys.wallet_for(key);
+    if wallet_id.is_none() && envelopes.is_empty() {
         return Ok(());
-    };
+    }
     let ttl_ms = runtime.wallets.hold_ttl.as_millis() as i64;
     let clamp = key
         .limits
@@ -1945,20 +1947,34 @@ async fn hold(
     loop {
         let outcome = app
             .meter
-            .hold(
-                &wallet_id,
-                &settle.request_id,
-                q.cost_micros as i64,
-                now_ms() + ttl_ms,
-            )
+            .hold(crate::metering::HoldRequest {
+                wallet_id: wallet_id.clone(),
+                envelopes: envelopes.clone(),
+                request_id: settle.request_id.clone(),
+                amount: q.cost_micros as i64,
+                tokens: (q.input_tokens + q.output_tokens) as i64,
+                expires_ms: now_ms() + ttl_ms,
+            })
             .await
-            .map_err(|e| ApiError::new(ErrorKind::Internal, format!("wallet: {e}")))?;
+            .map_err(|e| {
+                // A parent run that does not exist, or a run of another organisation, is the
+                // caller's mistake; the rest is ours.
+                if e.contains("run") {
+                    ApiError::new(ErrorKind::BadRequest, e).param("x-tollgate-run")
+                } else {
+                    ApiError::new(ErrorKind::Internal, format!("wallet: {e}"))
+                }
+            })?;
         match outcome {
-            crate::wallet::Hold::Held { balance_micros } => {
-                settle.rec_mut().wallet_id = Some(wallet_id.clone());
+            crate::metering::Held::Ok { balance_micros } => {
+                let rec = settle.rec_mut();
+                rec.wallet_id = wallet_id.clone();
+                rec.enveloped = !envelopes.is_empty();
                 settle.money = Some(q);
-                if let Ok(v) = HeaderValue::from_str(&balance_micros.to_string()) {
-                    settle.rate_headers.insert("x-tollgate-balance", v);
+                if let Some(b) =
+                    balance_micros.and_then(|b| HeaderValue::from_str(&b.to_string()).ok())
+                {
+                    settle.rate_headers.insert("x-tollgate-balance", b);
                 }
                 if clamped {
                     settle.rate_headers.insert(
@@ -1968,10 +1984,44 @@ async fn hold(
                 }
                 return Ok(());
             }
-            crate::wallet::Hold::Insufficient {
+            crate::metering::Held::Exhausted(e) => {
+                let budget = e.envelope.starts_with("budget:");
+                let (kind, what) = if budget {
+                    (ErrorKind::BudgetExceeded, "budget")
+                } else {
+                    (ErrorKind::RunBudgetExhausted, "run envelope")
+                };
+                let shown = |v: i64| {
+                    if e.what == "cost" {
+                        format!("${}", crate::wallet::usd(v))
+                    } else {
+                        v.to_string()
+                    }
+                };
+                return Err(ApiError::new(
+                    kind,
+                    format!(
+                        "the {what} {} is spent: {} {} of {} used, this request needs {}",
+                        e.envelope.trim_start_matches("run:"),
+                        shown(e.used),
+                        e.what,
+                        shown(e.cap),
+                        shown(e.needed)
+                    ),
+                )
+                .details(money_details(&[
+                    ("envelope", e.envelope.clone().into()),
+                    ("limit", e.what.into()),
+                    ("cap", e.cap.into()),
+                    ("used", e.used.into()),
+                    ("needed", e.needed.into()),
+                ])));
+            }
+            crate::metering::Held::Insufficient {
                 balance_micros,
                 floor_micros,
             } => {
+                let wallet_id = wallet_id.clone().unwrap_or_default();
                 let payable = (balance_micros - floor_micros).max(0) as u64;
                 // What the wallet can pay for output once the input is paid for.
                 let affordable = payable
@@ -2012,7 +2062,7 @@ async fn hold(
                     ),
                 )
                 .details(money_details(&[
-                    ("wallet", wallet_id.clone().into()),
+                    ("wallet", wallet_id.into()),
                     ("balance_micros", balance_micros.into()),
                     ("hold_micros", q.cost_micros.into()),
                     ("floor_micros", floor_micros.into()),
@@ -2020,6 +2070,58 @@ async fn hold(
             }
         }
     }
+}
+
+/// The envelopes a request must fit in: its run (`x-tollgate-run`, under
+/// `x-tollgate-parent-run` when it is new, with `x-tollgate-run-budget` caps) and the budgets
+/// of its key, team and org.
+fn envelopes_for(
+    app: &AppState,
+    key: &KeyRecord,
+    headers: &HeaderMap,
+    settle: &mut Settlement,
+) -> Result<Vec<crate::envelope::Spec>, ApiError> {
+    let org = key.org.clone().unwrap_or_else(|| "default".into());
+    let now = now_ms();
+    let mut specs: Vec<crate::envelope::Spec> = app
+        .keys
+        .budgets_for(key)
+        .iter()
+        .map(|b| b.spec(&org, now))
+        .collect();
+    let header = |name: &'static str| -> Result<Option<String>, ApiError> {
+        match headers.get(name) {
+            None => Ok(None),
+            Some(v) => {
+                let t = v.to_str().unwrap_or("").trim();
+                if t.is_empty() || t.len() > 128 || t.chars().any(|c| c.is_control()) {
+                    return Err(ApiError::new(
+                        ErrorKind::BadRequest,
+                        format!("{name} must be 1 to 128 printable characters"),
+                    ));
+                }
+                Ok(Some(t.to_string()))
+            }
+        }
+    };
+    if let Some(run) = header("x-tollgate-run")? {
+        let caps = match header("x-tollgate-run-budget")? {
+            Some(text) => crate::envelope::parse_caps(&text).map_err(|e| {
+                ApiError::new(ErrorKind::BadRequest, format!("x-tollgate-run-budget: {e}"))
+            })?,
+            None => crate::envelope::Caps::default(),
+        };
+        specs.push(crate::envelope::Spec {
+            id: format!("run:{run}"),
+            kind: "run",
+            parent: header("x-tollgate-parent-run")?.map(|p| format!("run:{p}")),
+            org,
+            caps,
+            soft_cost_micros: None,
+        });
+        settle.rec_mut().run_id = Some(run);
+    }
+    Ok(specs)
 }
 
 /// `Cache-Control: no-cache` or `no-store`: the client wants its own upstream call, never

@@ -159,6 +159,7 @@ impl Gateway {
         let _ = warm.await;
         tokio::spawn(poll_keys(Arc::downgrade(&app)));
         tokio::spawn(sweep_wallets(Arc::downgrade(&app)));
+        tokio::spawn(crate::webhooks::deliver(Arc::downgrade(&app)));
         Ok(Gateway {
             app,
             addr,

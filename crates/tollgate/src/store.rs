@@ -100,6 +100,8 @@ const MIGRATIONS: &[&str] = &[
     // 7: which wallet paid for a request, and what it could not pay
     "ALTER TABLE usage ADD COLUMN wallet_id TEXT;
      ALTER TABLE usage ADD COLUMN shortfall_micros INTEGER NOT NULL DEFAULT 0;",
+    // 8: run envelopes, budgets, the webhook outbox; usage records name their run
+    crate::envelope::MIGRATION,
 ];
 
 /// Opens a connection with the settings every tollgate connection needs.
@@ -224,12 +226,14 @@ impl Store {
         drop(stmt);
         let teams = teams_in(&tx)?;
         let wallets = crate::wallet::owners(&tx)?;
+        let budgets = crate::envelope::budgets(&tx)?;
         tx.commit()?;
         Ok(KeySnapshot {
             rev,
             keys: out,
             teams,
             wallets,
+            budgets,
         })
     }
 
@@ -526,6 +530,7 @@ pub struct KeySnapshot {
     pub teams: Vec<TeamRecord>,
     /// (owner kind, owner, wallet id)
     pub wallets: Vec<(crate::wallet::OwnerKind, String, String)>,
+    pub budgets: Vec<crate::envelope::Budget>,
 }
 
 /// A team and its limit overrides.
@@ -580,7 +585,7 @@ const USAGE_COLUMNS: &str =
     model_served, attempts, status, error_kind, input_tokens, cached_input_tokens, output_tokens,
     reasoning_tokens, usage_source, cost_micros, price_version, latency_ms, ttft_ms, stream,
     client_disconnected, cache_write_5m_tokens, cache_write_1h_tokens, request_bytes,
-    response_bytes, reused, reused_from, wallet_id, shortfall_micros";
+    response_bytes, reused, reused_from, wallet_id, shortfall_micros, run_id";
 
 fn usage_from_row(r: &rusqlite::Row) -> rusqlite::Result<UsageRecord> {
     let tags: String = r.get(7)?;
@@ -618,6 +623,8 @@ fn usage_from_row(r: &rusqlite::Row) -> rusqlite::Result<UsageRecord> {
         reused_from: r.get(30)?,
         wallet_id: r.get(31)?,
         shortfall_micros: r.get::<_, i64>(32)? as u64,
+        run_id: r.get(33)?,
+        enveloped: false,
     })
 }
 
@@ -630,7 +637,7 @@ pub fn insert_usage_batch(conn: &mut Connection, batch: &[UsageRecord]) -> Resul
         let mut stmt = tx.prepare_cached(&format!(
             "INSERT OR IGNORE INTO usage ({USAGE_COLUMNS}) VALUES
              (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
-              ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33)"
+              ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34)"
         ))?;
         for u in batch {
             // The capture of the request's hold commits with its usage record, or neither
@@ -673,8 +680,20 @@ pub fn insert_usage_batch(conn: &mut Connection, batch: &[UsageRecord]) -> Resul
                 u.reused,
                 u.reused_from,
                 u.wallet_id,
-                shortfall as i64
+                shortfall as i64,
+                u.run_id
             ])?;
+            if u.enveloped {
+                let crossings = crate::envelope::settle(
+                    &tx,
+                    &u.id,
+                    u.cost_micros as i64,
+                    (u.input_tokens + u.output_tokens) as i64,
+                )?;
+                for c in crossings {
+                    crate::webhooks::enqueue_crossing(&tx, &c, now)?;
+                }
+            }
         }
     }
     tx.commit()?;

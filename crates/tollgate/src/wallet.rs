@@ -15,7 +15,7 @@
 //! Entries per request: `hold -H`, then `release +H` and `capture -C`. The sum of a request's
 //! entries is what it cost.
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -195,7 +195,7 @@ pub fn new_wallet_id() -> String {
 }
 
 pub fn create(
-    tx: &Transaction,
+    tx: &Connection,
     owner_kind: OwnerKind,
     owner: &str,
     floor_micros: i64,
@@ -265,7 +265,7 @@ pub fn entries(conn: &Connection, wallet_id: &str, limit: u32) -> Result<Vec<Ent
 /// idempotency key exists already (then nothing changes).
 #[allow(clippy::too_many_arguments)]
 fn append(
-    tx: &Transaction,
+    tx: &Connection,
     wallet_id: &str,
     kind: &str,
     amount: i64,
@@ -291,7 +291,7 @@ fn append(
     Ok(true)
 }
 
-fn entry_by_key(tx: &Transaction, wallet_id: &str, idem: &str) -> Result<Option<Entry>> {
+fn entry_by_key(tx: &Connection, wallet_id: &str, idem: &str) -> Result<Option<Entry>> {
     Ok(tx
         .query_row(
             &format!(
@@ -306,7 +306,7 @@ fn entry_by_key(tx: &Transaction, wallet_id: &str, idem: &str) -> Result<Option<
 /// An operator's credit (or adjustment). Replaying the same idempotency key returns the
 /// first entry and changes nothing; the same key with another amount or kind is refused.
 pub fn credit(
-    tx: &Transaction,
+    tx: &Connection,
     wallet_id: &str,
     credit: Credit,
     amount: i64,
@@ -387,7 +387,7 @@ pub enum Hold {
 /// two concurrent holds can never both pass the floor. Holding twice for one request id
 /// returns the first hold.
 pub fn hold(
-    tx: &Transaction,
+    tx: &Connection,
     wallet_id: &str,
     request_id: &str,
     amount: i64,
@@ -459,7 +459,7 @@ pub struct Settled {
 /// Idempotent: a settled hold is left alone (`None`), so a replayed usage batch or a retried
 /// settle never captures twice. A hold that already expired is not released again.
 pub fn settle(
-    tx: &Transaction,
+    tx: &Connection,
     request_id: &str,
     cost_micros: i64,
     now_ms: i64,
@@ -518,7 +518,7 @@ pub fn settle(
 }
 
 /// Spending draws on grants first, the soonest to expire first.
-fn spend_grants(tx: &Transaction, wallet_id: &str, mut amount: i64, now_ms: i64) -> Result<()> {
+fn spend_grants(tx: &Connection, wallet_id: &str, mut amount: i64, now_ms: i64) -> Result<()> {
     let grants: Vec<(String, i64)> = {
         let mut stmt = tx.prepare(
             "SELECT id, remaining_micros FROM grants
@@ -544,7 +544,7 @@ fn spend_grants(tx: &Transaction, wallet_id: &str, mut amount: i64, now_ms: i64)
 
 /// Releases holds past their expiry and removes what is left of expired grants. Returns
 /// (holds released, grants expired).
-pub fn expire(tx: &Transaction, now_ms: i64) -> Result<(usize, usize)> {
+pub fn expire(tx: &Connection, now_ms: i64) -> Result<(usize, usize)> {
     let holds: Vec<(String, String, i64)> = {
         let mut stmt = tx.prepare(
             "SELECT id, wallet_id, amount_micros FROM holds
@@ -685,7 +685,7 @@ mod tests {
         conn
     }
 
-    fn tx<T>(conn: &mut Connection, f: impl FnOnce(&Transaction) -> T) -> T {
+    fn tx<T>(conn: &mut Connection, f: impl FnOnce(&rusqlite::Transaction) -> T) -> T {
         let tx = conn.transaction().unwrap();
         let out = f(&tx);
         tx.commit().unwrap();

@@ -594,3 +594,232 @@ async fn kill_9_under_load_then_restart_leaves_no_hold_open_and_the_books_balanc
             .count()
     );
 }
+
+/// A webhook receiver that keeps what it gets: (headers, body).
+async fn spawn_receiver() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(reqwest::header::HeaderMap, String)>>>,
+) {
+    use axum::routing::post;
+    type Got = std::sync::Arc<std::sync::Mutex<Vec<(reqwest::header::HeaderMap, String)>>>;
+    let got: Got = Default::default();
+    let app = axum::Router::new()
+        .route(
+            "/hook",
+            post(
+                |axum::extract::State(got): axum::extract::State<Got>,
+                 headers: http::HeaderMap,
+                 body: String| async move {
+                    got.lock().unwrap().push((headers, body));
+                    "ok"
+                },
+            ),
+        )
+        .with_state(got.clone());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    (url, got)
+}
+
+async fn wait_events(
+    got: &std::sync::Arc<std::sync::Mutex<Vec<(reqwest::header::HeaderMap, String)>>>,
+    n: usize,
+) -> Vec<(reqwest::header::HeaderMap, Value)> {
+    for _ in 0..200 {
+        if got.lock().unwrap().len() >= n {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    got.lock()
+        .unwrap()
+        .iter()
+        .map(|(h, b)| (h.clone(), serde_json::from_str(b).unwrap()))
+        .collect()
+}
+
+#[tokio::test]
+async fn spending_stops_at_the_parent_runs_cap_across_its_sub_runs() {
+    let (hook, got) = spawn_receiver().await;
+    let gw = TestGateway::start(&format!(
+        "{PRICED}[[webhooks]]\nurl = \"{hook}\"\nsecret = \"whsec_test\"\n"
+    ))
+    .await;
+    let planner = gw.key().await;
+    let worker = gw.key().await;
+    let send = |key: &str, run: &str, parent: Option<&str>, budget: Option<&str>, i: usize| {
+        let mut r = gw
+            .client
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(key)
+            .header("x-tollgate-run", run)
+            .json(
+                &json!({"model": "mock", "max_tokens": 16, "messages": user(&format!("step {i}"))}),
+            );
+        if let Some(p) = parent {
+            r = r.header("x-tollgate-parent-run", p);
+        }
+        if let Some(b) = budget {
+            r = r.header("x-tollgate-run-budget", b);
+        }
+        r.send()
+    };
+    // The parent: $0.05 and at most 20 calls; each call costs $0.01.
+    let r = send(&planner, "plan-1", None, Some("cost=0.05,calls=20"), 0)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Two sub-agents (another key) nest under it, with no caps of their own.
+    let mut statuses = Vec::new();
+    for i in 1..9 {
+        let sub = if i % 2 == 0 {
+            "plan-1/research"
+        } else {
+            "plan-1/write"
+        };
+        let r = send(&worker, sub, Some("plan-1"), None, i).await.unwrap();
+        statuses.push(r.status().as_u16());
+        if r.status() == 402 {
+            let v = assert_openai_error(r, 402, "run_budget_exhausted").await;
+            assert_eq!(
+                v["error"]["envelope"], "run:plan-1",
+                "the parent's cap stops it"
+            );
+            assert_eq!(v["error"]["limit"], "cost");
+        }
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 402, 402, 402, 402]);
+    // …and the parent itself is out too.
+    let r = send(&planner, "plan-1", None, None, 99).await.unwrap();
+    assert_eq!(r.status(), 402);
+
+    let report: Value = gw
+        .client
+        .get(format!("{}/admin/runs/plan-1", gw.url))
+        .bearer_auth(&gw.admin_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["run"]["spent_cost_micros"], 50_000);
+    assert_eq!(report["run"]["calls"], 5);
+    assert_eq!(report["run"]["held_cost_micros"], 0);
+    let subs = report["sub_runs"].as_array().unwrap();
+    assert_eq!(subs.len(), 2);
+    let spent: i64 = subs
+        .iter()
+        .map(|s| s["spent_cost_micros"].as_i64().unwrap())
+        .sum();
+    assert_eq!(spent, 40_000, "the sub-runs' spending, inside the parent's");
+    assert_eq!(
+        report["by_model"][0]["cost_micros"], 10_000,
+        "the parent's own call"
+    );
+    // A run cannot name a parent that does not exist.
+    let r = send(&worker, "orphan", Some("no-such-run"), None, 100)
+        .await
+        .unwrap();
+    assert_openai_error(r, 400, "bad_request").await;
+
+    // Webhooks: 50%, 80% and 100% of the parent, each once, signed.
+    let events = wait_events(&got, 4).await;
+    let types: Vec<String> = events
+        .iter()
+        .map(|(_, v)| {
+            format!(
+                "{} {}",
+                v["type"].as_str().unwrap(),
+                v["data"]["threshold"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    for want in [
+        "run.threshold 50%",
+        "run.threshold 80%",
+        "run.exhausted 100%",
+    ] {
+        assert!(types.iter().any(|t| t == want), "{want} not in {types:?}");
+    }
+    let (h, v) = &events[0];
+    assert_eq!(h["x-tollgate-event-id"], v["id"].as_str().unwrap());
+    let raw = got.lock().unwrap()[0].1.clone();
+    assert_eq!(
+        h["x-tollgate-signature"].to_str().unwrap(),
+        tollgate::webhooks::signature("whsec_test", raw.as_bytes())
+    );
+}
+
+#[tokio::test]
+async fn a_teams_monthly_budget_refuses_past_its_hard_limit() {
+    let (hook, got) = spawn_receiver().await;
+    let gw = TestGateway::start(&format!(
+        "{PRICED}[[webhooks]]\nurl = \"{hook}\"\nevents = [\"budget.soft_limit\", \"budget.exceeded\"]\n"
+    ))
+    .await;
+    let (key, _) = gw.create_key(json!({"name": "b", "team": "growth"})).await;
+    let (s, b) = admin(
+        &gw,
+        reqwest::Method::PUT,
+        "/admin/budgets",
+        Some(json!({"scope": "team:growth", "period": "monthly", "hard": "0.03", "soft": "0.02"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        let r = gw
+            .chat(
+                &key,
+                json!({"model": "mock", "max_tokens": 16, "messages": user(&format!("ad {i}"))}),
+            )
+            .await;
+        statuses.push(r.status().as_u16());
+        if r.status() == 402 {
+            let v = assert_openai_error(r, 402, "budget_exceeded").await;
+            assert!(v["error"]["envelope"]
+                .as_str()
+                .unwrap()
+                .starts_with("budget:team:growth:monthly:"));
+        }
+    }
+    assert_eq!(statuses, [200, 200, 200, 402, 402]);
+    let events = wait_events(&got, 2).await;
+    let types: Vec<&str> = events
+        .iter()
+        .map(|(_, v)| v["type"].as_str().unwrap())
+        .collect();
+    assert!(types.contains(&"budget.soft_limit"), "{types:?}");
+    assert!(types.contains(&"budget.exceeded"), "{types:?}");
+    assert!(
+        !types.contains(&"budget.threshold"),
+        "filtered out by the endpoint's events"
+    );
+}
+
+#[tokio::test]
+async fn a_request_retried_upstream_is_held_and_captured_once() {
+    let gw = TestGateway::start(&format!(
+        "{PRICED}[routing]\nbackoff_base = \"1ms\"\nbackoff_max = \"2ms\"\n"
+    ))
+    .await;
+    let (key, key_id) = gw.create_key(json!({"name": "retried"})).await;
+    let wallet = wallet_for(&gw, &format!("key:{key_id}"), "1.00").await;
+    // Fails twice upstream, succeeds on the third attempt.
+    let r = gw
+        .chat(
+            &key,
+            json!({"model": "mock-flaky-2", "max_tokens": 16, "messages": user("again")}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(wait_record(&gw, &id).await.attempts, 3);
+    let entries = ledger(&gw, &wallet).await;
+    let of = |k: &str| entries.iter().filter(|e| e["kind"] == k).count();
+    assert_eq!((of("hold"), of("release"), of("capture")), (1, 1, 1));
+    assert_eq!(balance(&gw, &wallet).await, 990_000);
+    verify(&gw).await;
+}

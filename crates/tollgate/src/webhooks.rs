@@ -1,0 +1,171 @@
+//! Webhooks: budget thresholds (50/80/100% and the soft limit), exhausted run envelopes and
+//! refused wallets, delivered at least once.
+//!
+//! Events are written to an outbox table in the same transaction as the spending that
+//! caused them (so an event is never lost, nor invented by a rolled-back write); event ids
+//! are deterministic (`budget:…:80%`), so the same crossing is enqueued once. A background
+//! task posts due events to every configured endpoint, signed with HMAC-SHA256, and retries
+//! with backoff until all endpoints answer 2xx.
+
+use crate::config::WebhookConfig;
+use crate::envelope::Crossing;
+use crate::server::AppState;
+use hmac::{Hmac, Mac};
+use rusqlite::{params, Connection};
+use sha2::Sha256;
+use std::sync::Weak;
+use std::time::Duration;
+
+pub fn enqueue(
+    tx: &Connection,
+    id: &str,
+    event: &str,
+    data: serde_json::Value,
+    now_ms: i64,
+) -> rusqlite::Result<()> {
+    let payload = serde_json::json!({
+        "id": id,
+        "type": event,
+        "created_ms": now_ms,
+        "data": data,
+    });
+    tx.execute(
+        "INSERT OR IGNORE INTO webhook_outbox (id, event, payload, created_ms, next_attempt_ms)
+         VALUES (?1, ?2, ?3, ?4, ?4)",
+        params![id, event, payload.to_string(), now_ms],
+    )?;
+    Ok(())
+}
+
+pub fn enqueue_crossing(tx: &Connection, c: &Crossing, now_ms: i64) -> rusqlite::Result<()> {
+    let event = match (c.kind.as_str(), c.threshold.as_str()) {
+        ("run", "100%") => "run.exhausted",
+        ("run", _) => "run.threshold",
+        (_, "soft") => "budget.soft_limit",
+        _ => "budget.threshold",
+    };
+    enqueue(
+        tx,
+        &format!("{}:{}", c.envelope, c.threshold),
+        event,
+        serde_json::json!({
+            "envelope": c.envelope,
+            "threshold": c.threshold,
+            "spent_micros": c.spent_cost_micros,
+            "cap_micros": c.cap_cost_micros,
+        }),
+        now_ms,
+    )
+}
+
+/// `sha256=<hex>` of the body under the endpoint's secret.
+pub fn signature(secret: &str, body: &[u8]) -> String {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+fn backoff(attempts: i64) -> i64 {
+    // 1 s, 2 s, 4 s … capped at 10 minutes.
+    1000i64
+        .saturating_mul(1 << attempts.clamp(0, 20))
+        .min(600_000)
+}
+
+struct Due {
+    id: String,
+    event: String,
+    payload: String,
+    attempts: i64,
+}
+
+/// Delivers due events, forever (until the gateway is gone).
+pub async fn deliver(app: Weak<AppState>) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap_or_default();
+    loop {
+        let Some(strong) = app.upgrade() else { return };
+        let hooks: Vec<WebhookConfig> = strong.runtime.load().webhooks.clone();
+        let every = Duration::from_millis(250);
+        if hooks.is_empty() {
+            drop(strong);
+            tokio::time::sleep(every).await;
+            continue;
+        }
+        let store = strong.store.clone();
+        let now = crate::proxy::now_ms();
+        let due = tokio::task::spawn_blocking(move || {
+            store.read(|c| {
+                let mut stmt = c.prepare(
+                    "SELECT id, event, payload, attempts FROM webhook_outbox
+                     WHERE delivered_ms IS NULL AND next_attempt_ms <= ?1
+                     ORDER BY created_ms LIMIT 100",
+                )?;
+                let rows = stmt.query_map([now], |r| {
+                    Ok(Due {
+                        id: r.get(0)?,
+                        event: r.get(1)?,
+                        payload: r.get(2)?,
+                        attempts: r.get(3)?,
+                    })
+                })?;
+                Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            })
+        })
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+        for d in due {
+            let mut ok = true;
+            for h in &hooks {
+                if !h.events.is_empty() && !h.events.iter().any(|e| e == &d.event) {
+                    continue;
+                }
+                let secret = h.secret().unwrap_or_default();
+                let sent = client
+                    .post(&h.url)
+                    .header("content-type", "application/json")
+                    .header("x-tollgate-event-id", &d.id)
+                    .header("x-tollgate-event", &d.event)
+                    .header(
+                        "x-tollgate-signature",
+                        signature(&secret, d.payload.as_bytes()),
+                    )
+                    .body(d.payload.clone())
+                    .send()
+                    .await;
+                let delivered = matches!(&sent, Ok(r) if r.status().is_success());
+                if !delivered {
+                    tracing::warn!(event = %d.id, url = %h.url, attempt = d.attempts + 1, "webhook not delivered; will retry");
+                }
+                ok &= delivered;
+            }
+            let store = strong.store.clone();
+            let (id, attempts) = (d.id.clone(), d.attempts);
+            let _ = tokio::task::spawn_blocking(move || {
+                let now = crate::proxy::now_ms();
+                store.write(|tx| {
+                    if ok {
+                        tx.execute(
+                            "UPDATE webhook_outbox SET delivered_ms = ?2, attempts = attempts + 1 WHERE id = ?1",
+                            params![id, now],
+                        )?;
+                    } else {
+                        tx.execute(
+                            "UPDATE webhook_outbox SET attempts = attempts + 1, next_attempt_ms = ?2 WHERE id = ?1",
+                            params![id, now + backoff(attempts)],
+                        )?;
+                    }
+                    Ok(())
+                })
+            })
+            .await;
+        }
+        drop(strong);
+        tokio::time::sleep(every).await;
+    }
+}
