@@ -397,3 +397,79 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 }
+
+/// Three real gateway processes sharing one data directory (and whatever the config shares).
+pub struct Replicas {
+    pub urls: Vec<String>,
+    _procs: Vec<KillOnDrop>,
+    _dir: TempDir,
+}
+
+pub async fn start_replicas(config: &str) -> Replicas {
+    let dir = TempDir::new("replicas");
+    let cfg = dir.path().join("tollgate.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let data = dir.path().join("data");
+    let mut urls = Vec::new();
+    let mut procs = Vec::new();
+    // One after another: the first creates the shared store and runs its migrations.
+    for _ in 0..3 {
+        let listen = format!("127.0.0.1:{}", free_port());
+        procs.push(
+            spawn_gateway(
+                &[
+                    "serve",
+                    "--config",
+                    cfg.to_str().unwrap(),
+                    "--data-dir",
+                    data.to_str().unwrap(),
+                    "--listen",
+                    &listen,
+                ],
+                &listen,
+            )
+            .await,
+        );
+        urls.push(format!("http://{listen}"));
+    }
+    Replicas {
+        urls,
+        _procs: procs,
+        _dir: dir,
+    }
+}
+
+/// Creates a key through the first replica and waits until every replica knows it.
+pub async fn shared_key(r: &Replicas, body: Value) -> String {
+    let client = reqwest::Client::new();
+    let v: Value = client
+        .post(format!("{}/admin/keys", r.urls[0]))
+        .bearer_auth(ADMIN_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = v["secret"].as_str().unwrap().to_string();
+    for url in &r.urls {
+        let mut known = false;
+        for _ in 0..100 {
+            let s = client
+                .get(format!("{url}/v1/models"))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap()
+                .status();
+            if s == 200 {
+                known = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(known, "{url} never learned the key");
+    }
+    key
+}

@@ -6,86 +6,12 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-struct Replicas {
-    urls: Vec<String>,
-    _procs: Vec<KillOnDrop>,
-    _dir: TempDir,
-}
-
-async fn start_replicas(redis: &RedisServer, extra: &str) -> Replicas {
-    let dir = TempDir::new("replicas");
-    let cfg = dir.path().join("tollgate.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[limits]\nbackend = \"redis\"\n[limits.redis]\nurl = \"{}\"\ntimeout = \"200ms\"\nreplicas = 3\nretry_interval = \"500ms\"\n{extra}\n[loop_guard]\nenabled = false\n",
-            redis.url()
-        ),
-    )
-    .unwrap();
-    let data = dir.path().join("data");
-    let mut urls = Vec::new();
-    let mut procs = Vec::new();
-    // One after another: the first creates the shared store and runs its migrations.
-    for _ in 0..3 {
-        let listen = format!("127.0.0.1:{}", free_port());
-        procs.push(
-            spawn_gateway(
-                &[
-                    "serve",
-                    "--config",
-                    cfg.to_str().unwrap(),
-                    "--data-dir",
-                    data.to_str().unwrap(),
-                    "--listen",
-                    &listen,
-                ],
-                &listen,
-            )
-            .await,
-        );
-        urls.push(format!("http://{listen}"));
-    }
-    Replicas {
-        urls,
-        _procs: procs,
-        _dir: dir,
-    }
-}
-
-/// Creates a key through the first replica and waits until every replica knows it.
-async fn shared_key(r: &Replicas, body: Value) -> String {
-    let client = reqwest::Client::new();
-    let v: Value = client
-        .post(format!("{}/admin/keys", r.urls[0]))
-        .bearer_auth(ADMIN_KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let key = v["secret"].as_str().unwrap().to_string();
-    for url in &r.urls {
-        let mut known = false;
-        for _ in 0..100 {
-            let s = client
-                .get(format!("{url}/v1/models"))
-                .bearer_auth(&key)
-                .send()
-                .await
-                .unwrap()
-                .status();
-            if s == 200 {
-                known = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(known, "{url} never learned the key");
-    }
-    key
+async fn start_redis_replicas(redis: &RedisServer, extra: &str) -> Replicas {
+    start_replicas(&format!(
+        "[limits]\nbackend = \"redis\"\n[limits.redis]\nurl = \"{}\"\ntimeout = \"200ms\"\nreplicas = 3\nretry_interval = \"500ms\"\n{extra}\n[loop_guard]\nenabled = false\n",
+        redis.url()
+    ))
+    .await
 }
 
 struct Outcome {
@@ -142,7 +68,7 @@ async fn three_replicas_share_one_limit_and_follow_the_policy_when_redis_fails()
     let Some(redis) = RedisServer::start().await else {
         return;
     };
-    let replicas = start_replicas(
+    let replicas = start_redis_replicas(
         &redis,
         "[limits.redis.on_error]\nrequests = \"fail_open\"\nconcurrency = \"fail_closed\"",
     )

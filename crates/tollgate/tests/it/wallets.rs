@@ -823,3 +823,69 @@ async fn a_request_retried_upstream_is_held_and_captured_once() {
     assert_eq!(balance(&gw, &wallet).await, 990_000);
     verify(&gw).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_sharing_the_store_cannot_overdraw_a_wallet() {
+    tollgate::server::init_tls();
+    let replicas = start_replicas(PRICED).await;
+    let key = shared_key(&replicas, json!({"name": "fanout", "team": "r"})).await;
+    let client = reqwest::Client::new();
+    let admin_call = |path: String, body: Value| {
+        let (client, url) = (client.clone(), replicas.urls[0].clone());
+        async move {
+            client
+                .post(format!("{url}{path}"))
+                .bearer_auth(ADMIN_KEY)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let wallet = admin_call("/admin/wallets".into(), json!({"owner": "team:r"})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    admin_call(
+        format!("/admin/wallets/{wallet}/topup"),
+        json!({"amount": "1.00", "idempotency_key": "seed"}),
+    )
+    .await;
+    // Every replica must know the wallet before the load (keys and wallets share a revision).
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let statuses: Vec<u16> = futures_util::stream::iter(0..600)
+        .map(|i| {
+            let (client, key) = (client.clone(), key.clone());
+            let url = replicas.urls[i % 3].clone();
+            async move {
+                client
+                    .post(format!("{url}/v1/chat/completions"))
+                    .bearer_auth(&key)
+                    .json(&json!({"model": "mock", "max_tokens": 16, "messages": user(&format!("replica job {i}"))}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }
+        })
+        .buffer_unordered(300)
+        .collect()
+        .await;
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(ok, 100, "three processes, one dollar, a hundred cents");
+    assert_eq!(statuses.iter().filter(|s| **s == 402).count(), 500);
+    let v: Value = client
+        .get(format!("{}/admin/wallets/verify", replicas.urls[1]))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+}
