@@ -71,6 +71,11 @@ enum Cmd {
     },
     /// Requests, tokens and spend, grouped.
     Usage(UsageArgs),
+    /// Create or upgrade the store's schema, then exit (`serve` also does this on start).
+    Migrate {
+        #[arg(long, env = "TOLLGATE_DATA_DIR", default_value = "./tollgate-data")]
+        data_dir: PathBuf,
+    },
     /// Run the mock provider alone (for benchmarks and experiments).
     MockProvider {
         #[arg(long, default_value = "127.0.0.1:4010")]
@@ -392,6 +397,14 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Cmd::Wallet { cmd, target } => return wallet(cmd, target).await,
         Cmd::Usage(args) => usage(args).await?,
+        Cmd::Migrate { data_dir } => {
+            let store = Store::open(&data_dir)?;
+            println!(
+                "{}: schema at version {}",
+                store.path().display(),
+                store.schema_version()?
+            );
+        }
         Cmd::MockProvider { listen, api_key } => {
             let l = tokio::net::TcpListener::bind(listen)
                 .await

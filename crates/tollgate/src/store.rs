@@ -185,6 +185,12 @@ impl Store {
         })
     }
 
+    /// The schema version (the number of migrations applied).
+    pub fn schema_version(&self) -> Result<i64> {
+        let conn = lock(&self.conn);
+        Ok(conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -479,6 +485,13 @@ impl Store {
 fn migrate(conn: &mut Connection) -> Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > MIGRATIONS.len() as i64 {
+        // A rolled-back binary must not write into a schema it does not know.
+        return Err(StoreError::Corrupt(format!(
+            "the store is at schema version {version}, newer than this tollgate knows ({}); run the newer tollgate",
+            MIGRATIONS.len()
+        )));
+    }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;

@@ -221,3 +221,22 @@ fn check_config_prints_every_problem_with_its_path() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn migrate_is_idempotent_and_a_newer_schema_is_refused() {
+    let dir = TempDir::new("migrate");
+    let d = dir.path().to_str().unwrap();
+    let first = ok(tollgate(&["migrate", "--data-dir", d]));
+    let again = ok(tollgate(&["migrate", "--data-dir", d]));
+    assert_eq!(first, again);
+    let version: i64 = first.trim().rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(version >= 8, "{first}");
+    // A store written by a newer tollgate: this one refuses to touch it.
+    let conn = rusqlite::Connection::open(dir.path().join("tollgate.db")).unwrap();
+    conn.pragma_update(None, "user_version", version + 1)
+        .unwrap();
+    drop(conn);
+    let out = tollgate(&["migrate", "--data-dir", d]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("newer than this tollgate"));
+}
