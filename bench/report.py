@@ -19,7 +19,7 @@ for r in rows:
 print("\n### Added latency over calling the mock directly (ms)\n")
 print("| proxy | kind | p50 | p99 | p99.9 |")
 print("|---|---|---|---|---|")
-for proxy in ["nginx", "tollgate", "tollgate-limits", "tollgate-redis-nolimits", "tollgate-redis-limits", "tollgate-xlate"]:
+for proxy in ["nginx", "tollgate", "tollgate-wallet", "tollgate-limits", "tollgate-redis-nolimits", "tollgate-redis-limits", "tollgate-xlate"]:
     for kind in ["json", "stream"]:
         base, p = by.get(f"mock {kind} fixed"), by.get(f"{proxy} {kind} fixed")
         if not base or not p:
@@ -35,6 +35,17 @@ for mode, without, with_ in [("in-process", "tollgate", "tollgate-limits"), ("re
     if a and b:
         d = {k: b["ms"][k] - a["ms"][k] for k in ["p50", "p99", "p999"]}
         print(f"| {mode} | {d['p50']:+.3f} | {d['p99']:+.3f} | {d['p999']:+.3f} |")
+
+print("\n### What a wallet hold adds (same gateway, a key with a wallet vs. none; ms)\n")
+a, b = by.get("tollgate json fixed"), by.get("tollgate-wallet json fixed")
+if a and b:
+    print("| p50 | p99 | p99.9 |")
+    print("|---|---|---|")
+    d = {k: b["ms"][k] - a["ms"][k] for k in ["p50", "p99", "p999"]}
+    print(f"| {d['p50']:+.3f} | {d['p99']:+.3f} | {d['p999']:+.3f} |")
+a, b = by.get("tollgate json max"), by.get("tollgate-wallet json max")
+if a and b and a["achieved_rps"]:
+    print(f"\nThroughput with a wallet: {b['achieved_rps']:.0f} rps vs {a['achieved_rps']:.0f} without ({b['achieved_rps'] / a['achieved_rps']:.2f}x)")
 
 print("\n### Maximum throughput (closed loop)\n")
 print("| target | kind | concurrency | rps | errors | p50 ms | p99 ms |")

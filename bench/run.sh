@@ -82,6 +82,17 @@ for target in mock nginx tollgate; do
   $LG --url "$u" --key "$KEY" --concurrency "$CONC" --stream --seconds "$SECONDS_PER_RUN" --label "$target stream max" >> "$OUT/results.jsonl"
 done
 
+# Money: a key whose wallet holds every request's maximum cost before the call and captures
+# after (one writer transaction each way, group-committed).
+WKEY_JSON=$(curl -sf http://127.0.0.1:4000/admin/keys -H "Authorization: Bearer $ADMIN" -d '{"name":"bench-wallet"}')
+WKEY=$(echo "$WKEY_JSON" | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+WKEY_ID=$(echo "$WKEY_JSON" | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"]["id"])')
+WID=$(curl -sf http://127.0.0.1:4000/admin/wallets -H "Authorization: Bearer $ADMIN" -d "{\"owner\":\"key:$WKEY_ID\"}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+curl -sf "http://127.0.0.1:4000/admin/wallets/$WID/topup" -H "Authorization: Bearer $ADMIN" -d '{"amount":"1000000"}' >/dev/null
+$LG --url http://127.0.0.1:4000/v1/chat/completions --key "$WKEY" --rate "$RATE_JSON" --seconds "$SECONDS_PER_RUN" --label "tollgate-wallet json fixed" >> "$OUT/results.jsonl"
+$LG --url http://127.0.0.1:4000/v1/chat/completions --key "$WKEY" --concurrency "$CONC" --seconds "$SECONDS_PER_RUN" --label "tollgate-wallet json max" >> "$OUT/results.jsonl"
+curl -sf "http://127.0.0.1:4000/admin/wallets/verify" -H "Authorization: Bearer $ADMIN" > "$OUT/wallet-verify.json"
+
 # The limiter: requests, tokens and concurrency limits on, never reached.
 $LG --url http://127.0.0.1:4000/v1/chat/completions --key "$LKEY" --rate "$RATE_JSON" --seconds "$SECONDS_PER_RUN" --label "tollgate-limits json fixed" >> "$OUT/results.jsonl"
 

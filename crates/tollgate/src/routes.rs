@@ -264,6 +264,47 @@ async fn forward(
         .map_err(|r| refusal(app, r))?;
     rec.admission = Some(admission);
 
+    // hold: a priced call from a key with a wallet pays like a model call
+    if route.price_per_call > 0 {
+        if let Some(wallet_id) = app.keys.wallet_for(key) {
+            let held = app
+                .meter
+                .hold(crate::metering::HoldRequest {
+                    wallet_id: Some(wallet_id.clone()),
+                    envelopes: Vec::new(),
+                    request_id: rec.id(),
+                    amount: route.price_per_call as i64,
+                    tokens: 0,
+                    expires_ms: now_ms() + runtime.wallets.hold_ttl.as_millis() as i64,
+                })
+                .await
+                .map_err(|e| ApiError::new(ErrorKind::Internal, format!("wallet: {e}")))?;
+            match held {
+                crate::metering::Held::Ok { .. } => {
+                    if let Some(r) = rec.rec.as_mut() {
+                        r.wallet_id = Some(wallet_id);
+                    }
+                }
+                crate::metering::Held::Insufficient {
+                    balance_micros,
+                    floor_micros,
+                } => {
+                    return Err(ApiError::new(
+                        ErrorKind::InsufficientFunds,
+                        format!(
+                            "insufficient funds: a call to '{}' costs ${} and wallet {wallet_id} has ${} available (floor ${})",
+                            route.name,
+                            crate::wallet::usd(route.price_per_call as i64),
+                            crate::wallet::usd(balance_micros),
+                            crate::wallet::usd(floor_micros)
+                        ),
+                    ));
+                }
+                crate::metering::Held::Exhausted(_) => {}
+            }
+        }
+    }
+
     // forward
     let rest = route.rest(parts.uri.path()).unwrap_or_default().to_string();
     let query = parts

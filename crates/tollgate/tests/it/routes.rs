@@ -195,3 +195,61 @@ async fn route_paths_may_not_shadow_the_gateway() {
         assert!(problems.contains(expected), "{expected} not in {problems}");
     }
 }
+
+#[tokio::test]
+async fn a_priced_tool_call_is_paid_from_the_wallet_and_refused_without_money() {
+    let (tool_url, calls) = spawn_tool_service().await;
+    let gw = TestGateway::start(&format!(
+        "[[routes]]\nname = \"paid\"\npath = \"/tools/paid\"\nupstream = \"{tool_url}\"\nprice_per_call = 4000\n"
+    ))
+    .await;
+    let (key, key_id) = gw.create_key(json!({"name": "payer"})).await;
+    let admin = |path: String, body: serde_json::Value| {
+        gw.client
+            .post(format!("{}{path}", gw.url))
+            .bearer_auth(&gw.admin_key)
+            .json(&body)
+            .send()
+    };
+    let w: Value = admin(
+        "/admin/wallets".into(),
+        json!({"owner": format!("key:{key_id}")}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let wallet = w["id"].as_str().unwrap().to_string();
+    admin(
+        format!("/admin/wallets/{wallet}/topup"),
+        json!({"amount": "0.01"}),
+    )
+    .await
+    .unwrap();
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        statuses.push(
+            post(&gw, &key, "/tools/paid/x", &format!("{{\"n\": {i}}}"))
+                .await
+                .status()
+                .as_u16(),
+        );
+    }
+    // $0.01 pays two calls at $0.004; the third needs $0.004 of the $0.002 left.
+    assert_eq!(statuses, [200, 200, 402, 402]);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    gw.wait_records(4).await;
+    let w: Value = gw
+        .client
+        .get(format!("{}/admin/wallets/{wallet}", gw.url))
+        .bearer_auth(&gw.admin_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(w["balance_micros"], 2_000);
+    assert_eq!(w["held_micros"], 0);
+}
