@@ -460,6 +460,10 @@ fn d_true() -> bool {
     true
 }
 
+fn is_http_url(url: &str) -> bool {
+    (url.starts_with("http://") || url.starts_with("https://")) && reqwest::Url::parse(url).is_ok()
+}
+
 /// Paths the gateway serves itself, which a tool route may not shadow.
 pub const RESERVED_PATHS: &[&str] = &["/v1", "/admin", "/healthz", "/readyz", "/metrics"];
 
@@ -642,9 +646,7 @@ impl Config {
             }
         }
         for (i, w) in self.webhooks.iter().enumerate() {
-            if !(w.url.starts_with("http://") || w.url.starts_with("https://"))
-                || reqwest::Url::parse(&w.url).is_err()
-            {
+            if !is_http_url(&w.url) {
                 p(
                     format!("webhooks[{i}].url"),
                     &format!("not an http(s) URL: \"{}\"", w.url),
@@ -672,9 +674,7 @@ impl Config {
                     &format!("\"{}\" is served by the gateway itself", r.path),
                 );
             }
-            if !(r.upstream.starts_with("http://") || r.upstream.starts_with("https://"))
-                || reqwest::Url::parse(&r.upstream).is_err()
-            {
+            if !is_http_url(&r.upstream) {
                 p(
                     format!("{path}.upstream"),
                     &format!("not an http(s) URL: \"{}\"", r.upstream),
@@ -702,9 +702,7 @@ impl Config {
                     "required for kinds \"openai\" and \"anthropic\"",
                 ),
                 (ProviderKind::Openai | ProviderKind::Anthropic, Some(url)) => {
-                    if !(url.starts_with("http://") || url.starts_with("https://"))
-                        || reqwest::Url::parse(url).is_err()
-                    {
+                    if !is_http_url(url) {
                         p(
                             format!("{path}.base_url"),
                             &format!("not an http(s) URL: \"{url}\""),

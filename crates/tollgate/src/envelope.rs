@@ -206,10 +206,9 @@ pub fn reserve(
             }
             Some(_) => {
                 if s.kind == "budget" {
-                    tx.execute(
-                        "UPDATE envelopes SET cap_cost_micros = ?2, cap_tokens = ?3, cap_calls = ?4,
+                    tx.prepare_cached("UPDATE envelopes SET cap_cost_micros = ?2, cap_tokens = ?3, cap_calls = ?4,
                                               soft_cost_micros = ?5
-                         WHERE id = ?1",
+                         WHERE id = ?1").map_err(sql)?.execute(
                         params![
                             s.id,
                             s.caps.cost_micros,
@@ -228,22 +227,23 @@ pub fn reserve(
                         _ => return Err(format!("parent run \"{p}\" does not exist")),
                     }
                 }
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT INTO envelopes (id, kind, parent, org, cap_cost_micros, cap_tokens,
                                             cap_calls, created_ms, soft_cost_micros)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                    params![
-                        s.id,
-                        s.kind,
-                        s.parent,
-                        s.org,
-                        s.caps.cost_micros,
-                        s.caps.tokens,
-                        s.caps.calls,
-                        now_ms,
-                        s.soft_cost_micros
-                    ],
                 )
+                .map_err(sql)?
+                .execute(params![
+                    s.id,
+                    s.kind,
+                    s.parent,
+                    s.org,
+                    s.caps.cost_micros,
+                    s.caps.tokens,
+                    s.caps.calls,
+                    now_ms,
+                    s.soft_cost_micros
+                ])
                 .map_err(sql)?;
             }
         }
@@ -283,19 +283,21 @@ pub fn reserve(
         }
     }
     for e in &all {
-        tx.execute(
+        tx.prepare_cached(
             "UPDATE envelopes SET held_cost_micros = held_cost_micros + ?2,
                                   held_tokens = held_tokens + ?3, held_calls = held_calls + 1
              WHERE id = ?1",
-            params![e.id, cost, tokens],
         )
+        .map_err(sql)?
+        .execute(params![e.id, cost, tokens])
         .map_err(sql)?;
-        tx.execute(
+        tx.prepare_cached(
             "INSERT OR IGNORE INTO envelope_holds (request_id, envelope_id, cost_micros, tokens,
                                                    expires_ms, state)
              VALUES (?1, ?2, ?3, ?4, ?5, 'held')",
-            params![request_id, e.id, cost, tokens, expires_ms],
         )
+        .map_err(sql)?
+        .execute(params![request_id, e.id, cost, tokens, expires_ms])
         .map_err(sql)?;
     }
     Ok(Ok(()))
@@ -326,21 +328,20 @@ pub fn settle(
         }
         let before = get(tx, &id)?;
         if state == "held" {
-            tx.execute(
+            tx.prepare_cached(
                 "UPDATE envelopes SET held_cost_micros = held_cost_micros - ?2,
                                       held_tokens = held_tokens - ?3, held_calls = held_calls - 1
                  WHERE id = ?1",
-                params![id, held_cost, held_tokens],
-            )?;
+            )?
+            .execute(params![id, held_cost, held_tokens])?;
         }
-        tx.execute(
+        tx.prepare_cached(
             "UPDATE envelopes SET spent_cost_micros = spent_cost_micros + ?2,
                                   spent_tokens = spent_tokens + ?3, calls = calls + 1
              WHERE id = ?1",
-            params![id, cost, tokens],
-        )?;
-        tx.execute(
-            "UPDATE envelope_holds SET state = 'settled' WHERE request_id = ?1 AND envelope_id = ?2",
+        )?
+        .execute(params![id, cost, tokens])?;
+        tx.prepare_cached("UPDATE envelope_holds SET state = 'settled' WHERE request_id = ?1 AND envelope_id = ?2")?.execute(
             params![request_id, id],
         )?;
         if let Some(b) = before {
@@ -390,14 +391,13 @@ pub fn expire(tx: &Connection, now_ms: i64) -> rusqlite::Result<usize> {
         rows.collect::<rusqlite::Result<_>>()?
     };
     for (rid, eid, cost, tokens) in &stale {
-        tx.execute(
+        tx.prepare_cached(
             "UPDATE envelopes SET held_cost_micros = held_cost_micros - ?2,
                                   held_tokens = held_tokens - ?3, held_calls = held_calls - 1
              WHERE id = ?1",
-            params![eid, cost, tokens],
-        )?;
-        tx.execute(
-            "UPDATE envelope_holds SET state = 'expired' WHERE request_id = ?1 AND envelope_id = ?2",
+        )?
+        .execute(params![eid, cost, tokens])?;
+        tx.prepare_cached("UPDATE envelope_holds SET state = 'expired' WHERE request_id = ?1 AND envelope_id = ?2")?.execute(
             params![rid, eid],
         )?;
     }
@@ -503,12 +503,17 @@ pub fn budgets(conn: &Connection) -> rusqlite::Result<Vec<Budget>> {
 }
 
 pub fn set_budget(tx: &Connection, b: &Budget) -> rusqlite::Result<()> {
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO budgets (scope, period, hard_micros, soft_micros) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT(scope, period) DO UPDATE SET hard_micros = excluded.hard_micros,
                                                   soft_micros = excluded.soft_micros",
-        params![b.scope, b.period.as_str(), b.hard_micros, b.soft_micros],
-    )?;
+    )?
+    .execute(params![
+        b.scope,
+        b.period.as_str(),
+        b.hard_micros,
+        b.soft_micros
+    ])?;
     Ok(())
 }
 

@@ -202,11 +202,18 @@ pub fn create(
     now_ms: i64,
 ) -> Result<Wallet> {
     let id = new_wallet_id();
-    let n = tx.execute(
-        "INSERT OR IGNORE INTO wallets (id, owner_kind, owner, floor_micros, created_ms)
+    let n = tx
+        .prepare_cached(
+            "INSERT OR IGNORE INTO wallets (id, owner_kind, owner, floor_micros, created_ms)
          VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![id, owner_kind.as_str(), owner, floor_micros, now_ms],
-    )?;
+        )?
+        .execute(params![
+            id,
+            owner_kind.as_str(),
+            owner,
+            floor_micros,
+            now_ms
+        ])?;
     if n == 0 {
         return Err(WalletError::Exists(format!(
             "{}:{owner}",
@@ -217,13 +224,20 @@ pub fn create(
 }
 
 pub fn get(conn: &Connection, id: &str) -> Result<Wallet> {
-    conn.query_row(
-        &format!("SELECT {WALLET_COLUMNS} FROM wallets WHERE id = ?1"),
-        [id],
-        wallet_from_row,
-    )
+    conn.prepare_cached(&format!(
+        "SELECT {WALLET_COLUMNS} FROM wallets WHERE id = ?1"
+    ))?
+    .query_row([id], wallet_from_row)
     .optional()?
     .ok_or_else(|| WalletError::NotFound(id.to_string()))
+}
+
+/// (balance, floor): what settling needs, without summing the open holds.
+fn balance_and_floor(conn: &Connection, id: &str) -> Result<(i64, i64)> {
+    conn.prepare_cached("SELECT balance_micros, floor_micros FROM wallets WHERE id = ?1")?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?
+        .ok_or_else(|| WalletError::NotFound(id.to_string()))
 }
 
 /// By id, or by `kind:owner` (e.g. `team:search`).
@@ -275,19 +289,20 @@ fn append(
     note: Option<&str>,
     now_ms: i64,
 ) -> Result<bool> {
-    let n = tx.execute(
-        "INSERT OR IGNORE INTO ledger (wallet_id, kind, amount_micros, idempotency_key,
+    let n = tx
+        .prepare_cached(
+            "INSERT OR IGNORE INTO ledger (wallet_id, kind, amount_micros, idempotency_key,
                                        request_id, expires_ms, note, ts_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![wallet_id, kind, amount, idem, request_id, expires_ms, note, now_ms],
-    )?;
+        )?
+        .execute(params![
+            wallet_id, kind, amount, idem, request_id, expires_ms, note, now_ms
+        ])?;
     if n == 0 {
         return Ok(false);
     }
-    tx.execute(
-        "UPDATE wallets SET balance_micros = balance_micros + ?2 WHERE id = ?1",
-        params![wallet_id, amount],
-    )?;
+    tx.prepare_cached("UPDATE wallets SET balance_micros = balance_micros + ?2 WHERE id = ?1")?
+        .execute(params![wallet_id, amount])?;
     Ok(true)
 }
 
@@ -350,16 +365,16 @@ pub fn credit(
         return replayed(entry, credit.kind(), amount);
     }
     if let Credit::Grant { expires_ms } = credit {
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO grants (id, wallet_id, amount_micros, remaining_micros, expires_ms)
              VALUES (?1, ?2, ?3, ?3, ?4)",
-            params![
-                format!("grant:{}", entry.seq),
-                wallet_id,
-                amount,
-                expires_ms
-            ],
-        )?;
+        )?
+        .execute(params![
+            format!("grant:{}", entry.seq),
+            wallet_id,
+            amount,
+            expires_ms
+        ])?;
     }
     Ok((entry, true))
 }
@@ -395,53 +410,47 @@ pub fn hold(
     now_ms: i64,
 ) -> Result<Hold> {
     if tx
-        .query_row(
-            "SELECT 1 FROM holds WHERE id = ?1",
-            [request_id],
-            |_| Ok(()),
-        )
+        .prepare_cached("SELECT 1 FROM holds WHERE id = ?1")?
+        .query_row([request_id], |_| Ok(()))
         .optional()?
         .is_some()
     {
-        let w = get(tx, wallet_id)?;
-        return Ok(Hold::Held {
-            balance_micros: w.balance_micros,
-        });
+        let (balance_micros, _) = balance_and_floor(tx, wallet_id)?;
+        return Ok(Hold::Held { balance_micros });
     }
     let after: Option<i64> = tx
-        .query_row(
+        .prepare_cached(
             "UPDATE wallets SET balance_micros = balance_micros - ?2
              WHERE id = ?1 AND balance_micros - ?2 >= floor_micros
              RETURNING balance_micros",
-            params![wallet_id, amount],
-            |r| r.get(0),
-        )
+        )?
+        .query_row(params![wallet_id, amount], |r| r.get(0))
         .optional()?;
     let Some(balance) = after else {
-        let w = get(tx, wallet_id)?;
+        let (balance_micros, floor_micros) = balance_and_floor(tx, wallet_id)?;
         return Ok(Hold::Insufficient {
-            balance_micros: w.balance_micros,
-            floor_micros: w.floor_micros,
+            balance_micros,
+            floor_micros,
         });
     };
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO ledger (wallet_id, kind, amount_micros, idempotency_key, request_id,
                              expires_ms, ts_ms)
          VALUES (?1, 'hold', ?2, ?3, ?4, ?5, ?6)",
-        params![
-            wallet_id,
-            -amount,
-            format!("hold:{request_id}"),
-            request_id,
-            expires_ms,
-            now_ms
-        ],
-    )?;
-    tx.execute(
+    )?
+    .execute(params![
+        wallet_id,
+        -amount,
+        format!("hold:{request_id}"),
+        request_id,
+        expires_ms,
+        now_ms
+    ])?;
+    tx.prepare_cached(
         "INSERT INTO holds (id, wallet_id, amount_micros, expires_ms, state, created_ms)
          VALUES (?1, ?2, ?3, ?4, 'held', ?5)",
-        params![request_id, wallet_id, amount, expires_ms, now_ms],
-    )?;
+    )?
+    .execute(params![request_id, wallet_id, amount, expires_ms, now_ms])?;
     Ok(Hold::Held {
         balance_micros: balance,
     })
@@ -465,11 +474,8 @@ pub fn settle(
     now_ms: i64,
 ) -> Result<Option<Settled>> {
     let hold: Option<(String, i64, String)> = tx
-        .query_row(
-            "SELECT wallet_id, amount_micros, state FROM holds WHERE id = ?1",
-            [request_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
+        .prepare_cached("SELECT wallet_id, amount_micros, state FROM holds WHERE id = ?1")?
+        .query_row([request_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     let Some((wallet_id, amount, state)) = hold else {
         return Ok(None);
@@ -490,8 +496,8 @@ pub fn settle(
             now_ms,
         )?;
     }
-    let w = get(tx, &wallet_id)?;
-    let payable = (w.balance_micros - w.floor_micros).max(0);
+    let (balance, floor) = balance_and_floor(tx, &wallet_id)?;
+    let payable = (balance - floor).max(0);
     let captured = cost_micros.max(0).min(payable);
     if captured > 0 {
         append(
@@ -507,10 +513,8 @@ pub fn settle(
         )?;
         spend_grants(tx, &wallet_id, captured, now_ms)?;
     }
-    tx.execute(
-        "UPDATE holds SET state = 'settled', captured_micros = ?2 WHERE id = ?1",
-        params![request_id, captured],
-    )?;
+    tx.prepare_cached("UPDATE holds SET state = 'settled', captured_micros = ?2 WHERE id = ?1")?
+        .execute(params![request_id, captured])?;
     Ok(Some(Settled {
         captured_micros: captured,
         shortfall_micros: cost_micros.max(0) - captured,
@@ -533,10 +537,10 @@ fn spend_grants(tx: &Connection, wallet_id: &str, mut amount: i64, now_ms: i64) 
             break;
         }
         let take = remaining.min(amount);
-        tx.execute(
+        tx.prepare_cached(
             "UPDATE grants SET remaining_micros = remaining_micros - ?2 WHERE id = ?1",
-            params![id, take],
-        )?;
+        )?
+        .execute(params![id, take])?;
         amount -= take;
     }
     Ok(())
@@ -565,7 +569,8 @@ pub fn expire(tx: &Connection, now_ms: i64) -> Result<(usize, usize)> {
             Some("hold expired"),
             now_ms,
         )?;
-        tx.execute("UPDATE holds SET state = 'expired' WHERE id = ?1", [id])?;
+        tx.prepare_cached("UPDATE holds SET state = 'expired' WHERE id = ?1")?
+            .execute([id])?;
     }
     let grants: Vec<(String, String, i64)> = {
         let mut stmt = tx.prepare(
@@ -593,7 +598,8 @@ pub fn expire(tx: &Connection, now_ms: i64) -> Result<(usize, usize)> {
                 now_ms,
             )?;
         }
-        tx.execute("UPDATE grants SET remaining_micros = 0 WHERE id = ?1", [id])?;
+        tx.prepare_cached("UPDATE grants SET remaining_micros = 0 WHERE id = ?1")?
+            .execute([id])?;
     }
     Ok((holds.len(), grants.len()))
 }

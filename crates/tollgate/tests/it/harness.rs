@@ -115,6 +115,25 @@ impl TestGateway {
         )
     }
 
+    /// Calls the admin API: (status, JSON body or null).
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut r = self
+            .client
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.admin_key);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn key(&self) -> String {
         self.create_key(json!({"name": "agent-1", "team": "team-a", "project": "proj-x"}))
             .await

@@ -186,16 +186,15 @@ async fn team_limits_are_shared_by_the_team_and_overridden_through_the_api() {
     let (a, _) = gw.create_key(json!({"name": "a", "team": "search"})).await;
     let (b, _) = gw.create_key(json!({"name": "b", "team": "search"})).await;
     let (other, _) = gw.create_key(json!({"name": "c", "team": "ads"})).await;
-    let r = gw
-        .client
-        .put(format!("{}/admin/teams/search", gw.url))
-        .bearer_auth(&gw.admin_key)
-        .json(&json!({"rpm": 3}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.json::<Value>().await.unwrap()["limits"]["rpm"], 3);
+    let (status, team) = gw
+        .admin(
+            reqwest::Method::PUT,
+            "/admin/teams/search",
+            Some(json!({"rpm": 3})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(team["limits"]["rpm"], 3);
     // Two keys of one team draw on one budget of 3.
     for k in [&a, &b, &a] {
         let r = gw
@@ -220,25 +219,15 @@ async fn team_limits_are_shared_by_the_team_and_overridden_through_the_api() {
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-ratelimit-limit-requests"), "100");
     // Raising the override lets the team through again.
-    let r = gw
-        .client
-        .put(format!("{}/admin/teams/search", gw.url))
-        .bearer_auth(&gw.admin_key)
-        .json(&json!({"rpm": 50}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let listed: Value = gw
-        .client
-        .get(format!("{}/admin/teams", gw.url))
-        .bearer_auth(&gw.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (status, _) = gw
+        .admin(
+            reqwest::Method::PUT,
+            "/admin/teams/search",
+            Some(json!({"rpm": 50})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, listed) = gw.admin(reqwest::Method::GET, "/admin/teams", None).await;
     assert_eq!(listed[0]["name"], "search");
     assert_eq!(listed[0]["limits"]["rpm"], 50);
     // The new limit applies at once; the share of the window already used stays used (GCRA
@@ -250,15 +239,14 @@ async fn team_limits_are_shared_by_the_team_and_overridden_through_the_api() {
     let retry: u64 = header(&r, "retry-after").parse().unwrap();
     assert!(retry <= 2, "{retry}");
     // Unknown fields are refused, not ignored.
-    let r = gw
-        .client
-        .put(format!("{}/admin/teams/search", gw.url))
-        .bearer_auth(&gw.admin_key)
-        .json(&json!({"rpn": 5}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
+    let (status, _) = gw
+        .admin(
+            reqwest::Method::PUT,
+            "/admin/teams/search",
+            Some(json!({"rpn": 5})),
+        )
+        .await;
+    assert_eq!(status, 400);
 }
 
 #[tokio::test]
@@ -269,16 +257,15 @@ async fn a_key_limit_set_after_creation_applies_within_the_request_that_follows(
         .chat(&key, json!({"model": "mock", "messages": user("hi")}))
         .await;
     assert!(!r.headers().contains_key("x-ratelimit-limit-requests"));
-    let r = gw
-        .client
-        .put(format!("{}/admin/keys/{id}/limits", gw.url))
-        .bearer_auth(&gw.admin_key)
-        .json(&json!({"rpm": 1}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.json::<Value>().await.unwrap()["limits"]["rpm"], 1);
+    let (status, updated) = gw
+        .admin(
+            reqwest::Method::PUT,
+            &format!("/admin/keys/{id}/limits"),
+            Some(json!({"rpm": 1})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(updated["limits"]["rpm"], 1);
     assert_eq!(
         gw.chat(&key, json!({"model": "mock", "messages": user("hi")}))
             .await

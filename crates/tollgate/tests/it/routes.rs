@@ -204,29 +204,20 @@ async fn a_priced_tool_call_is_paid_from_the_wallet_and_refused_without_money() 
     ))
     .await;
     let (key, key_id) = gw.create_key(json!({"name": "payer"})).await;
-    let admin = |path: String, body: serde_json::Value| {
-        gw.client
-            .post(format!("{}{path}", gw.url))
-            .bearer_auth(&gw.admin_key)
-            .json(&body)
-            .send()
-    };
-    let w: Value = admin(
-        "/admin/wallets".into(),
-        json!({"owner": format!("key:{key_id}")}),
-    )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let (_, w) = gw
+        .admin(
+            reqwest::Method::POST,
+            "/admin/wallets",
+            Some(json!({"owner": format!("key:{key_id}")})),
+        )
+        .await;
     let wallet = w["id"].as_str().unwrap().to_string();
-    admin(
-        format!("/admin/wallets/{wallet}/topup"),
-        json!({"amount": "0.01"}),
+    gw.admin(
+        reqwest::Method::POST,
+        &format!("/admin/wallets/{wallet}/topup"),
+        Some(json!({"amount": "0.01"})),
     )
-    .await
-    .unwrap();
+    .await;
     let mut statuses = Vec::new();
     for i in 0..4 {
         statuses.push(
@@ -240,16 +231,13 @@ async fn a_priced_tool_call_is_paid_from_the_wallet_and_refused_without_money() 
     assert_eq!(statuses, [200, 200, 402, 402]);
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     gw.wait_records(4).await;
-    let w: Value = gw
-        .client
-        .get(format!("{}/admin/wallets/{wallet}", gw.url))
-        .bearer_auth(&gw.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, w) = gw
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/wallets/{wallet}"),
+            None,
+        )
+        .await;
     assert_eq!(w["balance_micros"], 2_000);
     assert_eq!(w["held_micros"], 0);
 }

@@ -14,71 +14,55 @@ input = 0
 output = 625000000
 "#;
 
-async fn admin(
-    gw: &TestGateway,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut r = gw
-        .client
-        .request(method, format!("{}{path}", gw.url))
-        .bearer_auth(&gw.admin_key);
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let resp = r.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
 async fn wallet_for(gw: &TestGateway, owner: &str, topup: &str) -> String {
-    let (s, w) = admin(
-        gw,
-        reqwest::Method::POST,
-        "/admin/wallets",
-        Some(json!({"owner": owner})),
-    )
-    .await;
+    let (s, w) = gw
+        .admin(
+            reqwest::Method::POST,
+            "/admin/wallets",
+            Some(json!({"owner": owner})),
+        )
+        .await;
     assert_eq!(s, 201, "{w}");
     let id = w["id"].as_str().unwrap().to_string();
-    let (s, c) = admin(
-        gw,
-        reqwest::Method::POST,
-        &format!("/admin/wallets/{id}/topup"),
-        Some(json!({"amount": topup, "idempotency_key": format!("initial-{id}")})),
-    )
-    .await;
+    let (s, c) = gw
+        .admin(
+            reqwest::Method::POST,
+            &format!("/admin/wallets/{id}/topup"),
+            Some(json!({"amount": topup, "idempotency_key": format!("initial-{id}")})),
+        )
+        .await;
     assert_eq!(s, 201, "{c}");
     id
 }
 
 async fn verify(gw: &TestGateway) {
-    let (s, v) = admin(gw, reqwest::Method::GET, "/admin/wallets/verify", None).await;
+    let (s, v) = gw
+        .admin(reqwest::Method::GET, "/admin/wallets/verify", None)
+        .await;
     assert_eq!(s, 200);
     assert_eq!(v["ok"], true, "{v}");
 }
 
 async fn balance(gw: &TestGateway, wallet: &str) -> i64 {
     gw.wait_records(0).await;
-    let (_, w) = admin(
-        gw,
-        reqwest::Method::GET,
-        &format!("/admin/wallets/{wallet}"),
-        None,
-    )
-    .await;
+    let (_, w) = gw
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/wallets/{wallet}"),
+            None,
+        )
+        .await;
     w["balance_micros"].as_i64().unwrap()
 }
 
 async fn ledger(gw: &TestGateway, wallet: &str) -> Vec<Value> {
-    let (_, l) = admin(
-        gw,
-        reqwest::Method::GET,
-        &format!("/admin/wallets/{wallet}/ledger?limit=100000"),
-        None,
-    )
-    .await;
+    let (_, l) = gw
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/wallets/{wallet}/ledger?limit=100000"),
+            None,
+        )
+        .await;
     l.as_array().unwrap().clone()
 }
 
@@ -197,8 +181,7 @@ async fn wallets_by_cli_and_api_with_idempotent_topups_grants_and_refusals_in_bo
     // A replayed top-up adds once; the same key for another amount is refused.
     let topup_path = format!("/admin/wallets/{own}/topup");
     let topup = |amount: &'static str| {
-        admin(
-            &gw,
+        gw.admin(
             reqwest::Method::POST,
             &topup_path,
             Some(json!({"amount": amount, "idempotency_key": "invoice-7"})),
@@ -363,8 +346,7 @@ async fn spend_caps_quotes_and_clamping() {
         "7 tokens is below the smallest useful answer"
     );
     // …so add money: $0.014375 pays 23 tokens; a request for 64 is sent with 23.
-    admin(
-        &gw,
+    gw.admin(
         reqwest::Method::POST,
         &format!("/admin/wallets/{wallet}/topup"),
         Some(json!({"amount": "0.01"})),
@@ -694,16 +676,9 @@ async fn spending_stops_at_the_parent_runs_cap_across_its_sub_runs() {
     let r = send(&planner, "plan-1", None, None, 99).await.unwrap();
     assert_eq!(r.status(), 402);
 
-    let report: Value = gw
-        .client
-        .get(format!("{}/admin/runs/plan-1", gw.url))
-        .bearer_auth(&gw.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, report) = gw
+        .admin(reqwest::Method::GET, "/admin/runs/plan-1", None)
+        .await;
     assert_eq!(report["run"]["spent_cost_micros"], 50_000);
     assert_eq!(report["run"]["calls"], 5);
     assert_eq!(report["run"]["held_cost_micros"], 0);
@@ -760,9 +735,7 @@ async fn a_teams_monthly_budget_refuses_past_its_hard_limit() {
     ))
     .await;
     let (key, _) = gw.create_key(json!({"name": "b", "team": "growth"})).await;
-    let (s, b) = admin(
-        &gw,
-        reqwest::Method::PUT,
+    let (s, b) = gw.admin(reqwest::Method::PUT,
         "/admin/budgets",
         Some(json!({"scope": "team:growth", "period": "monthly", "hard": "0.03", "soft": "0.02"})),
     )
