@@ -306,6 +306,9 @@ pub struct NewWallet {
     /// The balance never goes below this, in USD (default 0: strictly prepaid).
     #[serde(default)]
     pub floor: Option<String>,
+    /// A `wallet.low_balance` webhook fires when spending takes the balance below this (USD).
+    #[serde(default)]
+    pub low_balance: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -360,7 +363,36 @@ pub fn create_wallet(store: &Store, req: NewWallet) -> Result<crate::wallet::Wal
         Some(f) => usd_arg("floor", f)?,
         None => 0,
     };
-    Ok(store.create_wallet(kind, &owner, floor, now_ms())?)
+    let low = req
+        .low_balance
+        .as_deref()
+        .map(|l| usd_arg("low_balance", l))
+        .transpose()?;
+    let w = store.create_wallet(kind, &owner, floor, now_ms())?;
+    if low.is_none() {
+        return Ok(w);
+    }
+    Ok(store.write(|tx| crate::wallet::configure(tx, &w.id, floor, low))?)
+}
+
+/// Changes a wallet's floor and low-balance alert.
+pub fn configure_wallet(
+    store: &Store,
+    wallet: &str,
+    floor: Option<String>,
+    low_balance: Option<String>,
+) -> Result<crate::wallet::Wallet, AdminError> {
+    let w = store.read(|c| crate::wallet::find(c, wallet))?;
+    let floor = match floor {
+        Some(f) => usd_arg("floor", &f)?,
+        None => w.floor_micros,
+    };
+    let low = match low_balance.as_deref() {
+        Some("off" | "") => None,
+        Some(l) => Some(usd_arg("low_balance", l)?),
+        None => w.low_balance_micros,
+    };
+    Ok(store.write(|tx| crate::wallet::configure(tx, &w.id, floor, low))?)
 }
 
 pub fn credit_wallet(
@@ -533,7 +565,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/teams/{name}", put(team_limits_h))
         .route("/wallets", get(list_wallets_h).post(create_wallet_h))
         .route("/wallets/verify", get(verify_wallets_h))
-        .route("/wallets/{id}", get(show_wallet_h))
+        .route("/wallets/{id}", get(show_wallet_h).put(configure_wallet_h))
         .route("/wallets/{id}/ledger", get(ledger_h))
         .route("/wallets/{id}/{kind}", post(credit_wallet_h))
         .route("/budgets", get(list_budgets_h).put(set_budget_h))
@@ -699,6 +731,30 @@ async fn show_wallet_h(
     require_admin(&app, &headers)?;
     let w = blocking(&app, move |a| {
         Ok(a.store.read(|c| crate::wallet::find(c, &id))?)
+    })
+    .await?;
+    Ok(Json(w).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WalletSettings {
+    #[serde(default)]
+    floor: Option<String>,
+    #[serde(default)]
+    low_balance: Option<String>,
+}
+
+async fn configure_wallet_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let req: WalletSettings = json_body(&body)?;
+    let w = blocking(&app, move |a| {
+        configure_wallet(&a.store, &id, req.floor, req.low_balance)
     })
     .await?;
     Ok(Json(w).into_response())

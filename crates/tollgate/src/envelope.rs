@@ -109,6 +109,14 @@ pub struct Exhausted {
     pub needed: i64,
 }
 
+/// Why a request was not admitted into its envelopes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    Exhausted(Exhausted),
+    /// The request named a run it may not use (another org's, or an unknown parent).
+    BadRun(String),
+}
+
 /// A threshold an envelope's spending crossed (50, 80 or 100% of its cost cap, or its soft
 /// limit), for webhooks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,13 +204,16 @@ pub fn reserve(
     tokens: i64,
     expires_ms: i64,
     now_ms: i64,
-) -> Result<Result<(), Exhausted>, String> {
+) -> Result<Result<(), Refused>, String> {
     let sql = |e: rusqlite::Error| e.to_string();
     let mut all: Vec<Envelope> = Vec::new();
     for s in specs {
         match get(tx, &s.id).map_err(sql)? {
             Some(e) if e.org != s.org => {
-                return Err(format!("run \"{}\" belongs to another organisation", s.id));
+                return Ok(Err(Refused::BadRun(format!(
+                    "run \"{}\" belongs to another organisation",
+                    s.id.trim_start_matches("run:")
+                ))));
             }
             Some(_) => {
                 if s.kind == "budget" {
@@ -224,7 +235,12 @@ pub fn reserve(
                 if let Some(p) = &s.parent {
                     match get(tx, p).map_err(sql)? {
                         Some(pe) if pe.org == s.org => {}
-                        _ => return Err(format!("parent run \"{p}\" does not exist")),
+                        _ => {
+                            return Ok(Err(Refused::BadRun(format!(
+                                "parent run \"{}\" does not exist",
+                                p.trim_start_matches("run:")
+                            ))))
+                        }
                     }
                 }
                 tx.prepare_cached(
@@ -271,13 +287,13 @@ pub fn reserve(
         ] {
             if let Some(cap) = cap {
                 if used + needed > cap {
-                    return Ok(Err(Exhausted {
+                    return Ok(Err(Refused::Exhausted(Exhausted {
                         envelope: e.id.clone(),
                         what,
                         cap,
                         used,
                         needed,
-                    }));
+                    })));
                 }
             }
         }

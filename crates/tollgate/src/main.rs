@@ -188,6 +188,17 @@ enum WalletCmd {
         /// The balance never goes below this, in USD (default 0: strictly prepaid).
         #[arg(long)]
         floor: Option<String>,
+        /// Send a wallet.low_balance webhook when spending takes the balance below this (USD).
+        #[arg(long)]
+        low_balance: Option<String>,
+    },
+    /// Change a wallet's floor or low-balance alert (`--low-balance off` removes it).
+    Set {
+        wallet: String,
+        #[arg(long, allow_hyphen_values = true)]
+        floor: Option<String>,
+        #[arg(long)]
+        low_balance: Option<String>,
     },
     /// Add money. Replaying the same --idempotency-key adds once.
     Topup(CreditArgs),
@@ -683,8 +694,35 @@ async fn wallet(cmd: WalletCmd, target: Target) -> anyhow::Result<std::process::
         _ => "refund",
     };
     match cmd {
-        WalletCmd::Create { owner, floor } => {
-            let req = admin::NewWallet { owner, floor };
+        WalletCmd::Set {
+            wallet,
+            floor,
+            low_balance,
+        } => {
+            let w: Wallet = match local {
+                Some(store) => admin::configure_wallet(store, &wallet, floor, low_balance)?,
+                None => serde_json::from_value(
+                    backend
+                        .call::<serde_json::Value>(
+                            reqwest::Method::PUT,
+                            &format!("/admin/wallets/{}", urlencode(&wallet)),
+                            Some(serde_json::json!({"floor": floor, "low_balance": low_balance})),
+                        )
+                        .await?,
+                )?,
+            };
+            print_wallets(&[w])?;
+        }
+        WalletCmd::Create {
+            owner,
+            floor,
+            low_balance,
+        } => {
+            let req = admin::NewWallet {
+                owner,
+                floor,
+                low_balance,
+            };
             let w: Wallet = match local {
                 Some(store) => admin::create_wallet(store, req)?,
                 None => serde_json::from_value(

@@ -105,6 +105,8 @@ pub enum Held {
         floor_micros: i64,
     },
     Exhausted(crate::envelope::Exhausted),
+    /// The request named a run it may not use.
+    BadRun(String),
 }
 
 type HoldReply = (HoldRequest, oneshot::Sender<Result<Held, String>>);
@@ -112,7 +114,7 @@ type HoldReply = (HoldRequest, oneshot::Sender<Result<Held, String>>);
 /// Envelopes first (cheap to undo by rolling back), then the wallet; all or nothing.
 fn hold_one(tx: &rusqlite::Connection, h: &HoldRequest, now: i64) -> Result<Held, String> {
     if !h.envelopes.is_empty() {
-        if let Err(e) = crate::envelope::reserve(
+        match crate::envelope::reserve(
             tx,
             &h.envelopes,
             &h.request_id,
@@ -121,7 +123,9 @@ fn hold_one(tx: &rusqlite::Connection, h: &HoldRequest, now: i64) -> Result<Held
             h.expires_ms,
             now,
         )? {
-            return Ok(Held::Exhausted(e));
+            Ok(()) => {}
+            Err(crate::envelope::Refused::Exhausted(e)) => return Ok(Held::Exhausted(e)),
+            Err(crate::envelope::Refused::BadRun(m)) => return Ok(Held::BadRun(m)),
         }
     }
     let Some(w) = &h.wallet_id else {

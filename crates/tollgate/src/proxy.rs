@@ -1956,16 +1956,11 @@ async fn hold(
                 expires_ms: now_ms() + ttl_ms,
             })
             .await
-            .map_err(|e| {
-                // A parent run that does not exist, or a run of another organisation, is the
-                // caller's mistake; the rest is ours.
-                if e.contains("run") {
-                    ApiError::new(ErrorKind::BadRequest, e).param("x-tollgate-run")
-                } else {
-                    ApiError::new(ErrorKind::Internal, format!("wallet: {e}"))
-                }
-            })?;
+            .map_err(|e| ApiError::new(ErrorKind::Internal, format!("wallet: {e}")))?;
         match outcome {
+            crate::metering::Held::BadRun(m) => {
+                return Err(ApiError::new(ErrorKind::BadRequest, m).param("x-tollgate-run"));
+            }
             crate::metering::Held::Ok { balance_micros } => {
                 let rec = settle.rec_mut();
                 rec.wallet_id = wallet_id.clone();

@@ -300,7 +300,7 @@ async fn forward(
                         ),
                     ));
                 }
-                crate::metering::Held::Exhausted(_) => {}
+                crate::metering::Held::Exhausted(_) | crate::metering::Held::BadRun(_) => {}
             }
         }
     }

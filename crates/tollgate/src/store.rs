@@ -102,6 +102,8 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE usage ADD COLUMN shortfall_micros INTEGER NOT NULL DEFAULT 0;",
     // 8: run envelopes, budgets, the webhook outbox; usage records name their run
     crate::envelope::MIGRATION,
+    // 9: low-balance alerts
+    "ALTER TABLE wallets ADD COLUMN low_balance_micros INTEGER;",
 ];
 
 /// Opens a connection with the settings every tollgate connection needs.
@@ -657,11 +659,21 @@ pub fn insert_usage_batch(conn: &mut Connection, batch: &[UsageRecord]) -> Resul
         for u in batch {
             // The capture of the request's hold commits with its usage record, or neither
             // does: money and metering cannot disagree.
-            let shortfall = match &u.wallet_id {
-                Some(_) => crate::wallet::settle(&tx, &u.id, u.cost_micros as i64, now)?
-                    .map_or(u.shortfall_micros, |s| s.shortfall_micros as u64),
-                None => 0,
-            };
+            let mut shortfall = 0;
+            if u.wallet_id.is_some() {
+                if let Some(s) = crate::wallet::settle(&tx, &u.id, u.cost_micros as i64, now)? {
+                    shortfall = s.shortfall_micros as u64;
+                    if let Some((wallet, balance)) = s.low_balance {
+                        crate::webhooks::enqueue(
+                            &tx,
+                            &format!("wallet:{wallet}:low:{}", now / 3_600_000),
+                            "wallet.low_balance",
+                            serde_json::json!({"wallet": wallet, "balance_micros": balance}),
+                            now,
+                        )?;
+                    }
+                }
+            }
             stmt.execute(params![
                 u.id,
                 u.ts_ms,

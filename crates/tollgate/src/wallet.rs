@@ -57,6 +57,9 @@ pub struct Wallet {
     /// Money held by requests in flight.
     #[serde(default)]
     pub held_micros: i64,
+    /// A `wallet.low_balance` webhook fires when a capture takes the balance below this.
+    #[serde(default)]
+    pub low_balance_micros: Option<i64>,
     pub created_ms: i64,
 }
 
@@ -158,7 +161,8 @@ pub const MIGRATION: &str = "
 ";
 
 const WALLET_COLUMNS: &str = "id, owner_kind, owner, balance_micros, floor_micros, created_ms,
-    (SELECT COALESCE(SUM(amount_micros), 0) FROM holds h WHERE h.wallet_id = wallets.id AND h.state = 'held')";
+    (SELECT COALESCE(SUM(amount_micros), 0) FROM holds h WHERE h.wallet_id = wallets.id AND h.state = 'held'),
+    low_balance_micros";
 
 fn wallet_from_row(r: &rusqlite::Row) -> rusqlite::Result<Wallet> {
     let kind: String = r.get(1)?;
@@ -170,6 +174,7 @@ fn wallet_from_row(r: &rusqlite::Row) -> rusqlite::Result<Wallet> {
         floor_micros: r.get(4)?,
         created_ms: r.get(5)?,
         held_micros: r.get(6)?,
+        low_balance_micros: r.get(7)?,
     })
 }
 
@@ -192,6 +197,28 @@ fn entry_from_row(r: &rusqlite::Row) -> rusqlite::Result<Entry> {
 
 pub fn new_wallet_id() -> String {
     format!("wal_{:016x}", rand::random::<u64>())
+}
+
+/// Sets a wallet's floor and low-balance alert (None leaves the alert off).
+pub fn configure(
+    tx: &Connection,
+    id: &str,
+    floor_micros: i64,
+    low_balance_micros: Option<i64>,
+) -> Result<Wallet> {
+    let w = get(tx, id)?;
+    if w.balance_micros < floor_micros {
+        return Err(WalletError::Invalid(format!(
+            "the balance ({}) is below that floor ({})",
+            usd(w.balance_micros),
+            usd(floor_micros)
+        )));
+    }
+    tx.execute(
+        "UPDATE wallets SET floor_micros = ?2, low_balance_micros = ?3 WHERE id = ?1",
+        params![id, floor_micros, low_balance_micros],
+    )?;
+    get(tx, id)
 }
 
 pub fn create(
@@ -457,11 +484,13 @@ pub fn hold(
 }
 
 /// What settling a hold did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Settled {
     pub captured_micros: i64,
     /// Cost the wallet could not pay without passing its floor (never captured).
     pub shortfall_micros: i64,
+    /// This capture took the balance below the wallet's low-balance alert: (wallet, balance).
+    pub low_balance: Option<(String, i64)>,
 }
 
 /// Releases the request's hold and captures its actual cost, at most down to the floor.
@@ -497,6 +526,9 @@ pub fn settle(
         )?;
     }
     let (balance, floor) = balance_and_floor(tx, &wallet_id)?;
+    let low: Option<i64> = tx
+        .prepare_cached("SELECT low_balance_micros FROM wallets WHERE id = ?1")?
+        .query_row([&wallet_id], |r| r.get(0))?;
     let payable = (balance - floor).max(0);
     let captured = cost_micros.max(0).min(payable);
     if captured > 0 {
@@ -515,9 +547,13 @@ pub fn settle(
     }
     tx.prepare_cached("UPDATE holds SET state = 'settled', captured_micros = ?2 WHERE id = ?1")?
         .execute(params![request_id, captured])?;
+    let after = balance - captured;
     Ok(Some(Settled {
         captured_micros: captured,
         shortfall_micros: cost_micros.max(0) - captured,
+        low_balance: low
+            .filter(|l| balance >= *l && after < *l)
+            .map(|_| (wallet_id.clone(), after)),
     }))
 }
 

@@ -862,3 +862,48 @@ async fn three_replicas_sharing_the_store_cannot_overdraw_a_wallet() {
         .unwrap();
     assert_eq!(v["ok"], true, "{v}");
 }
+
+#[tokio::test]
+async fn low_balance_and_refused_wallets_reach_the_webhook() {
+    let (hook, got) = spawn_receiver().await;
+    let gw = TestGateway::start(&format!("{PRICED}[[webhooks]]\nurl = \"{hook}\"\n")).await;
+    let (key, key_id) = gw.create_key(json!({"name": "low"})).await;
+    let wallet = wallet_for(&gw, &format!("key:{key_id}"), "0.03").await;
+    let (s, w) = gw
+        .admin(
+            reqwest::Method::PUT,
+            &format!("/admin/wallets/{wallet}"),
+            Some(json!({"low_balance": "0.015"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{w}");
+    assert_eq!(w["low_balance_micros"], 15_000);
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        let r = gw
+            .chat(
+                &key,
+                json!({"model": "mock", "max_tokens": 16, "messages": user(&format!("low {i}"))}),
+            )
+            .await;
+        statuses.push(r.status().as_u16());
+        gw.wait_records(i + 1).await;
+    }
+    assert_eq!(statuses, [200, 200, 200, 402]);
+    let events = wait_events(&got, 2).await;
+    let types: Vec<&str> = events
+        .iter()
+        .map(|(_, v)| v["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types.iter().filter(|t| **t == "wallet.low_balance").count(),
+        1,
+        "once, when the balance went below $0.015: {types:?}"
+    );
+    assert!(types.contains(&"wallet.insufficient_funds"), "{types:?}");
+    let low = events
+        .iter()
+        .find(|(_, v)| v["type"] == "wallet.low_balance")
+        .unwrap();
+    assert_eq!(low.1["data"]["balance_micros"], 10_000);
+}
