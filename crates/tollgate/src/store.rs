@@ -103,7 +103,7 @@ const MIGRATIONS: &[&str] = &[
     // 8: run envelopes, budgets, the webhook outbox; usage records name their run
     crate::envelope::MIGRATION,
     // 9: low-balance alerts
-    "ALTER TABLE wallets ADD COLUMN low_balance_micros INTEGER;",
+    crate::wallet::MIGRATION_LOW_BALANCE,
 ];
 
 /// Opens a connection with the settings every tollgate connection needs.

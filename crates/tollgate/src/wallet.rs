@@ -160,6 +160,10 @@ pub const MIGRATION: &str = "
     ALTER TABLE keys ADD COLUMN org TEXT;
 ";
 
+/// Applied after `MIGRATION` (a later schema version).
+pub const MIGRATION_LOW_BALANCE: &str =
+    "ALTER TABLE wallets ADD COLUMN low_balance_micros INTEGER;";
+
 const WALLET_COLUMNS: &str = "id, owner_kind, owner, balance_micros, floor_micros, created_ms,
     (SELECT COALESCE(SUM(amount_micros), 0) FROM holds h WHERE h.wallet_id = wallets.id AND h.state = 'held'),
     low_balance_micros";
@@ -724,6 +728,7 @@ mod tests {
         let conn = Connection::open_in_memory().unwrap();
         conn.execute_batch("CREATE TABLE keys (id TEXT);").unwrap();
         conn.execute_batch(MIGRATION).unwrap();
+        conn.execute_batch(MIGRATION_LOW_BALANCE).unwrap();
         conn
     }
 
