@@ -151,6 +151,9 @@ fn hold_one(tx: &rusqlite::Connection, h: &HoldRequest, now: i64) -> Result<Held
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
 
+/// Usage records per write transaction while holds may be waiting.
+const RECORD_CHUNK: usize = 64;
+
 /// Runs `f` in one immediate transaction on the writer's connection.
 fn in_tx<T>(
     conn: &mut rusqlite::Connection,
@@ -304,7 +307,26 @@ impl Meter {
                             Ok((h + e, g))
                         }));
                     }
-                    write_with_retry(&mut conn, &batch, &writer_metrics);
+                    // Records go in chunks, and holds that arrive meanwhile are placed
+                    // between chunks: a hold never waits behind a whole batch of settles.
+                    let mut written = 0;
+                    while written < batch.len() {
+                        let end = (written + RECORD_CHUNK).min(batch.len());
+                        write_with_retry(&mut conn, &batch[written..end], &writer_metrics);
+                        written = end;
+                        while let Ok(msg) = rx.try_recv() {
+                            match msg {
+                                Msg::Hold(h) => holds.push(*h),
+                                Msg::Record(r) => batch.push(*r),
+                                Msg::Flush(w) => waiters.push(w),
+                                Msg::Sweep(w) => sweeps.push(w),
+                            }
+                            if holds.len() >= RECORD_CHUNK {
+                                break;
+                            }
+                        }
+                        place_holds(&mut conn, &mut holds);
+                    }
                     batch.clear();
                     for w in waiters.drain(..) {
                         let _ = w.send(());

@@ -37,6 +37,7 @@ pub struct Metrics {
     pub limiter_fallbacks: Family<FallbackLabels, Counter>,
     pub retries_suppressed: Family<ScopeLabels, Counter>,
     pub answers_reused: Family<ReuseLabels, Counter>,
+    pub hold_seconds: Histogram,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -177,8 +178,15 @@ impl Metrics {
             "Requests answered without an upstream call of their own, by kind",
             Family::default(),
         );
+        let hold_seconds = reg(
+            &mut registry,
+            "hold_seconds",
+            "Time to place a request's wallet hold and envelope reservations (the writer's round trip)",
+            Histogram::new([0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1]),
+        );
         Metrics {
             registry,
+            hold_seconds,
             limit_refusals,
             limiter_redis_errors,
             limiter_redis_seconds,

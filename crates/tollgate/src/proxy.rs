@@ -1945,6 +1945,7 @@ async fn hold(
         .unwrap_or(false);
     let mut clamped = false;
     loop {
+        let started = Instant::now();
         let outcome = app
             .meter
             .hold(crate::metering::HoldRequest {
@@ -1957,6 +1958,9 @@ async fn hold(
             })
             .await
             .map_err(|e| ApiError::new(ErrorKind::Internal, format!("wallet: {e}")))?;
+        app.metrics
+            .hold_seconds
+            .observe(started.elapsed().as_secs_f64());
         match outcome {
             crate::metering::Held::BadRun(m) => {
                 return Err(ApiError::new(ErrorKind::BadRequest, m).param("x-tollgate-run"));

@@ -37,6 +37,16 @@ pub struct AppState {
     pub limiter: crate::limits::Limiter,
     pub loop_guard: crate::loopguard::LoopGuard,
     pub damper: crate::damping::Damper,
+    /// Stops the WAL checkpointer when the gateway goes away.
+    _checkpointer: StopOnDrop,
+}
+
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// How to start a gateway. `tollgate serve` fills it from flags and the environment; tests
@@ -84,6 +94,13 @@ impl Gateway {
         );
         let secret =
             ServerSecret::load(&data_dir, opts.secret).context("loading the server secret")?;
+        let stop_checkpoints = Arc::new(AtomicBool::new(false));
+        crate::store::start_checkpointer(
+            store.path().to_path_buf(),
+            std::time::Duration::from_millis(500),
+            stop_checkpoints.clone(),
+        )
+        .context("starting the WAL checkpointer")?;
         let metrics = Arc::new(Metrics::new());
         let meter = Meter::start(
             store.path().to_path_buf(),
@@ -154,6 +171,7 @@ impl Gateway {
             limiter,
             loop_guard: crate::loopguard::LoopGuard::default(),
             damper: crate::damping::Damper::default(),
+            _checkpointer: StopOnDrop(stop_checkpoints),
         });
         refresh_keys(&app).await.context("loading keys")?;
         let _ = warm.await;

@@ -117,7 +117,32 @@ pub fn connect(path: &Path) -> Result<Connection> {
     conn.pragma_update(None, "foreign_keys", "ON")?;
     // Holds, settles and usage inserts reuse a few dozen statements per request.
     conn.set_prepared_statement_cache_capacity(128);
+    // Checkpoints (and their fsync) run on the checkpointer thread, not inside whichever
+    // commit happens to fill the WAL: that was the writer, and every hold waited for it.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     Ok(conn)
+}
+
+/// Copies the WAL back into the database every `every`, off the request and writer paths
+/// (passive: it never blocks a writer). Stops when `stop` is set. A process that exits
+/// checkpoints on close anyway, so the CLI needs none.
+pub fn start_checkpointer(
+    db_path: PathBuf,
+    every: Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<()> {
+    let conn = connect(&db_path)?;
+    std::thread::Builder::new()
+        .name("tollgate-checkpoint".into())
+        .spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(every);
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+                }
+            }
+        })?;
+    Ok(())
 }
 
 pub struct Store {
