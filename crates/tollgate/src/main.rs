@@ -322,7 +322,7 @@ impl LimitArgs {
 
 #[derive(Args)]
 struct UsageArgs {
-    /// key, team, project, model, day, or tag:NAME
+    /// key, team, project, model, day, run, endpoint, or tag:NAME
     #[arg(long, default_value = "model")]
     by: String,
     /// Only the last period, e.g. 7d, 24h.

@@ -172,6 +172,10 @@ pub enum GroupBy {
     Project,
     Model,
     Day,
+    /// The agent run (`x-tollgate-run`) a request drew on.
+    Run,
+    /// The endpoint: chat, messages, embeddings, responses, or a tool route.
+    Endpoint,
     Tag(String),
 }
 
@@ -184,11 +188,13 @@ impl std::str::FromStr for GroupBy {
             "project" => GroupBy::Project,
             "model" => GroupBy::Model,
             "day" => GroupBy::Day,
+            "run" => GroupBy::Run,
+            "endpoint" => GroupBy::Endpoint,
             _ => match s.strip_prefix("tag:") {
                 Some(t) if !t.is_empty() => GroupBy::Tag(t.to_string()),
                 _ => {
                     return Err(format!(
-                        "cannot group by \"{s}\": use key, team, project, model, day or tag:NAME"
+                        "cannot group by \"{s}\": use key, team, project, model, day, run, endpoint or tag:NAME"
                     ))
                 }
             },
@@ -452,6 +458,8 @@ impl Store {
             GroupBy::Project => "COALESCE(project, '-')".to_string(),
             GroupBy::Model => "COALESCE(model_served, model_requested, '-')".to_string(),
             GroupBy::Day => "date(ts_ms / 1000, 'unixepoch')".to_string(),
+            GroupBy::Run => "COALESCE(run_id, '-')".to_string(),
+            GroupBy::Endpoint => "endpoint".to_string(),
             GroupBy::Tag(_) => {
                 "COALESCE(json_extract(tags, '$.' || json_quote(?2)), '-')".to_string()
             }

@@ -693,6 +693,23 @@ async fn spending_stops_at_the_parent_runs_cap_across_its_sub_runs() {
         report["by_model"][0]["cost_micros"], 10_000,
         "the parent's own call"
     );
+    // The usage report groups by run as well.
+    let (_, by_run) = gw
+        .admin(reqwest::Method::GET, "/admin/usage?by=run", None)
+        .await;
+    let cost_of = |run: &str| {
+        by_run
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["group"] == run)
+            .map(|r| r["cost_micros"].as_i64().unwrap())
+    };
+    assert_eq!(cost_of("plan-1"), Some(10_000));
+    assert_eq!(
+        cost_of("plan-1/research").unwrap() + cost_of("plan-1/write").unwrap(),
+        40_000
+    );
     // A run cannot name a parent that does not exist.
     let r = send(&worker, "orphan", Some("no-such-run"), None, 100)
         .await
