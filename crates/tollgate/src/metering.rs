@@ -230,6 +230,15 @@ fn place_holds(conn: &mut rusqlite::Connection, holds: &mut Vec<HoldReply>) {
             .map_err(|e| e.to_string())?;
         let mut out = Vec::with_capacity(holds.len());
         for (h, _) in holds.iter() {
+            if h.envelopes.is_empty() {
+                // A wallet hold alone writes nothing unless it succeeds: no savepoint needed.
+                let r = hold_one(&tx, h, now);
+                if !matches!(r, Ok(Held::Ok { .. })) {
+                    refusal_event(&tx, h, &r, now).map_err(|e| e.to_string())?;
+                }
+                out.push(r);
+                continue;
+            }
             let sp = tx.savepoint().map_err(|e| e.to_string())?;
             let r = hold_one(&sp, h, now);
             if matches!(r, Ok(Held::Ok { .. })) {

@@ -127,7 +127,9 @@ pub const MIGRATION: &str = "
         UNIQUE (owner_kind, owner)
     );
     CREATE TABLE ledger (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        -- The rowid: monotonic because nothing is ever deleted from the ledger, and without
+        -- AUTOINCREMENT's extra write to sqlite_sequence on every entry.
+        seq INTEGER PRIMARY KEY,
         wallet_id TEXT NOT NULL REFERENCES wallets(id),
         kind TEXT NOT NULL,
         amount_micros INTEGER NOT NULL,
