@@ -269,34 +269,8 @@ pub fn reserve(
             }
         }
     }
-    for e in &all {
-        for (what, cap, used, needed) in [
-            (
-                "cost",
-                e.caps.cost_micros,
-                e.spent_cost_micros + e.held_cost_micros,
-                cost,
-            ),
-            (
-                "tokens",
-                e.caps.tokens,
-                e.spent_tokens + e.held_tokens,
-                tokens,
-            ),
-            ("calls", e.caps.calls, e.calls + e.held_calls, 1),
-        ] {
-            if let Some(cap) = cap {
-                if used + needed > cap {
-                    return Ok(Err(Refused::Exhausted(Exhausted {
-                        envelope: e.id.clone(),
-                        what,
-                        cap,
-                        used,
-                        needed,
-                    })));
-                }
-            }
-        }
+    if let Err(e) = fits(&all, cost, tokens) {
+        return Ok(Err(Refused::Exhausted(e)));
     }
     for e in &all {
         tx.prepare_cached(
@@ -317,6 +291,92 @@ pub fn reserve(
         .map_err(sql)?;
     }
     Ok(Ok(()))
+}
+
+/// Whether `cost`, `tokens` and one call fit in every envelope.
+fn fits(all: &[Envelope], cost: i64, tokens: i64) -> Result<(), Exhausted> {
+    for e in all {
+        for (what, cap, used, needed) in [
+            (
+                "cost",
+                e.caps.cost_micros,
+                e.spent_cost_micros + e.held_cost_micros,
+                cost,
+            ),
+            (
+                "tokens",
+                e.caps.tokens,
+                e.spent_tokens + e.held_tokens,
+                tokens,
+            ),
+            ("calls", e.caps.calls, e.calls + e.held_calls, 1),
+        ] {
+            if let Some(cap) = cap.filter(|cap| used + needed > *cap) {
+                return Err(Exhausted {
+                    envelope: e.id.clone(),
+                    what,
+                    cap,
+                    used,
+                    needed,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What `reserve` would say, without reserving (for quotes). Envelopes that do not exist yet
+/// are judged by the caps they would be created with.
+pub fn would_fit(
+    conn: &Connection,
+    specs: &[Spec],
+    cost: i64,
+    tokens: i64,
+) -> rusqlite::Result<Result<(), Exhausted>> {
+    let mut all: Vec<Envelope> = Vec::new();
+    for s in specs {
+        let mut next = Some(s.id.clone());
+        let mut depth = 0;
+        let mut first = true;
+        while let Some(id) = next.take() {
+            depth += 1;
+            if depth > MAX_DEPTH {
+                break;
+            }
+            match get(conn, &id)? {
+                Some(mut e) => {
+                    if first && s.kind == "budget" {
+                        e.caps = s.caps;
+                    }
+                    next = e.parent.clone();
+                    if !all.iter().any(|x| x.id == e.id) {
+                        all.push(e);
+                    }
+                }
+                None if first => {
+                    all.push(Envelope {
+                        id: s.id.clone(),
+                        kind: s.kind.to_string(),
+                        parent: s.parent.clone(),
+                        org: s.org.clone(),
+                        caps: s.caps,
+                        spent_cost_micros: 0,
+                        spent_tokens: 0,
+                        calls: 0,
+                        held_cost_micros: 0,
+                        held_tokens: 0,
+                        held_calls: 0,
+                        created_ms: 0,
+                        soft_cost_micros: s.soft_cost_micros,
+                    });
+                    next = s.parent.clone();
+                }
+                None => {}
+            }
+            first = false;
+        }
+    }
+    Ok(fits(&all, cost, tokens))
 }
 
 /// Replaces a request's reservations with what it actually spent. Idempotent. Returns the

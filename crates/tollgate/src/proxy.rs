@@ -1848,6 +1848,22 @@ pub async fn quote_handler(
         })?;
         let quote = quote(&runtime, &deployments, endpoint, &doc, body.len());
         let cap = cost_cap(&app, &key, &parts.headers)?;
+        let (specs, _) = envelopes_for(&app, &key, &parts.headers)?;
+        let envelope = if specs.is_empty() {
+            Ok(())
+        } else {
+            let store = app.store.clone();
+            let (cost, tokens) = (
+                quote.cost_micros as i64,
+                (quote.input_tokens + quote.output_tokens) as i64,
+            );
+            tokio::task::spawn_blocking(move || {
+                store.read(|c| Ok(crate::envelope::would_fit(c, &specs, cost, tokens)?))
+            })
+            .await
+            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
+            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
+        };
         let wallet_id = app.keys.wallet_for(&key);
         let wallet = match &wallet_id {
             Some(id) => {
@@ -1863,6 +1879,12 @@ pub async fn quote_handler(
             Some("model_not_allowed")
         } else if cap.is_some_and(|c| quote.cost_micros > c) {
             Some("max_cost_exceeded")
+        } else if let Err(e) = &envelope {
+            Some(if e.envelope.starts_with("budget:") {
+                "budget_exceeded"
+            } else {
+                "run_budget_exhausted"
+            })
         } else if wallet
             .as_ref()
             .is_some_and(|w| w.balance_micros - (quote.cost_micros as i64) < w.floor_micros)
@@ -1882,6 +1904,13 @@ pub async fn quote_handler(
             "hold_micros": if wallet.is_some() { quote.cost_micros } else { 0 },
             "cap_micros": cap,
             "wallet": wallet,
+            "envelope": envelope.err().map(|e| serde_json::json!({
+                "envelope": e.envelope,
+                "limit": e.what,
+                "cap": e.cap,
+                "used": e.used,
+                "needed": e.needed,
+            })),
             "admitted": reason.is_none(),
             "reason": reason,
         }))
@@ -1927,7 +1956,10 @@ async fn hold(
             ])));
         }
     }
-    let envelopes = envelopes_for(app, key, headers, settle)?;
+    let (envelopes, run_id) = envelopes_for(app, key, headers)?;
+    if run_id.is_some() {
+        settle.rec_mut().run_id = run_id;
+    }
     let wallet_id = app.keys.wallet_for(key);
     if wallet_id.is_none() && envelopes.is_empty() {
         return Ok(());
@@ -2074,12 +2106,12 @@ async fn hold(
 /// The envelopes a request must fit in: its run (`x-tollgate-run`, under
 /// `x-tollgate-parent-run` when it is new, with `x-tollgate-run-budget` caps) and the budgets
 /// of its key, team and org.
+#[allow(clippy::type_complexity)]
 fn envelopes_for(
     app: &AppState,
     key: &KeyRecord,
     headers: &HeaderMap,
-    settle: &mut Settlement,
-) -> Result<Vec<crate::envelope::Spec>, ApiError> {
+) -> Result<(Vec<crate::envelope::Spec>, Option<String>), ApiError> {
     let org = key.org.clone().unwrap_or_else(|| "default".into());
     let now = now_ms();
     let mut specs: Vec<crate::envelope::Spec> = app
@@ -2118,9 +2150,9 @@ fn envelopes_for(
             caps,
             soft_cost_micros: None,
         });
-        settle.rec_mut().run_id = Some(run);
+        return Ok((specs, Some(run)));
     }
-    Ok(specs)
+    Ok((specs, None))
 }
 
 /// `Cache-Control: no-cache` or `no-store`: the client wants its own upstream call, never

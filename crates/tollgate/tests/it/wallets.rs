@@ -710,6 +710,31 @@ async fn spending_stops_at_the_parent_runs_cap_across_its_sub_runs() {
         cost_of("plan-1/research").unwrap() + cost_of("plan-1/write").unwrap(),
         40_000
     );
+    // Quotes see the run's envelope: a new sub-run under the spent parent would not fit, a
+    // run of its own would.
+    let quote = |run: &'static str, parent: Option<&'static str>| {
+        let mut r = gw
+            .client
+            .post(format!("{}/v1/quote", gw.url))
+            .bearer_auth(&worker)
+            .header("x-tollgate-run", run)
+            .json(&json!({"model": "mock", "max_tokens": 16, "messages": user("q")}));
+        if let Some(p) = parent {
+            r = r.header("x-tollgate-parent-run", p);
+        }
+        async move { r.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let q = quote("plan-1-review", Some("plan-1")).await;
+    assert_eq!(q["reason"], "run_budget_exhausted", "{q}");
+    assert_eq!(q["envelope"]["envelope"], "run:plan-1");
+    assert_eq!(quote("plan-2", None).await["admitted"], true);
+    let (_, nothing) = gw
+        .admin(reqwest::Method::GET, "/admin/runs/plan-1-review", None)
+        .await;
+    assert_eq!(
+        nothing["error"]["code"], "not_found",
+        "a quote creates no run"
+    );
     // A run cannot name a parent that does not exist.
     let r = send(&worker, "orphan", Some("no-such-run"), None, 100)
         .await
@@ -776,6 +801,22 @@ async fn a_teams_monthly_budget_refuses_past_its_hard_limit() {
         }
     }
     assert_eq!(statuses, [200, 200, 200, 402, 402]);
+    // A quote knows the budget is spent, and says so without spending anything.
+    let q: Value = gw
+        .client
+        .post(format!("{}/v1/quote", gw.url))
+        .bearer_auth(&key)
+        .json(&json!({"model": "mock", "max_tokens": 16, "messages": user("quote")}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(q["admitted"], false);
+    assert_eq!(q["reason"], "budget_exceeded");
+    assert_eq!(q["envelope"]["cap"], 30_000);
+    assert_eq!(q["envelope"]["used"], 30_000);
     let events = wait_events(&got, 2).await;
     let types: Vec<&str> = events
         .iter()
