@@ -1777,16 +1777,50 @@ fn cost_cap(app: &AppState, key: &KeyRecord, headers: &HeaderMap) -> Result<Opti
             Some(micros)
         }
     };
-    let configured = key.limits.max_cost_micros.or_else(|| {
-        key.team
-            .as_deref()
-            .and_then(|t| app.keys.team_limits(t))
-            .and_then(|l| l.max_cost_micros)
-    });
+    let configured = key_setting(app, key, |l| l.max_cost_micros);
     Ok(match (header, configured) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     })
+}
+
+/// A per-key setting, else the key's team's.
+fn key_setting<T>(
+    app: &AppState,
+    key: &KeyRecord,
+    field: impl Fn(&crate::keys::KeyLimits) -> Option<T>,
+) -> Option<T> {
+    field(&key.limits).or_else(|| {
+        key.team
+            .as_deref()
+            .and_then(|t| app.keys.team_limits(t))
+            .and_then(|l| field(&l))
+    })
+}
+
+/// The 402 for a wallet that cannot cover a hold, the same for model calls and tool routes.
+pub(crate) fn insufficient_funds(
+    wallet_id: &str,
+    balance_micros: i64,
+    floor_micros: i64,
+    hold_micros: u64,
+    advice: &str,
+) -> ApiError {
+    ApiError::new(
+        ErrorKind::InsufficientFunds,
+        format!(
+            "insufficient funds: this request needs a hold of ${} and wallet {wallet_id} has ${} available (floor ${}); {advice}",
+            crate::wallet::usd(hold_micros as i64),
+            crate::wallet::usd(balance_micros),
+            crate::wallet::usd(floor_micros)
+        ),
+    )
+    .details(money_details(&[
+        ("wallet", wallet_id.into()),
+        ("balance_micros", balance_micros.into()),
+        ("hold_micros", hold_micros.into()),
+        ("floor_micros", floor_micros.into()),
+    ]))
 }
 
 fn money_details(
@@ -1965,16 +1999,7 @@ async fn hold(
         return Ok(());
     }
     let ttl_ms = runtime.wallets.hold_ttl.as_millis() as i64;
-    let clamp = key
-        .limits
-        .clamp_max_tokens
-        .or_else(|| {
-            key.team
-                .as_deref()
-                .and_then(|t| app.keys.team_limits(t))
-                .and_then(|l| l.clamp_max_tokens)
-        })
-        .unwrap_or(false);
+    let clamp = key_setting(app, key, |l| l.clamp_max_tokens).unwrap_or(false);
     let mut clamped = false;
     loop {
         let started = Instant::now();
@@ -2083,21 +2108,13 @@ async fn hold(
                     clamped = true;
                     continue;
                 }
-                return Err(ApiError::new(
-                    ErrorKind::InsufficientFunds,
-                    format!(
-                        "insufficient funds: this request needs a hold of ${} and wallet {wallet_id} has ${} available (floor ${}); top it up or lower max_tokens",
-                        crate::wallet::usd(q.cost_micros as i64),
-                        crate::wallet::usd(balance_micros),
-                        crate::wallet::usd(floor_micros)
-                    ),
-                )
-                .details(money_details(&[
-                    ("wallet", wallet_id.into()),
-                    ("balance_micros", balance_micros.into()),
-                    ("hold_micros", q.cost_micros.into()),
-                    ("floor_micros", floor_micros.into()),
-                ])));
+                return Err(insufficient_funds(
+                    &wallet_id,
+                    balance_micros,
+                    floor_micros,
+                    q.cost_micros,
+                    "top it up or lower max_tokens",
+                ));
             }
         }
     }

@@ -289,15 +289,12 @@ async fn forward(
                     balance_micros,
                     floor_micros,
                 } => {
-                    return Err(ApiError::new(
-                        ErrorKind::InsufficientFunds,
-                        format!(
-                            "insufficient funds: a call to '{}' costs ${} and wallet {wallet_id} has ${} available (floor ${})",
-                            route.name,
-                            crate::wallet::usd(route.price_per_call as i64),
-                            crate::wallet::usd(balance_micros),
-                            crate::wallet::usd(floor_micros)
-                        ),
+                    return Err(crate::proxy::insufficient_funds(
+                        &wallet_id,
+                        balance_micros,
+                        floor_micros,
+                        route.price_per_call,
+                        &format!("a call to '{}' costs that much; top it up", route.name),
                     ));
                 }
                 crate::metering::Held::Exhausted(_) | crate::metering::Held::BadRun(_) => {}

@@ -134,6 +134,28 @@ impl TestGateway {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
+    /// Creates a wallet for `owner` (`team:T`, `key:ID`, …) and tops it up with `topup` USD.
+    pub async fn wallet(&self, owner: &str, topup: &str) -> String {
+        let (s, w) = self
+            .admin(
+                reqwest::Method::POST,
+                "/admin/wallets",
+                Some(json!({"owner": owner})),
+            )
+            .await;
+        assert_eq!(s, 201, "{w}");
+        let id = w["id"].as_str().unwrap().to_string();
+        let (s, c) = self
+            .admin(
+                reqwest::Method::POST,
+                &format!("/admin/wallets/{id}/topup"),
+                Some(json!({"amount": topup, "idempotency_key": format!("initial-{id}")})),
+            )
+            .await;
+        assert_eq!(s, 201, "{c}");
+        id
+    }
+
     pub async fn key(&self) -> String {
         self.create_key(json!({"name": "agent-1", "team": "team-a", "project": "proj-x"}))
             .await

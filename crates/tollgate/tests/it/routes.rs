@@ -204,20 +204,7 @@ async fn a_priced_tool_call_is_paid_from_the_wallet_and_refused_without_money() 
     ))
     .await;
     let (key, key_id) = gw.create_key(json!({"name": "payer"})).await;
-    let (_, w) = gw
-        .admin(
-            reqwest::Method::POST,
-            "/admin/wallets",
-            Some(json!({"owner": format!("key:{key_id}")})),
-        )
-        .await;
-    let wallet = w["id"].as_str().unwrap().to_string();
-    gw.admin(
-        reqwest::Method::POST,
-        &format!("/admin/wallets/{wallet}/topup"),
-        Some(json!({"amount": "0.01"})),
-    )
-    .await;
+    let wallet = gw.wallet(&format!("key:{key_id}"), "0.01").await;
     let mut statuses = Vec::new();
     for i in 0..4 {
         statuses.push(
@@ -229,8 +216,18 @@ async fn a_priced_tool_call_is_paid_from_the_wallet_and_refused_without_money() 
     }
     // $0.01 pays two calls at $0.004; the third needs $0.004 of the $0.002 left.
     assert_eq!(statuses, [200, 200, 402, 402]);
+    // The refusal has the same shape as a model call's.
+    let v = assert_openai_error(
+        post(&gw, &key, "/tools/paid/x", "{\"n\": 9}").await,
+        402,
+        "insufficient_funds",
+    )
+    .await;
+    assert_eq!(v["error"]["wallet"], wallet.as_str());
+    assert_eq!(v["error"]["hold_micros"], 4_000);
+    assert_eq!(v["error"]["balance_micros"], 2_000);
     assert_eq!(calls.load(Ordering::SeqCst), 2);
-    gw.wait_records(4).await;
+    gw.wait_records(5).await;
     let (_, w) = gw
         .admin(
             reqwest::Method::GET,

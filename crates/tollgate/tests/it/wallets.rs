@@ -14,27 +14,6 @@ input = 0
 output = 625000000
 "#;
 
-async fn wallet_for(gw: &TestGateway, owner: &str, topup: &str) -> String {
-    let (s, w) = gw
-        .admin(
-            reqwest::Method::POST,
-            "/admin/wallets",
-            Some(json!({"owner": owner})),
-        )
-        .await;
-    assert_eq!(s, 201, "{w}");
-    let id = w["id"].as_str().unwrap().to_string();
-    let (s, c) = gw
-        .admin(
-            reqwest::Method::POST,
-            &format!("/admin/wallets/{id}/topup"),
-            Some(json!({"amount": topup, "idempotency_key": format!("initial-{id}")})),
-        )
-        .await;
-    assert_eq!(s, 201, "{c}");
-    id
-}
-
 async fn verify(gw: &TestGateway) {
     let (s, v) = gw
         .admin(reqwest::Method::GET, "/admin/wallets/verify", None)
@@ -70,7 +49,7 @@ async fn ledger(gw: &TestGateway, wallet: &str) -> Vec<Value> {
 async fn a_dollar_buys_a_hundred_cent_requests_out_of_a_thousand_concurrent_ones() {
     let gw = TestGateway::start(PRICED).await;
     let (key, _) = gw.create_key(json!({"name": "spender", "team": "t"})).await;
-    let wallet = wallet_for(&gw, "team:t", "1.00").await;
+    let wallet = gw.wallet("team:t", "1.00").await;
     let statuses: Vec<(u16, Value)> = futures_util::stream::iter(0..1000)
         .map(|i| {
             let gw = &gw;
@@ -140,7 +119,7 @@ async fn wallets_by_cli_and_api_with_idempotent_topups_grants_and_refusals_in_bo
         200
     );
     // The org's wallet, then the key's own, which wins.
-    let org = wallet_for(&gw, "org:acme", "0.005").await;
+    let org = gw.wallet("org:acme", "0.005").await;
     let r = gw
         .chat(
             &key,
@@ -167,7 +146,7 @@ async fn wallets_by_cli_and_api_with_idempotent_topups_grants_and_refusals_in_bo
     assert_eq!(v["error"]["type"], "billing_error");
     assert_eq!(v["error"]["hold_micros"], 10_000);
 
-    let own = wallet_for(&gw, &format!("key:{key_id}"), "0.02").await;
+    let own = gw.wallet(&format!("key:{key_id}"), "0.02").await;
     let r = gw
         .chat(
             &key,
@@ -207,33 +186,25 @@ async fn wallets_by_cli_and_api_with_idempotent_topups_grants_and_refusals_in_bo
                 .output()
                 .unwrap()
         };
-        let grant = run(&[
+        let grant_args = [
             "wallet",
             "grant",
-            &own2,
+            own2.as_str(),
             "--amount",
             "0.50",
             "--expires",
             "30d",
             "--idempotency-key",
             "promo",
-        ]);
+        ];
+        let grant = run(&grant_args);
         assert!(
             grant.status.success(),
             "{}",
             String::from_utf8_lossy(&grant.stderr)
         );
-        let again = run(&[
-            "wallet",
-            "grant",
-            &own2,
-            "--amount",
-            "0.50",
-            "--expires",
-            "30d",
-            "--idempotency-key",
-            "promo",
-        ]);
+        // The same grant again, as a retrying script would send it.
+        let again = run(&grant_args);
         assert!(String::from_utf8_lossy(&again.stdout).contains("Already applied"));
         let bad = run(&["wallet", "adjust", &own2, "--amount", "-0.10"]);
         assert!(!bad.status.success(), "an adjustment needs a note");
@@ -262,7 +233,7 @@ async fn wallets_by_cli_and_api_with_idempotent_topups_grants_and_refusals_in_bo
 async fn spend_caps_quotes_and_clamping() {
     let gw = TestGateway::start(PRICED).await;
     let (key, key_id) = gw.create_key(json!({"name": "careful"})).await;
-    let wallet = wallet_for(&gw, &format!("key:{key_id}"), "0.005").await;
+    let wallet = gw.wallet(&format!("key:{key_id}"), "0.005").await;
     let body = json!({"model": "mock", "max_tokens": 16, "messages": user("quote me")});
 
     // A quote says what would happen, and holds nothing.
@@ -382,7 +353,7 @@ async fn spend_caps_quotes_and_clamping() {
 async fn a_stream_that_uses_up_its_hold_is_cut_and_billed_for_what_was_delivered() {
     let gw = TestGateway::start(&format!("{PRICED}[wallets]\ndefault_max_output = 40\n")).await;
     let (key, key_id) = gw.create_key(json!({"name": "streamer"})).await;
-    let wallet = wallet_for(&gw, &format!("key:{key_id}"), "1.00").await;
+    let wallet = gw.wallet(&format!("key:{key_id}"), "1.00").await;
     // No max_tokens: the hold covers [wallets] default_max_output (40 tokens, $0.025); the
     // mock would write 200.
     let r = gw
@@ -837,7 +808,7 @@ async fn a_request_retried_upstream_is_held_and_captured_once() {
     ))
     .await;
     let (key, key_id) = gw.create_key(json!({"name": "retried"})).await;
-    let wallet = wallet_for(&gw, &format!("key:{key_id}"), "1.00").await;
+    let wallet = gw.wallet(&format!("key:{key_id}"), "1.00").await;
     // Fails twice upstream, succeeds on the third attempt.
     let r = gw
         .chat(
@@ -926,7 +897,7 @@ async fn low_balance_and_refused_wallets_reach_the_webhook() {
     let (hook, got) = spawn_receiver().await;
     let gw = TestGateway::start(&format!("{PRICED}[[webhooks]]\nurl = \"{hook}\"\n")).await;
     let (key, key_id) = gw.create_key(json!({"name": "low"})).await;
-    let wallet = wallet_for(&gw, &format!("key:{key_id}"), "0.03").await;
+    let wallet = gw.wallet(&format!("key:{key_id}"), "0.03").await;
     let (s, w) = gw
         .admin(
             reqwest::Method::PUT,
