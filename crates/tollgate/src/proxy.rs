@@ -1971,8 +1971,18 @@ async fn hold(
     deployments: &[Arc<Deployment>],
     settle: &mut Settlement,
 ) -> Result<(), ApiError> {
+    let cap = cost_cap(app, key, headers)?;
+    let (envelopes, run_id) = envelopes_for(app, key, headers)?;
+    if run_id.is_some() {
+        settle.rec_mut().run_id = run_id;
+    }
+    let wallet_id = app.keys.wallet_for(key);
+    // Most requests have no cap, wallet or envelope: they skip the quote entirely.
+    if cap.is_none() && wallet_id.is_none() && envelopes.is_empty() {
+        return Ok(());
+    }
     let mut q = quote(runtime, deployments, endpoint, doc, settle.body.len());
-    if let Some(cap) = cost_cap(app, key, headers)? {
+    if let Some(cap) = cap {
         if q.cost_micros > cap {
             return Err(ApiError::new(
                 ErrorKind::MaxCostExceeded,
@@ -1990,11 +2000,6 @@ async fn hold(
             ])));
         }
     }
-    let (envelopes, run_id) = envelopes_for(app, key, headers)?;
-    if run_id.is_some() {
-        settle.rec_mut().run_id = run_id;
-    }
-    let wallet_id = app.keys.wallet_for(key);
     if wallet_id.is_none() && envelopes.is_empty() {
         return Ok(());
     }
