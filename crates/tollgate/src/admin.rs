@@ -502,7 +502,7 @@ pub fn set_budget(store: &Store, req: BudgetReq) -> Result<crate::envelope::Budg
     }
     store.write(|tx| {
         crate::envelope::set_budget(tx, &b)?;
-        tx.execute("UPDATE meta SET v = v + 1 WHERE k = 'keys_rev'", [])?;
+        tx.exec("UPDATE meta SET v = v + 1 WHERE k = 'keys_rev'", &[])?;
         Ok(())
     })?;
     Ok(b)
@@ -517,22 +517,25 @@ pub fn run_report(store: &Store, run: &str) -> Result<serde_json::Value, AdminEr
                 return Err(crate::wallet::WalletError::NotFound(format!("run {run}")));
             };
             let subs = crate::envelope::children(c, &id)?;
-            let mut stmt = c.prepare(
-                "SELECT COALESCE(model_served, model_requested, '-'), COUNT(*), SUM(cost_micros),
-                        SUM(input_tokens), SUM(output_tokens)
-                 FROM usage WHERE run_id = ?1 GROUP BY 1 ORDER BY 3 DESC",
-            )?;
-            let by_model: Vec<serde_json::Value> = stmt
-                .query_map([run], |r| {
+            let by_model = c
+                .rows(
+                    "SELECT COALESCE(model_served, model_requested, '-'), COUNT(*),
+                            CAST(SUM(cost_micros) AS BIGINT), CAST(SUM(input_tokens) AS BIGINT),
+                            CAST(SUM(output_tokens) AS BIGINT)
+                     FROM usage WHERE run_id = ?1 GROUP BY 1 ORDER BY 3 DESC, 1",
+                    &[&run],
+                )?
+                .iter()
+                .map(|r| {
                     Ok(serde_json::json!({
-                        "model": r.get::<_, String>(0)?,
-                        "requests": r.get::<_, i64>(1)?,
-                        "cost_micros": r.get::<_, i64>(2)?,
-                        "input_tokens": r.get::<_, i64>(3)?,
-                        "output_tokens": r.get::<_, i64>(4)?,
+                        "model": r.get::<String>(0)?,
+                        "requests": r.get::<i64>(1)?,
+                        "cost_micros": r.get::<i64>(2)?,
+                        "input_tokens": r.get::<i64>(3)?,
+                        "output_tokens": r.get::<i64>(4)?,
                     }))
-                })?
-                .collect::<rusqlite::Result<_>>()?;
+                })
+                .collect::<crate::db::Result<Vec<_>>>()?;
             let strip = |e: &crate::envelope::Envelope| {
                 let mut v = serde_json::to_value(e).unwrap_or_default();
                 if let Some(o) = v.as_object_mut() {
@@ -888,14 +891,14 @@ async fn run_caps_h(
     let r = blocking(&app, move |a| {
         let eid = format!("run:{id}");
         a.store.write(|tx| {
-            tx.execute(
+            tx.exec(
                 "INSERT INTO envelopes (id, kind, org, created_ms) VALUES (?1, 'run', 'default', ?2)
                  ON CONFLICT(id) DO NOTHING",
-                rusqlite::params![eid, now_ms()],
+                &[&eid, &now_ms()],
             )?;
-            tx.execute(
+            tx.exec(
                 "UPDATE envelopes SET cap_cost_micros = ?2, cap_tokens = ?3, cap_calls = ?4 WHERE id = ?1",
-                rusqlite::params![eid, cost, req.tokens, req.calls],
+                &[&eid, &cost, &req.tokens, &req.calls],
             )?;
             Ok(())
         })?;

@@ -13,6 +13,7 @@ use std::time::Duration;
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
+    pub store: StoreConfig,
     pub routing: RoutingConfig,
     pub metering: MeteringConfig,
     pub limits: LimitsConfig,
@@ -118,6 +119,21 @@ impl WebhookConfig {
             .as_deref()
             .and_then(|v| std::env::var(v).ok())
             .or_else(|| self.secret.clone())
+    }
+}
+
+/// Where keys, usage and the ledger live. Needs a restart to change.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `postgres://user:password@host:5432/db` for PostgreSQL (shared by several gateways);
+    /// unset: SQLite in `<data_dir>/tollgate.db`. `TOLLGATE_STORE_URL` overrides it.
+    pub url: Option<String>,
+}
+
+impl StoreConfig {
+    pub fn location(&self, data_dir: &std::path::Path) -> crate::db::Location {
+        crate::db::Location::from_config(self.url.as_deref(), data_dir)
     }
 }
 
@@ -597,6 +613,18 @@ impl Config {
         let mut p = |path: String, msg: &str| problems.push(format!("{path}: {msg}"));
         if self.server.max_body_bytes == 0 {
             p("server.max_body_bytes".into(), "must be greater than 0");
+        }
+        if let Some(url) = &self.store.url {
+            let ok = ["postgres://", "postgresql://", "sqlite://"]
+                .iter()
+                .any(|s| url.starts_with(s))
+                || url.contains("host=");
+            if !ok {
+                p(
+                    "store.url".into(),
+                    "must be a postgres:// (or postgresql://, sqlite://) URL",
+                );
+            }
         }
         if self.routing.max_attempts == 0 {
             p("routing.max_attempts".into(), "must be at least 1");

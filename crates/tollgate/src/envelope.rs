@@ -5,7 +5,7 @@
 //! in every envelope that applies (its run and that run's ancestors, and each budget), all or
 //! nothing, in the writer's transaction, so concurrent sub-agents cannot overshoot a parent.
 
-use rusqlite::{params, Connection, OptionalExtension};
+use crate::db::{Db, Result as DbResult, Row};
 use serde::{Deserialize, Serialize};
 
 pub const MIGRATION: &str = "
@@ -132,7 +132,7 @@ const COLUMNS: &str = "id, kind, parent, org, cap_cost_micros, cap_tokens, cap_c
     spent_cost_micros, spent_tokens, calls, held_cost_micros, held_tokens, held_calls, created_ms,
     soft_cost_micros";
 
-fn from_row(r: &rusqlite::Row) -> rusqlite::Result<Envelope> {
+fn from_row(r: &Row) -> DbResult<Envelope> {
     Ok(Envelope {
         id: r.get(0)?,
         kind: r.get(1)?,
@@ -154,21 +154,23 @@ fn from_row(r: &rusqlite::Row) -> rusqlite::Result<Envelope> {
     })
 }
 
-pub fn get(conn: &Connection, id: &str) -> rusqlite::Result<Option<Envelope>> {
-    conn.query_row(
+pub fn get(db: &mut Db, id: &str) -> DbResult<Option<Envelope>> {
+    db.row(
         &format!("SELECT {COLUMNS} FROM envelopes WHERE id = ?1"),
-        [id],
-        from_row,
-    )
-    .optional()
+        &[&id],
+    )?
+    .map(|r| from_row(&r))
+    .transpose()
 }
 
-pub fn children(conn: &Connection, id: &str) -> rusqlite::Result<Vec<Envelope>> {
-    let mut stmt = conn.prepare(&format!(
-        "SELECT {COLUMNS} FROM envelopes WHERE parent = ?1 ORDER BY created_ms, id"
-    ))?;
-    let rows = stmt.query_map([id], from_row)?;
-    rows.collect()
+pub fn children(db: &mut Db, id: &str) -> DbResult<Vec<Envelope>> {
+    db.rows(
+        &format!("SELECT {COLUMNS} FROM envelopes WHERE parent = ?1 ORDER BY created_ms, id"),
+        &[&id],
+    )?
+    .iter()
+    .map(from_row)
+    .collect()
 }
 
 /// Deepest nesting followed; deeper parents are ignored (and a cycle cannot form: a run's
@@ -176,7 +178,7 @@ pub fn children(conn: &Connection, id: &str) -> rusqlite::Result<Vec<Envelope>> 
 const MAX_DEPTH: usize = 16;
 
 /// The envelope and its ancestors, nearest first.
-fn chain(tx: &Connection, id: &str) -> rusqlite::Result<Vec<Envelope>> {
+fn chain(tx: &mut Db, id: &str) -> DbResult<Vec<Envelope>> {
     let mut out = Vec::new();
     let mut next = Some(id.to_string());
     while let Some(id) = next.take() {
@@ -197,7 +199,7 @@ fn chain(tx: &Connection, id: &str) -> rusqlite::Result<Vec<Envelope>> {
 /// Creates missing envelopes, checks that `cost`, `tokens` and one call fit in every
 /// envelope of every spec's chain, and reserves them; or reserves nothing.
 pub fn reserve(
-    tx: &Connection,
+    tx: &mut Db,
     specs: &[Spec],
     request_id: &str,
     cost: i64,
@@ -205,7 +207,7 @@ pub fn reserve(
     expires_ms: i64,
     now_ms: i64,
 ) -> Result<Result<(), Refused>, String> {
-    let sql = |e: rusqlite::Error| e.to_string();
+    let sql = |e: crate::db::DbError| e.to_string();
     let mut all: Vec<Envelope> = Vec::new();
     for s in specs {
         match get(tx, &s.id).map_err(sql)? {
@@ -217,15 +219,16 @@ pub fn reserve(
             }
             Some(_) => {
                 if s.kind == "budget" {
-                    tx.prepare_cached("UPDATE envelopes SET cap_cost_micros = ?2, cap_tokens = ?3, cap_calls = ?4,
+                    tx.exec(
+                        "UPDATE envelopes SET cap_cost_micros = ?2, cap_tokens = ?3, cap_calls = ?4,
                                               soft_cost_micros = ?5
-                         WHERE id = ?1").map_err(sql)?.execute(
-                        params![
-                            s.id,
-                            s.caps.cost_micros,
-                            s.caps.tokens,
-                            s.caps.calls,
-                            s.soft_cost_micros
+                         WHERE id = ?1",
+                        &[
+                            &s.id,
+                            &s.caps.cost_micros,
+                            &s.caps.tokens,
+                            &s.caps.calls,
+                            &s.soft_cost_micros,
                         ],
                     )
                     .map_err(sql)?;
@@ -243,23 +246,22 @@ pub fn reserve(
                         }
                     }
                 }
-                tx.prepare_cached(
+                tx.exec(
                     "INSERT INTO envelopes (id, kind, parent, org, cap_cost_micros, cap_tokens,
                                             cap_calls, created_ms, soft_cost_micros)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    &[
+                        &s.id,
+                        &s.kind,
+                        &s.parent,
+                        &s.org,
+                        &s.caps.cost_micros,
+                        &s.caps.tokens,
+                        &s.caps.calls,
+                        &now_ms,
+                        &s.soft_cost_micros,
+                    ],
                 )
-                .map_err(sql)?
-                .execute(params![
-                    s.id,
-                    s.kind,
-                    s.parent,
-                    s.org,
-                    s.caps.cost_micros,
-                    s.caps.tokens,
-                    s.caps.calls,
-                    now_ms,
-                    s.soft_cost_micros
-                ])
                 .map_err(sql)?;
             }
         }
@@ -273,21 +275,19 @@ pub fn reserve(
         return Ok(Err(Refused::Exhausted(e)));
     }
     for e in &all {
-        tx.prepare_cached(
+        tx.exec(
             "UPDATE envelopes SET held_cost_micros = held_cost_micros + ?2,
                                   held_tokens = held_tokens + ?3, held_calls = held_calls + 1
              WHERE id = ?1",
+            &[&e.id, &cost, &tokens],
         )
-        .map_err(sql)?
-        .execute(params![e.id, cost, tokens])
         .map_err(sql)?;
-        tx.prepare_cached(
-            "INSERT OR IGNORE INTO envelope_holds (request_id, envelope_id, cost_micros, tokens,
-                                                   expires_ms, state)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'held')",
+        tx.exec(
+            "INSERT INTO envelope_holds (request_id, envelope_id, cost_micros, tokens,
+                                         expires_ms, state)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'held') ON CONFLICT DO NOTHING",
+            &[&request_id, &e.id, &cost, &tokens, &expires_ms],
         )
-        .map_err(sql)?
-        .execute(params![request_id, e.id, cost, tokens, expires_ms])
         .map_err(sql)?;
     }
     Ok(Ok(()))
@@ -328,11 +328,11 @@ fn fits(all: &[Envelope], cost: i64, tokens: i64) -> Result<(), Exhausted> {
 /// What `reserve` would say, without reserving (for quotes). Envelopes that do not exist yet
 /// are judged by the caps they would be created with.
 pub fn would_fit(
-    conn: &Connection,
+    conn: &mut Db,
     specs: &[Spec],
     cost: i64,
     tokens: i64,
-) -> rusqlite::Result<Result<(), Exhausted>> {
+) -> DbResult<Result<(), Exhausted>> {
     let mut all: Vec<Envelope> = Vec::new();
     for s in specs {
         let mut next = Some(s.id.clone());
@@ -381,22 +381,25 @@ pub fn would_fit(
 
 /// Replaces a request's reservations with what it actually spent. Idempotent. Returns the
 /// thresholds crossed by this spending.
-pub fn settle(
-    tx: &Connection,
-    request_id: &str,
-    cost: i64,
-    tokens: i64,
-) -> rusqlite::Result<Vec<Crossing>> {
-    let holds: Vec<(String, i64, i64, String)> = {
-        let mut stmt = tx.prepare(
-            "SELECT envelope_id, cost_micros, tokens, state FROM envelope_holds
-             WHERE request_id = ?1",
-        )?;
-        let rows = stmt.query_map([request_id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
+/// Rows of four columns, as a tuple.
+fn quads<A, B, C, D>(rows: Vec<Row>) -> DbResult<Vec<(A, B, C, D)>>
+where
+    A: crate::db::FromValue,
+    B: crate::db::FromValue,
+    C: crate::db::FromValue,
+    D: crate::db::FromValue,
+{
+    rows.iter()
+        .map(|r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .collect()
+}
+
+pub fn settle(tx: &mut Db, request_id: &str, cost: i64, tokens: i64) -> DbResult<Vec<Crossing>> {
+    let holds: Vec<(String, i64, i64, String)> = quads(tx.rows(
+        "SELECT envelope_id, cost_micros, tokens, state FROM envelope_holds
+         WHERE request_id = ?1",
+        &[&request_id],
+    )?)?;
     let mut crossings = Vec::new();
     for (id, held_cost, held_tokens, state) in holds {
         if state == "settled" {
@@ -404,21 +407,22 @@ pub fn settle(
         }
         let before = get(tx, &id)?;
         if state == "held" {
-            tx.prepare_cached(
+            tx.exec(
                 "UPDATE envelopes SET held_cost_micros = held_cost_micros - ?2,
                                       held_tokens = held_tokens - ?3, held_calls = held_calls - 1
                  WHERE id = ?1",
-            )?
-            .execute(params![id, held_cost, held_tokens])?;
+                &[&id, &held_cost, &held_tokens],
+            )?;
         }
-        tx.prepare_cached(
+        tx.exec(
             "UPDATE envelopes SET spent_cost_micros = spent_cost_micros + ?2,
                                   spent_tokens = spent_tokens + ?3, calls = calls + 1
              WHERE id = ?1",
-        )?
-        .execute(params![id, cost, tokens])?;
-        tx.prepare_cached("UPDATE envelope_holds SET state = 'settled' WHERE request_id = ?1 AND envelope_id = ?2")?.execute(
-            params![request_id, id],
+            &[&id, &cost, &tokens],
+        )?;
+        tx.exec(
+            "UPDATE envelope_holds SET state = 'settled' WHERE request_id = ?1 AND envelope_id = ?2",
+            &[&request_id, &id],
         )?;
         if let Some(b) = before {
             crossings.extend(crossed(&b, cost));
@@ -455,26 +459,22 @@ fn crossed(e: &Envelope, cost: i64) -> Vec<Crossing> {
 }
 
 /// Releases reservations past their expiry (a gateway that died mid-request).
-pub fn expire(tx: &Connection, now_ms: i64) -> rusqlite::Result<usize> {
-    let stale: Vec<(String, String, i64, i64)> = {
-        let mut stmt = tx.prepare(
-            "SELECT request_id, envelope_id, cost_micros, tokens FROM envelope_holds
-             WHERE state = 'held' AND expires_ms <= ?1",
-        )?;
-        let rows = stmt.query_map([now_ms], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
+pub fn expire(tx: &mut Db, now_ms: i64) -> DbResult<usize> {
+    let stale: Vec<(String, String, i64, i64)> = quads(tx.rows(
+        "SELECT request_id, envelope_id, cost_micros, tokens FROM envelope_holds
+         WHERE state = 'held' AND expires_ms <= ?1",
+        &[&now_ms],
+    )?)?;
     for (rid, eid, cost, tokens) in &stale {
-        tx.prepare_cached(
+        tx.exec(
             "UPDATE envelopes SET held_cost_micros = held_cost_micros - ?2,
                                   held_tokens = held_tokens - ?3, held_calls = held_calls - 1
              WHERE id = ?1",
-        )?
-        .execute(params![eid, cost, tokens])?;
-        tx.prepare_cached("UPDATE envelope_holds SET state = 'expired' WHERE request_id = ?1 AND envelope_id = ?2")?.execute(
-            params![rid, eid],
+            &[eid, cost, tokens],
+        )?;
+        tx.exec(
+            "UPDATE envelope_holds SET state = 'expired' WHERE request_id = ?1 AND envelope_id = ?2",
+            &[rid, eid],
         )?;
     }
     Ok(stale.len())
@@ -562,34 +562,30 @@ pub struct Budget {
     pub soft_micros: Option<i64>,
 }
 
-pub fn budgets(conn: &Connection) -> rusqlite::Result<Vec<Budget>> {
-    let mut stmt = conn.prepare(
+pub fn budgets(db: &mut Db) -> DbResult<Vec<Budget>> {
+    db.rows(
         "SELECT scope, period, hard_micros, soft_micros FROM budgets ORDER BY scope, period",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        let p: String = r.get(1)?;
+        &[],
+    )?
+    .iter()
+    .map(|r| {
         Ok(Budget {
             scope: r.get(0)?,
-            period: Period::parse(&p).unwrap_or(Period::Lifetime),
+            period: Period::parse(&r.get::<String>(1)?).unwrap_or(Period::Lifetime),
             hard_micros: r.get(2)?,
             soft_micros: r.get(3)?,
         })
-    })?;
-    rows.collect()
+    })
+    .collect()
 }
 
-pub fn set_budget(tx: &Connection, b: &Budget) -> rusqlite::Result<()> {
-    tx.prepare_cached(
+pub fn set_budget(tx: &mut Db, b: &Budget) -> DbResult<()> {
+    tx.exec(
         "INSERT INTO budgets (scope, period, hard_micros, soft_micros) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT(scope, period) DO UPDATE SET hard_micros = excluded.hard_micros,
                                                   soft_micros = excluded.soft_micros",
-    )?
-    .execute(params![
-        b.scope,
-        b.period.as_str(),
-        b.hard_micros,
-        b.soft_micros
-    ])?;
+        &[&b.scope, &b.period.as_str(), &b.hard_micros, &b.soft_micros],
+    )?;
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod config;
 pub mod damping;
+pub mod db;
 pub mod envelope;
 pub mod error;
 pub mod estimate;

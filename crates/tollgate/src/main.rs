@@ -75,6 +75,10 @@ enum Cmd {
     Migrate {
         #[arg(long, env = "TOLLGATE_DATA_DIR", default_value = "./tollgate-data")]
         data_dir: PathBuf,
+        /// A PostgreSQL store, e.g. postgres://tollgate:secret@db:5432/tollgate (else SQLite
+        /// in the data directory).
+        #[arg(long, env = "TOLLGATE_STORE_URL", hide_env_values = true)]
+        store_url: Option<String>,
     },
     /// Run the mock provider alone (for benchmarks and experiments).
     MockProvider {
@@ -97,6 +101,9 @@ struct ServeArgs {
     /// Overrides [server] data_dir.
     #[arg(long, env = "TOLLGATE_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Overrides [store] url: postgres://user:password@host:5432/db.
+    #[arg(long, env = "TOLLGATE_STORE_URL", hide_env_values = true)]
+    store_url: Option<String>,
 }
 
 /// Where management commands act: the data directory, or a running gateway.
@@ -110,6 +117,14 @@ struct Target {
         default_value = "./tollgate-data"
     )]
     data_dir: PathBuf,
+    /// The gateway's PostgreSQL store, when it has one (else SQLite in the data directory).
+    #[arg(
+        long,
+        global = true,
+        env = "TOLLGATE_STORE_URL",
+        hide_env_values = true
+    )]
+    store_url: Option<String>,
     /// A running gateway's base URL, e.g. http://127.0.0.1:4000 (needs --admin-key).
     #[arg(long, global = true, env = "TOLLGATE_URL")]
     url: Option<String>,
@@ -408,11 +423,15 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Cmd::Wallet { cmd, target } => return wallet(cmd, target).await,
         Cmd::Usage(args) => usage(args).await?,
-        Cmd::Migrate { data_dir } => {
-            let store = Store::open(&data_dir)?;
+        Cmd::Migrate {
+            data_dir,
+            store_url,
+        } => {
+            let location = tollgate::db::Location::from_config(store_url.as_deref(), &data_dir);
+            let store = tokio::task::spawn_blocking(move || Store::open_at(&location)).await??;
             println!(
                 "{}: schema at version {}",
-                store.path().display(),
+                store.location().describe(),
                 store.schema_version()?
             );
         }
@@ -437,6 +456,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(d) = args.data_dir {
         config.server.data_dir = d;
+    }
+    if let Some(u) = args.store_url {
+        config.store.url = Some(u);
     }
     let gw = Gateway::start(ServeOptions {
         config,
@@ -492,10 +514,15 @@ impl Backend {
                 })
             }
             None => {
-                if !t.data_dir.join("tollgate.db").exists() {
-                    bail!("no tollgate data in {} (run `tollgate serve` once, or pass --data-dir / --url)", t.data_dir.display());
+                let location =
+                    tollgate::db::Location::from_config(t.store_url.as_deref(), &t.data_dir);
+                if let tollgate::db::Location::Sqlite(path) = &location {
+                    if !path.exists() {
+                        bail!("no tollgate data in {} (run `tollgate serve` once, or pass --data-dir / --url)", t.data_dir.display());
+                    }
                 }
-                let store = Store::open(&t.data_dir)?;
+                let store = Store::open_at(&location)
+                    .with_context(|| format!("opening the store at {}", location.describe()))?;
                 let secret =
                     ServerSecret::load(&t.data_dir, std::env::var("TOLLGATE_SECRET").ok())?;
                 Ok(Backend::Local { store, secret })

@@ -4,11 +4,11 @@
 //! counted and logged with the record's id and numbers, so nothing disappears silently.
 //! A dedicated thread drains the queue into SQLite, one transaction per batch.
 
+use crate::db::{Db, Location};
 use crate::metrics::Metrics;
 use crate::store;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -112,7 +112,7 @@ pub enum Held {
 type HoldReply = (HoldRequest, oneshot::Sender<Result<Held, String>>);
 
 /// Envelopes first (cheap to undo by rolling back), then the wallet; all or nothing.
-fn hold_one(tx: &rusqlite::Connection, h: &HoldRequest, now: i64) -> Result<Held, String> {
+fn hold_one(tx: &mut Db, h: &HoldRequest, now: i64) -> Result<Held, String> {
     if !h.envelopes.is_empty() {
         match crate::envelope::reserve(
             tx,
@@ -154,27 +154,22 @@ type Reply<T> = oneshot::Sender<Result<T, String>>;
 /// Usage records per write transaction while holds may be waiting.
 const RECORD_CHUNK: usize = 64;
 
-/// Runs `f` in one immediate transaction on the writer's connection.
+/// Runs `f` in one write transaction on the writer's connection.
 fn in_tx<T>(
-    conn: &mut rusqlite::Connection,
-    f: impl FnOnce(&rusqlite::Transaction) -> Result<T, crate::wallet::WalletError>,
+    db: &mut Db,
+    f: impl FnOnce(&mut Db) -> Result<T, crate::wallet::WalletError>,
 ) -> Result<T, String> {
-    let tx = conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(|e| e.to_string())?;
-    let out = f(&tx).map_err(|e| e.to_string())?;
-    tx.commit().map_err(|e| e.to_string())?;
-    Ok(out)
+    db.write(f).map_err(|e| e.to_string())
 }
 
 /// Tells the webhooks a wallet or an envelope turned a request away; at most one event per
 /// wallet per hour, and one per envelope.
 fn refusal_event(
-    tx: &rusqlite::Connection,
+    tx: &mut Db,
     h: &HoldRequest,
     r: &Result<Held, String>,
     now: i64,
-) -> rusqlite::Result<()> {
+) -> crate::db::Result<()> {
     match r {
         Ok(Held::Insufficient {
             balance_micros,
@@ -219,39 +214,31 @@ fn refusal_event(
 /// Places every queued hold in one transaction (group commit: under load, many holds share
 /// one write), each in its own savepoint so a refused one leaves nothing behind, then
 /// answers each.
-fn place_holds(conn: &mut rusqlite::Connection, holds: &mut Vec<HoldReply>) {
+fn place_holds(db: &mut Db, holds: &mut Vec<HoldReply>) {
     if holds.is_empty() {
         return;
     }
     let now = crate::proxy::now_ms();
-    let result = (|| -> Result<Vec<Result<Held, String>>, String> {
-        let mut tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(|e| e.to_string())?;
+    let result = db.write(|tx| -> Result<Vec<Result<Held, String>>, String> {
         let mut out = Vec::with_capacity(holds.len());
         for (h, _) in holds.iter() {
-            if h.envelopes.is_empty() {
+            let r = if h.envelopes.is_empty() {
                 // A wallet hold alone writes nothing unless it succeeds: no savepoint needed.
-                let r = hold_one(&tx, h, now);
-                if !matches!(r, Ok(Held::Ok { .. })) {
-                    refusal_event(&tx, h, &r, now).map_err(|e| e.to_string())?;
-                }
-                out.push(r);
-                continue;
-            }
-            let sp = tx.savepoint().map_err(|e| e.to_string())?;
-            let r = hold_one(&sp, h, now);
-            if matches!(r, Ok(Held::Ok { .. })) {
-                sp.commit().map_err(|e| e.to_string())?;
+                hold_one(tx, h, now)
             } else {
-                drop(sp); // rolls back whatever the refused hold had reserved
-                refusal_event(&tx, h, &r, now).map_err(|e| e.to_string())?;
+                // A refused hold leaves nothing of what it had reserved.
+                tx.savepoint(
+                    |sp| Ok::<_, String>(hold_one(sp, h, now)),
+                    |r| matches!(r, Ok(Held::Ok { .. })),
+                )?
+            };
+            if !matches!(r, Ok(Held::Ok { .. })) {
+                refusal_event(tx, h, &r, now).map_err(|e| e.to_string())?;
             }
             out.push(r);
         }
-        tx.commit().map_err(|e| e.to_string())?;
         Ok(out)
-    })();
+    });
     match result {
         Ok(outcomes) => {
             for ((_, reply), o) in holds.drain(..).zip(outcomes) {
@@ -276,12 +263,12 @@ impl Meter {
     /// Starts the writer thread on its own SQLite connection. The thread ends when every
     /// `Meter` clone is gone; shutdown does not wait for that, it calls `flush`.
     pub fn start(
-        db_path: PathBuf,
+        location: &Location,
         capacity: usize,
         batch_max: usize,
         metrics: Arc<Metrics>,
     ) -> store::Result<Meter> {
-        let mut conn = store::connect(&db_path)?;
+        let mut conn = location.connect()?;
         let (tx, mut rx) = mpsc::channel::<Msg>(capacity);
         let writer_metrics = metrics.clone();
         std::thread::Builder::new()
@@ -401,7 +388,7 @@ impl Meter {
     }
 }
 
-fn write_with_retry(conn: &mut rusqlite::Connection, batch: &[UsageRecord], metrics: &Metrics) {
+fn write_with_retry(conn: &mut Db, batch: &[UsageRecord], metrics: &Metrics) {
     if batch.is_empty() {
         return;
     }

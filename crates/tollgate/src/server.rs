@@ -29,6 +29,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Settings that need a restart to change.
     pub server: ServerConfig,
+    /// As started (changing the store needs a restart).
+    pub store_config: crate::config::StoreConfig,
     pub config_path: Option<PathBuf>,
     provider_keys: ProviderKeys,
     mock_url: Option<String>,
@@ -88,22 +90,29 @@ impl Gateway {
             anyhow::bail!("invalid configuration:\n  {}", problems.join("\n  "));
         }
         let data_dir = config.server.data_dir.clone();
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
+        let location = config.store.location(&data_dir);
+        let opened = {
+            let location = location.clone();
+            // A PostgreSQL store blocks while it connects and migrates.
+            tokio::task::spawn_blocking(move || Store::open_at(&location)).await?
+        };
         let store = Arc::new(
-            Store::open(&data_dir)
-                .with_context(|| format!("opening the store in {}", data_dir.display()))?,
+            opened.with_context(|| format!("opening the store at {}", location.describe()))?,
         );
         let secret =
             ServerSecret::load(&data_dir, opts.secret).context("loading the server secret")?;
         let stop_checkpoints = Arc::new(AtomicBool::new(false));
         crate::store::start_checkpointer(
-            store.path().to_path_buf(),
+            &location,
             std::time::Duration::from_millis(500),
             stop_checkpoints.clone(),
         )
         .context("starting the WAL checkpointer")?;
         let metrics = Arc::new(Metrics::new());
         let meter = Meter::start(
-            store.path().to_path_buf(),
+            &location,
             config.metering.queue_capacity,
             config.metering.batch_max,
             metrics.clone(),
@@ -163,6 +172,7 @@ impl Gateway {
             meter,
             metrics,
             server: config.server.clone(),
+            store_config: config.store.clone(),
             config_path: opts.config_path,
             provider_keys: opts.provider_keys,
             mock_url,
@@ -297,6 +307,9 @@ pub fn reload(app: &AppState) -> Result<(), Vec<String>> {
         }
         if cfg.server.listen != app.server.listen || cfg.server.data_dir != app.server.data_dir {
             tracing::warn!("[server] changes need a restart; they were not applied");
+        }
+        if cfg.store != app.store_config {
+            tracing::warn!("[store] changes need a restart; they were not applied");
         }
         let runtime = Runtime::build(&cfg, app.mock_url.as_deref(), app.health.clone())
             .map_err(|e| vec![e.to_string()])?;

@@ -1,18 +1,18 @@
 //! The embedded store: SQLite in WAL mode, shared safely by several processes (a gateway and
 //! the CLI, or several gateways on one host).
 
+use crate::db::{Db, DbError, Dialect, Location, Row};
 use crate::keys::{KeyLimits, KeyRecord};
 use crate::metering::UsageRecord;
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Db(#[from] DbError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("no key matches \"{0}\"")]
@@ -106,38 +106,24 @@ const MIGRATIONS: &[&str] = &[
     crate::wallet::MIGRATION_LOW_BALANCE,
 ];
 
-/// Opens a connection with the settings every tollgate connection needs.
-pub fn connect(path: &Path) -> Result<Connection> {
-    let conn = Connection::open(path)?;
-    // Other processes (the CLI, sibling gateways) may hold the write lock briefly.
-    conn.busy_timeout(Duration::from_secs(10))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    // WAL + NORMAL survives process crashes; only an OS crash can lose the last commits.
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    // Holds, settles and usage inserts reuse a few dozen statements per request.
-    conn.set_prepared_statement_cache_capacity(128);
-    // Checkpoints (and their fsync) run on the checkpointer thread, not inside whichever
-    // commit happens to fill the WAL: that was the writer, and every hold waited for it.
-    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-    Ok(conn)
-}
-
 /// Copies the WAL back into the database every `every`, off the request and writer paths
 /// (passive: it never blocks a writer). Stops when `stop` is set. A process that exits
-/// checkpoints on close anyway, so the CLI needs none.
+/// checkpoints on close anyway, so the CLI needs none. PostgreSQL needs nothing like it.
 pub fn start_checkpointer(
-    db_path: PathBuf,
+    location: &Location,
     every: Duration,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<()> {
-    let conn = connect(&db_path)?;
+    if !matches!(location, Location::Sqlite(_)) {
+        return Ok(());
+    }
+    let mut db = location.connect()?;
     std::thread::Builder::new()
         .name("tollgate-checkpoint".into())
         .spawn(move || {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 std::thread::sleep(every);
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                if let Err(e) = db.checkpoint() {
                     tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
                 }
             }
@@ -146,8 +132,8 @@ pub fn start_checkpointer(
 }
 
 pub struct Store {
-    path: PathBuf,
-    conn: Mutex<Connection>,
+    location: Location,
+    db: Mutex<Db>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -202,79 +188,84 @@ impl std::str::FromStr for GroupBy {
     }
 }
 
-fn lock(conn: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
-    // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
-    // back), so a poisoned lock is still safe to use.
-    conn.lock().unwrap_or_else(|p| p.into_inner())
+fn lock(db: &Mutex<Db>) -> std::sync::MutexGuard<'_, Db> {
+    // A panic while holding the lock cannot leave the store inconsistent (an open
+    // transaction is rolled back before the next use), so a poisoned lock is still safe.
+    db.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Store {
+    /// The embedded SQLite store in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Store> {
         std::fs::create_dir_all(data_dir)?;
-        let path = data_dir.join("tollgate.db");
-        let mut conn = connect(&path)?;
-        migrate(&mut conn)?;
+        Store::open_at(&Location::Sqlite(data_dir.join("tollgate.db")))
+    }
+
+    /// Opens (and migrates) the store at `location`.
+    pub fn open_at(location: &Location) -> Result<Store> {
+        let mut db = location.connect()?;
+        migrate(&mut db)?;
         Ok(Store {
-            path,
-            conn: Mutex::new(conn),
+            location: location.clone(),
+            db: Mutex::new(db),
         })
     }
 
     /// The schema version (the number of migrations applied).
     pub fn schema_version(&self) -> Result<i64> {
-        let conn = lock(&self.conn);
-        Ok(conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+        schema_version(&mut lock(&self.db))
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// Runs `f` on the store's connection outside any transaction.
+    fn with<T>(&self, f: impl FnOnce(&mut Db) -> Result<T>) -> Result<T> {
+        let mut db = lock(&self.db);
+        db.ensure_connected()?;
+        f(&mut db)
     }
 
     pub fn keys_rev(&self) -> Result<i64> {
-        let conn = lock(&self.conn);
-        Ok(conn.query_row("SELECT v FROM meta WHERE k = 'keys_rev'", [], |r| r.get(0))?)
+        self.with(|db| {
+            Ok(db
+                .one("SELECT v FROM meta WHERE k = 'keys_rev'", &[])?
+                .get(0)?)
+        })
     }
 
     pub fn insert_key(&self, key: &KeyRecord, digest: &[u8; 32]) -> Result<()> {
-        let mut conn = lock(&self.conn);
-        let tx = conn.transaction()?;
-        insert_key_row(&tx, key, digest)?;
-        bump_keys_rev(&tx)?;
-        tx.commit()?;
-        Ok(())
+        lock(&self.db).write(|tx| {
+            insert_key_row(tx, key, digest)?;
+            bump_keys_rev(tx)
+        })
     }
 
     /// Every key with its digest and every team, for the gateway's cache, and the revision
     /// they reflect.
     pub fn load_keys(&self) -> Result<KeySnapshot> {
-        let mut conn = lock(&self.conn);
-        // One read transaction, so the revision matches the rows.
-        let tx = conn.transaction()?;
-        let rev = tx.query_row("SELECT v FROM meta WHERE k = 'keys_rev'", [], |r| r.get(0))?;
-        let mut stmt = tx.prepare(&format!("SELECT digest, {KEY_COLUMNS} FROM keys"))?;
-        let rows = stmt.query_map([], |r| {
-            let digest: Vec<u8> = r.get(0)?;
-            Ok((digest, key_from_row(r, 1)?))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (digest, key) = row?;
-            let digest: [u8; 32] = digest
-                .try_into()
-                .map_err(|_| StoreError::Corrupt(format!("key {} has a bad digest", key.id)))?;
-            out.push((digest, key));
-        }
-        drop(stmt);
-        let teams = teams_in(&tx)?;
-        let wallets = crate::wallet::owners(&tx)?;
-        let budgets = crate::envelope::budgets(&tx)?;
-        tx.commit()?;
-        Ok(KeySnapshot {
-            rev,
-            keys: out,
-            teams,
-            wallets,
-            budgets,
+        // One snapshot, so the revision matches the rows.
+        lock(&self.db).snapshot(|tx| {
+            let rev = tx
+                .one("SELECT v FROM meta WHERE k = 'keys_rev'", &[])?
+                .get(0)?;
+            let mut keys = Vec::new();
+            for r in tx.rows(&format!("SELECT {KEY_COLUMNS}, digest FROM keys"), &[])? {
+                let key = key_from_row(&r)?;
+                let digest: Vec<u8> = r.get(KEY_COLUMN_COUNT)?;
+                let digest: [u8; 32] = digest
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt(format!("key {} has a bad digest", key.id)))?;
+                keys.push((digest, key));
+            }
+            Ok(KeySnapshot {
+                rev,
+                keys,
+                teams: teams_in(tx)?,
+                wallets: crate::wallet::owners(tx)?,
+                budgets: crate::envelope::budgets(tx)?,
+            })
         })
     }
 
@@ -282,22 +273,17 @@ impl Store {
     /// lock upgrade) and commits it.
     pub fn write<T>(
         &self,
-        f: impl FnOnce(&rusqlite::Transaction) -> std::result::Result<T, crate::wallet::WalletError>,
+        f: impl FnOnce(&mut Db) -> std::result::Result<T, crate::wallet::WalletError>,
     ) -> Result<T> {
-        let mut conn = lock(&self.conn);
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let out = f(&tx)?;
-        tx.commit()?;
-        Ok(out)
+        lock(&self.db).write(|tx| f(tx).map_err(StoreError::from))
     }
 
     /// Runs `f` on the store's connection, for reads.
     pub fn read<T>(
         &self,
-        f: impl FnOnce(&Connection) -> std::result::Result<T, crate::wallet::WalletError>,
+        f: impl FnOnce(&mut Db) -> std::result::Result<T, crate::wallet::WalletError>,
     ) -> Result<T> {
-        let conn = lock(&self.conn);
-        Ok(f(&conn)?)
+        self.with(|db| Ok(f(db)?))
     }
 
     /// Creates a wallet; bumps the key revision so gateways learn who now pays for whom.
@@ -310,100 +296,96 @@ impl Store {
     ) -> Result<crate::wallet::Wallet> {
         self.write(|tx| {
             let w = crate::wallet::create(tx, owner_kind, owner, floor_micros, now_ms)?;
-            tx.execute("UPDATE meta SET v = v + 1 WHERE k = 'keys_rev'", [])?;
+            tx.exec("UPDATE meta SET v = v + 1 WHERE k = 'keys_rev'", &[])?;
             Ok(w)
         })
     }
 
     pub fn list_teams(&self) -> Result<Vec<TeamRecord>> {
-        let conn = lock(&self.conn);
-        teams_in(&conn)
+        self.with(teams_in)
     }
 
     /// Creates the team or replaces its limit overrides.
     pub fn set_team_limits(&self, name: &str, limits: &KeyLimits, now_ms: i64) -> Result<()> {
-        let mut conn = lock(&self.conn);
-        let tx = conn.transaction()?;
-        tx.execute(
-            "INSERT INTO teams (name, limits, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?3)
-             ON CONFLICT(name) DO UPDATE SET limits = excluded.limits, updated_ms = excluded.updated_ms",
-            params![name, json(limits), now_ms],
-        )?;
-        bump_keys_rev(&tx)?;
-        tx.commit()?;
-        Ok(())
+        lock(&self.db).write(|tx| {
+            tx.exec(
+                "INSERT INTO teams (name, limits, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?3)
+                 ON CONFLICT(name) DO UPDATE SET limits = excluded.limits, updated_ms = excluded.updated_ms",
+                &[&name, &json(limits), &now_ms],
+            )?;
+            bump_keys_rev(tx)
+        })
     }
 
     /// Replaces a key's limit overrides.
     pub fn set_key_limits(&self, id: &str, limits: &KeyLimits) -> Result<()> {
-        let mut conn = lock(&self.conn);
-        let tx = conn.transaction()?;
-        let n = tx.execute(
-            "UPDATE keys SET limits = ?2 WHERE id = ?1",
-            params![id, json(limits)],
-        )?;
-        if n == 0 {
-            return Err(StoreError::KeyNotFound(id.to_string()));
-        }
-        bump_keys_rev(&tx)?;
-        tx.commit()?;
-        Ok(())
+        lock(&self.db).write(|tx| {
+            let n = tx.exec(
+                "UPDATE keys SET limits = ?2 WHERE id = ?1",
+                &[&id, &json(limits)],
+            )?;
+            if n == 0 {
+                return Err(StoreError::KeyNotFound(id.to_string()));
+            }
+            bump_keys_rev(tx)
+        })
     }
 
     pub fn list_keys(&self) -> Result<Vec<KeyRecord>> {
-        let conn = lock(&self.conn);
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {KEY_COLUMNS} FROM keys ORDER BY created_ms, id"
-        ))?;
-        let rows = stmt.query_map([], |r| key_from_row(r, 0))?;
-        Ok(rows.collect::<std::result::Result<_, _>>()?)
+        self.with(|db| {
+            db.rows(
+                &format!("SELECT {KEY_COLUMNS} FROM keys ORDER BY created_ms, id"),
+                &[],
+            )?
+            .iter()
+            .map(key_from_row)
+            .collect()
+        })
     }
 
     /// By id, or by name when exactly one live key has it.
     pub fn find_key(&self, id_or_name: &str, now_ms: i64) -> Result<KeyRecord> {
-        let conn = lock(&self.conn);
-        let by_id = conn
-            .query_row(
+        self.with(|db| {
+            if let Some(r) = db.row(
                 &format!("SELECT {KEY_COLUMNS} FROM keys WHERE id = ?1"),
-                [id_or_name],
-                |r| key_from_row(r, 0),
-            )
-            .optional()?;
-        if let Some(k) = by_id {
-            return Ok(k);
-        }
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {KEY_COLUMNS} FROM keys WHERE name = ?1 AND revoked_ms IS NULL
-               AND (expires_ms IS NULL OR expires_ms > ?2)"
-        ))?;
-        let mut found: Vec<KeyRecord> = stmt
-            .query_map(params![id_or_name, now_ms], |r| key_from_row(r, 0))?
-            .collect::<std::result::Result<_, _>>()?;
-        match found.len() {
-            0 => Err(StoreError::KeyNotFound(id_or_name.to_string())),
-            1 => Ok(found.remove(0)),
-            _ => Err(StoreError::Ambiguous(id_or_name.to_string())),
-        }
+                &[&id_or_name],
+            )? {
+                return key_from_row(&r);
+            }
+            let mut found: Vec<KeyRecord> = db
+                .rows(
+                    &format!(
+                        "SELECT {KEY_COLUMNS} FROM keys WHERE name = ?1 AND revoked_ms IS NULL
+                           AND (expires_ms IS NULL OR expires_ms > ?2)"
+                    ),
+                    &[&id_or_name, &now_ms],
+                )?
+                .iter()
+                .map(key_from_row)
+                .collect::<Result<_>>()?;
+            match found.len() {
+                0 => Err(StoreError::KeyNotFound(id_or_name.to_string())),
+                1 => Ok(found.remove(0)),
+                _ => Err(StoreError::Ambiguous(id_or_name.to_string())),
+            }
+        })
     }
 
     pub fn revoke_key(&self, id: &str, now_ms: i64) -> Result<()> {
-        let mut conn = lock(&self.conn);
-        let tx = conn.transaction()?;
-        let n = tx.execute(
-            "UPDATE keys SET revoked_ms = ?2 WHERE id = ?1 AND revoked_ms IS NULL",
-            params![id, now_ms],
-        )?;
-        if n == 0
-            && tx
-                .query_row("SELECT 1 FROM keys WHERE id = ?1", [id], |_| Ok(()))
-                .optional()?
-                .is_none()
-        {
-            return Err(StoreError::KeyNotFound(id.to_string()));
-        }
-        bump_keys_rev(&tx)?;
-        tx.commit()?;
-        Ok(())
+        lock(&self.db).write(|tx| {
+            let n = tx.exec(
+                "UPDATE keys SET revoked_ms = ?2 WHERE id = ?1 AND revoked_ms IS NULL",
+                &[&id, &now_ms],
+            )?;
+            if n == 0
+                && tx
+                    .row("SELECT 1 FROM keys WHERE id = ?1", &[&id])?
+                    .is_none()
+            {
+                return Err(StoreError::KeyNotFound(id.to_string()));
+            }
+            bump_keys_rev(tx)
+        })
     }
 
     /// Inserts the new key and shortens the old one's life to the grace period, atomically.
@@ -414,87 +396,84 @@ impl Store {
         new_key: &KeyRecord,
         digest: &[u8; 32],
     ) -> Result<()> {
-        let mut conn = lock(&self.conn);
-        let tx = conn.transaction()?;
-        tx.execute(
-            "UPDATE keys SET expires_ms = MIN(COALESCE(expires_ms, ?2), ?2) WHERE id = ?1",
-            params![old_id, old_expires_ms],
-        )?;
-        insert_key_row(&tx, new_key, digest)?;
-        bump_keys_rev(&tx)?;
-        tx.commit()?;
-        Ok(())
+        lock(&self.db).write(|tx| {
+            tx.exec(
+                "UPDATE keys SET expires_ms = CASE WHEN expires_ms IS NULL OR expires_ms > ?2
+                                                   THEN ?2 ELSE expires_ms END
+                 WHERE id = ?1",
+                &[&old_id, &old_expires_ms],
+            )?;
+            insert_key_row(tx, new_key, digest)?;
+            bump_keys_rev(tx)
+        })
     }
 
     pub fn has_admin_key(&self) -> Result<bool> {
-        let conn = lock(&self.conn);
-        Ok(conn
-            .query_row(
-                "SELECT 1 FROM keys WHERE admin = 1 AND revoked_ms IS NULL LIMIT 1",
-                [],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some())
+        self.with(|db| {
+            Ok(db
+                .row(
+                    "SELECT 1 FROM keys WHERE admin = 1 AND revoked_ms IS NULL LIMIT 1",
+                    &[],
+                )?
+                .is_some())
+        })
     }
 
     pub fn key_with_digest_exists(&self, digest: &[u8; 32]) -> Result<bool> {
-        let conn = lock(&self.conn);
-        Ok(conn
-            .query_row(
-                "SELECT 1 FROM keys WHERE digest = ?1",
-                [&digest[..]],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some())
+        self.with(|db| {
+            Ok(db
+                .row("SELECT 1 FROM keys WHERE digest = ?1", &[&&digest[..]])?
+                .is_some())
+        })
     }
 
     pub fn usage_report(&self, by: &GroupBy, since_ms: i64) -> Result<Vec<ReportRow>> {
-        let conn = lock(&self.conn);
-        let group = match by {
-            GroupBy::Key => "agent || ' (' || key_id || ')'".to_string(),
-            GroupBy::Team => "COALESCE(team, '-')".to_string(),
-            GroupBy::Project => "COALESCE(project, '-')".to_string(),
-            GroupBy::Model => "COALESCE(model_served, model_requested, '-')".to_string(),
-            GroupBy::Day => "date(ts_ms / 1000, 'unixepoch')".to_string(),
-            GroupBy::Run => "COALESCE(run_id, '-')".to_string(),
-            GroupBy::Endpoint => "endpoint".to_string(),
-            GroupBy::Tag(_) => {
-                "COALESCE(json_extract(tags, '$.' || json_quote(?2)), '-')".to_string()
-            }
-        };
-        let sql = format!(
-            "SELECT {group} AS g, COUNT(*),
-                    SUM(CASE WHEN status >= 400 OR error_kind IS NOT NULL THEN 1 ELSE 0 END),
-                    SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens),
-                    SUM(reasoning_tokens), SUM(cost_micros),
-                    SUM(cache_write_5m_tokens + cache_write_1h_tokens)
-             FROM usage WHERE ts_ms >= ?1 GROUP BY g ORDER BY SUM(cost_micros) DESC, g"
-        );
-        let mut stmt = conn.prepare(&sql)?;
-        let map = |r: &rusqlite::Row| {
-            Ok(ReportRow {
-                group: r.get(0)?,
-                requests: r.get::<_, i64>(1)? as u64,
-                errors: r.get::<_, i64>(2)? as u64,
-                input_tokens: r.get::<_, i64>(3)? as u64,
-                cached_input_tokens: r.get::<_, i64>(4)? as u64,
-                output_tokens: r.get::<_, i64>(5)? as u64,
-                reasoning_tokens: r.get::<_, i64>(6)? as u64,
-                cost_micros: r.get::<_, i64>(7)? as u64,
-                cache_write_tokens: r.get::<_, i64>(8)? as u64,
-            })
-        };
-        let rows = match by {
-            GroupBy::Tag(t) => stmt
-                .query_map(params![since_ms, t], map)?
-                .collect::<std::result::Result<Vec<_>, _>>()?,
-            _ => stmt
-                .query_map(params![since_ms], map)?
-                .collect::<std::result::Result<Vec<_>, _>>()?,
-        };
-        Ok(rows)
+        self.with(|db| {
+            let pg = db.dialect() == Dialect::Postgres;
+            let group = match by {
+                GroupBy::Key => "agent || ' (' || key_id || ')'",
+                GroupBy::Team => "COALESCE(team, '-')",
+                GroupBy::Project => "COALESCE(project, '-')",
+                GroupBy::Model => "COALESCE(model_served, model_requested, '-')",
+                GroupBy::Day if pg => {
+                    "to_char(to_timestamp(ts_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+                }
+                GroupBy::Day => "date(ts_ms / 1000, 'unixepoch')",
+                GroupBy::Run => "COALESCE(run_id, '-')",
+                GroupBy::Endpoint => "endpoint",
+                GroupBy::Tag(_) if pg => "COALESCE(CAST(tags AS JSONB) ->> ?2, '-')",
+                GroupBy::Tag(_) => "COALESCE(json_extract(tags, '$.' || json_quote(?2)), '-')",
+            };
+            // SUM over BIGINT is NUMERIC in PostgreSQL: cast back, identically on both.
+            let sql = format!(
+                "SELECT {group} AS g, COUNT(*),
+                        CAST(SUM(CASE WHEN status >= 400 OR error_kind IS NOT NULL THEN 1 ELSE 0 END) AS BIGINT),
+                        CAST(SUM(input_tokens) AS BIGINT), CAST(SUM(cached_input_tokens) AS BIGINT),
+                        CAST(SUM(output_tokens) AS BIGINT), CAST(SUM(reasoning_tokens) AS BIGINT),
+                        CAST(SUM(cost_micros) AS BIGINT),
+                        CAST(SUM(cache_write_5m_tokens + cache_write_1h_tokens) AS BIGINT)
+                 FROM usage WHERE ts_ms >= ?1 GROUP BY g ORDER BY SUM(cost_micros) DESC, g"
+            );
+            let rows = match by {
+                GroupBy::Tag(t) => db.rows(&sql, &[&since_ms, t])?,
+                _ => db.rows(&sql, &[&since_ms])?,
+            };
+            rows.iter()
+                .map(|r| {
+                    Ok(ReportRow {
+                        group: r.get(0)?,
+                        requests: r.get(1)?,
+                        errors: r.get(2)?,
+                        input_tokens: r.get(3)?,
+                        cached_input_tokens: r.get(4)?,
+                        output_tokens: r.get(5)?,
+                        reasoning_tokens: r.get(6)?,
+                        cost_micros: r.get(7)?,
+                        cache_write_tokens: r.get(8)?,
+                    })
+                })
+                .collect()
+        })
     }
 
     /// Raw records, newest first; `request_id` narrows to one.
@@ -504,68 +483,103 @@ impl Store {
         request_id: Option<&str>,
         limit: u32,
     ) -> Result<Vec<UsageRecord>> {
-        let conn = lock(&self.conn);
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {USAGE_COLUMNS} FROM usage WHERE ts_ms >= ?1 AND (?2 IS NULL OR id = ?2)
-             ORDER BY ts_ms DESC, id LIMIT ?3"
-        ))?;
-        let rows = stmt.query_map(params![since_ms, request_id, limit], usage_from_row)?;
-        Ok(rows.collect::<std::result::Result<_, _>>()?)
+        self.with(|db| {
+            db.rows(
+                &format!(
+                    "SELECT {USAGE_COLUMNS} FROM usage
+                     WHERE ts_ms >= ?1 AND (CAST(?2 AS TEXT) IS NULL OR id = ?2)
+                     ORDER BY ts_ms DESC, id LIMIT ?3"
+                ),
+                &[&since_ms, &request_id, &limit],
+            )?
+            .iter()
+            .map(usage_from_row)
+            .collect()
+        })
     }
 
     pub fn count_usage(&self) -> Result<u64> {
-        let conn = lock(&self.conn);
-        Ok(conn.query_row("SELECT COUNT(*) FROM usage", [], |r| r.get::<_, i64>(0))? as u64)
+        self.with(|db| Ok(db.one("SELECT COUNT(*) FROM usage", &[])?.get(0)?))
     }
 }
 
-fn migrate(conn: &mut Connection) -> Result<()> {
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if version > MIGRATIONS.len() as i64 {
-        // A rolled-back binary must not write into a schema it does not know.
-        return Err(StoreError::Corrupt(format!(
-            "the store is at schema version {version}, newer than this tollgate knows ({}); run the newer tollgate",
-            MIGRATIONS.len()
-        )));
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
-    }
-    tx.commit()?;
-    Ok(())
+/// PostgreSQL keeps the schema version in a table (SQLite in `PRAGMA user_version`).
+const PG_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS tollgate_schema (version BIGINT NOT NULL);
+     INSERT INTO tollgate_schema (version) SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM tollgate_schema);";
+
+fn schema_version(db: &mut Db) -> Result<i64> {
+    Ok(match db.dialect() {
+        Dialect::Sqlite => db.one("PRAGMA user_version", &[])?.get(0)?,
+        Dialect::Postgres => db
+            .row("SELECT version FROM tollgate_schema", &[])?
+            .map(|r| r.get(0))
+            .transpose()?
+            .unwrap_or(0),
+    })
+}
+
+/// Applies the migrations this binary knows, in one write transaction (so replicas
+/// starting together migrate once). The same list serves both stores; PostgreSQL gets it
+/// through `db::pg_ddl`.
+fn migrate(db: &mut Db) -> Result<()> {
+    db.write(|tx| {
+        if tx.dialect() == Dialect::Postgres {
+            tx.batch(PG_VERSION_TABLE)?;
+        }
+        let version = schema_version(tx)?;
+        if version > MIGRATIONS.len() as i64 {
+            // A rolled-back binary must not write into a schema it does not know.
+            return Err(StoreError::Corrupt(format!(
+                "the store is at schema version {version}, newer than this tollgate knows ({}); run the newer tollgate",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let v = (i + 1) as i64;
+            match tx.dialect() {
+                Dialect::Sqlite => {
+                    tx.batch(sql)?;
+                    tx.batch(&format!("PRAGMA user_version = {v}"))?;
+                }
+                Dialect::Postgres => {
+                    tx.batch(&crate::db::pg_ddl(sql))?;
+                    tx.exec("UPDATE tollgate_schema SET version = ?1", &[&v])?;
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 /// The one INSERT for a key row, shared by creation and rotation.
-fn insert_key_row(tx: &rusqlite::Transaction, key: &KeyRecord, digest: &[u8; 32]) -> Result<()> {
-    tx.execute(
+fn insert_key_row(tx: &mut Db, key: &KeyRecord, digest: &[u8; 32]) -> Result<()> {
+    tx.exec(
         "INSERT INTO keys (id, digest, prefix, name, team, project, models, tags, admin,
                            created_ms, expires_ms, revoked_ms, rotated_from, limits, org)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-        params![
-            key.id,
-            &digest[..],
-            key.prefix,
-            key.name,
-            key.team,
-            key.project,
-            json(&key.models),
-            json(&key.tags),
-            key.admin,
-            key.created_ms,
-            key.expires_ms,
-            key.revoked_ms,
-            key.rotated_from,
-            json(&key.limits),
-            key.org
+        &[
+            &key.id,
+            &&digest[..],
+            &key.prefix,
+            &key.name,
+            &key.team,
+            &key.project,
+            &json(&key.models),
+            &json(&key.tags),
+            &key.admin,
+            &key.created_ms,
+            &key.expires_ms,
+            &key.revoked_ms,
+            &key.rotated_from,
+            &json(&key.limits),
+            &key.org,
         ],
     )?;
     Ok(())
 }
 
-fn bump_keys_rev(tx: &rusqlite::Transaction) -> Result<()> {
-    tx.execute("UPDATE meta SET v = v + 1 WHERE k = 'keys_rev'", [])?;
+fn bump_keys_rev(tx: &mut Db) -> Result<()> {
+    tx.exec("UPDATE meta SET v = v + 1 WHERE k = 'keys_rev'", &[])?;
     Ok(())
 }
 
@@ -592,41 +606,45 @@ pub struct TeamRecord {
     pub updated_ms: i64,
 }
 
-fn teams_in(conn: &Connection) -> Result<Vec<TeamRecord>> {
-    let mut stmt =
-        conn.prepare("SELECT name, limits, created_ms, updated_ms FROM teams ORDER BY name")?;
-    let rows = stmt.query_map([], |r| {
+fn teams_in(db: &mut Db) -> Result<Vec<TeamRecord>> {
+    db.rows(
+        "SELECT name, limits, created_ms, updated_ms FROM teams ORDER BY name",
+        &[],
+    )?
+    .iter()
+    .map(|r| {
         Ok(TeamRecord {
             name: r.get(0)?,
-            limits: serde_json::from_str(&r.get::<_, String>(1)?).unwrap_or_default(),
+            limits: serde_json::from_str(&r.get::<String>(1)?).unwrap_or_default(),
             created_ms: r.get(2)?,
             updated_ms: r.get(3)?,
         })
-    })?;
-    Ok(rows.collect::<std::result::Result<_, _>>()?)
+    })
+    .collect()
 }
 
 const KEY_COLUMNS: &str =
     "id, prefix, name, team, project, models, tags, admin, created_ms, expires_ms, revoked_ms, rotated_from, limits, org";
+const KEY_COLUMN_COUNT: usize = 14;
 
-fn key_from_row(r: &rusqlite::Row, o: usize) -> rusqlite::Result<KeyRecord> {
-    let models: String = r.get(o + 5)?;
-    let tags: String = r.get(o + 6)?;
+fn key_from_row(r: &Row) -> Result<KeyRecord> {
+    let models: String = r.get(5)?;
+    let tags: String = r.get(6)?;
     Ok(KeyRecord {
-        id: r.get(o)?,
-        prefix: r.get(o + 1)?,
-        name: r.get(o + 2)?,
-        team: r.get(o + 3)?,
-        project: r.get(o + 4)?,
+        id: r.get(0)?,
+        prefix: r.get(1)?,
+        name: r.get(2)?,
+        team: r.get(3)?,
+        project: r.get(4)?,
         models: serde_json::from_str(&models).unwrap_or_default(),
         tags: serde_json::from_str(&tags).unwrap_or_default(),
-        admin: r.get(o + 7)?,
-        created_ms: r.get(o + 8)?,
-        expires_ms: r.get(o + 9)?,
-        revoked_ms: r.get(o + 10)?,
-        rotated_from: r.get(o + 11)?,
-        limits: serde_json::from_str(&r.get::<_, String>(o + 12)?).unwrap_or_default(),
-        org: r.get(o + 13)?,
+        admin: r.get(7)?,
+        created_ms: r.get(8)?,
+        expires_ms: r.get(9)?,
+        revoked_ms: r.get(10)?,
+        rotated_from: r.get(11)?,
+        limits: serde_json::from_str(&r.get::<String>(12)?).unwrap_or_default(),
+        org: r.get(13)?,
     })
 }
 
@@ -637,7 +655,7 @@ const USAGE_COLUMNS: &str =
     client_disconnected, cache_write_5m_tokens, cache_write_1h_tokens, request_bytes,
     response_bytes, reused, reused_from, wallet_id, shortfall_micros, run_id";
 
-fn usage_from_row(r: &rusqlite::Row) -> rusqlite::Result<UsageRecord> {
+fn usage_from_row(r: &Row) -> Result<UsageRecord> {
     let tags: String = r.get(7)?;
     Ok(UsageRecord {
         id: r.get(0)?,
@@ -654,51 +672,51 @@ fn usage_from_row(r: &rusqlite::Row) -> rusqlite::Result<UsageRecord> {
         attempts: r.get(11)?,
         status: r.get(12)?,
         error_kind: r.get(13)?,
-        input_tokens: r.get::<_, i64>(14)? as u64,
-        cached_input_tokens: r.get::<_, i64>(15)? as u64,
-        output_tokens: r.get::<_, i64>(16)? as u64,
-        reasoning_tokens: r.get::<_, i64>(17)? as u64,
+        input_tokens: r.get(14)?,
+        cached_input_tokens: r.get(15)?,
+        output_tokens: r.get(16)?,
+        reasoning_tokens: r.get(17)?,
         usage_source: r.get(18)?,
-        cost_micros: r.get::<_, i64>(19)? as u64,
+        cost_micros: r.get(19)?,
         price_version: r.get(20)?,
-        latency_ms: r.get::<_, i64>(21)? as u64,
-        ttft_ms: r.get::<_, Option<i64>>(22)?.map(|v| v as u64),
+        latency_ms: r.get(21)?,
+        ttft_ms: r.get(22)?,
         stream: r.get(23)?,
         client_disconnected: r.get(24)?,
-        cache_write_5m_tokens: r.get::<_, i64>(25)? as u64,
-        cache_write_1h_tokens: r.get::<_, i64>(26)? as u64,
-        request_bytes: r.get::<_, i64>(27)? as u64,
-        response_bytes: r.get::<_, i64>(28)? as u64,
+        cache_write_5m_tokens: r.get(25)?,
+        cache_write_1h_tokens: r.get(26)?,
+        request_bytes: r.get(27)?,
+        response_bytes: r.get(28)?,
         reused: r.get(29)?,
         reused_from: r.get(30)?,
         wallet_id: r.get(31)?,
-        shortfall_micros: r.get::<_, i64>(32)? as u64,
+        shortfall_micros: r.get(32)?,
         run_id: r.get(33)?,
         enveloped: false,
     })
 }
 
-/// Writes a batch in one transaction. `INSERT OR IGNORE` on the request id makes a replayed
-/// batch (a retry after a failed commit) harmless.
-pub fn insert_usage_batch(conn: &mut Connection, batch: &[UsageRecord]) -> Result<()> {
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+/// Writes a batch in one transaction. `ON CONFLICT DO NOTHING` on the request id makes a
+/// replayed batch (a retry after a failed commit) harmless.
+pub fn insert_usage_batch(db: &mut Db, batch: &[UsageRecord]) -> Result<()> {
+    let insert = format!(
+        "INSERT INTO usage ({USAGE_COLUMNS}) VALUES
+         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
+          ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34)
+         ON CONFLICT DO NOTHING"
+    );
     let now = crate::proxy::now_ms();
-    {
-        let mut stmt = tx.prepare_cached(&format!(
-            "INSERT OR IGNORE INTO usage ({USAGE_COLUMNS}) VALUES
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
-              ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34)"
-        ))?;
+    db.write(|tx| {
         for u in batch {
             // The capture of the request's hold commits with its usage record, or neither
             // does: money and metering cannot disagree.
             let mut shortfall = 0;
             if u.wallet_id.is_some() {
-                if let Some(s) = crate::wallet::settle(&tx, &u.id, u.cost_micros as i64, now)? {
+                if let Some(s) = crate::wallet::settle(tx, &u.id, u.cost_micros as i64, now)? {
                     shortfall = s.shortfall_micros as u64;
                     if let Some((wallet, balance)) = s.low_balance {
                         crate::webhooks::enqueue(
-                            &tx,
+                            tx,
                             &format!("wallet:{wallet}:low:{}", now / 3_600_000),
                             "wallet.low_balance",
                             serde_json::json!({"wallet": wallet, "balance_micros": balance}),
@@ -707,55 +725,57 @@ pub fn insert_usage_batch(conn: &mut Connection, batch: &[UsageRecord]) -> Resul
                     }
                 }
             }
-            stmt.execute(params![
-                u.id,
-                u.ts_ms,
-                u.endpoint,
-                u.key_id,
-                u.agent,
-                u.team,
-                u.project,
-                json(&u.tags),
-                u.model_requested,
-                u.provider,
-                u.model_served,
-                u.attempts,
-                u.status,
-                u.error_kind,
-                u.input_tokens as i64,
-                u.cached_input_tokens as i64,
-                u.output_tokens as i64,
-                u.reasoning_tokens as i64,
-                u.usage_source,
-                u.cost_micros as i64,
-                u.price_version,
-                u.latency_ms as i64,
-                u.ttft_ms.map(|v| v as i64),
-                u.stream,
-                u.client_disconnected,
-                u.cache_write_5m_tokens as i64,
-                u.cache_write_1h_tokens as i64,
-                u.request_bytes as i64,
-                u.response_bytes as i64,
-                u.reused,
-                u.reused_from,
-                u.wallet_id,
-                shortfall as i64,
-                u.run_id
-            ])?;
+            tx.exec(
+                &insert,
+                &[
+                    &u.id,
+                    &u.ts_ms,
+                    &u.endpoint,
+                    &u.key_id,
+                    &u.agent,
+                    &u.team,
+                    &u.project,
+                    &json(&u.tags),
+                    &u.model_requested,
+                    &u.provider,
+                    &u.model_served,
+                    &u.attempts,
+                    &u.status,
+                    &u.error_kind,
+                    &u.input_tokens,
+                    &u.cached_input_tokens,
+                    &u.output_tokens,
+                    &u.reasoning_tokens,
+                    &u.usage_source,
+                    &u.cost_micros,
+                    &u.price_version,
+                    &u.latency_ms,
+                    &u.ttft_ms,
+                    &u.stream,
+                    &u.client_disconnected,
+                    &u.cache_write_5m_tokens,
+                    &u.cache_write_1h_tokens,
+                    &u.request_bytes,
+                    &u.response_bytes,
+                    &u.reused,
+                    &u.reused_from,
+                    &u.wallet_id,
+                    &shortfall,
+                    &u.run_id,
+                ],
+            )?;
             if u.enveloped {
                 let crossings = crate::envelope::settle(
-                    &tx,
+                    tx,
                     &u.id,
                     u.cost_micros as i64,
                     (u.input_tokens + u.output_tokens) as i64,
                 )?;
                 for c in crossings {
-                    crate::webhooks::enqueue_crossing(&tx, &c, now)?;
+                    crate::webhooks::enqueue_crossing(tx, &c, now)?;
                 }
             }
         }
-    }
-    tx.commit()?;
-    Ok(())
+        Ok(())
+    })
 }

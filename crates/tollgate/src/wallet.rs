@@ -15,7 +15,7 @@
 //! Entries per request: `hold -H`, then `release +H` and `capture -C`. The sum of a request's
 //! entries is what it cost.
 
-use rusqlite::{params, Connection, OptionalExtension};
+use crate::db::{Db, Row};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -111,7 +111,7 @@ pub enum WalletError {
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
-    Sql(#[from] rusqlite::Error),
+    Sql(#[from] crate::db::DbError),
 }
 
 pub type Result<T> = std::result::Result<T, WalletError>;
@@ -167,10 +167,11 @@ pub const MIGRATION_LOW_BALANCE: &str =
     "ALTER TABLE wallets ADD COLUMN low_balance_micros INTEGER;";
 
 const WALLET_COLUMNS: &str = "id, owner_kind, owner, balance_micros, floor_micros, created_ms,
-    (SELECT COALESCE(SUM(amount_micros), 0) FROM holds h WHERE h.wallet_id = wallets.id AND h.state = 'held'),
+    CAST((SELECT COALESCE(SUM(amount_micros), 0) FROM holds h
+          WHERE h.wallet_id = wallets.id AND h.state = 'held') AS BIGINT),
     low_balance_micros";
 
-fn wallet_from_row(r: &rusqlite::Row) -> rusqlite::Result<Wallet> {
+fn wallet_from_row(r: &Row) -> Result<Wallet> {
     let kind: String = r.get(1)?;
     Ok(Wallet {
         id: r.get(0)?,
@@ -187,7 +188,7 @@ fn wallet_from_row(r: &rusqlite::Row) -> rusqlite::Result<Wallet> {
 const ENTRY_COLUMNS: &str =
     "seq, wallet_id, kind, amount_micros, idempotency_key, request_id, expires_ms, note, ts_ms";
 
-fn entry_from_row(r: &rusqlite::Row) -> rusqlite::Result<Entry> {
+fn entry_from_row(r: &Row) -> Result<Entry> {
     Ok(Entry {
         seq: r.get(0)?,
         wallet_id: r.get(1)?,
@@ -207,7 +208,7 @@ pub fn new_wallet_id() -> String {
 
 /// Sets a wallet's floor and low-balance alert (None leaves the alert off).
 pub fn configure(
-    tx: &Connection,
+    tx: &mut Db,
     id: &str,
     floor_micros: i64,
     low_balance_micros: Option<i64>,
@@ -220,33 +221,26 @@ pub fn configure(
             usd(floor_micros)
         )));
     }
-    tx.execute(
+    tx.exec(
         "UPDATE wallets SET floor_micros = ?2, low_balance_micros = ?3 WHERE id = ?1",
-        params![id, floor_micros, low_balance_micros],
+        &[&id, &floor_micros, &low_balance_micros],
     )?;
     get(tx, id)
 }
 
 pub fn create(
-    tx: &Connection,
+    tx: &mut Db,
     owner_kind: OwnerKind,
     owner: &str,
     floor_micros: i64,
     now_ms: i64,
 ) -> Result<Wallet> {
     let id = new_wallet_id();
-    let n = tx
-        .prepare_cached(
-            "INSERT OR IGNORE INTO wallets (id, owner_kind, owner, floor_micros, created_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?
-        .execute(params![
-            id,
-            owner_kind.as_str(),
-            owner,
-            floor_micros,
-            now_ms
-        ])?;
+    let n = tx.exec(
+        "INSERT INTO wallets (id, owner_kind, owner, floor_micros, created_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+        &[&id, &owner_kind.as_str(), &owner, &floor_micros, &now_ms],
+    )?;
     if n == 0 {
         return Err(WalletError::Exists(format!(
             "{}:{owner}",
@@ -256,63 +250,73 @@ pub fn create(
     get(tx, &id)
 }
 
-pub fn get(conn: &Connection, id: &str) -> Result<Wallet> {
-    conn.prepare_cached(&format!(
-        "SELECT {WALLET_COLUMNS} FROM wallets WHERE id = ?1"
-    ))?
-    .query_row([id], wallet_from_row)
-    .optional()?
+pub fn get(db: &mut Db, id: &str) -> Result<Wallet> {
+    db.row(
+        &format!("SELECT {WALLET_COLUMNS} FROM wallets WHERE id = ?1"),
+        &[&id],
+    )?
+    .map(|r| wallet_from_row(&r))
+    .transpose()?
     .ok_or_else(|| WalletError::NotFound(id.to_string()))
 }
 
-/// (balance, floor): what settling needs, without summing the open holds.
-fn balance_and_floor(conn: &Connection, id: &str) -> Result<(i64, i64)> {
-    conn.prepare_cached("SELECT balance_micros, floor_micros FROM wallets WHERE id = ?1")?
-        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?
-        .ok_or_else(|| WalletError::NotFound(id.to_string()))
+/// (balance, floor, low-balance alert): what settling needs, without summing the open holds.
+fn balance_and_floor(db: &mut Db, id: &str) -> Result<(i64, i64, Option<i64>)> {
+    let r = db
+        .row(
+            "SELECT balance_micros, floor_micros, low_balance_micros FROM wallets WHERE id = ?1",
+            &[&id],
+        )?
+        .ok_or_else(|| WalletError::NotFound(id.to_string()))?;
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
 }
 
 /// By id, or by `kind:owner` (e.g. `team:search`).
-pub fn find(conn: &Connection, id_or_owner: &str) -> Result<Wallet> {
+pub fn find(db: &mut Db, id_or_owner: &str) -> Result<Wallet> {
     if let Some((kind, owner)) = id_or_owner.split_once(':') {
         if let Some(kind) = OwnerKind::parse(kind) {
-            return conn
-                .query_row(
+            return db
+                .row(
                     &format!(
                         "SELECT {WALLET_COLUMNS} FROM wallets WHERE owner_kind = ?1 AND owner = ?2"
                     ),
-                    params![kind.as_str(), owner],
-                    wallet_from_row,
-                )
-                .optional()?
+                    &[&kind.as_str(), &owner],
+                )?
+                .map(|r| wallet_from_row(&r))
+                .transpose()?
                 .ok_or_else(|| WalletError::NotFound(id_or_owner.to_string()));
         }
     }
-    get(conn, id_or_owner)
+    get(db, id_or_owner)
 }
 
-pub fn list(conn: &Connection) -> Result<Vec<Wallet>> {
-    let mut stmt = conn.prepare(&format!(
-        "SELECT {WALLET_COLUMNS} FROM wallets ORDER BY created_ms, id"
-    ))?;
-    let rows = stmt.query_map([], wallet_from_row)?;
-    Ok(rows.collect::<std::result::Result<_, _>>()?)
+pub fn list(db: &mut Db) -> Result<Vec<Wallet>> {
+    db.rows(
+        &format!("SELECT {WALLET_COLUMNS} FROM wallets ORDER BY created_ms, id"),
+        &[],
+    )?
+    .iter()
+    .map(wallet_from_row)
+    .collect()
 }
 
-pub fn entries(conn: &Connection, wallet_id: &str, limit: u32) -> Result<Vec<Entry>> {
-    let mut stmt = conn.prepare(&format!(
-        "SELECT {ENTRY_COLUMNS} FROM ledger WHERE wallet_id = ?1 ORDER BY seq DESC LIMIT ?2"
-    ))?;
-    let rows = stmt.query_map(params![wallet_id, limit], entry_from_row)?;
-    Ok(rows.collect::<std::result::Result<_, _>>()?)
+pub fn entries(db: &mut Db, wallet_id: &str, limit: u32) -> Result<Vec<Entry>> {
+    db.rows(
+        &format!(
+            "SELECT {ENTRY_COLUMNS} FROM ledger WHERE wallet_id = ?1 ORDER BY seq DESC LIMIT ?2"
+        ),
+        &[&wallet_id, &limit],
+    )?
+    .iter()
+    .map(entry_from_row)
+    .collect()
 }
 
 /// Appends an entry and moves the balance by its amount; `false` if an entry with this
 /// idempotency key exists already (then nothing changes).
 #[allow(clippy::too_many_arguments)]
 fn append(
-    tx: &Connection,
+    tx: &mut Db,
     wallet_id: &str,
     kind: &str,
     amount: i64,
@@ -322,39 +326,46 @@ fn append(
     note: Option<&str>,
     now_ms: i64,
 ) -> Result<bool> {
-    let n = tx
-        .prepare_cached(
-            "INSERT OR IGNORE INTO ledger (wallet_id, kind, amount_micros, idempotency_key,
-                                       request_id, expires_ms, note, ts_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )?
-        .execute(params![
-            wallet_id, kind, amount, idem, request_id, expires_ms, note, now_ms
-        ])?;
+    let n = tx.exec(
+        "INSERT INTO ledger (wallet_id, kind, amount_micros, idempotency_key,
+                             request_id, expires_ms, note, ts_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING",
+        &[
+            &wallet_id,
+            &kind,
+            &amount,
+            &idem,
+            &request_id,
+            &expires_ms,
+            &note,
+            &now_ms,
+        ],
+    )?;
     if n == 0 {
         return Ok(false);
     }
-    tx.prepare_cached("UPDATE wallets SET balance_micros = balance_micros + ?2 WHERE id = ?1")?
-        .execute(params![wallet_id, amount])?;
+    tx.exec(
+        "UPDATE wallets SET balance_micros = balance_micros + ?2 WHERE id = ?1",
+        &[&wallet_id, &amount],
+    )?;
     Ok(true)
 }
 
-fn entry_by_key(tx: &Connection, wallet_id: &str, idem: &str) -> Result<Option<Entry>> {
-    Ok(tx
-        .query_row(
-            &format!(
-                "SELECT {ENTRY_COLUMNS} FROM ledger WHERE wallet_id = ?1 AND idempotency_key = ?2"
-            ),
-            params![wallet_id, idem],
-            entry_from_row,
-        )
-        .optional()?)
+fn entry_by_key(tx: &mut Db, wallet_id: &str, idem: &str) -> Result<Option<Entry>> {
+    tx.row(
+        &format!(
+            "SELECT {ENTRY_COLUMNS} FROM ledger WHERE wallet_id = ?1 AND idempotency_key = ?2"
+        ),
+        &[&wallet_id, &idem],
+    )?
+    .map(|r| entry_from_row(&r))
+    .transpose()
 }
 
 /// An operator's credit (or adjustment). Replaying the same idempotency key returns the
 /// first entry and changes nothing; the same key with another amount or kind is refused.
 pub fn credit(
-    tx: &Connection,
+    tx: &mut Db,
     wallet_id: &str,
     credit: Credit,
     amount: i64,
@@ -398,16 +409,16 @@ pub fn credit(
         return replayed(entry, credit.kind(), amount);
     }
     if let Credit::Grant { expires_ms } = credit {
-        tx.prepare_cached(
+        tx.exec(
             "INSERT INTO grants (id, wallet_id, amount_micros, remaining_micros, expires_ms)
              VALUES (?1, ?2, ?3, ?3, ?4)",
-        )?
-        .execute(params![
-            format!("grant:{}", entry.seq),
-            wallet_id,
-            amount,
-            expires_ms
-        ])?;
+            &[
+                &format!("grant:{}", entry.seq),
+                &wallet_id,
+                &amount,
+                &expires_ms,
+            ],
+        )?;
     }
     Ok((entry, true))
 }
@@ -435,7 +446,7 @@ pub enum Hold {
 /// two concurrent holds can never both pass the floor. Holding twice for one request id
 /// returns the first hold.
 pub fn hold(
-    tx: &Connection,
+    tx: &mut Db,
     wallet_id: &str,
     request_id: &str,
     amount: i64,
@@ -443,47 +454,44 @@ pub fn hold(
     now_ms: i64,
 ) -> Result<Hold> {
     if tx
-        .prepare_cached("SELECT 1 FROM holds WHERE id = ?1")?
-        .query_row([request_id], |_| Ok(()))
-        .optional()?
+        .row("SELECT 1 FROM holds WHERE id = ?1", &[&request_id])?
         .is_some()
     {
-        let (balance_micros, _) = balance_and_floor(tx, wallet_id)?;
+        let (balance_micros, _, _) = balance_and_floor(tx, wallet_id)?;
         return Ok(Hold::Held { balance_micros });
     }
-    let after: Option<i64> = tx
-        .prepare_cached(
-            "UPDATE wallets SET balance_micros = balance_micros - ?2
-             WHERE id = ?1 AND balance_micros - ?2 >= floor_micros
-             RETURNING balance_micros",
-        )?
-        .query_row(params![wallet_id, amount], |r| r.get(0))
-        .optional()?;
-    let Some(balance) = after else {
-        let (balance_micros, floor_micros) = balance_and_floor(tx, wallet_id)?;
+    let after = tx.row(
+        "UPDATE wallets SET balance_micros = balance_micros - ?2
+         WHERE id = ?1 AND balance_micros - ?2 >= floor_micros
+         RETURNING balance_micros",
+        &[&wallet_id, &amount],
+    )?;
+    let Some(after) = after else {
+        let (balance_micros, floor_micros, _) = balance_and_floor(tx, wallet_id)?;
         return Ok(Hold::Insufficient {
             balance_micros,
             floor_micros,
         });
     };
-    tx.prepare_cached(
+    let balance: i64 = after.get(0)?;
+    tx.exec(
         "INSERT INTO ledger (wallet_id, kind, amount_micros, idempotency_key, request_id,
                              expires_ms, ts_ms)
          VALUES (?1, 'hold', ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![
-        wallet_id,
-        -amount,
-        format!("hold:{request_id}"),
-        request_id,
-        expires_ms,
-        now_ms
-    ])?;
-    tx.prepare_cached(
+        &[
+            &wallet_id,
+            &-amount,
+            &format!("hold:{request_id}"),
+            &request_id,
+            &expires_ms,
+            &now_ms,
+        ],
+    )?;
+    tx.exec(
         "INSERT INTO holds (id, wallet_id, amount_micros, expires_ms, state, created_ms)
          VALUES (?1, ?2, ?3, ?4, 'held', ?5)",
-    )?
-    .execute(params![request_id, wallet_id, amount, expires_ms, now_ms])?;
+        &[&request_id, &wallet_id, &amount, &expires_ms, &now_ms],
+    )?;
     Ok(Hold::Held {
         balance_micros: balance,
     })
@@ -503,18 +511,20 @@ pub struct Settled {
 /// Idempotent: a settled hold is left alone (`None`), so a replayed usage batch or a retried
 /// settle never captures twice. A hold that already expired is not released again.
 pub fn settle(
-    tx: &Connection,
+    tx: &mut Db,
     request_id: &str,
     cost_micros: i64,
     now_ms: i64,
 ) -> Result<Option<Settled>> {
-    let hold: Option<(String, i64, String)> = tx
-        .prepare_cached("SELECT wallet_id, amount_micros, state FROM holds WHERE id = ?1")?
-        .query_row([request_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?;
-    let Some((wallet_id, amount, state)) = hold else {
+    let Some(hold) = tx.row(
+        "SELECT wallet_id, amount_micros, state FROM holds WHERE id = ?1",
+        &[&request_id],
+    )?
+    else {
         return Ok(None);
     };
+    let (wallet_id, amount, state): (String, i64, String) =
+        (hold.get(0)?, hold.get(1)?, hold.get(2)?);
     if state == "settled" {
         return Ok(None);
     }
@@ -531,10 +541,7 @@ pub fn settle(
             now_ms,
         )?;
     }
-    let (balance, floor) = balance_and_floor(tx, &wallet_id)?;
-    let low: Option<i64> = tx
-        .prepare_cached("SELECT low_balance_micros FROM wallets WHERE id = ?1")?
-        .query_row([&wallet_id], |r| r.get(0))?;
+    let (balance, floor, low) = balance_and_floor(tx, &wallet_id)?;
     let payable = (balance - floor).max(0);
     let captured = cost_micros.max(0).min(payable);
     if captured > 0 {
@@ -551,8 +558,10 @@ pub fn settle(
         )?;
         spend_grants(tx, &wallet_id, captured, now_ms)?;
     }
-    tx.prepare_cached("UPDATE holds SET state = 'settled', captured_micros = ?2 WHERE id = ?1")?
-        .execute(params![request_id, captured])?;
+    tx.exec(
+        "UPDATE holds SET state = 'settled', captured_micros = ?2 WHERE id = ?1",
+        &[&request_id, &captured],
+    )?;
     let after = balance - captured;
     Ok(Some(Settled {
         captured_micros: captured,
@@ -564,25 +573,23 @@ pub fn settle(
 }
 
 /// Spending draws on grants first, the soonest to expire first.
-fn spend_grants(tx: &Connection, wallet_id: &str, mut amount: i64, now_ms: i64) -> Result<()> {
-    let grants: Vec<(String, i64)> = {
-        let mut stmt = tx.prepare(
-            "SELECT id, remaining_micros FROM grants
-             WHERE wallet_id = ?1 AND remaining_micros > 0 AND expires_ms > ?2
-             ORDER BY expires_ms, id",
-        )?;
-        let rows = stmt.query_map(params![wallet_id, now_ms], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        rows.collect::<std::result::Result<_, _>>()?
-    };
-    for (id, remaining) in grants {
+fn spend_grants(tx: &mut Db, wallet_id: &str, mut amount: i64, now_ms: i64) -> Result<()> {
+    let grants = tx.rows(
+        "SELECT id, remaining_micros FROM grants
+         WHERE wallet_id = ?1 AND remaining_micros > 0 AND expires_ms > ?2
+         ORDER BY expires_ms, id",
+        &[&wallet_id, &now_ms],
+    )?;
+    for g in grants {
         if amount == 0 {
             break;
         }
+        let (id, remaining): (String, i64) = (g.get(0)?, g.get(1)?);
         let take = remaining.min(amount);
-        tx.prepare_cached(
+        tx.exec(
             "UPDATE grants SET remaining_micros = remaining_micros - ?2 WHERE id = ?1",
-        )?
-        .execute(params![id, take])?;
+            &[&id, &take],
+        )?;
         amount -= take;
     }
     Ok(())
@@ -590,15 +597,19 @@ fn spend_grants(tx: &Connection, wallet_id: &str, mut amount: i64, now_ms: i64) 
 
 /// Releases holds past their expiry and removes what is left of expired grants. Returns
 /// (holds released, grants expired).
-pub fn expire(tx: &Connection, now_ms: i64) -> Result<(usize, usize)> {
-    let holds: Vec<(String, String, i64)> = {
-        let mut stmt = tx.prepare(
-            "SELECT id, wallet_id, amount_micros FROM holds
-             WHERE state = 'held' AND expires_ms <= ?1",
-        )?;
-        let rows = stmt.query_map([now_ms], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-        rows.collect::<std::result::Result<_, _>>()?
-    };
+/// (id, wallet, amount) triples from a query.
+fn triples(rows: Vec<Row>) -> Result<Vec<(String, String, i64)>> {
+    rows.iter()
+        .map(|r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .collect()
+}
+
+pub fn expire(tx: &mut Db, now_ms: i64) -> Result<(usize, usize)> {
+    let holds = triples(tx.rows(
+        "SELECT id, wallet_id, amount_micros FROM holds
+         WHERE state = 'held' AND expires_ms <= ?1",
+        &[&now_ms],
+    )?)?;
     for (id, wallet_id, amount) in &holds {
         append(
             tx,
@@ -611,17 +622,13 @@ pub fn expire(tx: &Connection, now_ms: i64) -> Result<(usize, usize)> {
             Some("hold expired"),
             now_ms,
         )?;
-        tx.prepare_cached("UPDATE holds SET state = 'expired' WHERE id = ?1")?
-            .execute([id])?;
+        tx.exec("UPDATE holds SET state = 'expired' WHERE id = ?1", &[id])?;
     }
-    let grants: Vec<(String, String, i64)> = {
-        let mut stmt = tx.prepare(
-            "SELECT id, wallet_id, remaining_micros FROM grants
-             WHERE remaining_micros > 0 AND expires_ms <= ?1",
-        )?;
-        let rows = stmt.query_map([now_ms], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-        rows.collect::<std::result::Result<_, _>>()?
-    };
+    let grants = triples(tx.rows(
+        "SELECT id, wallet_id, remaining_micros FROM grants
+         WHERE remaining_micros > 0 AND expires_ms <= ?1",
+        &[&now_ms],
+    )?)?;
     for (id, wallet_id, remaining) in &grants {
         let w = get(tx, wallet_id)?;
         // What is left of the grant, but never through the floor: money held right now may
@@ -640,41 +647,41 @@ pub fn expire(tx: &Connection, now_ms: i64) -> Result<(usize, usize)> {
                 now_ms,
             )?;
         }
-        tx.prepare_cached("UPDATE grants SET remaining_micros = 0 WHERE id = ?1")?
-            .execute([id])?;
+        tx.exec(
+            "UPDATE grants SET remaining_micros = 0 WHERE id = ?1",
+            &[id],
+        )?;
     }
     Ok((holds.len(), grants.len()))
 }
 
 /// Wallets whose balance differs from the sum of their entries, or is below their floor:
 /// (wallet id, balance, sum of entries, floor). Empty when the books are right.
-pub fn verify(conn: &Connection) -> Result<Vec<(String, i64, i64, i64)>> {
-    let mut stmt = conn.prepare(
+pub fn verify(db: &mut Db) -> Result<Vec<(String, i64, i64, i64)>> {
+    let mut out = Vec::new();
+    for r in db.rows(
         "SELECT w.id, w.balance_micros,
-                (SELECT COALESCE(SUM(amount_micros), 0) FROM ledger l WHERE l.wallet_id = w.id),
+                CAST((SELECT COALESCE(SUM(amount_micros), 0) FROM ledger l
+                      WHERE l.wallet_id = w.id) AS BIGINT),
                 w.floor_micros
          FROM wallets w",
-    )?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-    let all: Vec<(String, i64, i64, i64)> = rows.collect::<std::result::Result<_, _>>()?;
-    Ok(all
-        .into_iter()
-        .filter(|(_, bal, sum, floor)| bal != sum || bal < floor)
-        .collect())
+        &[],
+    )? {
+        let (id, bal, sum, floor): (String, i64, i64, i64) =
+            (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+        if bal != sum || bal < floor {
+            out.push((id, bal, sum, floor));
+        }
+    }
+    Ok(out)
 }
 
 /// Every wallet's owner, for the gateway's in-memory lookup.
-pub fn owners(conn: &Connection) -> Result<Vec<(OwnerKind, String, String)>> {
-    let mut stmt = conn.prepare("SELECT owner_kind, owner, id FROM wallets")?;
-    let rows = stmt.query_map([], |r| {
-        let kind: String = r.get(0)?;
-        Ok((kind, r.get(1)?, r.get(2)?))
-    })?;
+pub fn owners(db: &mut Db) -> Result<Vec<(OwnerKind, String, String)>> {
     let mut out = Vec::new();
-    for row in rows {
-        let (kind, owner, id) = row?;
-        if let Some(k) = OwnerKind::parse(&kind) {
-            out.push((k, owner, id));
+    for r in db.rows("SELECT owner_kind, owner, id FROM wallets", &[])? {
+        if let Some(k) = OwnerKind::parse(&r.get::<String>(0)?) {
+            out.push((k, r.get(1)?, r.get(2)?));
         }
     }
     Ok(out)
@@ -726,19 +733,17 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn db() -> Connection {
-        let conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch("CREATE TABLE keys (id TEXT);").unwrap();
-        conn.execute_batch(MIGRATION).unwrap();
-        conn.execute_batch(MIGRATION_LOW_BALANCE).unwrap();
-        conn
+    fn db() -> Db {
+        let mut db = Db::memory().unwrap();
+        db.batch("CREATE TABLE keys (id TEXT);").unwrap();
+        db.batch(MIGRATION).unwrap();
+        db.batch(MIGRATION_LOW_BALANCE).unwrap();
+        db
     }
 
-    fn tx<T>(conn: &mut Connection, f: impl FnOnce(&rusqlite::Transaction) -> T) -> T {
-        let tx = conn.transaction().unwrap();
-        let out = f(&tx);
-        tx.commit().unwrap();
-        out
+    /// Runs `f` in a committed transaction, whatever it returns.
+    fn tx<T>(db: &mut Db, f: impl FnOnce(&mut Db) -> T) -> T {
+        db.write(|t| Ok::<_, crate::db::DbError>(f(t))).unwrap()
     }
 
     #[test]
@@ -781,8 +786,8 @@ mod tests {
             )),
             Err(WalletError::IdempotencyConflict(_))
         ));
-        assert_eq!(get(&c, &w.id).unwrap().balance_micros, 5_000_000);
-        assert!(verify(&c).unwrap().is_empty());
+        assert_eq!(get(&mut c, &w.id).unwrap().balance_micros, 5_000_000);
+        assert!(verify(&mut c).unwrap().is_empty());
     }
 
     #[test]
@@ -806,15 +811,15 @@ mod tests {
         );
         let s = tx(&mut c, |t| settle(t, "r1", 25, 1)).unwrap().unwrap();
         assert_eq!(s.captured_micros, 25);
-        assert_eq!(get(&c, &w.id).unwrap().balance_micros, 75);
+        assert_eq!(get(&mut c, &w.id).unwrap().balance_micros, 75);
         // Settling again changes nothing.
         assert_eq!(tx(&mut c, |t| settle(t, "r1", 25, 2)).unwrap(), None);
         // A cost above what the wallet holds is captured down to the floor, never past it.
         tx(&mut c, |t| hold(t, &w.id, "r3", 10, 1000, 3)).unwrap();
         let s = tx(&mut c, |t| settle(t, "r3", 500, 4)).unwrap().unwrap();
         assert_eq!((s.captured_micros, s.shortfall_micros), (75, 425));
-        assert_eq!(get(&c, &w.id).unwrap().balance_micros, 0);
-        assert!(verify(&c).unwrap().is_empty());
+        assert_eq!(get(&mut c, &w.id).unwrap().balance_micros, 0);
+        assert!(verify(&mut c).unwrap().is_empty());
     }
 
     #[test]
@@ -840,14 +845,14 @@ mod tests {
         tx(&mut c, |t| hold(t, &w.id, "r1", 30, 10, 0)).unwrap();
         // The gateway died: the hold expires and the money comes back.
         assert_eq!(tx(&mut c, |t| expire(t, 10)).unwrap(), (1, 0));
-        assert_eq!(get(&c, &w.id).unwrap().balance_micros, 100);
+        assert_eq!(get(&mut c, &w.id).unwrap().balance_micros, 100);
         // A late settle of an expired hold captures without releasing twice.
         tx(&mut c, |t| settle(t, "r1", 20, 11)).unwrap();
-        assert_eq!(get(&c, &w.id).unwrap().balance_micros, 80);
+        assert_eq!(get(&mut c, &w.id).unwrap().balance_micros, 80);
         // The 20 spent came out of the grant; 30 of it is left to expire.
         assert_eq!(tx(&mut c, |t| expire(t, 100)).unwrap(), (0, 1));
-        assert_eq!(get(&c, &w.id).unwrap().balance_micros, 50);
-        assert!(verify(&c).unwrap().is_empty());
+        assert_eq!(get(&mut c, &w.id).unwrap().balance_micros, 50);
+        assert!(verify(&mut c).unwrap().is_empty());
     }
 
     #[derive(Debug, Clone)]
@@ -886,21 +891,22 @@ mod tests {
             let mut now = 0i64;
             for (i, o) in ops.iter().enumerate() {
                 now += 1;
-                let t = c.transaction().unwrap();
-                let _ = match o {
-                    Op::Hold(r, a) => hold(&t, &w.id, &format!("r{r}"), *a, now + 20, now).map(|_| ()),
-                    Op::Settle(r, a) => settle(&t, &format!("r{r}"), *a, now).map(|_| ()),
-                    Op::Topup(a) => credit(&t, &w.id, Credit::Topup, *a, &format!("t{i}"), None, now).map(|_| ()),
-                    Op::Grant(a, e) => credit(&t, &w.id, Credit::Grant { expires_ms: now + e }, *a, &format!("g{i}"), None, now).map(|_| ()),
-                    Op::Expire(dt) => { now += dt; expire(&t, now).map(|_| ()) }
-                    Op::Adjust(a) => credit(&t, &w.id, Credit::Adjustment, *a, &format!("a{i}"), None, now).map(|_| ()),
-                };
-                t.commit().unwrap();
-                prop_assert!(verify(&c).unwrap().is_empty(), "after {o:?}: {:?}", get(&c, &w.id));
+                if let Op::Expire(dt) = o {
+                    now += dt;
+                }
+                let _ = tx(&mut c, |t| match o {
+                    Op::Hold(r, a) => hold(t, &w.id, &format!("r{r}"), *a, now + 20, now).map(|_| ()),
+                    Op::Settle(r, a) => settle(t, &format!("r{r}"), *a, now).map(|_| ()),
+                    Op::Topup(a) => credit(t, &w.id, Credit::Topup, *a, &format!("t{i}"), None, now).map(|_| ()),
+                    Op::Grant(a, e) => credit(t, &w.id, Credit::Grant { expires_ms: now + e }, *a, &format!("g{i}"), None, now).map(|_| ()),
+                    Op::Expire(_) => expire(t, now).map(|_| ()),
+                    Op::Adjust(a) => credit(t, &w.id, Credit::Adjustment, *a, &format!("a{i}"), None, now).map(|_| ()),
+                });
+                prop_assert!(verify(&mut c).unwrap().is_empty(), "after {o:?}: {:?}", get(&mut c, &w.id));
             }
-            let captures: i64 = c.query_row(
+            let captures: i64 = c.one(
                 "SELECT COUNT(*) - COUNT(DISTINCT request_id) FROM ledger WHERE kind = 'capture'",
-                [], |r| r.get(0)).unwrap();
+                &[]).unwrap().get(0).unwrap();
             prop_assert_eq!(captures, 0);
         }
     }

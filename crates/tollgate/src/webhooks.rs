@@ -8,36 +8,36 @@
 //! with backoff until all endpoints answer 2xx.
 
 use crate::config::WebhookConfig;
+use crate::db::Db;
 use crate::envelope::Crossing;
 use crate::server::AppState;
 use hmac::{Hmac, Mac};
-use rusqlite::{params, Connection};
 use sha2::Sha256;
 use std::sync::Weak;
 use std::time::Duration;
 
 pub fn enqueue(
-    tx: &Connection,
+    tx: &mut Db,
     id: &str,
     event: &str,
     data: serde_json::Value,
     now_ms: i64,
-) -> rusqlite::Result<()> {
+) -> crate::db::Result<()> {
     let payload = serde_json::json!({
         "id": id,
         "type": event,
         "created_ms": now_ms,
         "data": data,
     });
-    tx.execute(
-        "INSERT OR IGNORE INTO webhook_outbox (id, event, payload, created_ms, next_attempt_ms)
-         VALUES (?1, ?2, ?3, ?4, ?4)",
-        params![id, event, payload.to_string(), now_ms],
+    tx.exec(
+        "INSERT INTO webhook_outbox (id, event, payload, created_ms, next_attempt_ms)
+         VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT DO NOTHING",
+        &[&id, &event, &payload.to_string(), &now_ms],
     )?;
     Ok(())
 }
 
-pub fn enqueue_crossing(tx: &Connection, c: &Crossing, now_ms: i64) -> rusqlite::Result<()> {
+pub fn enqueue_crossing(tx: &mut Db, c: &Crossing, now_ms: i64) -> crate::db::Result<()> {
     let event = match (c.kind.as_str(), c.threshold.as_str()) {
         ("run", "100%") => "run.exhausted",
         ("run", _) => "run.threshold",
@@ -99,20 +99,22 @@ pub async fn deliver(app: Weak<AppState>) {
         let now = crate::proxy::now_ms();
         let due = tokio::task::spawn_blocking(move || {
             store.read(|c| {
-                let mut stmt = c.prepare(
+                c.rows(
                     "SELECT id, event, payload, attempts FROM webhook_outbox
                      WHERE delivered_ms IS NULL AND next_attempt_ms <= ?1
                      ORDER BY created_ms LIMIT 100",
-                )?;
-                let rows = stmt.query_map([now], |r| {
+                    &[&now],
+                )?
+                .iter()
+                .map(|r| {
                     Ok(Due {
                         id: r.get(0)?,
                         event: r.get(1)?,
                         payload: r.get(2)?,
                         attempts: r.get(3)?,
                     })
-                })?;
-                Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+                })
+                .collect::<Result<Vec<Due>, crate::wallet::WalletError>>()
             })
         })
         .await
@@ -150,14 +152,14 @@ pub async fn deliver(app: Weak<AppState>) {
                 let now = crate::proxy::now_ms();
                 store.write(|tx| {
                     if ok {
-                        tx.execute(
+                        tx.exec(
                             "UPDATE webhook_outbox SET delivered_ms = ?2, attempts = attempts + 1 WHERE id = ?1",
-                            params![id, now],
+                            &[&id, &now],
                         )?;
                     } else {
-                        tx.execute(
+                        tx.exec(
                             "UPDATE webhook_outbox SET attempts = attempts + 1, next_attempt_ms = ?2 WHERE id = ?1",
-                            params![id, now + backoff(attempts)],
+                            &[&id, &(now + backoff(attempts))],
                         )?;
                     }
                     Ok(())
