@@ -439,6 +439,200 @@ impl RedisServer {
     }
 }
 
+/// The store a test's gateway runs on: SQLite in its data directory, or a PostgreSQL
+/// database (the same scenarios run on both).
+#[derive(Clone, Debug)]
+pub enum TestStore {
+    Sqlite,
+    Postgres(String),
+}
+
+impl TestStore {
+    /// `rest` (TOML) with the `[store]` table this store needs in front.
+    pub fn config(&self, rest: &str) -> String {
+        match self {
+            TestStore::Sqlite => rest.to_string(),
+            TestStore::Postgres(url) => format!("[store]\nurl = \"{url}\"\n{rest}"),
+        }
+    }
+
+    /// What the CLI needs to act on this store.
+    pub fn cli_args(&self) -> Vec<String> {
+        match self {
+            TestStore::Sqlite => vec![],
+            TestStore::Postgres(url) => vec!["--store-url".into(), url.clone()],
+        }
+    }
+}
+
+/// A real PostgreSQL server on a free port, in its own temporary cluster (initdb'd per test;
+/// fsync off, since a test cluster need not survive the machine).
+pub struct PgServer {
+    pub port: u16,
+    pub process: KillOnDrop,
+    _dir: TempDir,
+}
+
+/// The directory holding `initdb` and `postgres`: on PATH, or Debian's versioned one.
+fn pg_bin_dir() -> Option<PathBuf> {
+    let on_path = std::process::Command::new("sh")
+        .args(["-c", "command -v initdb"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| {
+            let p = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+            p.parent().map(Path::to_path_buf)
+        });
+    if on_path.is_some() {
+        return on_path;
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|b| b.join("initdb").exists() && b.join("postgres").exists())
+        .collect();
+    versions.sort();
+    versions.pop()
+}
+
+/// `id -u/-g NAME`.
+fn os_id(flag: &str, user: &str) -> Option<u32> {
+    let o = std::process::Command::new("id")
+        .args([flag, user])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&o.stdout).trim().parse().ok()
+}
+
+pub const PG_PASSWORD: &str = "pg-secret-do-not-print";
+
+impl PgServer {
+    pub async fn start() -> Option<PgServer> {
+        let Some(bin) = pg_bin_dir() else {
+            assert!(
+                std::env::var("TOLLGATE_REQUIRE_SERVERS").as_deref() != Ok("1"),
+                "PostgreSQL is not installed and TOLLGATE_REQUIRE_SERVERS=1"
+            );
+            eprintln!("SKIPPED: PostgreSQL is not installed (apt-get install postgresql)");
+            return None;
+        };
+        let dir = TempDir::new("pg");
+        let data = dir.path().join("data");
+        // PostgreSQL refuses to run as root: run it as the `postgres` user then.
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        let as_user = if root {
+            let uid = os_id("-u", "postgres").expect("running as root needs a postgres user");
+            let gid = os_id("-g", "postgres").unwrap();
+            let ok = std::process::Command::new("chown")
+                .args(["-R", "postgres:postgres", dir.path().to_str().unwrap()])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "chown of the test cluster failed");
+            Some((uid, gid))
+        } else {
+            None
+        };
+        let command = |prog: &str| {
+            use std::os::unix::process::CommandExt;
+            let mut c = std::process::Command::new(bin.join(prog));
+            if let Some((uid, gid)) = as_user {
+                c.uid(uid).gid(gid);
+            }
+            c
+        };
+        let out = command("initdb")
+            .args(["-D", data.to_str().unwrap()])
+            .args([
+                "-U",
+                "tollgate",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        let child = command("postgres")
+            .args(["-D", data.to_str().unwrap(), "-p", &port.to_string()])
+            .args(["-h", "127.0.0.1", "-k", dir.path().to_str().unwrap()])
+            .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
+            .args([
+                "-c",
+                "max_connections=100",
+                "-c",
+                "log_min_messages=warning",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = PgServer {
+            port,
+            process: KillOnDrop(Some(child)),
+            _dir: dir,
+        };
+        for _ in 0..400 {
+            let url = server.url("postgres");
+            let up = tokio::task::spawn_blocking(move || {
+                tollgate::db::Location::Postgres(url).connect().is_ok()
+            })
+            .await
+            .unwrap();
+            if up {
+                return Some(server);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("postgres did not come up on port {port}");
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        // The cluster trusts loopback; the password is there to prove it never reaches logs
+        // or output.
+        format!(
+            "postgres://tollgate:{PG_PASSWORD}@127.0.0.1:{}/{db}",
+            self.port
+        )
+    }
+
+    /// A fresh database; its URL.
+    pub async fn database(&self, name: &str) -> String {
+        let admin = self.url("postgres");
+        let db_name = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut db = tollgate::db::Location::Postgres(admin).connect().unwrap();
+            db.batch(&format!("CREATE DATABASE {db_name}")).unwrap();
+        })
+        .await
+        .unwrap();
+        self.url(name)
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        // A fast shutdown ends the backends with the postmaster (KILL would orphan them).
+        if let Some(c) = self.process.0.as_mut() {
+            let _ = std::process::Command::new("kill")
+                .args(["-INT", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Three real gateway processes sharing one data directory (and whatever the config shares).
 pub struct Replicas {
     pub urls: Vec<String>,

@@ -1,5 +1,5 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-//! End-to-end tests: a real gateway on loopback, real SQLite, the mock provider speaking
+//! End-to-end tests: a real gateway on loopback, real SQLite and PostgreSQL, the mock provider speaking
 //! OpenAI's wire format over real HTTP.
 
 mod harness;
@@ -12,6 +12,7 @@ mod limits;
 mod loopguard;
 mod messages;
 mod metering;
+mod postgres;
 mod redis;
 mod responses;
 mod routes;

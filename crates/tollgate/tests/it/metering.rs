@@ -153,7 +153,11 @@ async fn embeddings_are_metered() {
 
 #[tokio::test]
 async fn usage_report_groups_by_key_team_model_tag_and_day() {
-    let gw = TestGateway::start("").await;
+    usage_report_groups_by_key_team_model_tag_and_day_on(&TestStore::Sqlite).await;
+}
+
+pub async fn usage_report_groups_by_key_team_model_tag_and_day_on(store: &TestStore) {
+    let gw = TestGateway::start(&store.config("")).await;
     let (a, _) = gw.create_key(json!({"name": "a", "team": "t1"})).await;
     let (b, _) = gw
         .create_key(json!({"name": "b", "team": "t2", "tags": {"cc": "eng"}}))
@@ -223,6 +227,11 @@ async fn usage_report_groups_by_key_team_model_tag_and_day() {
     let by_day = get("day").await;
     assert_eq!(by_day.len(), 1);
     assert_eq!(by_day[0]["requests"].as_u64(), Some(5));
+    let day = by_day[0]["group"].as_str().unwrap();
+    assert!(
+        day.len() == 10 && &day[4..5] == "-" && &day[7..8] == "-" && day.starts_with("20"),
+        "a UTC date, YYYY-MM-DD: {day}"
+    );
     let bad = gw
         .client
         .get(format!("{}/admin/usage?by=colour", gw.url))

@@ -45,9 +45,10 @@ async fn ledger(gw: &TestGateway, wallet: &str) -> Vec<Value> {
     l.as_array().unwrap().clone()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dollar_buys_a_hundred_cent_requests_out_of_a_thousand_concurrent_ones() {
-    let gw = TestGateway::start(PRICED).await;
+pub async fn a_dollar_buys_a_hundred_cent_requests_out_of_a_thousand_concurrent_ones_on(
+    store: &TestStore,
+) {
+    let gw = TestGateway::start(&store.config(PRICED)).await;
     let (key, _) = gw.create_key(json!({"name": "spender", "team": "t"})).await;
     let wallet = gw.wallet("team:t", "1.00").await;
     let statuses: Vec<(u16, Value)> = futures_util::stream::iter(0..1000)
@@ -107,9 +108,10 @@ async fn a_dollar_buys_a_hundred_cent_requests_out_of_a_thousand_concurrent_ones
         .all(|r| r.wallet_id.as_deref() == Some(wallet.as_str())));
 }
 
-#[tokio::test]
-async fn wallets_by_cli_and_api_with_idempotent_topups_grants_and_refusals_in_both_dialects() {
-    let gw = TestGateway::start(PRICED).await;
+pub async fn wallets_by_cli_and_api_with_idempotent_topups_grants_and_refusals_in_both_dialects_on(
+    store: &TestStore,
+) {
+    let gw = TestGateway::start(&store.config(PRICED)).await;
     let (key, key_id) = gw.create_key(json!({"name": "solo", "org": "acme"})).await;
     // No wallet anywhere: requests are not money-checked.
     assert_eq!(
@@ -177,12 +179,14 @@ async fn wallets_by_cli_and_api_with_idempotent_topups_grants_and_refusals_in_bo
 
     // The CLI on the same store sees the same books.
     let dir = gw.dir.path().to_str().unwrap().to_string();
+    let store_args = store.cli_args();
     let own2 = own.clone();
     let out = tokio::task::spawn_blocking(move || {
         let run = |args: &[&str]| {
             std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
                 .args(args)
                 .args(["--data-dir", &dir])
+                .args(&store_args)
                 .output()
                 .unwrap()
         };
@@ -229,9 +233,8 @@ async fn wallets_by_cli_and_api_with_idempotent_topups_grants_and_refusals_in_bo
     verify(&gw).await;
 }
 
-#[tokio::test]
-async fn spend_caps_quotes_and_clamping() {
-    let gw = TestGateway::start(PRICED).await;
+pub async fn spend_caps_quotes_and_clamping_on(store: &TestStore) {
+    let gw = TestGateway::start(&store.config(PRICED)).await;
     let (key, key_id) = gw.create_key(json!({"name": "careful"})).await;
     let wallet = gw.wallet(&format!("key:{key_id}"), "0.005").await;
     let body = json!({"model": "mock", "max_tokens": 16, "messages": user("quote me")});
@@ -349,9 +352,12 @@ async fn spend_caps_quotes_and_clamping() {
     verify(&gw).await;
 }
 
-#[tokio::test]
-async fn a_stream_that_uses_up_its_hold_is_cut_and_billed_for_what_was_delivered() {
-    let gw = TestGateway::start(&format!("{PRICED}[wallets]\ndefault_max_output = 40\n")).await;
+pub async fn a_stream_that_uses_up_its_hold_is_cut_and_billed_for_what_was_delivered_on(
+    store: &TestStore,
+) {
+    let gw =
+        TestGateway::start(&store.config(&format!("{PRICED}[wallets]\ndefault_max_output = 40\n")))
+            .await;
     let (key, key_id) = gw.create_key(json!({"name": "streamer"})).await;
     let wallet = gw.wallet(&format!("key:{key_id}"), "1.00").await;
     // No max_tokens: the hold covers [wallets] default_max_output (40 tokens, $0.025); the
@@ -592,12 +598,11 @@ async fn wait_events(
         .collect()
 }
 
-#[tokio::test]
-async fn spending_stops_at_the_parent_runs_cap_across_its_sub_runs() {
+pub async fn spending_stops_at_the_parent_runs_cap_across_its_sub_runs_on(store: &TestStore) {
     let (hook, got) = spawn_receiver().await;
-    let gw = TestGateway::start(&format!(
+    let gw = TestGateway::start(&store.config(&format!(
         "{PRICED}[[webhooks]]\nurl = \"{hook}\"\nsecret = \"whsec_test\"\n"
-    ))
+    )))
     .await;
     let planner = gw.key().await;
     let worker = gw.key().await;
@@ -740,12 +745,11 @@ async fn spending_stops_at_the_parent_runs_cap_across_its_sub_runs() {
     );
 }
 
-#[tokio::test]
-async fn a_teams_monthly_budget_refuses_past_its_hard_limit() {
+pub async fn a_teams_monthly_budget_refuses_past_its_hard_limit_on(store: &TestStore) {
     let (hook, got) = spawn_receiver().await;
-    let gw = TestGateway::start(&format!(
+    let gw = TestGateway::start(&store.config(&format!(
         "{PRICED}[[webhooks]]\nurl = \"{hook}\"\nevents = [\"budget.soft_limit\", \"budget.exceeded\"]\n"
-    ))
+    )))
     .await;
     let (key, _) = gw.create_key(json!({"name": "b", "team": "growth"})).await;
     let (s, b) = gw.admin(reqwest::Method::PUT,
@@ -801,11 +805,10 @@ async fn a_teams_monthly_budget_refuses_past_its_hard_limit() {
     );
 }
 
-#[tokio::test]
-async fn a_request_retried_upstream_is_held_and_captured_once() {
-    let gw = TestGateway::start(&format!(
+pub async fn a_request_retried_upstream_is_held_and_captured_once_on(store: &TestStore) {
+    let gw = TestGateway::start(&store.config(&format!(
         "{PRICED}[routing]\nbackoff_base = \"1ms\"\nbackoff_max = \"2ms\"\n"
-    ))
+    )))
     .await;
     let (key, key_id) = gw.create_key(json!({"name": "retried"})).await;
     let wallet = gw.wallet(&format!("key:{key_id}"), "1.00").await;
@@ -826,10 +829,9 @@ async fn a_request_retried_upstream_is_held_and_captured_once() {
     verify(&gw).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_replicas_sharing_the_store_cannot_overdraw_a_wallet() {
+pub async fn three_replicas_sharing_the_store_cannot_overdraw_a_wallet_on(store: &TestStore) {
     tollgate::server::init_tls();
-    let replicas = start_replicas(PRICED).await;
+    let replicas = start_replicas(&store.config(PRICED)).await;
     let key = shared_key(&replicas, json!({"name": "fanout", "team": "r"})).await;
     let client = reqwest::Client::new();
     let admin_call = |path: String, body: Value| {
@@ -892,10 +894,11 @@ async fn three_replicas_sharing_the_store_cannot_overdraw_a_wallet() {
     assert_eq!(v["ok"], true, "{v}");
 }
 
-#[tokio::test]
-async fn low_balance_and_refused_wallets_reach_the_webhook() {
+pub async fn low_balance_and_refused_wallets_reach_the_webhook_on(store: &TestStore) {
     let (hook, got) = spawn_receiver().await;
-    let gw = TestGateway::start(&format!("{PRICED}[[webhooks]]\nurl = \"{hook}\"\n")).await;
+    let gw =
+        TestGateway::start(&store.config(&format!("{PRICED}[[webhooks]]\nurl = \"{hook}\"\n")))
+            .await;
     let (key, key_id) = gw.create_key(json!({"name": "low"})).await;
     let wallet = gw.wallet(&format!("key:{key_id}"), "0.03").await;
     let (s, w) = gw
@@ -935,4 +938,56 @@ async fn low_balance_and_refused_wallets_reach_the_webhook() {
         .find(|(_, v)| v["type"] == "wallet.low_balance")
         .unwrap();
     assert_eq!(low.1["data"]["balance_micros"], 10_000);
+}
+
+// The scenarios above on the default store; tests/it/postgres.rs runs them on PostgreSQL.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dollar_buys_a_hundred_cent_requests_out_of_a_thousand_concurrent_ones() {
+    a_dollar_buys_a_hundred_cent_requests_out_of_a_thousand_concurrent_ones_on(&TestStore::Sqlite)
+        .await;
+}
+
+#[tokio::test]
+async fn wallets_by_cli_and_api_with_idempotent_topups_grants_and_refusals_in_both_dialects() {
+    wallets_by_cli_and_api_with_idempotent_topups_grants_and_refusals_in_both_dialects_on(
+        &TestStore::Sqlite,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn spend_caps_quotes_and_clamping() {
+    spend_caps_quotes_and_clamping_on(&TestStore::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_stream_that_uses_up_its_hold_is_cut_and_billed_for_what_was_delivered() {
+    a_stream_that_uses_up_its_hold_is_cut_and_billed_for_what_was_delivered_on(&TestStore::Sqlite)
+        .await;
+}
+
+#[tokio::test]
+async fn spending_stops_at_the_parent_runs_cap_across_its_sub_runs() {
+    spending_stops_at_the_parent_runs_cap_across_its_sub_runs_on(&TestStore::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_teams_monthly_budget_refuses_past_its_hard_limit() {
+    a_teams_monthly_budget_refuses_past_its_hard_limit_on(&TestStore::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_request_retried_upstream_is_held_and_captured_once() {
+    a_request_retried_upstream_is_held_and_captured_once_on(&TestStore::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_sharing_the_store_cannot_overdraw_a_wallet() {
+    three_replicas_sharing_the_store_cannot_overdraw_a_wallet_on(&TestStore::Sqlite).await;
+}
+
+#[tokio::test]
+async fn low_balance_and_refused_wallets_reach_the_webhook() {
+    low_balance_and_refused_wallets_reach_the_webhook_on(&TestStore::Sqlite).await;
 }
