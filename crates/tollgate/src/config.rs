@@ -147,6 +147,10 @@ pub struct WalletsConfig {
     /// than any provider's `total_timeout`.
     #[serde(deserialize_with = "de_duration")]
     pub hold_ttl: Duration,
+    /// How long a request waits for its hold before giving up with 503 `wallet_unavailable`
+    /// (the store, or Redis, is down or stalled). Money checks fail closed.
+    #[serde(deserialize_with = "de_duration")]
+    pub hold_timeout: Duration,
     /// How often expired holds and grants are swept.
     #[serde(deserialize_with = "de_duration")]
     pub sweep_interval: Duration,
@@ -160,6 +164,7 @@ impl Default for WalletsConfig {
         WalletsConfig {
             default_max_output: 4096,
             hold_ttl: Duration::from_secs(1200),
+            hold_timeout: Duration::from_secs(2),
             sweep_interval: Duration::from_secs(5),
             stream_overrun_percent: 0,
         }

@@ -563,9 +563,9 @@ fn pg_placeholders(sql: &str) -> String {
     out
 }
 
-/// Blocks the calling thread on a future that needs no runtime of its own: tokio-postgres's
-/// client side only talks to its connection task through channels.
-fn block_on<F: Future>(f: F) -> F::Output {
+/// Blocks the calling thread on a future that needs no runtime of its own (tokio-postgres's
+/// client side only talks to its connection task through channels), for at most `within`.
+fn block_on<F: Future>(f: F, within: Duration) -> Option<F::Output> {
     struct Unpark(std::thread::Thread);
     impl Wake for Unpark {
         fn wake(self: Arc<Self>) {
@@ -578,18 +578,30 @@ fn block_on<F: Future>(f: F) -> F::Output {
     let waker = Arc::new(Unpark(std::thread::current())).into();
     let mut cx = Context::from_waker(&waker);
     let mut f = std::pin::pin!(f);
+    let deadline = std::time::Instant::now() + within;
     loop {
         if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-            return v;
+            return Some(v);
         }
-        std::thread::park();
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        std::thread::park_timeout(left);
     }
 }
+
+/// How long one PostgreSQL round trip may take before the connection is given up (a stalled
+/// or unreachable server must not freeze the writer thread forever).
+const PG_DEADLINE: Duration = Duration::from_secs(10);
 
 struct Pg {
     url: String,
     client: tokio_postgres::Client,
     stmts: HashMap<String, tokio_postgres::Statement>,
+    /// A call timed out: the connection's state is unknown, so it is replaced (the server
+    /// rolls back whatever transaction it had open).
+    broken: bool,
 }
 
 impl Pg {
@@ -643,21 +655,46 @@ impl Pg {
             url: url.to_string(),
             client,
             stmts: HashMap::new(),
+            broken: false,
         })
     }
 
     fn reconnect_if_closed(&mut self) -> Result<()> {
-        if self.client.is_closed() {
+        if self.client.is_closed() || self.broken {
             *self = Pg::connect(&self.url)?;
         }
         Ok(())
+    }
+
+    fn usable(&self) -> Result<()> {
+        if self.broken {
+            return Err(DbError::Other(
+                "the PostgreSQL connection was given up after a timeout".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The outcome of a call waited for within the deadline.
+    fn finish<T>(&mut self, r: Option<std::result::Result<T, tokio_postgres::Error>>) -> Result<T> {
+        match r {
+            Some(r) => Ok(r?),
+            None => {
+                self.broken = true;
+                Err(DbError::Other(format!(
+                    "PostgreSQL did not answer within {PG_DEADLINE:?}"
+                )))
+            }
+        }
     }
 
     fn statement(&mut self, sql: &str) -> Result<tokio_postgres::Statement> {
         if let Some(s) = self.stmts.get(sql) {
             return Ok(s.clone());
         }
-        let stmt = block_on(self.client.prepare(&pg_placeholders(sql)))?;
+        self.usable()?;
+        let r = block_on(self.client.prepare(&pg_placeholders(sql)), PG_DEADLINE);
+        let stmt = self.finish(r)?;
         self.stmts.insert(sql.to_string(), stmt.clone());
         Ok(stmt)
     }
@@ -669,7 +706,8 @@ impl Pg {
             .iter()
             .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
             .collect();
-        Ok(block_on(self.client.execute(&stmt, &refs))?)
+        let r = block_on(self.client.execute(&stmt, &refs), PG_DEADLINE);
+        self.finish(r)
     }
 
     fn rows(&mut self, sql: &str, params: &[&dyn Param]) -> Result<Vec<Row>> {
@@ -679,7 +717,8 @@ impl Pg {
             .iter()
             .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
             .collect();
-        let rows = block_on(self.client.query(&stmt, &refs))?;
+        let r = block_on(self.client.query(&stmt, &refs), PG_DEADLINE);
+        let rows = self.finish(r)?;
         rows.iter()
             .map(|r| {
                 (0..r.len())
@@ -691,7 +730,9 @@ impl Pg {
     }
 
     fn batch(&mut self, sql: &str) -> Result<()> {
-        Ok(block_on(self.client.batch_execute(sql))?)
+        self.usable()?;
+        let r = block_on(self.client.batch_execute(sql), PG_DEADLINE);
+        self.finish(r)
     }
 }
 

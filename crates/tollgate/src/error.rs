@@ -42,6 +42,9 @@ pub enum ErrorKind {
     BudgetExceeded,
     /// The shared limiter (Redis) is unreachable and this limit fails closed.
     LimiterUnavailable,
+    /// The ledger (the store, or Redis in Redis mode) did not answer in time: money checks
+    /// fail closed, before any upstream call.
+    WalletUnavailable,
     UpstreamRateLimited,
     /// The provider refused the request itself (a 4xx other than 429): passed through.
     UpstreamRejected,
@@ -75,6 +78,7 @@ impl ErrorKind {
             ErrorKind::RunBudgetExhausted => "run_budget_exhausted",
             ErrorKind::BudgetExceeded => "budget_exceeded",
             ErrorKind::LimiterUnavailable => "limiter_unavailable",
+            ErrorKind::WalletUnavailable => "wallet_unavailable",
             ErrorKind::UpstreamRateLimited => "upstream_rate_limited",
             ErrorKind::UpstreamRejected => "upstream_rejected",
             ErrorKind::UpstreamAuth => "upstream_auth",
@@ -107,9 +111,9 @@ impl ErrorKind {
             ErrorKind::UpstreamAuth | ErrorKind::UpstreamError | ErrorKind::UpstreamUnavailable => {
                 StatusCode::BAD_GATEWAY
             }
-            ErrorKind::NoHealthyDeployment | ErrorKind::LimiterUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ErrorKind::NoHealthyDeployment
+            | ErrorKind::LimiterUnavailable
+            | ErrorKind::WalletUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }

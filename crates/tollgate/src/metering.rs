@@ -358,14 +358,23 @@ impl Meter {
     /// Reserves a request's money: its envelopes and its wallet hold, all or nothing. Holds
     /// go through the writer's connection, the one writer of money and usage, so they never
     /// wait on SQLite's lock, and many share one commit.
-    pub async fn hold(&self, req: HoldRequest) -> Result<Held, String> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Msg::Hold(Box::new((req, reply))))
+    ///
+    /// Gives up after `within` (the store is down or stalled). A hold the writer places after
+    /// that is released by the request's usage record, which the caller must then send with
+    /// the wallet set: the writer handles it after the hold.
+    pub async fn hold(&self, req: HoldRequest, within: Duration) -> Result<Held, String> {
+        let placed = async {
+            let (reply, rx) = oneshot::channel();
+            self.tx
+                .send(Msg::Hold(Box::new((req, reply))))
+                .await
+                .map_err(|_| "the writer has stopped".to_string())?;
+            rx.await
+                .map_err(|_| "the writer dropped the hold".to_string())?
+        };
+        tokio::time::timeout(within, placed)
             .await
-            .map_err(|_| "the writer has stopped".to_string())?;
-        rx.await
-            .map_err(|_| "the writer dropped the hold".to_string())?
+            .unwrap_or_else(|_| Err(format!("no answer from the ledger within {within:?}")))
     }
 
     /// Releases expired holds and expires grants; (holds, grants).

@@ -1799,6 +1799,30 @@ fn key_setting<T>(
 }
 
 /// The 402 for a wallet that cannot cover a hold, the same for model calls and tool routes.
+/// The ledger did not answer: refuse before any upstream call (money fails closed).
+pub(crate) fn wallet_unavailable(why: &str) -> ApiError {
+    // Once per 10 s: during an outage every request would log this.
+    static LAST_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+    let now = now_ms();
+    let last = LAST_MS.load(std::sync::atomic::Ordering::Relaxed);
+    if now - last >= 10_000
+        && LAST_MS
+            .compare_exchange(
+                last,
+                now,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+    {
+        tracing::warn!(error = %why, "wallet holds failing; refusing requests that need money (fail closed)");
+    }
+    ApiError::new(
+        ErrorKind::WalletUnavailable,
+        "the wallet ledger is unavailable right now; no upstream call was made, retry shortly",
+    )
+}
+
 pub(crate) fn insufficient_funds(
     wallet_id: &str,
     balance_micros: i64,
@@ -2010,16 +2034,28 @@ async fn hold(
         let started = Instant::now();
         let outcome = app
             .meter
-            .hold(crate::metering::HoldRequest {
-                wallet_id: wallet_id.clone(),
-                envelopes: envelopes.clone(),
-                request_id: settle.request_id.clone(),
-                amount: q.cost_micros as i64,
-                tokens: (q.input_tokens + q.output_tokens) as i64,
-                expires_ms: now_ms() + ttl_ms,
-            })
-            .await
-            .map_err(|e| ApiError::new(ErrorKind::Internal, format!("wallet: {e}")))?;
+            .hold(
+                crate::metering::HoldRequest {
+                    wallet_id: wallet_id.clone(),
+                    envelopes: envelopes.clone(),
+                    request_id: settle.request_id.clone(),
+                    amount: q.cost_micros as i64,
+                    tokens: (q.input_tokens + q.output_tokens) as i64,
+                    expires_ms: now_ms() + ttl_ms,
+                },
+                runtime.wallets.hold_timeout,
+            )
+            .await;
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                // The hold may still land later: this record settles it (at cost 0).
+                let rec = settle.rec_mut();
+                rec.wallet_id = wallet_id.clone();
+                rec.enveloped = !envelopes.is_empty();
+                return Err(wallet_unavailable(&e));
+            }
+        };
         app.metrics
             .hold_seconds
             .observe(started.elapsed().as_secs_f64());

@@ -269,16 +269,28 @@ async fn forward(
         if let Some(wallet_id) = app.keys.wallet_for(key) {
             let held = app
                 .meter
-                .hold(crate::metering::HoldRequest {
-                    wallet_id: Some(wallet_id.clone()),
-                    envelopes: Vec::new(),
-                    request_id: rec.id(),
-                    amount: route.price_per_call as i64,
-                    tokens: 0,
-                    expires_ms: now_ms() + runtime.wallets.hold_ttl.as_millis() as i64,
-                })
-                .await
-                .map_err(|e| ApiError::new(ErrorKind::Internal, format!("wallet: {e}")))?;
+                .hold(
+                    crate::metering::HoldRequest {
+                        wallet_id: Some(wallet_id.clone()),
+                        envelopes: Vec::new(),
+                        request_id: rec.id(),
+                        amount: route.price_per_call as i64,
+                        tokens: 0,
+                        expires_ms: now_ms() + runtime.wallets.hold_ttl.as_millis() as i64,
+                    },
+                    runtime.wallets.hold_timeout,
+                )
+                .await;
+            let held = match held {
+                Ok(h) => h,
+                Err(e) => {
+                    // The hold may still land later: this record settles it (at cost 0).
+                    if let Some(r) = rec.rec.as_mut() {
+                        r.wallet_id = Some(wallet_id);
+                    }
+                    return Err(crate::proxy::wallet_unavailable(&e));
+                }
+            };
             match held {
                 crate::metering::Held::Ok { .. } => {
                     if let Some(r) = rec.rec.as_mut() {

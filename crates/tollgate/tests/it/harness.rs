@@ -470,7 +470,9 @@ impl TestStore {
 pub struct PgServer {
     pub port: u16,
     pub process: KillOnDrop,
-    _dir: TempDir,
+    bin: PathBuf,
+    as_user: Option<(u32, u32)>,
+    dir: TempDir,
 }
 
 /// The directory holding `initdb` and `postgres`: on PATH, or Debian's versioned one.
@@ -536,15 +538,15 @@ impl PgServer {
         } else {
             None
         };
-        let command = |prog: &str| {
-            use std::os::unix::process::CommandExt;
-            let mut c = std::process::Command::new(bin.join(prog));
-            if let Some((uid, gid)) = as_user {
-                c.uid(uid).gid(gid);
-            }
-            c
+        let mut server = PgServer {
+            port: free_port(),
+            process: KillOnDrop(None),
+            bin,
+            as_user,
+            dir,
         };
-        let out = command("initdb")
+        let out = server
+            .command("initdb")
             .args(["-D", data.to_str().unwrap()])
             .args([
                 "-U",
@@ -563,10 +565,26 @@ impl PgServer {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let port = free_port();
-        let child = command("postgres")
-            .args(["-D", data.to_str().unwrap(), "-p", &port.to_string()])
-            .args(["-h", "127.0.0.1", "-k", dir.path().to_str().unwrap()])
+        server.spawn().await;
+        Some(server)
+    }
+
+    fn command(&self, prog: &str) -> std::process::Command {
+        use std::os::unix::process::CommandExt;
+        let mut c = std::process::Command::new(self.bin.join(prog));
+        if let Some((uid, gid)) = self.as_user {
+            c.uid(uid).gid(gid);
+        }
+        c
+    }
+
+    /// Starts the postmaster and waits until it accepts connections.
+    async fn spawn(&mut self) {
+        let data = self.dir.path().join("data");
+        let child = self
+            .command("postgres")
+            .args(["-D", data.to_str().unwrap(), "-p", &self.port.to_string()])
+            .args(["-h", "127.0.0.1", "-k", self.dir.path().to_str().unwrap()])
             .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
             .args([
                 "-c",
@@ -578,24 +596,51 @@ impl PgServer {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let server = PgServer {
-            port,
-            process: KillOnDrop(Some(child)),
-            _dir: dir,
-        };
+        self.process = KillOnDrop(Some(child));
         for _ in 0..400 {
-            let url = server.url("postgres");
+            let url = self.url("postgres");
             let up = tokio::task::spawn_blocking(move || {
                 tollgate::db::Location::Postgres(url).connect().is_ok()
             })
             .await
             .unwrap();
             if up {
-                return Some(server);
+                return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(25)).await;
         }
-        panic!("postgres did not come up on port {port}");
+        panic!("postgres did not come up on port {}", self.port);
+    }
+
+    /// Sends a signal (`STOP`, `CONT`) to the postmaster and every process it forked
+    /// (backends run in sessions of their own, so a process-group signal would miss them).
+    pub fn signal_all(&self, sig: &str) {
+        let pid = self.process.pid().to_string();
+        let children = std::process::Command::new("pkill")
+            .args([&format!("--signal={sig}"), "-P", &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        let parent = std::process::Command::new("kill")
+            .args(["-s", sig, &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(children && parent, "signalling postgres ({sig}) failed");
+    }
+
+    /// A fast shutdown: clients see their connections closed, new ones refused.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.process.0.take() {
+            let _ = std::process::Command::new("kill")
+                .args(["-INT", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the same cluster again on the same port.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
     }
 
     pub fn url(&self, db: &str) -> String {
@@ -623,13 +668,12 @@ impl PgServer {
 
 impl Drop for PgServer {
     fn drop(&mut self) {
-        // A fast shutdown ends the backends with the postmaster (KILL would orphan them).
-        if let Some(c) = self.process.0.as_mut() {
-            let _ = std::process::Command::new("kill")
-                .args(["-INT", &c.id().to_string()])
-                .status();
-            let _ = c.wait();
+        // A fast shutdown ends the backends with the postmaster (KILL would orphan them);
+        // a stopped group must be continued first.
+        if self.process.0.is_some() {
+            self.signal_all("CONT");
         }
+        self.stop();
     }
 }
 

@@ -3,6 +3,7 @@
 
 use crate::harness::*;
 use crate::{metering, wallets};
+use serde_json::{json, Value};
 
 /// Runs every wallet scenario, each in a database of its own, on one PostgreSQL server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,4 +147,110 @@ async fn migrate_and_the_cli_work_against_postgres() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// PostgreSQL stalls (every process stopped), then goes away and comes back: requests that
+/// need money are refused quickly with 503 `wallet_unavailable` and no upstream call; those
+/// that need none keep working; the gateway recovers by itself, no usage record is lost and
+/// the books balance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_outage_fails_money_closed_and_the_gateway_recovers() {
+    let Some(mut pg) = PgServer::start().await else {
+        return;
+    };
+    let url = pg.database("outage").await;
+    let gw = TestGateway::start(&TestStore::Postgres(url).config(
+        "[[prices]]\nmodel = \"mock*\"\ninput = 0\noutput = 625000000\n\
+         [wallets]\nhold_timeout = \"1s\"\n",
+    ))
+    .await;
+    let (payer, payer_id) = gw.create_key(json!({"name": "payer"})).await;
+    let (free, _) = gw.create_key(json!({"name": "free"})).await;
+    let wallet = gw.wallet(&format!("key:{payer_id}"), "1.00").await;
+    let mut n = 0;
+    let mut ask = |key: &str| {
+        n += 1;
+        let (gw, key) = (&gw, key.to_string());
+        let body = json!({"model": "mock", "max_tokens": 16, "messages": user(&format!("q{n}"))});
+        async move {
+            let started = std::time::Instant::now();
+            let r = gw.chat(&key, body).await;
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            (status, v, started.elapsed())
+        }
+    };
+    assert_eq!(ask(&payer).await.0, 200);
+
+    for outage in ["stall", "down"] {
+        match outage {
+            "stall" => pg.signal_all("STOP"),
+            _ => pg.stop(),
+        }
+        let (s, v, took) = ask(&payer).await;
+        assert_eq!(s, 503, "{outage}: {v}");
+        assert_eq!(v["error"]["code"], "wallet_unavailable", "{outage}: {v}");
+        // Refused within the hold timeout, not after the store's own deadlines.
+        assert!(
+            took < std::time::Duration::from_secs(5),
+            "{outage}: {took:?}"
+        );
+        let (s, v, _) = ask(&free).await;
+        assert_eq!(s, 200, "no money on this key's path: {v}");
+        match outage {
+            "stall" => pg.signal_all("CONT"),
+            _ => pg.restart().await,
+        }
+        // Back by itself: the writer reconnects.
+        let mut back = false;
+        for _ in 0..120 {
+            if ask(&payer).await.0 == 200 {
+                back = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+        assert!(back, "the gateway did not recover after the {outage}");
+    }
+    // Every request's record arrives once the store is back, refused ones at cost 0.
+    let mut recs = Vec::new();
+    for _ in 0..240 {
+        recs = gw.records().await;
+        if recs.len() >= n {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert_eq!(recs.len(), n, "every request is recorded");
+    let refused: Vec<_> = recs.iter().filter(|r| r.status == 503).collect();
+    assert!(refused.len() >= 2);
+    // Refused before any upstream call, at no cost.
+    assert!(
+        refused.iter().all(|r| r.cost_micros == 0
+            && r.attempts == 0
+            && r.usage_source == "none"
+            && r.error_kind.as_deref() == Some("wallet_unavailable")),
+        "{refused:?}"
+    );
+    let (_, v) = gw
+        .admin(reqwest::Method::GET, "/admin/wallets/verify", None)
+        .await;
+    assert_eq!(v["ok"], true, "{v}");
+    let paid: u64 = recs
+        .iter()
+        .filter(|r| r.status == 200 && r.wallet_id.is_some())
+        .map(|r| r.cost_micros)
+        .sum();
+    let (_, w) = gw
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/wallets/{wallet}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        w["balance_micros"].as_i64().unwrap(),
+        1_000_000 - paid as i64
+    );
+    assert_eq!(w["held_micros"], 0, "no hold is left open: {w}");
 }
