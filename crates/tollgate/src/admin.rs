@@ -736,7 +736,16 @@ async fn show_wallet_h(
         Ok(a.store.read(|c| crate::wallet::find(c, &id))?)
     })
     .await?;
-    Ok(Json(w).into_response())
+    let mut v = serde_json::to_value(&w).unwrap_or_default();
+    if let Some(hot) = &app.hot {
+        // What Redis admits against: the store's balance minus the holds of requests in
+        // flight (null: Redis has not loaded this wallet yet, or does not answer).
+        let avail = hot.available(&w.id).await.ok().flatten();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("hot_balance_micros".into(), avail.into());
+        }
+    }
+    Ok(Json(v).into_response())
 }
 
 #[derive(Deserialize)]
@@ -760,7 +769,31 @@ async fn configure_wallet_h(
         configure_wallet(&a.store, &id, req.floor, req.low_balance)
     })
     .await?;
+    push_hot(&app, &w.id).await;
     Ok(Json(w).into_response())
+}
+
+/// Hot wallets: tells Redis about a change made here at once, instead of at the next
+/// reconciliation (changes made by the CLI wait for that).
+async fn push_hot(app: &Arc<AppState>, wallet_id: &str) {
+    let Some(hot) = app.hot.clone() else { return };
+    let id = wallet_id.to_string();
+    let state = blocking(app, move |a| {
+        Ok(a.store.read(|c| crate::wallet::state(c, &id))?)
+    })
+    .await;
+    if let Ok((balance, floor, version)) = state {
+        let ack = crate::hotwallet::Ack {
+            wallet_id: wallet_id.to_string(),
+            balance_micros: balance,
+            version,
+            floor_micros: Some(floor),
+            request_ids: Vec::new(),
+        };
+        if let Err(e) = hot.acknowledge(&ack).await {
+            tracing::debug!(error = %e, "hot wallet push failed; reconciliation will follow");
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -819,6 +852,7 @@ async fn credit_wallet_h(
             .map(str::to_string);
     }
     let c = blocking(&app, move |a| credit_wallet(&a.store, &id, &kind, req)).await?;
+    push_hot(&app, &c.wallet.id).await;
     let status = if c.applied {
         http::StatusCode::CREATED
     } else {

@@ -157,6 +157,34 @@ pub struct WalletsConfig {
     /// A stream whose running cost passes its hold by more than this share (percent) is cut
     /// with a terminal error event; 0 cuts at the hold.
     pub stream_overrun_percent: u64,
+    /// Where holds are decided: `store` (the writer, in the store's transactions), `redis`
+    /// (hot balances in Redis shared by every replica, the ledger in the store), or `auto`:
+    /// `redis` when `[limits] backend = "redis"`. Needs a restart to change.
+    pub backend: WalletsBackend,
+    /// Redis mode: how often balances are reconciled from the store and expired holds
+    /// released.
+    #[serde(deserialize_with = "de_duration")]
+    pub reconcile_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WalletsBackend {
+    #[default]
+    Auto,
+    Store,
+    Redis,
+}
+
+impl Config {
+    /// Whether holds are decided in Redis.
+    pub fn hot_wallets(&self) -> bool {
+        match self.wallets.backend {
+            WalletsBackend::Redis => true,
+            WalletsBackend::Store => false,
+            WalletsBackend::Auto => self.limits.backend == LimitsBackend::Redis,
+        }
+    }
 }
 
 impl Default for WalletsConfig {
@@ -167,6 +195,8 @@ impl Default for WalletsConfig {
             hold_timeout: Duration::from_secs(2),
             sweep_interval: Duration::from_secs(5),
             stream_overrun_percent: 0,
+            backend: WalletsBackend::Auto,
+            reconcile_interval: Duration::from_secs(1),
         }
     }
 }
@@ -618,6 +648,12 @@ impl Config {
         let mut p = |path: String, msg: &str| problems.push(format!("{path}: {msg}"));
         if self.server.max_body_bytes == 0 {
             p("server.max_body_bytes".into(), "must be greater than 0");
+        }
+        if self.wallets.backend == WalletsBackend::Redis && self.limits.redis.url.is_none() {
+            p(
+                "wallets.backend".into(),
+                "\"redis\" needs [limits.redis] url",
+            );
         }
         if let Some(url) = &self.store.url {
             let ok = ["postgres://", "postgresql://", "sqlite://"]

@@ -8,6 +8,7 @@ pub mod envelope;
 pub mod error;
 pub mod estimate;
 pub mod genmap;
+pub mod hotwallet;
 pub mod keys;
 pub mod limits;
 pub mod loopguard;

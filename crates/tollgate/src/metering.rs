@@ -70,6 +70,10 @@ pub struct UsageRecord {
     /// The run envelope (`x-tollgate-run`) the request drew on.
     #[serde(default)]
     pub run_id: Option<String>,
+    /// The hold Redis admitted for this request (hot wallets): written to the ledger with
+    /// the request's settle.
+    #[serde(skip)]
+    pub hot_hold_micros: Option<i64>,
     /// The request reserved in envelopes (its run, budgets), settled with this record.
     #[serde(skip)]
     pub enveloped: bool,
@@ -81,6 +85,8 @@ enum Msg {
     Flush(oneshot::Sender<()>),
     Hold(Box<HoldReply>),
     Sweep(oneshot::Sender<Result<(usize, usize), String>>),
+    /// A hold refused elsewhere (hot wallets: by Redis), for the webhook outbox.
+    Refused(Box<(HoldRequest, Held)>),
 }
 
 /// Everything a request reserves before its upstream call, decided together.
@@ -150,6 +156,24 @@ fn hold_one(tx: &mut Db, h: &HoldRequest, now: i64) -> Result<Held, String> {
 }
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
+
+/// Enqueues the webhooks of holds refused outside the writer.
+fn write_refusals(db: &mut Db, refused: &mut Vec<(HoldRequest, Held)>) {
+    if refused.is_empty() {
+        return;
+    }
+    let now = crate::proxy::now_ms();
+    let events = db.write(|tx| {
+        for (h, r) in refused.iter() {
+            refusal_event(tx, h, &Ok(r.clone()), now)?;
+        }
+        Ok::<_, crate::db::DbError>(())
+    });
+    if let Err(e) = events {
+        tracing::warn!(error = %e, "could not enqueue refusal webhooks");
+    }
+    refused.clear();
+}
 
 /// Usage records per write transaction while holds may be waiting.
 const RECORD_CHUNK: usize = 64;
@@ -267,6 +291,7 @@ impl Meter {
         capacity: usize,
         batch_max: usize,
         metrics: Arc<Metrics>,
+        acks: Option<mpsc::UnboundedSender<crate::hotwallet::Ack>>,
     ) -> store::Result<Meter> {
         let mut conn = location.connect()?;
         let (tx, mut rx) = mpsc::channel::<Msg>(capacity);
@@ -278,6 +303,7 @@ impl Meter {
                 let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
                 let mut holds: Vec<HoldReply> = Vec::new();
                 let mut sweeps: Vec<Reply<(usize, usize)>> = Vec::new();
+                let mut refused: Vec<(HoldRequest, Held)> = Vec::new();
                 while let Some(first) = rx.blocking_recv() {
                     let mut next = Some(first);
                     while let Some(msg) = next.take() {
@@ -286,6 +312,7 @@ impl Meter {
                             Msg::Flush(w) => waiters.push(w),
                             Msg::Hold(h) => holds.push(*h),
                             Msg::Sweep(w) => sweeps.push(w),
+                            Msg::Refused(r) => refused.push(*r),
                         }
                         if batch.len() >= batch_max {
                             break;
@@ -295,6 +322,7 @@ impl Meter {
                     writer_metrics.usage_queue_depth.set((rx.len()) as i64);
                     // Requests wait on their holds; records wait on nobody: holds first.
                     place_holds(&mut conn, &mut holds);
+                    write_refusals(&mut conn, &mut refused);
                     for w in sweeps.drain(..) {
                         let now = crate::proxy::now_ms();
                         let _ = w.send(in_tx(&mut conn, |tx| {
@@ -308,7 +336,12 @@ impl Meter {
                     let mut written = 0;
                     while written < batch.len() {
                         let end = (written + RECORD_CHUNK).min(batch.len());
-                        write_with_retry(&mut conn, &batch[written..end], &writer_metrics);
+                        write_with_retry(
+                            &mut conn,
+                            &batch[written..end],
+                            &writer_metrics,
+                            acks.as_ref(),
+                        );
                         written = end;
                         while let Ok(msg) = rx.try_recv() {
                             match msg {
@@ -316,6 +349,7 @@ impl Meter {
                                 Msg::Record(r) => batch.push(*r),
                                 Msg::Flush(w) => waiters.push(w),
                                 Msg::Sweep(w) => sweeps.push(w),
+                                Msg::Refused(r) => refused.push(*r),
                             }
                             if holds.len() >= RECORD_CHUNK {
                                 break;
@@ -324,6 +358,7 @@ impl Meter {
                         place_holds(&mut conn, &mut holds);
                     }
                     batch.clear();
+                    write_refusals(&mut conn, &mut refused);
                     for w in waiters.drain(..) {
                         let _ = w.send(());
                     }
@@ -377,6 +412,12 @@ impl Meter {
             .unwrap_or_else(|_| Err(format!("no answer from the ledger within {within:?}")))
     }
 
+    /// Tells the webhooks about a hold refused outside the writer (hot wallets). Never waits;
+    /// a full queue drops the event (the refusal itself was answered already).
+    pub fn refused(&self, req: HoldRequest, outcome: Held) {
+        let _ = self.tx.try_send(Msg::Refused(Box::new((req, outcome))));
+    }
+
     /// Releases expired holds and expires grants; (holds, grants).
     pub async fn sweep(&self) -> Result<(usize, usize), String> {
         let (reply, rx) = oneshot::channel();
@@ -397,7 +438,12 @@ impl Meter {
     }
 }
 
-fn write_with_retry(conn: &mut Db, batch: &[UsageRecord], metrics: &Metrics) {
+fn write_with_retry(
+    conn: &mut Db,
+    batch: &[UsageRecord],
+    metrics: &Metrics,
+    acks: Option<&mpsc::UnboundedSender<crate::hotwallet::Ack>>,
+) {
     if batch.is_empty() {
         return;
     }
@@ -406,8 +452,13 @@ fn write_with_retry(conn: &mut Db, batch: &[UsageRecord], metrics: &Metrics) {
     // logged, and the batch is retried rather than dropped.
     for attempt in 1..=12 {
         match store::insert_usage_batch(conn, batch) {
-            Ok(()) => {
+            Ok(hot) => {
                 metrics.usage_records_written.inc_by(batch.len() as u64);
+                if let Some(acks) = acks {
+                    for a in hot {
+                        let _ = acks.send(a);
+                    }
+                }
                 return;
             }
             Err(e) => {

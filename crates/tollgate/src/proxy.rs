@@ -1799,6 +1799,61 @@ fn key_setting<T>(
 }
 
 /// The 402 for a wallet that cannot cover a hold, the same for model calls and tool routes.
+/// Hot wallets: the wallet's hold in Redis, then any envelopes through the writer; a hold
+/// whose envelopes refuse (or that may have landed after a timeout) is dropped again.
+pub(crate) async fn hold_hot(
+    app: &AppState,
+    hot: &Arc<crate::hotwallet::HotWallets>,
+    req: crate::metering::HoldRequest,
+    within: std::time::Duration,
+) -> Result<crate::metering::Held, String> {
+    use crate::metering::Held;
+    let Some(wallet) = req.wallet_id.clone() else {
+        return app.meter.hold(req, within).await;
+    };
+    let rid = req.request_id.clone();
+    let cancel = |hot: &Arc<crate::hotwallet::HotWallets>| {
+        let (hot, wallet, rid) = (hot.clone(), wallet.clone(), rid.clone());
+        tokio::spawn(async move { hot.cancel(&wallet, &rid).await });
+    };
+    let balance = match hot.hold(&wallet, &rid, req.amount, req.expires_ms).await {
+        Ok(crate::hotwallet::HotHold::Held { balance_micros }) => balance_micros,
+        Ok(crate::hotwallet::HotHold::Insufficient {
+            balance_micros,
+            floor_micros,
+        }) => {
+            let refused = Held::Insufficient {
+                balance_micros,
+                floor_micros,
+            };
+            app.meter.refused(req, refused.clone());
+            return Ok(refused);
+        }
+        Err(e) => {
+            cancel(hot);
+            return Err(e);
+        }
+    };
+    if req.envelopes.is_empty() {
+        return Ok(Held::Ok {
+            balance_micros: Some(balance),
+        });
+    }
+    let envelopes = crate::metering::HoldRequest {
+        wallet_id: None,
+        ..req
+    };
+    match app.meter.hold(envelopes, within).await {
+        Ok(Held::Ok { .. }) => Ok(Held::Ok {
+            balance_micros: Some(balance),
+        }),
+        other => {
+            cancel(hot);
+            other
+        }
+    }
+}
+
 /// The ledger did not answer: refuse before any upstream call (money fails closed).
 pub(crate) fn wallet_unavailable(why: &str) -> ApiError {
     // Once per 10 s: during an outage every request would log this.
@@ -2032,20 +2087,19 @@ async fn hold(
     let mut clamped = false;
     loop {
         let started = Instant::now();
-        let outcome = app
-            .meter
-            .hold(
-                crate::metering::HoldRequest {
-                    wallet_id: wallet_id.clone(),
-                    envelopes: envelopes.clone(),
-                    request_id: settle.request_id.clone(),
-                    amount: q.cost_micros as i64,
-                    tokens: (q.input_tokens + q.output_tokens) as i64,
-                    expires_ms: now_ms() + ttl_ms,
-                },
-                runtime.wallets.hold_timeout,
-            )
-            .await;
+        let req = crate::metering::HoldRequest {
+            wallet_id: wallet_id.clone(),
+            envelopes: envelopes.clone(),
+            request_id: settle.request_id.clone(),
+            amount: q.cost_micros as i64,
+            tokens: (q.input_tokens + q.output_tokens) as i64,
+            expires_ms: now_ms() + ttl_ms,
+        };
+        let hot = app.hot.as_ref().filter(|_| wallet_id.is_some());
+        let outcome = match hot {
+            Some(hot) => hold_hot(app, hot, req, runtime.wallets.hold_timeout).await,
+            None => app.meter.hold(req, runtime.wallets.hold_timeout).await,
+        };
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
@@ -2067,6 +2121,7 @@ async fn hold(
                 let rec = settle.rec_mut();
                 rec.wallet_id = wallet_id.clone();
                 rec.enveloped = !envelopes.is_empty();
+                rec.hot_hold_micros = hot.map(|_| q.cost_micros as i64);
                 settle.money = Some(q);
                 if let Some(b) =
                     balance_micros.and_then(|b| HeaderValue::from_str(&b.to_string()).ok())

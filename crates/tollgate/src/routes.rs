@@ -267,20 +267,20 @@ async fn forward(
     // hold: a priced call from a key with a wallet pays like a model call
     if route.price_per_call > 0 {
         if let Some(wallet_id) = app.keys.wallet_for(key) {
-            let held = app
-                .meter
-                .hold(
-                    crate::metering::HoldRequest {
-                        wallet_id: Some(wallet_id.clone()),
-                        envelopes: Vec::new(),
-                        request_id: rec.id(),
-                        amount: route.price_per_call as i64,
-                        tokens: 0,
-                        expires_ms: now_ms() + runtime.wallets.hold_ttl.as_millis() as i64,
-                    },
-                    runtime.wallets.hold_timeout,
-                )
-                .await;
+            let req = crate::metering::HoldRequest {
+                wallet_id: Some(wallet_id.clone()),
+                envelopes: Vec::new(),
+                request_id: rec.id(),
+                amount: route.price_per_call as i64,
+                tokens: 0,
+                expires_ms: now_ms() + runtime.wallets.hold_ttl.as_millis() as i64,
+            };
+            let held = match &app.hot {
+                Some(hot) => {
+                    crate::proxy::hold_hot(app, hot, req, runtime.wallets.hold_timeout).await
+                }
+                None => app.meter.hold(req, runtime.wallets.hold_timeout).await,
+            };
             let held = match held {
                 Ok(h) => h,
                 Err(e) => {
@@ -295,6 +295,7 @@ async fn forward(
                 crate::metering::Held::Ok { .. } => {
                     if let Some(r) = rec.rec.as_mut() {
                         r.wallet_id = Some(wallet_id);
+                        r.hot_hold_micros = app.hot.as_ref().map(|_| route.price_per_call as i64);
                     }
                 }
                 crate::metering::Held::Insufficient {

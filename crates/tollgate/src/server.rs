@@ -26,6 +26,8 @@ pub struct AppState {
     pub secret: ServerSecret,
     pub store: Arc<Store>,
     pub meter: Meter,
+    /// Hot wallets: holds decided in Redis (`[wallets] backend`).
+    pub hot: Option<Arc<crate::hotwallet::HotWallets>>,
     pub metrics: Arc<Metrics>,
     /// Settings that need a restart to change.
     pub server: ServerConfig,
@@ -111,11 +113,33 @@ impl Gateway {
         )
         .context("starting the WAL checkpointer")?;
         let metrics = Arc::new(Metrics::new());
+        let (hot, acks) = if config.hot_wallets() {
+            let url = config
+                .limits
+                .redis
+                .url
+                .as_deref()
+                .context("hot wallets need [limits.redis] url")?;
+            let hot = Arc::new(
+                crate::hotwallet::HotWallets::new(url, config.wallets.hold_timeout, store.clone())
+                    .context("setting up hot wallets in redis")?,
+            );
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(crate::hotwallet::run_acks(hot.clone(), rx));
+            tokio::spawn(crate::hotwallet::run_reconciler(
+                Arc::downgrade(&hot),
+                config.wallets.reconcile_interval,
+            ));
+            (Some(hot), Some(tx))
+        } else {
+            (None, None)
+        };
         let meter = Meter::start(
             &location,
             config.metering.queue_capacity,
             config.metering.batch_max,
             metrics.clone(),
+            acks,
         )
         .context("starting the usage writer")?;
 
@@ -170,6 +194,7 @@ impl Gateway {
             secret,
             store,
             meter,
+            hot,
             metrics,
             server: config.server.clone(),
             store_config: config.store.clone(),

@@ -104,6 +104,8 @@ const MIGRATIONS: &[&str] = &[
     crate::envelope::MIGRATION,
     // 9: low-balance alerts
     crate::wallet::MIGRATION_LOW_BALANCE,
+    // 10: a version per wallet balance, for Redis hot wallets
+    crate::wallet::MIGRATION_VERSION,
 ];
 
 /// Copies the WAL back into the database every `every`, off the request and writer paths
@@ -693,12 +695,19 @@ fn usage_from_row(r: &Row) -> Result<UsageRecord> {
         shortfall_micros: r.get(32)?,
         run_id: r.get(33)?,
         enveloped: false,
+        hot_hold_micros: None,
     })
 }
 
 /// Writes a batch in one transaction. `ON CONFLICT DO NOTHING` on the request id makes a
 /// replayed batch (a retry after a failed commit) harmless.
-pub fn insert_usage_batch(db: &mut Db, batch: &[UsageRecord]) -> Result<()> {
+///
+/// Returns, per wallet whose Redis-admitted ("hot") holds this batch settled, what Redis must
+/// learn once the batch is committed.
+pub fn insert_usage_batch(
+    db: &mut Db,
+    batch: &[UsageRecord],
+) -> Result<Vec<crate::hotwallet::Ack>> {
     let insert = format!(
         "INSERT INTO usage ({USAGE_COLUMNS}) VALUES
          (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
@@ -707,7 +716,22 @@ pub fn insert_usage_batch(db: &mut Db, batch: &[UsageRecord]) -> Result<()> {
     );
     let now = crate::proxy::now_ms();
     db.write(|tx| {
+        let mut hot: Vec<crate::hotwallet::Ack> = Vec::new();
         for u in batch {
+            if let (Some(w), Some(h)) = (&u.wallet_id, u.hot_hold_micros) {
+                // Settled in this same transaction, so its expiry never matters.
+                crate::wallet::hold_hot(tx, w, &u.id, h, now, now)?;
+                match hot.iter_mut().find(|a| &a.wallet_id == w) {
+                    Some(a) => a.request_ids.push(u.id.clone()),
+                    None => hot.push(crate::hotwallet::Ack {
+                        wallet_id: w.clone(),
+                        balance_micros: 0,
+                        version: -1,
+                        floor_micros: None,
+                        request_ids: vec![u.id.clone()],
+                    }),
+                }
+            }
             // The capture of the request's hold commits with its usage record, or neither
             // does: money and metering cannot disagree.
             let mut shortfall = 0;
@@ -776,6 +800,11 @@ pub fn insert_usage_batch(db: &mut Db, batch: &[UsageRecord]) -> Result<()> {
                 }
             }
         }
-        Ok(())
+        // The balances as this commit leaves them: Redis takes them by version.
+        for a in &mut hot {
+            let (balance, floor, version) = crate::wallet::state(tx, &a.wallet_id)?;
+            (a.balance_micros, a.floor_micros, a.version) = (balance, Some(floor), version);
+        }
+        Ok(hot)
     })
 }

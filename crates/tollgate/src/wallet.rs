@@ -166,6 +166,11 @@ pub const MIGRATION: &str = "
 pub const MIGRATION_LOW_BALANCE: &str =
     "ALTER TABLE wallets ADD COLUMN low_balance_micros INTEGER;";
 
+/// Counts every change of a wallet's balance, so Redis can tell a newer balance from an older
+/// one whatever order they arrive in (hot wallets, ADR 0013).
+pub const MIGRATION_VERSION: &str =
+    "ALTER TABLE wallets ADD COLUMN version INTEGER NOT NULL DEFAULT 0;";
+
 const WALLET_COLUMNS: &str = "id, owner_kind, owner, balance_micros, floor_micros, created_ms,
     CAST((SELECT COALESCE(SUM(amount_micros), 0) FROM holds h
           WHERE h.wallet_id = wallets.id AND h.state = 'held') AS BIGINT),
@@ -345,7 +350,8 @@ fn append(
         return Ok(false);
     }
     tx.exec(
-        "UPDATE wallets SET balance_micros = balance_micros + ?2 WHERE id = ?1",
+        "UPDATE wallets SET balance_micros = balance_micros + ?2, version = version + 1
+         WHERE id = ?1",
         &[&wallet_id, &amount],
     )?;
     Ok(true)
@@ -461,7 +467,7 @@ pub fn hold(
         return Ok(Hold::Held { balance_micros });
     }
     let after = tx.row(
-        "UPDATE wallets SET balance_micros = balance_micros - ?2
+        "UPDATE wallets SET balance_micros = balance_micros - ?2, version = version + 1
          WHERE id = ?1 AND balance_micros - ?2 >= floor_micros
          RETURNING balance_micros",
         &[&wallet_id, &amount],
@@ -495,6 +501,64 @@ pub fn hold(
     Ok(Hold::Held {
         balance_micros: balance,
     })
+}
+
+/// Records a hold that Redis admitted (hot wallets): the same ledger entry and hold row as
+/// `hold`, written with the request's settle, without a floor check of its own — Redis made
+/// that decision, and `settle` still never captures past the floor. Idempotent.
+pub fn hold_hot(
+    tx: &mut Db,
+    wallet_id: &str,
+    request_id: &str,
+    amount: i64,
+    expires_ms: i64,
+    now_ms: i64,
+) -> Result<()> {
+    if tx
+        .row("SELECT 1 FROM holds WHERE id = ?1", &[&request_id])?
+        .is_some()
+    {
+        return Ok(());
+    }
+    append(
+        tx,
+        wallet_id,
+        "hold",
+        -amount,
+        &format!("hold:{request_id}"),
+        Some(request_id),
+        Some(expires_ms),
+        None,
+        now_ms,
+    )?;
+    tx.exec(
+        "INSERT INTO holds (id, wallet_id, amount_micros, expires_ms, state, created_ms)
+         VALUES (?1, ?2, ?3, ?4, 'held', ?5)",
+        &[&request_id, &wallet_id, &amount, &expires_ms, &now_ms],
+    )?;
+    Ok(())
+}
+
+/// (balance, floor, version) of one wallet: what Redis loads.
+pub fn state(db: &mut Db, id: &str) -> Result<(i64, i64, i64)> {
+    let r = db
+        .row(
+            "SELECT balance_micros, floor_micros, version FROM wallets WHERE id = ?1",
+            &[&id],
+        )?
+        .ok_or_else(|| WalletError::NotFound(id.to_string()))?;
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+}
+
+/// (id, balance, floor, version) of every wallet: what reconciliation pushes to Redis.
+pub fn states(db: &mut Db) -> Result<Vec<(String, i64, i64, i64)>> {
+    db.rows(
+        "SELECT id, balance_micros, floor_micros, version FROM wallets",
+        &[],
+    )?
+    .iter()
+    .map(|r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+    .collect()
 }
 
 /// What settling a hold did.
@@ -738,6 +802,7 @@ mod tests {
         db.batch("CREATE TABLE keys (id TEXT);").unwrap();
         db.batch(MIGRATION).unwrap();
         db.batch(MIGRATION_LOW_BALANCE).unwrap();
+        db.batch(MIGRATION_VERSION).unwrap();
         db
     }
 

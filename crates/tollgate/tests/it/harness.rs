@@ -445,6 +445,8 @@ impl RedisServer {
 pub enum TestStore {
     Sqlite,
     Postgres(String),
+    /// SQLite, with limits and hot wallets (holds decided) in the Redis at this URL.
+    SqliteHotRedis(String),
 }
 
 impl TestStore {
@@ -453,13 +455,16 @@ impl TestStore {
         match self {
             TestStore::Sqlite => rest.to_string(),
             TestStore::Postgres(url) => format!("[store]\nurl = \"{url}\"\n{rest}"),
+            TestStore::SqliteHotRedis(url) => {
+                format!("[limits]\nbackend = \"redis\"\n[limits.redis]\nurl = \"{url}\"\n{rest}")
+            }
         }
     }
 
     /// What the CLI needs to act on this store.
     pub fn cli_args(&self) -> Vec<String> {
         match self {
-            TestStore::Sqlite => vec![],
+            TestStore::Sqlite | TestStore::SqliteHotRedis(_) => vec![],
             TestStore::Postgres(url) => vec!["--store-url".into(), url.clone()],
         }
     }

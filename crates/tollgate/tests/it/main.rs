@@ -4,6 +4,8 @@
 
 mod harness;
 
+mod hotwallets;
+
 mod auth;
 mod cli;
 mod clients;

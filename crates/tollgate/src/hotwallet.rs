@@ -1,0 +1,353 @@
+//! Hot wallets in Redis: with `[wallets] backend = "redis"` every replica decides holds on
+//! the same balances, one Lua script per decision, and the store keeps the ledger (ADR 0013).
+//!
+//! Per wallet Redis keeps `base` (the store's balance as of store version `ver`), `floor`, and
+//! the open holds (`held`, their sum, and one field per request). A hold is admitted when
+//! `base - held - amount >= floor`. The request's ledger entries (hold, release, capture) are
+//! written to the store with its usage record, as in store mode; after that commit the writer
+//! acknowledges: Redis takes the wallet's new balance and version (only if newer: acks and
+//! reconciliations may arrive in any order) and forgets the request's hold, in one script.
+//!
+//! Between the commit and its ack, Redis still counts the whole hold against a balance that
+//! does not yet include the capture: conservative whenever the capture is within the hold
+//! (and the store caps a capture at the floor when it is not). Reconciliation runs every
+//! `reconcile_interval` on every replica: balances and versions from the store (so top-ups
+//! made by the CLI, and acks lost to a crash, arrive), and expired holds released (a replica
+//! that died mid-request). When Redis does not answer, money fails closed: 503
+//! `wallet_unavailable`.
+
+use crate::store::Store;
+use redis::aio::ConnectionManager;
+use redis::Script;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Bumped when the layout of the state in Redis changes.
+pub const STATE_VERSION: u32 = 1;
+
+fn wallet_key(w: &str) -> String {
+    format!("tg:wal:v{STATE_VERSION}:{w}")
+}
+fn holds_key(w: &str) -> String {
+    format!("tg:wal:v{STATE_VERSION}:{w}:holds")
+}
+fn expiry_key() -> String {
+    format!("tg:wal:v{STATE_VERSION}:expiry")
+}
+
+const HOLD_LUA: &str = r#"
+-- tollgate hot wallets v1: hold ARGV[2] for request ARGV[1] unless that passes the floor.
+-- KEYS: wallet hash, holds hash, expiry zset. ARGV: request id, amount, expires ms, wallet id.
+-- Returns {status, available after, floor}: status 1 held, 0 refused, -1 not loaded.
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0, 0} end
+local base = tonumber(redis.call('HGET', KEYS[1], 'base'))
+local floor = tonumber(redis.call('HGET', KEYS[1], 'floor'))
+local held = tonumber(redis.call('HGET', KEYS[1], 'held') or '0')
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return {1, base - held, floor} end
+local amount = tonumber(ARGV[2])
+if base - held - amount < floor then return {0, base - held, floor} end
+redis.call('HINCRBY', KEYS[1], 'held', amount)
+redis.call('HSET', KEYS[2], ARGV[1], amount)
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4] .. '|' .. ARGV[1])
+return {1, base - held - amount, floor}
+"#;
+
+const LOAD_LUA: &str = r#"
+-- tollgate hot wallets v1: the store's balance as of version ARGV[3], if newer than Redis's.
+-- KEYS: wallet hash. ARGV: balance, floor, version.
+local v = tonumber(redis.call('HGET', KEYS[1], 'ver') or '-1')
+if tonumber(ARGV[3]) > v then
+  redis.call('HSET', KEYS[1], 'base', ARGV[1], 'ver', ARGV[3])
+end
+redis.call('HSET', KEYS[1], 'floor', ARGV[2])
+redis.call('HSETNX', KEYS[1], 'held', 0)
+return 1
+"#;
+
+const ACK_LUA: &str = r#"
+-- tollgate hot wallets v1: the store committed these requests; forget their holds and take
+-- the wallet's balance as of version ARGV[2] (ignored when not newer; -1: no balance) and
+-- its floor (ARGV[3], '' to keep). A wallet Redis does not have is left to load on its own.
+-- KEYS: wallet hash, holds hash, expiry zset.
+-- ARGV: balance, version, floor, wallet id, request ids...
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local v = tonumber(redis.call('HGET', KEYS[1], 'ver') or '-1')
+if tonumber(ARGV[2]) > v then
+  redis.call('HSET', KEYS[1], 'base', ARGV[1], 'ver', ARGV[2])
+end
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'floor', ARGV[3]) end
+for i = 5, #ARGV do
+  local amount = redis.call('HGET', KEYS[2], ARGV[i])
+  if amount then
+    redis.call('HINCRBY', KEYS[1], 'held', -tonumber(amount))
+    redis.call('HDEL', KEYS[2], ARGV[i])
+  end
+  redis.call('ZREM', KEYS[3], ARGV[4] .. '|' .. ARGV[i])
+end
+return 1
+"#;
+
+const EXPIRE_LUA: &str = r#"
+-- tollgate hot wallets v1: release holds past their expiry (their replica died).
+-- KEYS: expiry zset. ARGV: now ms, key prefix.
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1000)
+for _, m in ipairs(due) do
+  local sep = string.find(m, '|', 1, true)
+  local w, rid = string.sub(m, 1, sep - 1), string.sub(m, sep + 1)
+  local wk, hk = ARGV[2] .. w, ARGV[2] .. w .. ':holds'
+  local amount = redis.call('HGET', hk, rid)
+  if amount and redis.call('EXISTS', wk) == 1 then
+    redis.call('HINCRBY', wk, 'held', -tonumber(amount))
+  end
+  redis.call('HDEL', hk, rid)
+  redis.call('ZREM', KEYS[1], m)
+end
+return #due
+"#;
+
+/// What the writer tells Redis after committing a batch: per wallet, its balance and version
+/// after the commit and the requests whose holds the commit settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    pub wallet_id: String,
+    pub balance_micros: i64,
+    pub version: i64,
+    pub floor_micros: Option<i64>,
+    pub request_ids: Vec<String>,
+}
+
+/// The outcome of a hot hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HotHold {
+    Held {
+        balance_micros: i64,
+    },
+    Insufficient {
+        balance_micros: i64,
+        floor_micros: i64,
+    },
+}
+
+pub struct HotWallets {
+    conn: ConnectionManager,
+    timeout: Duration,
+    hold: Script,
+    load: Script,
+    ack: Script,
+    expire: Script,
+    store: Arc<Store>,
+}
+
+impl HotWallets {
+    /// Does not connect: the first hold does.
+    pub fn new(url: &str, timeout: Duration, store: Arc<Store>) -> anyhow::Result<HotWallets> {
+        let client = redis::Client::open(url)?;
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1);
+        Ok(HotWallets {
+            conn: ConnectionManager::new_lazy_with_config(client, cfg)?,
+            timeout,
+            hold: Script::new(HOLD_LUA),
+            load: Script::new(LOAD_LUA),
+            ack: Script::new(ACK_LUA),
+            expire: Script::new(EXPIRE_LUA),
+            store,
+        })
+    }
+
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        inv: redis::ScriptInvocation<'_>,
+    ) -> Result<T, String> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await {
+            Ok(r) => r.map_err(|e| format!("redis: {e}")),
+            Err(_) => Err(format!("redis: no answer within {:?}", self.timeout)),
+        }
+    }
+
+    /// Holds `amount` for `request_id`, loading the wallet from the store first if Redis does
+    /// not have it (first use, or Redis lost its data).
+    pub async fn hold(
+        &self,
+        wallet_id: &str,
+        request_id: &str,
+        amount: i64,
+        expires_ms: i64,
+    ) -> Result<HotHold, String> {
+        for _ in 0..2 {
+            let mut inv = self.hold.prepare_invoke();
+            inv.key(wallet_key(wallet_id))
+                .key(holds_key(wallet_id))
+                .key(expiry_key())
+                .arg(request_id)
+                .arg(amount)
+                .arg(expires_ms)
+                .arg(wallet_id);
+            let r: Vec<i64> = self.call(inv).await?;
+            match r.as_slice() {
+                [1, balance, _] => {
+                    return Ok(HotHold::Held {
+                        balance_micros: *balance,
+                    })
+                }
+                [0, balance, floor] => {
+                    return Ok(HotHold::Insufficient {
+                        balance_micros: *balance,
+                        floor_micros: *floor,
+                    })
+                }
+                [-1, ..] => self.load_from_store(wallet_id).await?,
+                other => return Err(format!("redis: unexpected hold reply {other:?}")),
+            }
+        }
+        Err("redis: the wallet did not load".into())
+    }
+
+    async fn load_from_store(&self, wallet_id: &str) -> Result<(), String> {
+        let store = self.store.clone();
+        let id = wallet_id.to_string();
+        let (balance, floor, version) =
+            tokio::task::spawn_blocking(move || store.read(|db| crate::wallet::state(db, &id)))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        self.push(wallet_id, balance, floor, version).await
+    }
+
+    /// Tells Redis a wallet's balance, floor and version (a newer version wins).
+    pub async fn push(
+        &self,
+        wallet_id: &str,
+        balance: i64,
+        floor: i64,
+        version: i64,
+    ) -> Result<(), String> {
+        let mut inv = self.load.prepare_invoke();
+        inv.key(wallet_key(wallet_id))
+            .arg(balance)
+            .arg(floor)
+            .arg(version);
+        self.call::<i64>(inv).await.map(|_| ())
+    }
+
+    /// Forgets holds (settled, refused elsewhere, or given up on) and takes a newer balance.
+    pub async fn acknowledge(&self, ack: &Ack) -> Result<(), String> {
+        let mut inv = self.ack.prepare_invoke();
+        inv.key(wallet_key(&ack.wallet_id))
+            .key(holds_key(&ack.wallet_id))
+            .key(expiry_key())
+            .arg(ack.balance_micros)
+            .arg(ack.version)
+            .arg(ack.floor_micros.map(|f| f.to_string()).unwrap_or_default())
+            .arg(&ack.wallet_id);
+        for r in &ack.request_ids {
+            inv.arg(r);
+        }
+        self.call::<i64>(inv).await.map(|_| ())
+    }
+
+    /// Drops a hold that will never be settled through the store (its request was refused by
+    /// an envelope, or gave up waiting). Best effort: an expired hold is released anyway.
+    pub async fn cancel(&self, wallet_id: &str, request_id: &str) {
+        let ack = Ack {
+            wallet_id: wallet_id.to_string(),
+            balance_micros: 0,
+            version: -1,
+            floor_micros: None,
+            request_ids: vec![request_id.to_string()],
+        };
+        if let Err(e) = self.acknowledge(&ack).await {
+            tracing::debug!(error = %e, wallet = wallet_id, "could not cancel a hot hold; it expires");
+        }
+    }
+
+    /// One reconciliation: every wallet's balance and version from the store, then expired
+    /// holds released. Returns the number of holds released.
+    pub async fn reconcile(&self) -> Result<usize, String> {
+        let store = self.store.clone();
+        let wallets = tokio::task::spawn_blocking(move || store.read(crate::wallet::states))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        for (id, balance, floor, version) in wallets {
+            // Only wallets Redis already has: the others load on their first hold.
+            self.acknowledge(&Ack {
+                wallet_id: id,
+                balance_micros: balance,
+                version,
+                floor_micros: Some(floor),
+                request_ids: Vec::new(),
+            })
+            .await?;
+        }
+        let mut inv = self.expire.prepare_invoke();
+        inv.key(expiry_key())
+            .arg(crate::proxy::now_ms())
+            .arg(format!("tg:wal:v{STATE_VERSION}:"));
+        self.call::<i64>(inv).await.map(|n| n as usize)
+    }
+
+    /// The available balance Redis would admit against, if it has the wallet.
+    pub async fn available(&self, wallet_id: &str) -> Result<Option<i64>, String> {
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(wallet_key(wallet_id)).arg("base").arg("held");
+        let fut = cmd.query_async::<(Option<i64>, Option<i64>)>(&mut conn);
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok((Some(base), held))) => Ok(Some(base - held.unwrap_or(0))),
+            Ok(Ok((None, _))) => Ok(None),
+            Ok(Err(e)) => Err(format!("redis: {e}")),
+            Err(_) => Err(format!("redis: no answer within {:?}", self.timeout)),
+        }
+    }
+}
+
+/// Applies the writer's acknowledgements in order, retrying briefly; what cannot be applied
+/// is left to reconciliation (balances) and expiry (holds).
+pub async fn run_acks(hot: Arc<HotWallets>, mut rx: mpsc::UnboundedReceiver<Ack>) {
+    while let Some(ack) = rx.recv().await {
+        let mut delay = Duration::from_millis(20);
+        for attempt in 1..=3 {
+            match hot.acknowledge(&ack).await {
+                Ok(()) => break,
+                Err(e) if attempt == 3 => {
+                    tracing::warn!(error = %e, wallet = %ack.wallet_id, "hot wallet ack failed; reconciliation will correct the balance");
+                }
+                Err(_) => {
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+            }
+        }
+    }
+}
+
+/// Reconciles every `every`, for as long as the gateway lives.
+pub async fn run_reconciler(hot: std::sync::Weak<HotWallets>, every: Duration) {
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(hot) = hot.upgrade() else { return };
+        match hot.reconcile().await {
+            Ok(released) => {
+                if failing {
+                    tracing::info!("hot wallets reconcile again");
+                    failing = false;
+                }
+                if released > 0 {
+                    tracing::info!(released, "released expired hot-wallet holds");
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "hot wallet reconciliation failing");
+                    failing = true;
+                }
+            }
+        }
+    }
+}
