@@ -88,6 +88,25 @@ end
 return 1
 "#;
 
+const SYNC_LUA: &str = r#"
+-- tollgate hot wallets v1: balances, floors and versions of many wallets from the store; a
+-- balance is taken only when its version is newer, and wallets Redis does not have are left
+-- to load on their first hold. ARGV: key prefix, then (wallet id, balance, floor, version)...
+local n = 0
+for i = 2, #ARGV, 4 do
+  local k = ARGV[1] .. ARGV[i]
+  if redis.call('EXISTS', k) == 1 then
+    local v = tonumber(redis.call('HGET', k, 'ver') or '-1')
+    if tonumber(ARGV[i + 3]) > v then
+      redis.call('HSET', k, 'base', ARGV[i + 1], 'ver', ARGV[i + 3])
+      n = n + 1
+    end
+    redis.call('HSET', k, 'floor', ARGV[i + 2])
+  end
+end
+return n
+"#;
+
 const EXPIRE_LUA: &str = r#"
 -- tollgate hot wallets v1: release holds past their expiry (their replica died).
 -- KEYS: expiry zset. ARGV: now ms, key prefix.
@@ -135,6 +154,7 @@ pub struct HotWallets {
     hold: Script,
     load: Script,
     ack: Script,
+    sync: Script,
     expire: Script,
     store: Arc<Store>,
 }
@@ -153,6 +173,7 @@ impl HotWallets {
             hold: Script::new(HOLD_LUA),
             load: Script::new(LOAD_LUA),
             ack: Script::new(ACK_LUA),
+            sync: Script::new(SYNC_LUA),
             expire: Script::new(EXPIRE_LUA),
             store,
         })
@@ -273,16 +294,15 @@ impl HotWallets {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-        for (id, balance, floor, version) in wallets {
-            // Only wallets Redis already has: the others load on their first hold.
-            self.acknowledge(&Ack {
-                wallet_id: id,
-                balance_micros: balance,
-                version,
-                floor_micros: Some(floor),
-                request_ids: Vec::new(),
-            })
-            .await?;
+        let prefix = format!("tg:wal:v{STATE_VERSION}:");
+        // A few hundred wallets per script call: one round trip each, none too long a script.
+        for chunk in wallets.chunks(256) {
+            let mut inv = self.sync.prepare_invoke();
+            inv.arg(&prefix);
+            for (id, balance, floor, version) in chunk {
+                inv.arg(id).arg(balance).arg(floor).arg(version);
+            }
+            self.call::<i64>(inv).await?;
         }
         let mut inv = self.expire.prepare_invoke();
         inv.key(expiry_key())
