@@ -107,6 +107,15 @@ if command -v redis-server >/dev/null; then
   RNOKEY=$(curl -sf http://127.0.0.1:4001/admin/keys -H "Authorization: Bearer $ADMIN" -d '{"name":"bench-redis-nolimits"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
   $LG --url http://127.0.0.1:4001/v1/chat/completions --key "$RNOKEY" --rate "$RATE_JSON" --seconds "$SECONDS_PER_RUN" --label "tollgate-redis-nolimits json fixed" >> "$OUT/results.jsonl"
   $LG --url http://127.0.0.1:4001/v1/chat/completions --key "$RKEY" --rate "$RATE_JSON" --seconds "$SECONDS_PER_RUN" --label "tollgate-redis-limits json fixed" >> "$OUT/results.jsonl"
+  # Hot wallets (on with the Redis limiter): holds decided in Redis, the ledger in the store.
+  HW_JSON=$(curl -sf http://127.0.0.1:4001/admin/keys -H "Authorization: Bearer $ADMIN" -d '{"name":"bench-hot-wallet"}')
+  HWKEY=$(echo "$HW_JSON" | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+  HWKEY_ID=$(echo "$HW_JSON" | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"]["id"])')
+  HWID=$(curl -sf http://127.0.0.1:4001/admin/wallets -H "Authorization: Bearer $ADMIN" -d "{\"owner\":\"key:$HWKEY_ID\"}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+  curl -sf "http://127.0.0.1:4001/admin/wallets/$HWID/topup" -H "Authorization: Bearer $ADMIN" -d '{"amount":"1000000"}' >/dev/null
+  $LG --url http://127.0.0.1:4001/v1/chat/completions --key "$HWKEY" --rate "$RATE_JSON" --seconds "$SECONDS_PER_RUN" --label "tollgate-hotwallet json fixed" >> "$OUT/results.jsonl"
+  $LG --url http://127.0.0.1:4001/v1/chat/completions --key "$HWKEY" --concurrency "$CONC" --seconds "$SECONDS_PER_RUN" --label "tollgate-hotwallet json max" >> "$OUT/results.jsonl"
+  curl -sf "http://127.0.0.1:4001/admin/wallets/verify" -H "Authorization: Bearer $ADMIN" > "$OUT/hot-wallet-verify.json"
 else
   echo "redis-server not installed: skipping the Redis limiter run (apt install redis-server)" >&2
 fi

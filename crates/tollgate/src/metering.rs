@@ -343,7 +343,11 @@ impl Meter {
                             acks.as_ref(),
                         );
                         written = end;
-                        while let Ok(msg) = rx.try_recv() {
+                        // Pending records in memory stay under `batch_max`: a store slower
+                        // than the traffic leaves the backlog in the bounded queue, where
+                        // it is visible (`usage_queue_depth`) and its overflow is counted.
+                        while batch.len() - written < batch_max {
+                            let Ok(msg) = rx.try_recv() else { break };
                             match msg {
                                 Msg::Hold(h) => holds.push(*h),
                                 Msg::Record(r) => batch.push(*r),
@@ -355,7 +359,17 @@ impl Meter {
                                 break;
                             }
                         }
+                        writer_metrics.usage_queue_depth.set(rx.len() as i64);
                         place_holds(&mut conn, &mut holds);
+                        // Under sustained load this loop does not end: forget what is
+                        // written, and answer flushes whose records are all in.
+                        batch.drain(..written);
+                        written = 0;
+                        if batch.is_empty() {
+                            for w in waiters.drain(..) {
+                                let _ = w.send(());
+                            }
+                        }
                     }
                     batch.clear();
                     write_refusals(&mut conn, &mut refused);
