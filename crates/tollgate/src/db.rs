@@ -116,6 +116,11 @@ impl Param for Vec<u8> {
         Value::Blob(self.clone())
     }
 }
+impl Param for Value {
+    fn value(&self) -> Value {
+        self.clone()
+    }
+}
 impl<T: Param + ?Sized> Param for &T {
     fn value(&self) -> Value {
         (**self).value()

@@ -1,7 +1,7 @@
 //! The embedded store: SQLite in WAL mode, shared safely by several processes (a gateway and
 //! the CLI, or several gateways on one host).
 
-use crate::db::{Db, DbError, Dialect, Location, Row};
+use crate::db::{Db, DbError, Dialect, Location, Param, Row, Value};
 use crate::keys::{KeyLimits, KeyRecord};
 use crate::metering::UsageRecord;
 use serde::Serialize;
@@ -657,6 +657,8 @@ const USAGE_COLUMNS: &str =
     client_disconnected, cache_write_5m_tokens, cache_write_1h_tokens, request_bytes,
     response_bytes, reused, reused_from, wallet_id, shortfall_micros, run_id";
 
+const USAGE_COLUMN_COUNT: usize = 34;
+
 fn usage_from_row(r: &Row) -> Result<UsageRecord> {
     let tags: String = r.get(7)?;
     Ok(UsageRecord {
@@ -708,19 +710,13 @@ pub fn insert_usage_batch(
     db: &mut Db,
     batch: &[UsageRecord],
 ) -> Result<Vec<crate::hotwallet::Ack>> {
-    let insert = format!(
-        "INSERT INTO usage ({USAGE_COLUMNS}) VALUES
-         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
-          ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34)
-         ON CONFLICT DO NOTHING"
-    );
     let now = crate::proxy::now_ms();
     db.write(|tx| {
         let mut hot: Vec<crate::hotwallet::Ack> = Vec::new();
+        // All the batch's rows go in one INSERT (one round trip on PostgreSQL, not one each).
+        let mut rows: Vec<Value> = Vec::with_capacity(batch.len() * USAGE_COLUMN_COUNT);
         for u in batch {
-            if let (Some(w), Some(h)) = (&u.wallet_id, u.hot_hold_micros) {
-                // Settled in this same transaction, so its expiry never matters.
-                crate::wallet::hold_hot(tx, w, &u.id, h, now, now)?;
+            if let (Some(w), Some(_)) = (&u.wallet_id, u.hot_hold_micros) {
                 match hot.iter_mut().find(|a| &a.wallet_id == w) {
                     Some(a) => a.request_ids.push(u.id.clone()),
                     None => hot.push(crate::hotwallet::Ack {
@@ -735,8 +731,13 @@ pub fn insert_usage_batch(
             // The capture of the request's hold commits with its usage record, or neither
             // does: money and metering cannot disagree.
             let mut shortfall = 0;
-            if u.wallet_id.is_some() {
-                if let Some(s) = crate::wallet::settle(tx, &u.id, u.cost_micros as i64, now)? {
+            if let Some(w) = &u.wallet_id {
+                let cost = u.cost_micros as i64;
+                let settled = match u.hot_hold_micros {
+                    Some(h) => crate::wallet::settle_hot(tx, w, &u.id, h, cost, now)?,
+                    None => crate::wallet::settle(tx, &u.id, cost, now)?,
+                };
+                if let Some(s) = settled {
                     shortfall = s.shortfall_micros as u64;
                     if let Some((wallet, balance)) = s.low_balance {
                         crate::webhooks::enqueue(
@@ -749,45 +750,43 @@ pub fn insert_usage_batch(
                     }
                 }
             }
-            tx.exec(
-                &insert,
-                &[
-                    &u.id,
-                    &u.ts_ms,
-                    &u.endpoint,
-                    &u.key_id,
-                    &u.agent,
-                    &u.team,
-                    &u.project,
-                    &json(&u.tags),
-                    &u.model_requested,
-                    &u.provider,
-                    &u.model_served,
-                    &u.attempts,
-                    &u.status,
-                    &u.error_kind,
-                    &u.input_tokens,
-                    &u.cached_input_tokens,
-                    &u.output_tokens,
-                    &u.reasoning_tokens,
-                    &u.usage_source,
-                    &u.cost_micros,
-                    &u.price_version,
-                    &u.latency_ms,
-                    &u.ttft_ms,
-                    &u.stream,
-                    &u.client_disconnected,
-                    &u.cache_write_5m_tokens,
-                    &u.cache_write_1h_tokens,
-                    &u.request_bytes,
-                    &u.response_bytes,
-                    &u.reused,
-                    &u.reused_from,
-                    &u.wallet_id,
-                    &shortfall,
-                    &u.run_id,
-                ],
-            )?;
+            let row: [&dyn Param; USAGE_COLUMN_COUNT] = [
+                &u.id,
+                &u.ts_ms,
+                &u.endpoint,
+                &u.key_id,
+                &u.agent,
+                &u.team,
+                &u.project,
+                &json(&u.tags),
+                &u.model_requested,
+                &u.provider,
+                &u.model_served,
+                &u.attempts,
+                &u.status,
+                &u.error_kind,
+                &u.input_tokens,
+                &u.cached_input_tokens,
+                &u.output_tokens,
+                &u.reasoning_tokens,
+                &u.usage_source,
+                &u.cost_micros,
+                &u.price_version,
+                &u.latency_ms,
+                &u.ttft_ms,
+                &u.stream,
+                &u.client_disconnected,
+                &u.cache_write_5m_tokens,
+                &u.cache_write_1h_tokens,
+                &u.request_bytes,
+                &u.response_bytes,
+                &u.reused,
+                &u.reused_from,
+                &u.wallet_id,
+                &shortfall,
+                &u.run_id,
+            ];
+            rows.extend(row.iter().map(|p| p.value()));
             if u.enveloped {
                 let crossings = crate::envelope::settle(
                     tx,
@@ -800,6 +799,27 @@ pub fn insert_usage_batch(
                 }
             }
         }
+        if !rows.is_empty() {
+            let n = rows.len() / USAGE_COLUMN_COUNT;
+            let mut sql = format!("INSERT INTO usage ({USAGE_COLUMNS}) VALUES ");
+            for r in 0..n {
+                if r > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push('(');
+                for c in 0..USAGE_COLUMN_COUNT {
+                    if c > 0 {
+                        sql.push_str(", ");
+                    }
+                    sql.push_str(&format!("?{}", r * USAGE_COLUMN_COUNT + c + 1));
+                }
+                sql.push(')');
+            }
+            // A replayed batch (a retry after a failed commit) inserts nothing twice.
+            sql.push_str(" ON CONFLICT DO NOTHING");
+            let params: Vec<&dyn Param> = rows.iter().map(|v| v as &dyn Param).collect();
+            tx.exec(&sql, &params)?;
+        }
         // The balances as this commit leaves them: Redis takes them by version.
         for a in &mut hot {
             let (balance, floor, version) = crate::wallet::state(tx, &a.wallet_id)?;
@@ -807,4 +827,14 @@ pub fn insert_usage_batch(
         }
         Ok(hot)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_usage_insert_binds_every_column() {
+        assert_eq!(USAGE_COLUMNS.split(',').count(), USAGE_COLUMN_COUNT);
+    }
 }

@@ -503,42 +503,6 @@ pub fn hold(
     })
 }
 
-/// Records a hold that Redis admitted (hot wallets): the same ledger entry and hold row as
-/// `hold`, written with the request's settle, without a floor check of its own — Redis made
-/// that decision, and `settle` still never captures past the floor. Idempotent.
-pub fn hold_hot(
-    tx: &mut Db,
-    wallet_id: &str,
-    request_id: &str,
-    amount: i64,
-    expires_ms: i64,
-    now_ms: i64,
-) -> Result<()> {
-    if tx
-        .row("SELECT 1 FROM holds WHERE id = ?1", &[&request_id])?
-        .is_some()
-    {
-        return Ok(());
-    }
-    append(
-        tx,
-        wallet_id,
-        "hold",
-        -amount,
-        &format!("hold:{request_id}"),
-        Some(request_id),
-        Some(expires_ms),
-        None,
-        now_ms,
-    )?;
-    tx.exec(
-        "INSERT INTO holds (id, wallet_id, amount_micros, expires_ms, state, created_ms)
-         VALUES (?1, ?2, ?3, ?4, 'held', ?5)",
-        &[&request_id, &wallet_id, &amount, &expires_ms, &now_ms],
-    )?;
-    Ok(())
-}
-
 /// (balance, floor, version) of one wallet: what Redis loads.
 pub fn state(db: &mut Db, id: &str) -> Result<(i64, i64, i64)> {
     let r = db
@@ -592,48 +556,138 @@ pub fn settle(
     if state == "settled" {
         return Ok(None);
     }
-    if state == "held" {
-        append(
-            tx,
-            &wallet_id,
-            "release",
-            amount,
-            &format!("release:{request_id}"),
-            Some(request_id),
-            None,
-            None,
-            now_ms,
-        )?;
-    }
-    let (balance, floor, low) = balance_and_floor(tx, &wallet_id)?;
-    let payable = (balance - floor).max(0);
-    let captured = cost_micros.max(0).min(payable);
-    if captured > 0 {
-        append(
-            tx,
-            &wallet_id,
-            "capture",
-            -captured,
-            &format!("capture:{request_id}"),
-            Some(request_id),
-            None,
-            None,
-            now_ms,
-        )?;
-        spend_grants(tx, &wallet_id, captured, now_ms)?;
-    }
+    let release = (state == "held").then_some(amount);
+    let s = book(
+        tx,
+        &wallet_id,
+        request_id,
+        None,
+        release,
+        cost_micros,
+        now_ms,
+    )?;
     tx.exec(
         "UPDATE holds SET state = 'settled', captured_micros = ?2 WHERE id = ?1",
-        &[&request_id, &captured],
+        &[&request_id, &s.captured_micros],
     )?;
-    let after = balance - captured;
-    Ok(Some(Settled {
+    Ok(Some(s))
+}
+
+/// Settles a hold that Redis admitted (hot wallets), recording it at the same time: the same
+/// ledger entries as `hold` + `settle` (hold, release, capture) and the same hold row, with
+/// no floor check of the hold's own — Redis made that decision, and the capture still never
+/// passes the floor. Idempotent through the hold row.
+pub fn settle_hot(
+    tx: &mut Db,
+    wallet_id: &str,
+    request_id: &str,
+    amount: i64,
+    cost_micros: i64,
+    now_ms: i64,
+) -> Result<Option<Settled>> {
+    let new = tx.exec(
+        "INSERT INTO holds (id, wallet_id, amount_micros, expires_ms, state, created_ms)
+         VALUES (?1, ?2, ?3, ?4, 'settled', ?4) ON CONFLICT DO NOTHING",
+        &[&request_id, &wallet_id, &amount, &now_ms],
+    )?;
+    if new == 0 {
+        return settle(tx, request_id, cost_micros, now_ms);
+    }
+    let s = book(
+        tx,
+        wallet_id,
+        request_id,
+        Some(amount),
+        None,
+        cost_micros,
+        now_ms,
+    )?;
+    tx.exec(
+        "UPDATE holds SET captured_micros = ?2 WHERE id = ?1",
+        &[&request_id, &s.captured_micros],
+    )?;
+    Ok(Some(s))
+}
+
+/// The ledger side of settling, in as few statements as the books allow (each is a round
+/// trip on PostgreSQL): one read of the wallet, one multi-row insert of the entries
+/// (`hot_hold`: a hold and its release, recorded now; `release`: a store hold given back;
+/// the capture), one balance update by what was actually inserted.
+fn book(
+    tx: &mut Db,
+    wallet_id: &str,
+    request_id: &str,
+    hot_hold: Option<i64>,
+    release: Option<i64>,
+    cost_micros: i64,
+    now_ms: i64,
+) -> Result<Settled> {
+    let w = tx
+        .row(
+            "SELECT balance_micros, floor_micros, low_balance_micros,
+                    CASE WHEN EXISTS (SELECT 1 FROM grants g WHERE g.wallet_id = w.id
+                                      AND g.remaining_micros > 0 AND g.expires_ms > ?2)
+                         THEN 1 ELSE 0 END
+             FROM wallets w WHERE id = ?1",
+            &[&wallet_id, &now_ms],
+        )?
+        .ok_or_else(|| WalletError::NotFound(wallet_id.to_string()))?;
+    let (balance, floor, low, grants): (i64, i64, Option<i64>, bool) =
+        (w.get(0)?, w.get(1)?, w.get(2)?, w.get(3)?);
+    let before = balance + release.unwrap_or(0);
+    let captured = cost_micros.max(0).min((before - floor).max(0));
+    let mut entries: Vec<(&str, i64, String)> = Vec::with_capacity(3);
+    if let Some(h) = hot_hold {
+        entries.push(("hold", -h, format!("hold:{request_id}")));
+        entries.push(("release", h, format!("release:{request_id}")));
+    }
+    if let Some(r) = release {
+        entries.push(("release", r, format!("release:{request_id}")));
+    }
+    if captured > 0 {
+        entries.push(("capture", -captured, format!("capture:{request_id}")));
+    }
+    if !entries.is_empty() {
+        let mut sql = String::from(
+            "INSERT INTO ledger (wallet_id, kind, amount_micros, idempotency_key, request_id, ts_ms)
+             VALUES ",
+        );
+        let mut params: Vec<&dyn crate::db::Param> = vec![&wallet_id, &request_id, &now_ms];
+        for (i, (kind, amount, idem)) in entries.iter().enumerate() {
+            let n = 4 + i * 3;
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("(?1, ?{n}, ?{}, ?{}, ?2, ?3)", n + 1, n + 2));
+            params.extend([kind as &dyn crate::db::Param, amount, idem]);
+        }
+        // What was actually inserted moves the balance: an entry that somehow existed
+        // already is not counted twice.
+        sql.push_str(" ON CONFLICT DO NOTHING RETURNING amount_micros");
+        let delta: i64 = tx
+            .rows(&sql, &params)?
+            .iter()
+            .map(|r| r.get::<i64>(0))
+            .sum::<crate::db::Result<i64>>()?;
+        if delta != 0 {
+            tx.exec(
+                "UPDATE wallets SET balance_micros = balance_micros + ?2, version = version + 1
+                 WHERE id = ?1",
+                &[&wallet_id, &delta],
+            )?;
+        }
+    }
+    if captured > 0 && grants {
+        spend_grants(tx, wallet_id, captured, now_ms)?;
+    }
+    let after = before - captured;
+    Ok(Settled {
         captured_micros: captured,
         shortfall_micros: cost_micros.max(0) - captured,
         low_balance: low
-            .filter(|l| balance >= *l && after < *l)
-            .map(|_| (wallet_id.clone(), after)),
-    }))
+            .filter(|l| before >= *l && after < *l)
+            .map(|_| (wallet_id.to_string(), after)),
+    })
 }
 
 /// Spending draws on grants first, the soonest to expire first.
