@@ -120,6 +120,41 @@ else
   echo "redis-server not installed: skipping the Redis limiter run (apt install redis-server)" >&2
 fi
 
+# PostgreSQL as the store: wallet holds in its transactions (4002), and hot wallets in Redis
+# with the ledger in PostgreSQL (4003). The cluster is a throwaway one, initdb'd here.
+PGBIN=$(dirname "$(command -v initdb 2>/dev/null || ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | tail -1)")
+if [ -x "$PGBIN/postgres" ] && command -v redis-server >/dev/null; then
+  PGDIR="$PWD/$OUT/pg"; mkdir -p "$PGDIR"
+  AS=(); if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$PGDIR"; AS=(runuser -u postgres --); fi
+  "${AS[@]}" "$PGBIN/initdb" -D "$PGDIR/data" -U tollgate -A trust --no-sync >/dev/null
+  "${AS[@]}" "$PGBIN/postgres" -D "$PGDIR/data" -p 5439 -h 127.0.0.1 -k "$PGDIR" >"$OUT/pg.log" 2>&1 & pids+=($!)
+  for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/5439) 2>/dev/null && break; sleep 0.1; done; sleep 1
+  for g in 4002:postgres 4003:hot; do
+    port=${g%%:*}; kind=${g##*:}
+    sed -e "s/127.0.0.1:4000/127.0.0.1:$port/" -e "s#$OUT/data#$OUT/data-$port#" "$OUT/tollgate.toml" > "$OUT/tollgate-$port.toml"
+    printf '[store]\nurl = "postgres://tollgate@127.0.0.1:5439/postgres"\n' >> "$OUT/tollgate-$port.toml"
+    if [ "$kind" = hot ]; then
+      sed -i 's#postgres"$#tollgate_hot"#' "$OUT/tollgate-$port.toml"
+      "${AS[@]}" psql -q -h 127.0.0.1 -p 5439 -U tollgate -d postgres -c 'CREATE DATABASE tollgate_hot'
+      printf '[limits]\nbackend = "redis"\n[limits.redis]\nurl = "redis://127.0.0.1:6390"\n' >> "$OUT/tollgate-$port.toml"
+    fi
+    TOLLGATE_ADMIN_KEY=$ADMIN RUST_LOG=warn $TG serve --config "$OUT/tollgate-$port.toml" 2>"$OUT/tollgate-$port.log" >/dev/null & pids+=($!)
+    for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+    J=$(curl -sf "http://127.0.0.1:$port/admin/keys" -H "Authorization: Bearer $ADMIN" -d '{"name":"bench-pg-wallet"}')
+    K=$(echo "$J" | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+    KID=$(echo "$J" | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"]["id"])')
+    W=$(curl -sf "http://127.0.0.1:$port/admin/wallets" -H "Authorization: Bearer $ADMIN" -d "{\"owner\":\"key:$KID\"}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+    curl -sf "http://127.0.0.1:$port/admin/wallets/$W/topup" -H "Authorization: Bearer $ADMIN" -d '{"amount":"1000000"}' >/dev/null
+    u="http://127.0.0.1:$port/v1/chat/completions"
+    $LG --url "$u" --key "$K" --rate "$RATE_JSON" --seconds "$SECONDS_PER_RUN" --label "tollgate-pg-$kind-wallet json fixed" >> "$OUT/results.jsonl"
+    $LG --url "$u" --key "$K" --concurrency "$CONC" --seconds "$SECONDS_PER_RUN" --label "tollgate-pg-$kind-wallet json max" >> "$OUT/results.jsonl"
+    # How far the ledger writes are behind: records still queued right after the load.
+    curl -sf "http://127.0.0.1:$port/metrics" | grep -E '^tollgate_usage_(queue_depth|records_written_total)' > "$OUT/pg-$kind-queue.txt" || true
+  done
+else
+  echo "PostgreSQL or redis-server not installed: skipping the PostgreSQL runs" >&2
+fi
+
 # The translation path: a Chat Completions client served by an Anthropic-dialect deployment.
 u=http://127.0.0.1:4000/v1/chat/completions
 $LG --url "$u" --key "$KEY" --model via-claude --rate "$RATE_JSON" --seconds "$SECONDS_PER_RUN" --label "tollgate-xlate json fixed" >> "$OUT/results.jsonl"
