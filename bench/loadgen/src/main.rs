@@ -130,6 +130,13 @@ async fn main() -> anyhow::Result<()> {
                      {"role": "user", "content": "Summarise benchmark request @SEQ@ in one sentence."}],
     }))?;
     let (head, tail) = text.split_once("@SEQ@").unwrap_or((&text, ""));
+    // Numbers are unique across runs too: two runs back to back with one key must not look
+    // like retries of each other to the gateway's damping.
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let head = format!("{head}{run:x}-");
     let body = Arc::new(Template {
         head: head.as_bytes().to_vec(),
         tail: tail.as_bytes().to_vec(),

@@ -426,6 +426,12 @@ impl Meter {
             .unwrap_or_else(|_| Err(format!("no answer from the ledger within {within:?}")))
     }
 
+    /// Messages waiting for the writer, and the queue's capacity.
+    pub fn backlog(&self) -> (usize, usize) {
+        let max = self.tx.max_capacity();
+        (max - self.tx.capacity(), max)
+    }
+
     /// Tells the webhooks about a hold refused outside the writer (hot wallets). Never waits;
     /// a full queue drops the event (the refusal itself was answered already).
     pub fn refused(&self, req: HoldRequest, outcome: Held) {

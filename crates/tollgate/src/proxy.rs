@@ -1811,6 +1811,15 @@ pub(crate) async fn hold_hot(
     let Some(wallet) = req.wallet_id.clone() else {
         return app.meter.hold(req, within).await;
     };
+    // Redis admits faster than the store can record: past half the writer's queue, new money
+    // waits rather than risk captures the full queue would drop (each is revenue, and the
+    // hold it settles would stay in Redis until it expires).
+    let (behind, capacity) = app.meter.backlog();
+    if behind * 2 > capacity {
+        return Err(format!(
+            "the ledger writer is {behind} records behind (queue of {capacity})"
+        ));
+    }
     let rid = req.request_id.clone();
     let cancel = |hot: &Arc<crate::hotwallet::HotWallets>| {
         let (hot, wallet, rid) = (hot.clone(), wallet.clone(), rid.clone());

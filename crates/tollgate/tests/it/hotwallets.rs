@@ -209,3 +209,79 @@ async fn hot_wallets_reconcile_release_dead_holds_and_fail_closed() {
         .filter(|r| r.status == 503)
         .all(|r| r.cost_micros == 0 && r.attempts == 0));
 }
+
+/// Redis admits faster than the store records: when the ledger writer falls behind (here:
+/// PostgreSQL stalled under it), new money is refused with 503 before the usage queue can
+/// overflow and drop captures; once the store is back everything is recorded and the books
+/// and Redis agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_writer_that_falls_behind_stops_new_money_before_records_are_lost() {
+    let (Some(redis), Some(pg)) = (RedisServer::start().await, PgServer::start().await) else {
+        return;
+    };
+    let url = pg.database("behind").await;
+    let gw = TestGateway::start(&TestStore::SqliteHotRedis(redis.url()).config(&format!(
+        "[store]\nurl = \"{url}\"\n[metering]\nqueue_capacity = 16\n\
+         [[prices]]\nmodel = \"mock*\"\ninput = 0\noutput = 625000000\n"
+    )))
+    .await;
+    let (payer, payer_id) = gw.create_key(json!({"name": "payer"})).await;
+    let wallet = gw.wallet(&format!("key:{payer_id}"), "1.00").await;
+    let ask = |i: usize| {
+        let (gw, key) = (&gw, payer.clone());
+        async move {
+            let r = gw
+                .chat(
+                    &key,
+                    json!({"model": "mock", "max_tokens": 16, "messages": user(&format!("b{i}"))}),
+                )
+                .await;
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    assert_eq!(ask(0).await.0, 200);
+    gw.wait_records(1).await;
+    pg.signal_all("STOP");
+    let mut admitted = 0;
+    let mut refused = None;
+    for i in 1..=16 {
+        let (s, v) = ask(i).await;
+        if s == 200 {
+            admitted += 1;
+        } else {
+            refused = Some((s, v));
+            break;
+        }
+    }
+    let (s, v) = refused.expect("new money kept being admitted while nothing was recorded");
+    assert_eq!(s, 503, "{v}");
+    assert_eq!(v["error"]["code"], "wallet_unavailable");
+    assert!(admitted >= 1, "the queue had room for some");
+    pg.signal_all("CONT");
+
+    // Nothing was dropped: every request (the refused one too) is recorded once the store is
+    // back, and Redis ends where the ledger does.
+    let recs = gw.wait_records(admitted + 2).await;
+    assert_eq!(recs.len(), admitted + 2);
+    let metrics = gw
+        .client
+        .get(format!("{}/metrics", gw.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tollgate_usage_records_dropped_total 0"),
+        "{metrics}"
+    );
+    let (_, v) = gw
+        .admin(reqwest::Method::GET, "/admin/wallets/verify", None)
+        .await;
+    assert_eq!(v["ok"], true, "{v}");
+    let spent = 10_000 * (admitted as i64 + 1);
+    let w = wait_hot(&gw, &wallet, 1_000_000 - spent, "after the store came back").await;
+    assert_eq!(w["balance_micros"].as_i64(), Some(1_000_000 - spent));
+}
