@@ -426,10 +426,12 @@ impl Meter {
             .unwrap_or_else(|_| Err(format!("no answer from the ledger within {within:?}")))
     }
 
-    /// Messages waiting for the writer, and the queue's capacity.
-    pub fn backlog(&self) -> (usize, usize) {
+    /// More than half the writer's queue is waiting. Hot wallets admit faster than the store
+    /// can record: past this, new money waits rather than risk captures a full queue would
+    /// drop (each is revenue, and the hold it settles would stay in Redis until it expires).
+    pub fn backlogged(&self) -> bool {
         let max = self.tx.max_capacity();
-        (max - self.tx.capacity(), max)
+        (max - self.tx.capacity()) * 2 > max
     }
 
     /// Tells the webhooks about a hold refused outside the writer (hot wallets). Never waits;

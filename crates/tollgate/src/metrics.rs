@@ -27,6 +27,7 @@ pub struct Metrics {
     pub usage_records_queued: Counter,
     pub usage_records_written: Counter,
     pub usage_records_dropped: Counter,
+    pub usage_records_shed: Counter,
     pub usage_queue_depth: Gauge,
     pub streams_cut: Counter,
     pub client_disconnects: Counter,
@@ -118,6 +119,12 @@ impl Metrics {
             "Usage records that could not be queued or written (each is logged in full)",
             usage_records_dropped.clone(),
         );
+        let usage_records_shed = Counter::default();
+        registry.register(
+            "usage_records_shed",
+            "Records not written for requests refused because the ledger writer was behind (no upstream call, no money moved)",
+            usage_records_shed.clone(),
+        );
         let usage_queue_depth = Gauge::default();
         registry.register(
             "usage_queue_depth",
@@ -199,6 +206,7 @@ impl Metrics {
             usage_records_queued,
             usage_records_written,
             usage_records_dropped,
+            usage_records_shed,
             usage_queue_depth,
             streams_cut,
             client_disconnects,

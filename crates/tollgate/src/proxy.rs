@@ -851,6 +851,8 @@ struct Settlement {
     rec: UsageRecord,
     /// Set once the record has been handed on (to the meter, or to a stream that settles it).
     done: bool,
+    /// Refused because the ledger writer is behind: its record would only lengthen the queue.
+    shed: bool,
     started: Instant,
     body: Bytes,
     upstream_started: bool,
@@ -896,6 +898,7 @@ impl Settlement {
             app,
             rec,
             done: false,
+            shed: false,
             started,
             body: Bytes::new(),
             upstream_started: false,
@@ -984,6 +987,10 @@ impl Settlement {
         rec.latency_ms = self.started.elapsed().as_millis() as u64;
         if let Some(mut a) = self.admission.take() {
             a.settle(now_us(), rec.input_tokens + rec.output_tokens);
+        }
+        if self.shed {
+            self.app.metrics.usage_records_shed.inc();
+            return;
         }
         self.app.meter.record(rec);
     }
@@ -1811,14 +1818,8 @@ pub(crate) async fn hold_hot(
     let Some(wallet) = req.wallet_id.clone() else {
         return app.meter.hold(req, within).await;
     };
-    // Redis admits faster than the store can record: past half the writer's queue, new money
-    // waits rather than risk captures the full queue would drop (each is revenue, and the
-    // hold it settles would stay in Redis until it expires).
-    let (behind, capacity) = app.meter.backlog();
-    if behind * 2 > capacity {
-        return Err(format!(
-            "the ledger writer is {behind} records behind (queue of {capacity})"
-        ));
+    if app.meter.backlogged() {
+        return Err("the ledger writer is behind".into());
     }
     let rid = req.request_id.clone();
     let cancel = |hot: &Arc<crate::hotwallet::HotWallets>| {
@@ -2105,6 +2106,10 @@ async fn hold(
             expires_ms: now_ms() + ttl_ms,
         };
         let hot = app.hot.as_ref().filter(|_| wallet_id.is_some());
+        if hot.is_some() && app.meter.backlogged() {
+            settle.shed = true;
+            return Err(wallet_unavailable("the ledger writer is behind"));
+        }
         let outcome = match hot {
             Some(hot) => hold_hot(app, hot, req, runtime.wallets.hold_timeout).await,
             None => app.meter.hold(req, runtime.wallets.hold_timeout).await,

@@ -255,8 +255,16 @@ impl Gateway {
                 server_task.abort();
             }
         }
-        app.meter.flush().await;
-        tracing::info!("usage records flushed; bye");
+        // A store that is down must not keep the process from exiting: wait as long again
+        // as the grace period, then say what is lost.
+        match tokio::time::timeout(app.server.shutdown_grace, app.meter.flush()).await {
+            Ok(()) => tracing::info!("usage records flushed; bye"),
+            Err(_) => {
+                tracing::error!(
+                    "the store did not take the last usage records within the grace period; exiting without them"
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -378,11 +386,22 @@ pub async fn refresh_keys(app: &Arc<AppState>) -> anyhow::Result<()> {
 
 /// Picks up keys created or revoked by other processes sharing the store.
 async fn poll_keys(app: std::sync::Weak<AppState>) {
+    let mut failing = false;
     loop {
         let Some(strong) = app.upgrade() else { return };
         let every = strong.server.key_refresh;
-        if let Err(e) = refresh_keys(&strong).await {
-            tracing::warn!(error = %e, "key refresh failed; serving the cached keys");
+        // Once per outage: the poll runs four times a second.
+        match refresh_keys(&strong).await {
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "key refresh failing; serving the cached keys until the store answers");
+                failing = true;
+            }
+            Err(e) => tracing::debug!(error = %e, "key refresh still failing"),
+            Ok(()) if failing => {
+                tracing::info!("key refresh works again");
+                failing = false;
+            }
+            Ok(()) => {}
         }
         drop(strong);
         tokio::time::sleep(every).await;

@@ -254,3 +254,69 @@ async fn a_postgres_outage_fails_money_closed_and_the_gateway_recovers() {
     );
     assert_eq!(w["held_micros"], 0, "no hold is left open: {w}");
 }
+
+/// SIGTERM while PostgreSQL is gone: the gateway still exits (after the grace period given to
+/// the writer), instead of waiting forever for a store that does not answer.
+#[tokio::test]
+async fn sigterm_with_the_store_down_still_exits() {
+    tollgate::server::init_tls();
+    let Some(mut pg) = PgServer::start().await else {
+        return;
+    };
+    let url = pg.database("term").await;
+    let dir = TempDir::new("pgterm");
+    let cfg = dir.path().join("tollgate.toml");
+    std::fs::write(
+        &cfg,
+        format!("[server]\nshutdown_grace = \"1s\"\n[store]\nurl = \"{url}\"\n"),
+    )
+    .unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut gw = spawn_gateway(
+        &[
+            "serve",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+            "--listen",
+            &listen,
+        ],
+        &listen,
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let key: Value = client
+        .post(format!("http://{listen}/admin/keys"))
+        .bearer_auth(ADMIN_KEY)
+        .json(&json!({"name": "late"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let secret = key["secret"].as_str().unwrap().to_string();
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await; // the key reaches the cache
+    pg.stop();
+    // Requests still work (keys are in memory); their records cannot be written.
+    let r = client
+        .post(format!("http://{listen}/v1/chat/completions"))
+        .bearer_auth(&secret)
+        .json(&json!({"model": "mock", "messages": user("written never")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    gw.signal("TERM");
+    let child = gw.0.as_mut().unwrap();
+    let mut exited = false;
+    for _ in 0..200 {
+        if child.try_wait().unwrap().is_some() {
+            exited = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(exited, "the gateway did not exit within 10 s of SIGTERM");
+}
