@@ -1998,6 +1998,16 @@ pub async fn quote_handler(
             }
             None => None,
         };
+        // Hot wallets: Redis's figure (requests in flight held) is what a hold would face.
+        let wallet = match (wallet, &app.hot) {
+            (Some(mut w), Some(hot)) => {
+                if let Ok(Some(avail)) = hot.available(&w.id).await {
+                    w.balance_micros = avail;
+                }
+                Some(w)
+            }
+            (w, _) => w,
+        };
         let reason = if !key.allows_model(&model) {
             Some("model_not_allowed")
         } else if cap.is_some_and(|c| quote.cost_micros > c) {
