@@ -19,7 +19,9 @@ TG=target/release/tollgate
 LG=target/release/tollgate-loadgen
 
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; nginx -p "$PWD/$OUT/nginx" -c nginx.conf -s stop 2>/dev/null || true; }
+# KILL, not TERM: a gateway whose store is already gone would spend its grace period
+# flushing, and still be running (and using CPU) when the next bench starts.
+cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; nginx -p "$PWD/$OUT/nginx" -c nginx.conf -s stop 2>/dev/null || true; }
 trap cleanup EXIT
 
 $TG mock-provider --listen 127.0.0.1:4010 2>"$OUT/mock.log" & pids+=($!)

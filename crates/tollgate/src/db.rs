@@ -493,12 +493,19 @@ impl Db {
         Ok(())
     }
 
-    /// SQLite only: copies the WAL into the database without blocking writers.
-    pub fn checkpoint(&mut self) -> Result<()> {
+    /// SQLite only: copies the WAL into the database. `truncate`: waits for the writer
+    /// (through the busy timeout) and empties the WAL file; otherwise never blocks anyone.
+    /// Returns the WAL's size in frames before the checkpoint (0 for PostgreSQL).
+    pub fn checkpoint(&mut self, truncate: bool) -> Result<i64> {
         if let Conn::Sqlite(c) = &self.conn {
-            c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+            let sql = if truncate {
+                "PRAGMA wal_checkpoint(TRUNCATE)"
+            } else {
+                "PRAGMA wal_checkpoint(PASSIVE)"
+            };
+            return Ok(c.query_row(sql, [], |r| r.get::<_, i64>(1))?);
         }
-        Ok(())
+        Ok(0)
     }
 }
 
