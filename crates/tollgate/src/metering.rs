@@ -373,6 +373,7 @@ impl Meter {
                     }
                     batch.clear();
                     write_refusals(&mut conn, &mut refused);
+                    store::truncate_wal_if_long(&mut conn);
                     for w in waiters.drain(..) {
                         let _ = w.send(());
                     }

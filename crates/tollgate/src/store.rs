@@ -115,8 +115,10 @@ const MIGRATIONS: &[&str] = &[
 /// Passive checkpoints alone never shrink the WAL while writes keep coming: SQLite only
 /// starts the file over when a checkpoint completes with no writer in between, and under
 /// load the WAL grew by gigabytes a minute (every small transaction appends whole pages).
-/// So past `WAL_TRUNCATE_FRAMES` the checkpointer truncates it, waiting for the writer
-/// between two transactions: a pause of milliseconds instead of a disk filling up.
+/// So the checkpointer publishes the WAL's length, and past `WAL_TRUNCATE_FRAMES` the writer
+/// truncates it itself between two transactions (`truncate_wal_if_long`): the passive
+/// checkpoints have copied nearly everything by then, and the writer waits on no lock (a
+/// truncation from this thread had the writer sleeping in SQLite's busy handler, tens of ms).
 pub fn start_checkpointer(
     location: &Location,
     every: Duration,
@@ -131,24 +133,32 @@ pub fn start_checkpointer(
         .spawn(move || {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 std::thread::sleep(every);
-                if let Err(e) = checkpoint_once(&mut db, WAL_TRUNCATE_FRAMES) {
-                    tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+                match db.checkpoint(false) {
+                    Ok(frames) => WAL_FRAMES.store(frames, std::sync::atomic::Ordering::Relaxed),
+                    Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; will retry"),
                 }
             }
         })?;
     Ok(())
 }
 
-/// About 64 MiB of 4 KiB pages.
-const WAL_TRUNCATE_FRAMES: i64 = 16_384;
+/// About 16 MiB of 4 KiB pages: truncating copies that much with the writer paused (holds
+/// wait for it), so smaller pauses, more often; at 64 MiB a pause was ~100 ms.
+const WAL_TRUNCATE_FRAMES: i64 = 4_096;
 
-/// A passive checkpoint, escalated to a truncating one when the WAL has more frames than
-/// `truncate_above`.
-fn checkpoint_once(db: &mut Db, truncate_above: i64) -> Result<()> {
-    if db.checkpoint(false)? > truncate_above {
-        db.checkpoint(true)?;
+/// The WAL's length in frames at the last passive checkpoint (SQLite).
+static WAL_FRAMES: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// Called by the writer between transactions: truncates the WAL once it is longer than
+/// `WAL_TRUNCATE_FRAMES`.
+pub fn truncate_wal_if_long(db: &mut Db) {
+    if WAL_FRAMES.load(std::sync::atomic::Ordering::Relaxed) <= WAL_TRUNCATE_FRAMES {
+        return;
     }
-    Ok(())
+    WAL_FRAMES.store(0, std::sync::atomic::Ordering::Relaxed);
+    if let Err(e) = db.checkpoint(true) {
+        tracing::warn!(error = %e, "WAL truncation failed; will retry");
+    }
 }
 
 pub struct Store {
@@ -866,10 +876,15 @@ mod tests {
                 .unwrap();
         }
         assert!(std::fs::metadata(&wal).unwrap().len() > 0);
-        // Below the threshold: passive only, the file stays.
-        checkpoint_once(&mut db, i64::MAX).unwrap();
+        // Short: left alone. Long (as the checkpointer last saw it): truncated.
+        WAL_FRAMES.store(10, std::sync::atomic::Ordering::Relaxed);
+        truncate_wal_if_long(&mut db);
         assert!(std::fs::metadata(&wal).unwrap().len() > 0);
-        checkpoint_once(&mut db, 10).unwrap();
+        WAL_FRAMES.store(
+            WAL_TRUNCATE_FRAMES + 1,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        truncate_wal_if_long(&mut db);
         assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
         let _ = std::fs::remove_dir_all(&dir);
     }
