@@ -783,14 +783,7 @@ async fn push_hot(app: &Arc<AppState>, wallet_id: &str) {
     })
     .await;
     if let Ok((balance, floor, version)) = state {
-        let ack = crate::hotwallet::Ack {
-            wallet_id: wallet_id.to_string(),
-            balance_micros: balance,
-            version,
-            floor_micros: Some(floor),
-            request_ids: Vec::new(),
-        };
-        if let Err(e) = hot.acknowledge(&ack).await {
+        if let Err(e) = hot.push(wallet_id, balance, floor, version).await {
             tracing::debug!(error = %e, "hot wallet push failed; reconciliation will follow");
         }
     }

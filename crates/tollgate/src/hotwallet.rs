@@ -1,19 +1,22 @@
 //! Hot wallets in Redis: with `[wallets] backend = "redis"` every replica decides holds on
 //! the same balances, one Lua script per decision, and the store keeps the ledger (ADR 0013).
 //!
-//! Per wallet Redis keeps `base` (the store's balance as of store version `ver`), `floor`, and
-//! the open holds (`held`, their sum, and one field per request). A hold is admitted when
-//! `base - held - amount >= floor`. The request's ledger entries (hold, release, capture) are
-//! written to the store with its usage record, as in store mode; after that commit the writer
-//! acknowledges: Redis takes the wallet's new balance and version (only if newer: acks and
-//! reconciliations may arrive in any order) and forgets the request's hold, in one script.
+//! Per wallet Redis keeps `base`, `floor`, and the open holds (`held`, their sum, and one field
+//! per request). A hold is admitted when `base - held - amount >= floor`. The request's ledger
+//! entries (hold, release, capture) are written to the store with its usage record, as in
+//! store mode; after that commit the writer acknowledges each request with its capture and
+//! the commit's wallet version: Redis forgets the hold and, unless its balance already
+//! reflects that version, subtracts the capture — remembering it as a *delta* at that
+//! version. A sync (reconciliation, a first load, an admin change) sets `base` to the store's
+//! balance at version `v` minus the deltas newer than `v`. Acks from several replicas and
+//! syncs can therefore arrive in any order and the balance is still exact: every capture is
+//! counted once, either in a synced balance or as a delta, never both (a simpler "newest
+//! balance wins" counted another replica's captures twice until its own ack came, and turned
+//! requests away in a burst).
 //!
-//! Between the commit and its ack, Redis still counts the whole hold against a balance that
-//! does not yet include the capture: conservative whenever the capture is within the hold
-//! (and the store caps a capture at the floor when it is not). Reconciliation runs every
-//! `reconcile_interval` on every replica: balances and versions from the store (so top-ups
-//! made by the CLI, and acks lost to a crash, arrive), and expired holds released (a replica
-//! that died mid-request). When Redis does not answer, money fails closed: 503
+//! Reconciliation runs every `reconcile_interval` on every replica: balances from the store
+//! (top-ups made by the CLI, acks lost to a crash), and expired holds released (a replica that
+//! died mid-request). When Redis does not answer, money fails closed: 503
 //! `wallet_unavailable`.
 
 use crate::store::Store;
@@ -31,6 +34,9 @@ fn wallet_key(w: &str) -> String {
 }
 fn holds_key(w: &str) -> String {
     format!("tg:wal:v{STATE_VERSION}:{w}:holds")
+}
+fn deltas_key(w: &str) -> String {
+    format!("tg:wal:v{STATE_VERSION}:{w}:deltas")
 }
 fn expiry_key() -> String {
     format!("tg:wal:v{STATE_VERSION}:expiry")
@@ -53,55 +59,71 @@ redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4] .. '|' .. ARGV[1])
 return {1, base - held - amount, floor}
 "#;
 
-const LOAD_LUA: &str = r#"
--- tollgate hot wallets v1: the store's balance as of version ARGV[3], if newer than Redis's.
--- KEYS: wallet hash. ARGV: balance, floor, version.
-local v = tonumber(redis.call('HGET', KEYS[1], 'ver') or '-1')
-if tonumber(ARGV[3]) > v then
-  redis.call('HSET', KEYS[1], 'base', ARGV[1], 'ver', ARGV[3])
+/// Shared by the sync scripts: the store's balance `b` at version `v` for the wallet at
+/// prefix `p` .. id, if newer than what Redis has, less the captures acknowledged at later
+/// versions (which that balance does not include yet).
+const SYNC_ONE_LUA: &str = r#"
+local function sync(k, d, b, floor, v)
+  local cur = tonumber(redis.call('HGET', k, 'ver') or '-1')
+  if v > cur then
+    local later = 0
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', d, '(' .. v, '+inf')) do
+      later = later + tonumber(string.sub(m, string.find(m, '|', 1, true) + 1))
+    end
+    redis.call('HSET', k, 'base', string.format('%d', b - later), 'ver', string.format('%d', v))
+    redis.call('ZREMRANGEBYSCORE', d, '-inf', v)
+  end
+  redis.call('HSET', k, 'floor', floor)
+  redis.call('HSETNX', k, 'held', 0)
 end
-redis.call('HSET', KEYS[1], 'floor', ARGV[2])
-redis.call('HSETNX', KEYS[1], 'held', 0)
+"#;
+
+const LOAD_LUA: &str = r#"
+-- tollgate hot wallets v1: a wallet from the store (created if Redis does not have it).
+-- KEYS: wallet hash, deltas zset. ARGV: balance, floor, version.
+@SYNC@
+sync(KEYS[1], KEYS[2], tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]))
 return 1
 "#;
 
 const ACK_LUA: &str = r#"
--- tollgate hot wallets v1: the store committed these requests; forget their holds and take
--- the wallet's balance as of version ARGV[2] (ignored when not newer; -1: no balance) and
--- its floor (ARGV[3], '' to keep). A wallet Redis does not have is left to load on its own.
--- KEYS: wallet hash, holds hash, expiry zset.
--- ARGV: balance, version, floor, wallet id, request ids...
+-- tollgate hot wallets v1: the store committed these requests at wallet version ARGV[1]
+-- (-1: nothing committed, only forget the holds). Forget each hold; subtract each capture
+-- unless the balance already reflects that version, and remember it as a delta (once).
+-- KEYS: wallet hash, holds hash, expiry zset, deltas zset.
+-- ARGV: version, wallet id, then (request id, capture)...
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local v = tonumber(redis.call('HGET', KEYS[1], 'ver') or '-1')
-if tonumber(ARGV[2]) > v then
-  redis.call('HSET', KEYS[1], 'base', ARGV[1], 'ver', ARGV[2])
-end
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'floor', ARGV[3]) end
-for i = 5, #ARGV do
-  local amount = redis.call('HGET', KEYS[2], ARGV[i])
+local v = tonumber(ARGV[1])
+local cur = tonumber(redis.call('HGET', KEYS[1], 'ver') or '-1')
+for i = 3, #ARGV, 2 do
+  local rid, captured = ARGV[i], tonumber(ARGV[i + 1])
+  local amount = redis.call('HGET', KEYS[2], rid)
   if amount then
     redis.call('HINCRBY', KEYS[1], 'held', -tonumber(amount))
-    redis.call('HDEL', KEYS[2], ARGV[i])
+    redis.call('HDEL', KEYS[2], rid)
   end
-  redis.call('ZREM', KEYS[3], ARGV[4] .. '|' .. ARGV[i])
+  redis.call('ZREM', KEYS[3], ARGV[2] .. '|' .. rid)
+  if v > cur then
+    local m = rid .. '|' .. captured
+    if not redis.call('ZSCORE', KEYS[4], m) then
+      redis.call('ZADD', KEYS[4], v, m)
+      redis.call('HINCRBY', KEYS[1], 'base', -captured)
+    end
+  end
 end
 return 1
 "#;
 
 const SYNC_LUA: &str = r#"
--- tollgate hot wallets v1: balances, floors and versions of many wallets from the store; a
--- balance is taken only when its version is newer, and wallets Redis does not have are left
+-- tollgate hot wallets v1: many wallets from the store; wallets Redis does not have are left
 -- to load on their first hold. ARGV: key prefix, then (wallet id, balance, floor, version)...
+@SYNC@
 local n = 0
 for i = 2, #ARGV, 4 do
   local k = ARGV[1] .. ARGV[i]
   if redis.call('EXISTS', k) == 1 then
-    local v = tonumber(redis.call('HGET', k, 'ver') or '-1')
-    if tonumber(ARGV[i + 3]) > v then
-      redis.call('HSET', k, 'base', ARGV[i + 1], 'ver', ARGV[i + 3])
-      n = n + 1
-    end
-    redis.call('HSET', k, 'floor', ARGV[i + 2])
+    sync(k, k .. ':deltas', tonumber(ARGV[i + 1]), ARGV[i + 2], tonumber(ARGV[i + 3]))
+    n = n + 1
   end
 end
 return n
@@ -130,10 +152,10 @@ return #due
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ack {
     pub wallet_id: String,
-    pub balance_micros: i64,
+    /// The wallet's version after the commit (-1: nothing was committed).
     pub version: i64,
-    pub floor_micros: Option<i64>,
-    pub request_ids: Vec<String>,
+    /// (request id, amount captured) per settled request.
+    pub settled: Vec<(String, i64)>,
 }
 
 /// The outcome of a hot hold.
@@ -171,9 +193,9 @@ impl HotWallets {
             conn: ConnectionManager::new_lazy_with_config(client, cfg)?,
             timeout,
             hold: Script::new(HOLD_LUA),
-            load: Script::new(LOAD_LUA),
+            load: Script::new(&LOAD_LUA.replace("@SYNC@", SYNC_ONE_LUA)),
             ack: Script::new(ACK_LUA),
-            sync: Script::new(SYNC_LUA),
+            sync: Script::new(&SYNC_LUA.replace("@SYNC@", SYNC_ONE_LUA)),
             expire: Script::new(EXPIRE_LUA),
             store,
         })
@@ -239,7 +261,8 @@ impl HotWallets {
         self.push(wallet_id, balance, floor, version).await
     }
 
-    /// Tells Redis a wallet's balance, floor and version (a newer version wins).
+    /// Tells Redis a wallet's balance, floor and version from the store (creating the wallet
+    /// in Redis if needed; a balance at an older version than Redis's is ignored).
     pub async fn push(
         &self,
         wallet_id: &str,
@@ -249,24 +272,25 @@ impl HotWallets {
     ) -> Result<(), String> {
         let mut inv = self.load.prepare_invoke();
         inv.key(wallet_key(wallet_id))
+            .key(deltas_key(wallet_id))
             .arg(balance)
             .arg(floor)
             .arg(version);
         self.call::<i64>(inv).await.map(|_| ())
     }
 
-    /// Forgets holds (settled, refused elsewhere, or given up on) and takes a newer balance.
+    /// Forgets holds (settled, refused elsewhere, or given up on) and counts the captures of
+    /// the settled ones.
     pub async fn acknowledge(&self, ack: &Ack) -> Result<(), String> {
         let mut inv = self.ack.prepare_invoke();
         inv.key(wallet_key(&ack.wallet_id))
             .key(holds_key(&ack.wallet_id))
             .key(expiry_key())
-            .arg(ack.balance_micros)
+            .key(deltas_key(&ack.wallet_id))
             .arg(ack.version)
-            .arg(ack.floor_micros.map(|f| f.to_string()).unwrap_or_default())
             .arg(&ack.wallet_id);
-        for r in &ack.request_ids {
-            inv.arg(r);
+        for (r, captured) in &ack.settled {
+            inv.arg(r).arg(captured);
         }
         self.call::<i64>(inv).await.map(|_| ())
     }
@@ -276,10 +300,8 @@ impl HotWallets {
     pub async fn cancel(&self, wallet_id: &str, request_id: &str) {
         let ack = Ack {
             wallet_id: wallet_id.to_string(),
-            balance_micros: 0,
             version: -1,
-            floor_micros: None,
-            request_ids: vec![request_id.to_string()],
+            settled: vec![(request_id.to_string(), 0)],
         };
         if let Err(e) = self.acknowledge(&ack).await {
             tracing::debug!(error = %e, wallet = wallet_id, "could not cancel a hot hold; it expires");

@@ -744,18 +744,6 @@ pub fn insert_usage_batch(
         // All the batch's rows go in one INSERT (one round trip on PostgreSQL, not one each).
         let mut rows: Vec<Value> = Vec::with_capacity(batch.len() * USAGE_COLUMN_COUNT);
         for u in batch {
-            if let (Some(w), Some(_)) = (&u.wallet_id, u.hot_hold_micros) {
-                match hot.iter_mut().find(|a| &a.wallet_id == w) {
-                    Some(a) => a.request_ids.push(u.id.clone()),
-                    None => hot.push(crate::hotwallet::Ack {
-                        wallet_id: w.clone(),
-                        balance_micros: 0,
-                        version: -1,
-                        floor_micros: None,
-                        request_ids: vec![u.id.clone()],
-                    }),
-                }
-            }
             // The capture of the request's hold commits with its usage record, or neither
             // does: money and metering cannot disagree.
             let mut shortfall = 0;
@@ -765,6 +753,19 @@ pub fn insert_usage_batch(
                     Some(h) => crate::wallet::settle_hot(tx, w, &u.id, h, cost, now)?,
                     None => crate::wallet::settle(tx, &u.id, cost, now)?,
                 };
+                if u.hot_hold_micros.is_some() {
+                    // Redis forgets the hold either way; a capture only if one was made now.
+                    let captured = settled.as_ref().map_or(0, |s| s.captured_micros);
+                    let entry = (u.id.clone(), captured);
+                    match hot.iter_mut().find(|a| &a.wallet_id == w) {
+                        Some(a) => a.settled.push(entry),
+                        None => hot.push(crate::hotwallet::Ack {
+                            wallet_id: w.clone(),
+                            version: -1,
+                            settled: vec![entry],
+                        }),
+                    }
+                }
                 if let Some(s) = settled {
                     shortfall = s.shortfall_micros as u64;
                     if let Some((wallet, balance)) = s.low_balance {
@@ -848,10 +849,10 @@ pub fn insert_usage_batch(
             let params: Vec<&dyn Param> = rows.iter().map(|v| v as &dyn Param).collect();
             tx.exec(&sql, &params)?;
         }
-        // The balances as this commit leaves them: Redis takes them by version.
+        // The version this commit leaves each wallet at: Redis counts a capture once, in a
+        // synced balance or as a delta at this version.
         for a in &mut hot {
-            let (balance, floor, version) = crate::wallet::state(tx, &a.wallet_id)?;
-            (a.balance_micros, a.floor_micros, a.version) = (balance, Some(floor), version);
+            a.version = crate::wallet::state(tx, &a.wallet_id)?.2;
         }
         Ok(hot)
     })
