@@ -443,13 +443,7 @@ impl Db {
         &mut self,
         f: impl FnOnce(&mut Db) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
-        if let Err(e) = self.begin(true) {
-            self.in_tx = false;
-            let _ = self.batch("ROLLBACK");
-            return Err(e.into());
-        }
-        let out = f(self);
-        self.finish(out)
+        self.transaction(true, f)
     }
 
     /// Runs `f` on one consistent snapshot.
@@ -457,7 +451,15 @@ impl Db {
         &mut self,
         f: impl FnOnce(&mut Db) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
-        if let Err(e) = self.begin(false) {
+        self.transaction(false, f)
+    }
+
+    fn transaction<T, E: From<DbError>>(
+        &mut self,
+        write: bool,
+        f: impl FnOnce(&mut Db) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        if let Err(e) = self.begin(write) {
             self.in_tx = false;
             let _ = self.batch("ROLLBACK");
             return Err(e.into());

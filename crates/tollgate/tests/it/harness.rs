@@ -682,6 +682,24 @@ impl Drop for PgServer {
     }
 }
 
+/// The real binary serving `config` (TOML) with its data in `dir`; (process, listen address).
+pub async fn spawn_gateway_with(dir: &Path, config: &str) -> (KillOnDrop, String) {
+    let cfg = dir.join("tollgate.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let data = dir.join("data");
+    let args = [
+        "serve",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--listen",
+        &listen,
+    ];
+    (spawn_gateway(&args, &listen).await, listen)
+}
+
 /// Three real gateway processes sharing one data directory (and whatever the config shares).
 pub struct Replicas {
     pub urls: Vec<String>,

@@ -123,22 +123,8 @@ async fn migrate_and_the_cli_work_against_postgres() {
     let secret = created["secret"].as_str().unwrap().to_string();
 
     // A gateway on the same database (and secret) accepts the CLI's key.
-    let listen = format!("127.0.0.1:{}", free_port());
-    let cfg = dir.path().join("tollgate.toml");
-    std::fs::write(&cfg, format!("[store]\nurl = \"{url}\"\n")).unwrap();
-    let _gw = spawn_gateway(
-        &[
-            "serve",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
-            "--listen",
-            &listen,
-        ],
-        &listen,
-    )
-    .await;
+    let (_gw, listen) =
+        spawn_gateway_with(dir.path(), &format!("[store]\nurl = \"{url}\"\n")).await;
     let r = reqwest::Client::new()
         .post(format!("http://{listen}/v1/chat/completions"))
         .bearer_auth(&secret)
@@ -265,24 +251,9 @@ async fn sigterm_with_the_store_down_still_exits() {
     };
     let url = pg.database("term").await;
     let dir = TempDir::new("pgterm");
-    let cfg = dir.path().join("tollgate.toml");
-    std::fs::write(
-        &cfg,
-        format!("[server]\nshutdown_grace = \"1s\"\n[store]\nurl = \"{url}\"\n"),
-    )
-    .unwrap();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let mut gw = spawn_gateway(
-        &[
-            "serve",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
-            "--listen",
-            &listen,
-        ],
-        &listen,
+    let (mut gw, listen) = spawn_gateway_with(
+        dir.path(),
+        &format!("[server]\nshutdown_grace = \"1s\"\n[store]\nurl = \"{url}\"\n"),
     )
     .await;
     let client = reqwest::Client::new();
