@@ -1805,7 +1805,6 @@ fn key_setting<T>(
     })
 }
 
-/// The 402 for a wallet that cannot cover a hold, the same for model calls and tool routes.
 /// Hot wallets: the wallet's hold in Redis, then any envelopes through the writer; a hold
 /// whose envelopes refuse (or that may have landed after a timeout) is dropped again.
 pub(crate) async fn hold_hot(
@@ -1888,6 +1887,7 @@ pub(crate) fn wallet_unavailable(why: &str) -> ApiError {
     )
 }
 
+/// The 402 for a wallet that cannot cover a hold, the same for model calls and tool routes.
 pub(crate) fn insufficient_funds(
     wallet_id: &str,
     balance_micros: i64,
