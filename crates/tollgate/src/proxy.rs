@@ -168,15 +168,7 @@ async fn run(
     settle.body = body.clone();
 
     // peek
-    let mut doc = RequestDoc::parse(&body)
-        .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?;
-    let model = doc
-        .model()
-        .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()).param("model"))?
-        .ok_or_else(|| {
-            ApiError::new(ErrorKind::BadRequest, "you must provide a model parameter")
-                .param("model")
-        })?;
+    let (mut doc, model) = parse_with_model(&body)?;
     settle.rec_mut().model_requested = Some(model.clone());
     let stream = endpoint.streams()
         && doc
@@ -1805,6 +1797,20 @@ fn key_setting<T>(
     })
 }
 
+/// The request's top level and its `model`, which every model endpoint requires.
+fn parse_with_model(body: &Bytes) -> Result<(RequestDoc<'_>, String), ApiError> {
+    let doc =
+        RequestDoc::parse(body).map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?;
+    let model = doc
+        .model()
+        .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()).param("model"))?
+        .ok_or_else(|| {
+            ApiError::new(ErrorKind::BadRequest, "you must provide a model parameter")
+                .param("model")
+        })?;
+    Ok((doc, model))
+}
+
 /// Hot wallets: the wallet's hold in Redis, then any envelopes through the writer; a hold
 /// whose envelopes refuse (or that may have landed after a timeout) is dropped again.
 pub(crate) async fn hold_hot(
@@ -1952,15 +1958,7 @@ pub async fn quote_handler(
             }
         };
         let body = read_body(body, &parts.headers, app.server.max_body_bytes).await?;
-        let doc = RequestDoc::parse(&body)
-            .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?;
-        let model = doc
-            .model()
-            .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()).param("model"))?
-            .ok_or_else(|| {
-                ApiError::new(ErrorKind::BadRequest, "you must provide a model parameter")
-                    .param("model")
-            })?;
+        let (doc, model) = parse_with_model(&body)?;
         let runtime = app.runtime.load_full();
         let deployments = runtime.resolve(&model).ok_or_else(|| {
             ApiError::new(

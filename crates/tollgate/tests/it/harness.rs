@@ -134,6 +134,19 @@ impl TestGateway {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
+    /// `GET /admin/wallets/{wallet}`, which must succeed.
+    pub async fn wallet_view(&self, wallet: &str) -> Value {
+        let (s, w) = self
+            .admin(
+                reqwest::Method::GET,
+                &format!("/admin/wallets/{wallet}"),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{w}");
+        w
+    }
+
     /// Creates a wallet for `owner` (`team:T`, `key:ID`, …) and tops it up with `topup` USD.
     pub async fn wallet(&self, owner: &str, topup: &str) -> String {
         let (s, w) = self

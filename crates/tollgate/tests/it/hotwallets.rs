@@ -38,23 +38,11 @@ async fn three_replicas_sharing_redis_cannot_overdraw_a_wallet() {
     .await;
 }
 
-async fn wallet_view(gw: &TestGateway, wallet: &str) -> Value {
-    let (s, w) = gw
-        .admin(
-            reqwest::Method::GET,
-            &format!("/admin/wallets/{wallet}"),
-            None,
-        )
-        .await;
-    assert_eq!(s, 200, "{w}");
-    w
-}
-
 /// Polls until Redis admits against exactly `want` (and returns the wallet), or fails.
 async fn wait_hot(gw: &TestGateway, wallet: &str, want: i64, why: &str) -> Value {
     let mut w = Value::Null;
     for _ in 0..200 {
-        w = wallet_view(gw, wallet).await;
+        w = gw.wallet_view(wallet).await;
         if w["hot_balance_micros"].as_i64() == Some(want) {
             return w;
         }

@@ -227,13 +227,7 @@ async fn a_postgres_outage_fails_money_closed_and_the_gateway_recovers() {
         .filter(|r| r.status == 200 && r.wallet_id.is_some())
         .map(|r| r.cost_micros)
         .sum();
-    let (_, w) = gw
-        .admin(
-            reqwest::Method::GET,
-            &format!("/admin/wallets/{wallet}"),
-            None,
-        )
-        .await;
+    let w = gw.wallet_view(&wallet).await;
     assert_eq!(
         w["balance_micros"].as_i64().unwrap(),
         1_000_000 - paid as i64

@@ -228,13 +228,7 @@ async fn a_priced_tool_call_is_paid_from_the_wallet_and_refused_without_money() 
     assert_eq!(v["error"]["balance_micros"], 2_000);
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     gw.wait_records(5).await;
-    let (_, w) = gw
-        .admin(
-            reqwest::Method::GET,
-            &format!("/admin/wallets/{wallet}"),
-            None,
-        )
-        .await;
+    let w = gw.wallet_view(&wallet).await;
     assert_eq!(w["balance_micros"], 2_000);
     assert_eq!(w["held_micros"], 0);
 }

@@ -24,14 +24,9 @@ async fn verify(gw: &TestGateway) {
 
 async fn balance(gw: &TestGateway, wallet: &str) -> i64 {
     gw.wait_records(0).await;
-    let (_, w) = gw
-        .admin(
-            reqwest::Method::GET,
-            &format!("/admin/wallets/{wallet}"),
-            None,
-        )
-        .await;
-    w["balance_micros"].as_i64().unwrap()
+    gw.wallet_view(wallet).await["balance_micros"]
+        .as_i64()
+        .unwrap()
 }
 
 async fn ledger(gw: &TestGateway, wallet: &str) -> Vec<Value> {
