@@ -130,10 +130,18 @@ impl<'a> RequestDoc<'a> {
 
     /// `max_completion_tokens` wins over the deprecated `max_tokens`, as at OpenAI.
     pub fn max_output_tokens(&self) -> Result<Option<u64>, PeekError> {
-        if let Some(v) = self.typed::<u64>("max_completion_tokens", "a non-negative integer")? {
-            return Ok(Some(v));
+        Ok(self.max_output_field()?.map(|(_, v)| v))
+    }
+
+    /// The output cap and the field it came from: `max_completion_tokens` (Chat), then
+    /// `max_tokens` (Chat, Messages), then `max_output_tokens` (Responses).
+    pub fn max_output_field(&self) -> Result<Option<(&'static str, u64)>, PeekError> {
+        for field in ["max_completion_tokens", "max_tokens", "max_output_tokens"] {
+            if let Some(v) = self.typed::<u64>(field, "a non-negative integer")? {
+                return Ok(Some((field, v)));
+            }
         }
-        self.typed::<u64>("max_tokens", "a non-negative integer")
+        Ok(None)
     }
 
     /// String-valued entries of `metadata`, used as attribution tags. Other value types are

@@ -260,6 +260,11 @@ pub struct LimitsConfig {
     pub concurrency: u32,
     /// Output tokens reserved for a request that sets no `max_tokens`.
     pub output_estimate: u64,
+    /// The most output tokens a request may ask for (`max_tokens`, `max_completion_tokens`,
+    /// `max_output_tokens`); above it the request is refused with 400 naming the field. No
+    /// model writes more than a few hundred thousand tokens, and a bound keeps every hold,
+    /// quote and token reservation far inside integer range.
+    pub max_output_tokens: u64,
     /// Default limits per team (keys with a team share them); teams can override them.
     pub team: ScopeLimits,
     /// Where limit state lives: `local` (this process) or `redis` (shared by replicas).
@@ -343,6 +348,7 @@ impl Default for LimitsConfig {
             tpm: 0,
             concurrency: 0,
             output_estimate: 1024,
+            max_output_tokens: 1_000_000,
             team: ScopeLimits::default(),
             backend: LimitsBackend::Local,
             redis: RedisLimitsConfig::default(),
@@ -649,6 +655,26 @@ impl Config {
         if self.server.max_body_bytes == 0 {
             p("server.max_body_bytes".into(), "must be greater than 0");
         }
+        for (path, v) in [
+            (
+                "wallets.default_max_output",
+                self.wallets.default_max_output,
+            ),
+            ("limits.output_estimate", self.limits.output_estimate),
+        ] {
+            if v > crate::wallet::MAX_TOKENS {
+                p(
+                    path.into(),
+                    &format!("must be at most {}", crate::wallet::MAX_TOKENS),
+                );
+            }
+        }
+        if !(1..=crate::wallet::MAX_TOKENS).contains(&self.limits.max_output_tokens) {
+            p(
+                "limits.max_output_tokens".into(),
+                &format!("must be between 1 and {}", crate::wallet::MAX_TOKENS),
+            );
+        }
         if self.wallets.backend == WalletsBackend::Redis && self.limits.redis.url.is_none() {
             p(
                 "wallets.backend".into(),
@@ -724,6 +750,12 @@ impl Config {
         }
         let mut route_names = HashSet::new();
         for (i, r) in self.routes.iter().enumerate() {
+            if r.price_per_call > crate::wallet::MAX_MICROS as u64 {
+                p(
+                    format!("routes[{i}].price_per_call"),
+                    &format!("must be at most {}", crate::wallet::MAX_MICROS),
+                );
+            }
             let path = format!("routes[{i}]");
             if r.name.is_empty() || !route_names.insert(r.name.as_str()) {
                 p(format!("{path}.name"), "must be non-empty and unique");

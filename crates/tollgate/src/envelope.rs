@@ -623,8 +623,13 @@ pub fn parse_caps(text: &str) -> Result<Caps, String> {
         let int = || {
             v.parse::<i64>()
                 .ok()
-                .filter(|n| *n >= 0)
-                .ok_or_else(|| format!("{k} must be a non-negative integer, not \"{v}\""))
+                .filter(|n| (0..=crate::wallet::MAX_TOKENS as i64).contains(n))
+                .ok_or_else(|| {
+                    format!(
+                        "{k} must be an integer from 0 to {}, not \"{v}\"",
+                        crate::wallet::MAX_TOKENS
+                    )
+                })
         };
         match k {
             "cost" => caps.cost_micros = Some(crate::wallet::parse_usd(v)?.max(0)),

@@ -178,13 +178,21 @@ impl Price {
         let w5 = u.cache_write_5m.min(u.input - cached);
         let w1 = u.cache_write_1h.min(u.input - cached - w5);
         let reasoning = u.reasoning.min(u.output);
-        let pico = u128::from(u.input - cached - w5 - w1) * u128::from(self.input)
-            + u128::from(cached) * u128::from(self.cached_input)
-            + u128::from(w5) * u128::from(self.cache_write_5m)
-            + u128::from(w1) * u128::from(self.cache_write_1h)
-            + u128::from(u.output - reasoning) * u128::from(self.output)
-            + u128::from(reasoning) * u128::from(self.reasoning);
-        u64::try_from(pico.div_ceil(1_000_000)).unwrap_or(u64::MAX)
+        let pico = [
+            (u.input - cached - w5 - w1, self.input),
+            (cached, self.cached_input),
+            (w5, self.cache_write_5m),
+            (w1, self.cache_write_1h),
+            (u.output - reasoning, self.output),
+            (reasoning, self.reasoning),
+        ]
+        .iter()
+        .fold(0u128, |acc, (n, p)| {
+            acc.saturating_add(u128::from(*n) * u128::from(*p))
+        });
+        // Capped where the ledger's arithmetic stays exact (see `wallet::MAX_MICROS`).
+        pico.div_ceil(1_000_000)
+            .min(crate::wallet::MAX_MICROS as u128) as u64
     }
 }
 

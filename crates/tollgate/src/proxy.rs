@@ -175,9 +175,9 @@ async fn run(
             .stream()
             .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()).param("stream"))?;
     settle.rec_mut().stream = stream;
+    let runtime = app.runtime.load_full();
     if endpoint.streams() {
-        doc.max_output_tokens()
-            .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()).param("max_tokens"))?;
+        check_output_cap(&doc, &runtime.limits)?;
     }
     let tags = collect_tags(key, headers, &doc)?;
     settle.rec_mut().tags = tags;
@@ -192,7 +192,6 @@ async fn run(
     }
 
     // damp: replays, retry budgets
-    let runtime = app.runtime.load_full();
     let reuse_ok = !no_cache(headers) && endpoint != Endpoint::CountTokens;
     if let Some(answer) = damp(app, &runtime.retries, key, endpoint, headers, &body, settle)? {
         return Ok(settle.reuse(&answer, "replayed"));
@@ -1121,6 +1120,17 @@ fn apply_usage(
     usage: Usage,
     source: &str,
 ) {
+    // A provider's numbers are client input too: bounded, so no sum, price or column
+    // (SQLite integers are i64) can overflow.
+    let bound = |n: u64| n.min(crate::wallet::MAX_TOKENS);
+    let usage = Usage {
+        input: bound(usage.input),
+        cached_input: bound(usage.cached_input),
+        cache_write_5m: bound(usage.cache_write_5m),
+        cache_write_1h: bound(usage.cache_write_1h),
+        output: bound(usage.output),
+        reasoning: bound(usage.reasoning),
+    };
     rec.input_tokens = usage.input;
     rec.cached_input_tokens = usage.cached_input;
     rec.cache_write_5m_tokens = usage.cache_write_5m;
@@ -1714,15 +1724,25 @@ pub struct Quote {
 }
 
 impl Quote {
-    fn new(input_tokens: u64, output_tokens: u64, input_price: u64, output_price: u64) -> Quote {
-        let pico = u128::from(input_tokens) * u128::from(input_price)
-            + u128::from(output_tokens) * u128::from(output_price);
+    pub fn new(
+        input_tokens: u64,
+        output_tokens: u64,
+        input_price: u64,
+        output_price: u64,
+    ) -> Quote {
+        // u64 × u64 fits u128 but their sum may not; the result is capped where the
+        // ledger's arithmetic is still exact, which no wallet can cover.
+        let pico = (u128::from(input_tokens) * u128::from(input_price))
+            .saturating_add(u128::from(output_tokens) * u128::from(output_price));
+        let cost = pico
+            .div_ceil(1_000_000)
+            .min(crate::wallet::MAX_MICROS as u128) as u64;
         Quote {
             input_tokens,
             output_tokens,
             input_price,
             output_price,
-            cost_micros: u64::try_from(pico.div_ceil(1_000_000)).unwrap_or(u64::MAX),
+            cost_micros: cost,
         }
     }
 
@@ -1960,6 +1980,9 @@ pub async fn quote_handler(
         let body = read_body(body, &parts.headers, app.server.max_body_bytes).await?;
         let (doc, model) = parse_with_model(&body)?;
         let runtime = app.runtime.load_full();
+        if endpoint.streams() {
+            check_output_cap(&doc, &runtime.limits)?;
+        }
         let deployments = runtime.resolve(&model).ok_or_else(|| {
             ApiError::new(
                 ErrorKind::ModelNotFound,
@@ -2377,6 +2400,32 @@ fn damp(
             .insert("x-tollgate-retry", HeaderValue::from_static("true"));
     }
     Ok(None)
+}
+
+/// Refuses an output cap that is not a count or is above `[limits] max_output_tokens`, naming
+/// the field the request used. Every later sum (quote, hold, token reservation) relies on it.
+fn check_output_cap(
+    doc: &RequestDoc,
+    limits: &crate::config::LimitsConfig,
+) -> Result<(), ApiError> {
+    match doc.max_output_field() {
+        Err(e) => {
+            let field = match &e {
+                tollgate_proto::PeekError::Field { field, .. } => field,
+                _ => "max_tokens",
+            };
+            Err(ApiError::new(ErrorKind::BadRequest, e.to_string()).param(field))
+        }
+        Ok(Some((field, n))) if n > limits.max_output_tokens => Err(ApiError::new(
+            ErrorKind::BadRequest,
+            format!(
+                "{field} is {n}, above this gateway's ceiling of {} output tokens ([limits] max_output_tokens)",
+                limits.max_output_tokens
+            ),
+        )
+        .param(field)),
+        Ok(_) => Ok(()),
+    }
 }
 
 /// Tokens a request may use, reserved against token limits at admission: bytes / 4 over the

@@ -385,6 +385,34 @@ pub fn credit(
             "the amount must be positive (an adjustment: non-zero)".into(),
         ));
     }
+    if amount.unsigned_abs() > MAX_MICROS as u64 {
+        return Err(WalletError::Invalid(format!(
+            "the amount is larger than the ledger takes (at most ${})",
+            usd(MAX_MICROS)
+        )));
+    }
+    // Open holds come back to the balance when they settle, so they count as held money.
+    let held = if amount > 0 {
+        tx.one(
+            "SELECT CAST(COALESCE(SUM(amount_micros), 0) AS BIGINT) FROM holds
+             WHERE wallet_id = ?1 AND state = 'held'",
+            &[&wallet_id],
+        )?
+        .get::<i64>(0)?
+    } else {
+        0
+    };
+    if amount > 0 && w.balance_micros.saturating_add(held).saturating_add(amount) > MAX_MICROS {
+        if let Some(e) = entry_by_key(tx, wallet_id, idem)? {
+            return replayed(e, credit.kind(), amount);
+        }
+        return Err(WalletError::Invalid(format!(
+            "a credit of ${} would take the balance (${}) past the most a wallet holds (${})",
+            usd(amount),
+            usd(w.balance_micros),
+            usd(MAX_MICROS)
+        )));
+    }
     if amount < 0 && w.balance_micros + amount < w.floor_micros {
         if let Some(e) = entry_by_key(tx, wallet_id, idem)? {
             return replayed(e, credit.kind(), amount);
@@ -459,6 +487,11 @@ pub fn hold(
     expires_ms: i64,
     now_ms: i64,
 ) -> Result<Hold> {
+    if !(0..=MAX_MICROS).contains(&amount) {
+        return Err(WalletError::Invalid(format!(
+            "a hold of {amount} micro-USD is outside what the ledger takes (0 to {MAX_MICROS})"
+        )));
+    }
     if tx
         .row("SELECT 1 FROM holds WHERE id = ?1", &[&request_id])?
         .is_some()
@@ -634,8 +667,9 @@ fn book(
         .ok_or_else(|| WalletError::NotFound(wallet_id.to_string()))?;
     let (balance, floor, low, grants): (i64, i64, Option<i64>, bool) =
         (w.get(0)?, w.get(1)?, w.get(2)?, w.get(3)?);
+    let cost_micros = cost_micros.clamp(0, MAX_MICROS);
     let before = balance + release.unwrap_or(0);
-    let captured = cost_micros.max(0).min((before - floor).max(0));
+    let captured = cost_micros.min((before - floor).max(0));
     let mut entries: Vec<(&str, i64, String)> = Vec::with_capacity(3);
     if let Some(h) = hot_hold {
         entries.push(("hold", -h, format!("hold:{request_id}")));
@@ -805,7 +839,17 @@ pub fn owners(db: &mut Db) -> Result<Vec<(OwnerKind, String, String)>> {
     Ok(out)
 }
 
-/// `12.50`, `$0.01`, `0.000001` → micro-USD, exactly (no floats). At most 6 decimals.
+/// The largest amount of money the ledger takes, in micro-USD ($1 000 000 000): every
+/// amount, balance, floor, hold and cost is kept within ±this, so sums of a wallet's entries,
+/// a balance plus a top-up, or a hold of a quote can never leave i64 (±9.2e18).
+pub const MAX_MICROS: i64 = 1_000_000_000_000_000;
+
+/// The largest token count any request or bound carries (input estimates, output caps,
+/// envelope token caps): 10^12, so token sums never leave i64 either.
+pub const MAX_TOKENS: u64 = 1_000_000_000_000;
+
+/// `12.50`, `$0.01`, `0.000001` → micro-USD, exactly (no floats). At most 6 decimals, and at
+/// most `MAX_MICROS` either way.
 pub fn parse_usd(text: &str) -> std::result::Result<i64, String> {
     let t = text.trim();
     let (neg, t) = match t.strip_prefix('-') {
@@ -826,16 +870,23 @@ pub fn parse_usd(text: &str) -> std::result::Result<i64, String> {
             "\"{text}\" has more than 6 decimals (the ledger counts micro-dollars)"
         ));
     }
+    let too_big = || {
+        format!(
+            "\"{text}\" is larger than the ledger takes (at most ${})",
+            usd(MAX_MICROS)
+        )
+    };
     let whole: i64 = if whole.is_empty() {
         0
     } else {
-        whole.parse().map_err(|_| bad())?
+        whole.parse().map_err(|_| too_big())?
     };
     let frac_micros: i64 = format!("{frac:0<6}").parse().map_err(|_| bad())?;
     let v = whole
         .checked_mul(1_000_000)
         .and_then(|w| w.checked_add(frac_micros))
-        .ok_or_else(bad)?;
+        .filter(|v| *v <= MAX_MICROS)
+        .ok_or_else(too_big)?;
     Ok(if neg { -v } else { v })
 }
 
@@ -1028,5 +1079,117 @@ mod tests {
                 &[]).unwrap().get(0).unwrap();
             prop_assert_eq!(captures, 0);
         }
+    }
+
+    /// Small amounts, the ledger's bounds and the integer extremes around them.
+    fn amount() -> impl Strategy<Value = i64> {
+        prop_oneof![
+            0i64..1_000,
+            Just(MAX_MICROS),
+            Just(MAX_MICROS + 1),
+            Just(i64::MAX),
+            Just(i64::MIN),
+            Just(i64::MIN + 1),
+            any::<i64>(),
+        ]
+    }
+
+    fn huge_u64() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            0u64..10_000,
+            Just(u64::MAX),
+            Just(u64::MAX / 2),
+            any::<u64>()
+        ]
+    }
+
+    #[derive(Debug)]
+    enum Big {
+        /// A request quoted from hostile token counts and prices, then held.
+        Quote(u8, u64, u64, u64, u64),
+        Settle(u8, i64),
+        Topup(i64),
+        Adjust(i64),
+        ParsedTopup(String),
+    }
+
+    fn big() -> impl Strategy<Value = Big> {
+        prop_oneof![
+            (0u8..8, huge_u64(), huge_u64(), huge_u64(), huge_u64())
+                .prop_map(|(r, a, b, c, d)| Big::Quote(r, a, b, c, d)),
+            (0u8..8, amount()).prop_map(|(r, a)| Big::Settle(r, a)),
+            amount().prop_map(Big::Topup),
+            amount().prop_map(Big::Adjust),
+            prop_oneof![
+                Just("9223372036854.775807".to_string()),
+                Just("1000000000".to_string()),
+                Just("1000000000.000001".to_string()),
+                Just("99999999999999999999999".to_string()),
+                "[0-9]{1,25}(\\.[0-9]{1,6})?",
+            ]
+            .prop_map(Big::ParsedTopup),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Hostile magnitudes through quote, hold, settle and top-up: every operation either
+        /// applies or is refused as invalid (never an SQL overflow), the balance always equals
+        /// the sum of its entries and never drops below the floor, and what is available never
+        /// exceeds what was credited.
+        #[test]
+        fn huge_values_never_break_the_books(ops in prop::collection::vec(big(), 1..60)) {
+            let mut c = db();
+            let w = tx(&mut c, |t| create(t, OwnerKind::Team, "p", 0, 0)).unwrap();
+            for (i, o) in ops.iter().enumerate() {
+                let now = i as i64 + 1;
+                let r = tx(&mut c, |t| match o {
+                    Big::Quote(r, it, ot, ip, op) => {
+                        let q = crate::proxy::Quote::new(*it, *ot, *ip, *op);
+                        assert!(q.cost_micros <= MAX_MICROS as u64);
+                        let amount = i64::try_from(q.cost_micros).expect("a quote fits i64");
+                        hold(t, &w.id, &format!("r{r}"), amount, now + 1_000, now).map(|_| ())
+                    }
+                    Big::Settle(r, a) => settle(t, &format!("r{r}"), *a, now).map(|_| ()),
+                    Big::Topup(a) => credit(t, &w.id, Credit::Topup, *a, &format!("t{i}"), None, now).map(|_| ()),
+                    Big::Adjust(a) => credit(t, &w.id, Credit::Adjustment, *a, &format!("a{i}"), None, now).map(|_| ()),
+                    Big::ParsedTopup(text) => match parse_usd(text) {
+                        Ok(a) => credit(t, &w.id, Credit::Topup, a, &format!("p{i}"), None, now).map(|_| ()),
+                        Err(_) => Ok(()),
+                    },
+                });
+                if let Err(e) = &r {
+                    prop_assert!(!matches!(e, WalletError::Sql(_)), "after {o:?}: {e}");
+                }
+                prop_assert!(verify(&mut c).unwrap().is_empty(), "after {o:?}: {:?}", get(&mut c, &w.id));
+                let credited: i64 = c.one(
+                    "SELECT CAST(COALESCE(SUM(amount_micros), 0) AS BIGINT) FROM ledger
+                     WHERE kind IN ('topup', 'grant', 'adjustment') AND amount_micros > 0",
+                    &[]).unwrap().get(0).unwrap();
+                let wallet = get(&mut c, &w.id).unwrap();
+                prop_assert!(wallet.balance_micros <= credited, "{wallet:?} credited {credited}");
+                prop_assert!(wallet.balance_micros <= MAX_MICROS);
+            }
+        }
+    }
+
+    #[test]
+    fn amounts_past_the_ledger_bound_are_refused() {
+        assert!(parse_usd("9223372036854.775807").is_err());
+        assert!(parse_usd("99999999999999999999").is_err());
+        assert_eq!(parse_usd("1000000000"), Ok(MAX_MICROS));
+        assert!(parse_usd("1000000000.000001").is_err());
+        let mut c = db();
+        let w = tx(&mut c, |t| create(t, OwnerKind::Team, "p", 0, 0)).unwrap();
+        tx(&mut c, |t| {
+            credit(t, &w.id, Credit::Topup, 1_000_000, "a", None, 1)
+        })
+        .unwrap();
+        let e = tx(&mut c, |t| {
+            credit(t, &w.id, Credit::Topup, MAX_MICROS, "b", None, 2)
+        })
+        .unwrap_err();
+        assert!(matches!(e, WalletError::Invalid(_)), "{e}");
+        assert!(verify(&mut c).unwrap().is_empty());
     }
 }

@@ -10,6 +10,7 @@ mod auth;
 mod cli;
 mod clients;
 mod damping;
+mod hardening;
 mod limits;
 mod loopguard;
 mod messages;
