@@ -600,7 +600,16 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
+/// An admin request body: a JSON object of the request's schema. serde would also take a
+/// struct from an array (`["x"]` made a key named "x"), so anything but an object is refused.
 fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(ApiError::new(
+            ErrorKind::BadRequest,
+            "the body must be a JSON object",
+        ));
+    }
     serde_json::from_slice(body)
         .map_err(|e| ApiError::new(ErrorKind::BadRequest, format!("invalid JSON body: {e}")))
 }

@@ -11,6 +11,21 @@ pub enum Dialect {
     Anthropic,
 }
 
+/// The dialect of a path: Anthropic's for `/v1/messages` and below, OpenAI's elsewhere
+/// (the OpenAI endpoints, `/admin/*`, tool routes and unknown paths).
+pub fn dialect_for_path(path: &str) -> Dialect {
+    if path == "/v1/messages" || path.starts_with("/v1/messages/") {
+        Dialect::Anthropic
+    } else {
+        Dialect::OpenAi
+    }
+}
+
+/// Marks a response that carries another service's answer as it is (a tool route's
+/// upstream): its error statuses and bodies are that service's, not tollgate's.
+#[derive(Debug, Clone, Copy)]
+pub struct Passthrough;
+
 /// A low-cardinality name for each way a request can fail. It is what usage records and
 /// metrics carry as `error_kind`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -17,23 +17,101 @@ pub fn warm_up() {
     let _ = bpe();
 }
 
+/// Texts up to this many bytes are encoded whole; longer ones are sampled (see `tokens`).
+const EXACT_BYTES: usize = 64 * 1024;
+/// A run of letters or of spaces longer than this is cut into pieces of this size before
+/// encoding: BPE merges are quadratic in a piece's length, and the encoder's regex recurses
+/// deeper the longer a run is (a 1 MB word overflowed its stack).
+const RUN_BYTES: usize = 64;
+/// How many evenly spaced windows of a long text are encoded.
+const SAMPLES: usize = 16;
+
 /// Tokens in `text` under o200k (the GPT-4o family's encoding); a byte-based guess if the
-/// encoder failed to load.
+/// encoder failed to load or panicked. Linear, and bounded per call: a text over 64 KiB is
+/// estimated from 64 KiB of evenly spaced windows, scaled to its length and rounded up.
 pub fn tokens(text: &str) -> u64 {
     if text.is_empty() {
         return 0;
     }
-    match bpe() {
-        Some(b) => b.encode_ordinary(text).len() as u64,
-        None => (text.len() as u64).div_ceil(4),
+    let Some(b) = bpe() else {
+        return by_bytes(text.len());
+    };
+    let counted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if text.len() <= EXACT_BYTES {
+            return encode_bounded(b, text);
+        }
+        let window = EXACT_BYTES / SAMPLES;
+        let stride = text.len() / SAMPLES;
+        let (mut sampled_bytes, mut sampled_tokens) = (0u64, 0u64);
+        for i in 0..SAMPLES {
+            let start = floor_char(text, i * stride);
+            let end = floor_char(text, (start + window).min(text.len()));
+            sampled_bytes += (end - start) as u64;
+            sampled_tokens += encode_bounded(b, &text[start..end]);
+        }
+        let scaled = (u128::from(sampled_tokens) * text.len() as u128)
+            .div_ceil(u128::from(sampled_bytes.max(1)));
+        // Windows cut words at their edges, which adds a token or two each: a small upward
+        // bias, which is the side an estimate that bills should err on (ADR 0002).
+        u64::try_from(scaled).unwrap_or(u64::MAX)
+    }));
+    match counted {
+        Ok(n) => n,
+        Err(_) => {
+            tracing::error!(
+                bytes = text.len(),
+                "the token estimator panicked; counting by bytes for this text"
+            );
+            by_bytes(text.len())
+        }
     }
+}
+
+/// Dense text (code, base64, CJK) runs at two to four bytes a token; three, rounded up.
+fn by_bytes(len: usize) -> u64 {
+    (len as u64).div_ceil(3)
+}
+
+fn floor_char(text: &str, mut i: usize) -> usize {
+    while !text.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// Encodes `text` in pieces: split before each whitespace that follows a non-space (where
+/// the encoder's own pre-split puts a boundary: " word" is one piece), and every run longer
+/// than `RUN_BYTES` cut at that length.
+fn encode_bounded(b: &CoreBPE, text: &str) -> u64 {
+    #[cfg(debug_assertions)]
+    crate::fault::check("estimate", text);
+    let mut total = 0u64;
+    let mut start = 0;
+    let mut run_start = 0;
+    let mut prev_space: Option<bool> = None;
+    for (i, c) in text.char_indices() {
+        let space = c.is_whitespace();
+        let boundary = (space && prev_space == Some(false)) || i - run_start >= RUN_BYTES;
+        if prev_space != Some(space) || boundary {
+            run_start = i;
+        }
+        if boundary && i > start {
+            total += b.encode_ordinary(&text[start..i]).len() as u64;
+            start = i;
+        }
+        prev_space = Some(space);
+    }
+    if start < text.len() {
+        total += b.encode_ordinary(&text[start..]).len() as u64;
+    }
+    total
 }
 
 /// Input tokens of a request body: the text the model would read, plus a small overhead per
 /// message for the chat template, biased up rather than down.
 pub fn request_tokens(body: &[u8]) -> u64 {
     let Ok(doc) = tollgate_proto::RequestDoc::parse(body) else {
-        return 0;
+        return by_bytes(body.len());
     };
     let text = doc.text_for_estimate();
     let messages = doc
@@ -55,5 +133,49 @@ mod tests {
         let body = br#"{"model":"m","messages":[{"role":"user","content":"The quick brown fox jumps over the lazy dog."}]}"#;
         let r = request_tokens(body);
         assert!(r > n && r < n + 12, "{r}");
+    }
+
+    #[test]
+    fn pieces_match_the_whole_on_ordinary_text() {
+        let b = bpe().unwrap();
+        let text = "Agents retry, loop and spam endpoints; with a key in hand they spend real \
+                    money.\n\n  Indented   lines,\ttabs and   runs of spaces stay close.";
+        let whole = b.encode_ordinary(text).len() as i64;
+        let pieces = encode_bounded(b, text) as i64;
+        assert!((pieces - whole).abs() <= 2, "{pieces} vs {whole}");
+    }
+
+    #[test]
+    fn a_megabyte_word_and_a_megabyte_of_spaces_neither_panic_nor_undercount() {
+        let word = "a".repeat(1 << 20);
+        let n = tokens(&word);
+        assert!(((1 << 20) / 64..1 << 20).contains(&n), "{n}");
+        let spaces = " ".repeat(1 << 20);
+        assert!(tokens(&spaces) > 0);
+        let b64: String = (0..300_000u32)
+            .map(|i| {
+                char::from(
+                    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+                        [(i.wrapping_mul(2654435761) >> 26) as usize],
+                )
+            })
+            .collect();
+        let n = tokens(&b64);
+        assert!(n > 300_000 / 8, "{n}");
+    }
+
+    #[test]
+    fn sampling_a_long_text_stays_near_the_exact_count() {
+        let b = bpe().unwrap();
+        let para = "The gateway meters every token exactly once, holds each agent's money \
+                    in a wallet, and tells a client when its stream was cut. ";
+        let text = para.repeat(4000);
+        assert!(text.len() > EXACT_BYTES * 4);
+        let exact = encode_bounded(b, &text) as f64;
+        let est = tokens(&text) as f64;
+        assert!(
+            est >= exact * 0.98 && est <= exact * 1.05,
+            "{est} vs {exact}"
+        );
     }
 }

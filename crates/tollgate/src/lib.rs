@@ -7,6 +7,9 @@ pub mod db;
 pub mod envelope;
 pub mod error;
 pub mod estimate;
+#[cfg(debug_assertions)]
+#[doc(hidden)]
+pub mod fault;
 pub mod genmap;
 pub mod hotwallet;
 pub mod keys;

@@ -16,6 +16,7 @@
 //! | `cachewrite`      | Messages: a quarter of the prompt to the 5-minute cache, an eighth to the 1-hour one |
 //! | `errorevent`      | a stream that reports an in-band error event after a few events   |
 //! | `reasoning`       | 8 reasoning tokens on top of the output                            |
+//! | `overrun`         | ignores `max_tokens` (a provider that writes past the cap)         |
 //!
 //! Output is one token per word, so the usage it reports is exact for what it sends.
 
@@ -154,6 +155,15 @@ impl Behaviour {
         }
         if self.has("slow") {
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// `overrun`: a misbehaving provider that writes past the request's `max_tokens`.
+    fn cap(&self, max: u64) -> u64 {
+        if self.has("overrun") {
+            u64::MAX
+        } else {
+            max
         }
     }
 
@@ -401,7 +411,7 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
     );
     let created = 1_700_000_000u64;
     let call = tool_call(&req);
-    let n = b.output_tokens().min(max);
+    let n = b.output_tokens().min(b.cap(max));
     let pieces = words(n);
     let (completion, finish) = match &call {
         Some((name, args)) => ((name.len() + args.len()).div_ceil(4) as u64, "tool_calls"),
@@ -733,7 +743,7 @@ async fn messages(
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let id = format!("msg_mock{:x}", state.stats.requests.load(Ordering::Relaxed));
     let tool = anthropic_tool_use(&req);
-    let n = b.output_tokens().min(max);
+    let n = b.output_tokens().min(b.cap(max));
     let pieces = words(n);
     let (output, stop) = match &tool {
         Some((name, input)) => (
@@ -878,7 +888,7 @@ async fn responses(
         .get("max_output_tokens")
         .and_then(Value::as_u64)
         .unwrap_or(u64::MAX);
-    let n = b.output_tokens().min(max);
+    let n = b.output_tokens().min(b.cap(max));
     let pieces = words(n);
     let reasoning = if b.has("reasoning") { 8 } else { 0 };
     let cached = if b.has("cached") { prompt / 2 } else { 0 };

@@ -1010,9 +1010,9 @@ impl Settlement {
             headers: up_headers,
             body,
         } = answer;
-        let Some(mut rec) = self.take() else {
+        if self.done {
             return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-        };
+        }
         let reported = match endpoint.dialect() {
             Dialect::OpenAi => Usage::from_openai_response(&body),
             Dialect::Anthropic => Usage::from_anthropic_response(&body),
@@ -1030,18 +1030,24 @@ impl Settlement {
                 "estimated",
             ),
         };
+        // Filled in place and taken only to commit: if anything here panics, `Drop` still
+        // finds the record and writes it.
+        #[cfg(debug_assertions)]
+        crate::fault::check("settle", &dep.model);
         apply_usage(
-            &mut rec,
+            &mut self.rec,
             &runtime.prices,
             &dep.provider.name,
             &dep.model,
             usage,
             source,
         );
-        rec.status = status.as_u16();
-        rec.ttft_ms = Some(self.started.elapsed().as_millis() as u64);
-        let cost = rec.cost_micros;
-        self.commit(rec);
+        self.rec.status = status.as_u16();
+        self.rec.ttft_ms = Some(self.started.elapsed().as_millis() as u64);
+        let cost = self.rec.cost_micros;
+        if let Some(rec) = self.take() {
+            self.commit(rec);
+        }
         let content_type = match client_body {
             Some(_) => HeaderValue::from_static("application/json"),
             None => up_headers
@@ -1083,8 +1089,19 @@ impl Drop for Settlement {
             self.app.damper.finish_lead(fp, None);
         }
         if let Some(mut rec) = self.take() {
-            rec.client_disconnected = true;
-            rec.status = 499;
+            let panicked = std::thread::panicking();
+            if panicked {
+                // A bug, not the client: the record says so, and keeps what was measured.
+                rec.status = 500;
+                rec.error_kind = Some("internal_panic".into());
+                if rec.usage_source == "provider" || !self.upstream_started {
+                    self.commit(rec);
+                    return;
+                }
+            } else {
+                rec.client_disconnected = true;
+                rec.status = 499;
+            }
             if self.upstream_started {
                 // The provider may have started work; its input is the best bound we have.
                 let usage = Usage {
@@ -1104,8 +1121,10 @@ impl Drop for Settlement {
                     "estimated",
                 );
             }
-            rec.error_kind = Some("client_disconnected".into());
-            self.app.metrics.client_disconnects.inc();
+            if !panicked {
+                rec.error_kind = Some("client_disconnected".into());
+                self.app.metrics.client_disconnects.inc();
+            }
             self.commit(rec);
         }
     }
@@ -1334,11 +1353,14 @@ fn stream_response(
         finished: false,
         events: Vec::new(),
         budget: settle.money.map(|q| StreamBudget {
-            limit_micros: q.cost_micros
-                + q.cost_micros * app.runtime.load().wallets.stream_overrun_percent / 100,
+            limit_micros: q.cost_micros.saturating_add(
+                q.cost_micros * app.runtime.load().wallets.stream_overrun_percent.min(1000) / 100,
+            ),
             input_micros: q.input_micros(),
             output_price: q.output_price,
         }),
+        delivered_tokens: 0,
+        counted_bytes: 0,
     };
     s.ingest(&first);
     let mut resp = Response::new(Body::from_stream(s));
@@ -1383,6 +1405,9 @@ struct GatewayStream {
     events: Vec<tollgate_proto::SseEvent>,
     /// The wallet's hold: a stream whose running cost passes it is cut.
     budget: Option<StreamBudget>,
+    /// Output tokens delivered so far, and how much of the output text they cover.
+    delivered_tokens: u64,
+    counted_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -1393,14 +1418,13 @@ struct StreamBudget {
 }
 
 impl StreamBudget {
-    /// The cost so far, from the text delivered (bytes / 3: biased up, as the hold was).
-    fn spent(&self, output_text: &str) -> u64 {
-        let tokens = (output_text.len() as u64).div_ceil(3);
-        self.input_micros
-            + u64::try_from(
-                (u128::from(tokens) * u128::from(self.output_price)).div_ceil(1_000_000),
-            )
-            .unwrap_or(u64::MAX)
+    /// The cost so far: the held input plus the output tokens delivered, counted with the
+    /// tokenizer as the text arrives (a byte-based guess cut streams that fit their hold).
+    fn spent(&self, delivered_tokens: u64) -> u64 {
+        let output = (u128::from(delivered_tokens) * u128::from(self.output_price))
+            .div_ceil(1_000_000)
+            .min(crate::wallet::MAX_MICROS as u128) as u64;
+        self.input_micros.saturating_add(output)
     }
 }
 
@@ -1437,7 +1461,16 @@ impl GatewayStream {
     /// crossed it is delivered (and billed), nothing after it.
     fn over_budget(&mut self) -> bool {
         let Some(b) = self.budget else { return false };
-        if self.finished || b.spent(self.observer.output_text()) <= b.limit_micros {
+        if self.finished {
+            return false;
+        }
+        // Only the text added since the last event is counted: linear in the stream.
+        let text = self.observer.output_text();
+        if text.len() > self.counted_bytes {
+            self.delivered_tokens += estimate::tokens(&text[self.counted_bytes..]);
+            self.counted_bytes = text.len();
+        }
+        if b.spent(self.delivered_tokens) <= b.limit_micros {
             return false;
         }
         self.end(Some((

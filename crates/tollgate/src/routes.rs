@@ -134,7 +134,7 @@ pub async fn fallback(State(app): State<Arc<AppState>>, req: Request) -> Respons
         .cloned()
     else {
         return ApiError::new(ErrorKind::NotFound, format!("no route for {path}"))
-            .into_dialect_response(Dialect::OpenAi);
+            .into_dialect_response(crate::error::dialect_for_path(path));
     };
     let started = Instant::now();
     let request_id = new_request_id();
@@ -375,6 +375,7 @@ async fn forward(
     let mut resp = Response::new(Body::from_stream(body));
     *resp.status_mut() = status;
     *resp.headers_mut() = resp_headers;
+    resp.extensions_mut().insert(crate::error::Passthrough);
     Ok(resp)
 }
 

@@ -284,7 +284,70 @@ pub fn router(app: Arc<AppState>) -> Router {
         .nest("/admin", admin::router())
         .fallback(crate::routes::fallback)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(errors_in_dialect))
         .with_state(app)
+}
+
+/// Every error leaves in the caller's dialect, whoever produced it: a handler that panicked
+/// answers 500 (its `Settlement` still writes the record while unwinding) instead of
+/// dropping the connection, and the framework's own plain-text rejections (a query string
+/// that does not parse, a path that is not UTF-8, a body over the extractor's limit) are
+/// rewritten with their status kept. Answers passed through from a tool service are left
+/// alone.
+async fn errors_in_dialect(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use futures_util::FutureExt as _;
+    let dialect = crate::error::dialect_for_path(req.uri().path());
+    let resp =
+        match std::panic::AssertUnwindSafe(next.run(req))
+            .catch_unwind()
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => return ApiError::new(
+                ErrorKind::Internal,
+                "the gateway hit an internal error on this request (logged); it was not retried",
+            )
+            .into_dialect_response(dialect),
+        };
+    let status = resp.status();
+    let ours = resp.extensions().get::<ErrorKind>().is_some()
+        || resp
+            .extensions()
+            .get::<crate::error::Passthrough>()
+            .is_some();
+    let json = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if status.as_u16() < 400 || ours || json {
+        return resp;
+    }
+    let text = axum::body::to_bytes(resp.into_body(), 16 * 1024)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let (kind, status) = match status.as_u16() {
+        413 => (ErrorKind::BodyTooLarge, status),
+        404 => (ErrorKind::NotFound, status),
+        405 => (ErrorKind::NotFound, status),
+        // axum says 422 for a body of the wrong shape, 415 for a missing content type:
+        // both are a malformed request here.
+        422 | 415 | 400 => (ErrorKind::BadRequest, http::StatusCode::BAD_REQUEST),
+        s if s >= 500 => (ErrorKind::Internal, status),
+        _ => (ErrorKind::BadRequest, status),
+    };
+    let message = if text.trim().is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_string()
+    } else {
+        text.trim().to_string()
+    };
+    let mut e = ApiError::new(kind, message);
+    e.status = Some(status);
+    e.into_dialect_response(dialect)
 }
 
 async fn healthz() -> &'static str {
@@ -315,7 +378,7 @@ async fn method_not_allowed(method: http::Method, uri: http::Uri) -> Response {
         format!("{method} is not allowed on {}", uri.path()),
     );
     e.status = Some(http::StatusCode::METHOD_NOT_ALLOWED);
-    e.into_response()
+    e.into_dialect_response(crate::error::dialect_for_path(uri.path()))
 }
 
 /// Reloads providers, models, prices and routing from the config file. In-flight requests

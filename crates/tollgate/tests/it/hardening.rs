@@ -160,3 +160,291 @@ async fn a_topup_past_the_ledger_bound_is_a_400_and_poisons_nothing() {
     assert_eq!(r.status(), 200);
     let _: Value = r.json().await.unwrap();
 }
+
+/// A stream whose `max_tokens` is exactly what the model sends fits its hold: it completes
+/// (the byte-based guess used to cut every such stream), in both dialects.
+#[tokio::test]
+async fn streams_that_fit_their_hold_complete() {
+    let gw = TestGateway::start(PRICED).await;
+    let (key, key_id) = gw.create_key(json!({"name": "streamer"})).await;
+    let wallet = gw.wallet(&format!("key:{key_id}"), "1.00").await;
+    for (model, max) in [("mock", 16), ("mock-long", 64), ("mock-long", 200)] {
+        let r = gw
+            .chat(
+                &key,
+                json!({"model": model, "stream": true, "max_tokens": max,
+                       "stream_options": {"include_usage": true}, "messages": user("go")}),
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        let events = sse_data(r).await;
+        assert_eq!(
+            events.last().map(String::as_str),
+            Some("[DONE]"),
+            "{model} {max}: {events:?}"
+        );
+        let rec = wait_record(&gw, &id).await;
+        assert_eq!(rec.error_kind, None, "{model} {max}");
+        assert_eq!(rec.output_tokens, max, "{model}");
+    }
+    let r = gw
+        .client
+        .post(format!("{}/v1/messages", gw.url))
+        .header("x-api-key", &key)
+        .header("anthropic-version", "2023-06-01")
+        .json(&json!({"model": "mock-long", "stream": true, "max_tokens": 64, "messages": user("go")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let body = r.text().await.unwrap();
+    assert!(body.contains("message_stop"), "{body}");
+    assert!(!body.contains("billing_error"), "{body}");
+    assert_eq!(wait_record(&gw, &id).await.output_tokens, 64);
+    verify_ok(&gw).await;
+    let _ = wallet;
+}
+
+/// A provider that writes past the cap is cut within one event of the hold: 40 tokens held,
+/// one token per event, so at most 41 delivered.
+#[tokio::test]
+async fn a_stream_past_its_hold_is_cut_within_one_event() {
+    let gw = TestGateway::start(PRICED).await;
+    let (key, key_id) = gw.create_key(json!({"name": "streamer"})).await;
+    gw.wallet(&format!("key:{key_id}"), "1.00").await;
+    let r = gw
+        .chat(
+            &key,
+            json!({"model": "mock-long-overrun", "stream": true, "max_tokens": 40, "messages": user("go")}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let events = sse_data(r).await;
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["type"], "insufficient_funds", "{last}");
+    let rec = wait_record(&gw, &id).await;
+    assert_eq!(rec.error_kind.as_deref(), Some("insufficient_funds"));
+    assert!(
+        (40..=41).contains(&rec.output_tokens),
+        "{}",
+        rec.output_tokens
+    );
+}
+
+/// A 1 MB single-word prompt to a provider that reports no usage used to overflow the
+/// tokenizer's stack: the connection dropped and the upstream call went unmetered.
+#[tokio::test]
+async fn a_megabyte_word_is_estimated_and_metered_in_both_dialects() {
+    let gw = TestGateway::start("[server]\nmax_body_bytes = 4000000\n").await;
+    let key = gw.key().await;
+    let word = "x".repeat(1 << 20);
+    let r = gw
+        .chat(
+            &key,
+            json!({"model": "mock-nousage", "messages": user(&word)}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let chat = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let _: Value = r.json().await.unwrap();
+    let r = gw
+        .client
+        .post(format!("{}/v1/messages", gw.url))
+        .header("x-api-key", &key)
+        .header("anthropic-version", "2023-06-01")
+        .json(&json!({"model": "mock-nousage", "max_tokens": 32, "messages": user(&word)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let msgs = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    for id in [chat, msgs] {
+        let rec = wait_record(&gw, &id).await;
+        assert_eq!(rec.usage_source, "estimated");
+        // At least one token per 64-byte piece, at most one per byte.
+        assert!(
+            rec.input_tokens >= (1 << 20) / 64 && rec.input_tokens < 1 << 20,
+            "{}",
+            rec.input_tokens
+        );
+        assert!(rec.output_tokens > 0);
+    }
+}
+
+/// A panic on a settlement path (injected, debug builds) still writes the request's record,
+/// marked, and the client gets a 500 in its own dialect instead of a dropped connection.
+#[cfg(debug_assertions)]
+#[tokio::test]
+async fn a_panicking_settlement_still_meters_and_answers_in_dialect() {
+    tollgate::fault::arm("settle", "mock-nousage-panicsettle");
+    tollgate::fault::arm("estimate", "PANIC-IN-ESTIMATE-7f3a");
+    let gw = TestGateway::start("").await;
+    let key = gw.key().await;
+    // Inside the estimator: caught there, counted by bytes, the answer goes out.
+    let r = gw
+        .chat(
+            &key,
+            json!({"model": "mock-nousage", "messages": user("PANIC-IN-ESTIMATE-7f3a and more")}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let rec = gw.record_for(r.headers()).await;
+    assert_eq!(rec.usage_source, "estimated");
+    assert!(rec.input_tokens > 0);
+    // Outside it: the handler unwinds, the record is written while it does.
+    let r = gw
+        .chat(
+            &key,
+            json!({"model": "mock-nousage-panicsettle", "messages": user("boom")}),
+        )
+        .await;
+    let e = assert_openai_error(r, 500, "internal_error").await;
+    assert!(e["error"]["message"].as_str().is_some());
+    let r = gw
+        .client
+        .post(format!("{}/v1/messages", gw.url))
+        .header("x-api-key", &key)
+        .header("anthropic-version", "2023-06-01")
+        .json(&json!({"model": "mock-nousage-panicsettle", "max_tokens": 16, "messages": user("boom")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["error"]["type"], "api_error", "{v}");
+    let recs = gw.wait_records(3).await;
+    let panicked: Vec<_> = recs
+        .iter()
+        .filter(|r| r.error_kind.as_deref() == Some("internal_panic"))
+        .collect();
+    assert_eq!(panicked.len(), 2, "{recs:?}");
+    for r in panicked {
+        assert_eq!(r.status, 500);
+        assert_eq!(
+            r.usage_source, "estimated",
+            "the upstream was called: {r:?}"
+        );
+        assert!(r.input_tokens > 0);
+    }
+    let r = gw
+        .client
+        .get(format!("{}/healthz", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// The router's own refusals and the extractors' rejections, in the caller's dialect.
+#[tokio::test]
+async fn every_refusal_comes_in_the_callers_dialect() {
+    let gw = TestGateway::start("").await;
+    let key = gw.key().await;
+    let anthropic = |v: &Value| v["type"] == "error" && v["error"]["type"].is_string();
+    let openai = |v: &Value| v["error"]["message"].is_string() && v["error"]["type"].is_string();
+    let send = |m: reqwest::Method, path: &str, body: Option<Vec<u8>>| {
+        let mut r = gw
+            .client
+            .request(m, format!("{}{path}", gw.url))
+            .bearer_auth(if path.starts_with("/admin") {
+                ADMIN_KEY
+            } else {
+                key.as_str()
+            })
+            .header("content-type", "application/json");
+        if let Some(b) = body {
+            r = r.body(b);
+        }
+        r.send()
+    };
+    type Case = (reqwest::Method, String, Option<Vec<u8>>, u16, bool);
+    let cases: Vec<Case> = vec![
+        (reqwest::Method::PUT, "/v1/messages".into(), None, 405, true),
+        (reqwest::Method::GET, "/v1/messages".into(), None, 405, true),
+        (
+            reqwest::Method::PUT,
+            "/v1/chat/completions".into(),
+            None,
+            405,
+            false,
+        ),
+        (
+            reqwest::Method::GET,
+            "/v1/messages/nope".into(),
+            None,
+            404,
+            true,
+        ),
+        (reqwest::Method::GET, "/v1/nope".into(), None, 404, false),
+        (
+            reqwest::Method::POST,
+            "/v1/quote?endpoint=chat&endpoint=messages".into(),
+            Some(b"{}".to_vec()),
+            400,
+            false,
+        ),
+        (
+            reqwest::Method::GET,
+            "/admin/wallets/x/ledger?limit=abc".into(),
+            None,
+            400,
+            false,
+        ),
+        (
+            reqwest::Method::GET,
+            "/admin/wallets/x/ledger?limit=-5".into(),
+            None,
+            400,
+            false,
+        ),
+        (
+            reqwest::Method::GET,
+            "/admin/wallets/%FF%FE".into(),
+            None,
+            400,
+            false,
+        ),
+        (
+            reqwest::Method::POST,
+            "/admin/keys".into(),
+            Some(vec![b' '; 3 << 20]),
+            413,
+            false,
+        ),
+        (
+            reqwest::Method::POST,
+            "/admin/keys".into(),
+            Some(br#"["x"]"#.to_vec()),
+            400,
+            false,
+        ),
+        (
+            reqwest::Method::POST,
+            "/admin/keys".into(),
+            Some(br#""x""#.to_vec()),
+            400,
+            false,
+        ),
+    ];
+    for (m, path, body, status, is_anthropic) in cases {
+        let r = send(m.clone(), &path, body).await.unwrap();
+        assert_eq!(r.status(), status, "{m} {path}");
+        let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+        assert!(ct.starts_with("application/json"), "{m} {path}: {ct}");
+        let v: Value = r.json().await.unwrap();
+        if is_anthropic {
+            assert!(anthropic(&v), "{m} {path}: {v}");
+        } else {
+            assert!(openai(&v), "{m} {path}: {v}");
+        }
+    }
+    let (_, keys) = gw.admin(reqwest::Method::GET, "/admin/keys", None).await;
+    assert!(
+        !keys.as_array().unwrap().iter().any(|k| k["name"] == "x"),
+        "an array made a key: {keys}"
+    );
+}
