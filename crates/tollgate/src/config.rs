@@ -40,6 +40,19 @@ pub struct ServerConfig {
     /// How often a gateway looks for keys created or revoked by another process.
     #[serde(deserialize_with = "de_duration")]
     pub key_refresh: Duration,
+    /// A request head (request line and headers) must arrive within this of its first byte,
+    /// or the connection is closed (slow-header clients).
+    #[serde(deserialize_with = "de_duration")]
+    pub header_read_timeout: Duration,
+    /// A request body must arrive within this of its head, or the request is answered 408.
+    #[serde(deserialize_with = "de_duration")]
+    pub body_read_timeout: Duration,
+    /// A keep-alive connection with no request in flight is closed after this.
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+    /// Client connections open at once; 0 = half the process's open-file limit (at most
+    /// 10 000). At the limit idle connections are closed first, then new ones refused.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -559,6 +572,10 @@ impl Default for ServerConfig {
             max_body_bytes: 16 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(30),
             key_refresh: Duration::from_millis(250),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 0,
         }
     }
 }
@@ -652,6 +669,18 @@ impl Config {
     pub fn validate(&self) -> Vec<String> {
         let mut problems = Vec::new();
         let mut p = |path: String, msg: &str| problems.push(format!("{path}: {msg}"));
+        for (path, d) in [
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
+            ("server.body_read_timeout", self.server.body_read_timeout),
+            ("server.idle_timeout", self.server.idle_timeout),
+        ] {
+            if d.is_zero() {
+                p(path.into(), "must be greater than 0");
+            }
+        }
         if self.server.max_body_bytes == 0 {
             p("server.max_body_bytes".into(), "must be greater than 0");
         }

@@ -41,6 +41,8 @@ pub enum ErrorKind {
     /// The model's deployments speak another dialect and cannot serve this endpoint.
     DialectMismatch,
     BodyTooLarge,
+    /// The request body did not arrive within `[server] body_read_timeout`.
+    RequestTimeout,
     /// One of this key's own limits refused the request.
     RateLimited,
     /// The agent is repeating itself.
@@ -85,6 +87,7 @@ impl ErrorKind {
             ErrorKind::NotFound => "not_found",
             ErrorKind::DialectMismatch => "dialect_mismatch",
             ErrorKind::BodyTooLarge => "request_too_large",
+            ErrorKind::RequestTimeout => "request_timeout",
             ErrorKind::RateLimited => "rate_limited",
             ErrorKind::LoopDetected => "loop_detected",
             ErrorKind::RetryBudgetExhausted => "retry_budget_exhausted",
@@ -114,6 +117,7 @@ impl ErrorKind {
             ErrorKind::ModelNotAllowed | ErrorKind::AdminOnly => StatusCode::FORBIDDEN,
             ErrorKind::ModelNotFound | ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::InsufficientFunds
             | ErrorKind::MaxCostExceeded
             | ErrorKind::RunBudgetExhausted
@@ -144,6 +148,7 @@ impl ErrorKind {
             | ErrorKind::ModelNotFound
             | ErrorKind::NotFound
             | ErrorKind::BodyTooLarge
+            | ErrorKind::RequestTimeout
             | ErrorKind::UpstreamRejected
             | ErrorKind::DialectMismatch => "invalid_request_error",
             ErrorKind::ModelNotAllowed | ErrorKind::AdminOnly => "permission_error",
@@ -266,7 +271,7 @@ fn with_details(body: Vec<u8>, d: &serde_json::Map<String, serde_json::Value>) -
 
 fn anthropic_type(status: StatusCode) -> &'static str {
     match status.as_u16() {
-        400 | 405 | 422 => "invalid_request_error",
+        400 | 405 | 408 | 422 => "invalid_request_error",
         401 => "authentication_error",
         402 => "billing_error",
         403 => "permission_error",

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod conn;
 pub mod damping;
 pub mod db;
 pub mod envelope;

@@ -39,7 +39,20 @@ pub struct Metrics {
     pub retries_suppressed: Family<ScopeLabels, Counter>,
     pub answers_reused: Family<ReuseLabels, Counter>,
     pub hold_seconds: Histogram,
+    pub connections_open: Gauge,
+    pub connections_refused: Counter,
+    pub connection_timeouts: Family<ConnTimeoutLabels, Counter>,
+    pub panics: Counter,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnTimeoutLabels {
+    /// `header`, `idle`, or `pressure` (closed idle to make room at the connection limit).
+    pub reason: &'static str,
+}
+
+/// Panics anywhere in the process, counted by the panic hook (`server::install_panic_hook`).
+pub static PANICS: std::sync::LazyLock<Counter> = std::sync::LazyLock::new(Counter::default);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabels {
@@ -191,8 +204,36 @@ impl Metrics {
             "Time to place a request's wallet hold and envelope reservations (the writer's round trip)",
             Histogram::new([0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1]),
         );
+        let connections_open = reg(
+            &mut registry,
+            "connections_open",
+            "Client connections open",
+            Gauge::default(),
+        );
+        let connections_refused = reg(
+            &mut registry,
+            "connections_refused",
+            "Client connections closed unserved at [server] max_connections (no idle one to close)",
+            Counter::default(),
+        );
+        let connection_timeouts = reg(
+            &mut registry,
+            "connection_timeouts",
+            "Client connections closed by the gateway: a head too slow, idle too long, or idle at the connection limit",
+            Family::default(),
+        );
+        let panics = reg(
+            &mut registry,
+            "panics",
+            "Panics caught in this process (each is logged with its location); any is a bug",
+            PANICS.clone(),
+        );
         Metrics {
             registry,
+            connections_open,
+            connections_refused,
+            connection_timeouts,
+            panics,
             hold_seconds,
             limit_refusals,
             limiter_redis_errors,

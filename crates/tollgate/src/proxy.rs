@@ -516,6 +516,9 @@ pub(crate) async fn read_body(
         {
             Err(too_large())
         }
+        Err(e) if crate::conn::is_body_timeout(e.as_ref()) => {
+            Err(ApiError::new(ErrorKind::RequestTimeout, e.to_string()))
+        }
         Err(e) => Err(ApiError::new(
             ErrorKind::BadRequest,
             format!("could not read the request body: {e}"),

@@ -12,7 +12,6 @@ use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -76,6 +75,34 @@ pub struct Gateway {
     listener: tokio::net::TcpListener,
 }
 
+/// Logs every panic with its location through the log (instead of bare stderr) and counts
+/// it in `tollgate_panics_total`. Installed once per process, by the first gateway.
+pub fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            crate::metrics::PANICS.inc();
+            // No log set up (a library user, a test binary): the default hook says it.
+            if !tracing::dispatcher::has_been_set() {
+                return default(info);
+            }
+            let location = info
+                .location()
+                .map(|l| format!("{}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            let message = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            let backtrace = std::backtrace::Backtrace::capture();
+            tracing::error!(%location, %message, %backtrace, "panic");
+        }));
+    });
+}
+
 /// Installs ring as rustls's crypto provider: the default one would pull in aws-lc-sys.
 pub fn init_tls() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -84,6 +111,7 @@ pub fn init_tls() {
 impl Gateway {
     pub async fn start(opts: ServeOptions) -> anyhow::Result<Gateway> {
         init_tls();
+        install_panic_hook();
         // Off the request path, and finished before the listener is up (see `warm_up`).
         let warm = tokio::task::spawn_blocking(crate::estimate::warm_up);
         let config = opts.config.with_implicit_providers(opts.provider_keys);
@@ -229,27 +257,27 @@ impl Gateway {
     ) -> anyhow::Result<()> {
         let app = self.app.clone();
         let router = router(app.clone());
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        // Without TCP_NODELAY, small SSE writes wait for the peer's delayed ACK (~40 ms each).
-        let listener = self.listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let server = axum::serve(listener, router).with_graceful_shutdown(async move {
-            let _ = stop_rx.await;
-        });
-        let mut server_task = tokio::spawn(async move { server.await });
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let limits = crate::conn::Limits::from_config(&app.server);
+        let mut server_task = tokio::spawn(crate::conn::serve(
+            self.listener,
+            router,
+            limits,
+            app.metrics.clone(),
+            stop_rx,
+        ));
         tokio::select! {
             res = &mut server_task => {
-                res??;
+                res?;
                 return Ok(());
             }
             _ = shutdown => {}
         }
         tracing::info!("shutting down: draining in-flight requests");
         app.shutting_down.store(true, Ordering::SeqCst);
-        let _ = stop_tx.send(());
+        let _ = stop_tx.send(true);
         match tokio::time::timeout(app.server.shutdown_grace, &mut server_task).await {
-            Ok(res) => res??,
+            Ok(res) => res?,
             Err(_) => {
                 tracing::warn!(grace = ?app.server.shutdown_grace, "requests still in flight after the grace period; stopping anyway");
                 server_task.abort();

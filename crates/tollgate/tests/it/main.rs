@@ -9,6 +9,7 @@ mod hotwallets;
 mod auth;
 mod cli;
 mod clients;
+mod connections;
 mod damping;
 mod hardening;
 mod limits;
