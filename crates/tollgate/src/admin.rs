@@ -53,6 +53,12 @@ pub struct KeyView {
     #[serde(flatten)]
     pub key: KeyRecord,
     pub status: KeyStatus,
+    /// Secrets that open the key now: more than one while a rotation's grace runs.
+    #[serde(default)]
+    pub live_secrets: usize,
+    /// When the last rotated-out secret stops working, while a rotation's grace runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotating_until_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -97,8 +103,24 @@ impl From<AdminError> for ApiError {
 }
 
 pub fn view(key: KeyRecord) -> KeyView {
-    let status = key.status_at(now_ms());
-    KeyView { key, status }
+    let now = now_ms();
+    let status = key.status_at(now);
+    let live: Vec<_> = key
+        .secrets
+        .iter()
+        .filter(|s| status == KeyStatus::Active && s.expires_ms.is_none_or(|e| e > now))
+        .collect();
+    let rotating_until_ms = if live.len() > 1 {
+        live.iter().filter_map(|s| s.expires_ms).max()
+    } else {
+        None
+    };
+    KeyView {
+        live_secrets: live.len(),
+        rotating_until_ms,
+        key,
+        status,
+    }
 }
 
 fn validate_name(field: &str, v: &str) -> Result<(), AdminError> {
@@ -160,6 +182,7 @@ pub fn create_key(
             ..KeyLimits::default()
         },
         org: req.org,
+        secrets: Vec::new(),
     };
     store.insert_key(&record, &secret.digest(&secret_text))?;
     Ok(CreatedKey {
@@ -174,7 +197,11 @@ pub fn revoke_key(store: &Store, id_or_name: &str) -> Result<KeyView, AdminError
     Ok(view(store.find_key(&key.id, now_ms())?))
 }
 
-/// A new secret with the same attributes; the old one keeps working for `grace`.
+/// A new secret for the same key: same id, so its wallet, budgets, limits, team and tags
+/// follow. Every secret still live keeps working for `grace` at most (its own, shorter
+/// expiry if it has one), then only the new one opens the key; the key's own expiry is
+/// untouched. Rotating again during a grace period retires the previous new secret the same
+/// way. A revoked or expired key cannot be rotated.
 pub fn rotate_key(
     store: &Store,
     secret: &ServerSecret,
@@ -190,22 +217,16 @@ pub fn rotate_key(
     }
     let now = now_ms();
     let secret_text = keys::generate_secret();
-    let new = KeyRecord {
-        id: keys::generate_id(),
-        prefix: keys::shown_prefix(&secret_text),
-        created_ms: now,
-        revoked_ms: None,
-        rotated_from: Some(old.id.clone()),
-        ..old.clone()
-    };
+    let retire_at = now.saturating_add(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX));
     store.rotate_key(
         &old.id,
-        now.saturating_add(grace.as_millis() as i64),
-        &new,
+        now,
+        retire_at,
+        &keys::shown_prefix(&secret_text),
         &secret.digest(&secret_text),
     )?;
     Ok(CreatedKey {
-        key: view(new),
+        key: view(store.find_key(&old.id, now)?),
         secret: secret_text,
     })
 }
@@ -232,6 +253,7 @@ pub fn bootstrap_admin_key(
         rotated_from: None,
         limits: KeyLimits::default(),
         org: None,
+        secrets: Vec::new(),
     };
     if let Some(k) = from_env.filter(|k| !k.is_empty()) {
         let digest = secret.digest(k);

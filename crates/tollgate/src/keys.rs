@@ -38,6 +38,21 @@ pub struct KeyRecord {
     /// The organisation the key belongs to, for its wallet; `default` when unset.
     #[serde(default)]
     pub org: Option<String>,
+    /// The secrets that open this key, newest first (filled by the admin reads; the request
+    /// path's cache holds one record per secret instead). Rotation adds one and retires the
+    /// others after a grace period: the key's id, and with it its wallet, budgets, limits
+    /// and attribution, never changes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<KeySecret>,
+}
+
+/// One secret of a key: its shown prefix and its own expiry (a rotated-out secret's end of
+/// grace). A secret is live while neither it nor its key has expired or been revoked.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeySecret {
+    pub prefix: String,
+    pub created_ms: i64,
+    pub expires_ms: Option<i64>,
 }
 
 /// Limit overrides of a key or a team; unset fields use the configured defaults.
@@ -312,6 +327,7 @@ mod tests {
             rotated_from: None,
             limits: KeyLimits::default(),
             org: None,
+            secrets: Vec::new(),
         };
         assert!(k.allows_model("anything"));
         k.models = vec!["gpt-4o".into(), "mock*".into()];

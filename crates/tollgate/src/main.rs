@@ -1119,10 +1119,20 @@ fn print_keys(keys: &[KeyView], format: Format) -> anyhow::Result<()> {
                 } else {
                     k.models.join(",")
                 },
-                serde_json::to_value(v.status)
-                    .ok()
-                    .and_then(|s| s.as_str().map(str::to_string))
-                    .unwrap_or_default(),
+                {
+                    let status = serde_json::to_value(v.status)
+                        .ok()
+                        .and_then(|s| s.as_str().map(str::to_string))
+                        .unwrap_or_default();
+                    match v.rotating_until_ms {
+                        Some(t) => format!(
+                            "{status} (rotating: {} secrets until {})",
+                            v.live_secrets,
+                            format_ms(t)
+                        ),
+                        None => status,
+                    }
+                },
                 k.expires_ms.map_or_else(|| "never".into(), format_ms),
             ]
         })

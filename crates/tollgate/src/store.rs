@@ -106,6 +106,18 @@ const MIGRATIONS: &[&str] = &[
     crate::wallet::MIGRATION_LOW_BALANCE,
     // 10: a version per wallet balance, for Redis hot wallets
     crate::wallet::MIGRATION_VERSION,
+    // 11: several secrets per key, so rotation keeps the key (and everything bound to its
+    // id); the existing digests become each key's first secret
+    "CREATE TABLE key_secrets (
+        digest BLOB PRIMARY KEY,
+        key_id TEXT NOT NULL,
+        prefix TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        expires_ms INTEGER
+     );
+     CREATE INDEX key_secrets_key ON key_secrets(key_id);
+     INSERT INTO key_secrets (digest, key_id, prefix, created_ms, expires_ms)
+        SELECT digest, id, prefix, created_ms, NULL FROM keys;",
 ];
 
 /// Copies the WAL back into the database every `every`, off the request and writer paths
@@ -281,12 +293,31 @@ impl Store {
                 .one("SELECT v FROM meta WHERE k = 'keys_rev'", &[])?
                 .get(0)?;
             let mut keys = Vec::new();
-            for r in tx.rows(&format!("SELECT {KEY_COLUMNS}, digest FROM keys"), &[])? {
-                let key = key_from_row(&r)?;
+            let columns = KEY_COLUMNS
+                .split(',')
+                .map(|c| format!("k.{}", c.trim()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            // One cache entry per secret: the key as that secret opens it, with the secret's
+            // prefix and the earlier of the two expiries.
+            for r in tx.rows(
+                &format!(
+                    "SELECT {columns}, s.digest, s.prefix, s.expires_ms
+                     FROM key_secrets s JOIN keys k ON k.id = s.key_id"
+                ),
+                &[],
+            )? {
+                let mut key = key_from_row(&r)?;
                 let digest: Vec<u8> = r.get(KEY_COLUMN_COUNT)?;
                 let digest: [u8; 32] = digest
                     .try_into()
                     .map_err(|_| StoreError::Corrupt(format!("key {} has a bad digest", key.id)))?;
+                key.prefix = r.get(KEY_COLUMN_COUNT + 1)?;
+                let secret_expires: Option<i64> = r.get(KEY_COLUMN_COUNT + 2)?;
+                key.expires_ms = match (key.expires_ms, secret_expires) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
                 keys.push((digest, key));
             }
             Ok(KeySnapshot {
@@ -363,14 +394,54 @@ impl Store {
 
     pub fn list_keys(&self) -> Result<Vec<KeyRecord>> {
         self.with(|db| {
-            db.rows(
-                &format!("SELECT {KEY_COLUMNS} FROM keys ORDER BY created_ms, id"),
+            let mut keys = db
+                .rows(
+                    &format!("SELECT {KEY_COLUMNS} FROM keys ORDER BY created_ms, id"),
+                    &[],
+                )?
+                .iter()
+                .map(key_from_row)
+                .collect::<Result<Vec<_>>>()?;
+            let mut secrets: std::collections::HashMap<String, Vec<crate::keys::KeySecret>> =
+                std::collections::HashMap::new();
+            for r in db.rows(
+                "SELECT key_id, prefix, created_ms, expires_ms FROM key_secrets
+                 ORDER BY created_ms DESC, digest",
                 &[],
+            )? {
+                secrets
+                    .entry(r.get(0)?)
+                    .or_default()
+                    .push(crate::keys::KeySecret {
+                        prefix: r.get(1)?,
+                        created_ms: r.get(2)?,
+                        expires_ms: r.get(3)?,
+                    });
+            }
+            for k in &mut keys {
+                k.secrets = secrets.remove(&k.id).unwrap_or_default();
+            }
+            Ok(keys)
+        })
+    }
+
+    fn with_secrets(db: &mut Db, mut key: KeyRecord) -> Result<KeyRecord> {
+        key.secrets = db
+            .rows(
+                "SELECT prefix, created_ms, expires_ms FROM key_secrets WHERE key_id = ?1
+                 ORDER BY created_ms DESC, digest",
+                &[&key.id],
             )?
             .iter()
-            .map(key_from_row)
-            .collect()
-        })
+            .map(|r| {
+                Ok(crate::keys::KeySecret {
+                    prefix: r.get(0)?,
+                    created_ms: r.get(1)?,
+                    expires_ms: r.get(2)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(key)
     }
 
     /// By id, or by name when exactly one live key has it.
@@ -380,7 +451,7 @@ impl Store {
                 &format!("SELECT {KEY_COLUMNS} FROM keys WHERE id = ?1"),
                 &[&id_or_name],
             )? {
-                return key_from_row(&r);
+                return Self::with_secrets(db, key_from_row(&r)?);
             }
             let mut found: Vec<KeyRecord> = db
                 .rows(
@@ -395,7 +466,7 @@ impl Store {
                 .collect::<Result<_>>()?;
             match found.len() {
                 0 => Err(StoreError::KeyNotFound(id_or_name.to_string())),
-                1 => Ok(found.remove(0)),
+                1 => Self::with_secrets(db, found.remove(0)),
                 _ => Err(StoreError::Ambiguous(id_or_name.to_string())),
             }
         })
@@ -418,22 +489,31 @@ impl Store {
         })
     }
 
-    /// Inserts the new key and shortens the old one's life to the grace period, atomically.
+    /// Adds a secret to a key and retires the live ones at `retire_at` (or their own
+    /// earlier expiry), atomically: at no moment does the key have no working secret.
     pub fn rotate_key(
         &self,
-        old_id: &str,
-        old_expires_ms: i64,
-        new_key: &KeyRecord,
+        key_id: &str,
+        now_ms: i64,
+        retire_at: i64,
+        prefix: &str,
         digest: &[u8; 32],
     ) -> Result<()> {
         lock(&self.db).write(|tx| {
             tx.exec(
-                "UPDATE keys SET expires_ms = CASE WHEN expires_ms IS NULL OR expires_ms > ?2
-                                                   THEN ?2 ELSE expires_ms END
-                 WHERE id = ?1",
-                &[&old_id, &old_expires_ms],
+                "UPDATE key_secrets SET expires_ms = ?2
+                 WHERE key_id = ?1 AND (expires_ms IS NULL OR expires_ms > ?2)",
+                &[&key_id, &retire_at],
             )?;
-            insert_key_row(tx, new_key, digest)?;
+            tx.exec(
+                "INSERT INTO key_secrets (digest, key_id, prefix, created_ms, expires_ms)
+                 VALUES (?1, ?2, ?3, ?4, NULL)",
+                &[&&digest[..], &key_id, &prefix, &now_ms],
+            )?;
+            tx.exec(
+                "UPDATE keys SET prefix = ?2 WHERE id = ?1",
+                &[&key_id, &prefix],
+            )?;
             bump_keys_rev(tx)
         })
     }
@@ -452,7 +532,10 @@ impl Store {
     pub fn key_with_digest_exists(&self, digest: &[u8; 32]) -> Result<bool> {
         self.with(|db| {
             Ok(db
-                .row("SELECT 1 FROM keys WHERE digest = ?1", &[&&digest[..]])?
+                .row(
+                    "SELECT 1 FROM key_secrets WHERE digest = ?1",
+                    &[&&digest[..]],
+                )?
                 .is_some())
         })
     }
@@ -605,6 +688,11 @@ fn insert_key_row(tx: &mut Db, key: &KeyRecord, digest: &[u8; 32]) -> Result<()>
             &key.org,
         ],
     )?;
+    tx.exec(
+        "INSERT INTO key_secrets (digest, key_id, prefix, created_ms, expires_ms)
+         VALUES (?1, ?2, ?3, ?4, NULL)",
+        &[&&digest[..], &key.id, &key.prefix, &key.created_ms],
+    )?;
     Ok(())
 }
 
@@ -675,6 +763,7 @@ fn key_from_row(r: &Row) -> Result<KeyRecord> {
         rotated_from: r.get(11)?,
         limits: serde_json::from_str(&r.get::<String>(12)?).unwrap_or_default(),
         org: r.get(13)?,
+        secrets: Vec::new(),
     })
 }
 

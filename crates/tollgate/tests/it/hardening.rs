@@ -448,3 +448,175 @@ async fn every_refusal_comes_in_the_callers_dialect() {
         "an array made a key: {keys}"
     );
 }
+
+async fn rotate(gw: &TestGateway, key_id: &str, grace: &str) -> (u16, Value) {
+    gw.admin(
+        reqwest::Method::POST,
+        &format!("/admin/keys/{key_id}/rotate"),
+        Some(json!({"grace": grace})),
+    )
+    .await
+}
+
+/// Rotation used to mint a new key id, leaving the wallet, budget and limits on the old one:
+/// the new secret spent freely. Now the key keeps its id and everything bound to it.
+#[tokio::test]
+async fn rotation_keeps_the_wallet_budget_limits_and_attribution() {
+    let gw = TestGateway::start(PRICED).await;
+    let (old, key_id) = gw
+        .create_key(json!({"name": "rotating", "team": "ops", "tags": {"env": "prod"}, "rpm": 5}))
+        .await;
+    let wallet = gw.wallet(&format!("key:{key_id}"), "1.00").await;
+    let (s, b) = gw
+        .admin(
+            reqwest::Method::PUT,
+            "/admin/budgets",
+            Some(json!({"scope": format!("key:{key_id}"), "period": "daily", "hard": "0.02"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    for i in 0..2 {
+        let r = gw
+            .chat(
+                &old,
+                json!({"model": "mock", "max_tokens": 16, "messages": user(&format!("a{i}"))}),
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().contains_key("x-tollgate-balance"));
+    }
+    let r = gw
+        .chat(
+            &old,
+            json!({"model": "mock", "max_tokens": 16, "messages": user("a2")}),
+        )
+        .await;
+    assert_openai_error(r, 402, "budget_exceeded").await;
+
+    let (s, rotated) = rotate(&gw, &key_id, "1h").await;
+    assert_eq!(s, 201, "{rotated}");
+    assert_eq!(
+        rotated["key"]["id"],
+        key_id.as_str(),
+        "the key keeps its id"
+    );
+    assert_eq!(rotated["key"]["live_secrets"], 2);
+    assert!(rotated["key"]["rotating_until_ms"].as_i64().is_some());
+    assert_eq!(
+        rotated["key"]["expires_ms"],
+        Value::Null,
+        "the key's own expiry is untouched"
+    );
+    let new = rotated["secret"].as_str().unwrap().to_string();
+    // The budget follows: the new secret is refused like the old one.
+    let r = gw
+        .chat(
+            &new,
+            json!({"model": "mock", "max_tokens": 16, "messages": user("b0")}),
+        )
+        .await;
+    assert_openai_error(r, 402, "budget_exceeded").await;
+    // Raise the budget: the wallet and limits follow too.
+    gw.admin(
+        reqwest::Method::PUT,
+        "/admin/budgets",
+        Some(json!({"scope": format!("key:{key_id}"), "period": "daily", "hard": "100"})),
+    )
+    .await;
+    let r = gw
+        .chat(
+            &new,
+            json!({"model": "mock", "max_tokens": 16, "messages": user("b1")}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let balance = r.headers()["x-tollgate-balance"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let rec = gw.record_for(r.headers()).await;
+    assert_eq!(rec.key_id, key_id);
+    assert_eq!(rec.team.as_deref(), Some("ops"));
+    assert_eq!(rec.tags.get("env").map(String::as_str), Some("prod"));
+    assert_eq!(rec.wallet_id.as_deref(), Some(wallet.as_str()));
+    assert!(balance.parse::<i64>().unwrap() < 1_000_000);
+    // rpm = 5 per key, shared by both secrets: once one is limited, so is the other.
+    let mut limited = None;
+    for i in 0..10 {
+        let k = if i % 2 == 0 { &new } else { &old };
+        let r = gw
+            .chat(
+                k,
+                json!({"model": "mock", "max_tokens": 16, "messages": user(&format!("c{i}"))}),
+            )
+            .await;
+        if r.status() == 429 {
+            limited = Some(i);
+            break;
+        }
+        assert_eq!(r.status(), 200);
+    }
+    let i = limited.expect("the key's rpm applies across its secrets");
+    let other = if i % 2 == 0 { &old } else { &new };
+    let r = gw
+        .chat(
+            other,
+            json!({"model": "mock", "max_tokens": 16, "messages": user("d")}),
+        )
+        .await;
+    assert_eq!(r.status(), 429);
+}
+
+/// Rotating during a grace period, rotating with no grace, and what the list says.
+#[tokio::test]
+async fn rotating_twice_is_defined_and_each_secret_keeps_its_own_expiry() {
+    let gw = TestGateway::start("").await;
+    let (first, key_id) = gw
+        .create_key(json!({"name": "twice", "expires": "30d"}))
+        .await;
+    let (_, k) = gw.admin(reqwest::Method::GET, "/admin/keys", None).await;
+    let expires = k
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == key_id.as_str())
+        .unwrap()["expires_ms"]
+        .as_i64()
+        .unwrap();
+    let (_, r1) = rotate(&gw, &key_id, "1h").await;
+    let second = r1["secret"].as_str().unwrap().to_string();
+    let (s, r2) = rotate(&gw, &key_id, "0s").await;
+    assert_eq!(s, 201, "{r2}");
+    let third = r2["secret"].as_str().unwrap().to_string();
+    // A zero grace retires every earlier secret now; the key, and its expiry, stay.
+    assert_eq!(r2["key"]["id"], key_id.as_str());
+    assert_eq!(
+        r2["key"]["expires_ms"], expires,
+        "the new secret is not cut short"
+    );
+    assert_eq!(r2["key"]["live_secrets"], 1);
+    for (secret, want) in [(&first, 401), (&second, 401), (&third, 200)] {
+        let r = gw
+            .chat(secret, json!({"model": "mock", "messages": user("who")}))
+            .await;
+        assert_eq!(r.status(), want);
+    }
+    let (_, list) = gw.admin(reqwest::Method::GET, "/admin/keys", None).await;
+    let mine: Vec<_> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["name"] == "twice")
+        .collect();
+    assert_eq!(mine.len(), 1, "one key, not one per rotation: {list}");
+    assert_eq!(mine[0]["secrets"].as_array().unwrap().len(), 3);
+    // A revoked key cannot be rotated back to life.
+    gw.admin(
+        reqwest::Method::POST,
+        &format!("/admin/keys/{key_id}/revoke"),
+        None,
+    )
+    .await;
+    let (s, _) = rotate(&gw, &key_id, "1h").await;
+    assert_eq!(s, 400);
+}
