@@ -43,6 +43,7 @@ pub struct Metrics {
     pub connections_refused: Counter,
     pub connection_timeouts: Family<ConnTimeoutLabels, Counter>,
     pub panics: Counter,
+    pub attempts_billed_broken: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -228,8 +229,15 @@ impl Metrics {
             "Panics caught in this process (each is logged with its location); any is a bug",
             PANICS.clone(),
         );
+        let attempts_billed_broken = reg(
+            &mut registry,
+            "attempts_billed_broken",
+            "Upstream attempts whose answer broke off after the provider accepted them, billed from an estimate",
+            Counter::default(),
+        );
         Metrics {
             registry,
+            attempts_billed_broken,
             connections_open,
             connections_refused,
             connection_timeouts,

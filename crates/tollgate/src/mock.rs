@@ -444,9 +444,16 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
         let bytes = resp.to_string().into_bytes();
         if b.has("truncate") {
             let half = Bytes::from(bytes[..bytes.len() / 2].to_vec());
-            let parts: Vec<Result<Bytes, std::io::Error>> =
-                vec![Ok(half), Err(std::io::Error::other("mock truncation"))];
-            let mut r = Response::new(Body::from_stream(futures_util::stream::iter(parts)));
+            // The head and the first half go out before the break, as from a provider that
+            // died mid-answer (an error in the same poll would reset before the head).
+            let (tx, mut rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(2);
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(half)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = tx.send(Err(std::io::Error::other("mock truncation"))).await;
+            });
+            let body = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+            let mut r = Response::new(Body::from_stream(body));
             r.headers_mut()
                 .insert("content-type", HeaderValue::from_static("application/json"));
             return r;

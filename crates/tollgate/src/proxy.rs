@@ -444,9 +444,12 @@ async fn run(
                 };
                 return Ok(stream_response(app, settle, &dep, view, first, rest));
             }
-            Err(failure) => {
+            Err(mut failure) => {
                 dep.health
                     .failure(now_ms(), failure.retry_after, &runtime.routing);
+                if let Some(partial) = failure.reached.take() {
+                    settle.bill_broken_attempt(&runtime, &dep, &partial);
+                }
                 tracing::debug!(provider = %dep.provider.name, model = %dep.model, attempt, error = %failure.error, "upstream attempt failed");
                 if !failure.retryable || attempt >= runtime.routing.max_attempts {
                     return Err(failure.error);
@@ -654,6 +657,9 @@ struct Failure {
     error: ApiError,
     retryable: bool,
     retry_after: Option<Duration>,
+    /// The provider accepted the request (a 2xx head arrived) and then the answer broke
+    /// off: what arrived of it. The provider did the work, so the attempt is billed.
+    reached: Option<Bytes>,
 }
 
 impl Failure {
@@ -662,6 +668,14 @@ impl Failure {
             error: ApiError::new(kind, message),
             retryable: true,
             retry_after: None,
+            reached: None,
+        }
+    }
+
+    fn after_answer(kind: ErrorKind, message: String, partial: Bytes) -> Failure {
+        Failure {
+            reached: Some(partial),
+            ..Failure::retry(kind, message)
         }
     }
 }
@@ -717,48 +731,97 @@ async fn forward_once(
     if stream {
         let mut resp = resp;
         return match tokio::time::timeout_at(deadline, resp.chunk()).await {
-            Err(_) => Err(Failure::retry(
+            Err(_) => Err(Failure::after_answer(
                 ErrorKind::UpstreamTimeout,
                 format!(
                     "provider '{}' sent no stream data within {:?}",
                     p.name, p.first_byte_timeout
                 ),
+                Bytes::new(),
             )),
-            Ok(Err(e)) => Err(Failure::retry(
+            Ok(Err(e)) => Err(Failure::after_answer(
                 ErrorKind::UpstreamError,
                 format!("provider '{}' stream failed: {}", p.name, error_chain(&e)),
+                Bytes::new(),
             )),
-            Ok(Ok(None)) => Err(Failure::retry(
+            Ok(Ok(None)) => Err(Failure::after_answer(
                 ErrorKind::UpstreamError,
                 format!("provider '{}' closed the stream before any data", p.name),
+                Bytes::new(),
             )),
             Ok(Ok(Some(first))) => Ok(Upstream::Stream { first, rest: resp }),
         };
     }
     let headers = resp.headers().clone();
     let total_deadline = tokio::time::Instant::now() + p.total_timeout;
-    match tokio::time::timeout_at(total_deadline, resp.bytes()).await {
-        Err(_) => Err(Failure::retry(
-            ErrorKind::UpstreamTimeout,
-            format!(
-                "provider '{}' did not finish within {:?}",
-                p.name, p.total_timeout
-            ),
-        )),
-        Ok(Err(e)) => Err(Failure::retry(
-            ErrorKind::UpstreamError,
-            format!(
-                "provider '{}' response broke off: {}",
-                p.name,
-                error_chain(&e)
-            ),
-        )),
-        Ok(Ok(body)) => Ok(Upstream::Json(JsonAnswer {
-            status,
-            headers,
-            body,
-        })),
+    // Read chunk by chunk, so that what arrived before a break is kept for billing.
+    let mut resp = resp;
+    let mut body = bytes::BytesMut::new();
+    loop {
+        match tokio::time::timeout_at(total_deadline, resp.chunk()).await {
+            Err(_) => {
+                return Err(Failure::after_answer(
+                    ErrorKind::UpstreamTimeout,
+                    format!(
+                        "provider '{}' did not finish within {:?}",
+                        p.name, p.total_timeout
+                    ),
+                    body.freeze(),
+                ))
+            }
+            Ok(Err(e)) => {
+                return Err(Failure::after_answer(
+                    ErrorKind::UpstreamError,
+                    format!(
+                        "provider '{}' response broke off: {}",
+                        p.name,
+                        error_chain(&e)
+                    ),
+                    body.freeze(),
+                ))
+            }
+            Ok(Ok(Some(chunk))) => body.extend_from_slice(&chunk),
+            Ok(Ok(None)) => break,
+        }
     }
+    Ok(Upstream::Json(JsonAnswer {
+        status,
+        headers,
+        body: body.freeze(),
+    }))
+}
+
+/// The text of a JSON answer cut off mid-way: the string values of its `content` and
+/// `text` fields up to where it ends. Best effort, for an estimate of output delivered.
+fn partial_answer_text(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut out = String::new();
+    for field in ["\"content\":", "\"text\":"] {
+        let mut rest = &text[..];
+        while let Some(i) = rest.find(field) {
+            rest = rest[i + field.len()..].trim_start();
+            let Some(inner) = rest.strip_prefix('"') else {
+                continue;
+            };
+            let mut escaped = false;
+            let mut end = inner.len();
+            for (j, c) in inner.char_indices() {
+                match c {
+                    _ if escaped => escaped = false,
+                    '\\' => escaped = true,
+                    '"' => {
+                        end = j;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            out.push_str(&inner[..end]);
+            out.push('\n');
+            rest = &inner[end..];
+        }
+    }
+    out
 }
 
 fn classify_status(
@@ -793,6 +856,7 @@ fn classify_status(
             error,
             retryable: true,
             retry_after,
+            reached: None,
         };
     }
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
@@ -822,6 +886,7 @@ fn classify_status(
         error,
         retryable: false,
         retry_after: None,
+        reached: None,
     }
 }
 
@@ -866,6 +931,41 @@ struct Settlement {
     money: Option<Quote>,
     /// Fingerprints under which a successful JSON answer is kept, and until when (µs).
     keep: Vec<(u64, u64)>,
+    /// Attempts the provider answered but that broke off: added to the record whatever the
+    /// request's ending.
+    broken: Broken,
+}
+
+/// Tokens and cost (estimated) of upstream attempts that broke off after the provider
+/// accepted them.
+#[derive(Debug, Default)]
+struct Broken {
+    usage: Usage,
+    cost: u64,
+    price: Option<String>,
+}
+
+impl Broken {
+    /// Adds them to the record that leaves (after its own usage is applied), marking its
+    /// usage as (partly) estimated.
+    fn fold(&mut self, rec: &mut UsageRecord) {
+        let Some(price) = self.price.take() else {
+            return;
+        };
+        rec.input_tokens = rec.input_tokens.saturating_add(self.usage.input);
+        rec.output_tokens = rec.output_tokens.saturating_add(self.usage.output);
+        rec.cost_micros = rec
+            .cost_micros
+            .saturating_add(self.cost)
+            .min(crate::wallet::MAX_MICROS as u64);
+        rec.usage_source = match rec.usage_source.as_str() {
+            "provider" => "provider+estimated".into(),
+            _ => "estimated".into(),
+        };
+        if rec.price_version.is_none() {
+            rec.price_version = Some(price);
+        }
+    }
 }
 
 impl Settlement {
@@ -904,7 +1004,32 @@ impl Settlement {
             request_id: request_id.to_string(),
             money: None,
             keep: Vec::new(),
+            broken: Broken::default(),
         }
+    }
+
+    /// An attempt whose answer broke off after the provider accepted it: the provider bills
+    /// its input and whatever it wrote, so the request does too (estimated), even when a
+    /// later attempt succeeds.
+    fn bill_broken_attempt(&mut self, runtime: &Runtime, dep: &Deployment, partial: &[u8]) {
+        let usage = Usage {
+            input: estimate::request_tokens(&self.body).min(crate::wallet::MAX_TOKENS),
+            output: estimate::tokens(&partial_answer_text(partial)).min(crate::wallet::MAX_TOKENS),
+            ..Usage::default()
+        };
+        let price = runtime.prices.lookup(&dep.provider.name, &dep.model);
+        let cost = price.map_or(0, |p| p.cost(&usage));
+        let b = &mut self.broken;
+        b.usage.input = b.usage.input.saturating_add(usage.input);
+        b.usage.output = b.usage.output.saturating_add(usage.output);
+        b.cost = b
+            .cost
+            .saturating_add(cost)
+            .min(crate::wallet::MAX_MICROS as u64);
+        if b.price.is_none() {
+            b.price = Some(price.map_or_else(|| "unpriced".into(), |p| p.version.clone()));
+        }
+        self.app.metrics.attempts_billed_broken.inc();
     }
 
     /// Answers with another request's answer: no upstream call, no cost.
@@ -978,6 +1103,7 @@ impl Settlement {
     }
 
     fn commit(&mut self, mut rec: UsageRecord) {
+        self.broken.fold(&mut rec);
         rec.latency_ms = self.started.elapsed().as_millis() as u64;
         if let Some(mut a) = self.admission.take() {
             a.settle(now_us(), rec.input_tokens + rec.output_tokens);
@@ -1324,6 +1450,7 @@ fn stream_response(
     rest: reqwest::Response,
 ) -> Response {
     let mut rec = settle.take();
+    let broken = std::mem::take(&mut settle.broken);
     let admission = settle.admission.take();
     if let Some(r) = rec.as_mut() {
         r.status = 200;
@@ -1347,6 +1474,7 @@ fn stream_response(
         idle_timer: Box::pin(tokio::time::sleep(dep.provider.idle_timeout)),
         deadline: Box::pin(tokio::time::sleep(dep.provider.total_timeout)),
         rec,
+        broken,
         admission,
         runtime: app.runtime.load_full(),
         provider: dep.provider.name.clone(),
@@ -1397,6 +1525,8 @@ struct GatewayStream {
     idle_timer: Pin<Box<tokio::time::Sleep>>,
     deadline: Pin<Box<tokio::time::Sleep>>,
     rec: Option<UsageRecord>,
+    /// Earlier attempts that broke off, added to the record when the stream settles.
+    broken: Broken,
     /// Held for the stream's whole life: the concurrency slot is the stream's.
     admission: Option<Admission>,
     runtime: Arc<Runtime>,
@@ -1545,6 +1675,7 @@ impl GatewayStream {
             usage,
             source,
         );
+        self.broken.fold(&mut rec);
         rec.error_kind = error_kind;
         rec.client_disconnected = disconnected;
         rec.latency_ms = self.started.elapsed().as_millis() as u64;

@@ -620,3 +620,50 @@ async fn rotating_twice_is_defined_and_each_secret_keeps_its_own_expiry() {
     let (s, _) = rotate(&gw, &key_id, "1h").await;
     assert_eq!(s, 400);
 }
+
+/// A JSON answer cut off mid-way was metered as nothing, on every attempt; the provider did
+/// the work each time. Each attempt that reached it is billed (estimated) and captured.
+#[tokio::test]
+async fn attempts_that_broke_off_after_the_provider_answered_are_billed() {
+    const PRICED_INPUT: &str = r#"
+[[prices]]
+model = "mock*"
+input = 1000000
+output = 2000000
+"#;
+    let gw = TestGateway::start(PRICED_INPUT).await;
+    let (key, key_id) = gw.create_key(json!({"name": "cut"})).await;
+    let wallet = gw.wallet(&format!("key:{key_id}"), "1.00").await;
+    let r = gw
+        .chat(
+            &key,
+            json!({"model": "mock-truncate", "max_tokens": 16, "messages": user("a question that costs")}),
+        )
+        .await;
+    assert_eq!(r.status(), 502);
+    let rec = gw.record_for(r.headers()).await;
+    assert!(rec.attempts >= 2, "retried: {rec:?}");
+    assert_eq!(rec.usage_source, "estimated", "{rec:?}");
+    assert!(rec.input_tokens > 0, "{rec:?}");
+    assert!(
+        rec.output_tokens > 0,
+        "what arrived before the cut: {rec:?}"
+    );
+    assert!(rec.cost_micros > 0);
+    let one = tollgate::estimate::request_tokens(
+        &serde_json::to_vec(&json!({"model": "mock-truncate", "max_tokens": 16, "messages": user("a question that costs")})).unwrap(),
+    );
+    assert_eq!(
+        rec.input_tokens,
+        one * rec.attempts as u64,
+        "each attempt's input"
+    );
+    gw.wait_records(0).await;
+    let w = gw.wallet_view(&wallet).await;
+    assert_eq!(
+        w["balance_micros"].as_i64().unwrap(),
+        1_000_000 - rec.cost_micros as i64,
+        "captured from the hold: {w}"
+    );
+    verify_ok(&gw).await;
+}
