@@ -547,6 +547,15 @@ async fn embeddings(
             )
         }
     };
+    // OpenAI's own bound on one request's inputs.
+    if inputs.len() > 2048 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "'$.input' is invalid: an array of at most 2048 inputs",
+            "invalid_request_error",
+            "invalid_value",
+        );
+    }
     let dims = req
         .get("dimensions")
         .and_then(Value::as_u64)

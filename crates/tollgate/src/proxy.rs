@@ -445,8 +445,15 @@ async fn run(
                 return Ok(stream_response(app, settle, &dep, view, first, rest));
             }
             Err(mut failure) => {
-                dep.health
-                    .failure(now_ms(), failure.retry_after, &runtime.routing);
+                // A request the provider refused as malformed says nothing about the
+                // deployment's health: counting it would let one agent's bad requests open
+                // the circuit for every agent.
+                if failure.error.kind == ErrorKind::UpstreamRejected {
+                    dep.health.success(now_ms(), &runtime.routing);
+                } else {
+                    dep.health
+                        .failure(now_ms(), failure.retry_after, &runtime.routing);
+                }
                 if let Some(partial) = failure.reached.take() {
                     settle.bill_broken_attempt(&runtime, &dep, &partial);
                 }

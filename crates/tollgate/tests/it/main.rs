@@ -10,6 +10,7 @@ mod auth;
 mod cli;
 mod clients;
 mod connections;
+mod corpus;
 mod damping;
 mod hardening;
 mod limits;
