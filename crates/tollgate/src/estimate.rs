@@ -85,6 +85,8 @@ fn floor_char(text: &str, mut i: usize) -> usize {
 fn encode_bounded(b: &CoreBPE, text: &str) -> u64 {
     #[cfg(debug_assertions)]
     crate::fault::check("estimate", text);
+    #[cfg(test)]
+    tests::ENCODED.with(|e| e.set(e.get() + text.len()));
     let mut total = 0u64;
     let mut start = 0;
     let mut run_start = 0;
@@ -124,6 +126,32 @@ pub fn request_tokens(body: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Bytes handed to the encoder on this thread: the work an estimate does.
+        pub(super) static ENCODED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// The estimate was quadratic in a word's length (256 KB took over 10 s on a runtime
+    /// worker); now the encoder sees at most 64 KiB per text, whatever its length or shape.
+    #[test]
+    fn the_work_per_estimate_is_bounded() {
+        for text in [
+            "y".repeat(8 << 20),
+            "word ".repeat(2 << 20),
+            "\u{1F600}".repeat(1 << 20),
+        ] {
+            ENCODED.with(|e| e.set(0));
+            let n = tokens(&text);
+            let encoded = ENCODED.with(|e| e.get());
+            assert!(n > 0);
+            assert!(
+                encoded <= EXACT_BYTES,
+                "{encoded} bytes encoded for {}",
+                text.len()
+            );
+        }
+    }
 
     #[test]
     fn estimates_are_plausible() {
