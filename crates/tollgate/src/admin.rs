@@ -1,12 +1,13 @@
 //! Key and usage management, shared by the CLI (acting on the data directory) and the
 //! admin HTTP API (acting through a running gateway).
 
+use crate::clock::now_ms;
 use crate::config::parse_duration;
 use crate::error::{ApiError, ErrorKind};
 use crate::keys::{self, KeyLimits, KeyRecord, KeyStatus, ServerSecret};
-use crate::metering::UsageRecord;
-use crate::proxy::{authenticate, now_ms};
-use crate::server::{refresh_keys, reload, AppState};
+use crate::proxy::authenticate;
+use crate::records::UsageRecord;
+use crate::state::{refresh_keys, reload, AppState};
 use crate::store::{GroupBy, ReportRow, Store, StoreError, TeamRecord};
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
@@ -363,7 +364,7 @@ impl From<crate::wallet::WalletError> for AdminError {
 }
 
 fn usd_arg(field: &str, text: &str) -> Result<i64, AdminError> {
-    crate::wallet::parse_usd(text).map_err(|e| AdminError::Invalid(format!("{field}: {e}")))
+    crate::money::parse_usd(text).map_err(|e| AdminError::Invalid(format!("{field}: {e}")))
 }
 
 pub fn create_wallet(store: &Store, req: NewWallet) -> Result<crate::wallet::Wallet, AdminError> {

@@ -144,12 +144,6 @@ pub struct StoreConfig {
     pub url: Option<String>,
 }
 
-impl StoreConfig {
-    pub fn location(&self, data_dir: &std::path::Path) -> crate::db::Location {
-        crate::db::Location::from_config(self.url.as_deref(), data_dir)
-    }
-}
-
 /// Money: holds and streams. Reloadable.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -691,17 +685,17 @@ impl Config {
             ),
             ("limits.output_estimate", self.limits.output_estimate),
         ] {
-            if v > crate::wallet::MAX_TOKENS {
+            if v > crate::money::MAX_TOKENS {
                 p(
                     path.into(),
-                    &format!("must be at most {}", crate::wallet::MAX_TOKENS),
+                    &format!("must be at most {}", crate::money::MAX_TOKENS),
                 );
             }
         }
-        if !(1..=crate::wallet::MAX_TOKENS).contains(&self.limits.max_output_tokens) {
+        if !(1..=crate::money::MAX_TOKENS).contains(&self.limits.max_output_tokens) {
             p(
                 "limits.max_output_tokens".into(),
-                &format!("must be between 1 and {}", crate::wallet::MAX_TOKENS),
+                &format!("must be between 1 and {}", crate::money::MAX_TOKENS),
             );
         }
         if self.wallets.backend == WalletsBackend::Redis && self.limits.redis.url.is_none() {
@@ -779,10 +773,10 @@ impl Config {
         }
         let mut route_names = HashSet::new();
         for (i, r) in self.routes.iter().enumerate() {
-            if r.price_per_call > crate::wallet::MAX_MICROS as u64 {
+            if r.price_per_call > crate::money::MAX_MICROS as u64 {
                 p(
                     format!("routes[{i}].price_per_call"),
-                    &format!("must be at most {}", crate::wallet::MAX_MICROS),
+                    &format!("must be at most {}", crate::money::MAX_MICROS),
                 );
             }
             let path = format!("routes[{i}]");

@@ -16,6 +16,7 @@
 //! keeps the two apart.
 
 use crate::config::ServerConfig;
+use crate::error::BodyTimeout;
 use crate::metrics::{ConnTimeoutLabels, Metrics};
 use axum::Router;
 use bytes::Bytes;
@@ -71,34 +72,6 @@ fn auto_max_connections() -> usize {
         Some(n) => (n / 2).clamp(16, 10_000),
         None => 512,
     }
-}
-
-/// A request body that took longer than `body_read_timeout` to arrive.
-#[derive(Debug)]
-pub struct BodyTimeout(pub Duration);
-
-impl std::fmt::Display for BodyTimeout {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the request body did not arrive within {:?} ([server] body_read_timeout)",
-            self.0
-        )
-    }
-}
-
-impl std::error::Error for BodyTimeout {}
-
-/// Whether an error (or anything in its source chain) is a body read timeout.
-pub fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if err.is::<BodyTimeout>() {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
 }
 
 /// What the watchdog knows of one connection.

@@ -623,16 +623,16 @@ pub fn parse_caps(text: &str) -> Result<Caps, String> {
         let int = || {
             v.parse::<i64>()
                 .ok()
-                .filter(|n| (0..=crate::wallet::MAX_TOKENS as i64).contains(n))
+                .filter(|n| (0..=crate::money::MAX_TOKENS as i64).contains(n))
                 .ok_or_else(|| {
                     format!(
                         "{k} must be an integer from 0 to {}, not \"{v}\"",
-                        crate::wallet::MAX_TOKENS
+                        crate::money::MAX_TOKENS
                     )
                 })
         };
         match k {
-            "cost" => caps.cost_micros = Some(crate::wallet::parse_usd(v)?.max(0)),
+            "cost" => caps.cost_micros = Some(crate::money::parse_usd(v)?.max(0)),
             "tokens" => caps.tokens = Some(int()?),
             "calls" => caps.calls = Some(int()?),
             _ => return Err(format!("unknown cap \"{k}\" (cost, tokens, calls)")),

@@ -296,3 +296,31 @@ impl IntoResponse for ApiError {
         self.into_dialect_response(Dialect::OpenAi)
     }
 }
+
+/// A request body that took longer than `body_read_timeout` to arrive.
+#[derive(Debug)]
+pub struct BodyTimeout(pub std::time::Duration);
+
+impl std::fmt::Display for BodyTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the request body did not arrive within {:?} ([server] body_read_timeout)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for BodyTimeout {}
+
+/// Whether an error (or anything in its source chain) is a body read timeout.
+pub fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<BodyTimeout>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}

@@ -328,7 +328,7 @@ impl HotWallets {
         }
         let mut inv = self.expire.prepare_invoke();
         inv.key(expiry_key())
-            .arg(crate::proxy::now_ms())
+            .arg(crate::clock::now_ms())
             .arg(format!("tg:wal:v{STATE_VERSION}:"));
         self.call::<i64>(inv).await.map(|n| n as usize)
     }

@@ -4,107 +4,17 @@ use arc_swap::ArcSwap;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
-use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+
+pub use crate::records::{pattern_matches, KeyLimits, KeyRecord, KeySecret, KeyStatus};
 
 pub const KEY_PREFIX: &str = "tg_";
 /// Characters of the secret shown by `keys list`: enough to tell keys apart, far too few to
 /// guess the rest (the secret carries 192 random bits).
 const SHOWN_PREFIX_LEN: usize = 10;
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct KeyRecord {
-    pub id: String,
-    /// The agent this key belongs to.
-    pub name: String,
-    pub team: Option<String>,
-    pub project: Option<String>,
-    /// Allowed model names; `prefix*` matches by prefix; empty means every model.
-    pub models: Vec<String>,
-    pub tags: BTreeMap<String, String>,
-    pub admin: bool,
-    /// The first characters of the secret, for humans.
-    pub prefix: String,
-    pub created_ms: i64,
-    pub expires_ms: Option<i64>,
-    pub revoked_ms: Option<i64>,
-    pub rotated_from: Option<String>,
-    /// Overrides of the configured default limits.
-    #[serde(default)]
-    pub limits: KeyLimits,
-    /// The organisation the key belongs to, for its wallet; `default` when unset.
-    #[serde(default)]
-    pub org: Option<String>,
-    /// The secrets that open this key, newest first (filled by the admin reads; the request
-    /// path's cache holds one record per secret instead). Rotation adds one and retires the
-    /// others after a grace period: the key's id, and with it its wallet, budgets, limits
-    /// and attribution, never changes.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub secrets: Vec<KeySecret>,
-}
-
-/// One secret of a key: its shown prefix and its own expiry (a rotated-out secret's end of
-/// grace). A secret is live while neither it nor its key has expired or been revoked.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct KeySecret {
-    pub prefix: String,
-    pub created_ms: i64,
-    pub expires_ms: Option<i64>,
-}
-
-/// Limit overrides of a key or a team; unset fields use the configured defaults.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct KeyLimits {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rpm: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tpm: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub concurrency: Option<u32>,
-    /// Refuse a request whose estimated cost is above this (micro-USD).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_cost_micros: Option<u64>,
-    /// When the wallet cannot cover `max_tokens`, lower `max_tokens` to what it can pay
-    /// instead of refusing.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub clamp_max_tokens: Option<bool>,
-}
-
-impl KeyRecord {
-    pub fn allows_model(&self, model: &str) -> bool {
-        self.models.is_empty() || self.models.iter().any(|pat| pattern_matches(pat, model))
-    }
-
-    pub fn status_at(&self, now_ms: i64) -> KeyStatus {
-        if self.revoked_ms.is_some_and(|r| r <= now_ms) {
-            KeyStatus::Revoked
-        } else if self.expires_ms.is_some_and(|e| e <= now_ms) {
-            KeyStatus::Expired
-        } else {
-            KeyStatus::Active
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum KeyStatus {
-    Active,
-    Expired,
-    Revoked,
-}
-
-/// `*` at the end matches any suffix; anything else must match exactly.
-pub fn pattern_matches(pattern: &str, name: &str) -> bool {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => name.starts_with(prefix),
-        None => pattern == name,
-    }
-}
 
 /// The server secret under which key digests are computed. A stolen database alone does
 /// not let anyone test guesses offline.
@@ -289,6 +199,7 @@ impl KeyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn secrets_are_long_and_distinct() {

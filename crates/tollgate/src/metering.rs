@@ -7,77 +7,11 @@
 use crate::db::{Db, Location};
 use crate::metrics::Metrics;
 use crate::store;
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
-/// One per request that got past authentication.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct UsageRecord {
-    pub id: String,
-    pub ts_ms: i64,
-    pub endpoint: String,
-    pub key_id: String,
-    pub agent: String,
-    pub team: Option<String>,
-    pub project: Option<String>,
-    pub tags: BTreeMap<String, String>,
-    pub model_requested: Option<String>,
-    pub provider: Option<String>,
-    pub model_served: Option<String>,
-    pub attempts: u32,
-    pub status: u16,
-    pub error_kind: Option<String>,
-    pub input_tokens: u64,
-    pub cached_input_tokens: u64,
-    pub output_tokens: u64,
-    pub reasoning_tokens: u64,
-    /// Anthropic prompt-cache writes (part of `input_tokens`), by TTL.
-    #[serde(default)]
-    pub cache_write_5m_tokens: u64,
-    #[serde(default)]
-    pub cache_write_1h_tokens: u64,
-    /// `provider`, `estimated` (the provider gave no usage), or `none` (nothing reached a provider).
-    pub usage_source: String,
-    pub cost_micros: u64,
-    pub price_version: Option<String>,
-    pub latency_ms: u64,
-    pub ttft_ms: Option<u64>,
-    pub stream: bool,
-    pub client_disconnected: bool,
-    /// Body sizes, recorded for tool routes.
-    #[serde(default)]
-    pub request_bytes: u64,
-    #[serde(default)]
-    pub response_bytes: u64,
-    /// Set when the answer came from another request instead of an upstream call of this
-    /// one's: `coalesced` (joined an identical request in flight), `replayed` (a retry with
-    /// a known `Idempotency-Key`), `loop_replay` (the loop guard answered from the last
-    /// response). Such records cost nothing; `reused_from` names the request that paid.
-    #[serde(default)]
-    pub reused: Option<String>,
-    #[serde(default)]
-    pub reused_from: Option<String>,
-    /// The wallet that held money for this request; the hold is settled (released, and the
-    /// cost captured) in the same transaction that writes this record.
-    #[serde(default)]
-    pub wallet_id: Option<String>,
-    /// Cost the wallet could not pay without passing its floor (not captured).
-    #[serde(default)]
-    pub shortfall_micros: u64,
-    /// The run envelope (`x-tollgate-run`) the request drew on.
-    #[serde(default)]
-    pub run_id: Option<String>,
-    /// The hold Redis admitted for this request (hot wallets): written to the ledger with
-    /// the request's settle.
-    #[serde(skip)]
-    pub hot_hold_micros: Option<i64>,
-    /// The request reserved in envelopes (its run, budgets), settled with this record.
-    #[serde(skip)]
-    pub enveloped: bool,
-}
+pub use crate::records::UsageRecord;
 
 enum Msg {
     Record(Box<UsageRecord>),
@@ -162,7 +96,7 @@ fn write_refusals(db: &mut Db, refused: &mut Vec<(HoldRequest, Held)>) {
     if refused.is_empty() {
         return;
     }
-    let now = crate::proxy::now_ms();
+    let now = crate::clock::now_ms();
     let events = db.write(|tx| {
         for (h, r) in refused.iter() {
             refusal_event(tx, h, &Ok(r.clone()), now)?;
@@ -200,7 +134,7 @@ fn refusal_event(
             floor_micros,
         }) => {
             let w = h.wallet_id.clone().unwrap_or_default();
-            crate::webhooks::enqueue(
+            crate::outbox::enqueue(
                 tx,
                 &format!("wallet:{w}:insufficient:{}", now / 3_600_000),
                 "wallet.insufficient_funds",
@@ -214,7 +148,7 @@ fn refusal_event(
                 now,
             )
         }
-        Ok(Held::Exhausted(e)) => crate::webhooks::enqueue(
+        Ok(Held::Exhausted(e)) => crate::outbox::enqueue(
             tx,
             &format!("{}:refused", e.envelope),
             if e.envelope.starts_with("budget:") {
@@ -242,7 +176,7 @@ fn place_holds(db: &mut Db, holds: &mut Vec<HoldReply>) {
     if holds.is_empty() {
         return;
     }
-    let now = crate::proxy::now_ms();
+    let now = crate::clock::now_ms();
     let result = db.write(|tx| -> Result<Vec<Result<Held, String>>, String> {
         let mut out = Vec::with_capacity(holds.len());
         for (h, _) in holds.iter() {
@@ -324,7 +258,7 @@ impl Meter {
                     place_holds(&mut conn, &mut holds);
                     write_refusals(&mut conn, &mut refused);
                     for w in sweeps.drain(..) {
-                        let now = crate::proxy::now_ms();
+                        let now = crate::clock::now_ms();
                         let _ = w.send(in_tx(&mut conn, |tx| {
                             let (h, g) = crate::wallet::expire(tx, now)?;
                             let e = crate::envelope::expire(tx, now)?;
@@ -474,7 +408,7 @@ fn write_with_retry(
     // Records are only lost if the database stays unwritable for minutes; each failure is
     // logged, and the batch is retried rather than dropped.
     for attempt in 1..=12 {
-        match store::insert_usage_batch(conn, batch) {
+        match commit_batch(conn, batch) {
             Ok(hot) => {
                 metrics.usage_records_written.inc_by(batch.len() as u64);
                 if let Some(acks) = acks {
@@ -495,4 +429,75 @@ fn write_with_retry(
     for rec in batch {
         tracing::error!(record = %serde_json::to_string(rec).unwrap_or_default(), "usage record not stored after retries");
     }
+}
+
+/// Writes a batch in one transaction: for each record, the capture of its wallet hold and the
+/// settling of its envelopes (money and metering commit together or not at all, so they
+/// cannot disagree), the webhook events that spending crossed, then the records themselves.
+///
+/// Returns, per wallet whose Redis-admitted ("hot") holds this batch settled, what Redis must
+/// learn once the batch is committed.
+pub fn commit_batch(
+    db: &mut Db,
+    batch: &[UsageRecord],
+) -> Result<Vec<crate::hotwallet::Ack>, store::StoreError> {
+    let now = crate::clock::now_ms();
+    db.write(|tx| {
+        let mut hot: Vec<crate::hotwallet::Ack> = Vec::new();
+        let mut shortfalls = Vec::with_capacity(batch.len());
+        for u in batch {
+            let mut shortfall = 0;
+            if let Some(w) = &u.wallet_id {
+                let cost = u.cost_micros as i64;
+                let settled = match u.hot_hold_micros {
+                    Some(h) => crate::wallet::settle_hot(tx, w, &u.id, h, cost, now)?,
+                    None => crate::wallet::settle(tx, &u.id, cost, now)?,
+                };
+                if u.hot_hold_micros.is_some() {
+                    // Redis forgets the hold either way; a capture only if one was made now.
+                    let captured = settled.as_ref().map_or(0, |s| s.captured_micros);
+                    let entry = (u.id.clone(), captured);
+                    match hot.iter_mut().find(|a| &a.wallet_id == w) {
+                        Some(a) => a.settled.push(entry),
+                        None => hot.push(crate::hotwallet::Ack {
+                            wallet_id: w.clone(),
+                            version: -1,
+                            settled: vec![entry],
+                        }),
+                    }
+                }
+                if let Some(s) = settled {
+                    shortfall = s.shortfall_micros as u64;
+                    if let Some((wallet, balance)) = s.low_balance {
+                        crate::outbox::enqueue(
+                            tx,
+                            &format!("wallet:{wallet}:low:{}", now / 3_600_000),
+                            "wallet.low_balance",
+                            serde_json::json!({"wallet": wallet, "balance_micros": balance}),
+                            now,
+                        )?;
+                    }
+                }
+            }
+            if u.enveloped {
+                let crossings = crate::envelope::settle(
+                    tx,
+                    &u.id,
+                    u.cost_micros as i64,
+                    (u.input_tokens + u.output_tokens) as i64,
+                )?;
+                for c in crossings {
+                    crate::outbox::enqueue_crossing(tx, &c, now)?;
+                }
+            }
+            shortfalls.push(shortfall);
+        }
+        store::insert_usage_rows(tx, batch, &shortfalls)?;
+        // The version this commit leaves each wallet at: Redis counts a capture once, in a
+        // synced balance or as a delta at this version.
+        for a in &mut hot {
+            a.version = crate::wallet::state(tx, &a.wallet_id)?.2;
+        }
+        Ok(hot)
+    })
 }

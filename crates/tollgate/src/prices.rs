@@ -192,7 +192,7 @@ impl Price {
         });
         // Capped where the ledger's arithmetic stays exact (see `wallet::MAX_MICROS`).
         pico.div_ceil(1_000_000)
-            .min(crate::wallet::MAX_MICROS as u128) as u64
+            .min(crate::money::MAX_MICROS as u128) as u64
     }
 }
 

@@ -6,15 +6,16 @@
 //! known and records exactly one usage record however the request ends: success, upstream
 //! failure, client disconnect (its `Drop`), or a stream cut short.
 
+use crate::clock::{new_request_id, now_ms, now_us};
 use crate::config::ProviderKind;
 use crate::error::{ApiError, Dialect, ErrorKind};
 use crate::estimate;
 use crate::keys::{KeyRecord, KeyStatus};
-use crate::limits::{now_us, Admission, Check, Class, Decision, Limits, Refusal, Scope};
-use crate::metering::UsageRecord;
+use crate::limits::{Admission, Check, Class, Decision, Limits, Refusal, Scope};
 use crate::metrics::{RefusalLabels, RequestLabels, ReuseLabels, ScopeLabels, UpstreamLabels};
 use crate::prices::PriceTable;
-use crate::server::AppState;
+use crate::records::UsageRecord;
+use crate::state::AppState;
 use crate::upstream::{self, Deployment, Runtime};
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -526,7 +527,7 @@ pub(crate) async fn read_body(
         {
             Err(too_large())
         }
-        Err(e) if crate::conn::is_body_timeout(e.as_ref()) => {
+        Err(e) if crate::error::is_body_timeout(e.as_ref()) => {
             Err(ApiError::new(ErrorKind::RequestTimeout, e.to_string()))
         }
         Err(e) => Err(ApiError::new(
@@ -964,7 +965,7 @@ impl Broken {
         rec.cost_micros = rec
             .cost_micros
             .saturating_add(self.cost)
-            .min(crate::wallet::MAX_MICROS as u64);
+            .min(crate::money::MAX_MICROS as u64);
         rec.usage_source = match rec.usage_source.as_str() {
             "provider" => "provider+estimated".into(),
             _ => "estimated".into(),
@@ -1020,8 +1021,8 @@ impl Settlement {
     /// later attempt succeeds.
     fn bill_broken_attempt(&mut self, runtime: &Runtime, dep: &Deployment, partial: &[u8]) {
         let usage = Usage {
-            input: estimate::request_tokens(&self.body).min(crate::wallet::MAX_TOKENS),
-            output: estimate::tokens(&partial_answer_text(partial)).min(crate::wallet::MAX_TOKENS),
+            input: estimate::request_tokens(&self.body).min(crate::money::MAX_TOKENS),
+            output: estimate::tokens(&partial_answer_text(partial)).min(crate::money::MAX_TOKENS),
             ..Usage::default()
         };
         let price = runtime.prices.lookup(&dep.provider.name, &dep.model);
@@ -1032,7 +1033,7 @@ impl Settlement {
         b.cost = b
             .cost
             .saturating_add(cost)
-            .min(crate::wallet::MAX_MICROS as u64);
+            .min(crate::money::MAX_MICROS as u64);
         if b.price.is_none() {
             b.price = Some(price.map_or_else(|| "unpriced".into(), |p| p.version.clone()));
         }
@@ -1277,7 +1278,7 @@ fn apply_usage(
 ) {
     // A provider's numbers are client input too: bounded, so no sum, price or column
     // (SQLite integers are i64) can overflow.
-    let bound = |n: u64| n.min(crate::wallet::MAX_TOKENS);
+    let bound = |n: u64| n.min(crate::money::MAX_TOKENS);
     let usage = Usage {
         input: bound(usage.input),
         cached_input: bound(usage.cached_input),
@@ -1563,7 +1564,7 @@ impl StreamBudget {
     fn spent(&self, delivered_tokens: u64) -> u64 {
         let output = (u128::from(delivered_tokens) * u128::from(self.output_price))
             .div_ceil(1_000_000)
-            .min(crate::wallet::MAX_MICROS as u128) as u64;
+            .min(crate::money::MAX_MICROS as u128) as u64;
         self.input_micros.saturating_add(output)
     }
 }
@@ -1617,7 +1618,7 @@ impl GatewayStream {
             "insufficient_funds",
             format!(
                 "the wallet's hold for this request (${}) is used up; the stream was cut",
-                crate::wallet::usd(b.limit_micros as i64)
+                crate::money::usd(b.limit_micros as i64)
             ),
         )));
         true
@@ -1910,7 +1911,7 @@ impl Quote {
             .saturating_add(u128::from(output_tokens) * u128::from(output_price));
         let cost = pico
             .div_ceil(1_000_000)
-            .min(crate::wallet::MAX_MICROS as u128) as u64;
+            .min(crate::money::MAX_MICROS as u128) as u64;
         Quote {
             input_tokens,
             output_tokens,
@@ -1958,7 +1959,7 @@ fn cost_cap(app: &AppState, key: &KeyRecord, headers: &HeaderMap) -> Result<Opti
         None => None,
         Some(v) => {
             let text = v.to_str().unwrap_or("");
-            let micros = crate::wallet::parse_usd(text)
+            let micros = crate::money::parse_usd(text)
                 .ok()
                 .and_then(|m| u64::try_from(m).ok())
                 .ok_or_else(|| {
@@ -2099,9 +2100,9 @@ pub(crate) fn insufficient_funds(
         ErrorKind::InsufficientFunds,
         format!(
             "insufficient funds: this request needs a hold of ${} and wallet {wallet_id} has ${} available (floor ${}); {advice}",
-            crate::wallet::usd(hold_micros as i64),
-            crate::wallet::usd(balance_micros),
-            crate::wallet::usd(floor_micros)
+            crate::money::usd(hold_micros as i64),
+            crate::money::usd(balance_micros),
+            crate::money::usd(floor_micros)
         ),
     )
     .details(money_details(&[
@@ -2227,7 +2228,7 @@ pub async fn quote_handler(
                 "input_tokens": quote.input_tokens,
                 "output_tokens": quote.output_tokens,
                 "cost_micros": quote.cost_micros,
-                "cost_usd": crate::wallet::usd(quote.cost_micros as i64),
+                "cost_usd": crate::money::usd(quote.cost_micros as i64),
             },
             "hold_micros": if wallet.is_some() { quote.cost_micros } else { 0 },
             "cap_micros": cap,
@@ -2282,10 +2283,10 @@ async fn hold(
                 ErrorKind::MaxCostExceeded,
                 format!(
                     "this request could cost up to ${} ({} input tokens estimated, {} output tokens allowed), above its cap of ${}; lower max_tokens or raise the cap",
-                    crate::wallet::usd(q.cost_micros as i64),
+                    crate::money::usd(q.cost_micros as i64),
                     q.input_tokens,
                     q.output_tokens,
-                    crate::wallet::usd(cap as i64)
+                    crate::money::usd(cap as i64)
                 ),
             )
             .details(money_details(&[
@@ -2364,7 +2365,7 @@ async fn hold(
                 };
                 let shown = |v: i64| {
                     if e.what == "cost" {
-                        format!("${}", crate::wallet::usd(v))
+                        format!("${}", crate::money::usd(v))
                     } else {
                         v.to_string()
                     }
@@ -2764,16 +2765,6 @@ fn reset_text(us: u64) -> String {
         (m, 0) => format!("{m}m"),
         (m, s) => format!("{m}m{s}s"),
     }
-}
-
-pub fn new_request_id() -> String {
-    format!("req_{:024x}", rand::random::<u128>() >> 32)
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// `GET /v1/models`: what this key may call.

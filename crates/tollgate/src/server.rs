@@ -1,10 +1,10 @@
 //! The gateway process: state, router, background tasks, reload and graceful shutdown.
 
-use crate::config::{Config, ProviderKeys, ProviderKind, ServerConfig};
+use crate::config::{Config, ProviderKeys, ProviderKind};
 use crate::error::{ApiError, ErrorKind};
 use crate::keys::{KeyCache, ServerSecret};
 use crate::metering::Meter;
-use crate::metrics::{Metrics, ReloadLabels};
+use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::upstream::{HealthRegistry, Runtime};
 use crate::{admin, mock, proxy};
@@ -19,38 +19,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-pub struct AppState {
-    pub runtime: ArcSwap<Runtime>,
-    pub keys: KeyCache,
-    pub secret: ServerSecret,
-    pub store: Arc<Store>,
-    pub meter: Meter,
-    /// Hot wallets: holds decided in Redis (`[wallets] backend`).
-    pub hot: Option<Arc<crate::hotwallet::HotWallets>>,
-    pub metrics: Arc<Metrics>,
-    /// Settings that need a restart to change.
-    pub server: ServerConfig,
-    /// As started (changing the store needs a restart).
-    pub store_config: crate::config::StoreConfig,
-    pub config_path: Option<PathBuf>,
-    provider_keys: ProviderKeys,
-    mock_url: Option<String>,
-    health: Arc<HealthRegistry>,
-    pub shutting_down: AtomicBool,
-    pub limiter: crate::limits::Limiter,
-    pub loop_guard: crate::loopguard::LoopGuard,
-    pub damper: crate::damping::Damper,
-    /// Stops the WAL checkpointer when the gateway goes away.
-    _checkpointer: StopOnDrop,
-}
-
-struct StopOnDrop(Arc<AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
+pub use crate::state::{refresh_keys, reload, AppState};
 
 /// How to start a gateway. `tollgate serve` fills it from flags and the environment; tests
 /// fill it directly, which keeps process-global state out of them.
@@ -103,10 +72,7 @@ pub fn install_panic_hook() {
     });
 }
 
-/// Installs ring as rustls's crypto provider: the default one would pull in aws-lc-sys.
-pub fn init_tls() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
+pub use crate::tls::init_tls;
 
 impl Gateway {
     pub async fn start(opts: ServeOptions) -> anyhow::Result<Gateway> {
@@ -122,7 +88,7 @@ impl Gateway {
         let data_dir = config.server.data_dir.clone();
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
-        let location = config.store.location(&data_dir);
+        let location = crate::db::Location::from_config(config.store.url.as_deref(), &data_dir);
         let opened = {
             let location = location.clone();
             // A PostgreSQL store blocks while it connects and migrates.
@@ -234,7 +200,7 @@ impl Gateway {
             limiter,
             loop_guard: crate::loopguard::LoopGuard::default(),
             damper: crate::damping::Damper::default(),
-            _checkpointer: StopOnDrop(stop_checkpoints),
+            _checkpointer: crate::state::StopOnDrop(stop_checkpoints),
         });
         refresh_keys(&app).await.context("loading keys")?;
         let _ = warm.await;
@@ -407,72 +373,6 @@ async fn method_not_allowed(method: http::Method, uri: http::Uri) -> Response {
     );
     e.status = Some(http::StatusCode::METHOD_NOT_ALLOWED);
     e.into_dialect_response(crate::error::dialect_for_path(uri.path()))
-}
-
-/// Reloads providers, models, prices and routing from the config file. In-flight requests
-/// keep the version they started with.
-pub fn reload(app: &AppState) -> Result<(), Vec<String>> {
-    let result = (|| {
-        let path = app
-            .config_path
-            .as_ref()
-            .ok_or_else(|| vec!["no --config file to reload from".to_string()])?;
-        let cfg = Config::from_file(path)
-            .map_err(|e| vec![e])?
-            .with_implicit_providers(app.provider_keys);
-        let problems = cfg.validate();
-        if !problems.is_empty() {
-            return Err(problems);
-        }
-        if cfg.providers.iter().any(|p| p.kind == ProviderKind::Mock) && app.mock_url.is_none() {
-            return Err(vec![
-                "a mock provider was added: that needs a restart".to_string()
-            ]);
-        }
-        if cfg.server.listen != app.server.listen || cfg.server.data_dir != app.server.data_dir {
-            tracing::warn!("[server] changes need a restart; they were not applied");
-        }
-        if cfg.store != app.store_config {
-            tracing::warn!("[store] changes need a restart; they were not applied");
-        }
-        let runtime = Runtime::build(&cfg, app.mock_url.as_deref(), app.health.clone())
-            .map_err(|e| vec![e.to_string()])?;
-        app.runtime.store(Arc::new(runtime));
-        Ok(())
-    })();
-    let label = if result.is_ok() { "ok" } else { "error" };
-    app.metrics
-        .config_reloads
-        .get_or_create(&ReloadLabels { result: label })
-        .inc();
-    match &result {
-        Ok(()) => tracing::info!("configuration reloaded"),
-        Err(p) => {
-            tracing::error!(problems = ?p, "configuration reload failed; keeping the running configuration")
-        }
-    }
-    result
-}
-
-/// Reloads the key cache from the store if its revision moved.
-pub async fn refresh_keys(app: &Arc<AppState>) -> anyhow::Result<()> {
-    let store = app.store.clone();
-    let known = app.keys.rev();
-    let loaded = tokio::task::spawn_blocking(
-        move || -> anyhow::Result<Option<crate::store::KeySnapshot>> {
-            if store.keys_rev()? == known {
-                return Ok(None);
-            }
-            Ok(Some(store.load_keys()?))
-        },
-    )
-    .await??;
-    if let Some(snap) = loaded {
-        let (rev, n) = (snap.rev, snap.keys.len());
-        app.keys.replace(snap);
-        tracing::debug!(rev, keys = n, "key cache refreshed");
-    }
-    Ok(())
 }
 
 /// Picks up keys created or revoked by other processes sharing the store.

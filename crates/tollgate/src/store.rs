@@ -2,8 +2,8 @@
 //! the CLI, or several gateways on one host).
 
 use crate::db::{Db, DbError, Dialect, Location, Param, Row, Value};
-use crate::keys::{KeyLimits, KeyRecord};
-use crate::metering::UsageRecord;
+use crate::records::UsageRecord;
+use crate::records::{KeyLimits, KeyRecord};
 use serde::Serialize;
 use std::path::Path;
 use std::sync::Mutex;
@@ -402,7 +402,7 @@ impl Store {
                 .iter()
                 .map(key_from_row)
                 .collect::<Result<Vec<_>>>()?;
-            let mut secrets: std::collections::HashMap<String, Vec<crate::keys::KeySecret>> =
+            let mut secrets: std::collections::HashMap<String, Vec<crate::records::KeySecret>> =
                 std::collections::HashMap::new();
             for r in db.rows(
                 "SELECT key_id, prefix, created_ms, expires_ms FROM key_secrets
@@ -412,7 +412,7 @@ impl Store {
                 secrets
                     .entry(r.get(0)?)
                     .or_default()
-                    .push(crate::keys::KeySecret {
+                    .push(crate::records::KeySecret {
                         prefix: r.get(1)?,
                         created_ms: r.get(2)?,
                         expires_ms: r.get(3)?,
@@ -434,7 +434,7 @@ impl Store {
             )?
             .iter()
             .map(|r| {
-                Ok(crate::keys::KeySecret {
+                Ok(crate::records::KeySecret {
                     prefix: r.get(0)?,
                     created_ms: r.get(1)?,
                     expires_ms: r.get(2)?,
@@ -818,133 +818,73 @@ fn usage_from_row(r: &Row) -> Result<UsageRecord> {
     })
 }
 
-/// Writes a batch in one transaction. `ON CONFLICT DO NOTHING` on the request id makes a
-/// replayed batch (a retry after a failed commit) harmless.
-///
-/// Returns, per wallet whose Redis-admitted ("hot") holds this batch settled, what Redis must
-/// learn once the batch is committed.
-pub fn insert_usage_batch(
-    db: &mut Db,
-    batch: &[UsageRecord],
-) -> Result<Vec<crate::hotwallet::Ack>> {
-    let now = crate::proxy::now_ms();
-    db.write(|tx| {
-        let mut hot: Vec<crate::hotwallet::Ack> = Vec::new();
-        // All the batch's rows go in one INSERT (one round trip on PostgreSQL, not one each).
-        let mut rows: Vec<Value> = Vec::with_capacity(batch.len() * USAGE_COLUMN_COUNT);
-        for u in batch {
-            // The capture of the request's hold commits with its usage record, or neither
-            // does: money and metering cannot disagree.
-            let mut shortfall = 0;
-            if let Some(w) = &u.wallet_id {
-                let cost = u.cost_micros as i64;
-                let settled = match u.hot_hold_micros {
-                    Some(h) => crate::wallet::settle_hot(tx, w, &u.id, h, cost, now)?,
-                    None => crate::wallet::settle(tx, &u.id, cost, now)?,
-                };
-                if u.hot_hold_micros.is_some() {
-                    // Redis forgets the hold either way; a capture only if one was made now.
-                    let captured = settled.as_ref().map_or(0, |s| s.captured_micros);
-                    let entry = (u.id.clone(), captured);
-                    match hot.iter_mut().find(|a| &a.wallet_id == w) {
-                        Some(a) => a.settled.push(entry),
-                        None => hot.push(crate::hotwallet::Ack {
-                            wallet_id: w.clone(),
-                            version: -1,
-                            settled: vec![entry],
-                        }),
-                    }
-                }
-                if let Some(s) = settled {
-                    shortfall = s.shortfall_micros as u64;
-                    if let Some((wallet, balance)) = s.low_balance {
-                        crate::webhooks::enqueue(
-                            tx,
-                            &format!("wallet:{wallet}:low:{}", now / 3_600_000),
-                            "wallet.low_balance",
-                            serde_json::json!({"wallet": wallet, "balance_micros": balance}),
-                            now,
-                        )?;
-                    }
-                }
+/// Inserts a batch's usage records in one statement (one round trip on PostgreSQL), inside
+/// the caller's transaction; `shortfalls[i]` is what record `i`'s wallet could not pay.
+/// `ON CONFLICT DO NOTHING` on the request id makes a replayed batch (a retry after a failed
+/// commit) harmless.
+pub fn insert_usage_rows(tx: &mut Db, batch: &[UsageRecord], shortfalls: &[u64]) -> Result<()> {
+    let mut rows: Vec<Value> = Vec::with_capacity(batch.len() * USAGE_COLUMN_COUNT);
+    for (u, shortfall) in batch.iter().zip(shortfalls) {
+        let row: [&dyn Param; USAGE_COLUMN_COUNT] = [
+            &u.id,
+            &u.ts_ms,
+            &u.endpoint,
+            &u.key_id,
+            &u.agent,
+            &u.team,
+            &u.project,
+            &json(&u.tags),
+            &u.model_requested,
+            &u.provider,
+            &u.model_served,
+            &u.attempts,
+            &u.status,
+            &u.error_kind,
+            &u.input_tokens,
+            &u.cached_input_tokens,
+            &u.output_tokens,
+            &u.reasoning_tokens,
+            &u.usage_source,
+            &u.cost_micros,
+            &u.price_version,
+            &u.latency_ms,
+            &u.ttft_ms,
+            &u.stream,
+            &u.client_disconnected,
+            &u.cache_write_5m_tokens,
+            &u.cache_write_1h_tokens,
+            &u.request_bytes,
+            &u.response_bytes,
+            &u.reused,
+            &u.reused_from,
+            &u.wallet_id,
+            shortfall,
+            &u.run_id,
+        ];
+        rows.extend(row.iter().map(|p| p.value()));
+    }
+    if !rows.is_empty() {
+        let n = rows.len() / USAGE_COLUMN_COUNT;
+        let mut sql = format!("INSERT INTO usage ({USAGE_COLUMNS}) VALUES ");
+        for r in 0..n {
+            if r > 0 {
+                sql.push_str(", ");
             }
-            let row: [&dyn Param; USAGE_COLUMN_COUNT] = [
-                &u.id,
-                &u.ts_ms,
-                &u.endpoint,
-                &u.key_id,
-                &u.agent,
-                &u.team,
-                &u.project,
-                &json(&u.tags),
-                &u.model_requested,
-                &u.provider,
-                &u.model_served,
-                &u.attempts,
-                &u.status,
-                &u.error_kind,
-                &u.input_tokens,
-                &u.cached_input_tokens,
-                &u.output_tokens,
-                &u.reasoning_tokens,
-                &u.usage_source,
-                &u.cost_micros,
-                &u.price_version,
-                &u.latency_ms,
-                &u.ttft_ms,
-                &u.stream,
-                &u.client_disconnected,
-                &u.cache_write_5m_tokens,
-                &u.cache_write_1h_tokens,
-                &u.request_bytes,
-                &u.response_bytes,
-                &u.reused,
-                &u.reused_from,
-                &u.wallet_id,
-                &shortfall,
-                &u.run_id,
-            ];
-            rows.extend(row.iter().map(|p| p.value()));
-            if u.enveloped {
-                let crossings = crate::envelope::settle(
-                    tx,
-                    &u.id,
-                    u.cost_micros as i64,
-                    (u.input_tokens + u.output_tokens) as i64,
-                )?;
-                for c in crossings {
-                    crate::webhooks::enqueue_crossing(tx, &c, now)?;
-                }
-            }
-        }
-        if !rows.is_empty() {
-            let n = rows.len() / USAGE_COLUMN_COUNT;
-            let mut sql = format!("INSERT INTO usage ({USAGE_COLUMNS}) VALUES ");
-            for r in 0..n {
-                if r > 0 {
+            sql.push('(');
+            for c in 0..USAGE_COLUMN_COUNT {
+                if c > 0 {
                     sql.push_str(", ");
                 }
-                sql.push('(');
-                for c in 0..USAGE_COLUMN_COUNT {
-                    if c > 0 {
-                        sql.push_str(", ");
-                    }
-                    sql.push_str(&format!("?{}", r * USAGE_COLUMN_COUNT + c + 1));
-                }
-                sql.push(')');
+                sql.push_str(&format!("?{}", r * USAGE_COLUMN_COUNT + c + 1));
             }
-            // A replayed batch (a retry after a failed commit) inserts nothing twice.
-            sql.push_str(" ON CONFLICT DO NOTHING");
-            let params: Vec<&dyn Param> = rows.iter().map(|v| v as &dyn Param).collect();
-            tx.exec(&sql, &params)?;
+            sql.push(')');
         }
-        // The version this commit leaves each wallet at: Redis counts a capture once, in a
-        // synced balance or as a delta at this version.
-        for a in &mut hot {
-            a.version = crate::wallet::state(tx, &a.wallet_id)?.2;
-        }
-        Ok(hot)
-    })
+        // A replayed batch (a retry after a failed commit) inserts nothing twice.
+        sql.push_str(" ON CONFLICT DO NOTHING");
+        let params: Vec<&dyn Param> = rows.iter().map(|v| v as &dyn Param).collect();
+        tx.exec(&sql, &params)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

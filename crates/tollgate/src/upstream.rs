@@ -182,7 +182,7 @@ pub struct Runtime {
     pub wallets: crate::config::WalletsConfig,
     pub webhooks: Vec<crate::config::WebhookConfig>,
     /// Tool routes, longest prefix first.
-    pub routes: Vec<Arc<crate::routes::ToolRoute>>,
+    pub routes: Vec<Arc<crate::toolroute::ToolRoute>>,
     health: Arc<HealthRegistry>,
 }
 
@@ -247,7 +247,7 @@ impl Runtime {
         let mut routes = Vec::new();
         for r in &cfg.routes {
             routes.push(Arc::new(
-                crate::routes::ToolRoute::build(r).map_err(BuildError::Route)?,
+                crate::toolroute::ToolRoute::build(r).map_err(BuildError::Route)?,
             ));
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
@@ -427,7 +427,7 @@ fn build_provider(p: &ProviderConfig, mock_url: Option<&str>) -> Result<Provider
         headers.insert(name, value);
     }
     // reqwest panics when no rustls crypto provider is installed; installing is idempotent.
-    crate::server::init_tls();
+    crate::tls::init_tls();
     let client = reqwest::Client::builder()
         .connect_timeout(p.connect_timeout)
         // Shorter than common upstream keep-alives, so a pooled connection is not reused just

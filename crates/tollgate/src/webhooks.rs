@@ -8,55 +8,11 @@
 //! with backoff until all endpoints answer 2xx.
 
 use crate::config::WebhookConfig;
-use crate::db::Db;
-use crate::envelope::Crossing;
-use crate::server::AppState;
+use crate::state::AppState;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::sync::Weak;
 use std::time::Duration;
-
-pub fn enqueue(
-    tx: &mut Db,
-    id: &str,
-    event: &str,
-    data: serde_json::Value,
-    now_ms: i64,
-) -> crate::db::Result<()> {
-    let payload = serde_json::json!({
-        "id": id,
-        "type": event,
-        "created_ms": now_ms,
-        "data": data,
-    });
-    tx.exec(
-        "INSERT INTO webhook_outbox (id, event, payload, created_ms, next_attempt_ms)
-         VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT DO NOTHING",
-        &[&id, &event, &payload.to_string(), &now_ms],
-    )?;
-    Ok(())
-}
-
-pub fn enqueue_crossing(tx: &mut Db, c: &Crossing, now_ms: i64) -> crate::db::Result<()> {
-    let event = match (c.kind.as_str(), c.threshold.as_str()) {
-        ("run", "100%") => "run.exhausted",
-        ("run", _) => "run.threshold",
-        (_, "soft") => "budget.soft_limit",
-        _ => "budget.threshold",
-    };
-    enqueue(
-        tx,
-        &format!("{}:{}", c.envelope, c.threshold),
-        event,
-        serde_json::json!({
-            "envelope": c.envelope,
-            "threshold": c.threshold,
-            "spent_micros": c.spent_cost_micros,
-            "cap_micros": c.cap_cost_micros,
-        }),
-        now_ms,
-    )
-}
 
 /// `sha256=<hex>` of the body under the endpoint's secret.
 pub fn signature(secret: &str, body: &[u8]) -> String {
@@ -96,7 +52,7 @@ pub async fn deliver(app: Weak<AppState>) {
             continue;
         }
         let store = strong.store.clone();
-        let now = crate::proxy::now_ms();
+        let now = crate::clock::now_ms();
         let due = tokio::task::spawn_blocking(move || {
             store.read(|c| {
                 c.rows(
@@ -149,7 +105,7 @@ pub async fn deliver(app: Weak<AppState>) {
             let store = strong.store.clone();
             let (id, attempts) = (d.id.clone(), d.attempts);
             let _ = tokio::task::spawn_blocking(move || {
-                let now = crate::proxy::now_ms();
+                let now = crate::clock::now_ms();
                 store.write(|tx| {
                     if ok {
                         tx.exec(

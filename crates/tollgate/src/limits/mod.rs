@@ -348,14 +348,7 @@ impl Limiter {
     }
 }
 
-/// Microseconds on a monotonic clock: limits must not jump with the wall clock.
-pub fn now_us() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_micros() as u64
-}
+pub use crate::clock::now_us;
 
 #[cfg(test)]
 mod tests {
