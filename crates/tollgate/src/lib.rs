@@ -1,4 +1,52 @@
 //! tollgate: an AI agent gateway. See `docs/ARCHITECTURE.md` for the life of a request.
+//!
+//! # Layers
+//!
+//! The modules stand in six layers, and a module uses only modules of its own layer or of
+//! layers below it (never above), with no circle anywhere. `tests/it/layers.rs` reads the
+//! source tree and fails, naming the file and the name, when an import breaks this.
+//!
+//! | layer | modules | what it knows |
+//! |---|---|---|
+//! | core | clock, money, error, config, metrics, genmap, fault, records, tls | units, records, errors, settings: no I/O |
+//! | store | db, store, wallet, envelope, outbox | SQL: keys, usage rows, the ledger, envelopes, the outbox |
+//! | traffic | metering, hotwallet, keys, limits, damping, loopguard, prices, estimate, upstream, toolroute, mock | the writer that owns money, limits, providers and their health |
+//! | state | state | `AppState`, reload, the key cache refresh |
+//! | pipeline | proxy, routes | the request path: model calls and tool routes |
+//! | server | server, admin, webhooks, conn | the router, the admin API, delivery, connections |
+//!
+//! The binary (`main.rs`, the CLI) sits above them all. Code under `#[cfg(test)]` may reach
+//! upward: tests compose layers.
+
+/// The layer table above, as the layer test reads it: (layer, modules), lowest first.
+pub const LAYERS: &[(&str, &[&str])] = &[
+    (
+        "core",
+        &[
+            "clock", "money", "error", "config", "metrics", "genmap", "fault", "records", "tls",
+        ],
+    ),
+    ("store", &["db", "store", "wallet", "envelope", "outbox"]),
+    (
+        "traffic",
+        &[
+            "metering",
+            "hotwallet",
+            "keys",
+            "limits",
+            "damping",
+            "loopguard",
+            "prices",
+            "estimate",
+            "upstream",
+            "toolroute",
+            "mock",
+        ],
+    ),
+    ("state", &["state"]),
+    ("pipeline", &["proxy", "routes"]),
+    ("server", &["server", "admin", "webhooks", "conn"]),
+];
 
 pub mod admin;
 pub mod clock;

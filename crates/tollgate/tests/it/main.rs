@@ -5,6 +5,7 @@
 mod harness;
 
 mod hotwallets;
+mod layers;
 
 mod auth;
 mod cli;
