@@ -17,6 +17,7 @@
 //! | `errorevent`      | a stream that reports an in-band error event after a few events   |
 //! | `reasoning`       | 8 reasoning tokens on top of the output                            |
 //! | `overrun`         | ignores `max_tokens` (a provider that writes past the cap)         |
+//! | `lag`             | a stream's first event comes 300 ms after the head                 |
 //!
 //! Output is one token per word, so the usage it reports is exact for what it sends.
 
@@ -611,8 +612,12 @@ fn stream_events(state: &Arc<MockState>, b: &Behaviour, events: Vec<String>) -> 
     } else {
         Duration::ZERO
     };
+    let lag = b.has("lag");
     let stats = state.clone();
     tokio::spawn(async move {
+        if lag {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
         let total = events.len();
         for (i, ev) in events.into_iter().enumerate() {
             if (stall && i == 2) || (truncate && i == total / 2) {

@@ -176,7 +176,7 @@ async fn run(
             .stream()
             .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()).param("stream"))?;
     settle.rec_mut().stream = stream;
-    let runtime = app.runtime.load_full();
+    let runtime = settle.runtime.clone();
     if endpoint.streams() {
         check_output_cap(&doc, &runtime.limits)?;
     }
@@ -915,6 +915,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// Owns the request's usage record until it is handed to the meter, exactly once.
 struct Settlement {
     app: Arc<AppState>,
+    /// The configuration the request started with (see `Settlement::new`).
+    runtime: Arc<Runtime>,
     rec: UsageRecord,
     /// Set once the record has been handed on (to the meter, or to a stream that settles it).
     done: bool,
@@ -984,6 +986,9 @@ impl Settlement {
         request_id: &str,
         started: Instant,
     ) -> Settlement {
+        // The one configuration this request sees, from admission to settlement: a reload
+        // in the middle changes neither its prices, its deployments nor its limits.
+        let runtime = app.runtime.load_full();
         let rec = UsageRecord {
             id: request_id.to_string(),
             ts_ms: now_ms(),
@@ -998,6 +1003,7 @@ impl Settlement {
         };
         Settlement {
             app,
+            runtime,
             rec,
             done: false,
             shed: false,
@@ -1086,7 +1092,7 @@ impl Settlement {
         if !status.is_success() {
             return;
         }
-        let ttl = self.app.runtime.load().retries.idempotency_ttl.as_micros() as u64;
+        let ttl = self.runtime.retries.idempotency_ttl.as_micros() as u64;
         if let Some(fp) = self.idempotency_fp {
             self.app
                 .damper
@@ -1249,14 +1255,7 @@ impl Drop for Settlement {
                     rec.provider.clone().unwrap_or_default(),
                     rec.model_served.clone().unwrap_or_default(),
                 );
-                apply_usage(
-                    &mut rec,
-                    &self.app.runtime.load().prices,
-                    &p,
-                    &m,
-                    usage,
-                    "estimated",
-                );
+                apply_usage(&mut rec, &self.runtime.prices, &p, &m, usage, "estimated");
             }
             if !panicked {
                 rec.error_kind = Some("client_disconnected".into());
@@ -1484,7 +1483,7 @@ fn stream_response(
         rec,
         broken,
         admission,
-        runtime: app.runtime.load_full(),
+        runtime: settle.runtime.clone(),
         provider: dep.provider.name.clone(),
         model: dep.model.clone(),
         body: settle.body.clone(),
@@ -1493,7 +1492,7 @@ fn stream_response(
         events: Vec::new(),
         budget: settle.money.map(|q| StreamBudget {
             limit_micros: q.cost_micros.saturating_add(
-                q.cost_micros * app.runtime.load().wallets.stream_overrun_percent.min(1000) / 100,
+                q.cost_micros * settle.runtime.wallets.stream_overrun_percent.min(1000) / 100,
             ),
             input_micros: q.input_micros(),
             output_price: q.output_price,

@@ -359,3 +359,81 @@ async fn a_circuit_opens_on_a_failing_deployment_and_closes_after_it_recovers() 
     assert_eq!(ask().await, ("primary".into(), 1));
     assert_eq!(mock_stats(&flaky).await["requests"], 6);
 }
+
+/// One request sees one configuration: a reload while it is in flight (after routing, before
+/// the provider's first event) changes neither the deployment it was sent to nor the price
+/// it is billed at; the next request sees the new ones.
+#[tokio::test]
+async fn a_reload_mid_request_changes_nothing_for_that_request() {
+    let up = spawn_mock(None).await;
+    let dir = TempDir::new("reload-mid");
+    let path = dir.path().join("tollgate.toml");
+    let version = |model: &str, output_price: u64| {
+        format!(
+            "[[providers]]\nname = \"up\"\nkind = \"openai\"\nbase_url = \"{up}\"\n\
+             [[models]]\nname = \"agent\"\ndeployments = [{{ provider = \"up\", model = \"{model}\" }}]\n\
+             [[prices]]\nmodel = \"up/{model}\"\ninput = 0\noutput = {output_price}\n"
+        )
+    };
+    let v1 = version("mock-lag", 1_000_000);
+    std::fs::write(&path, &v1).unwrap();
+    let gw = TestGateway::start_in(&v1, dir, Some(path.clone())).await;
+    let key = gw.key().await;
+    let body = json!({"model": "agent", "stream": true, "messages": user("in flight")});
+    let in_flight = {
+        let (client, url, key, body) =
+            (gw.client.clone(), gw.url.clone(), key.clone(), body.clone());
+        tokio::spawn(async move {
+            let r = client
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(&key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+            let _ = r.text().await.unwrap();
+            id
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    std::fs::write(&path, version("mock-lag-long", 50_000_000)).unwrap();
+    let r = gw
+        .client
+        .post(format!("{}/admin/reload", gw.url))
+        .bearer_auth(&gw.admin_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = in_flight.await.unwrap();
+    let rec = wait_record(&gw, &id).await;
+    assert_eq!(rec.model_served.as_deref(), Some("mock-lag"));
+    assert_eq!(rec.output_tokens, 16);
+    assert_eq!(
+        rec.cost_micros, 16,
+        "16 tokens at $1 per million: the price it started with"
+    );
+    assert!(
+        rec.price_version
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("up/mock-lag@"),
+        "{rec:?}"
+    );
+    let r = gw
+        .chat(
+            &key,
+            json!({"model": "agent", "stream": true, "messages": user("after")}),
+        )
+        .await;
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let _ = r.text().await.unwrap();
+    let rec = wait_record(&gw, &id).await;
+    assert_eq!(rec.model_served.as_deref(), Some("mock-lag-long"));
+    assert_eq!(
+        rec.cost_micros,
+        200 * 50,
+        "the new price for the next request"
+    );
+}
