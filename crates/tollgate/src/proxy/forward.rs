@@ -1,0 +1,284 @@
+//! The forward phase: one upstream attempt, up to a stream's first event or a whole JSON
+//! answer, and how its failures are classified for retry.
+
+use super::*;
+
+/// `anthropic-version` (the client's, or the current one) and `anthropic-beta` for the
+/// Anthropic dialect; nothing for OpenAI's.
+pub(crate) fn anthropic_headers(endpoint: Endpoint, client: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    if endpoint.dialect() == Dialect::Anthropic {
+        let version = client
+            .get("anthropic-version")
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("2023-06-01"));
+        out.insert("anthropic-version", version);
+        for beta in client.get_all("anthropic-beta") {
+            out.append("anthropic-beta", beta.clone());
+        }
+    }
+    out
+}
+
+/// A complete JSON answer from the provider.
+pub(crate) struct JsonAnswer {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: reqwest::header::HeaderMap,
+    pub(crate) body: Bytes,
+}
+
+pub(crate) enum Upstream {
+    Json(JsonAnswer),
+    Stream {
+        first: Bytes,
+        rest: reqwest::Response,
+    },
+}
+
+pub(crate) struct Failure {
+    pub(crate) error: ApiError,
+    pub(crate) retryable: bool,
+    pub(crate) retry_after: Option<Duration>,
+    /// The provider accepted the request (a 2xx head arrived) and then the answer broke
+    /// off: what arrived of it. The provider did the work, so the attempt is billed.
+    pub(crate) reached: Option<Bytes>,
+}
+
+impl Failure {
+    pub(crate) fn retry(kind: ErrorKind, message: String) -> Failure {
+        Failure {
+            error: ApiError::new(kind, message),
+            retryable: true,
+            retry_after: None,
+            reached: None,
+        }
+    }
+
+    pub(crate) fn after_answer(kind: ErrorKind, message: String, partial: Bytes) -> Failure {
+        Failure {
+            reached: Some(partial),
+            ..Failure::retry(kind, message)
+        }
+    }
+}
+
+/// One upstream attempt, up to the first byte of a stream or the whole of a JSON answer.
+/// Anything that fails here can still be retried: the client has seen nothing yet.
+pub(crate) async fn forward_once(
+    dep: &Deployment,
+    endpoint: Endpoint,
+    extra_headers: &HeaderMap,
+    body: Bytes,
+    stream: bool,
+) -> Result<Upstream, Failure> {
+    let p = &dep.provider;
+    let url = format!("{}{}", p.base_url, endpoint.upstream_path());
+    let deadline = tokio::time::Instant::now() + p.first_byte_timeout;
+    let send = p
+        .client
+        .post(url)
+        .headers(p.headers.clone())
+        .headers(extra_headers.clone())
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .send();
+    let resp = match tokio::time::timeout_at(deadline, send).await {
+        Err(_) => {
+            return Err(Failure::retry(
+                ErrorKind::UpstreamTimeout,
+                format!(
+                    "provider '{}' did not answer within {:?}",
+                    p.name, p.first_byte_timeout
+                ),
+            ))
+        }
+        Ok(Err(e)) => {
+            return Err(Failure::retry(
+                ErrorKind::UpstreamUnavailable,
+                format!("provider '{}' unreachable: {}", p.name, error_chain(&e)),
+            ))
+        }
+        Ok(Ok(r)) => r,
+    };
+    let status = resp.status();
+    if !status.is_success() {
+        let retry_after = upstream::retry_after(resp.headers());
+        let body = tokio::time::timeout_at(deadline, resp.bytes())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        return Err(classify_status(&p.name, status, retry_after, body));
+    }
+    if stream {
+        let mut resp = resp;
+        return match tokio::time::timeout_at(deadline, resp.chunk()).await {
+            Err(_) => Err(Failure::after_answer(
+                ErrorKind::UpstreamTimeout,
+                format!(
+                    "provider '{}' sent no stream data within {:?}",
+                    p.name, p.first_byte_timeout
+                ),
+                Bytes::new(),
+            )),
+            Ok(Err(e)) => Err(Failure::after_answer(
+                ErrorKind::UpstreamError,
+                format!("provider '{}' stream failed: {}", p.name, error_chain(&e)),
+                Bytes::new(),
+            )),
+            Ok(Ok(None)) => Err(Failure::after_answer(
+                ErrorKind::UpstreamError,
+                format!("provider '{}' closed the stream before any data", p.name),
+                Bytes::new(),
+            )),
+            Ok(Ok(Some(first))) => Ok(Upstream::Stream { first, rest: resp }),
+        };
+    }
+    let headers = resp.headers().clone();
+    let total_deadline = tokio::time::Instant::now() + p.total_timeout;
+    // Read chunk by chunk, so that what arrived before a break is kept for billing.
+    let mut resp = resp;
+    let mut body = bytes::BytesMut::new();
+    loop {
+        match tokio::time::timeout_at(total_deadline, resp.chunk()).await {
+            Err(_) => {
+                return Err(Failure::after_answer(
+                    ErrorKind::UpstreamTimeout,
+                    format!(
+                        "provider '{}' did not finish within {:?}",
+                        p.name, p.total_timeout
+                    ),
+                    body.freeze(),
+                ))
+            }
+            Ok(Err(e)) => {
+                return Err(Failure::after_answer(
+                    ErrorKind::UpstreamError,
+                    format!(
+                        "provider '{}' response broke off: {}",
+                        p.name,
+                        error_chain(&e)
+                    ),
+                    body.freeze(),
+                ))
+            }
+            Ok(Ok(Some(chunk))) => body.extend_from_slice(&chunk),
+            Ok(Ok(None)) => break,
+        }
+    }
+    Ok(Upstream::Json(JsonAnswer {
+        status,
+        headers,
+        body: body.freeze(),
+    }))
+}
+
+/// The text of a JSON answer cut off mid-way: the string values of its `content` and
+/// `text` fields up to where it ends. Best effort, for an estimate of output delivered.
+pub(crate) fn partial_answer_text(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut out = String::new();
+    for field in ["\"content\":", "\"text\":"] {
+        let mut rest = &text[..];
+        while let Some(i) = rest.find(field) {
+            rest = rest[i + field.len()..].trim_start();
+            let Some(inner) = rest.strip_prefix('"') else {
+                continue;
+            };
+            let mut escaped = false;
+            let mut end = inner.len();
+            for (j, c) in inner.char_indices() {
+                match c {
+                    _ if escaped => escaped = false,
+                    '\\' => escaped = true,
+                    '"' => {
+                        end = j;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            out.push_str(&inner[..end]);
+            out.push('\n');
+            rest = &inner[end..];
+        }
+    }
+    out
+}
+
+pub(crate) fn classify_status(
+    provider: &str,
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: Bytes,
+) -> Failure {
+    // Which dialect the provider's error body speaks, so it can be passed through verbatim
+    // to clients of that dialect.
+    let body_dialect = match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(v)
+            if v.get("type").and_then(|t| t.as_str()) == Some("error")
+                && v.get("error").is_some_and(|e| e.is_object()) =>
+        {
+            Some(Dialect::Anthropic)
+        }
+        Ok(v) if v.get("error").is_some_and(|e| e.is_object()) => Some(Dialect::OpenAi),
+        _ => None,
+    };
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        let mut error = ApiError::new(
+            ErrorKind::UpstreamRateLimited,
+            format!("provider '{provider}' is rate limiting requests"),
+        );
+        error.retry_after_secs = Some(
+            retry_after
+                .map_or(1, |d| d.as_secs_f64().ceil() as u64)
+                .max(1),
+        );
+        return Failure {
+            error,
+            retryable: true,
+            retry_after,
+            reached: None,
+        };
+    }
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        tracing::error!(provider, %status, "provider rejected tollgate's credentials; check its api_key_env");
+        return Failure::retry(
+            ErrorKind::UpstreamAuth,
+            format!("provider '{provider}' rejected the gateway's credentials ({status})"),
+        );
+    }
+    if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
+        return Failure::retry(
+            ErrorKind::UpstreamError,
+            format!("provider '{provider}' failed with {status}"),
+        );
+    }
+    // The request itself is at fault: pass the provider's answer through unchanged.
+    let mut error = ApiError::new(
+        ErrorKind::UpstreamRejected,
+        format!("provider '{provider}' refused the request ({status})"),
+    );
+    error.status = Some(status);
+    if body_dialect.is_some() {
+        error.upstream_body = Some(body);
+        error.upstream_dialect = body_dialect;
+    }
+    Failure {
+        error,
+        retryable: false,
+        retry_after: None,
+        reached: None,
+    }
+}
+
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}

@@ -1,0 +1,393 @@
+//! Streams: forwarded event by event while an observer reads usage, cut when the hold is
+//! used up or the provider fails, settled when they end or are dropped.
+
+use super::*;
+
+/// The observer for the stream's dialect.
+pub(crate) enum Observer {
+    Chat(ChatStreamObserver),
+    Messages(MessagesStreamObserver),
+    Responses(ResponsesStreamObserver),
+}
+
+impl Observer {
+    pub(crate) fn observe(&mut self, ev: &tollgate_proto::SseEvent) -> EventKind {
+        match self {
+            Observer::Chat(o) => o.observe(ev),
+            Observer::Messages(o) => o.observe(ev),
+            Observer::Responses(o) => o.observe(ev),
+        }
+    }
+    pub(crate) fn usage(&self) -> Option<Usage> {
+        match self {
+            Observer::Chat(o) => o.usage,
+            Observer::Messages(o) => o.usage(),
+            Observer::Responses(o) => o.usage,
+        }
+    }
+    /// The provider reported an error inside the stream.
+    pub(crate) fn saw_error(&self) -> bool {
+        match self {
+            Observer::Chat(o) => o.saw_error,
+            Observer::Messages(o) => o.saw_error,
+            Observer::Responses(o) => o.saw_error,
+        }
+    }
+    /// The stream reached its proper end, or the provider reported an error in-band.
+    pub(crate) fn ended_properly(&self) -> bool {
+        match self {
+            Observer::Chat(o) => o.done || o.saw_error,
+            Observer::Messages(o) => o.done || o.saw_error,
+            Observer::Responses(o) => o.done || o.saw_error,
+        }
+    }
+    pub(crate) fn output_text(&self) -> &str {
+        match self {
+            Observer::Chat(o) => &o.output_text,
+            Observer::Messages(o) => &o.output_text,
+            Observer::Responses(o) => &o.output_text,
+        }
+    }
+    /// Exact input-side counts the provider gave before the stream ended early, if any.
+    pub(crate) fn input_usage(&self) -> Option<Usage> {
+        match self {
+            Observer::Chat(_) | Observer::Responses(_) => None,
+            Observer::Messages(o) => o.input_usage(),
+        }
+    }
+}
+
+/// How a stream is read and what the client sees of it.
+pub(crate) struct StreamView {
+    /// The client's dialect: decides the shape of a final error event.
+    pub(crate) client: Dialect,
+    /// The provider's dialect: decides how usage is observed.
+    pub(crate) upstream: Endpoint,
+    /// Drop the usage-only chunk tollgate asked for on the client's behalf.
+    pub(crate) filter_usage: bool,
+    /// Rewrites each upstream event into the client's dialect.
+    pub(crate) translator: Option<Translator>,
+}
+
+pub(crate) enum Translator {
+    ToChat(translate::MessagesToChatStream),
+    ToMessages(translate::ChatToMessagesStream),
+}
+
+impl Translator {
+    pub(crate) fn on_event(&mut self, ev: &tollgate_proto::SseEvent) -> String {
+        match self {
+            Translator::ToChat(t) => t.on_event(ev),
+            Translator::ToMessages(t) => t.on_event(ev),
+        }
+    }
+}
+
+pub(crate) fn stream_response(
+    app: &Arc<AppState>,
+    settle: &mut Settlement,
+    dep: &Deployment,
+    view: StreamView,
+    first: Bytes,
+    rest: reqwest::Response,
+) -> Response {
+    let mut rec = settle.take();
+    let broken = std::mem::take(&mut settle.broken);
+    let admission = settle.admission.take();
+    if let Some(r) = rec.as_mut() {
+        r.status = 200;
+        r.ttft_ms = Some(settle.started.elapsed().as_millis() as u64);
+    }
+    let observer = match view.upstream {
+        Endpoint::Messages => Observer::Messages(MessagesStreamObserver::new()),
+        Endpoint::Responses => Observer::Responses(ResponsesStreamObserver::new()),
+        _ => Observer::Chat(ChatStreamObserver::new()),
+    };
+    let mut s = GatewayStream {
+        app: app.clone(),
+        upstream: Box::pin(rest.bytes_stream()),
+        splitter: SseSplitter::new(),
+        observer,
+        dialect: view.client,
+        translator: view.translator,
+        out: VecDeque::new(),
+        filter_usage: view.filter_usage,
+        idle: dep.provider.idle_timeout,
+        idle_timer: Box::pin(tokio::time::sleep(dep.provider.idle_timeout)),
+        deadline: Box::pin(tokio::time::sleep(dep.provider.total_timeout)),
+        rec,
+        broken,
+        admission,
+        runtime: settle.runtime.clone(),
+        provider: dep.provider.name.clone(),
+        model: dep.model.clone(),
+        body: settle.body.clone(),
+        started: settle.started,
+        finished: false,
+        events: Vec::new(),
+        budget: settle.money.map(|q| StreamBudget {
+            limit_micros: q.cost_micros.saturating_add(
+                q.cost_micros * settle.runtime.wallets.stream_overrun_percent.min(1000) / 100,
+            ),
+            input_micros: q.input_micros(),
+            output_price: q.output_price,
+        }),
+        delivered_tokens: 0,
+        counted_bytes: 0,
+    };
+    s.ingest(&first);
+    let mut resp = Response::new(Body::from_stream(s));
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    // Tells nginx-style proxies in front of tollgate not to buffer the stream.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+/// Forwards an upstream SSE stream event by event as it arrives, while the observer reads a
+/// copy for usage. Settles when the stream ends, fails, stalls, or is dropped.
+pub(crate) struct GatewayStream {
+    pub(crate) app: Arc<AppState>,
+    pub(crate) upstream: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    pub(crate) splitter: SseSplitter,
+    pub(crate) observer: Observer,
+    /// The client's dialect.
+    pub(crate) dialect: Dialect,
+    pub(crate) translator: Option<Translator>,
+    pub(crate) out: VecDeque<Bytes>,
+    pub(crate) filter_usage: bool,
+    pub(crate) idle: Duration,
+    pub(crate) idle_timer: Pin<Box<tokio::time::Sleep>>,
+    pub(crate) deadline: Pin<Box<tokio::time::Sleep>>,
+    pub(crate) rec: Option<UsageRecord>,
+    /// Earlier attempts that broke off, added to the record when the stream settles.
+    pub(crate) broken: Broken,
+    /// Held for the stream's whole life: the concurrency slot is the stream's.
+    pub(crate) admission: Option<Admission>,
+    pub(crate) runtime: Arc<Runtime>,
+    pub(crate) provider: String,
+    pub(crate) model: String,
+    pub(crate) body: Bytes,
+    pub(crate) started: Instant,
+    pub(crate) finished: bool,
+    pub(crate) events: Vec<tollgate_proto::SseEvent>,
+    /// The wallet's hold: a stream whose running cost passes it is cut.
+    pub(crate) budget: Option<StreamBudget>,
+    /// Output tokens delivered so far, and how much of the output text they cover.
+    pub(crate) delivered_tokens: u64,
+    pub(crate) counted_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StreamBudget {
+    pub(crate) limit_micros: u64,
+    pub(crate) input_micros: u64,
+    pub(crate) output_price: u64,
+}
+
+impl StreamBudget {
+    /// The cost so far: the held input plus the output tokens delivered, counted with the
+    /// tokenizer as the text arrives (a byte-based guess cut streams that fit their hold).
+    pub(crate) fn spent(&self, delivered_tokens: u64) -> u64 {
+        let output = (u128::from(delivered_tokens) * u128::from(self.output_price))
+            .div_ceil(1_000_000)
+            .min(crate::money::MAX_MICROS as u128) as u64;
+        self.input_micros.saturating_add(output)
+    }
+}
+
+impl GatewayStream {
+    pub(crate) fn ingest(&mut self, chunk: &[u8]) {
+        self.splitter.push(chunk, &mut self.events);
+        // Taken out of `self` for the loop (and put back, to keep its allocation).
+        let mut events = std::mem::take(&mut self.events);
+        for ev in events.drain(..) {
+            let kind = self.observer.observe(&ev);
+            if let Some(t) = self.translator.as_mut() {
+                let translated = t.on_event(&ev);
+                if !translated.is_empty() {
+                    self.out.push_back(Bytes::from(translated));
+                }
+                if self.over_budget() {
+                    break;
+                }
+                continue;
+            }
+            if kind == EventKind::UsageOnly && self.filter_usage {
+                continue;
+            }
+            self.out.push_back(ev.raw);
+            if self.over_budget() {
+                break;
+            }
+        }
+        events.clear();
+        self.events = events;
+    }
+
+    /// Cuts the stream once its running cost passes the wallet's hold: the event that
+    /// crossed it is delivered (and billed), nothing after it.
+    pub(crate) fn over_budget(&mut self) -> bool {
+        let Some(b) = self.budget else { return false };
+        if self.finished {
+            return false;
+        }
+        // Only the text added since the last event is counted: linear in the stream.
+        let text = self.observer.output_text();
+        if text.len() > self.counted_bytes {
+            self.delivered_tokens += estimate::tokens(&text[self.counted_bytes..]);
+            self.counted_bytes = text.len();
+        }
+        if b.spent(self.delivered_tokens) <= b.limit_micros {
+            return false;
+        }
+        self.end(Some((
+            "insufficient_funds",
+            format!(
+                "the wallet's hold for this request (${}) is used up; the stream was cut",
+                crate::money::usd(b.limit_micros as i64)
+            ),
+        )));
+        true
+    }
+
+    /// Ends the stream, telling the client why when the upstream did not finish cleanly.
+    pub(crate) fn end(&mut self, error: Option<(&str, String)>) {
+        self.finished = true;
+        if let Some((kind, message)) = &error {
+            self.app.metrics.streams_cut.inc();
+            let money = *kind == "insufficient_funds";
+            let event = match self.dialect {
+                Dialect::OpenAi => openai_error_event(
+                    message,
+                    if money {
+                        "insufficient_funds"
+                    } else {
+                        "upstream_error"
+                    },
+                    Some(kind),
+                ),
+                Dialect::Anthropic => anthropic_error_event(
+                    if money { "billing_error" } else { "api_error" },
+                    &format!("{kind}: {message}"),
+                ),
+            };
+            self.out.push_back(Bytes::from(event));
+        }
+        let kind = match error {
+            Some((k, _)) => Some(k.to_string()),
+            None if self.observer.saw_error() => Some("provider_error_event".to_string()),
+            None => None,
+        };
+        self.settle(kind, false);
+    }
+
+    pub(crate) fn settle(&mut self, error_kind: Option<String>, disconnected: bool) {
+        let Some(mut rec) = self.rec.take() else {
+            return;
+        };
+        let (usage, source) = match self.observer.usage() {
+            Some(u) => (u, "provider"),
+            None => {
+                let input = self.observer.input_usage().unwrap_or_else(|| Usage {
+                    input: estimate::request_tokens(&self.body),
+                    ..Usage::default()
+                });
+                (
+                    Usage {
+                        output: estimate::tokens(self.observer.output_text()),
+                        ..input
+                    },
+                    "estimated",
+                )
+            }
+        };
+        apply_usage(
+            &mut rec,
+            &self.runtime.prices,
+            &self.provider,
+            &self.model,
+            usage,
+            source,
+        );
+        self.broken.fold(&mut rec);
+        rec.error_kind = error_kind;
+        rec.client_disconnected = disconnected;
+        rec.latency_ms = self.started.elapsed().as_millis() as u64;
+        if disconnected {
+            self.app.metrics.client_disconnects.inc();
+        }
+        if let Some(mut a) = self.admission.take() {
+            a.settle(now_us(), rec.input_tokens + rec.output_tokens);
+        }
+        self.app.meter.record(rec);
+    }
+}
+
+impl Stream for GatewayStream {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if let Some(b) = this.out.pop_front() {
+                return Poll::Ready(Some(Ok(b)));
+            }
+            if this.finished {
+                return Poll::Ready(None);
+            }
+            match this.upstream.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    let next = tokio::time::Instant::now() + this.idle;
+                    this.idle_timer.as_mut().reset(next);
+                    this.ingest(&chunk);
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    let msg = format!("the provider's stream broke off: {}", error_chain(&e));
+                    this.end(Some(("upstream_stream_error", msg)));
+                }
+                Poll::Ready(None) => {
+                    if this.observer.ended_properly() {
+                        this.end(None);
+                    } else {
+                        this.end(Some((
+                            "stream_truncated",
+                            "the provider ended the stream before it was complete".into(),
+                        )));
+                    }
+                }
+                Poll::Pending => {
+                    if this.idle_timer.as_mut().poll(cx).is_ready() {
+                        let msg = format!("the provider sent nothing for {:?}", this.idle);
+                        this.end(Some(("upstream_idle_timeout", msg)));
+                        continue;
+                    }
+                    if this.deadline.as_mut().poll(cx).is_ready() {
+                        this.end(Some((
+                            "upstream_timeout",
+                            "the stream exceeded the provider's total timeout".into(),
+                        )));
+                        continue;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for GatewayStream {
+    fn drop(&mut self) {
+        if self.rec.is_some() {
+            // Dropping `upstream` closes the provider connection, which cancels generation.
+            self.settle(Some("client_disconnected".into()), true);
+        }
+    }
+}
