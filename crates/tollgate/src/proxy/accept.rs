@@ -169,3 +169,32 @@ pub(crate) fn check_output_cap(
         Ok(_) => Ok(()),
     }
 }
+
+/// The peek phase's fields: whether it streams, its output cap (bounded), its tags.
+pub(crate) fn peek(cx: &mut Ctx<'_>, doc: &RequestDoc) -> Result<(), ApiError> {
+    let (endpoint, headers, key) = (cx.endpoint, cx.headers, cx.key);
+    cx.settle.rec_mut().model_requested = Some(cx.model.clone());
+    cx.stream = endpoint.streams()
+        && doc
+            .stream()
+            .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()).param("stream"))?;
+    cx.settle.rec_mut().stream = cx.stream;
+    if endpoint.streams() {
+        check_output_cap(doc, &cx.runtime.limits)?;
+    }
+    let tags = collect_tags(key, headers, doc)?;
+    cx.settle.rec_mut().tags = tags;
+    Ok(())
+}
+
+/// The authorize phase: the key's model list.
+pub(crate) fn authorize(cx: &Ctx<'_>) -> Result<(), ApiError> {
+    if !cx.key.allows_model(&cx.model) {
+        return Err(ApiError::new(
+            ErrorKind::ModelNotAllowed,
+            format!("this key may not use model '{}'", cx.model),
+        )
+        .param("model"));
+    }
+    Ok(())
+}

@@ -174,3 +174,26 @@ pub(crate) fn reset_text(us: u64) -> String {
         (m, s) => format!("{m}m{s}s"),
     }
 }
+
+/// The admit phase: every limit the request must pass (key, team, model), its token
+/// estimate reserved; the grant is the settlement's to settle. Returns the estimate, which
+/// deployments' own limits reserve too.
+pub(crate) async fn admit(cx: &mut Ctx<'_>, doc: &RequestDoc<'_>) -> Result<u64, ApiError> {
+    let (app, key, endpoint) = (cx.app, cx.key, cx.endpoint);
+    let runtime = &*cx.runtime;
+    let settle = &mut *cx.settle;
+    let (body, model) = (&cx.body, &cx.model);
+    let estimate = token_estimate(endpoint, doc, body.len(), &runtime.limits);
+    let checks = limit_checks(app, key, runtime, model);
+    let admission = app
+        .limiter
+        .admit(&checks, estimate)
+        .await
+        .map_err(|r| refusal(app, r))?;
+    settle
+        .rate_headers
+        .extend(rate_limit_headers(admission.requests, admission.tokens));
+    settle.admission = Some(admission);
+
+    Ok(estimate)
+}

@@ -171,3 +171,81 @@ pub(crate) fn damp(
     }
     Ok(None)
 }
+
+/// The damp phase: a retry of an answered request gets the kept answer; the loop guard
+/// refuses, warns about or replays an agent repeating itself. `Some` is the answer.
+pub(crate) fn damp_phase(cx: &mut Ctx<'_>, doc: &RequestDoc) -> Result<Option<Response>, ApiError> {
+    let (app, key, endpoint, headers, stream) =
+        (cx.app, cx.key, cx.endpoint, cx.headers, cx.stream);
+    let runtime = &*cx.runtime;
+    let settle = &mut *cx.settle;
+    let (body, model) = (&cx.body, &cx.model);
+    if let Some(answer) = damp(app, &runtime.retries, key, endpoint, headers, body, settle)? {
+        return Ok(Some(settle.reuse(&answer, "replayed")));
+    }
+
+    // admit: loop guard, limits
+    let (verdict, loop_fp) =
+        loop_check(app, &runtime.loop_guard, key, endpoint, model, doc, stream)?;
+    match verdict {
+        LoopVerdict::Pass => {}
+        LoopVerdict::Warn(warning) => {
+            if let Ok(v) = HeaderValue::from_str(&warning) {
+                settle.rate_headers.insert("x-tollgate-warning", v);
+            }
+        }
+        LoopVerdict::Replay(answer) => return Ok(Some(settle.reuse(&answer, "loop_replay"))),
+    }
+    if let (Some(fp), crate::config::LoopAction::Replay, false) =
+        (loop_fp, runtime.loop_guard.action, stream)
+    {
+        settle
+            .keep
+            .push((fp, now_us() + runtime.loop_guard.window.as_micros() as u64));
+    }
+    Ok(None)
+}
+
+/// The coalesce phase: one upstream call for identical JSON requests in flight; the others
+/// wait for its answer (or its error). `Some` is the answer.
+pub(crate) async fn coalesce(
+    cx: &mut Ctx<'_>,
+) -> Result<Option<Result<Response, ApiError>>, ApiError> {
+    let reuse_ok = !no_cache(cx.headers) && cx.endpoint != Endpoint::CountTokens;
+    let (app, stream) = (cx.app, cx.stream);
+    let runtime = &*cx.runtime;
+    let settle = &mut *cx.settle;
+    if !stream && reuse_ok && runtime.retries.coalesce {
+        let fp = settle.idempotency_fp.unwrap_or(settle.request_fp);
+        loop {
+            match app.damper.coalesce(fp) {
+                crate::damping::Coalesce::Lead => {
+                    settle.lead = Some(fp);
+                    break;
+                }
+                crate::damping::Coalesce::Follow(mut rx) => {
+                    let outcome = rx
+                        .wait_for(Option::is_some)
+                        .await
+                        .ok()
+                        .and_then(|o| o.clone());
+                    match outcome {
+                        Some(crate::damping::Outcome::Answer(a)) => {
+                            return Ok(Some(Ok(settle.reuse(&a, "coalesced"))))
+                        }
+                        Some(crate::damping::Outcome::Error(e, from)) => {
+                            let rec = settle.rec_mut();
+                            rec.reused = Some("coalesced".into());
+                            rec.reused_from = Some(from);
+                            return Ok(Some(Err(e)));
+                        }
+                        // The leader went away without an answer: lead, or follow another.
+                        None => continue,
+                    }
+                }
+            }
+        }
+    }
+
+    Ok(None)
+}

@@ -282,3 +282,194 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// The forward phase: attempts over the candidates (a deployment at its own limit is skipped,
+/// a retryable failure is retried on the next one within the retry budget, after a backoff),
+/// translating to and from the provider's dialect; the answer goes to `finish_json` or
+/// `stream_response`.
+pub(crate) async fn forward(
+    cx: &mut Ctx<'_>,
+    doc: &mut RequestDoc<'_>,
+    candidates: &[Arc<Deployment>],
+    estimate: u64,
+) -> Result<Response, ApiError> {
+    let (app, endpoint, headers, stream) = (cx.app, cx.endpoint, cx.headers, cx.stream);
+    let runtime = cx.runtime.clone();
+    let settle = &mut *cx.settle;
+    let client_wants_usage = doc.client_wants_stream_usage();
+    if stream && endpoint == Endpoint::ChatCompletions {
+        doc.force_stream_usage()
+            .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?;
+    }
+    let mut attempt = 0u32;
+    let mut idx = 0usize;
+    let mut over_quota = 0usize;
+    loop {
+        let dep = candidates[idx % candidates.len()].clone();
+        if !dep.limits.is_unlimited() {
+            let check = Check {
+                scope: Scope::Deployment,
+                subject: format!("{}/{}", dep.provider.name, dep.model),
+                limits: dep.limits,
+            };
+            match app
+                .limiter
+                .admit(std::slice::from_ref(&check), estimate)
+                .await
+            {
+                Ok(a) => settle.admission.get_or_insert_default().absorb(a),
+                // A deployment at its provider quota is skipped, not tried.
+                Err(r) => {
+                    over_quota += 1;
+                    if over_quota >= candidates.len() {
+                        return Err(refusal(app, r));
+                    }
+                    idx += 1;
+                    continue;
+                }
+            }
+        }
+        attempt += 1;
+        if attempt == 1 {
+            let r = &runtime.retries;
+            dep.health.retry_budget.admit(
+                now_us(),
+                r.window.as_micros() as u64,
+                false,
+                r.budget_ratio,
+                r.budget_min,
+            );
+        }
+        {
+            let rec = settle.rec_mut();
+            rec.attempts = attempt;
+            rec.provider = Some(dep.provider.name.clone());
+            rec.model_served = Some(dep.model.clone());
+        }
+        doc.set_str("model", &dep.model)
+            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+        // The endpoint the provider is called on: the client's, or its counterpart in the
+        // provider's dialect when the request must be translated.
+        let up_endpoint = endpoint.for_provider(dep.provider.kind);
+        let translated = up_endpoint != endpoint;
+        let upstream_body = if translated {
+            let body = match up_endpoint {
+                Endpoint::Messages => {
+                    translate::chat_request_to_messages(&doc.to_vec(), &dep.model)
+                }
+                _ => translate::messages_request_to_chat(&doc.to_vec(), &dep.model),
+            };
+            Bytes::from(body.map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?)
+        } else {
+            Bytes::from(doc.to_vec())
+        };
+        let extra_headers = anthropic_headers(up_endpoint, headers);
+        settle.upstream_started = true;
+        let outcome = forward_once(&dep, up_endpoint, &extra_headers, upstream_body, stream).await;
+        let label = match &outcome {
+            Ok(_) => "ok",
+            Err(f) => f.error.kind.as_str(),
+        };
+        app.metrics
+            .upstream_attempts
+            .get_or_create(&UpstreamLabels {
+                provider: dep.provider.name.clone(),
+                outcome: label,
+            })
+            .inc();
+        match outcome {
+            Ok(Upstream::Json(answer)) => {
+                dep.health.success(now_ms(), &runtime.routing);
+                let client_body = if translated {
+                    let back = match up_endpoint {
+                        Endpoint::Messages => translate::messages_response_to_chat(
+                            &answer.body,
+                            (now_ms() / 1000) as u64,
+                        ),
+                        _ => translate::chat_response_to_messages(&answer.body),
+                    };
+                    match back {
+                        Ok(b) => Some(Bytes::from(b)),
+                        Err(e) => {
+                            return Err(ApiError::new(
+                                ErrorKind::UpstreamError,
+                                format!("could not translate the provider's answer: {e}"),
+                            ))
+                        }
+                    }
+                } else {
+                    None
+                };
+                return Ok(settle.finish_json(&runtime, &dep, up_endpoint, answer, client_body));
+            }
+            Ok(Upstream::Stream { first, rest }) => {
+                dep.health.success(now_ms(), &runtime.routing);
+                let view = StreamView {
+                    client: endpoint.dialect(),
+                    upstream: up_endpoint,
+                    filter_usage: endpoint == Endpoint::ChatCompletions && !client_wants_usage,
+                    translator: match (translated, up_endpoint) {
+                        (false, _) => None,
+                        (true, Endpoint::Messages) => {
+                            Some(Translator::ToChat(translate::MessagesToChatStream::new(
+                                (now_ms() / 1000) as u64,
+                                client_wants_usage,
+                            )))
+                        }
+                        (true, _) => Some(Translator::ToMessages(
+                            translate::ChatToMessagesStream::new(),
+                        )),
+                    },
+                };
+                return Ok(stream_response(app, settle, &dep, view, first, rest));
+            }
+            Err(mut failure) => {
+                // A request the provider refused as malformed says nothing about the
+                // deployment's health: counting it would let one agent's bad requests open
+                // the circuit for every agent.
+                if failure.error.kind == ErrorKind::UpstreamRejected {
+                    dep.health.success(now_ms(), &runtime.routing);
+                } else {
+                    dep.health
+                        .failure(now_ms(), failure.retry_after, &runtime.routing);
+                }
+                if let Some(partial) = failure.reached.take() {
+                    settle.bill_broken_attempt(&runtime, &dep, &partial);
+                }
+                tracing::debug!(provider = %dep.provider.name, model = %dep.model, attempt, error = %failure.error, "upstream attempt failed");
+                if !failure.retryable || attempt >= runtime.routing.max_attempts {
+                    return Err(failure.error);
+                }
+                idx += 1;
+                let next = &candidates[idx % candidates.len()];
+                let r = &runtime.retries;
+                if !next.health.retry_budget.admit(
+                    now_us(),
+                    r.window.as_micros() as u64,
+                    true,
+                    r.budget_ratio,
+                    r.budget_min,
+                ) {
+                    // Failover must not multiply load on providers already in trouble.
+                    app.metrics
+                        .retries_suppressed
+                        .get_or_create(&ScopeLabels {
+                            scope: "deployment",
+                        })
+                        .inc();
+                    return Err(failure.error);
+                }
+                let mut wait = upstream::backoff(attempt, &runtime.routing);
+                if Arc::ptr_eq(next, &dep) {
+                    if let Some(ra) = failure.retry_after {
+                        if ra > runtime.routing.max_retry_wait {
+                            return Err(failure.error);
+                        }
+                        wait = wait.max(ra);
+                    }
+                }
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}

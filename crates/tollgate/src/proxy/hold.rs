@@ -232,17 +232,14 @@ pub(crate) fn money_details(
 /// Refuses a request over its cost cap, and holds its maximum cost in the key's wallet (or
 /// refuses with 402). With `clamp_max_tokens`, a request the wallet cannot cover in full is
 /// sent with a `max_tokens` the wallet can pay instead.
-#[allow(clippy::too_many_arguments)]
 pub(crate) async fn hold(
-    app: &Arc<AppState>,
-    runtime: &Runtime,
-    key: &KeyRecord,
-    endpoint: Endpoint,
-    headers: &HeaderMap,
+    cx: &mut Ctx<'_>,
     doc: &mut RequestDoc<'_>,
     deployments: &[Arc<Deployment>],
-    settle: &mut Settlement,
 ) -> Result<(), ApiError> {
+    let (app, key, endpoint, headers) = (cx.app, cx.key, cx.endpoint, cx.headers);
+    let runtime = &*cx.runtime;
+    let settle = &mut *cx.settle;
     let cap = cost_cap(app, key, headers)?;
     let (envelopes, run_id) = envelopes_for(app, key, headers)?;
     if run_id.is_some() {

@@ -47,6 +47,7 @@ mod forward;
 mod hold;
 mod models;
 mod quote;
+mod route;
 mod settle;
 mod stream;
 
@@ -58,6 +59,7 @@ pub(crate) use forward::*;
 pub(crate) use hold::*;
 pub(crate) use models::*;
 pub(crate) use quote::*;
+pub(crate) use route::*;
 pub(crate) use settle::*;
 pub(crate) use stream::*;
 
@@ -115,6 +117,9 @@ async fn handle(app: Arc<AppState>, endpoint: Endpoint, req: Request) -> Respons
     finish_response(&app, endpoint, &request_id, started, response)
 }
 
+/// The phases of a model call, in order. Each is a function of the request's context in its
+/// own file; a phase that answers by itself (a replay, a refusal, a local count) ends the
+/// request there, and the `Settlement` records it whichever phase that is.
 async fn run(
     app: &Arc<AppState>,
     endpoint: Endpoint,
@@ -123,336 +128,60 @@ async fn run(
     key: &KeyRecord,
     settle: &mut Settlement,
 ) -> Result<Response, ApiError> {
-    // accept
+    // accept (accept.rs)
     let body = read_body(body, headers, app.server.max_body_bytes).await?;
     settle.body = body.clone();
-
-    // peek
+    // peek (accept.rs)
     let (mut doc, model) = parse_with_model(&body)?;
-    settle.rec_mut().model_requested = Some(model.clone());
-    let stream = endpoint.streams()
-        && doc
-            .stream()
-            .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()).param("stream"))?;
-    settle.rec_mut().stream = stream;
-    let runtime = settle.runtime.clone();
-    if endpoint.streams() {
-        check_output_cap(&doc, &runtime.limits)?;
-    }
-    let tags = collect_tags(key, headers, &doc)?;
-    settle.rec_mut().tags = tags;
-
-    // authorize
-    if !key.allows_model(&model) {
-        return Err(ApiError::new(
-            ErrorKind::ModelNotAllowed,
-            format!("this key may not use model '{model}'"),
-        )
-        .param("model"));
-    }
-
-    // damp: replays, retry budgets
-    let reuse_ok = !no_cache(headers) && endpoint != Endpoint::CountTokens;
-    if let Some(answer) = damp(app, &runtime.retries, key, endpoint, headers, &body, settle)? {
-        return Ok(settle.reuse(&answer, "replayed"));
-    }
-
-    // admit: loop guard, limits
-    let (verdict, loop_fp) = loop_check(
+    let mut cx = Ctx {
         app,
-        &runtime.loop_guard,
-        key,
+        runtime: settle.runtime.clone(),
         endpoint,
-        &model,
-        &doc,
-        stream,
-    )?;
-    match verdict {
-        LoopVerdict::Pass => {}
-        LoopVerdict::Warn(warning) => {
-            if let Ok(v) = HeaderValue::from_str(&warning) {
-                settle.rate_headers.insert("x-tollgate-warning", v);
-            }
-        }
-        LoopVerdict::Replay(answer) => return Ok(settle.reuse(&answer, "loop_replay")),
+        headers,
+        key,
+        settle,
+        body: body.clone(),
+        model,
+        stream: false,
+    };
+    peek(&mut cx, &doc)?;
+    // authorize (accept.rs)
+    authorize(&cx)?;
+    // damp (damp.rs): replays of answered retries, retry budgets, the loop guard
+    if let Some(answer) = damp_phase(&mut cx, &doc)? {
+        return Ok(answer);
     }
-    if let (Some(fp), crate::config::LoopAction::Replay, false) =
-        (loop_fp, runtime.loop_guard.action, stream)
-    {
-        settle
-            .keep
-            .push((fp, now_us() + runtime.loop_guard.window.as_micros() as u64));
+    // admit (admit.rs): limits per key, team and model
+    let estimate = admit(&mut cx, &doc).await?;
+    // coalesce (damp.rs): one upstream call for identical requests in flight
+    if let Some(answer) = coalesce(&mut cx).await? {
+        return answer;
     }
-    let estimate = token_estimate(endpoint, &doc, body.len(), &runtime.limits);
-    let checks = limit_checks(app, key, &runtime, &model);
-    let admission = app
-        .limiter
-        .admit(&checks, estimate)
-        .await
-        .map_err(|r| refusal(app, r))?;
-    settle
-        .rate_headers
-        .extend(rate_limit_headers(admission.requests, admission.tokens));
-    settle.admission = Some(admission);
-
-    // coalesce: one upstream call for identical requests in flight
-    if !stream && reuse_ok && runtime.retries.coalesce {
-        let fp = settle.idempotency_fp.unwrap_or(settle.request_fp);
-        loop {
-            match app.damper.coalesce(fp) {
-                crate::damping::Coalesce::Lead => {
-                    settle.lead = Some(fp);
-                    break;
-                }
-                crate::damping::Coalesce::Follow(mut rx) => {
-                    let outcome = rx
-                        .wait_for(Option::is_some)
-                        .await
-                        .ok()
-                        .and_then(|o| o.clone());
-                    match outcome {
-                        Some(crate::damping::Outcome::Answer(a)) => {
-                            return Ok(settle.reuse(&a, "coalesced"))
-                        }
-                        Some(crate::damping::Outcome::Error(e, from)) => {
-                            let rec = settle.rec_mut();
-                            rec.reused = Some("coalesced".into());
-                            rec.reused_from = Some(from);
-                            return Err(e);
-                        }
-                        // The leader went away without an answer: lead, or follow another.
-                        None => continue,
-                    }
-                }
-            }
-        }
-    }
-
-    // route
-    let mut deployments = runtime.resolve(&model).ok_or_else(|| {
-        ApiError::new(
-            ErrorKind::ModelNotFound,
-            format!("the model '{model}' does not exist or is not served here"),
-        )
-        .param("model")
-    })?;
-    deployments.retain(|d| endpoint.served_by(d.provider.kind));
-    if deployments.is_empty() {
-        if endpoint == Endpoint::CountTokens {
-            return Ok(settle.finish_local_count());
-        }
-        return Err(ApiError::new(
-            ErrorKind::DialectMismatch,
-            format!(
-                "the model '{model}' is served by providers that do not speak this API ({}); \
-                 translation between dialects is not available yet",
-                endpoint.upstream_path()
-            ),
-        )
-        .param("model"));
-    }
-    let candidates =
-        upstream::order_candidates(&deployments, now_ms(), &runtime.routing).map_err(|until| {
-            let secs = ((until - now_ms()).max(0) as u64).div_ceil(1000).max(1);
-            ApiError::new(
-                ErrorKind::NoHealthyDeployment,
-                format!("every deployment of '{model}' is cooling down after failures"),
-            )
-            .retry_after(secs)
-        })?;
-
-    // hold: spend caps, and the wallet's hold for the request's maximum cost
+    // route (route.rs): the deployments that can serve it, healthy ones first
+    let (deployments, candidates) = match route(&mut cx)? {
+        Routed::Local(answer) => return Ok(answer),
+        Routed::To(deployments, candidates) => (deployments, candidates),
+    };
+    // hold (hold.rs): spend caps, and the wallet's hold for the request's maximum cost
     if endpoint != Endpoint::CountTokens {
-        hold(
-            app,
-            &runtime,
-            key,
-            endpoint,
-            headers,
-            &mut doc,
-            &deployments,
-            settle,
-        )
-        .await?;
+        hold(&mut cx, &mut doc, &deployments).await?;
     }
+    // forward (forward.rs), then settle (settle.rs) or stream (stream.rs)
+    forward(&mut cx, &mut doc, &candidates, estimate).await
+}
 
-    // forward
-    let client_wants_usage = doc.client_wants_stream_usage();
-    if stream && endpoint == Endpoint::ChatCompletions {
-        doc.force_stream_usage()
-            .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?;
-    }
-    let mut attempt = 0u32;
-    let mut idx = 0usize;
-    let mut over_quota = 0usize;
-    loop {
-        let dep = candidates[idx % candidates.len()].clone();
-        if !dep.limits.is_unlimited() {
-            let check = Check {
-                scope: Scope::Deployment,
-                subject: format!("{}/{}", dep.provider.name, dep.model),
-                limits: dep.limits,
-            };
-            match app
-                .limiter
-                .admit(std::slice::from_ref(&check), estimate)
-                .await
-            {
-                Ok(a) => settle.admission.get_or_insert_default().absorb(a),
-                // A deployment at its provider quota is skipped, not tried.
-                Err(r) => {
-                    over_quota += 1;
-                    if over_quota >= candidates.len() {
-                        return Err(refusal(app, r));
-                    }
-                    idx += 1;
-                    continue;
-                }
-            }
-        }
-        attempt += 1;
-        if attempt == 1 {
-            let r = &runtime.retries;
-            dep.health.retry_budget.admit(
-                now_us(),
-                r.window.as_micros() as u64,
-                false,
-                r.budget_ratio,
-                r.budget_min,
-            );
-        }
-        {
-            let rec = settle.rec_mut();
-            rec.attempts = attempt;
-            rec.provider = Some(dep.provider.name.clone());
-            rec.model_served = Some(dep.model.clone());
-        }
-        doc.set_str("model", &dep.model)
-            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
-        // The endpoint the provider is called on: the client's, or its counterpart in the
-        // provider's dialect when the request must be translated.
-        let up_endpoint = endpoint.for_provider(dep.provider.kind);
-        let translated = up_endpoint != endpoint;
-        let upstream_body = if translated {
-            let body = match up_endpoint {
-                Endpoint::Messages => {
-                    translate::chat_request_to_messages(&doc.to_vec(), &dep.model)
-                }
-                _ => translate::messages_request_to_chat(&doc.to_vec(), &dep.model),
-            };
-            Bytes::from(body.map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?)
-        } else {
-            Bytes::from(doc.to_vec())
-        };
-        let extra_headers = anthropic_headers(up_endpoint, headers);
-        settle.upstream_started = true;
-        let outcome = forward_once(&dep, up_endpoint, &extra_headers, upstream_body, stream).await;
-        let label = match &outcome {
-            Ok(_) => "ok",
-            Err(f) => f.error.kind.as_str(),
-        };
-        app.metrics
-            .upstream_attempts
-            .get_or_create(&UpstreamLabels {
-                provider: dep.provider.name.clone(),
-                outcome: label,
-            })
-            .inc();
-        match outcome {
-            Ok(Upstream::Json(answer)) => {
-                dep.health.success(now_ms(), &runtime.routing);
-                let client_body = if translated {
-                    let back = match up_endpoint {
-                        Endpoint::Messages => translate::messages_response_to_chat(
-                            &answer.body,
-                            (now_ms() / 1000) as u64,
-                        ),
-                        _ => translate::chat_response_to_messages(&answer.body),
-                    };
-                    match back {
-                        Ok(b) => Some(Bytes::from(b)),
-                        Err(e) => {
-                            return Err(ApiError::new(
-                                ErrorKind::UpstreamError,
-                                format!("could not translate the provider's answer: {e}"),
-                            ))
-                        }
-                    }
-                } else {
-                    None
-                };
-                return Ok(settle.finish_json(&runtime, &dep, up_endpoint, answer, client_body));
-            }
-            Ok(Upstream::Stream { first, rest }) => {
-                dep.health.success(now_ms(), &runtime.routing);
-                let view = StreamView {
-                    client: endpoint.dialect(),
-                    upstream: up_endpoint,
-                    filter_usage: endpoint == Endpoint::ChatCompletions && !client_wants_usage,
-                    translator: match (translated, up_endpoint) {
-                        (false, _) => None,
-                        (true, Endpoint::Messages) => {
-                            Some(Translator::ToChat(translate::MessagesToChatStream::new(
-                                (now_ms() / 1000) as u64,
-                                client_wants_usage,
-                            )))
-                        }
-                        (true, _) => Some(Translator::ToMessages(
-                            translate::ChatToMessagesStream::new(),
-                        )),
-                    },
-                };
-                return Ok(stream_response(app, settle, &dep, view, first, rest));
-            }
-            Err(mut failure) => {
-                // A request the provider refused as malformed says nothing about the
-                // deployment's health: counting it would let one agent's bad requests open
-                // the circuit for every agent.
-                if failure.error.kind == ErrorKind::UpstreamRejected {
-                    dep.health.success(now_ms(), &runtime.routing);
-                } else {
-                    dep.health
-                        .failure(now_ms(), failure.retry_after, &runtime.routing);
-                }
-                if let Some(partial) = failure.reached.take() {
-                    settle.bill_broken_attempt(&runtime, &dep, &partial);
-                }
-                tracing::debug!(provider = %dep.provider.name, model = %dep.model, attempt, error = %failure.error, "upstream attempt failed");
-                if !failure.retryable || attempt >= runtime.routing.max_attempts {
-                    return Err(failure.error);
-                }
-                idx += 1;
-                let next = &candidates[idx % candidates.len()];
-                let r = &runtime.retries;
-                if !next.health.retry_budget.admit(
-                    now_us(),
-                    r.window.as_micros() as u64,
-                    true,
-                    r.budget_ratio,
-                    r.budget_min,
-                ) {
-                    // Failover must not multiply load on providers already in trouble.
-                    app.metrics
-                        .retries_suppressed
-                        .get_or_create(&ScopeLabels {
-                            scope: "deployment",
-                        })
-                        .inc();
-                    return Err(failure.error);
-                }
-                let mut wait = upstream::backoff(attempt, &runtime.routing);
-                if Arc::ptr_eq(next, &dep) {
-                    if let Some(ra) = failure.retry_after {
-                        if ra > runtime.routing.max_retry_wait {
-                            return Err(failure.error);
-                        }
-                        wait = wait.max(ra);
-                    }
-                }
-                tokio::time::sleep(wait).await;
-            }
-        }
-    }
+/// One request on its way through the phases: what each phase reads, and the settlement
+/// that owns its record. `runtime` is the configuration the request started with.
+pub(crate) struct Ctx<'a> {
+    pub(crate) app: &'a Arc<AppState>,
+    pub(crate) runtime: Arc<Runtime>,
+    pub(crate) endpoint: Endpoint,
+    pub(crate) headers: &'a HeaderMap,
+    pub(crate) key: &'a KeyRecord,
+    pub(crate) settle: &'a mut Settlement,
+    pub(crate) body: Bytes,
+    pub(crate) model: String,
+    pub(crate) stream: bool,
 }
 
 fn respond_unmetered(
