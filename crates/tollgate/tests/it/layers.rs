@@ -83,7 +83,8 @@ fn scan(src: &Path) -> Uses {
                 .to_string_lossy()
                 .trim_end_matches(".rs")
                 .to_string();
-            if module == "lib" || module == "main" {
+            // The binary (main.rs and its cli/) stands above every layer.
+            if module == "lib" || module == "main" || module == "cli" {
                 continue;
             }
             let text = std::fs::read_to_string(&path).unwrap();

@@ -1,0 +1,347 @@
+//! The command line: every subcommand and flag (clap derive); `--help` is written here.
+
+use super::*;
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "An AI agent gateway: virtual keys, routing across providers, exact usage metering."
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Cmd {
+    /// Run the gateway. With no flags: 127.0.0.1:4000, data in ./tollgate-data, the built-in
+    /// mock provider, and an `openai` provider if OPENAI_API_KEY is set.
+    Serve(ServeArgs),
+    /// Check a configuration file and print every problem with its path.
+    CheckConfig {
+        #[arg(long, short, env = "TOLLGATE_CONFIG", default_value = "tollgate.toml")]
+        config: PathBuf,
+    },
+    /// Create, list, revoke and rotate virtual keys.
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Prepaid wallets and their ledger.
+    Wallet {
+        #[command(subcommand)]
+        cmd: WalletCmd,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Spending budgets per key, team or org (daily, weekly, monthly, lifetime).
+    Budget {
+        #[command(subcommand)]
+        cmd: BudgetCmd,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// What an agent run (x-tollgate-run) spent, by model and sub-run.
+    Run {
+        /// The run id the agent sent.
+        id: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Teams and their limit overrides.
+    Teams {
+        #[command(subcommand)]
+        cmd: TeamsCmd,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Requests, tokens and spend, grouped.
+    Usage(UsageArgs),
+    /// Create or upgrade the store's schema, then exit (`serve` also does this on start).
+    Migrate {
+        #[arg(long, env = "TOLLGATE_DATA_DIR", default_value = "./tollgate-data")]
+        data_dir: PathBuf,
+        /// A PostgreSQL store, e.g. postgres://tollgate:secret@db:5432/tollgate (else SQLite
+        /// in the data directory).
+        #[arg(long, env = "TOLLGATE_STORE_URL", hide_env_values = true)]
+        store_url: Option<String>,
+    },
+    /// Run the mock provider alone (for benchmarks and experiments).
+    MockProvider {
+        #[arg(long, default_value = "127.0.0.1:4010")]
+        listen: SocketAddr,
+        /// Require this bearer key from callers.
+        #[arg(long)]
+        api_key: Option<String>,
+    },
+}
+
+#[derive(Args)]
+pub(crate) struct ServeArgs {
+    /// Configuration file. Without one, embedded defaults are used.
+    #[arg(long, short, env = "TOLLGATE_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
+    /// Overrides [server] listen.
+    #[arg(long, env = "TOLLGATE_LISTEN")]
+    pub(crate) listen: Option<SocketAddr>,
+    /// Overrides [server] data_dir.
+    #[arg(long, env = "TOLLGATE_DATA_DIR")]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// Overrides [store] url: postgres://user:password@host:5432/db.
+    #[arg(long, env = "TOLLGATE_STORE_URL", hide_env_values = true)]
+    pub(crate) store_url: Option<String>,
+}
+
+/// Where management commands act: the data directory, or a running gateway.
+#[derive(Args)]
+pub(crate) struct Target {
+    /// Data directory of the gateway (used unless --url is given).
+    #[arg(
+        long,
+        global = true,
+        env = "TOLLGATE_DATA_DIR",
+        default_value = "./tollgate-data"
+    )]
+    pub(crate) data_dir: PathBuf,
+    /// The gateway's PostgreSQL store, when it has one (else SQLite in the data directory).
+    #[arg(
+        long,
+        global = true,
+        env = "TOLLGATE_STORE_URL",
+        hide_env_values = true
+    )]
+    pub(crate) store_url: Option<String>,
+    /// A running gateway's base URL, e.g. http://127.0.0.1:4000 (needs --admin-key).
+    #[arg(long, global = true, env = "TOLLGATE_URL")]
+    pub(crate) url: Option<String>,
+    /// The admin key, for --url.
+    #[arg(
+        long,
+        global = true,
+        env = "TOLLGATE_ADMIN_KEY",
+        hide_env_values = true
+    )]
+    pub(crate) admin_key: Option<String>,
+    #[arg(long, global = true, value_enum, default_value = "table")]
+    pub(crate) format: Format,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum KeysCmd {
+    /// Create a key and print its secret once.
+    Create {
+        /// The agent this key belongs to.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        team: Option<String>,
+        /// The organisation, whose wallet the key draws on without a key or team wallet.
+        #[arg(long)]
+        org: Option<String>,
+        #[arg(long)]
+        project: Option<String>,
+        /// Allowed models, comma-separated; `prefix*` matches by prefix. Default: all.
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+        /// Lifetime, e.g. 30d, 12h.
+        #[arg(long)]
+        expires: Option<String>,
+        /// k=v attribution tag, repeatable.
+        #[arg(long = "tag", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
+        /// This key's limits (each overrides its [limits] default).
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// List keys (prefixes only, never secrets).
+    List,
+    /// Revoke a key by id (or by name when unique). Takes effect within a second.
+    Revoke { key: String },
+    /// Replace a key's limit overrides; a limit left out falls back to [limits]. 0 = none.
+    Limits {
+        key: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Issue a new secret for a key; the old one keeps working for the grace period.
+    Rotate {
+        key: String,
+        #[arg(long, default_value = "24h")]
+        grace: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum WalletCmd {
+    /// Create a wallet for an org, a team or a key. A key draws on its own wallet, else its
+    /// team's, else its org's (`default` for keys without an org).
+    Create {
+        /// org:NAME, team:NAME or key:KEY
+        #[arg(long)]
+        owner: String,
+        /// The balance never goes below this, in USD (default 0: strictly prepaid).
+        #[arg(long)]
+        floor: Option<String>,
+        /// Send a wallet.low_balance webhook when spending takes the balance below this (USD).
+        #[arg(long)]
+        low_balance: Option<String>,
+    },
+    /// Change a wallet's floor or low-balance alert (`--low-balance off` removes it).
+    Set {
+        wallet: String,
+        #[arg(long, allow_hyphen_values = true)]
+        floor: Option<String>,
+        #[arg(long)]
+        low_balance: Option<String>,
+    },
+    /// Add money. Replaying the same --idempotency-key adds once.
+    Topup(CreditArgs),
+    /// Add free credit that expires (--expires 30d); spent before top-ups.
+    Grant(CreditArgs),
+    /// Correct a balance (signed amount; --note required).
+    Adjust(CreditArgs),
+    /// Give money back for a request.
+    Refund(CreditArgs),
+    /// A wallet's balance, floor and money held by requests in flight.
+    Show {
+        wallet: String,
+    },
+    List,
+    /// A wallet's ledger entries, newest first.
+    Ledger {
+        wallet: String,
+        #[arg(long, default_value = "50")]
+        limit: u32,
+    },
+    /// Check that every balance equals the sum of its ledger entries and sits above its floor.
+    Verify,
+}
+
+#[derive(Args)]
+pub(crate) struct CreditArgs {
+    /// Wallet id, or org:NAME / team:NAME / key:KEY_ID.
+    pub(crate) wallet: String,
+    /// USD, e.g. 25.00
+    #[arg(long, allow_hyphen_values = true)]
+    pub(crate) amount: String,
+    #[arg(long)]
+    pub(crate) idempotency_key: Option<String>,
+    #[arg(long)]
+    pub(crate) note: Option<String>,
+    /// For grants: lifetime, e.g. 30d.
+    #[arg(long)]
+    pub(crate) expires: Option<String>,
+}
+
+impl CreditArgs {
+    pub(crate) fn request(&self) -> admin::WalletCredit {
+        admin::WalletCredit {
+            amount: self.amount.clone(),
+            idempotency_key: self.idempotency_key.clone(),
+            note: self.note.clone(),
+            expires: self.expires.clone(),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub(crate) enum BudgetCmd {
+    /// Create or replace a budget. Hard: requests are refused beyond it (402
+    /// budget_exceeded); soft: a webhook and a log line when crossed.
+    Set {
+        /// key:ID, team:NAME or org:NAME
+        #[arg(long)]
+        scope: String,
+        /// daily, weekly, monthly (calendar, UTC) or lifetime
+        #[arg(long)]
+        period: String,
+        /// USD
+        #[arg(long)]
+        hard: Option<String>,
+        /// USD
+        #[arg(long)]
+        soft: Option<String>,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum TeamsCmd {
+    /// List teams with limit overrides.
+    List,
+    /// Create a team or replace its limit overrides; a limit left out falls back to
+    /// [limits.team]. 0 = none. Keys with this team share these limits.
+    Set {
+        name: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+}
+
+#[derive(Args)]
+pub(crate) struct LimitArgs {
+    /// Requests per minute.
+    #[arg(long)]
+    pub(crate) rpm: Option<u64>,
+    /// Tokens (input + output) per minute.
+    #[arg(long)]
+    pub(crate) tpm: Option<u64>,
+    /// Requests in flight at once.
+    #[arg(long)]
+    pub(crate) concurrency: Option<u32>,
+    /// Refuse requests whose estimated cost is above this, in USD (e.g. 0.50).
+    #[arg(long, value_parser = parse_usd_arg)]
+    pub(crate) max_cost: Option<u64>,
+    /// When the wallet cannot cover max_tokens, lower it to what the wallet can pay.
+    #[arg(long)]
+    pub(crate) clamp_max_tokens: Option<bool>,
+}
+
+pub(crate) fn parse_usd_arg(s: &str) -> Result<u64, String> {
+    let v = tollgate::wallet::parse_usd(s)?;
+    u64::try_from(v).map_err(|_| format!("\"{s}\" must not be negative"))
+}
+
+impl LimitArgs {
+    pub(crate) fn overrides(&self) -> KeyLimits {
+        KeyLimits {
+            rpm: self.rpm,
+            tpm: self.tpm,
+            concurrency: self.concurrency,
+            max_cost_micros: self.max_cost,
+            clamp_max_tokens: self.clamp_max_tokens,
+        }
+    }
+}
+
+#[derive(Args)]
+pub(crate) struct UsageArgs {
+    /// key, team, project, model, day, run, endpoint, or tag:NAME
+    #[arg(long, default_value = "model")]
+    pub(crate) by: String,
+    /// Only the last period, e.g. 7d, 24h.
+    #[arg(long)]
+    pub(crate) since: Option<String>,
+    #[command(flatten)]
+    pub(crate) target: Target,
+}
+
+pub(crate) fn parse_tag(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("tag \"{s}\" must be k=v"))?;
+    if k.is_empty() {
+        return Err(format!("tag \"{s}\" has an empty name"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}

@@ -1,0 +1,498 @@
+//! The subcommands that manage keys, wallets, budgets, teams and usage: each calls the
+//! operation `tollgate::admin` shares with the admin API, locally or remotely.
+
+use super::*;
+
+pub(crate) async fn keys(cmd: KeysCmd, target: Target) -> anyhow::Result<()> {
+    let backend = Backend::new(&target)?;
+    match cmd {
+        KeysCmd::Create {
+            name,
+            team,
+            org,
+            project,
+            models,
+            expires,
+            tags,
+            limits,
+        } => {
+            let tags = tags.into_iter().collect::<BTreeMap<_, _>>();
+            let req = NewKey {
+                name,
+                team,
+                org,
+                project,
+                models,
+                expires,
+                tags,
+                rpm: limits.rpm,
+                tpm: limits.tpm,
+                concurrency: limits.concurrency,
+            };
+            let created: CreatedKey = match &backend {
+                Backend::Local { store, secret } => admin::create_key(store, secret, req)?,
+                Backend::Remote { .. } => {
+                    backend
+                        .call(
+                            reqwest::Method::POST,
+                            "/admin/keys",
+                            Some(serde_json::to_value(&req)?),
+                        )
+                        .await?
+                }
+            };
+            print_created(&created, target.format)?;
+        }
+        KeysCmd::List => {
+            let keys: Vec<KeyView> = match &backend {
+                Backend::Local { store, .. } => {
+                    store.list_keys()?.into_iter().map(admin::view).collect()
+                }
+                Backend::Remote { .. } => {
+                    backend
+                        .call(reqwest::Method::GET, "/admin/keys", None)
+                        .await?
+                }
+            };
+            print_keys(&keys, target.format)?;
+        }
+        KeysCmd::Revoke { key } => {
+            let v: KeyView = match &backend {
+                Backend::Local { store, .. } => admin::revoke_key(store, &key)?,
+                Backend::Remote { .. } => {
+                    backend
+                        .call(
+                            reqwest::Method::POST,
+                            &format!("/admin/keys/{}/revoke", urlencode(&key)),
+                            None,
+                        )
+                        .await?
+                }
+            };
+            print_keys(&[v], target.format)?;
+        }
+        KeysCmd::Limits { key, limits } => {
+            let v: KeyView = match &backend {
+                Backend::Local { store, .. } => {
+                    admin::set_key_limits(store, &key, limits.overrides())?
+                }
+                Backend::Remote { .. } => {
+                    backend
+                        .call(
+                            reqwest::Method::PUT,
+                            &format!("/admin/keys/{}/limits", urlencode(&key)),
+                            Some(serde_json::to_value(limits.overrides())?),
+                        )
+                        .await?
+                }
+            };
+            print_keys(&[v], target.format)?;
+        }
+        KeysCmd::Rotate { key, grace } => {
+            let created: CreatedKey = match &backend {
+                Backend::Local { store, secret } => admin::rotate_key(
+                    store,
+                    secret,
+                    &key,
+                    parse_duration(&grace).map_err(anyhow::Error::msg)?,
+                )?,
+                Backend::Remote { .. } => {
+                    backend
+                        .call(
+                            reqwest::Method::POST,
+                            &format!("/admin/keys/{}/rotate", urlencode(&key)),
+                            Some(serde_json::json!({ "grace": grace })),
+                        )
+                        .await?
+                }
+            };
+            print_created(&created, target.format)?;
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn wallet(
+    cmd: WalletCmd,
+    target: Target,
+) -> anyhow::Result<std::process::ExitCode> {
+    use tollgate::wallet::{usd, Entry, Wallet};
+    let backend = Backend::new(&target)?;
+    let remote = |method: reqwest::Method, path: String, body: Option<serde_json::Value>| {
+        let backend = &backend;
+        async move { backend.call::<serde_json::Value>(method, &path, body).await }
+    };
+    let local = match &backend {
+        Backend::Local { store, .. } => Some(store),
+        Backend::Remote { .. } => None,
+    };
+    let print_wallets = |ws: &[Wallet]| -> anyhow::Result<()> {
+        if target.format == Format::Json {
+            println!("{}", serde_json::to_string_pretty(ws)?);
+            return Ok(());
+        }
+        let rows: Vec<Vec<String>> = ws
+            .iter()
+            .map(|w| {
+                vec![
+                    w.id.clone(),
+                    format!("{}:{}", w.owner_kind.as_str(), w.owner),
+                    usd(w.balance_micros),
+                    usd(w.held_micros),
+                    usd(w.floor_micros),
+                ]
+            })
+            .collect();
+        print_rows(
+            &["wallet", "owner", "available_usd", "held_usd", "floor_usd"],
+            &rows,
+            target.format == Format::Csv,
+        );
+        Ok(())
+    };
+    let kind = match &cmd {
+        WalletCmd::Topup(_) => "topup",
+        WalletCmd::Grant(_) => "grant",
+        WalletCmd::Adjust(_) => "adjust",
+        _ => "refund",
+    };
+    match cmd {
+        WalletCmd::Set {
+            wallet,
+            floor,
+            low_balance,
+        } => {
+            let w: Wallet = match local {
+                Some(store) => admin::configure_wallet(store, &wallet, floor, low_balance)?,
+                None => serde_json::from_value(
+                    backend
+                        .call::<serde_json::Value>(
+                            reqwest::Method::PUT,
+                            &format!("/admin/wallets/{}", urlencode(&wallet)),
+                            Some(serde_json::json!({"floor": floor, "low_balance": low_balance})),
+                        )
+                        .await?,
+                )?,
+            };
+            print_wallets(&[w])?;
+        }
+        WalletCmd::Create {
+            owner,
+            floor,
+            low_balance,
+        } => {
+            let req = admin::NewWallet {
+                owner,
+                floor,
+                low_balance,
+            };
+            let w: Wallet = match local {
+                Some(store) => admin::create_wallet(store, req)?,
+                None => serde_json::from_value(
+                    remote(
+                        reqwest::Method::POST,
+                        "/admin/wallets".into(),
+                        Some(serde_json::to_value(&req)?),
+                    )
+                    .await?,
+                )?,
+            };
+            print_wallets(&[w])?;
+        }
+        WalletCmd::Show { wallet } => {
+            let w: Wallet = match local {
+                Some(store) => store.read(|c| tollgate::wallet::find(c, &wallet))?,
+                None => serde_json::from_value(
+                    remote(
+                        reqwest::Method::GET,
+                        format!("/admin/wallets/{}", urlencode(&wallet)),
+                        None,
+                    )
+                    .await?,
+                )?,
+            };
+            print_wallets(&[w])?;
+        }
+        WalletCmd::List => {
+            let ws: Vec<Wallet> = match local {
+                Some(store) => store.read(tollgate::wallet::list)?,
+                None => serde_json::from_value(
+                    remote(reqwest::Method::GET, "/admin/wallets".into(), None).await?,
+                )?,
+            };
+            print_wallets(&ws)?;
+        }
+        WalletCmd::Ledger { wallet, limit } => {
+            let entries: Vec<Entry> = match local {
+                Some(store) => store.read(|c| {
+                    let w = tollgate::wallet::find(c, &wallet)?;
+                    tollgate::wallet::entries(c, &w.id, limit)
+                })?,
+                None => serde_json::from_value(
+                    remote(
+                        reqwest::Method::GET,
+                        format!("/admin/wallets/{}/ledger?limit={limit}", urlencode(&wallet)),
+                        None,
+                    )
+                    .await?,
+                )?,
+            };
+            if target.format == Format::Json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                let rows: Vec<Vec<String>> = entries
+                    .iter()
+                    .map(|e| {
+                        vec![
+                            e.seq.to_string(),
+                            format_ms(e.ts_ms),
+                            e.kind.clone(),
+                            usd(e.amount_micros),
+                            e.request_id.clone().unwrap_or_else(|| "-".into()),
+                            e.idempotency_key.clone(),
+                            e.note.clone().unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                print_rows(
+                    &[
+                        "seq",
+                        "time",
+                        "kind",
+                        "amount_usd",
+                        "request",
+                        "idempotency_key",
+                        "note",
+                    ],
+                    &rows,
+                    target.format == Format::Csv,
+                );
+            }
+        }
+        WalletCmd::Verify => {
+            let bad: Vec<(String, i64, i64, i64)> = match local {
+                Some(store) => store.read(tollgate::wallet::verify)?,
+                None => {
+                    let v =
+                        remote(reqwest::Method::GET, "/admin/wallets/verify".into(), None).await?;
+                    v["mismatches"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|m| {
+                            (
+                                m["wallet"].as_str().unwrap_or_default().to_string(),
+                                m["balance_micros"].as_i64().unwrap_or_default(),
+                                m["ledger_sum_micros"].as_i64().unwrap_or_default(),
+                                m["floor_micros"].as_i64().unwrap_or_default(),
+                            )
+                        })
+                        .collect()
+                }
+            };
+            if bad.is_empty() {
+                println!(
+                    "ok: every balance equals the sum of its ledger and sits at or above its floor"
+                );
+            } else {
+                for (id, bal, sum, floor) in &bad {
+                    println!(
+                        "MISMATCH {id}: balance {} ledger sum {} floor {}",
+                        usd(*bal),
+                        usd(*sum),
+                        usd(*floor)
+                    );
+                }
+                return Ok(std::process::ExitCode::FAILURE);
+            }
+        }
+        WalletCmd::Topup(a) | WalletCmd::Grant(a) | WalletCmd::Adjust(a) | WalletCmd::Refund(a) => {
+            let c: admin::Credited = match local {
+                Some(store) => admin::credit_wallet(store, &a.wallet, kind, a.request())?,
+                None => serde_json::from_value(
+                    remote(
+                        reqwest::Method::POST,
+                        format!("/admin/wallets/{}/{kind}", urlencode(&a.wallet)),
+                        Some(serde_json::to_value(a.request())?),
+                    )
+                    .await?,
+                )?,
+            };
+            if target.format == Format::Json {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+            } else {
+                if !c.applied {
+                    println!(
+                        "Already applied (idempotency key {}): nothing changed.",
+                        c.entry.idempotency_key
+                    );
+                }
+                print_wallets(&[c.wallet])?;
+            }
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+pub(crate) async fn budget(cmd: BudgetCmd, target: Target) -> anyhow::Result<()> {
+    use tollgate::envelope::Budget;
+    let backend = Backend::new(&target)?;
+    let budgets: Vec<Budget> = match cmd {
+        BudgetCmd::Set {
+            scope,
+            period,
+            hard,
+            soft,
+        } => {
+            let req = admin::BudgetReq {
+                scope,
+                period,
+                hard,
+                soft,
+            };
+            vec![match &backend {
+                Backend::Local { store, .. } => admin::set_budget(store, req)?,
+                Backend::Remote { .. } => {
+                    backend
+                        .call(
+                            reqwest::Method::PUT,
+                            "/admin/budgets",
+                            Some(serde_json::to_value(&req)?),
+                        )
+                        .await?
+                }
+            }]
+        }
+        BudgetCmd::List => match &backend {
+            Backend::Local { store, .. } => store.read(|c| Ok(tollgate::envelope::budgets(c)?))?,
+            Backend::Remote { .. } => {
+                backend
+                    .call(reqwest::Method::GET, "/admin/budgets", None)
+                    .await?
+            }
+        },
+    };
+    if target.format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&budgets)?);
+        return Ok(());
+    }
+    let amount = |v: Option<i64>| v.map_or_else(|| "-".into(), tollgate::wallet::usd);
+    let rows: Vec<Vec<String>> = budgets
+        .iter()
+        .map(|b| {
+            vec![
+                b.scope.clone(),
+                b.period.as_str().to_string(),
+                amount(b.hard_micros),
+                amount(b.soft_micros),
+            ]
+        })
+        .collect();
+    print_rows(
+        &["scope", "period", "hard_usd", "soft_usd"],
+        &rows,
+        target.format == Format::Csv,
+    );
+    Ok(())
+}
+
+pub(crate) async fn teams(cmd: TeamsCmd, target: Target) -> anyhow::Result<()> {
+    let backend = Backend::new(&target)?;
+    let teams: Vec<TeamRecord> = match cmd {
+        TeamsCmd::List => match &backend {
+            Backend::Local { store, .. } => store.list_teams()?,
+            Backend::Remote { .. } => {
+                backend
+                    .call(reqwest::Method::GET, "/admin/teams", None)
+                    .await?
+            }
+        },
+        TeamsCmd::Set { name, limits } => vec![match &backend {
+            Backend::Local { store, .. } => {
+                admin::set_team_limits(store, &name, limits.overrides())?
+            }
+            Backend::Remote { .. } => {
+                backend
+                    .call(
+                        reqwest::Method::PUT,
+                        &format!("/admin/teams/{}", urlencode(&name)),
+                        Some(serde_json::to_value(limits.overrides())?),
+                    )
+                    .await?
+            }
+        }],
+    };
+    if target.format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&teams)?);
+        return Ok(());
+    }
+    let or_default = |v: Option<String>| v.unwrap_or_else(|| "default".into());
+    let rows: Vec<Vec<String>> = teams
+        .iter()
+        .map(|t| {
+            vec![
+                t.name.clone(),
+                or_default(t.limits.rpm.map(|v| v.to_string())),
+                or_default(t.limits.tpm.map(|v| v.to_string())),
+                or_default(t.limits.concurrency.map(|v| v.to_string())),
+            ]
+        })
+        .collect();
+    print_rows(
+        &["team", "rpm", "tpm", "concurrency"],
+        &rows,
+        target.format == Format::Csv,
+    );
+    Ok(())
+}
+
+pub(crate) async fn usage(args: UsageArgs) -> anyhow::Result<()> {
+    let backend = Backend::new(&args.target)?;
+    let rows: Vec<ReportRow> = match &backend {
+        Backend::Local { store, .. } => {
+            admin::usage_report(store, &args.by, args.since.as_deref())?
+        }
+        Backend::Remote { .. } => {
+            let mut path = format!("/admin/usage?by={}", urlencode(&args.by));
+            if let Some(s) = &args.since {
+                path.push_str(&format!("&since={}", urlencode(s)));
+            }
+            backend.call(reqwest::Method::GET, &path, None).await?
+        }
+    };
+    match args.target.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        f => {
+            let header = [
+                args.by.as_str(),
+                "requests",
+                "errors",
+                "input",
+                "cached",
+                "cache_write",
+                "output",
+                "reasoning",
+                "cost_usd",
+            ];
+            let body: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.group.clone(),
+                        r.requests.to_string(),
+                        r.errors.to_string(),
+                        r.input_tokens.to_string(),
+                        r.cached_input_tokens.to_string(),
+                        r.cache_write_tokens.to_string(),
+                        r.output_tokens.to_string(),
+                        r.reasoning_tokens.to_string(),
+                        usd(r.cost_micros),
+                    ]
+                })
+                .collect();
+            print_rows(&header, &body, f == Format::Csv);
+        }
+    }
+    Ok(())
+}
