@@ -11,7 +11,7 @@
 //! | core | clock, money, error, config, metrics, genmap, fault, records, tls | units, records, errors, settings: no I/O |
 //! | store | db, store, wallet, envelope, outbox | SQL: keys, usage rows, the ledger, envelopes, the outbox |
 //! | traffic | metering, hotwallet, keys, limits, damping, loopguard, prices, estimate, upstream, toolroute, mock | the writer that owns money, limits, providers and their health |
-//! | state | state | `AppState`, reload, the key cache refresh |
+//! | state | state, ops | `AppState`, reload, the key cache refresh; the operations the CLI and admin API share |
 //! | pipeline | proxy, routes | the request path: model calls and tool routes |
 //! | server | server, admin, webhooks, conn | the router, the admin API, delivery, connections |
 //!
@@ -43,7 +43,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
             "mock",
         ],
     ),
-    ("state", &["state"]),
+    ("state", &["state", "ops"]),
     ("pipeline", &["proxy", "routes"]),
     ("server", &["server", "admin", "webhooks", "conn"]),
 ];
@@ -69,6 +69,7 @@ pub mod metering;
 pub mod metrics;
 pub mod mock;
 pub mod money;
+pub mod ops;
 pub mod outbox;
 pub mod prices;
 pub mod proxy;

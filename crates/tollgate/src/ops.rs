@@ -1,0 +1,571 @@
+//! The operations on keys, teams, wallets, budgets, runs and usage that the CLI (acting on
+//! the store directly) and the admin HTTP API (`admin.rs`, through a running gateway) share:
+//! one implementation, validated once.
+
+use crate::clock::now_ms;
+use crate::config::parse_duration;
+use crate::error::{ApiError, ErrorKind};
+use crate::keys::{self, KeyLimits, KeyRecord, KeyStatus, ServerSecret};
+use crate::store::{GroupBy, ReportRow, Store, StoreError, TeamRecord};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    pub name: String,
+    #[serde(default)]
+    pub team: Option<String>,
+    /// The organisation, for its wallet (`default` when unset).
+    #[serde(default)]
+    pub org: Option<String>,
+    #[serde(default)]
+    pub project: Option<String>,
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// A duration from now, e.g. `30d`.
+    #[serde(default)]
+    pub expires: Option<String>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Requests per minute; overrides `[limits] rpm`.
+    #[serde(default)]
+    pub rpm: Option<u64>,
+    /// Tokens per minute; overrides `[limits] tpm`.
+    #[serde(default)]
+    pub tpm: Option<u64>,
+    /// Requests in flight at once; overrides `[limits] concurrency`.
+    #[serde(default)]
+    pub concurrency: Option<u32>,
+}
+
+/// A key as shown to operators: never the secret, only its prefix.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyView {
+    #[serde(flatten)]
+    pub key: KeyRecord,
+    pub status: KeyStatus,
+    /// Secrets that open the key now: more than one while a rotation's grace runs.
+    #[serde(default)]
+    pub live_secrets: usize,
+    /// When the last rotated-out secret stops working, while a rotation's grace runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotating_until_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreatedKey {
+    pub key: KeyView,
+    /// Shown once.
+    pub secret: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<AdminError> for ApiError {
+    fn from(e: AdminError) -> ApiError {
+        match e {
+            AdminError::Invalid(m) => ApiError::new(ErrorKind::BadRequest, m),
+            AdminError::Store(StoreError::KeyNotFound(k)) => {
+                ApiError::new(ErrorKind::NotFound, format!("no key matches \"{k}\""))
+            }
+            AdminError::Store(e @ StoreError::Ambiguous(_)) => {
+                ApiError::new(ErrorKind::BadRequest, e.to_string())
+            }
+            AdminError::Store(StoreError::Wallet(e)) => {
+                use crate::wallet::WalletError as W;
+                let kind = match &e {
+                    W::NotFound(_) => ErrorKind::NotFound,
+                    W::Exists(_) | W::IdempotencyConflict(_) | W::Invalid(_) => {
+                        ErrorKind::BadRequest
+                    }
+                    W::Sql(_) => ErrorKind::Internal,
+                };
+                ApiError::new(kind, e.to_string())
+            }
+            AdminError::Store(e) => ApiError::new(ErrorKind::Internal, e.to_string()),
+        }
+    }
+}
+
+pub fn view(key: KeyRecord) -> KeyView {
+    let now = now_ms();
+    let status = key.status_at(now);
+    let live: Vec<_> = key
+        .secrets
+        .iter()
+        .filter(|s| status == KeyStatus::Active && s.expires_ms.is_none_or(|e| e > now))
+        .collect();
+    let rotating_until_ms = if live.len() > 1 {
+        live.iter().filter_map(|s| s.expires_ms).max()
+    } else {
+        None
+    };
+    KeyView {
+        live_secrets: live.len(),
+        rotating_until_ms,
+        key,
+        status,
+    }
+}
+
+fn validate_name(field: &str, v: &str) -> Result<(), AdminError> {
+    if v.is_empty() || v.len() > 128 || v.chars().any(char::is_control) {
+        return Err(AdminError::Invalid(format!(
+            "{field} must be 1 to 128 printable characters"
+        )));
+    }
+    Ok(())
+}
+
+pub fn create_key(
+    store: &Store,
+    secret: &ServerSecret,
+    req: NewKey,
+) -> Result<CreatedKey, AdminError> {
+    validate_name("name", &req.name)?;
+    for (f, v) in [
+        ("team", &req.team),
+        ("project", &req.project),
+        ("org", &req.org),
+    ] {
+        if let Some(v) = v {
+            validate_name(f, v)?;
+        }
+    }
+    for m in &req.models {
+        validate_name("models entry", m)?;
+    }
+    let now = now_ms();
+    let expires_ms = match &req.expires {
+        Some(text) => {
+            let d = parse_duration(text).map_err(AdminError::Invalid)?;
+            if d.is_zero() {
+                return Err(AdminError::Invalid("expires must be in the future".into()));
+            }
+            Some(now.saturating_add(d.as_millis() as i64))
+        }
+        None => None,
+    };
+    let secret_text = keys::generate_secret();
+    let record = KeyRecord {
+        id: keys::generate_id(),
+        name: req.name,
+        team: req.team,
+        project: req.project,
+        models: req.models,
+        tags: req.tags,
+        admin: false,
+        prefix: keys::shown_prefix(&secret_text),
+        created_ms: now,
+        expires_ms,
+        revoked_ms: None,
+        rotated_from: None,
+        limits: KeyLimits {
+            rpm: req.rpm,
+            tpm: req.tpm,
+            concurrency: req.concurrency,
+            ..KeyLimits::default()
+        },
+        org: req.org,
+        secrets: Vec::new(),
+    };
+    store.insert_key(&record, &secret.digest(&secret_text))?;
+    Ok(CreatedKey {
+        key: view(record),
+        secret: secret_text,
+    })
+}
+
+pub fn revoke_key(store: &Store, id_or_name: &str) -> Result<KeyView, AdminError> {
+    let key = store.find_key(id_or_name, now_ms())?;
+    store.revoke_key(&key.id, now_ms())?;
+    Ok(view(store.find_key(&key.id, now_ms())?))
+}
+
+/// A new secret for the same key: same id, so its wallet, budgets, limits, team and tags
+/// follow. Every secret still live keeps working for `grace` at most (its own, shorter
+/// expiry if it has one), then only the new one opens the key; the key's own expiry is
+/// untouched. Rotating again during a grace period retires the previous new secret the same
+/// way. A revoked or expired key cannot be rotated.
+pub fn rotate_key(
+    store: &Store,
+    secret: &ServerSecret,
+    id_or_name: &str,
+    grace: Duration,
+) -> Result<CreatedKey, AdminError> {
+    let old = store.find_key(id_or_name, now_ms())?;
+    if old.status_at(now_ms()) != KeyStatus::Active {
+        return Err(AdminError::Invalid(format!(
+            "key {} is not active; create a new one instead",
+            old.id
+        )));
+    }
+    let now = now_ms();
+    let secret_text = keys::generate_secret();
+    let retire_at = now.saturating_add(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX));
+    store.rotate_key(
+        &old.id,
+        now,
+        retire_at,
+        &keys::shown_prefix(&secret_text),
+        &secret.digest(&secret_text),
+    )?;
+    Ok(CreatedKey {
+        key: view(store.find_key(&old.id, now)?),
+        secret: secret_text,
+    })
+}
+
+/// Makes sure an admin key exists. Returns a freshly generated one, to be printed once.
+pub fn bootstrap_admin_key(
+    store: &Store,
+    secret: &ServerSecret,
+    from_env: Option<&str>,
+) -> Result<Option<String>, StoreError> {
+    let now = now_ms();
+    let record = |secret_text: &str| KeyRecord {
+        id: keys::generate_id(),
+        name: "admin".into(),
+        team: None,
+        project: None,
+        models: Vec::new(),
+        tags: BTreeMap::new(),
+        admin: true,
+        prefix: keys::shown_prefix(secret_text),
+        created_ms: now,
+        expires_ms: None,
+        revoked_ms: None,
+        rotated_from: None,
+        limits: KeyLimits::default(),
+        org: None,
+        secrets: Vec::new(),
+    };
+    if let Some(k) = from_env.filter(|k| !k.is_empty()) {
+        let digest = secret.digest(k);
+        if !store.key_with_digest_exists(&digest)? {
+            store.insert_key(&record(k), &digest)?;
+        }
+        return Ok(None);
+    }
+    if store.has_admin_key()? {
+        return Ok(None);
+    }
+    let k = keys::generate_secret();
+    store.insert_key(&record(&k), &secret.digest(&k))?;
+    Ok(Some(k))
+}
+
+/// `7d`, `24h` … → the timestamp that long ago.
+pub fn since_ms(since: Option<&str>) -> Result<i64, AdminError> {
+    match since {
+        None => Ok(0),
+        Some(s) => {
+            let d = parse_duration(s).map_err(AdminError::Invalid)?;
+            Ok(now_ms().saturating_sub(d.as_millis() as i64))
+        }
+    }
+}
+
+pub fn usage_report(
+    store: &Store,
+    by: &str,
+    since: Option<&str>,
+) -> Result<Vec<ReportRow>, AdminError> {
+    let by: GroupBy = by.parse().map_err(AdminError::Invalid)?;
+    Ok(store.usage_report(&by, since_ms(since)?)?)
+}
+
+/// Creates the team if new and replaces its limit overrides (unset = the `[limits.team]`
+/// default).
+pub fn set_team_limits(
+    store: &Store,
+    name: &str,
+    limits: KeyLimits,
+) -> Result<TeamRecord, AdminError> {
+    validate_name("team", name)?;
+    store.set_team_limits(name, &limits, now_ms())?;
+    store
+        .list_teams()?
+        .into_iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| AdminError::Invalid(format!("team \"{name}\" vanished")))
+}
+
+/// Replaces a key's limit overrides (unset = the `[limits]` default).
+pub fn set_key_limits(
+    store: &Store,
+    id_or_name: &str,
+    limits: KeyLimits,
+) -> Result<KeyView, AdminError> {
+    let key = store.find_key(id_or_name, now_ms())?;
+    store.set_key_limits(&key.id, &limits)?;
+    Ok(view(store.find_key(&key.id, now_ms())?))
+}
+
+// ---------------------------------------------------------------------------------------
+// Wallets
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewWallet {
+    /// `org:NAME`, `team:NAME` or `key:KEY_ID`.
+    pub owner: String,
+    /// The balance never goes below this, in USD (default 0: strictly prepaid).
+    #[serde(default)]
+    pub floor: Option<String>,
+    /// A `wallet.low_balance` webhook fires when spending takes the balance below this (USD).
+    #[serde(default)]
+    pub low_balance: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WalletCredit {
+    /// USD, e.g. `10.00` (signed for an adjustment).
+    pub amount: String,
+    /// Replaying a request with the same key changes nothing; without one, every call counts.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    #[serde(default)]
+    pub note: Option<String>,
+    /// For a grant: its lifetime, e.g. `30d`.
+    #[serde(default)]
+    pub expires: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Credited {
+    pub entry: crate::wallet::Entry,
+    /// False when the idempotency key had been used: the entry is the first one.
+    pub applied: bool,
+    pub wallet: crate::wallet::Wallet,
+}
+
+impl From<crate::wallet::WalletError> for AdminError {
+    fn from(e: crate::wallet::WalletError) -> AdminError {
+        AdminError::Store(StoreError::Wallet(e))
+    }
+}
+
+pub(crate) fn usd_arg(field: &str, text: &str) -> Result<i64, AdminError> {
+    crate::money::parse_usd(text).map_err(|e| AdminError::Invalid(format!("{field}: {e}")))
+}
+
+pub fn create_wallet(store: &Store, req: NewWallet) -> Result<crate::wallet::Wallet, AdminError> {
+    use crate::wallet::OwnerKind;
+    let (kind, owner) = req
+        .owner
+        .split_once(':')
+        .and_then(|(k, o)| OwnerKind::parse(k).map(|k| (k, o)))
+        .ok_or_else(|| {
+            AdminError::Invalid("owner must be org:NAME, team:NAME or key:KEY_ID".into())
+        })?;
+    validate_name("owner", owner)?;
+    let owner = match kind {
+        // By id or by name, stored by id: a key's wallet follows the key, not its name.
+        OwnerKind::Key => store.find_key(owner, now_ms())?.id,
+        _ => owner.to_string(),
+    };
+    let floor = match &req.floor {
+        Some(f) => usd_arg("floor", f)?,
+        None => 0,
+    };
+    let low = req
+        .low_balance
+        .as_deref()
+        .map(|l| usd_arg("low_balance", l))
+        .transpose()?;
+    let w = store.create_wallet(kind, &owner, floor, now_ms())?;
+    if low.is_none() {
+        return Ok(w);
+    }
+    Ok(store.write(|tx| crate::wallet::configure(tx, &w.id, floor, low))?)
+}
+
+/// Changes a wallet's floor and low-balance alert.
+pub fn configure_wallet(
+    store: &Store,
+    wallet: &str,
+    floor: Option<String>,
+    low_balance: Option<String>,
+) -> Result<crate::wallet::Wallet, AdminError> {
+    let w = store.read(|c| crate::wallet::find(c, wallet))?;
+    let floor = match floor {
+        Some(f) => usd_arg("floor", &f)?,
+        None => w.floor_micros,
+    };
+    let low = match low_balance.as_deref() {
+        Some("off" | "") => None,
+        Some(l) => Some(usd_arg("low_balance", l)?),
+        None => w.low_balance_micros,
+    };
+    Ok(store.write(|tx| crate::wallet::configure(tx, &w.id, floor, low))?)
+}
+
+pub fn credit_wallet(
+    store: &Store,
+    wallet: &str,
+    kind: &str,
+    req: WalletCredit,
+) -> Result<Credited, AdminError> {
+    use crate::wallet::Credit;
+    let amount = usd_arg("amount", &req.amount)?;
+    let now = now_ms();
+    let credit = match kind {
+        "topup" => Credit::Topup,
+        "refund" => Credit::Refund,
+        "adjust" => {
+            if req.note.as_deref().unwrap_or("").trim().is_empty() {
+                return Err(AdminError::Invalid(
+                    "an adjustment needs a note saying why".into(),
+                ));
+            }
+            Credit::Adjustment
+        }
+        "grant" => {
+            let d = parse_duration(req.expires.as_deref().unwrap_or("")).map_err(|e| {
+                AdminError::Invalid(format!("a grant needs expires (e.g. 30d): {e}"))
+            })?;
+            Credit::Grant {
+                expires_ms: now.saturating_add(d.as_millis() as i64),
+            }
+        }
+        other => return Err(AdminError::Invalid(format!("unknown credit kind {other}"))),
+    };
+    let idem = req
+        .idempotency_key
+        .filter(|k| !k.trim().is_empty())
+        .unwrap_or_else(|| format!("{kind}:{:016x}", rand::random::<u64>()));
+    if idem.len() > 255 {
+        return Err(AdminError::Invalid(
+            "idempotency_key: at most 255 characters".into(),
+        ));
+    }
+    let wallet = store.read(|c| crate::wallet::find(c, wallet))?;
+    let (entry, applied) = store.write(|tx| {
+        crate::wallet::credit(
+            tx,
+            &wallet.id,
+            credit,
+            amount,
+            &idem,
+            req.note.as_deref(),
+            now,
+        )
+    })?;
+    let wallet = store.read(|c| crate::wallet::get(c, &wallet.id))?;
+    Ok(Credited {
+        entry,
+        applied,
+        wallet,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Budgets and runs
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetReq {
+    /// `key:ID`, `team:NAME` or `org:NAME`.
+    pub scope: String,
+    /// daily, weekly, monthly (calendar, UTC) or lifetime.
+    pub period: String,
+    /// Refuse beyond this, in USD.
+    #[serde(default)]
+    pub hard: Option<String>,
+    /// Webhook and log when crossed, in USD.
+    #[serde(default)]
+    pub soft: Option<String>,
+}
+
+pub fn set_budget(store: &Store, req: BudgetReq) -> Result<crate::envelope::Budget, AdminError> {
+    let (kind, owner) = req
+        .scope
+        .split_once(':')
+        .filter(|(k, o)| matches!(*k, "key" | "team" | "org") && !o.is_empty())
+        .ok_or_else(|| AdminError::Invalid("scope must be key:ID, team:NAME or org:NAME".into()))?;
+    let scope = if kind == "key" {
+        format!("key:{}", store.find_key(owner, now_ms())?.id)
+    } else {
+        req.scope.clone()
+    };
+    let period = crate::envelope::Period::parse(&req.period).ok_or_else(|| {
+        AdminError::Invalid("period must be daily, weekly, monthly or lifetime".into())
+    })?;
+    let amount = |f: &str, v: &Option<String>| -> Result<Option<i64>, AdminError> {
+        v.as_deref().map(|t| usd_arg(f, t)).transpose()
+    };
+    let b = crate::envelope::Budget {
+        scope,
+        period,
+        hard_micros: amount("hard", &req.hard)?,
+        soft_micros: amount("soft", &req.soft)?,
+    };
+    if b.hard_micros.is_none() && b.soft_micros.is_none() {
+        return Err(AdminError::Invalid(
+            "give a hard limit, a soft limit, or both".into(),
+        ));
+    }
+    store.write(|tx| {
+        crate::envelope::set_budget(tx, &b)?;
+        tx.exec("UPDATE meta SET v = v + 1 WHERE k = 'keys_rev'", &[])?;
+        Ok(())
+    })?;
+    Ok(b)
+}
+
+/// A run's envelope, its sub-runs, and its own requests by model.
+pub fn run_report(store: &Store, run: &str) -> Result<serde_json::Value, AdminError> {
+    let id = format!("run:{run}");
+    store
+        .read(|c| {
+            let Some(env) = crate::envelope::get(c, &id)? else {
+                return Err(crate::wallet::WalletError::NotFound(format!("run {run}")));
+            };
+            let subs = crate::envelope::children(c, &id)?;
+            let by_model = c
+                .rows(
+                    "SELECT COALESCE(model_served, model_requested, '-'), COUNT(*),
+                            CAST(SUM(cost_micros) AS BIGINT), CAST(SUM(input_tokens) AS BIGINT),
+                            CAST(SUM(output_tokens) AS BIGINT)
+                     FROM usage WHERE run_id = ?1 GROUP BY 1 ORDER BY 3 DESC, 1",
+                    &[&run],
+                )?
+                .iter()
+                .map(|r| {
+                    Ok(serde_json::json!({
+                        "model": r.get::<String>(0)?,
+                        "requests": r.get::<i64>(1)?,
+                        "cost_micros": r.get::<i64>(2)?,
+                        "input_tokens": r.get::<i64>(3)?,
+                        "output_tokens": r.get::<i64>(4)?,
+                    }))
+                })
+                .collect::<crate::db::Result<Vec<_>>>()?;
+            let strip = |e: &crate::envelope::Envelope| {
+                let mut v = serde_json::to_value(e).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("run".into(), e.id.trim_start_matches("run:").into());
+                    if let Some(p) = &e.parent {
+                        o.insert("parent_run".into(), p.trim_start_matches("run:").into());
+                    }
+                }
+                v
+            };
+            Ok(serde_json::json!({
+                "run": strip(&env),
+                "sub_runs": subs.iter().map(strip).collect::<Vec<_>>(),
+                "by_model": by_model,
+            }))
+        })
+        .map_err(AdminError::from)
+}
