@@ -388,17 +388,7 @@ impl ProviderKeys {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProviderKind {
-    /// Any OpenAI-compatible base URL: OpenAI, vLLM, llama.cpp, Ollama, OpenRouter, Groq…
-    Openai,
-    /// Anthropic's Messages API (`x-api-key` auth, `anthropic-version` header).
-    Anthropic,
-    /// The built-in mock provider, started in-process on a loopback port. It speaks both
-    /// dialects.
-    Mock,
-}
+pub use crate::providers::ProviderKind;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -820,12 +810,20 @@ impl Config {
                     &format!("duplicate provider name \"{}\"", prov.name),
                 );
             }
-            match (prov.kind, &prov.base_url) {
-                (ProviderKind::Openai | ProviderKind::Anthropic, None) => p(
-                    format!("{path}.base_url"),
-                    "required for kinds \"openai\" and \"anthropic\"",
-                ),
-                (ProviderKind::Openai | ProviderKind::Anthropic, Some(url)) => {
+            let kind = crate::providers::kind(prov.kind);
+            match (kind.needs_base_url, &prov.base_url) {
+                (true, None) => {
+                    let kinds: Vec<String> = crate::providers::all()
+                        .iter()
+                        .filter(|k| k.needs_base_url)
+                        .map(|k| format!("\"{}\"", k.name))
+                        .collect();
+                    p(
+                        format!("{path}.base_url"),
+                        &format!("required for kinds {}", kinds.join(" and ")),
+                    )
+                }
+                (true, Some(url)) => {
                     if !is_http_url(url) {
                         p(
                             format!("{path}.base_url"),
@@ -833,11 +831,11 @@ impl Config {
                         );
                     }
                 }
-                (ProviderKind::Mock, Some(_)) => p(
+                (false, Some(_)) => p(
                     format!("{path}.base_url"),
-                    "not used by kind \"mock\" (it runs in-process)",
+                    &format!("not used by kind \"{}\" (it runs in-process)", kind.name),
                 ),
-                (ProviderKind::Mock, None) => {}
+                (false, None) => {}
             }
             if let Some(var) = &prov.api_key_env {
                 if var.is_empty() {

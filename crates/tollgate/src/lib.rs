@@ -8,7 +8,7 @@
 //!
 //! | layer | modules | what it knows |
 //! |---|---|---|
-//! | core | clock, money, error, config, metrics, genmap, fault, records, tls | units, records, errors, settings: no I/O |
+//! | core | clock, money, error, config, metrics, genmap, fault, records, tls, providers | units, records, errors, settings, what differs by provider kind: no I/O |
 //! | store | db, store, wallet, envelope, outbox | SQL: keys, usage rows, the ledger, envelopes, the outbox |
 //! | traffic | metering, hotwallet, keys, limits, damping, loopguard, prices, estimate, upstream, toolroute, mock | the writer that owns money, limits, providers and their health |
 //! | state | state, ops | `AppState`, reload, the key cache refresh; the operations the CLI and admin API share |
@@ -23,7 +23,16 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     (
         "core",
         &[
-            "clock", "money", "error", "config", "metrics", "genmap", "fault", "records", "tls",
+            "clock",
+            "money",
+            "error",
+            "config",
+            "metrics",
+            "genmap",
+            "fault",
+            "records",
+            "tls",
+            "providers",
         ],
     ),
     ("store", &["db", "store", "wallet", "envelope", "outbox"]),
@@ -72,6 +81,7 @@ pub mod money;
 pub mod ops;
 pub mod outbox;
 pub mod prices;
+pub mod providers;
 pub mod proxy;
 pub mod records;
 pub mod routes;

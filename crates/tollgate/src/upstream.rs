@@ -315,14 +315,9 @@ impl Runtime {
             .map(|a| (a.clone(), "tollgate".to_string()))
             .collect();
         for p in &self.providers {
-            let candidates: Vec<String> = match p.kind {
-                ProviderKind::Mock => crate::mock::MOCK_MODELS
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
-                ProviderKind::Openai | ProviderKind::Anthropic => {
-                    self.prices.models().map(str::to_string).collect()
-                }
+            let candidates: Vec<String> = match crate::providers::kind(p.kind).model_names {
+                Some(names) => names.iter().map(|s| s.to_string()).collect(),
+                None => self.prices.models().map(str::to_string).collect(),
             };
             for c in candidates {
                 if p.models.iter().any(|pat| pattern_matches(pat, &c))
@@ -391,24 +386,21 @@ pub fn order_candidates(
 
 fn build_provider(p: &ProviderConfig, mock_url: Option<&str>) -> Result<Provider, BuildError> {
     let err = |m: String| BuildError::Provider(p.name.clone(), m);
-    let base_url = match p.kind {
-        ProviderKind::Mock => mock_url
-            .ok_or_else(|| err("the mock provider is not running".into()))?
-            .to_string(),
-        ProviderKind::Openai | ProviderKind::Anthropic => p
-            .base_url
+    let kind = crate::providers::kind(p.kind);
+    let base_url = if kind.needs_base_url {
+        p.base_url
             .clone()
-            .ok_or_else(|| err("base_url is required".into()))?,
+            .ok_or_else(|| err("base_url is required".into()))?
+    } else {
+        mock_url
+            .ok_or_else(|| err("the mock provider is not running".into()))?
+            .to_string()
     };
     let mut headers = HeaderMap::new();
     if let Some(var) = &p.api_key_env {
         match std::env::var(var) {
             Ok(key) if !key.is_empty() => {
-                // Anthropic authenticates with `x-api-key`; everyone else with a bearer token.
-                let (name, value) = match p.kind {
-                    ProviderKind::Anthropic => (HeaderName::from_static("x-api-key"), key),
-                    _ => (http::header::AUTHORIZATION, format!("Bearer {key}")),
-                };
+                let (name, value) = (kind.auth)(&key);
                 let mut v = HeaderValue::from_str(&value)
                     .map_err(|_| err(format!("the value of {var} is not a valid header value")))?;
                 v.set_sensitive(true);

@@ -32,21 +32,24 @@ impl Endpoint {
     }
     /// Whether a provider of this kind can serve the endpoint, natively or through translation.
     pub(crate) fn served_by(self, kind: ProviderKind) -> bool {
-        match kind {
-            ProviderKind::Mock => true,
-            // Chat Completions and Messages reach each other's providers through translation.
-            ProviderKind::Openai => self.dialect() == Dialect::OpenAi || self == Endpoint::Messages,
-            ProviderKind::Anthropic => {
-                self.dialect() == Dialect::Anthropic || self == Endpoint::ChatCompletions
-            }
+        let kind = crate::providers::kind(kind);
+        kind.speaks(self.dialect()) || self.counterpart().is_some_and(|c| kind.speaks(c.dialect()))
+    }
+    /// The endpoint to call on a provider of this kind: this one, or its counterpart in the
+    /// provider's dialect when the request must be translated.
+    pub(crate) fn for_provider(self, kind: ProviderKind) -> Endpoint {
+        let kind = crate::providers::kind(kind);
+        match self.counterpart() {
+            Some(c) if !kind.speaks(self.dialect()) && kind.speaks(c.dialect()) => c,
+            _ => self,
         }
     }
-    /// The endpoint to call on a provider of this kind.
-    pub(crate) fn for_provider(self, kind: ProviderKind) -> Endpoint {
-        match (self, kind) {
-            (Endpoint::ChatCompletions, ProviderKind::Anthropic) => Endpoint::Messages,
-            (Endpoint::Messages, ProviderKind::Openai) => Endpoint::ChatCompletions,
-            _ => self,
+    /// The same call in the other dialect, where translation exists.
+    fn counterpart(self) -> Option<Endpoint> {
+        match self {
+            Endpoint::ChatCompletions => Some(Endpoint::Messages),
+            Endpoint::Messages => Some(Endpoint::ChatCompletions),
+            _ => None,
         }
     }
     pub(crate) fn streams(self) -> bool {

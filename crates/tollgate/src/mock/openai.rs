@@ -1,0 +1,372 @@
+//! The mock's OpenAI side: Chat Completions (JSON and stream, tool calls), Responses and
+//! Embeddings.
+
+use super::*;
+
+/// The tool call the mock makes: the chosen (or first) function, with every required string
+/// argument set to "mock" and numbers to 1.
+pub(crate) fn tool_call(req: &Value) -> Option<(String, String)> {
+    let tools = req.get("tools")?.as_array()?;
+    if tools.is_empty() || req.get("tool_choice").and_then(Value::as_str) == Some("none") {
+        return None;
+    }
+    let last_role = req
+        .get("messages")?
+        .as_array()?
+        .last()?
+        .get("role")?
+        .as_str()?;
+    if last_role == "tool" {
+        return None;
+    }
+    let wanted = req
+        .pointer("/tool_choice/function/name")
+        .and_then(Value::as_str);
+    let func = tools
+        .iter()
+        .filter_map(|t| t.get("function"))
+        .find(|f| wanted.is_none_or(|w| f.get("name").and_then(Value::as_str) == Some(w)))?;
+    let name = func.get("name")?.as_str()?.to_string();
+    let mut args = serde_json::Map::new();
+    let props = func
+        .pointer("/parameters/properties")
+        .and_then(Value::as_object);
+    for req_name in func
+        .pointer("/parameters/required")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let Some(req_name) = req_name.as_str() else {
+            continue;
+        };
+        let ty = props
+            .and_then(|p| p.get(req_name))
+            .and_then(|p| p.get("type"))
+            .and_then(Value::as_str);
+        let v = match ty {
+            Some("number" | "integer") => json!(1),
+            Some("boolean") => json!(true),
+            Some("array") => json!([]),
+            Some("object") => json!({}),
+            _ => json!("mock"),
+        };
+        args.insert(req_name.to_string(), v);
+    }
+    Some((name, Value::Object(args).to_string()))
+}
+
+pub(crate) async fn chat(
+    State(state): State<Arc<MockState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (req, model, b) = match openai_preamble(&state, &headers, &body, "mock").await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let max = req
+        .get("max_completion_tokens")
+        .or_else(|| req.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(u64::MAX);
+    let prompt = prompt_tokens(&req);
+    let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = req
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let id = format!(
+        "chatcmpl-mock{:x}",
+        state.stats.requests.load(Ordering::Relaxed)
+    );
+    let created = 1_700_000_000u64;
+    let call = tool_call(&req);
+    let n = b.output_tokens().min(b.cap(max));
+    let pieces = words(n);
+    let (completion, finish) = match &call {
+        Some((name, args)) => ((name.len() + args.len()).div_ceil(4) as u64, "tool_calls"),
+        None => (
+            n,
+            if n < b.output_tokens() {
+                "length"
+            } else {
+                "stop"
+            },
+        ),
+    };
+    let usage = usage_json(prompt, completion, &b);
+
+    if !stream {
+        b.json_delay().await;
+        let message = match &call {
+            Some((name, args)) => json!({"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_mock0", "type": "function", "function": {"name": name, "arguments": args}}]}),
+            None => json!({"role": "assistant", "content": pieces.concat(), "refusal": null}),
+        };
+        let mut resp = json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
+            "system_fingerprint": "fp_mock",
+        });
+        if !b.has("nousage") {
+            resp["usage"] = usage;
+        }
+        let bytes = resp.to_string().into_bytes();
+        if b.has("truncate") {
+            let half = Bytes::from(bytes[..bytes.len() / 2].to_vec());
+            // The head and the first half go out before the break, as from a provider that
+            // died mid-answer (an error in the same poll would reset before the head).
+            let (tx, mut rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(2);
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(half)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = tx.send(Err(std::io::Error::other("mock truncation"))).await;
+            });
+            let body = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+            let mut r = Response::new(Body::from_stream(body));
+            r.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/json"));
+            return r;
+        }
+        let mut r = (StatusCode::OK, bytes).into_response();
+        r.headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/json"));
+        return r;
+    }
+
+    // Stream: build the whole event list, then send it with the behaviour's pacing.
+    let chunk = |delta: Value, finish: Option<&str>| {
+        let mut c = json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": "fp_mock",
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        });
+        if include_usage {
+            c["usage"] = Value::Null;
+        }
+        format!("data: {c}\n\n")
+    };
+    let mut events = Vec::new();
+    match &call {
+        Some((name, args)) => {
+            events.push(chunk(
+                json!({"role": "assistant", "content": null, "tool_calls": [{"index": 0, "id": "call_mock0",
+                    "type": "function", "function": {"name": name, "arguments": ""}}]}),
+                None,
+            ));
+            let chars: Vec<char> = args.chars().collect();
+            for part in chars.chunks(8) {
+                let part: String = part.iter().collect();
+                events.push(chunk(
+                    json!({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}),
+                    None,
+                ));
+            }
+        }
+        None => {
+            events.push(chunk(
+                json!({"role": "assistant", "content": "", "refusal": null}),
+                None,
+            ));
+            for p in &pieces {
+                events.push(chunk(json!({"content": p}), None));
+            }
+        }
+    }
+    events.push(chunk(json!({}), Some(finish)));
+    if include_usage && !b.has("nousage") {
+        let c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": "fp_mock", "choices": [], "usage": usage});
+        events.push(format!("data: {c}\n\n"));
+    }
+    events.push("data: [DONE]\n\n".to_string());
+
+    if b.has("errorevent") {
+        events.truncate(4);
+        let e = json!({"error": {"message": "The server is overloaded.", "type": "server_error", "param": null, "code": "overloaded"}});
+        events.push(format!("data: {e}\n\n"));
+    }
+    stream_events(&state, &b, events)
+}
+
+pub(crate) async fn embeddings(
+    State(state): State<Arc<MockState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (req, model, b) = match openai_preamble(&state, &headers, &body, "mock-embed").await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let inputs: Vec<String> = match req.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        Some(Value::Array(a)) if a.iter().all(Value::is_number) => {
+            vec![Value::Array(a.clone()).to_string()]
+        }
+        Some(Value::Array(a)) => a.iter().map(Value::to_string).collect(),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "'input' is a required property",
+                "invalid_request_error",
+                "invalid_value",
+            )
+        }
+    };
+    // OpenAI's own bound on one request's inputs.
+    if inputs.len() > 2048 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "'$.input' is invalid: an array of at most 2048 inputs",
+            "invalid_request_error",
+            "invalid_value",
+        );
+    }
+    let dims = req
+        .get("dimensions")
+        .and_then(Value::as_u64)
+        .unwrap_or(8)
+        .clamp(1, 4096) as usize;
+    let mut tokens = 0u64;
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            tokens += (text.len() as u64).div_ceil(4).max(1);
+            let seed = text.bytes().fold(2166136261u32, |h, c| {
+                (h ^ u32::from(c)).wrapping_mul(16777619)
+            });
+            let v: Vec<f64> = (0..dims)
+                .map(|d| f64::from(seed.wrapping_mul(d as u32 + 1) % 2000) / 1000.0 - 1.0)
+                .collect();
+            json!({"object": "embedding", "index": i, "embedding": v})
+        })
+        .collect();
+    let mut resp = json!({"object": "list", "data": data, "model": model});
+    if !b.has("nousage") {
+        resp["usage"] = json!({"prompt_tokens": tokens, "total_tokens": tokens});
+    }
+    axum::Json(resp).into_response()
+}
+
+pub(crate) async fn responses(
+    State(state): State<Arc<MockState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (req, model, b) = match openai_preamble(&state, &headers, &body, "mock").await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let mut text = String::new();
+    collect_text(req.get("input").unwrap_or(&Value::Null), &mut text);
+    collect_text(req.get("instructions").unwrap_or(&Value::Null), &mut text);
+    let prompt = (text.len() as u64).div_ceil(4) + 4;
+    let max = req
+        .get("max_output_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(u64::MAX);
+    let n = b.output_tokens().min(b.cap(max));
+    let pieces = words(n);
+    let reasoning = if b.has("reasoning") { 8 } else { 0 };
+    let cached = if b.has("cached") { prompt / 2 } else { 0 };
+    let seq = state.stats.requests.load(Ordering::Relaxed);
+    let id = format!("resp_mock{seq:x}");
+    let item_id = format!("msg_mock{seq:x}");
+    let usage = json!({"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
+        "output_tokens": n + reasoning, "output_tokens_details": {"reasoning_tokens": reasoning},
+        "total_tokens": prompt + n + reasoning});
+    let status = if n < b.output_tokens() {
+        "incomplete"
+    } else {
+        "completed"
+    };
+    let response = |status: &str, output: Value, usage: Value| {
+        json!({"id": id, "object": "response", "created_at": 1_700_000_000u64, "status": status, "model": model,
+            "output": output, "parallel_tool_calls": true, "tool_choice": "auto", "tools": [], "temperature": 1.0,
+            "top_p": 1.0, "error": null, "incomplete_details": null, "instructions": req.get("instructions"),
+            "metadata": {}, "usage": usage})
+    };
+    let message = |text: &str| {
+        json!({"type": "message", "id": item_id, "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]})
+    };
+    let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    if !stream {
+        b.json_delay().await;
+        let usage = if b.has("nousage") { Value::Null } else { usage };
+        return json_response(
+            StatusCode::OK,
+            response(status, json!([message(&pieces.concat())]), usage)
+                .to_string()
+                .into_bytes(),
+        );
+    }
+    let mut events = Vec::new();
+    let mut seq_no = 0u64;
+    let mut ev = |name: &str, mut data: Value| {
+        data["type"] = json!(name);
+        data["sequence_number"] = json!(seq_no);
+        seq_no += 1;
+        events.push(format!("event: {name}\ndata: {data}\n\n"));
+    };
+    ev(
+        "response.created",
+        json!({"response": response("in_progress", json!([]), Value::Null)}),
+    );
+    ev(
+        "response.in_progress",
+        json!({"response": response("in_progress", json!([]), Value::Null)}),
+    );
+    ev(
+        "response.output_item.added",
+        json!({"output_index": 0, "item": {"type": "message", "id": item_id,
+        "status": "in_progress", "role": "assistant", "content": []}}),
+    );
+    ev(
+        "response.content_part.added",
+        json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+        "part": {"type": "output_text", "text": "", "annotations": []}}),
+    );
+    for p in &pieces {
+        ev(
+            "response.output_text.delta",
+            json!({"item_id": item_id, "output_index": 0, "content_index": 0, "delta": p}),
+        );
+    }
+    let full = pieces.concat();
+    ev(
+        "response.output_text.done",
+        json!({"item_id": item_id, "output_index": 0, "content_index": 0, "text": full}),
+    );
+    ev(
+        "response.content_part.done",
+        json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+        "part": {"type": "output_text", "text": full, "annotations": []}}),
+    );
+    ev(
+        "response.output_item.done",
+        json!({"output_index": 0, "item": message(&full)}),
+    );
+    let usage = if b.has("nousage") { Value::Null } else { usage };
+    let terminal = if status == "completed" {
+        "response.completed"
+    } else {
+        "response.incomplete"
+    };
+    ev(
+        terminal,
+        json!({"response": response(status, json!([message(&full)]), usage)}),
+    );
+    if b.has("errorevent") {
+        events.truncate(5);
+        let e = json!({"type": "error", "code": "server_error", "message": "The server is overloaded.", "param": null});
+        events.push(format!("event: error\ndata: {e}\n\n"));
+    }
+    stream_events(&state, &b, events)
+}
