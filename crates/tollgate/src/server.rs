@@ -264,13 +264,19 @@ impl Gateway {
 }
 
 pub fn router(app: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v1/chat/completions", post(proxy::chat_completions))
-        .route("/v1/embeddings", post(proxy::embeddings))
-        .route("/v1/messages", post(proxy::messages))
-        .route("/v1/responses", post(proxy::responses))
-        .route("/v1/messages/count_tokens", post(proxy::count_tokens))
-        .route("/v1/models", get(proxy::list_models))
+    let mut r = Router::new();
+    for endpoint in proxy::Endpoint::ALL {
+        r = r.route(
+            endpoint.path(),
+            post(
+                move |axum::extract::State(app): axum::extract::State<Arc<AppState>>,
+                      req: axum::extract::Request| {
+                    proxy::model_call(app, endpoint, req)
+                },
+            ),
+        );
+    }
+    r.route("/v1/models", get(proxy::list_models))
         .route("/v1/quote", post(proxy::quote_handler))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -11,13 +11,13 @@ pub(crate) fn token_estimate(
     body_len: usize,
     defaults: &crate::config::LimitsConfig,
 ) -> u64 {
-    let output = match endpoint {
-        Endpoint::Embeddings | Endpoint::CountTokens => 0,
-        _ => doc
-            .max_output_tokens()
+    let output = if endpoint.spec().generates {
+        doc.max_output_tokens()
             .ok()
             .flatten()
-            .unwrap_or(defaults.output_estimate),
+            .unwrap_or(defaults.output_estimate)
+    } else {
+        0
     };
     (body_len as u64).div_ceil(4) + output
 }

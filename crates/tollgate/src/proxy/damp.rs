@@ -20,13 +20,10 @@ pub(crate) fn loop_check(
     if !cfg.enabled {
         return Ok((LoopVerdict::Pass, None));
     }
-    let fields: &[&str] = match endpoint {
-        Endpoint::ChatCompletions => &["messages", "tools"],
-        Endpoint::Messages => &["system", "messages", "tools"],
-        Endpoint::Responses => &["instructions", "input", "tools"],
-        // Re-embedding or re-counting the same text is not an agent stuck in a loop.
-        Endpoint::Embeddings | Endpoint::CountTokens => return Ok((LoopVerdict::Pass, None)),
-    };
+    let fields = endpoint.spec().loop_fields;
+    if fields.is_empty() {
+        return Ok((LoopVerdict::Pass, None));
+    }
     let parts: Vec<Option<&str>> = fields.iter().map(|f| doc.raw(f).map(|r| r.get())).collect();
     let fp = fingerprint(&key.id, model, &parts);
     let window_us = cfg.window.as_micros() as u64;

@@ -51,13 +51,13 @@ pub fn quote(
     body_len: usize,
 ) -> Quote {
     let input = (body_len as u64).div_ceil(3);
-    let output = match endpoint {
-        Endpoint::Embeddings | Endpoint::CountTokens => 0,
-        _ => doc
-            .max_output_tokens()
+    let output = if endpoint.spec().generates {
+        doc.max_output_tokens()
             .ok()
             .flatten()
-            .unwrap_or(runtime.wallets.default_max_output),
+            .unwrap_or(runtime.wallets.default_max_output)
+    } else {
+        0
     };
     let (mut ip, mut op) = (0, 0);
     for d in deployments {
@@ -386,12 +386,13 @@ pub(crate) async fn hold(
                     && affordable >= MIN_CLAMPED_OUTPUT
                     && affordable < q.output_tokens
                 {
-                    let field = match endpoint {
-                        Endpoint::Messages => "max_tokens",
-                        Endpoint::Responses => "max_output_tokens",
-                        _ if doc.raw("max_completion_tokens").is_some() => "max_completion_tokens",
-                        _ => "max_tokens",
-                    };
+                    let fields = endpoint.spec().cap_fields;
+                    let field = fields
+                        .iter()
+                        .copied()
+                        .find(|f| doc.raw(f).is_some())
+                        .or(fields.last().copied())
+                        .unwrap_or("max_tokens");
                     doc.set_raw(field, affordable.to_string())
                         .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
                     q = Quote::new(q.input_tokens, affordable, q.input_price, q.output_price);

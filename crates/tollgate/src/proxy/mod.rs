@@ -63,24 +63,9 @@ pub(crate) use route::*;
 pub(crate) use settle::*;
 pub(crate) use stream::*;
 
-pub async fn chat_completions(State(app): State<Arc<AppState>>, req: Request) -> Response {
-    handle(app, Endpoint::ChatCompletions, req).await
-}
-
-pub async fn embeddings(State(app): State<Arc<AppState>>, req: Request) -> Response {
-    handle(app, Endpoint::Embeddings, req).await
-}
-
-pub async fn messages(State(app): State<Arc<AppState>>, req: Request) -> Response {
-    handle(app, Endpoint::Messages, req).await
-}
-
-pub async fn responses(State(app): State<Arc<AppState>>, req: Request) -> Response {
-    handle(app, Endpoint::Responses, req).await
-}
-
-pub async fn count_tokens(State(app): State<Arc<AppState>>, req: Request) -> Response {
-    handle(app, Endpoint::CountTokens, req).await
+/// The handler of a model endpoint (the router mounts one per row of the endpoint table).
+pub async fn model_call(app: Arc<AppState>, endpoint: Endpoint, req: Request) -> Response {
+    handle(app, endpoint, req).await
 }
 
 async fn handle(app: Arc<AppState>, endpoint: Endpoint, req: Request) -> Response {

@@ -260,11 +260,10 @@ impl Settlement {
             Dialect::OpenAi => Usage::from_openai_response(&body),
             Dialect::Anthropic => Usage::from_anthropic_response(&body),
         };
-        let (usage, source) = match (endpoint, reported) {
-            // Counting tokens is free at the provider: nothing to bill.
-            (Endpoint::CountTokens, _) => (Usage::default(), "none"),
-            (_, Some(u)) => (u, "provider"),
-            (_, None) => (
+        let (usage, source) = match (endpoint.spec().billed, reported) {
+            (false, _) => (Usage::default(), "none"),
+            (true, Some(u)) => (u, "provider"),
+            (true, None) => (
                 Usage {
                     input: estimate::request_tokens(&self.body),
                     output: estimate_output_json(&body),

@@ -98,10 +98,10 @@ pub(crate) fn stream_response(
         r.status = 200;
         r.ttft_ms = Some(settle.started.elapsed().as_millis() as u64);
     }
-    let observer = match view.upstream {
-        Endpoint::Messages => Observer::Messages(MessagesStreamObserver::new()),
-        Endpoint::Responses => Observer::Responses(ResponsesStreamObserver::new()),
-        _ => Observer::Chat(ChatStreamObserver::new()),
+    let observer = match view.upstream.spec().stream {
+        StreamShape::Messages => Observer::Messages(MessagesStreamObserver::new()),
+        StreamShape::Responses => Observer::Responses(ResponsesStreamObserver::new()),
+        StreamShape::Chat | StreamShape::None => Observer::Chat(ChatStreamObserver::new()),
     };
     let mut s = GatewayStream {
         app: app.clone(),
