@@ -2,18 +2,19 @@
 //! limits, loop guard and metering as model calls, so one runaway agent cannot take down
 //! the service behind.
 //!
-//! The life of a call: match the route → authenticate → read the body → loop guard →
-//! admit (per-key and route-wide limits) → forward → stream the answer back, counting its
-//! bytes → record (calls, bytes, latency, price per call) when the body ends or the client
-//! leaves.
+//! The life of a call is the model calls' pipeline with its own forward phase: match the
+//! route → authenticate → the `Settlement` (the same one model calls use) → read the body →
+//! loop guard → admit (per-key and route-wide limits) → hold (`proxy::place_hold`) → forward
+//! → stream the answer back, counting its bytes → `finish_route` (status, bytes, latency,
+//! price per call) when the body ends; a client that leaves at any point is recorded by the
+//! settlement's `Drop`, as for a model call.
 
 use crate::clock::{new_request_id, now_ms};
 use crate::error::{ApiError, Dialect, ErrorKind};
 use crate::keys::KeyRecord;
-use crate::limits::{now_us, Admission, Check, Scope};
+use crate::limits::{now_us, Check, Scope};
 use crate::metrics::RequestLabels;
-use crate::proxy::{authenticate, read_body, refusal};
-use crate::records::UsageRecord;
+use crate::proxy::{authenticate, insufficient_funds, place_hold, read_body, refusal, Settlement};
 use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -63,7 +64,7 @@ pub async fn fallback(State(app): State<Arc<AppState>>, req: Request) -> Respons
     };
     let started = Instant::now();
     let request_id = new_request_id();
-    let mut resp = match call(&app, &route, req, &request_id, started, &runtime).await {
+    let mut resp = match call(&app, runtime.clone(), &route, req, &request_id, started).await {
         Ok(r) => r,
         Err(e) => e.into_dialect_response(Dialect::OpenAi),
     };
@@ -80,58 +81,63 @@ pub async fn fallback(State(app): State<Arc<AppState>>, req: Request) -> Respons
     resp
 }
 
+/// A tool call goes through the model calls' pipeline with its own forward phase: the same
+/// `Settlement` owns its record (so a client that leaves mid-call is recorded, and a panic
+/// still meters), it is held through the same `place_hold`, and it is committed by the same
+/// `commit` when the answer's body ends.
 async fn call(
     app: &Arc<AppState>,
+    runtime: Arc<crate::upstream::Runtime>,
     route: &Arc<ToolRoute>,
     req: Request,
     request_id: &str,
     started: Instant,
-    runtime: &crate::upstream::Runtime,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let key = authenticate(app, &parts.headers)?;
-    let mut rec = RouteRecord {
-        app: app.clone(),
-        rec: Some(UsageRecord {
-            id: request_id.to_string(),
-            ts_ms: now_ms(),
-            endpoint: format!("route:{}", route.name),
-            key_id: key.id.clone(),
-            agent: key.name.clone(),
-            team: key.team.clone(),
-            project: key.project.clone(),
-            tags: key.tags.clone(),
-            provider: Some(route.name.clone()),
-            usage_source: "none".into(),
-            ..UsageRecord::default()
-        }),
+    let mut settle = Settlement::for_route(
+        app.clone(),
+        runtime.clone(),
+        &key,
+        route,
+        request_id,
         started,
-        admission: None,
-        price: route.price_per_call,
-        answered: false,
-    };
-    match forward(app, route, parts, body, &key, &mut rec, runtime).await {
-        Ok(resp) => Ok(resp),
+    );
+    match forward(app, route, parts, body, &key, &mut settle, &runtime).await {
+        Ok((status, headers, upstream)) => {
+            let body = CountingBody {
+                inner: Box::pin(upstream.bytes_stream()),
+                bytes: 0,
+                status: status.as_u16(),
+                settle,
+                done: false,
+            };
+            let mut resp = Response::new(Body::from_stream(body));
+            *resp.status_mut() = status;
+            *resp.headers_mut() = headers;
+            resp.extensions_mut().insert(crate::error::Passthrough);
+            Ok(resp)
+        }
         Err(e) => {
-            rec.finish(e.status().as_u16(), Some(e.kind.as_str()), 0, false);
+            settle.finish_error(&e);
             Err(e)
         }
     }
 }
 
+/// The phases of a tool call up to the service's answer head: accept, loop guard, admit,
+/// hold, forward.
 async fn forward(
     app: &Arc<AppState>,
     route: &Arc<ToolRoute>,
     parts: http::request::Parts,
     body: Body,
     key: &KeyRecord,
-    rec: &mut RouteRecord,
+    settle: &mut Settlement,
     runtime: &crate::upstream::Runtime,
-) -> Result<Response, ApiError> {
+) -> Result<(http::StatusCode, HeaderMap, reqwest::Response), ApiError> {
     let body = read_body(body, &parts.headers, app.server.max_body_bytes).await?;
-    if let Some(r) = rec.rec.as_mut() {
-        r.request_bytes = body.len() as u64;
-    }
+    settle.rec_mut().request_bytes = body.len() as u64;
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -187,7 +193,7 @@ async fn forward(
         .admit(&checks, 0)
         .await
         .map_err(|r| refusal(app, r))?;
-    rec.admission = Some(admission);
+    settle.admission = Some(admission);
 
     // hold: a priced call from a key with a wallet pays like a model call
     if route.price_per_call > 0 {
@@ -195,39 +201,17 @@ async fn forward(
             let req = crate::metering::HoldRequest {
                 wallet_id: Some(wallet_id.clone()),
                 envelopes: Vec::new(),
-                request_id: rec.id(),
+                request_id: settle.request_id.clone(),
                 amount: route.price_per_call as i64,
                 tokens: 0,
                 expires_ms: now_ms() + runtime.wallets.hold_ttl.as_millis() as i64,
             };
-            let held = match &app.hot {
-                Some(hot) => {
-                    crate::proxy::hold_hot(app, hot, req, runtime.wallets.hold_timeout).await
-                }
-                None => app.meter.hold(req, runtime.wallets.hold_timeout).await,
-            };
-            let held = match held {
-                Ok(h) => h,
-                Err(e) => {
-                    // The hold may still land later: this record settles it (at cost 0).
-                    if let Some(r) = rec.rec.as_mut() {
-                        r.wallet_id = Some(wallet_id);
-                    }
-                    return Err(crate::proxy::wallet_unavailable(&e));
-                }
-            };
-            match held {
-                crate::metering::Held::Ok { .. } => {
-                    if let Some(r) = rec.rec.as_mut() {
-                        r.wallet_id = Some(wallet_id);
-                        r.hot_hold_micros = app.hot.as_ref().map(|_| route.price_per_call as i64);
-                    }
-                }
+            match place_hold(app, runtime, settle, req).await? {
                 crate::metering::Held::Insufficient {
                     balance_micros,
                     floor_micros,
                 } => {
-                    return Err(crate::proxy::insufficient_funds(
+                    return Err(insufficient_funds(
                         &wallet_id,
                         balance_micros,
                         floor_micros,
@@ -235,7 +219,9 @@ async fn forward(
                         &format!("a call to '{}' costs that much; top it up", route.name),
                     ));
                 }
-                crate::metering::Held::Exhausted(_) | crate::metering::Held::BadRun(_) => {}
+                crate::metering::Held::Ok { .. }
+                | crate::metering::Held::Exhausted(_)
+                | crate::metering::Held::BadRun(_) => {}
             }
         }
     }
@@ -255,7 +241,7 @@ async fn forward(
         .map(|(n, v)| (n.clone(), v.clone()))
         .collect();
     headers.extend(route.headers.clone());
-    if let Ok(v) = HeaderValue::from_str(&rec.id()) {
+    if let Ok(v) = HeaderValue::from_str(&settle.request_id) {
         headers.insert("x-request-id", v);
     }
     let sent = route
@@ -290,76 +276,16 @@ async fn forward(
             resp_headers.append(n.clone(), v.clone());
         }
     }
-    let body = CountingBody {
-        inner: Box::pin(upstream.bytes_stream()),
-        bytes: 0,
-        status: status.as_u16(),
-        rec: rec.hand_over(),
-        done: false,
-    };
-    let mut resp = Response::new(Body::from_stream(body));
-    *resp.status_mut() = status;
-    *resp.headers_mut() = resp_headers;
-    resp.extensions_mut().insert(crate::error::Passthrough);
-    Ok(resp)
+    Ok((status, resp_headers, upstream))
 }
 
-/// The usage record of one tool call, committed once: when the answer's body ends, fails,
-/// or is abandoned by the client.
-struct RouteRecord {
-    app: Arc<AppState>,
-    rec: Option<UsageRecord>,
-    started: Instant,
-    /// Released with the record: a call holds its concurrency slot until its body is done.
-    admission: Option<Admission>,
-    price: u64,
-    /// The service answered (its status is the call's).
-    answered: bool,
-}
-
-impl RouteRecord {
-    /// Moves the record and the admission into the response body, which finishes them;
-    /// `self` is left empty, so finishing it does nothing.
-    fn hand_over(&mut self) -> RouteRecord {
-        RouteRecord {
-            app: self.app.clone(),
-            rec: self.rec.take(),
-            started: self.started,
-            admission: self.admission.take(),
-            price: self.price,
-            answered: true,
-        }
-    }
-
-    fn id(&self) -> String {
-        self.rec.as_ref().map(|r| r.id.clone()).unwrap_or_default()
-    }
-
-    fn finish(&mut self, status: u16, error: Option<&str>, bytes: u64, disconnected: bool) {
-        let Some(mut rec) = self.rec.take() else {
-            return;
-        };
-        rec.status = status;
-        rec.error_kind = error.map(str::to_string);
-        rec.response_bytes = bytes;
-        rec.client_disconnected = disconnected;
-        rec.latency_ms = self.started.elapsed().as_millis() as u64;
-        rec.attempts = u32::from(self.answered);
-        // A call is paid for when the service handled it: any answer below 500.
-        if self.answered && status < 500 && error.is_none() {
-            rec.cost_micros = self.price;
-            rec.price_version = (self.price > 0).then(|| format!("per-call:{}", self.price));
-        }
-        self.admission = None;
-        self.app.meter.record(rec);
-    }
-}
-
+/// The service's answer on its way to the client, counted; it settles the call when it
+/// ends, fails or is dropped (the client left).
 struct CountingBody {
     inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
     bytes: u64,
     status: u16,
-    rec: RouteRecord,
+    settle: Settlement,
     done: bool,
 }
 
@@ -379,14 +305,14 @@ impl Stream for CountingBody {
             Poll::Ready(Some(Err(e))) => {
                 this.done = true;
                 let bytes = this.bytes;
-                this.rec
-                    .finish(this.status, Some("upstream_error"), bytes, false);
+                this.settle
+                    .finish_route(this.status, Some("upstream_error"), bytes, false);
                 Poll::Ready(Some(Err(std::io::Error::other(e))))
             }
             Poll::Ready(None) => {
                 this.done = true;
                 let (status, bytes) = (this.status, this.bytes);
-                this.rec.finish(status, None, bytes, false);
+                this.settle.finish_route(status, None, bytes, false);
                 Poll::Ready(None)
             }
             Poll::Pending => Poll::Pending,
@@ -398,6 +324,6 @@ impl Drop for CountingBody {
     fn drop(&mut self) {
         // The client left before the end.
         let (status, bytes) = (self.status, self.bytes);
-        self.rec.finish(status, None, bytes, true);
+        self.settle.finish_route(status, None, bytes, true);
     }
 }

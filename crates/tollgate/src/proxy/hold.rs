@@ -276,7 +276,6 @@ pub(crate) async fn hold(
     let clamp = key_setting(app, key, |l| l.clamp_max_tokens).unwrap_or(false);
     let mut clamped = false;
     loop {
-        let started = Instant::now();
         let req = crate::metering::HoldRequest {
             wallet_id: wallet_id.clone(),
             envelopes: envelopes.clone(),
@@ -285,37 +284,12 @@ pub(crate) async fn hold(
             tokens: (q.input_tokens + q.output_tokens) as i64,
             expires_ms: now_ms() + ttl_ms,
         };
-        let hot = app.hot.as_ref().filter(|_| wallet_id.is_some());
-        if hot.is_some() && app.meter.backlogged() {
-            settle.shed = true;
-            return Err(wallet_unavailable("the ledger writer is behind"));
-        }
-        let outcome = match hot {
-            Some(hot) => hold_hot(app, hot, req, runtime.wallets.hold_timeout).await,
-            None => app.meter.hold(req, runtime.wallets.hold_timeout).await,
-        };
-        let outcome = match outcome {
-            Ok(o) => o,
-            Err(e) => {
-                // The hold may still land later: this record settles it (at cost 0).
-                let rec = settle.rec_mut();
-                rec.wallet_id = wallet_id.clone();
-                rec.enveloped = !envelopes.is_empty();
-                return Err(wallet_unavailable(&e));
-            }
-        };
-        app.metrics
-            .hold_seconds
-            .observe(started.elapsed().as_secs_f64());
+        let outcome = place_hold(app, runtime, settle, req).await?;
         match outcome {
             crate::metering::Held::BadRun(m) => {
                 return Err(ApiError::new(ErrorKind::BadRequest, m).param("x-tollgate-run"));
             }
             crate::metering::Held::Ok { balance_micros } => {
-                let rec = settle.rec_mut();
-                rec.wallet_id = wallet_id.clone();
-                rec.enveloped = !envelopes.is_empty();
-                rec.hot_hold_micros = hot.map(|_| q.cost_micros as i64);
                 settle.money = Some(q);
                 if let Some(b) =
                     balance_micros.and_then(|b| HeaderValue::from_str(&b.to_string()).ok())
@@ -461,4 +435,48 @@ pub(crate) fn envelopes_for(
         return Ok((specs, Some(run)));
     }
     Ok((specs, None))
+}
+
+/// Places a hold in the key's wallet (in Redis with hot wallets, else by the writer) and in
+/// its envelopes, failing closed: no answer within `hold_timeout` is a 503 before any upstream
+/// call. Model calls and tool routes both hold through here; a hold that was placed is noted
+/// in the record, which settles it.
+pub(crate) async fn place_hold(
+    app: &Arc<AppState>,
+    runtime: &Runtime,
+    settle: &mut Settlement,
+    req: crate::metering::HoldRequest,
+) -> Result<crate::metering::Held, ApiError> {
+    let started = Instant::now();
+    let (wallet_id, enveloped, amount) =
+        (req.wallet_id.clone(), !req.envelopes.is_empty(), req.amount);
+    let hot = app.hot.as_ref().filter(|_| wallet_id.is_some());
+    if hot.is_some() && app.meter.backlogged() {
+        settle.shed = true;
+        return Err(wallet_unavailable("the ledger writer is behind"));
+    }
+    let outcome = match hot {
+        Some(hot) => hold_hot(app, hot, req, runtime.wallets.hold_timeout).await,
+        None => app.meter.hold(req, runtime.wallets.hold_timeout).await,
+    };
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            // The hold may still land later: this record settles it (at cost 0).
+            let rec = settle.rec_mut();
+            rec.wallet_id = wallet_id;
+            rec.enveloped = enveloped;
+            return Err(wallet_unavailable(&e));
+        }
+    };
+    app.metrics
+        .hold_seconds
+        .observe(started.elapsed().as_secs_f64());
+    if let crate::metering::Held::Ok { .. } = outcome {
+        let rec = settle.rec_mut();
+        rec.wallet_id = wallet_id;
+        rec.enveloped = enveloped;
+        rec.hot_hold_micros = hot.map(|_| amount);
+    }
+    Ok(outcome)
 }

@@ -78,7 +78,8 @@ async fn handle(app: Arc<AppState>, endpoint: Endpoint, req: Request) -> Respons
         Ok(k) => k,
         Err(e) => return respond_unmetered(&app, endpoint, &request_id, e),
     };
-    let mut settle = Settlement::new(app.clone(), &key, endpoint, &request_id, started);
+    let runtime = app.runtime.load_full();
+    let mut settle = Settlement::new(app.clone(), runtime, &key, endpoint, &request_id, started);
 
     let mut response = match run(&app, endpoint, &parts.headers, body, &key, &mut settle).await {
         Ok(resp) => resp,

@@ -35,6 +35,8 @@ pub(crate) struct Settlement {
     /// Attempts the provider answered but that broke off: added to the record whatever the
     /// request's ending.
     pub(crate) broken: Broken,
+    /// A tool call's price, paid when the service handled the call.
+    pub(crate) route_price: Option<u64>,
 }
 
 /// Tokens and cost (estimated) of upstream attempts that broke off after the provider
@@ -70,16 +72,17 @@ impl Broken {
 }
 
 impl Settlement {
+    /// `runtime` is the configuration the request started with: from admission to
+    /// settlement it sees no other, so a reload in the middle changes neither its prices, its
+    /// deployments nor its limits.
     pub(crate) fn new(
         app: Arc<AppState>,
+        runtime: Arc<Runtime>,
         key: &KeyRecord,
         endpoint: Endpoint,
         request_id: &str,
         started: Instant,
     ) -> Settlement {
-        // The one configuration this request sees, from admission to settlement: a reload
-        // in the middle changes neither its prices, its deployments nor its limits.
-        let runtime = app.runtime.load_full();
         let rec = UsageRecord {
             id: request_id.to_string(),
             ts_ms: now_ms(),
@@ -110,7 +113,56 @@ impl Settlement {
             money: None,
             keep: Vec::new(),
             broken: Broken::default(),
+            route_price: None,
         }
+    }
+
+    /// A tool call's settlement: the same record, hold and commit as a model call's, named
+    /// after its route.
+    pub(crate) fn for_route(
+        app: Arc<AppState>,
+        runtime: Arc<Runtime>,
+        key: &KeyRecord,
+        route: &crate::toolroute::ToolRoute,
+        request_id: &str,
+        started: Instant,
+    ) -> Settlement {
+        let mut s = Settlement::new(
+            app,
+            runtime,
+            key,
+            Endpoint::ChatCompletions,
+            request_id,
+            started,
+        );
+        s.rec.endpoint = format!("route:{}", route.name);
+        s.rec.provider = Some(route.name.clone());
+        s.route_price = Some(route.price_per_call);
+        s
+    }
+
+    /// A tool call's ending, once its answer's body is done (or abandoned): its status, the
+    /// bytes it answered with, and its price when the service handled it (below 500).
+    pub(crate) fn finish_route(
+        &mut self,
+        status: u16,
+        error: Option<&str>,
+        bytes: u64,
+        disconnected: bool,
+    ) {
+        let Some(mut rec) = self.take() else {
+            return;
+        };
+        rec.status = status;
+        rec.error_kind = error.map(str::to_string);
+        rec.response_bytes = bytes;
+        rec.client_disconnected = disconnected;
+        rec.attempts = 1;
+        if let Some(price) = self.route_price.filter(|_| status < 500 && error.is_none()) {
+            rec.cost_micros = price;
+            rec.price_version = (price > 0).then(|| format!("per-call:{price}"));
+        }
+        self.commit(rec);
     }
 
     /// An attempt whose answer broke off after the provider accepted it: the provider bills

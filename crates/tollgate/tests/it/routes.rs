@@ -232,3 +232,46 @@ async fn a_priced_tool_call_is_paid_from_the_wallet_and_refused_without_money() 
     assert_eq!(w["balance_micros"], 2_000);
     assert_eq!(w["held_micros"], 0);
 }
+
+/// A tool call goes through the model calls' settlement: a client that gives up while the
+/// service is still thinking is recorded (the old per-route record had no such ending), and
+/// a priced call's hold is released, not left to expire.
+#[tokio::test]
+async fn a_client_that_leaves_mid_call_is_still_recorded_and_its_hold_released() {
+    let app = axum::Router::new().route(
+        "/slow/{*rest}",
+        any(|| async {
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            "late"
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/slow", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    let gw = TestGateway::start(&format!(
+        "[[routes]]\nname = \"slow\"\npath = \"/tools/slow\"\nupstream = \"{url}\"\nprice_per_call = 5000\n"
+    ))
+    .await;
+    let (key, key_id) = gw.create_key(json!({"name": "impatient"})).await;
+    let wallet = gw.wallet(&format!("key:{key_id}"), "1.00").await;
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let r = client
+        .post(format!("{}/tools/slow/x", gw.url))
+        .bearer_auth(&key)
+        .body("{}")
+        .send()
+        .await;
+    assert!(r.is_err(), "the client timed out");
+    let recs = gw.wait_records(1).await;
+    let rec = &recs[0];
+    assert_eq!(rec.endpoint, "route:slow");
+    assert!(rec.client_disconnected, "{rec:?}");
+    assert_eq!(rec.status, 499);
+    assert_eq!(rec.cost_micros, 0, "the service never answered");
+    assert_eq!(rec.wallet_id.as_deref(), Some(wallet.as_str()));
+    let w = gw.wallet_view(&wallet).await;
+    assert_eq!(w["balance_micros"], 1_000_000, "the hold came back: {w}");
+}
