@@ -1,0 +1,278 @@
+//! `Config::validate`: every problem of a configuration, each with its path, so a file with
+//! four mistakes is fixed in one round.
+
+use super::*;
+
+impl Config {
+    /// Every problem, each prefixed with its path (`models[2].deployments[0].provider: …`).
+    pub fn validate(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut p = |path: String, msg: &str| problems.push(format!("{path}: {msg}"));
+        for (path, d) in [
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
+            ("server.body_read_timeout", self.server.body_read_timeout),
+            ("server.idle_timeout", self.server.idle_timeout),
+        ] {
+            if d.is_zero() {
+                p(path.into(), "must be greater than 0");
+            }
+        }
+        if self.server.max_body_bytes == 0 {
+            p("server.max_body_bytes".into(), "must be greater than 0");
+        }
+        for (path, v) in [
+            (
+                "wallets.default_max_output",
+                self.wallets.default_max_output,
+            ),
+            ("limits.output_estimate", self.limits.output_estimate),
+        ] {
+            if v > crate::money::MAX_TOKENS {
+                p(
+                    path.into(),
+                    &format!("must be at most {}", crate::money::MAX_TOKENS),
+                );
+            }
+        }
+        if !(1..=crate::money::MAX_TOKENS).contains(&self.limits.max_output_tokens) {
+            p(
+                "limits.max_output_tokens".into(),
+                &format!("must be between 1 and {}", crate::money::MAX_TOKENS),
+            );
+        }
+        if self.wallets.backend == WalletsBackend::Redis && self.limits.redis.url.is_none() {
+            p(
+                "wallets.backend".into(),
+                "\"redis\" needs [limits.redis] url",
+            );
+        }
+        if let Some(url) = &self.store.url {
+            let ok = ["postgres://", "postgresql://", "sqlite://"]
+                .iter()
+                .any(|s| url.starts_with(s))
+                || url.contains("host=");
+            if !ok {
+                p(
+                    "store.url".into(),
+                    "must be a postgres:// (or postgresql://, sqlite://) URL",
+                );
+            }
+        }
+        if self.routing.max_attempts == 0 {
+            p("routing.max_attempts".into(), "must be at least 1");
+        }
+        if self.routing.backoff_base > self.routing.backoff_max {
+            p(
+                "routing.backoff_base".into(),
+                "must not exceed routing.backoff_max",
+            );
+        }
+        if !(0.0..=1.0).contains(&self.routing.error_rate) {
+            p("routing.error_rate".into(), "must be between 0 and 1");
+        }
+        if !(0.0..=1.0).contains(&self.retries.budget_ratio) {
+            p("retries.budget_ratio".into(), "must be between 0 and 1");
+        }
+        if self.retries.window.is_zero() {
+            p("retries.window".into(), "must be greater than 0");
+        }
+        if self.metering.queue_capacity == 0 {
+            p("metering.queue_capacity".into(), "must be greater than 0");
+        }
+        if self.metering.batch_max == 0 {
+            p("metering.batch_max".into(), "must be greater than 0");
+        }
+        if self.limits.backend == LimitsBackend::Redis {
+            let r = &self.limits.redis;
+            match r.url.as_deref() {
+                None => p(
+                    "limits.redis.url".into(),
+                    "required when limits.backend = \"redis\"",
+                ),
+                Some(u) if !(u.starts_with("redis://") || u.starts_with("unix://")) => p(
+                    "limits.redis.url".into(),
+                    &format!("not a redis:// URL: \"{u}\""),
+                ),
+                Some(_) => {}
+            }
+            if r.timeout.is_zero() {
+                p("limits.redis.timeout".into(), "must be greater than 0");
+            }
+            if r.replicas == 0 {
+                p("limits.redis.replicas".into(), "must be at least 1");
+            }
+            if r.lease_ttl < Duration::from_secs(1) {
+                p("limits.redis.lease_ttl".into(), "must be at least 1s");
+            }
+        }
+        for (i, w) in self.webhooks.iter().enumerate() {
+            if !is_http_url(&w.url) {
+                p(
+                    format!("webhooks[{i}].url"),
+                    &format!("not an http(s) URL: \"{}\"", w.url),
+                );
+            }
+        }
+        let mut route_names = HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            if r.price_per_call > crate::money::MAX_MICROS as u64 {
+                p(
+                    format!("routes[{i}].price_per_call"),
+                    &format!("must be at most {}", crate::money::MAX_MICROS),
+                );
+            }
+            let path = format!("routes[{i}]");
+            if r.name.is_empty() || !route_names.insert(r.name.as_str()) {
+                p(format!("{path}.name"), "must be non-empty and unique");
+            }
+            let prefix = r.path.trim_end_matches('/');
+            if !r.path.starts_with('/') || prefix.is_empty() {
+                p(
+                    format!("{path}.path"),
+                    "must start with '/' and name a prefix",
+                );
+            } else if RESERVED_PATHS
+                .iter()
+                .any(|res| prefix == *res || prefix.starts_with(&format!("{res}/")))
+            {
+                p(
+                    format!("{path}.path"),
+                    &format!("\"{}\" is served by the gateway itself", r.path),
+                );
+            }
+            if !is_http_url(&r.upstream) {
+                p(
+                    format!("{path}.upstream"),
+                    &format!("not an http(s) URL: \"{}\"", r.upstream),
+                );
+            }
+        }
+        let mut provider_names = HashSet::new();
+        for (i, prov) in self.providers.iter().enumerate() {
+            let path = format!("providers[{i}]");
+            if prov.name.is_empty() || prov.name.contains('/') {
+                p(
+                    format!("{path}.name"),
+                    "must be non-empty and must not contain '/'",
+                );
+            }
+            if !provider_names.insert(prov.name.as_str()) {
+                p(
+                    format!("{path}.name"),
+                    &format!("duplicate provider name \"{}\"", prov.name),
+                );
+            }
+            let kind = crate::providers::kind(prov.kind);
+            match (kind.needs_base_url, &prov.base_url) {
+                (true, None) => {
+                    let kinds: Vec<String> = crate::providers::all()
+                        .iter()
+                        .filter(|k| k.needs_base_url)
+                        .map(|k| format!("\"{}\"", k.name))
+                        .collect();
+                    p(
+                        format!("{path}.base_url"),
+                        &format!("required for kinds {}", kinds.join(" and ")),
+                    )
+                }
+                (true, Some(url)) => {
+                    if !is_http_url(url) {
+                        p(
+                            format!("{path}.base_url"),
+                            &format!("not an http(s) URL: \"{url}\""),
+                        );
+                    }
+                }
+                (false, Some(_)) => p(
+                    format!("{path}.base_url"),
+                    &format!("not used by kind \"{}\" (it runs in-process)", kind.name),
+                ),
+                (false, None) => {}
+            }
+            if let Some(var) = &prov.api_key_env {
+                if var.is_empty() {
+                    p(
+                        format!("{path}.api_key_env"),
+                        "must name an environment variable",
+                    );
+                }
+            }
+            for (name, value) in &prov.headers {
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    p(format!("{path}.headers.{name}"), "not a valid header name");
+                }
+                if http::HeaderValue::from_str(value).is_err() {
+                    p(format!("{path}.headers.{name}"), "not a valid header value");
+                }
+            }
+            for (d, field) in [
+                (prov.connect_timeout, "connect_timeout"),
+                (prov.first_byte_timeout, "first_byte_timeout"),
+                (prov.idle_timeout, "idle_timeout"),
+                (prov.total_timeout, "total_timeout"),
+            ] {
+                if d.is_zero() {
+                    p(format!("{path}.{field}"), "must be greater than 0");
+                }
+            }
+        }
+        let mut aliases = HashSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let path = format!("models[{i}]");
+            if m.name.is_empty() {
+                p(format!("{path}.name"), "must be non-empty");
+            }
+            if !aliases.insert(m.name.as_str()) {
+                p(
+                    format!("{path}.name"),
+                    &format!("duplicate model name \"{}\"", m.name),
+                );
+            }
+            if m.deployments.is_empty() {
+                p(
+                    format!("{path}.deployments"),
+                    "needs at least one deployment",
+                );
+            }
+            for (j, d) in m.deployments.iter().enumerate() {
+                if !provider_names.contains(d.provider.as_str()) {
+                    p(
+                        format!("{path}.deployments[{j}].provider"),
+                        &format!("unknown provider \"{}\"", d.provider),
+                    );
+                }
+                if d.weight == 0 {
+                    p(
+                        format!("{path}.deployments[{j}].weight"),
+                        "must be at least 1 (remove the deployment to disable it)",
+                    );
+                }
+            }
+        }
+        let mut priced = HashSet::new();
+        for (i, pr) in self.prices.iter().enumerate() {
+            if !priced.insert(pr.model.as_str()) {
+                p(
+                    format!("prices[{i}].model"),
+                    &format!("duplicate price for \"{}\"", pr.model),
+                );
+            }
+            if let Some(c) = pr.cached_input {
+                if c > pr.input {
+                    p(
+                        format!("prices[{i}].cached_input"),
+                        "is more than input; check the units (micro-USD per million tokens)",
+                    );
+                }
+            }
+        }
+        problems
+    }
+}
+
+fn is_http_url(url: &str) -> bool {
+    (url.starts_with("http://") || url.starts_with("https://")) && reqwest::Url::parse(url).is_ok()
+}
