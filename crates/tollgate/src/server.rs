@@ -309,7 +309,17 @@ async fn errors_in_dialect(req: axum::extract::Request, next: axum::middleware::
             )
             .into_dialect_response(dialect),
         };
+    let mut resp = resp;
     let status = resp.status();
+    // Refused before its body was read: the rest of the body is still on the wire, so the
+    // connection cannot carry another request. Saying so keeps clients from reusing it (a
+    // pooled connection reused here fails the *next* request).
+    if matches!(status.as_u16(), 408 | 413) {
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
     let ours = resp.extensions().get::<ErrorKind>().is_some()
         || resp
             .extensions()
@@ -323,6 +333,7 @@ async fn errors_in_dialect(req: axum::extract::Request, next: axum::middleware::
     if status.as_u16() < 400 || ours || json {
         return resp;
     }
+    let resp_connection = resp.headers().get(http::header::CONNECTION).cloned();
     let text = axum::body::to_bytes(resp.into_body(), 16 * 1024)
         .await
         .unwrap_or_default();
@@ -347,7 +358,11 @@ async fn errors_in_dialect(req: axum::extract::Request, next: axum::middleware::
     };
     let mut e = ApiError::new(kind, message);
     e.status = Some(status);
-    e.into_dialect_response(dialect)
+    let mut out = e.into_dialect_response(dialect);
+    if let Some(close) = resp_connection {
+        out.headers_mut().insert(http::header::CONNECTION, close);
+    }
+    out
 }
 
 async fn healthz() -> &'static str {

@@ -433,6 +433,10 @@ async fn every_refusal_comes_in_the_callers_dialect() {
     for (m, path, body, status, is_anthropic) in cases {
         let r = send(m.clone(), &path, body).await.unwrap();
         assert_eq!(r.status(), status, "{m} {path}");
+        if status == 413 {
+            // The unread body is still on the wire: the client must not reuse the connection.
+            assert_eq!(r.headers()["connection"], "close", "{m} {path}");
+        }
         let ct = r.headers()["content-type"].to_str().unwrap().to_string();
         assert!(ct.starts_with("application/json"), "{m} {path}: {ct}");
         let v: Value = r.json().await.unwrap();
