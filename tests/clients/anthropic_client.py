@@ -97,5 +97,34 @@ except anthropic.APIError as err:
     assert "stream" in str(err), err
 calls += 1
 
+# Models, in Anthropic's shape
+page = client.models.list()
+ids = [m.id for m in page.data]
+assert "mock" in ids, ids
+m = client.models.retrieve("mock")
+assert m.id == "mock" and m.type == "model" and m.display_name and m.created_at, m
+try:
+    client.models.retrieve("no-such-model")
+    raise AssertionError("expected NotFoundError")
+except anthropic.NotFoundError as err:
+    assert err.status_code == 404
+    assert err.body["type"] == "error", err.body
+
+# A looping agent is refused at once through a retrying SDK (`x-should-retry: false`).
+import time
+retrying = anthropic.Anthropic(base_url=base_url, api_key=key, max_retries=2)
+same = [{"role": "user", "content": "the same question, again and again"}]
+started = time.monotonic()
+refused = None
+for i in range(5):
+    try:
+        retrying.messages.create(model="mock", max_tokens=16, messages=same)
+    except anthropic.RateLimitError as err:
+        refused = err
+    calls += 1
+assert refused is not None, "the fifth identical request is refused"
+assert refused.response.headers.get("x-should-retry") == "false", dict(refused.response.headers)
+assert time.monotonic() - started < 20, "the SDK must not wait out Retry-After"
+
 print(f"CALLS {calls}")
 print("ALL OK")

@@ -118,6 +118,13 @@ assert len(e.data) == 2 and e.usage.prompt_tokens > 0
 # Models
 ids = [m.id for m in client.models.list()]
 assert "mock" in ids, ids
+m = client.models.retrieve("mock")
+assert m.id == "mock" and m.object == "model", m
+try:
+    client.models.retrieve("no-such-model")
+    raise AssertionError("expected NotFoundError")
+except openai.NotFoundError as err:
+    assert err.status_code == 404
 
 # Errors arrive as the SDK's own exception types
 try:
@@ -149,6 +156,25 @@ try:
 except openai.APIError as err:
     assert "stream" in str(err), err
 calls += 1
+
+# An agent repeating itself gets the loop refusal at once, even through an SDK that retries
+# 429s: the gateway says `x-should-retry: false`, so the SDK does not wait out the 60 s
+# `Retry-After` and resend (which used to stall the agent instead of stopping it).
+import time
+retrying = OpenAI(base_url=base_url, api_key=key, max_retries=2)
+same = [{"role": "user", "content": "the same question, again and again"}]
+started = time.monotonic()
+refused = None
+for i in range(5):
+    try:
+        retrying.chat.completions.create(model="mock", messages=same)
+    except openai.RateLimitError as err:
+        refused = err
+    calls += 1
+assert refused is not None, "the fifth identical request is refused"
+assert refused.code in ("loop_detected", "retry_budget_exhausted"), refused
+assert refused.response.headers.get("x-should-retry") == "false", dict(refused.response.headers)
+assert time.monotonic() - started < 20, "the SDK must not wait out Retry-After"
 
 print(f"CALLS {calls}")
 print("ALL OK")

@@ -247,6 +247,15 @@ impl ApiError {
         if let Some(secs) = self.retry_after_secs {
             h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        // The OpenAI and Anthropic SDKs retry every 429 (waiting out `Retry-After`) unless
+        // told not to: an agent that loops, or whose retries are already over budget, must
+        // see the refusal, not stall behind its SDK's silent retries.
+        if matches!(
+            self.kind,
+            ErrorKind::LoopDetected | ErrorKind::RetryBudgetExhausted
+        ) {
+            h.insert("x-should-retry", HeaderValue::from_static("false"));
+        }
         if let Some(extra) = self.headers {
             h.extend(*extra);
         }
