@@ -38,6 +38,8 @@ pub enum ErrorKind {
     AdminOnly,
     ModelNotFound,
     NotFound,
+    /// The path exists, the method does not.
+    MethodNotAllowed,
     /// The model's deployments speak another dialect and cannot serve this endpoint.
     DialectMismatch,
     BodyTooLarge,
@@ -85,6 +87,7 @@ impl ErrorKind {
             ErrorKind::AdminOnly => "admin_only",
             ErrorKind::ModelNotFound => "model_not_found",
             ErrorKind::NotFound => "not_found",
+            ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::DialectMismatch => "dialect_mismatch",
             ErrorKind::BodyTooLarge => "request_too_large",
             ErrorKind::RequestTimeout => "request_timeout",
@@ -116,6 +119,7 @@ impl ErrorKind {
             }
             ErrorKind::ModelNotAllowed | ErrorKind::AdminOnly => StatusCode::FORBIDDEN,
             ErrorKind::ModelNotFound | ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::InsufficientFunds
@@ -147,6 +151,7 @@ impl ErrorKind {
             | ErrorKind::KeyRevoked
             | ErrorKind::ModelNotFound
             | ErrorKind::NotFound
+            | ErrorKind::MethodNotAllowed
             | ErrorKind::BodyTooLarge
             | ErrorKind::RequestTimeout
             | ErrorKind::UpstreamRejected

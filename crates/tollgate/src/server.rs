@@ -342,7 +342,7 @@ async fn errors_in_dialect(req: axum::extract::Request, next: axum::middleware::
     let (kind, status) = match status.as_u16() {
         413 => (ErrorKind::BodyTooLarge, status),
         404 => (ErrorKind::NotFound, status),
-        405 => (ErrorKind::NotFound, status),
+        405 => (ErrorKind::MethodNotAllowed, status),
         // axum says 422 for a body of the wrong shape, 415 for a missing content type:
         // both are a malformed request here.
         422 | 415 | 400 => (ErrorKind::BadRequest, http::StatusCode::BAD_REQUEST),
@@ -389,12 +389,11 @@ async fn metrics(axum::extract::State(app): axum::extract::State<Arc<AppState>>)
 }
 
 async fn method_not_allowed(method: http::Method, uri: http::Uri) -> Response {
-    let mut e = ApiError::new(
-        ErrorKind::NotFound,
+    ApiError::new(
+        ErrorKind::MethodNotAllowed,
         format!("{method} is not allowed on {}", uri.path()),
-    );
-    e.status = Some(http::StatusCode::METHOD_NOT_ALLOWED);
-    e.into_dialect_response(crate::error::dialect_for_path(uri.path()))
+    )
+    .into_dialect_response(crate::error::dialect_for_path(uri.path()))
 }
 
 /// Picks up keys created or revoked by other processes sharing the store.

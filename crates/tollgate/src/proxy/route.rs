@@ -20,7 +20,7 @@ pub(crate) fn route(cx: &mut Ctx<'_>) -> Result<Routed, ApiError> {
     let mut deployments = runtime.resolve(model).ok_or_else(|| {
         ApiError::new(
             ErrorKind::ModelNotFound,
-            format!("the model '{model}' does not exist or is not served here"),
+            format!("the model '{model}' does not exist or is not served here; GET /v1/models lists the ones this key may use"),
         )
         .param("model")
     })?;

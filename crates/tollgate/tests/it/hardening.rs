@@ -444,6 +444,9 @@ async fn every_refusal_comes_in_the_callers_dialect() {
             assert!(anthropic(&v), "{m} {path}: {v}");
         } else {
             assert!(openai(&v), "{m} {path}: {v}");
+            if status == 405 {
+                assert_eq!(v["error"]["code"], "method_not_allowed", "{v}");
+            }
         }
     }
     let (_, keys) = gw.admin(reqwest::Method::GET, "/admin/keys", None).await;
@@ -670,4 +673,25 @@ output = 2000000
         "captured from the hold: {w}"
     );
     verify_ok(&gw).await;
+}
+
+/// An unknown model's 404 says where to look.
+#[tokio::test]
+async fn an_unknown_model_points_to_the_model_list() {
+    let gw = TestGateway::start("").await;
+    let key = gw.key().await;
+    let r = gw
+        .chat(
+            &key,
+            json!({"model": "no-such-model", "messages": user("hi")}),
+        )
+        .await;
+    let e = assert_openai_error(r, 404, "model_not_found").await;
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/models"),
+        "{e}"
+    );
 }
