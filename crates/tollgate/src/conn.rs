@@ -170,10 +170,13 @@ impl AsyncWrite for Watched {
     }
 }
 
-/// A request body with a deadline for all of it to arrive.
+/// A request body with a deadline for all of it to arrive. The timer is only armed when the
+/// body first makes the handler wait: an empty body, or one already buffered with its head,
+/// costs no timer.
 struct DeadlineBody {
     inner: hyper::body::Incoming,
-    deadline: Pin<Box<tokio::time::Sleep>>,
+    head_at: tokio::time::Instant,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     limit: Duration,
 }
 
@@ -188,7 +191,11 @@ impl HttpBody for DeadlineBody {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(r) => Poll::Ready(r.map(|f| f.map_err(Into::into))),
             Poll::Pending => {
-                if self.deadline.as_mut().poll(cx).is_ready() {
+                let until = self.head_at + self.limit;
+                let deadline = self
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+                if deadline.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Some(Err(Box::new(BodyTimeout(self.limit)))));
                 }
                 Poll::Pending
@@ -361,7 +368,8 @@ async fn connection(
             let req = req.map(|b| {
                 axum::body::Body::new(DeadlineBody {
                     inner: b,
-                    deadline: Box::pin(tokio::time::sleep(body_timeout)),
+                    head_at: tokio::time::Instant::now(),
+                    deadline: None,
                     limit: body_timeout,
                 })
             });

@@ -79,7 +79,14 @@ async fn handle(app: Arc<AppState>, endpoint: Endpoint, req: Request) -> Respons
         Err(e) => return respond_unmetered(&app, endpoint, &request_id, e),
     };
     let runtime = app.runtime.load_full();
-    let mut settle = Settlement::new(app.clone(), runtime, &key, endpoint, &request_id, started);
+    let mut settle = Settlement::new(
+        app.clone(),
+        runtime,
+        &key,
+        endpoint.name().to_string(),
+        &request_id,
+        started,
+    );
 
     let mut response = match run(&app, endpoint, &parts.headers, body, &key, &mut settle).await {
         Ok(resp) => resp,

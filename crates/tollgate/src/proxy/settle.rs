@@ -79,14 +79,14 @@ impl Settlement {
         app: Arc<AppState>,
         runtime: Arc<Runtime>,
         key: &KeyRecord,
-        endpoint: Endpoint,
+        endpoint: String,
         request_id: &str,
         started: Instant,
     ) -> Settlement {
         let rec = UsageRecord {
             id: request_id.to_string(),
             ts_ms: now_ms(),
-            endpoint: endpoint.name().to_string(),
+            endpoint,
             key_id: key.id.clone(),
             agent: key.name.clone(),
             team: key.team.clone(),
@@ -127,15 +127,8 @@ impl Settlement {
         request_id: &str,
         started: Instant,
     ) -> Settlement {
-        let mut s = Settlement::new(
-            app,
-            runtime,
-            key,
-            Endpoint::ChatCompletions,
-            request_id,
-            started,
-        );
-        s.rec.endpoint = format!("route:{}", route.name);
+        let name = format!("route:{}", route.name);
+        let mut s = Settlement::new(app, runtime, key, name, request_id, started);
         s.rec.provider = Some(route.name.clone());
         s.route_price = Some(route.price_per_call);
         s

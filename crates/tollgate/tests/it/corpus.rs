@@ -385,6 +385,19 @@ fn corpus(wallet: &str) -> Vec<Case> {
     cases
 }
 
+/// `GET` an admin path of the gateway under test, as JSON.
+async fn admin_get(client: &reqwest::Client, url: &str, path: &str) -> Value {
+    client
+        .get(format!("{url}{path}"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -668,15 +681,10 @@ async fn a_hostile_corpus_gets_clean_refusals_and_leaves_the_gateway_whole() {
     let expected = metered.len() + warm_ids + statuses.len();
     let mut records: Vec<Value> = Vec::new();
     for _ in 0..100 {
-        records = client
-            .get(format!("{url}/admin/usage/records?limit=100000"))
-            .bearer_auth(ADMIN_KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        records = serde_json::from_value(
+            admin_get(&client, &url, "/admin/usage/records?limit=100000").await,
+        )
+        .unwrap();
         if records.len() >= expected {
             break;
         }
@@ -701,25 +709,9 @@ async fn a_hostile_corpus_gets_clean_refusals_and_leaves_the_gateway_whole() {
         expected,
         "one record per authenticated model request"
     );
-    let verify: Value = client
-        .get(format!("{url}/admin/wallets/verify"))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let verify = admin_get(&client, &url, "/admin/wallets/verify").await;
     assert_eq!(verify["ok"], true, "{verify}");
-    let w: Value = client
-        .get(format!("{url}/admin/wallets/{wallet}"))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let w = admin_get(&client, &url, &format!("/admin/wallets/{wallet}")).await;
     assert!(w["balance_micros"].as_i64().unwrap() >= 0, "{w}");
 
     let metrics = client

@@ -5,21 +5,7 @@ use crate::harness::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-/// 16 output tokens (the mock's default answer) cost exactly $0.01; input is free.
-const PRICED: &str = r#"
-[[prices]]
-model = "mock*"
-input = 0
-output = 625000000
-"#;
-
-async fn verify_ok(gw: &TestGateway) {
-    let (s, v) = gw
-        .admin(reqwest::Method::GET, "/admin/wallets/verify", None)
-        .await;
-    assert_eq!(s, 200, "{v}");
-    assert_eq!(v["ok"], true, "{v}");
-}
+use crate::wallets::{verify as verify_ok, PRICED};
 
 #[tokio::test]
 async fn a_huge_max_tokens_is_refused_not_admitted_for_free() {

@@ -7,18 +7,18 @@ use serde_json::{json, Value};
 
 /// 16 output tokens (the mock's default answer) cost exactly $0.01; input is free, so a
 /// request's hold equals its cost.
-const PRICED: &str = r#"
+pub const PRICED: &str = r#"
 [[prices]]
 model = "mock*"
 input = 0
 output = 625000000
 "#;
 
-async fn verify(gw: &TestGateway) {
+pub async fn verify(gw: &TestGateway) {
     let (s, v) = gw
         .admin(reqwest::Method::GET, "/admin/wallets/verify", None)
         .await;
-    assert_eq!(s, 200);
+    assert_eq!(s, 200, "{v}");
     assert_eq!(v["ok"], true, "{v}");
 }
 
