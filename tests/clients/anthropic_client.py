@@ -45,14 +45,14 @@ tools = [{
     "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
 }]
 m = client.messages.create(model="mock", max_tokens=64, tools=tools,
-                           messages=[{"role": "user", "content": "Weather in Paris?"}])
+                           messages=[{"role": "user", "content": "Weather in Paris? Use get_weather."}])
 calls += 1
 use = next(b for b in m.content if b.type == "tool_use")
 assert use.name == "get_weather" and use.input == {"city": "mock"}, use
 assert m.stop_reason == "tool_use"
 
 m2 = client.messages.create(model="mock", max_tokens=64, tools=tools, messages=[
-    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "user", "content": "Weather in Paris? Use get_weather."},
     {"role": "assistant", "content": [b.model_dump() for b in m.content]},
     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny"}]},
 ])
@@ -60,7 +60,7 @@ calls += 1
 assert m2.content[0].type == "text", m2
 
 with client.messages.stream(model="mock", max_tokens=64, tools=tools,
-                            messages=[{"role": "user", "content": "Weather?"}]) as stream:
+                            messages=[{"role": "user", "content": "Weather? Ask get_weather."}]) as stream:
     final = stream.get_final_message()
 calls += 1
 use = next(b for b in final.content if b.type == "tool_use")

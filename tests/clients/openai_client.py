@@ -67,7 +67,7 @@ tools = [{
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     },
 }]
-r = client.chat.completions.create(model="mock", tools=tools, messages=[{"role": "user", "content": "Weather in Paris?"}])
+r = client.chat.completions.create(model="mock", tools=tools, messages=[{"role": "user", "content": "Weather in Paris? Use get_weather."}])
 calls += 1
 call = r.choices[0].message.tool_calls[0]
 assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "mock"}, call
@@ -76,7 +76,7 @@ assert r.choices[0].finish_reason == "tool_calls"
 followup = client.chat.completions.create(
     model="mock", tools=tools,
     messages=[
-        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "user", "content": "Weather in Paris? Use get_weather."},
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
     ],
@@ -87,7 +87,7 @@ assert followup.choices[0].message.content, followup
 args = ""
 name = None
 for chunk in client.chat.completions.create(model="mock", tools=tools, stream=True,
-                                             messages=[{"role": "user", "content": "Weather?"}]):
+                                             messages=[{"role": "user", "content": "Weather? Ask get_weather."}]):
     if chunk.choices and chunk.choices[0].delta.tool_calls:
         tc = chunk.choices[0].delta.tool_calls[0]
         if tc.function.name:
@@ -110,10 +110,38 @@ for event in client.responses.create(model="mock", input="Stream via Responses",
 calls += 1
 assert len(deltas.split()) == 16 and completed is not None and completed.usage.output_tokens == 16, completed
 
-# Embeddings
+# Responses function tools: the call, its answer, and the same in a stream.
+rtools = [{"type": "function", "name": "get_weather", "description": "Weather for a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+r = client.responses.create(model="mock", tools=rtools, input="Weather in Paris? Use get_weather.")
+calls += 1
+fc = next(o for o in r.output if o.type == "function_call")
+assert fc.name == "get_weather" and json.loads(fc.arguments) == {"city": "mock"}, r
+r2 = client.responses.create(model="mock", tools=rtools, input=[
+    {"role": "user", "content": "Weather in Paris? Use get_weather."},
+    {"type": "function_call", "call_id": fc.call_id, "name": fc.name, "arguments": fc.arguments},
+    {"type": "function_call_output", "call_id": fc.call_id, "output": "sunny"},
+])
+calls += 1
+assert r2.output_text.startswith("The mock provider"), r2
+args = ""
+done = None
+for event in client.responses.create(model="mock", tools=rtools, stream=True, input="Ask get_weather."):
+    if event.type == "response.function_call_arguments.delta":
+        args += event.delta
+    if event.type == "response.completed":
+        done = event.response
+calls += 1
+assert json.loads(args) == {"city": "mock"} and done.output[0].type == "function_call", done
+
+# Embeddings: the SDK asks for base64 unless told otherwise, and decodes it.
 e = client.embeddings.create(model="mock-embed", input=["one", "two"])
 calls += 1
 assert len(e.data) == 2 and e.usage.prompt_tokens > 0
+f = client.embeddings.create(model="mock-embed", input=["one", "two"], encoding_format="float")
+calls += 1
+assert all(abs(a - b) < 1e-6 for a, b in zip(e.data[0].embedding, f.data[0].embedding)), (e, f)
+assert len(e.data[0].embedding) == 8
 
 # Models
 ids = [m.id for m in client.models.list()]

@@ -1,9 +1,16 @@
 //! Translation between OpenAI Chat Completions and Anthropic Messages, so a Chat
 //! Completions client can be served by an Anthropic deployment.
 //!
-//! The rule: what can be carried across is carried exactly; what cannot is a
-//! `TranslateError` naming the field, never a silent drop. Fields that change nothing about
-//! the answer (`store`, `metadata`, `stream_options`) are dropped knowingly.
+//! The rule: what can be carried across is carried exactly; a field with no equivalent is
+//! handled by its [`FieldPolicy`]: dropped (and named in [`Translated::dropped`], which the
+//! gateway reports in `x-tollgate-warning`), mapped where a mapping exists (reasoning controls,
+//! structured output), or refused with a `TranslateError` naming the field and the target
+//! dialect. Never a silent drop, except for fields that change nothing about the answer
+//! (`store`, `stream_options`, `cache_control` hints).
+//!
+//! The built-in defaults let real agents through a cross-vendor alias: Claude Code sends
+//! `thinking`, `context_management` and `output_config` on every request, and a gateway that
+//! refused them could not fall back from Anthropic to anyone else.
 
 use crate::sse::SseEvent;
 use crate::usage::AnthropicUsage;
@@ -13,34 +20,176 @@ use std::collections::HashMap;
 /// Anthropic requires `max_tokens`; Chat Completions does not. Used when the client gave none.
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 
+/// The dialect a translation writes, as error messages name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Anthropic's Messages API.
+    Messages,
+    /// OpenAI's Chat Completions API (and every OpenAI-compatible provider).
+    ChatCompletions,
+}
+
+impl Target {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Target::Messages => "an Anthropic deployment (Messages API)",
+            Target::ChatCompletions => "an OpenAI-compatible deployment (Chat Completions API)",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TranslateError {
     /// The request field that cannot be carried, as a JSON path (`messages[2].content[0].type`).
     pub field: String,
     pub reason: String,
+    pub target: Target,
 }
 
 impl std::fmt::Display for TranslateError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "'{}' cannot be translated for an Anthropic deployment: {}",
-            self.field, self.reason
+            "'{}' cannot be translated for {}: {}",
+            self.field,
+            self.target.describe(),
+            self.reason
         )
     }
 }
 
 impl std::error::Error for TranslateError {}
 
+/// An error whose target is filled in by the public function that returns it.
 fn err(field: impl Into<String>, reason: impl Into<String>) -> TranslateError {
     TranslateError {
         field: field.into(),
         reason: reason.into(),
+        target: Target::Messages,
     }
 }
 
-/// Chat Completions request → Messages request for `model`.
+fn for_target(target: Target) -> impl Fn(TranslateError) -> TranslateError {
+    move |e| TranslateError { target, ..e }
+}
+
+/// What to do with a request field that the target dialect has no direct equivalent for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldPolicy {
+    /// Leave it out and say so (`Translated::dropped`).
+    Drop,
+    /// Carry it over with its nearest equivalent (only fields in [`MAPPABLE`]).
+    Map,
+    /// Refuse the request with a 400 naming the field.
+    Reject,
+}
+
+/// Fields that have a mapping, and what it is.
+pub const MAPPABLE: &[(&str, &str)] = &[
+    (
+        "thinking",
+        "Messages -> Chat: budget_tokens < 4096 is reasoning_effort low, < 16384 medium, else high; adaptive is medium",
+    ),
+    (
+        "output_config.effort",
+        "Messages -> Chat: reasoning_effort of the same level (max is high)",
+    ),
+    (
+        "output_config.format",
+        "Messages -> Chat: response_format json_schema",
+    ),
+    (
+        "reasoning_effort",
+        "Chat -> Messages: thinking with budget_tokens 2048 (low), 8192 (medium), 24576 (high), kept below max_tokens",
+    ),
+    (
+        "response_format",
+        "Chat -> Messages: json_schema becomes output_config.format",
+    ),
+];
+
+/// The built-in policy of fields whose effect is known: reasoning controls are dropped by
+/// default because a mapped `reasoning_effort` is refused by OpenAI models that do not
+/// reason (gpt-4o, gpt-4.1); `map` is one line of configuration away.
+pub const DEFAULTS: &[(&str, FieldPolicy)] = &[
+    ("thinking", FieldPolicy::Drop),
+    ("output_config.effort", FieldPolicy::Drop),
+    ("output_config.format", FieldPolicy::Map),
+    ("context_management", FieldPolicy::Drop),
+    ("top_k", FieldPolicy::Drop),
+    ("service_tier", FieldPolicy::Drop),
+    ("reasoning_effort", FieldPolicy::Drop),
+    ("response_format", FieldPolicy::Map),
+    ("seed", FieldPolicy::Drop),
+    ("prompt_cache_key", FieldPolicy::Drop),
+    ("safety_identifier", FieldPolicy::Drop),
+    ("verbosity", FieldPolicy::Drop),
+];
+
+/// Per-field policies: configured ones first, then [`DEFAULTS`], then `unknown`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub fields: std::collections::BTreeMap<String, FieldPolicy>,
+    /// For a field with neither a configured nor a built-in policy; `None` is reject.
+    pub unknown: Option<FieldPolicy>,
+}
+
+impl Policy {
+    pub fn of(&self, field: &str) -> FieldPolicy {
+        if let Some(p) = self.fields.get(field) {
+            return *p;
+        }
+        DEFAULTS
+            .iter()
+            .find(|(f, _)| *f == field)
+            .map(|(_, p)| *p)
+            .unwrap_or(self.unknown.unwrap_or(FieldPolicy::Reject))
+    }
+}
+
+/// A translated request and the fields its policy dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Translated {
+    pub body: Vec<u8>,
+    pub dropped: Vec<String>,
+}
+
+/// Applies `field`'s policy when it has no mapping here: drop (noted) or refuse.
+fn unmapped(
+    policy: &Policy,
+    field: &str,
+    dropped: &mut Vec<String>,
+    reason: &str,
+) -> Result<(), TranslateError> {
+    match policy.of(field) {
+        FieldPolicy::Drop => {
+            dropped.push(field.to_string());
+            Ok(())
+        }
+        FieldPolicy::Map | FieldPolicy::Reject => Err(err(field, reason)),
+    }
+}
+
+/// Chat Completions request → Messages request for `model`, with the built-in policy.
 pub fn chat_request_to_messages(body: &[u8], model: &str) -> Result<Vec<u8>, TranslateError> {
+    chat_request_to_messages_with(body, model, &Policy::default()).map(|t| t.body)
+}
+
+/// Chat Completions request → Messages request for `model`, under `policy`.
+pub fn chat_request_to_messages_with(
+    body: &[u8],
+    model: &str,
+    policy: &Policy,
+) -> Result<Translated, TranslateError> {
+    chat_to_messages(body, model, policy).map_err(for_target(Target::Messages))
+}
+
+fn chat_to_messages(
+    body: &[u8],
+    model: &str,
+    policy: &Policy,
+) -> Result<Translated, TranslateError> {
     let req: Map<String, Value> =
         serde_json::from_slice(body).map_err(|e| err("$", e.to_string()))?;
     let mut out = Map::new();
@@ -50,6 +199,8 @@ pub fn chat_request_to_messages(body: &[u8], model: &str) -> Result<Vec<u8>, Tra
     let mut max_tokens = None;
     let mut tool_choice: Option<Value> = None;
     let mut parallel_tool_calls = None;
+    let mut dropped = Vec::new();
+    let mut effort: Option<&str> = None;
 
     for (k, v) in &req {
         match k.as_str() {
@@ -115,9 +266,39 @@ pub fn chat_request_to_messages(body: &[u8], model: &str) -> Result<Vec<u8>, Tra
             "logprobs" if v.is_null() || v == &Value::Bool(false) => {}
             "service_tier"
                 if v.is_null() || v.as_str().is_some_and(|s| s == "auto" || s == "default") => {}
-            other => {
-                return Err(err(other, "Anthropic's Messages API has no equivalent"));
+            _ if v.is_null() => {}
+            "reasoning_effort" if policy.of(k) == FieldPolicy::Map => {
+                effort = Some(
+                    v.as_str()
+                        .ok_or_else(|| err(k.as_str(), "must be a string"))?,
+                );
             }
+            "response_format" if policy.of(k) == FieldPolicy::Map => {
+                match v.get("type").and_then(Value::as_str) {
+                    Some("text") => {}
+                    Some("json_schema") => {
+                        let schema = v.pointer("/json_schema/schema").ok_or_else(|| {
+                            err("response_format.json_schema.schema", "is required")
+                        })?;
+                        out.insert(
+                            "output_config".into(),
+                            json!({"format": {"type": "json_schema", "schema": schema}}),
+                        );
+                    }
+                    _ => {
+                        return Err(err(
+                            "response_format.type",
+                            "only text and json_schema have an Anthropic equivalent",
+                        ))
+                    }
+                }
+            }
+            other => unmapped(
+                policy,
+                other,
+                &mut dropped,
+                "Anthropic's Messages API has no equivalent",
+            )?,
         }
     }
     if messages.is_empty() {
@@ -130,10 +311,33 @@ pub fn chat_request_to_messages(body: &[u8], model: &str) -> Result<Vec<u8>, Tra
         out.insert("system".into(), Value::Array(system));
     }
     out.insert("messages".into(), Value::Array(messages));
-    out.insert(
-        "max_tokens".into(),
-        json!(max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
-    );
+    let max_tokens = max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+    out.insert("max_tokens".into(), json!(max_tokens));
+    if let Some(level) = effort {
+        // Anthropic wants budget_tokens >= 1024 and below max_tokens, and no temperature
+        // other than 1 with thinking on; where that cannot hold, thinking stays off.
+        let budget = match level {
+            "low" => Some(2048u64),
+            "medium" => Some(8192),
+            "high" | "xhigh" => Some(24576),
+            _ => None,
+        }
+        .map(|b| b.min(max_tokens.saturating_sub(1)));
+        let sampling = out
+            .get("temperature")
+            .is_some_and(|t| t.as_f64() != Some(1.0))
+            || out.contains_key("top_p");
+        match budget {
+            Some(b) if b >= 1024 && !sampling => {
+                out.insert(
+                    "thinking".into(),
+                    json!({"type": "enabled", "budget_tokens": b}),
+                );
+            }
+            Some(_) => dropped.push("reasoning_effort".into()),
+            None => {}
+        }
+    }
     if let Some(choice) = tool_choice {
         let mut c = match &choice {
             Value::Null => None,
@@ -168,7 +372,8 @@ pub fn chat_request_to_messages(body: &[u8], model: &str) -> Result<Vec<u8>, Tra
             json!({"type": "auto", "disable_parallel_tool_use": true}),
         );
     }
-    serde_json::to_vec(&Value::Object(out)).map_err(|e| err("$", e.to_string()))
+    let body = serde_json::to_vec(&Value::Object(out)).map_err(|e| err("$", e.to_string()))?;
+    Ok(Translated { body, dropped })
 }
 
 fn text_of(path: &str, content: &Value) -> Result<String, TranslateError> {
@@ -584,11 +789,43 @@ impl MessagesToChatStream {
 // ---------------------------------------------------------------------------------------
 // Messages client → OpenAI-compatible provider
 
-/// Messages request → Chat Completions request for `model`. Streams ask for the usage chunk,
-/// which is how the provider's numbers reach the meter.
+/// Messages request → Chat Completions request for `model`, with the built-in policy.
 pub fn messages_request_to_chat(body: &[u8], model: &str) -> Result<Vec<u8>, TranslateError> {
+    messages_request_to_chat_with(body, model, &Policy::default()).map(|t| t.body)
+}
+
+/// Messages request → Chat Completions request for `model`, under `policy`. Streams ask for
+/// the usage chunk, which is how the provider's numbers reach the meter.
+pub fn messages_request_to_chat_with(
+    body: &[u8],
+    model: &str,
+    policy: &Policy,
+) -> Result<Translated, TranslateError> {
+    messages_to_chat(body, model, policy).map_err(for_target(Target::ChatCompletions))
+}
+
+/// `thinking` as a reasoning effort level.
+fn thinking_effort(v: &Value) -> Option<&'static str> {
+    match v.get("type").and_then(Value::as_str)? {
+        "enabled" => Some(match v.get("budget_tokens").and_then(Value::as_u64) {
+            Some(b) if b < 4096 => "low",
+            Some(b) if b < 16384 => "medium",
+            _ => "high",
+        }),
+        "adaptive" => Some("medium"),
+        _ => None,
+    }
+}
+
+fn messages_to_chat(
+    body: &[u8],
+    model: &str,
+    policy: &Policy,
+) -> Result<Translated, TranslateError> {
     let req: Map<String, Value> =
         serde_json::from_slice(body).map_err(|e| err("$", e.to_string()))?;
+    let mut dropped = Vec::new();
+    let mut effort: Option<&str> = None;
     let mut out = Map::new();
     out.insert("model".into(), json!(model));
     let mut messages: Vec<Value> = Vec::new();
@@ -681,13 +918,61 @@ pub fn messages_request_to_chat(body: &[u8], model: &str) -> Result<Vec<u8>, Tra
                 }
             }
             "thinking" if v.get("type").and_then(Value::as_str) == Some("disabled") => {}
-            other => {
-                return Err(err(
-                    other,
-                    "OpenAI's Chat Completions API has no equivalent",
-                ))
+            "thinking" if policy.of(k) == FieldPolicy::Map => {
+                // An explicit output_config.effort, read below, wins over this.
+                effort = effort.or(thinking_effort(v));
             }
+            "output_config" => {
+                let o = v
+                    .as_object()
+                    .ok_or_else(|| err("output_config", "must be an object"))?;
+                for (ok, ov) in o {
+                    let path = format!("output_config.{ok}");
+                    match ok.as_str() {
+                        "effort" if policy.of(&path) == FieldPolicy::Map => {
+                            effort = Some(match ov.as_str() {
+                                Some("low") => "low",
+                                Some("medium") => "medium",
+                                Some("high" | "max") => "high",
+                                _ => return Err(err(path, "must be low, medium, high or max")),
+                            });
+                        }
+                        "format" if !ov.is_null() && policy.of(&path) == FieldPolicy::Map => {
+                            if ov.get("type").and_then(Value::as_str) != Some("json_schema") {
+                                return Err(err(
+                                    format!("{path}.type"),
+                                    "only json_schema has an OpenAI equivalent",
+                                ));
+                            }
+                            let schema = ov
+                                .get("schema")
+                                .ok_or_else(|| err(format!("{path}.schema"), "is required"))?;
+                            out.insert(
+                                "response_format".into(),
+                                json!({"type": "json_schema", "json_schema": {"name": "output", "schema": schema, "strict": true}}),
+                            );
+                        }
+                        _ if ov.is_null() => {}
+                        _ => unmapped(
+                            policy,
+                            &path,
+                            &mut dropped,
+                            "OpenAI's Chat Completions API has no equivalent",
+                        )?,
+                    }
+                }
+            }
+            _ if v.is_null() => {}
+            other => unmapped(
+                policy,
+                other,
+                &mut dropped,
+                "OpenAI's Chat Completions API has no equivalent",
+            )?,
         }
+    }
+    if let Some(level) = effort {
+        out.insert("reasoning_effort".into(), json!(level));
     }
     if let Some(c) = tool_choice {
         let (choice, parallel) = match c.get("type").and_then(Value::as_str) {
@@ -711,7 +996,8 @@ pub fn messages_request_to_chat(body: &[u8], model: &str) -> Result<Vec<u8>, Tra
         }
     }
     out.insert("messages".into(), Value::Array(messages));
-    serde_json::to_vec(&Value::Object(out)).map_err(|e| err("$", e.to_string()))
+    let body = serde_json::to_vec(&Value::Object(out)).map_err(|e| err("$", e.to_string()))?;
+    Ok(Translated { body, dropped })
 }
 
 fn message_to_chat(i: usize, m: &Value, out: &mut Vec<Value>) -> Result<(), TranslateError> {
@@ -740,6 +1026,8 @@ fn message_to_chat(i: usize, m: &Value, out: &mut Vec<Value>) -> Result<(), Tran
         let bpath = format!("{path}.content[{j}]");
         match (role, b.get("type").and_then(Value::as_str)) {
             ("user", Some("text")) => parts.push(json!({"type": "text", "text": b.get("text").cloned().unwrap_or(json!(""))})),
+            // Claude Code sends system turns mid-conversation; Chat Completions has them too.
+            ("system", Some("text")) => text.push_str(b.get("text").and_then(Value::as_str).unwrap_or("")),
             ("assistant", Some("text")) => text.push_str(b.get("text").and_then(Value::as_str).unwrap_or("")),
             ("user", Some("image")) => {
                 let src = b.get("source").ok_or_else(|| err(format!("{bpath}.source"), "is required"))?;
@@ -787,6 +1075,7 @@ fn message_to_chat(i: usize, m: &Value, out: &mut Vec<Value>) -> Result<(), Tran
     match role {
         "user" if !parts.is_empty() => out.push(json!({"role": "user", "content": parts})),
         "user" => {}
+        "system" => out.push(json!({"role": "system", "content": text})),
         "assistant" => {
             let mut msg = json!({"role": "assistant", "content": if text.is_empty() { Value::Null } else { json!(text) }});
             if !calls.is_empty() {

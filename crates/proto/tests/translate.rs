@@ -4,8 +4,9 @@
 
 use serde_json::Value;
 use tollgate_proto::translate::{
-    chat_request_to_messages, chat_response_to_messages, messages_request_to_chat,
-    messages_response_to_chat, ChatToMessagesStream, MessagesToChatStream,
+    chat_request_to_messages, chat_request_to_messages_with, chat_response_to_messages,
+    messages_request_to_chat, messages_request_to_chat_with, messages_response_to_chat,
+    ChatToMessagesStream, FieldPolicy, MessagesToChatStream, Policy,
 };
 use tollgate_proto::SseSplitter;
 
@@ -106,12 +107,12 @@ fn chat_stream_to_messages_golden() {
 fn untranslatable_messages_fields_are_named() {
     let cases: &[(&str, &str)] = &[
         (
-            r#"{"model":"m","max_tokens":5,"top_k":3,"messages":[{"role":"user","content":"x"}]}"#,
-            "top_k",
+            r#"{"model":"m","max_tokens":5,"container":"c1","messages":[{"role":"user","content":"x"}]}"#,
+            "container",
         ),
         (
-            r#"{"model":"m","max_tokens":5,"thinking":{"type":"enabled","budget_tokens":1024},"messages":[{"role":"user","content":"x"}]}"#,
-            "thinking",
+            r#"{"model":"m","max_tokens":5,"mcp_servers":[{"type":"url","url":"https://x"}],"messages":[{"role":"user","content":"x"}]}"#,
+            "mcp_servers",
         ),
         (
             r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":[{"type":"document","source":{}}]}]}"#,
@@ -129,7 +130,103 @@ fn untranslatable_messages_fields_are_named() {
     for (body, field) in cases {
         let e = messages_request_to_chat(body.as_bytes(), "gpt").unwrap_err();
         assert_eq!(e.field, *field, "{body}");
+        // The message names the dialect it was translating for.
+        assert!(e.to_string().contains("Chat Completions"), "{e}");
     }
+}
+
+/// What Claude Code sends on every request (2.1.x): the built-in policy lets it through an
+/// OpenAI-compatible deployment and names what it left out; `map` carries the reasoning
+/// level; `reject` refuses with the field's name.
+#[test]
+fn claude_code_fields_follow_their_policy() {
+    let body = br#"{"model":"m","max_tokens":32000,"stream":true,
+        "thinking":{"type":"adaptive","display":"omitted"},
+        "context_management":{"edits":[{"type":"clear_thinking_20251015","keep":"all"}]},
+        "output_config":{"effort":"high"},
+        "messages":[{"role":"user","content":[{"type":"text","text":"hi","cache_control":{"type":"ephemeral"}}]},
+            {"role":"system","content":[{"type":"text","text":"be brief"}]}]}"#;
+    let t = messages_request_to_chat_with(body, "gpt", &Policy::default()).unwrap();
+    let v: Value = serde_json::from_slice(&t.body).unwrap();
+    assert_eq!(
+        t.dropped,
+        ["context_management", "output_config.effort", "thinking"]
+    );
+    assert!(v.get("reasoning_effort").is_none(), "{v}");
+    assert_eq!(
+        v["messages"][1],
+        serde_json::json!({"role": "system", "content": "be brief"})
+    );
+
+    let mut map = Policy::default();
+    map.fields.insert("thinking".into(), FieldPolicy::Map);
+    map.fields
+        .insert("output_config.effort".into(), FieldPolicy::Map);
+    let t = messages_request_to_chat_with(body, "gpt", &map).unwrap();
+    let v: Value = serde_json::from_slice(&t.body).unwrap();
+    assert_eq!(
+        v["reasoning_effort"], "high",
+        "explicit effort wins over adaptive thinking"
+    );
+    assert_eq!(t.dropped, ["context_management"]);
+
+    let mut reject = Policy::default();
+    reject
+        .fields
+        .insert("context_management".into(), FieldPolicy::Reject);
+    let e = messages_request_to_chat_with(body, "gpt", &reject).unwrap_err();
+    assert_eq!(e.field, "context_management");
+
+    let drop_unknown = Policy {
+        unknown: Some(FieldPolicy::Drop),
+        ..Policy::default()
+    };
+    let body = br#"{"model":"m","max_tokens":5,"container":"c","messages":[{"role":"user","content":"x"}]}"#;
+    let t = messages_request_to_chat_with(body, "gpt", &drop_unknown).unwrap();
+    assert_eq!(t.dropped, ["container"]);
+}
+
+/// The other way: `reasoning_effort` becomes a thinking budget below `max_tokens`, or is
+/// dropped (and said) where Anthropic could not take it.
+#[test]
+fn reasoning_effort_maps_to_a_thinking_budget() {
+    let mut map = Policy::default();
+    map.fields
+        .insert("reasoning_effort".into(), FieldPolicy::Map);
+    let ask = |extra: &str| {
+        format!(
+            r#"{{"model":"m","reasoning_effort":"medium"{extra},"messages":[{{"role":"user","content":"x"}}]}}"#
+        )
+    };
+    let t = chat_request_to_messages_with(ask("").as_bytes(), "claude", &map).unwrap();
+    let v: Value = serde_json::from_slice(&t.body).unwrap();
+    assert_eq!(
+        v["thinking"],
+        serde_json::json!({"type": "enabled", "budget_tokens": 4095}),
+        "{v}"
+    );
+    let t = chat_request_to_messages_with(
+        ask(r#","max_completion_tokens":20000"#).as_bytes(),
+        "claude",
+        &map,
+    )
+    .unwrap();
+    let v: Value = serde_json::from_slice(&t.body).unwrap();
+    assert_eq!(v["thinking"]["budget_tokens"], 8192);
+    let t = chat_request_to_messages_with(ask(r#","max_tokens":500"#).as_bytes(), "claude", &map)
+        .unwrap();
+    assert_eq!(t.dropped, ["reasoning_effort"]);
+    let t =
+        chat_request_to_messages_with(ask("").as_bytes(), "claude", &Policy::default()).unwrap();
+    let v: Value = serde_json::from_slice(&t.body).unwrap();
+    assert!(v.get("thinking").is_none());
+    assert_eq!(t.dropped, ["reasoning_effort"]);
+    let e = chat_request_to_messages(
+        br#"{"model":"m","logit_bias":{"1":2},"messages":[{"role":"user","content":"x"}]}"#,
+        "claude",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("an Anthropic deployment"), "{e}");
 }
 
 #[test]
@@ -141,7 +238,7 @@ fn untranslatable_fields_are_named() {
         ),
         (
             r#"{"model":"m","response_format":{"type":"json_object"},"messages":[{"role":"user","content":"x"}]}"#,
-            "response_format",
+            "response_format.type",
         ),
         (
             r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"input_audio","input_audio":{}}]}]}"#,

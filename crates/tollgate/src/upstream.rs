@@ -180,6 +180,7 @@ pub struct Runtime {
     pub loop_guard: crate::config::LoopGuardConfig,
     pub retries: crate::config::RetriesConfig,
     pub wallets: crate::config::WalletsConfig,
+    pub translation: tollgate_proto::translate::Policy,
     pub webhooks: Vec<crate::config::WebhookConfig>,
     /// Tool routes, longest prefix first.
     pub routes: Vec<Arc<crate::toolroute::ToolRoute>>,
@@ -263,6 +264,7 @@ impl Runtime {
             loop_guard: cfg.loop_guard.clone(),
             retries: cfg.retries.clone(),
             wallets: cfg.wallets.clone(),
+            translation: cfg.translation.policy(),
             webhooks: cfg.webhooks.clone(),
             health,
         })

@@ -22,6 +22,7 @@ pub struct Config {
     pub loop_guard: LoopGuardConfig,
     pub retries: RetriesConfig,
     pub wallets: WalletsConfig,
+    pub translation: TranslationConfig,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelConfig>,
     pub prices: Vec<PriceConfig>,
@@ -108,6 +109,28 @@ pub enum LoopAction {
     /// Answer with the previous response to the same request (no upstream call, no cost);
     /// reject when there is none to give (streams, or nothing kept yet).
     Replay,
+}
+
+/// What a cross-vendor translation does with request fields the target dialect has no
+/// direct equivalent for. Reloadable.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TranslationConfig {
+    /// For a field with no built-in or configured policy: `reject` (the default: a 400
+    /// naming it) or `drop` (left out, named in `x-tollgate-warning`).
+    pub unknown: Option<tollgate_proto::translate::FieldPolicy>,
+    /// Per field (`thinking`, `output_config.effort`, `reasoning_effort`, any top-level
+    /// request field): `drop`, `map` or `reject`. Overrides the built-in defaults.
+    pub fields: BTreeMap<String, tollgate_proto::translate::FieldPolicy>,
+}
+
+impl TranslationConfig {
+    pub fn policy(&self) -> tollgate_proto::translate::Policy {
+        tollgate_proto::translate::Policy {
+            fields: self.fields.clone(),
+            unknown: self.unknown,
+        }
+    }
 }
 
 /// An endpoint that receives money events. Reloadable.

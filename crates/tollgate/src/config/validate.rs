@@ -20,6 +20,30 @@ impl Config {
                 p(path.into(), "must be greater than 0");
             }
         }
+        for (field, policy) in &self.translation.fields {
+            let mappable = tollgate_proto::translate::MAPPABLE
+                .iter()
+                .any(|(f, _)| f == field);
+            if *policy == tollgate_proto::translate::FieldPolicy::Map && !mappable {
+                let names: Vec<&str> = tollgate_proto::translate::MAPPABLE
+                    .iter()
+                    .map(|(f, _)| *f)
+                    .collect();
+                p(
+                    format!("translation.fields.{field}"),
+                    &format!(
+                        "has no mapping; use drop or reject (fields with a mapping: {})",
+                        names.join(", ")
+                    ),
+                );
+            }
+        }
+        if self.translation.unknown == Some(tollgate_proto::translate::FieldPolicy::Map) {
+            p(
+                "translation.unknown".into(),
+                "must be drop or reject (map needs a known field)",
+            );
+        }
         if self.server.max_body_bytes == 0 {
             p("server.max_body_bytes".into(), "must be greater than 0");
         }

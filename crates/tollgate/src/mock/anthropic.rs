@@ -3,36 +3,6 @@
 
 use super::*;
 
-/// The tool_use the mock makes in Messages: the chosen (or first) tool, arguments built from
-/// its `input_schema` as in the chat dialect.
-pub(crate) fn anthropic_tool_use(req: &Value) -> Option<(String, Value)> {
-    let tools = req.get("tools")?.as_array()?;
-    if tools.is_empty() || req.pointer("/tool_choice/type").and_then(Value::as_str) == Some("none")
-    {
-        return None;
-    }
-    let last = req.get("messages")?.as_array()?.last()?;
-    let answered = last
-        .get("content")
-        .and_then(Value::as_array)
-        .is_some_and(|blocks| {
-            blocks
-                .iter()
-                .any(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
-        });
-    if answered {
-        return None;
-    }
-    let wanted = req.pointer("/tool_choice/name").and_then(Value::as_str);
-    let tool = tools
-        .iter()
-        .find(|t| wanted.is_none_or(|w| t.get("name").and_then(Value::as_str) == Some(w)))?;
-    let as_chat =
-        json!({"function": {"name": tool.get("name")?, "parameters": tool.get("input_schema")?}});
-    let (name, args) = tool_call(&json!({"tools": [as_chat], "messages": [{"role": "user"}]}))?;
-    Some((name, serde_json::from_str(&args).ok()?))
-}
-
 pub(crate) fn anthropic_usage(prompt: u64, output: u64, b: &Behaviour) -> Value {
     let read = if b.has("cached") { prompt / 2 } else { 0 };
     let (w5, w1) = if b.has("cachewrite") {
@@ -100,7 +70,9 @@ pub(crate) async fn messages(
     let prompt = anthropic_prompt_tokens(&req);
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let id = format!("msg_mock{:x}", state.stats.requests.load(Ordering::Relaxed));
-    let tool = anthropic_tool_use(&req);
+    let tool = ToolAsk::messages(&req).decide(&b);
+    // Unique per call, as at Anthropic: agents key their tool results by it.
+    let tool_id = id.replace("msg_", "toolu_");
     let n = b.output_tokens().min(b.cap(max));
     let pieces = words(n);
     let (output, stop) = match &tool {
@@ -123,7 +95,7 @@ pub(crate) async fn messages(
         b.json_delay().await;
         let content = match &tool {
             Some((name, input)) => {
-                json!([{"type": "tool_use", "id": "toolu_mock0", "name": name, "input": input}])
+                json!([{"type": "tool_use", "id": tool_id, "name": name, "input": input}])
             }
             None => json!([{"type": "text", "text": pieces.concat()}]),
         };
@@ -149,8 +121,11 @@ pub(crate) async fn messages(
     )];
     match &tool {
         Some((name, input)) => {
-            events.push(ev("content_block_start", json!({"type": "content_block_start", "index": 0,
-                "content_block": {"type": "tool_use", "id": "toolu_mock0", "name": name, "input": {}}})));
+            events.push(ev(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0,
+                "content_block": {"type": "tool_use", "id": tool_id, "name": name, "input": {}}}),
+            ));
             events.push(ev("ping", json!({"type": "ping"})));
             let chars: Vec<char> = input.to_string().chars().collect();
             for part in chars.chunks(8) {
@@ -185,7 +160,10 @@ pub(crate) async fn messages(
     let mut delta =
         json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}});
     if !b.has("nousage") {
-        delta["usage"] = json!({"output_tokens": output});
+        // As the API sends it: cumulative, the input side repeated from `message_start`.
+        delta["usage"] = json!({"input_tokens": usage["input_tokens"], "output_tokens": output,
+            "cache_creation_input_tokens": usage["cache_creation_input_tokens"],
+            "cache_read_input_tokens": usage["cache_read_input_tokens"]});
     }
     events.push(ev("message_delta", delta));
     events.push(ev("message_stop", json!({"type": "message_stop"})));

@@ -18,6 +18,9 @@
 //! | `reasoning`       | 8 reasoning tokens on top of the output                            |
 //! | `overrun`         | ignores `max_tokens` (a provider that writes past the cap)         |
 //! | `lag`             | a stream's first event comes 300 ms after the head                 |
+//! | `repeat`          | calls the same tool with the same arguments after every answer (an agent loop) |
+//!
+//! Tools are called when the conversation asks for one (see `tools.rs`), in all three dialects.
 //!
 //! Output is one token per word, so the usage it reports is exact for what it sends.
 
@@ -38,9 +41,11 @@ use tollgate_proto::error::{anthropic_error_body, openai_error_body};
 
 mod anthropic;
 mod openai;
+mod tools;
 
 use anthropic::*;
 use openai::*;
+use tools::ToolAsk;
 
 pub(crate) const WORDS: &[&str] = &[
     "The",

@@ -2,59 +2,7 @@
 //! Embeddings.
 
 use super::*;
-
-/// The tool call the mock makes: the chosen (or first) function, with every required string
-/// argument set to "mock" and numbers to 1.
-pub(crate) fn tool_call(req: &Value) -> Option<(String, String)> {
-    let tools = req.get("tools")?.as_array()?;
-    if tools.is_empty() || req.get("tool_choice").and_then(Value::as_str) == Some("none") {
-        return None;
-    }
-    let last_role = req
-        .get("messages")?
-        .as_array()?
-        .last()?
-        .get("role")?
-        .as_str()?;
-    if last_role == "tool" {
-        return None;
-    }
-    let wanted = req
-        .pointer("/tool_choice/function/name")
-        .and_then(Value::as_str);
-    let func = tools
-        .iter()
-        .filter_map(|t| t.get("function"))
-        .find(|f| wanted.is_none_or(|w| f.get("name").and_then(Value::as_str) == Some(w)))?;
-    let name = func.get("name")?.as_str()?.to_string();
-    let mut args = serde_json::Map::new();
-    let props = func
-        .pointer("/parameters/properties")
-        .and_then(Value::as_object);
-    for req_name in func
-        .pointer("/parameters/required")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let Some(req_name) = req_name.as_str() else {
-            continue;
-        };
-        let ty = props
-            .and_then(|p| p.get(req_name))
-            .and_then(|p| p.get("type"))
-            .and_then(Value::as_str);
-        let v = match ty {
-            Some("number" | "integer") => json!(1),
-            Some("boolean") => json!(true),
-            Some("array") => json!([]),
-            Some("object") => json!({}),
-            _ => json!("mock"),
-        };
-        args.insert(req_name.to_string(), v);
-    }
-    Some((name, Value::Object(args).to_string()))
-}
+use base64::Engine as _;
 
 pub(crate) async fn chat(
     State(state): State<Arc<MockState>>,
@@ -81,7 +29,10 @@ pub(crate) async fn chat(
         state.stats.requests.load(Ordering::Relaxed)
     );
     let created = 1_700_000_000u64;
-    let call = tool_call(&req);
+    let call_id = id.replace("chatcmpl-", "call_");
+    let call = ToolAsk::chat(&req)
+        .decide(&b)
+        .map(|(name, args)| (name, args.to_string()));
     let n = b.output_tokens().min(b.cap(max));
     let pieces = words(n);
     let (completion, finish) = match &call {
@@ -101,7 +52,7 @@ pub(crate) async fn chat(
         b.json_delay().await;
         let message = match &call {
             Some((name, args)) => json!({"role": "assistant", "content": null, "tool_calls": [
-                {"id": "call_mock0", "type": "function", "function": {"name": name, "arguments": args}}]}),
+                {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}]}),
             None => json!({"role": "assistant", "content": pieces.concat(), "refusal": null}),
         };
         let mut resp = json!({
@@ -151,7 +102,7 @@ pub(crate) async fn chat(
     match &call {
         Some((name, args)) => {
             events.push(chunk(
-                json!({"role": "assistant", "content": null, "tool_calls": [{"index": 0, "id": "call_mock0",
+                json!({"role": "assistant", "content": null, "tool_calls": [{"index": 0, "id": call_id,
                     "type": "function", "function": {"name": name, "arguments": ""}}]}),
                 None,
             ));
@@ -232,6 +183,18 @@ pub(crate) async fn embeddings(
         .and_then(Value::as_u64)
         .unwrap_or(8)
         .clamp(1, 4096) as usize;
+    let base64 = match req.get("encoding_format").and_then(Value::as_str) {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "'encoding_format' must be 'float' or 'base64'",
+                "invalid_request_error",
+                "invalid_value",
+            )
+        }
+    };
     let mut tokens = 0u64;
     let data: Vec<Value> = inputs
         .iter()
@@ -244,7 +207,15 @@ pub(crate) async fn embeddings(
             let v: Vec<f64> = (0..dims)
                 .map(|d| f64::from(seed.wrapping_mul(d as u32 + 1) % 2000) / 1000.0 - 1.0)
                 .collect();
-            json!({"object": "embedding", "index": i, "embedding": v})
+            // base64: the vector's little-endian f32 bytes, as OpenAI sends them (the SDKs
+            // ask for this by default and decode it themselves).
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| (*x as f32).to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(&bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
         })
         .collect();
     let mut resp = json!({"object": "list", "data": data, "model": model});
@@ -266,11 +237,13 @@ pub(crate) async fn responses(
     let mut text = String::new();
     collect_text(req.get("input").unwrap_or(&Value::Null), &mut text);
     collect_text(req.get("instructions").unwrap_or(&Value::Null), &mut text);
+    collect_text(req.get("tools").unwrap_or(&Value::Null), &mut text);
     let prompt = (text.len() as u64).div_ceil(4) + 4;
     let max = req
         .get("max_output_tokens")
         .and_then(Value::as_u64)
         .unwrap_or(u64::MAX);
+    let call = ToolAsk::responses(&req).decide(&b);
     let n = b.output_tokens().min(b.cap(max));
     let pieces = words(n);
     let reasoning = if b.has("reasoning") { 8 } else { 0 };
@@ -278,23 +251,39 @@ pub(crate) async fn responses(
     let seq = state.stats.requests.load(Ordering::Relaxed);
     let id = format!("resp_mock{seq:x}");
     let item_id = format!("msg_mock{seq:x}");
+    let output_tokens = match &call {
+        Some((name, args)) => (name.len() + args.to_string().len()).div_ceil(4) as u64,
+        None => n,
+    };
     let usage = json!({"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
-        "output_tokens": n + reasoning, "output_tokens_details": {"reasoning_tokens": reasoning},
-        "total_tokens": prompt + n + reasoning});
-    let status = if n < b.output_tokens() {
+        "output_tokens": output_tokens + reasoning, "output_tokens_details": {"reasoning_tokens": reasoning},
+        "total_tokens": prompt + output_tokens + reasoning});
+    let status = if call.is_none() && n < b.output_tokens() {
         "incomplete"
     } else {
         "completed"
     };
+    let tools = req.get("tools").cloned().unwrap_or_else(|| json!([]));
     let response = |status: &str, output: Value, usage: Value| {
-        json!({"id": id, "object": "response", "created_at": 1_700_000_000u64, "status": status, "model": model,
-            "output": output, "parallel_tool_calls": true, "tool_choice": "auto", "tools": [], "temperature": 1.0,
+        let mut r = json!({"id": id, "object": "response", "created_at": 1_700_000_000u64, "status": status, "model": model,
+            "output": output, "parallel_tool_calls": true, "tool_choice": "auto", "tools": tools, "temperature": 1.0,
             "top_p": 1.0, "error": null, "incomplete_details": null, "instructions": req.get("instructions"),
-            "metadata": {}, "usage": usage})
+            "metadata": {}, "usage": usage});
+        if status == "incomplete" {
+            r["incomplete_details"] = json!({"reason": "max_output_tokens"});
+        }
+        r
     };
-    let message = |text: &str| {
-        json!({"type": "message", "id": item_id, "status": "completed", "role": "assistant",
+    // The finished output item: a message, or the function call.
+    let fc_id = format!("fc_mock{seq:x}");
+    let call_id = format!("call_mock{seq:x}");
+    let item = |text: &str| match &call {
+        Some((name, args)) => json!({"type": "function_call", "id": fc_id, "call_id": call_id,
+            "name": name, "arguments": args.to_string(), "status": "completed"}),
+        None => {
+            json!({"type": "message", "id": item_id, "status": "completed", "role": "assistant",
             "content": [{"type": "output_text", "text": text, "annotations": []}]})
+        }
     };
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
     if !stream {
@@ -302,7 +291,7 @@ pub(crate) async fn responses(
         let usage = if b.has("nousage") { Value::Null } else { usage };
         return json_response(
             StatusCode::OK,
-            response(status, json!([message(&pieces.concat())]), usage)
+            response(status, json!([item(&pieces.concat())]), usage)
                 .to_string()
                 .into_bytes(),
         );
@@ -323,35 +312,59 @@ pub(crate) async fn responses(
         "response.in_progress",
         json!({"response": response("in_progress", json!([]), Value::Null)}),
     );
-    ev(
-        "response.output_item.added",
-        json!({"output_index": 0, "item": {"type": "message", "id": item_id,
-        "status": "in_progress", "role": "assistant", "content": []}}),
-    );
-    ev(
-        "response.content_part.added",
-        json!({"item_id": item_id, "output_index": 0, "content_index": 0,
-        "part": {"type": "output_text", "text": "", "annotations": []}}),
-    );
-    for p in &pieces {
-        ev(
-            "response.output_text.delta",
-            json!({"item_id": item_id, "output_index": 0, "content_index": 0, "delta": p}),
-        );
-    }
     let full = pieces.concat();
-    ev(
-        "response.output_text.done",
-        json!({"item_id": item_id, "output_index": 0, "content_index": 0, "text": full}),
-    );
-    ev(
-        "response.content_part.done",
-        json!({"item_id": item_id, "output_index": 0, "content_index": 0,
-        "part": {"type": "output_text", "text": full, "annotations": []}}),
-    );
+    match &call {
+        Some((name, args)) => {
+            ev(
+                "response.output_item.added",
+                json!({"output_index": 0, "item": {"type": "function_call", "id": fc_id,
+                "call_id": call_id, "name": name, "arguments": "", "status": "in_progress"}}),
+            );
+            let args = args.to_string();
+            let chars: Vec<char> = args.chars().collect();
+            for part in chars.chunks(8) {
+                let part: String = part.iter().collect();
+                ev(
+                    "response.function_call_arguments.delta",
+                    json!({"item_id": fc_id, "output_index": 0, "delta": part}),
+                );
+            }
+            ev(
+                "response.function_call_arguments.done",
+                json!({"item_id": fc_id, "output_index": 0, "arguments": args}),
+            );
+        }
+        None => {
+            ev(
+                "response.output_item.added",
+                json!({"output_index": 0, "item": {"type": "message", "id": item_id,
+                "status": "in_progress", "role": "assistant", "content": []}}),
+            );
+            ev(
+                "response.content_part.added",
+                json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+                "part": {"type": "output_text", "text": "", "annotations": []}}),
+            );
+            for p in &pieces {
+                ev(
+                    "response.output_text.delta",
+                    json!({"item_id": item_id, "output_index": 0, "content_index": 0, "delta": p}),
+                );
+            }
+            ev(
+                "response.output_text.done",
+                json!({"item_id": item_id, "output_index": 0, "content_index": 0, "text": full}),
+            );
+            ev(
+                "response.content_part.done",
+                json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+                "part": {"type": "output_text", "text": full, "annotations": []}}),
+            );
+        }
+    }
     ev(
         "response.output_item.done",
-        json!({"output_index": 0, "item": message(&full)}),
+        json!({"output_index": 0, "item": item(&full)}),
     );
     let usage = if b.has("nousage") { Value::Null } else { usage };
     let terminal = if status == "completed" {
@@ -361,7 +374,7 @@ pub(crate) async fn responses(
     };
     ev(
         terminal,
-        json!({"response": response(status, json!([message(&full)]), usage)}),
+        json!({"response": response(status, json!([item(&full)]), usage)}),
     );
     if b.has("errorevent") {
         events.truncate(5);

@@ -353,13 +353,29 @@ pub(crate) async fn forward(
         let up_endpoint = endpoint.for_provider(dep.provider.kind);
         let translated = up_endpoint != endpoint;
         let upstream_body = if translated {
-            let body = match up_endpoint {
+            let policy = &runtime.translation;
+            let t = match up_endpoint {
                 Endpoint::Messages => {
-                    translate::chat_request_to_messages(&doc.to_vec(), &dep.model)
+                    translate::chat_request_to_messages_with(&doc.to_vec(), &dep.model, policy)
                 }
-                _ => translate::messages_request_to_chat(&doc.to_vec(), &dep.model),
-            };
-            Bytes::from(body.map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?)
+                _ => translate::messages_request_to_chat_with(&doc.to_vec(), &dep.model, policy),
+            }
+            .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?;
+            if !t.dropped.is_empty() {
+                let note = format!(
+                    "dropped {} (no equivalent at {}; see [translation] to map or reject)",
+                    t.dropped.join(", "),
+                    dep.provider.name
+                );
+                if let Ok(v) = HeaderValue::from_str(&note) {
+                    // Once, however many attempts went to this deployment.
+                    let h = &mut settle.rate_headers;
+                    if !h.get_all("x-tollgate-warning").iter().any(|x| *x == v) {
+                        h.append("x-tollgate-warning", v);
+                    }
+                }
+            }
+            Bytes::from(t.body)
         } else {
             Bytes::from(doc.to_vec())
         };

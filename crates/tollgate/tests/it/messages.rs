@@ -281,13 +281,13 @@ async fn messages_errors_speak_anthropics_dialect() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["type"], "message");
     let v = assert_anthropic_error(
-        post_messages(&gw, &key, json!({"model": "gpt-only", "max_tokens": 5, "top_k": 5, "messages": [{"role": "user", "content": "hi"}]})).await,
+        post_messages(&gw, &key, json!({"model": "gpt-only", "max_tokens": 5, "container": "c1", "messages": [{"role": "user", "content": "hi"}]})).await,
         400,
         "invalid_request_error",
     )
     .await;
     assert!(
-        v["error"]["message"].as_str().unwrap().contains("'top_k'"),
+        v["error"]["message"].as_str().unwrap().contains("'container'"),
         "{v}"
     );
     // The other way round, a Chat Completions client reaches the Anthropic deployment through

@@ -240,7 +240,7 @@ async fn tools_and_unknown_fields_pass_through() {
     let key = gw.key().await;
     let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city", "days"]}}}]);
-    let resp = gw.chat(&key, json!({"model": "mock", "messages": user("weather?"), "tools": tools, "x_vendor_field": {"a": 1}})).await;
+    let resp = gw.chat(&key, json!({"model": "mock", "messages": user("use get_weather"), "tools": tools, "x_vendor_field": {"a": 1}})).await;
     assert_eq!(resp.status(), 200);
     let v: Value = resp.json().await.unwrap();
     let call = &v["choices"][0]["message"]["tool_calls"][0];

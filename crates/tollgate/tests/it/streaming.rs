@@ -167,7 +167,7 @@ async fn streamed_tool_calls_pass_through() {
     let resp = gw
         .chat(
             &key,
-            json!({"model": "mock", "stream": true, "messages": user("find it"), "tools": tools}),
+            json!({"model": "mock", "stream": true, "messages": user("find it with lookup"), "tools": tools}),
         )
         .await;
     let data = sse_data(resp).await;

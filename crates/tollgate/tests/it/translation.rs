@@ -426,3 +426,61 @@ async fn an_untranslatable_tool_schema_is_a_400_in_the_callers_dialect() {
         "{v}"
     );
 }
+
+/// A request shaped as Claude Code sends every one (2.1.x): adaptive thinking, context
+/// management and an effort level. Through an OpenAI-compatible deployment it is served, the
+/// dropped fields are named in `x-tollgate-warning`, and `[translation]` can make any of them
+/// a 400 that names the field and the dialect it was translating for.
+#[tokio::test]
+async fn claude_code_requests_cross_vendors_under_the_translation_policy() {
+    let body = json!({"model": "smart", "max_tokens": 32000, "stream": false,
+        "thinking": {"type": "adaptive", "display": "omitted"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "output_config": {"effort": "high"},
+        "metadata": {"user_id": "u1"},
+        "system": [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "<system-reminder>x</system-reminder>"},
+            {"type": "text", "text": "say hello", "cache_control": {"type": "ephemeral"}}]},
+            {"role": "system", "content": [{"type": "text", "text": "# Environment"}]}]});
+    let gw = gateway(("oai", "mock"), ("oai", "mock")).await;
+    let key = gw.key().await;
+    let resp = post_messages(&gw, &key, body.clone()).await;
+    assert_eq!(resp.status(), 200);
+    let warning = resp.headers()["x-tollgate-warning"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        warning.contains("context_management, output_config.effort, thinking"),
+        "{warning}"
+    );
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["type"], "message");
+    assert_eq!(v["stop_reason"], "end_turn");
+
+    let up = spawn_mock(None).await;
+    let strict = TestGateway::start(&format!(
+        r#"
+        [translation.fields]
+        thinking = "reject"
+        [[providers]]
+        name = "oai"
+        kind = "openai"
+        base_url = "{up}"
+        [[models]]
+        name = "smart"
+        deployments = [{{ provider = "oai", model = "mock" }}]
+        "#
+    ))
+    .await;
+    let key = strict.key().await;
+    let resp = post_messages(&strict, &key, body).await;
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["type"], "error");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("'thinking'") && msg.contains("OpenAI-compatible deployment"),
+        "{msg}"
+    );
+}
