@@ -110,7 +110,7 @@ except anthropic.NotFoundError as err:
     assert err.status_code == 404
     assert err.body["type"] == "error", err.body
 
-# A looping agent is refused at once through a retrying SDK (`x-should-retry: false`).
+# A looping agent is refused at once through a retrying SDK (a 400, `x-should-retry: false`).
 import time
 retrying = anthropic.Anthropic(base_url=base_url, api_key=key, max_retries=2)
 same = [{"role": "user", "content": "the same question, again and again"}]
@@ -119,7 +119,7 @@ refused = None
 for i in range(5):
     try:
         retrying.messages.create(model="mock", max_tokens=16, messages=same)
-    except anthropic.RateLimitError as err:
+    except anthropic.BadRequestError as err:
         refused = err
     calls += 1
 assert refused is not None, "the fifth identical request is refused"

@@ -185,9 +185,9 @@ except openai.APIError as err:
     assert "stream" in str(err), err
 calls += 1
 
-# An agent repeating itself gets the loop refusal at once, even through an SDK that retries
-# 429s: the gateway says `x-should-retry: false`, so the SDK does not wait out the 60 s
-# `Retry-After` and resend (which used to stall the agent instead of stopping it).
+# An agent repeating itself gets the loop refusal at once through a retrying SDK: a 400 (the
+# SDK retries 429s, waiting out the 60 s Retry-After, which used to stall the agent instead
+# of stopping it), with `x-should-retry: false` besides.
 import time
 retrying = OpenAI(base_url=base_url, api_key=key, max_retries=2)
 same = [{"role": "user", "content": "the same question, again and again"}]
@@ -196,7 +196,7 @@ refused = None
 for i in range(5):
     try:
         retrying.chat.completions.create(model="mock", messages=same)
-    except openai.RateLimitError as err:
+    except openai.BadRequestError as err:
         refused = err
     calls += 1
 assert refused is not None, "the fifth identical request is refused"

@@ -126,10 +126,12 @@ impl ErrorKind {
             | ErrorKind::MaxCostExceeded
             | ErrorKind::RunBudgetExhausted
             | ErrorKind::BudgetExceeded => StatusCode::PAYMENT_REQUIRED,
-            ErrorKind::UpstreamRateLimited
-            | ErrorKind::RateLimited
-            | ErrorKind::LoopDetected
-            | ErrorKind::RetryBudgetExhausted => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::UpstreamRateLimited | ErrorKind::RateLimited => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            // Not 429: every agent SDK retries a 429, and Codex retries even 422 and ignores
+            // x-should-retry; a 400 is the one status none of them resend (ADR 0019).
+            ErrorKind::LoopDetected | ErrorKind::RetryBudgetExhausted => StatusCode::BAD_REQUEST,
             ErrorKind::UpstreamRejected => StatusCode::BAD_REQUEST,
             ErrorKind::UpstreamAuth | ErrorKind::UpstreamError | ErrorKind::UpstreamUnavailable => {
                 StatusCode::BAD_GATEWAY
@@ -161,10 +163,8 @@ impl ErrorKind {
             | ErrorKind::RunBudgetExhausted
             | ErrorKind::BudgetExceeded => "insufficient_funds",
             ErrorKind::MaxCostExceeded => "invalid_request_error",
-            ErrorKind::UpstreamRateLimited
-            | ErrorKind::RateLimited
-            | ErrorKind::LoopDetected
-            | ErrorKind::RetryBudgetExhausted => "rate_limit_error",
+            ErrorKind::LoopDetected | ErrorKind::RetryBudgetExhausted => "invalid_request_error",
+            ErrorKind::UpstreamRateLimited | ErrorKind::RateLimited => "rate_limit_error",
             ErrorKind::UpstreamTimeout => "timeout_error",
             _ => "server_error",
         }
@@ -252,9 +252,9 @@ impl ApiError {
         if let Some(secs) = self.retry_after_secs {
             h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        // The OpenAI and Anthropic SDKs retry every 429 (waiting out `Retry-After`) unless
-        // told not to: an agent that loops, or whose retries are already over budget, must
-        // see the refusal, not stall behind its SDK's silent retries.
+        // An agent that loops, or whose retries are already over budget, must see the
+        // refusal, not stall behind its SDK's silent retries: the status is already one the
+        // SDKs do not retry, and this says so to any client that asks.
         if matches!(
             self.kind,
             ErrorKind::LoopDetected | ErrorKind::RetryBudgetExhausted

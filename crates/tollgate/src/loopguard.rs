@@ -66,7 +66,8 @@ pub fn repeated_tool_call(calls: &[(String, String)]) -> Option<(usize, &str)> {
     Some((n, last.0.as_str()))
 }
 
-/// Tool calls made by the assistant in a Chat Completions or Messages conversation, with
+/// Tool calls made by the assistant in a Chat Completions or Messages conversation (or a
+/// Responses `input` list), with
 /// arguments re-serialised so that formatting differences do not hide a repeat.
 pub fn tool_calls(messages: &serde_json::Value) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -76,6 +77,13 @@ pub fn tool_calls(messages: &serde_json::Value) -> Vec<(String, String)> {
             .unwrap_or_else(|_| s.to_string())
     };
     for m in messages.as_array().into_iter().flatten() {
+        // A Responses `input` item: the call is the item itself.
+        if m.get("type").and_then(|t| t.as_str()) == Some("function_call") {
+            let name = m.get("name").and_then(|n| n.as_str()).unwrap_or("");
+            let args = m.get("arguments").and_then(|a| a.as_str()).unwrap_or("");
+            out.push((name.to_string(), canonical(args)));
+            continue;
+        }
         if m.get("role").and_then(|r| r.as_str()) != Some("assistant") {
             continue;
         }
@@ -145,5 +153,13 @@ mod tests {
             {"role": "assistant", "content": [{"type": "tool_use", "name": "ls", "input": {"p": "/tmp"}}]},
         ]);
         assert_eq!(repeated_tool_call(&tool_calls(&messages)), Some((1, "ls")));
+        // Responses input: calls are items, arguments compared after re-serialising.
+        let input = json!([
+            {"role": "user", "content": "run it"},
+            {"type": "function_call", "call_id": "a", "name": "exec", "arguments": "{\"cmd\": \"x\"}"},
+            {"type": "function_call_output", "call_id": "a", "output": "no"},
+            {"type": "function_call", "call_id": "b", "name": "exec", "arguments": "{\"cmd\":\"x\"}"},
+        ]);
+        assert_eq!(repeated_tool_call(&tool_calls(&input)), Some((2, "exec")));
     }
 }

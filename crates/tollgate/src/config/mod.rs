@@ -109,6 +109,10 @@ pub enum LoopAction {
     /// Answer with the previous response to the same request (no upstream call, no cost);
     /// reject when there is none to give (streams, or nothing kept yet).
     Replay,
+    /// Answer 200 in the caller's dialect (JSON or stream) with a message telling the model it
+    /// is repeating itself: the agent's own loop reads it as the model's turn. No upstream
+    /// call, no cost; recorded as `loop_detected`.
+    Nudge,
 }
 
 /// What a cross-vendor translation does with request fields the target dialect has no

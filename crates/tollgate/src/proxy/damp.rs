@@ -38,8 +38,10 @@ pub(crate) fn loop_check(
             clears_in,
         ));
     } else if cfg.max_tool_repeats > 0 && doc.raw("tools").is_some() {
+        // Chat and Messages keep the conversation in `messages`, Responses in `input`.
         if let Some(history) = doc
             .raw("messages")
+            .or_else(|| doc.raw("input"))
             .and_then(|m| serde_json::from_str::<serde_json::Value>(m.get()).ok())
         {
             let calls = tool_calls(&history);
@@ -64,6 +66,7 @@ pub(crate) fn loop_check(
         (None, _) => Ok((LoopVerdict::Pass, Some(fp))),
         (Some((message, retry_us)), LoopAction::Reject) => reject(message, retry_us),
         (Some((message, _)), LoopAction::Warn) => Ok((LoopVerdict::Warn(message), Some(fp))),
+        (Some((message, _)), LoopAction::Nudge) => Ok((LoopVerdict::Nudge(message), Some(fp))),
         (Some((message, retry_us)), LoopAction::Replay) => {
             match (!stream).then(|| app.damper.answer(fp, now_us())).flatten() {
                 Some(answer) => Ok((LoopVerdict::Replay(answer), Some(fp))),
@@ -78,6 +81,8 @@ pub(crate) enum LoopVerdict {
     Warn(String),
     /// Answer with this earlier response to the same request.
     Replay(Arc<crate::damping::Answer>),
+    /// Answer with a message telling the model it is looping.
+    Nudge(String),
 }
 
 /// `Cache-Control: no-cache` or `no-store`: the client wants its own upstream call, never
@@ -192,6 +197,24 @@ pub(crate) fn damp_phase(cx: &mut Ctx<'_>, doc: &RequestDoc) -> Result<Option<Re
             }
         }
         LoopVerdict::Replay(answer) => return Ok(Some(settle.reuse(&answer, "loop_replay"))),
+        LoopVerdict::Nudge(finding) => {
+            let include_usage = doc
+                .raw("stream_options")
+                .and_then(|r| serde_json::from_str::<serde_json::Value>(r.get()).ok())
+                .and_then(|v| v.get("include_usage").and_then(|u| u.as_bool()))
+                .unwrap_or(false);
+            let finding = finding.trim_start_matches("loop detected: ");
+            let (content_type, body) = super::nudge::answer(
+                endpoint,
+                model,
+                settle.request_id.trim_start_matches("req_"),
+                (crate::clock::now_ms() / 1000) as u64,
+                stream,
+                include_usage,
+                &super::nudge::text(finding),
+            );
+            return Ok(Some(settle.nudge(content_type, body)));
+        }
     }
     if let (Some(fp), crate::config::LoopAction::Replay, false) =
         (loop_fp, runtime.loop_guard.action, stream)

@@ -46,6 +46,7 @@ mod endpoint;
 mod forward;
 mod hold;
 mod models;
+mod nudge;
 mod quote;
 mod route;
 mod settle;

@@ -216,6 +216,31 @@ impl Settlement {
         resp
     }
 
+    /// Answers with the loop guard's nudge (see `nudge.rs`): a 200 in the caller's dialect,
+    /// recorded as a loop at zero cost.
+    pub(crate) fn nudge(&mut self, content_type: &'static str, body: Bytes) -> Response {
+        if let Some(mut rec) = self.take() {
+            rec.status = 200;
+            rec.error_kind = Some(ErrorKind::LoopDetected.as_str().to_string());
+            rec.reused = Some("loop_nudge".to_string());
+            self.commit(rec);
+        }
+        self.app
+            .metrics
+            .answers_reused
+            .get_or_create(&ReuseLabels { kind: "loop_nudge" })
+            .inc();
+        let mut resp = Response::new(Body::from(body));
+        let h = resp.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static(content_type),
+        );
+        h.insert("x-tollgate-cost", HeaderValue::from(0));
+        h.insert("x-tollgate-loop", HeaderValue::from_static("nudge"));
+        resp
+    }
+
     /// Hands a finished JSON answer to the requests waiting on this one, and keeps it for
     /// idempotent retries and the loop guard.
     pub(crate) fn share(&mut self, status: StatusCode, content_type: &HeaderValue, body: &Bytes) {

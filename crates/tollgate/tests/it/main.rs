@@ -7,6 +7,7 @@ mod harness;
 mod hotwallets;
 mod layers;
 
+mod agents;
 mod auth;
 mod cli;
 mod clients;

@@ -287,7 +287,10 @@ async fn messages_errors_speak_anthropics_dialect() {
     )
     .await;
     assert!(
-        v["error"]["message"].as_str().unwrap().contains("'container'"),
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("'container'"),
         "{v}"
     );
     // The other way round, a Chat Completions client reaches the Anthropic deployment through

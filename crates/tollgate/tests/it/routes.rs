@@ -154,7 +154,7 @@ async fn a_tool_route_has_the_loop_guard_and_reports_a_dead_service() {
     }
     let v = assert_openai_error(
         post(&gw, &key, "/tools/search/q", "{\"q\": \"same\"}").await,
-        429,
+        400,
         "loop_detected",
     )
     .await;
