@@ -45,10 +45,22 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.cmd {
         Cmd::Serve(args) => serve(args).await?,
         Cmd::CheckConfig { config } => {
-            let cfg = Config::from_file(&config).map_err(anyhow::Error::msg)?;
-            let problems = cfg
-                .with_implicit_providers(tollgate::config::ProviderKeys::from_env())
-                .validate();
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let parse = Config::parse_problems(&text);
+            if !parse.is_empty() {
+                for p in &parse {
+                    println!("{}: {p}", config.display());
+                }
+                return Ok(std::process::ExitCode::FAILURE);
+            }
+            let cfg = Config::from_toml(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?
+                .with_implicit_providers(tollgate::config::ProviderKeys::from_env());
+            let problems = cfg.validate();
+            for w in cfg.env_warnings() {
+                println!("{}: warning: {w}", config.display());
+            }
             if problems.is_empty() {
                 println!("{}: ok", config.display());
             } else {

@@ -82,7 +82,7 @@ impl From<AdminError> for ApiError {
             AdminError::Store(StoreError::Wallet(e)) => {
                 use crate::wallet::WalletError as W;
                 let kind = match &e {
-                    W::NotFound(_) => ErrorKind::NotFound,
+                    W::NotFound(_) | W::RunNotFound(_) => ErrorKind::NotFound,
                     W::Exists(_) | W::IdempotencyConflict(_) | W::Invalid(_) => {
                         ErrorKind::BadRequest
                     }
@@ -529,7 +529,7 @@ pub fn run_report(store: &Store, run: &str) -> Result<serde_json::Value, AdminEr
     store
         .read(|c| {
             let Some(env) = crate::envelope::get(c, &id)? else {
-                return Err(crate::wallet::WalletError::NotFound(format!("run {run}")));
+                return Err(crate::wallet::WalletError::RunNotFound(run.to_string()));
             };
             let subs = crate::envelope::children(c, &id)?;
             let by_model = c

@@ -105,6 +105,8 @@ impl Credit {
 pub enum WalletError {
     #[error("no wallet \"{0}\"")]
     NotFound(String),
+    #[error("no run \"{0}\": no request has carried x-tollgate-run: {0} (a run is created by the first request that names it)")]
+    RunNotFound(String),
     #[error("a wallet for {0} already exists")]
     Exists(String),
     #[error("idempotency key \"{0}\" was already used for a different entry")]

@@ -16,11 +16,18 @@ pub(crate) struct Cli {
 #[derive(Subcommand)]
 pub(crate) enum Cmd {
     /// Run the gateway. With no flags: 127.0.0.1:4000, data in ./tollgate-data, the built-in
-    /// mock provider, and an `openai` provider if OPENAI_API_KEY is set.
+    /// mock provider, an `openai` provider if OPENAI_API_KEY is set and an `anthropic` provider
+    /// if ANTHROPIC_API_KEY is set.
     Serve(ServeArgs),
     /// Check a configuration file and print every problem with its path.
     CheckConfig {
-        #[arg(long, short, env = "TOLLGATE_CONFIG", default_value = "tollgate.toml")]
+        #[arg(
+            long,
+            short,
+            env = "TOLLGATE_CONFIG",
+            hide_env_values = true,
+            default_value = "tollgate.toml"
+        )]
         config: PathBuf,
     },
     /// Create, list, revoke and rotate virtual keys.
@@ -62,7 +69,12 @@ pub(crate) enum Cmd {
     Usage(UsageArgs),
     /// Create or upgrade the store's schema, then exit (`serve` also does this on start).
     Migrate {
-        #[arg(long, env = "TOLLGATE_DATA_DIR", default_value = "./tollgate-data")]
+        #[arg(
+            long,
+            env = "TOLLGATE_DATA_DIR",
+            hide_env_values = true,
+            default_value = "./tollgate-data"
+        )]
         data_dir: PathBuf,
         /// A PostgreSQL store, e.g. postgres://tollgate:secret@db:5432/tollgate (else SQLite
         /// in the data directory).
@@ -82,13 +94,13 @@ pub(crate) enum Cmd {
 #[derive(Args)]
 pub(crate) struct ServeArgs {
     /// Configuration file. Without one, embedded defaults are used.
-    #[arg(long, short, env = "TOLLGATE_CONFIG")]
+    #[arg(long, short, env = "TOLLGATE_CONFIG", hide_env_values = true)]
     pub(crate) config: Option<PathBuf>,
     /// Overrides [server] listen.
-    #[arg(long, env = "TOLLGATE_LISTEN")]
+    #[arg(long, env = "TOLLGATE_LISTEN", hide_env_values = true)]
     pub(crate) listen: Option<SocketAddr>,
     /// Overrides [server] data_dir.
-    #[arg(long, env = "TOLLGATE_DATA_DIR")]
+    #[arg(long, env = "TOLLGATE_DATA_DIR", hide_env_values = true)]
     pub(crate) data_dir: Option<PathBuf>,
     /// Overrides [store] url: postgres://user:password@host:5432/db.
     #[arg(long, env = "TOLLGATE_STORE_URL", hide_env_values = true)]
@@ -103,6 +115,7 @@ pub(crate) struct Target {
         long,
         global = true,
         env = "TOLLGATE_DATA_DIR",
+        hide_env_values = true,
         default_value = "./tollgate-data"
     )]
     pub(crate) data_dir: PathBuf,
@@ -115,7 +128,7 @@ pub(crate) struct Target {
     )]
     pub(crate) store_url: Option<String>,
     /// A running gateway's base URL, e.g. http://127.0.0.1:4000 (needs --admin-key).
-    #[arg(long, global = true, env = "TOLLGATE_URL")]
+    #[arg(long, global = true, env = "TOLLGATE_URL", hide_env_values = true)]
     pub(crate) url: Option<String>,
     /// The admin key, for --url.
     #[arg(
@@ -143,11 +156,14 @@ pub(crate) enum KeysCmd {
         /// The agent this key belongs to.
         #[arg(long)]
         name: String,
+        /// The team the agent belongs to: attribution in usage reports, the team's limits
+        /// (`teams set`) and its wallet when the key has none.
         #[arg(long)]
         team: Option<String>,
         /// The organisation, whose wallet the key draws on without a key or team wallet.
         #[arg(long)]
         org: Option<String>,
+        /// The project the agent works for: attribution in usage reports (`usage --by project`).
         #[arg(long)]
         project: Option<String>,
         /// Allowed models, comma-separated; `prefix*` matches by prefix. Default: all.

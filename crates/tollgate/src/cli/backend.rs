@@ -34,9 +34,17 @@ impl Backend {
             None => {
                 let location =
                     tollgate::db::Location::from_config(t.store_url.as_deref(), &t.data_dir);
+                // A new data directory gets its store, as `serve` would make it: the first
+                // key is often created before the gateway ever ran.
                 if let tollgate::db::Location::Sqlite(path) = &location {
                     if !path.exists() {
-                        bail!("no tollgate data in {} (run `tollgate serve` once, or pass --data-dir / --url)", t.data_dir.display());
+                        std::fs::create_dir_all(&t.data_dir).with_context(|| {
+                            format!("creating the data directory {}", t.data_dir.display())
+                        })?;
+                        eprintln!(
+                            "note: no tollgate data in {}; created a new store there (a gateway serving another directory will not see it: pass --data-dir, or --url)",
+                            t.data_dir.display()
+                        );
                     }
                 }
                 let store = Store::open_at(&location)
@@ -82,6 +90,11 @@ impl Backend {
                         .map(str::to_string)
                 })
                 .unwrap_or(text);
+            if status == reqwest::StatusCode::UNAUTHORIZED
+                || status == reqwest::StatusCode::FORBIDDEN
+            {
+                bail!("{status}: {msg}\nhint: {url} did not accept the admin key; check --admin-key or TOLLGATE_ADMIN_KEY (serve prints the admin key once, on its first start)");
+            }
             bail!("{status}: {msg}");
         }
         Ok(serde_json::from_str(&text)?)

@@ -197,7 +197,22 @@ pub(crate) async fn wallet(
                     .await?,
                 )?,
             };
-            print_wallets(&[w])?;
+            print_wallets(std::slice::from_ref(&w))?;
+            // An empty wallet is a wall, not a meter: say so before the 402s do.
+            if w.balance_micros <= w.floor_micros
+                && w.owner_kind != tollgate::wallet::OwnerKind::Key
+            {
+                let who = match w.owner_kind {
+                    tollgate::wallet::OwnerKind::Team => format!("of team {}", w.owner),
+                    _ => format!("of org {}", w.owner),
+                };
+                eprintln!(
+                    "note: {} holds {}; every key {who} without a wallet of its own now gets 402 insufficient_funds until it is topped up:\n  tollgate wallet topup {} --amount 10 --idempotency-key first-topup",
+                    w.id,
+                    usd(w.balance_micros),
+                    w.id
+                );
+            }
         }
         WalletCmd::Show { wallet } => {
             let w: Wallet = match local {
@@ -291,7 +306,22 @@ pub(crate) async fn wallet(
                         .collect()
                 }
             };
-            if bad.is_empty() {
+            if target.format == Format::Json {
+                let mismatches: Vec<serde_json::Value> = bad
+                    .iter()
+                    .map(|(id, bal, sum, floor)| {
+                        serde_json::json!({"wallet": id, "balance_micros": bal,
+                            "ledger_sum_micros": sum, "floor_micros": floor})
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": bad.is_empty(), "mismatches": mismatches})
+                );
+                if !bad.is_empty() {
+                    return Ok(std::process::ExitCode::FAILURE);
+                }
+            } else if bad.is_empty() {
                 println!(
                     "ok: every balance equals the sum of its ledger and sits at or above its floor"
                 );

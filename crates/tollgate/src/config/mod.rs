@@ -639,6 +639,35 @@ impl Config {
         toml::from_str(text).map_err(|e| e.to_string())
     }
 
+    /// Every parse problem a file has, not just the first: each top-level section, and each
+    /// element of an array of tables, is read on its own, so four typos in four places take
+    /// one run to find. A TOML syntax error still stops at itself (nothing after it parses).
+    pub fn parse_problems(text: &str) -> Vec<String> {
+        let table: toml::Table = match toml::from_str(text) {
+            Ok(t) => t,
+            Err(e) => return vec![e.to_string()],
+        };
+        let mut problems = Vec::new();
+        let mut check = |path: String, key: &str, v: toml::Value| {
+            let mut one = toml::Table::new();
+            one.insert(key.to_string(), v);
+            if let Err(e) = Config::deserialize(toml::Value::Table(one)) {
+                problems.push(format!("{path}: {}", e.message()));
+            }
+        };
+        for (key, v) in table {
+            match v {
+                toml::Value::Array(items) if items.iter().all(toml::Value::is_table) => {
+                    for (i, item) in items.into_iter().enumerate() {
+                        check(format!("{key}[{i}]"), &key, toml::Value::Array(vec![item]));
+                    }
+                }
+                v => check(key.clone(), &key, v),
+            }
+        }
+        problems
+    }
+
     /// Adds what a bare `tollgate serve` needs: the mock provider when nothing is configured,
     /// and an `openai` provider when `OPENAI_API_KEY` is set and none is named so.
     pub fn with_implicit_providers(mut self, keys: ProviderKeys) -> Config {

@@ -4,6 +4,35 @@
 use super::*;
 
 impl Config {
+    /// Environment variables the configuration names that are not set here: not errors (the
+    /// gateway runs), but each one is a provider, route or webhook that will misbehave.
+    pub fn env_warnings(&self) -> Vec<String> {
+        let unset = |var: &str| std::env::var_os(var).is_none_or(|v| v.is_empty());
+        let mut out = Vec::new();
+        for (i, p) in self.providers.iter().enumerate() {
+            if let Some(var) = p.api_key_env.as_deref().filter(|v| unset(v)) {
+                out.push(format!("providers[{i}].api_key_env: {var} is not set; requests to \"{}\" go unauthenticated", p.name));
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            if let Some(var) = r.api_key_env.as_deref().filter(|v| unset(v)) {
+                out.push(format!(
+                    "routes[{i}].api_key_env: {var} is not set; calls to \"{}\" go unauthenticated",
+                    r.name
+                ));
+            }
+        }
+        for (i, w) in self.webhooks.iter().enumerate() {
+            if let Some(var) = w.secret_env.as_deref().filter(|v| unset(v)) {
+                out.push(format!(
+                    "webhooks[{i}].secret_env: {var} is not set; deliveries to {} are unsigned",
+                    w.url
+                ));
+            }
+        }
+        out
+    }
+
     /// Every problem, each prefixed with its path (`models[2].deployments[0].provider: …`).
     pub fn validate(&self) -> Vec<String> {
         let mut problems = Vec::new();

@@ -4,6 +4,7 @@
 //! never stall. `.ci/run` installs the pinned CLIs under `.ci/agents` and the Python packages in
 //! `.ci/venv`; with TOLLGATE_REQUIRE_CLIENTS=1 a missing one fails instead of skipping.
 
+use crate::clients::{have as have_python, python};
 use crate::harness::*;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -32,25 +33,6 @@ fn cli(name: &str) -> Option<PathBuf> {
         eprintln!("SKIPPED: '{name}' not installed (run .ci/run, or set TOLLGATE_AGENTS_BIN)");
     }
     found
-}
-
-fn python() -> String {
-    std::env::var("TOLLGATE_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-fn have_python(module: &str) -> bool {
-    let ok = Command::new(python())
-        .args(["-c", &format!("import {module}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("TOLLGATE_REQUIRE_CLIENTS").is_err(),
-            "the Python package '{module}' is required (TOLLGATE_REQUIRE_CLIENTS is set)"
-        );
-        eprintln!("SKIPPED: Python package '{module}' not installed");
-    }
-    ok
 }
 
 struct Ran {

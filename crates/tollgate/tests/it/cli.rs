@@ -240,3 +240,89 @@ fn migrate_is_idempotent_and_a_newer_schema_is_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("newer than this tollgate"));
 }
+
+/// The 3 a.m. list from issue 18: each message names what to fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_says_what_to_fix() {
+    let dir = TempDir::new("cli-fix");
+    // check-config: every section's mistake in one run, and unset variables as warnings.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[server]\nlistn = \"x\"\n[loop_guard]\naction = \"nudgee\"\n[[providers]]\nname = \"a\"\nkind = \"openai\"\n[[providers]]\nname = \"b\"\nkindd = \"openai\"\n[metering]\nfoo = 1\n",
+    )
+    .unwrap();
+    let out = tollgate(&["check-config", "-c", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "listn",
+        "nudgee",
+        "providers[1]: unknown field `kindd`",
+        "foo",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+    let warn = dir.path().join("warn.toml");
+    std::fs::write(&warn, "[[providers]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\napi_key_env = \"TOLLGATE_TEST_UNSET_VAR\"\n").unwrap();
+    let text = ok(tollgate(&["check-config", "-c", warn.to_str().unwrap()]));
+    assert!(
+        text.contains("warning: providers[0].api_key_env: TOLLGATE_TEST_UNSET_VAR is not set"),
+        "{text}"
+    );
+
+    // A new data directory gets a store on the first key; a run that never was says so.
+    let data = dir.path().join("fresh");
+    let data = data.to_str().unwrap();
+    let out = tollgate(&["keys", "create", "--name", "first", "--data-dir", data]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("created a new store"));
+    let out = tollgate(&["run", "nonexistent", "--data-dir", data]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no run \"nonexistent\"") && !err.contains("wallet"),
+        "{err}"
+    );
+    let out = tollgate(&[
+        "wallet",
+        "create",
+        "--owner",
+        "team:research",
+        "--data-dir",
+        data,
+    ]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("402 insufficient_funds"),
+        "an empty team wallet warns"
+    );
+    let v: Value = serde_json::from_str(&ok(tollgate(&[
+        "wallet",
+        "verify",
+        "--format",
+        "json",
+        "--data-dir",
+        data,
+    ])))
+    .unwrap();
+    assert_eq!(v, json!({"ok": true, "mismatches": []}));
+
+    // A wrong admin key names the flag and the variable.
+    let gw = TestGateway::start("").await;
+    let out = tollgate_async(&["keys", "list", "--url", &gw.url, "--admin-key", "tg_wrong"]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--admin-key") && err.contains("TOLLGATE_ADMIN_KEY"),
+        "{err}"
+    );
+
+    // Help: unset variables are not shown as empty values; flags are described.
+    let help = ok(tollgate(&["keys", "create", "--help"]));
+    assert!(!help.contains("TOLLGATE_DATA_DIR="), "{help}");
+    assert!(help.contains("The team the agent belongs to"), "{help}");
+    assert!(ok(tollgate(&["serve", "--help"])).contains("ANTHROPIC_API_KEY"));
+}

@@ -3,13 +3,13 @@
 use crate::harness::*;
 use std::process::Command;
 
-fn python() -> String {
+pub(crate) fn python() -> String {
     std::env::var("TOLLGATE_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
 /// True when the SDK can be imported. CI sets TOLLGATE_REQUIRE_CLIENTS=1 so that a missing
 /// SDK fails instead of skipping.
-fn have(module: &str) -> bool {
+pub(crate) fn have(module: &str) -> bool {
     let ok = Command::new(python())
         .args(["-c", &format!("import {module}")])
         .output()
