@@ -205,6 +205,11 @@ impl Damper {
         sighting(&self.recent, fp, now, within_us)
     }
 
+    /// Forgets a request's sighting: the next identical request is not a retry of it.
+    pub fn forget(&self, fp: u64) {
+        lock(&self.recent).remove(fp);
+    }
+
     /// Records a sighting of an `Idempotency-Key`; true if it was seen within `ttl_us`.
     pub fn idempotency_seen(&self, fp: u64, now: u64, ttl_us: u64) -> bool {
         sighting(&self.idempotency, fp, now, ttl_us)

@@ -47,6 +47,12 @@ impl<V> GenMap<V> {
         self.cur.get_mut(&k).unwrap_or_else(|| unreachable!())
     }
 
+    /// Forgets `k` in both generations.
+    pub fn remove(&mut self, k: u64) {
+        self.cur.remove(&k);
+        self.prev.remove(&k);
+    }
+
     pub fn len(&self) -> usize {
         self.cur.len() + self.prev.len()
     }

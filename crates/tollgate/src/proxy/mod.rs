@@ -101,6 +101,12 @@ async fn handle(app: Arc<AppState>, endpoint: Endpoint, req: Request) -> Respons
                     )),
                 );
             }
+            // Refused for money before any provider saw it: resending it once the wallet is
+            // topped up (or the budget reset) is a new attempt, not a retry to count against
+            // the key's retry budget.
+            if !settle.upstream_started && e.status() == http::StatusCode::PAYMENT_REQUIRED {
+                app.damper.forget(settle.request_fp);
+            }
             settle.finish_error(&e);
             e.into_dialect_response(endpoint.dialect())
         }

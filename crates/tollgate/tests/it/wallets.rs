@@ -1010,3 +1010,33 @@ async fn three_replicas_sharing_the_store_cannot_overdraw_a_wallet() {
 async fn low_balance_and_refused_wallets_reach_the_webhook() {
     low_balance_and_refused_wallets_reach_the_webhook_on(&TestStore::Sqlite).await;
 }
+
+/// A request refused 402 before any provider saw it is not something its resend retries:
+/// once the wallet is topped up, the same request is served without `x-tollgate-retry` and
+/// without a charge to the key's retry budget.
+#[tokio::test]
+async fn a_resend_after_a_402_is_not_a_retry() {
+    let gw = TestGateway::start(PRICED).await;
+    let (key, _) = gw.create_key(json!({"name": "poor", "org": "poor"})).await;
+    let wallet = gw.wallet("org:poor", "0.000001").await;
+    let body = json!({"model": "mock", "max_tokens": 16, "messages": user("a")});
+    for _ in 0..3 {
+        let r = gw.chat(&key, body.clone()).await;
+        assert_eq!(r.status(), 402);
+        assert!(r.headers().get("x-tollgate-retry").is_none());
+    }
+    let (s, _) = gw
+        .admin(
+            reqwest::Method::POST,
+            &format!("/admin/wallets/{wallet}/topup"),
+            Some(json!({"amount": "1", "idempotency_key": "more"})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let r = gw.chat(&key, body.clone()).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-tollgate-retry").is_none());
+    // A resend of a request that was served is still a retry.
+    let r = gw.chat(&key, body).await;
+    assert_eq!(r.headers()["x-tollgate-retry"], "true");
+}
