@@ -428,31 +428,35 @@ async fn usage_h(
     Ok(Json(rows).into_response())
 }
 
-#[derive(Deserialize)]
-struct RecordsQuery {
-    since: Option<String>,
-    request_id: Option<String>,
-    limit: Option<u32>,
-}
-
+/// The request log: `LOG_FILTERS` as query parameters, newest first; a full page carries
+/// `x-tollgate-next-cursor` for the next one.
 async fn records_h(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
-    Query(q): Query<RecordsQuery>,
+    Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
+    let filter = record_filter(&pairs)?;
     // Read-your-writes for operators and tests: whatever was queued is committed first.
     app.meter.flush().await;
-    let rows: Vec<UsageRecord> = blocking(&app, move |a| {
-        let since = since_ms(q.since.as_deref())?;
-        Ok(a.store.usage_records(
-            since,
-            q.request_id.as_deref(),
-            q.limit.unwrap_or(1000).min(100_000),
-        )?)
-    })
-    .await?;
-    Ok(Json(rows).into_response())
+    let limit = filter.limit;
+    let rows: Vec<UsageRecord> =
+        blocking(&app, move |a| Ok(a.store.find_records(&filter)?)).await?;
+    let cursor = next_cursor(&rows, limit);
+    // Each record with why it ended, in words.
+    let rows: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            let mut v = serde_json::to_value(r).unwrap_or_default();
+            v["why"] = serde_json::Value::String(why(r));
+            v
+        })
+        .collect();
+    let mut resp = Json(rows).into_response();
+    if let Some(v) = cursor.and_then(|c| axum::http::HeaderValue::from_str(&c).ok()) {
+        resp.headers_mut().insert("x-tollgate-next-cursor", v);
+    }
+    Ok(resp)
 }
 
 async fn reload_h(

@@ -6,7 +6,7 @@ use crate::clock::now_ms;
 use crate::config::parse_duration;
 use crate::error::{ApiError, ErrorKind};
 use crate::keys::{self, KeyLimits, KeyRecord, KeyStatus, ServerSecret};
-use crate::store::{GroupBy, ReportRow, Store, StoreError, TeamRecord};
+use crate::store::{GroupBy, RecordFilter, ReportRow, Store, StoreError, TeamRecord};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -272,6 +272,144 @@ pub fn since_ms(since: Option<&str>) -> Result<i64, AdminError> {
             Ok(now_ms().saturating_sub(d.as_millis() as i64))
         }
     }
+}
+
+/// The request log's filters, as query parameters or CLI flags (the same names). An unknown
+/// or repeated name is an error, never ignored: a typo must not return the whole log.
+pub const LOG_FILTERS: &[&str] = &[
+    "since",
+    "until",
+    "key",
+    "team",
+    "model",
+    "status",
+    "endpoint",
+    "run",
+    "error_kind",
+    "request_id",
+    "limit",
+    "cursor",
+];
+
+/// A point in time from `30m` / `1d` (that long ago) or milliseconds since the epoch.
+fn time_ms(name: &str, v: &str) -> Result<i64, AdminError> {
+    if let Ok(ms) = v.parse::<i64>() {
+        if ms > 0 {
+            return Ok(ms);
+        }
+    }
+    let d = parse_duration(v).map_err(|e| {
+        AdminError::Invalid(format!(
+            "{name}: {e} (a duration ago, e.g. 1h, or milliseconds since the epoch)"
+        ))
+    })?;
+    Ok(now_ms().saturating_sub(d.as_millis().min(i64::MAX as u128) as i64))
+}
+
+pub fn record_filter(pairs: &[(String, String)]) -> Result<RecordFilter, AdminError> {
+    let mut f = RecordFilter {
+        limit: 1000,
+        ..RecordFilter::default()
+    };
+    let mut seen = std::collections::HashSet::new();
+    for (k, v) in pairs {
+        if !LOG_FILTERS.contains(&k.as_str()) {
+            return Err(AdminError::Invalid(format!(
+                "unknown filter \"{k}\": use {}",
+                LOG_FILTERS.join(", ")
+            )));
+        }
+        if !seen.insert(k.as_str()) {
+            return Err(AdminError::Invalid(format!("filter \"{k}\" given twice")));
+        }
+        if v.len() > 256 {
+            return Err(AdminError::Invalid(format!("{k}: at most 256 characters")));
+        }
+        let text = Some(v.clone());
+        match k.as_str() {
+            "since" => f.since_ms = time_ms(k, v)?,
+            "until" => f.until_ms = Some(time_ms(k, v)?),
+            "key" => f.key = text,
+            "team" => f.team = text,
+            "model" => f.model = text,
+            "endpoint" => f.endpoint = text,
+            "run" => f.run = text,
+            "error_kind" => f.error_kind = text,
+            "request_id" => f.request_id = text,
+            "status" => {
+                f.status = Some(match v.as_str() {
+                    "2xx" | "3xx" | "4xx" | "5xx" => {
+                        let lo = u16::from(v.as_bytes()[0] - b'0') * 100;
+                        (lo, lo + 99)
+                    }
+                    "error" => (400, 999),
+                    n => match n.parse::<u16>() {
+                        Ok(code) if (100..=999).contains(&code) => (code, code),
+                        _ => {
+                            return Err(AdminError::Invalid(format!(
+                                "status: \"{v}\" is not a status (429), a class (4xx) or error"
+                            )))
+                        }
+                    },
+                })
+            }
+            "limit" => {
+                f.limit = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=100_000).contains(n))
+                    .ok_or_else(|| AdminError::Invalid("limit: 1 to 100000".into()))?
+            }
+            "cursor" => {
+                let (ts, id) = v
+                    .split_once(':')
+                    .and_then(|(ts, id)| Some((ts.parse::<i64>().ok()?, id)))
+                    .ok_or_else(|| {
+                        AdminError::Invalid(
+                            "cursor: use the value of x-tollgate-next-cursor".into(),
+                        )
+                    })?;
+                f.before = Some((ts, id.to_string()));
+            }
+            _ => unreachable!("every name in LOG_FILTERS has an arm"),
+        }
+    }
+    Ok(f)
+}
+
+/// Why a request ended, in words: what the request log shows in its last column.
+pub fn why(r: &crate::records::UsageRecord) -> String {
+    let what = match (r.error_kind.as_deref(), r.reused.as_deref()) {
+        (Some("loop_detected"), Some("loop_nudge")) => "loop: answered with a nudge".to_string(),
+        (None, Some(kind)) => format!("served from another request ({kind})"),
+        (None, None) if r.client_disconnected => "the client left before the end".into(),
+        (None, None) if r.status < 400 => "served".into(),
+        (Some("rate_limited"), _) => "refused: rate limit".into(),
+        (Some("loop_detected"), _) => "refused: loop (the agent repeated itself)".into(),
+        (Some("retry_budget_exhausted"), _) => "refused: too many retries".into(),
+        (Some("insufficient_funds"), _) => "refused: the wallet cannot pay".into(),
+        (Some("budget_exceeded"), _) => "refused: budget spent".into(),
+        (Some("run_budget_exhausted"), _) => "refused: the run's budget is spent".into(),
+        (Some("max_cost_exceeded"), _) => "refused: above the request's cost cap".into(),
+        (Some("model_not_allowed"), _) => "refused: the key may not use this model".into(),
+        (Some("client_disconnected"), _) => "the client left before the end".into(),
+        (Some(k), _) if k.starts_with("upstream") || k.starts_with("stream") => {
+            format!("provider trouble ({k})")
+        }
+        (Some(k), _) => k.replace('_', " "),
+        (None, None) => format!("status {}", r.status),
+    };
+    match &r.detail {
+        Some(d) if r.status >= 400 || r.error_kind.is_some() => format!("{what}: {d}"),
+        _ => what,
+    }
+}
+
+/// The cursor of the page after `records`, when it was full.
+pub fn next_cursor(records: &[crate::records::UsageRecord], limit: u32) -> Option<String> {
+    (records.len() as u64 >= u64::from(limit))
+        .then(|| records.last().map(|r| format!("{}:{}", r.ts_ms, r.id)))
+        .flatten()
 }
 
 pub fn usage_report(

@@ -152,6 +152,10 @@ pub struct UsageRecord {
     /// The run envelope (`x-tollgate-run`) the request drew on.
     #[serde(default)]
     pub run_id: Option<String>,
+    /// Why it ended, in words, when it did not end well: the refusal's or the failure's
+    /// message (which limit, which wallet, what the provider said), at most 300 characters.
+    #[serde(default)]
+    pub detail: Option<String>,
     /// The hold Redis admitted for this request (hot wallets): written to the ledger with
     /// the request's settle.
     #[serde(skip)]

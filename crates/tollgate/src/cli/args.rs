@@ -67,6 +67,9 @@ pub(crate) enum Cmd {
     },
     /// Requests, tokens and spend, grouped.
     Usage(UsageArgs),
+    /// The request log: every request (served, refused, failed), newest first, with why it
+    /// ended. Filters combine; `--follow` keeps printing new ones.
+    Logs(LogsArgs),
     /// Create or upgrade the store's schema, then exit (`serve` also does this on start).
     Migrate {
         #[arg(
@@ -350,6 +353,69 @@ pub(crate) struct UsageArgs {
     pub(crate) since: Option<String>,
     #[command(flatten)]
     pub(crate) target: Target,
+}
+
+#[derive(Args)]
+pub(crate) struct LogsArgs {
+    /// A key id or an agent name.
+    #[arg(long)]
+    pub(crate) key: Option<String>,
+    #[arg(long)]
+    pub(crate) team: Option<String>,
+    /// The model asked for, or the one that served.
+    #[arg(long)]
+    pub(crate) model: Option<String>,
+    /// A status (429), a class (4xx, 5xx) or `error` (every status from 400).
+    #[arg(long)]
+    pub(crate) status: Option<String>,
+    /// chat, messages, responses, embeddings, count_tokens, or a tool route's name.
+    #[arg(long)]
+    pub(crate) endpoint: Option<String>,
+    /// The agent run (x-tollgate-run).
+    #[arg(long)]
+    pub(crate) run: Option<String>,
+    /// Why it ended: rate_limited, loop_detected, insufficient_funds, upstream_error, …
+    #[arg(long)]
+    pub(crate) error_kind: Option<String>,
+    /// From this long ago (1h, 7d) or this time in epoch milliseconds. Default: 1d.
+    #[arg(long)]
+    pub(crate) since: Option<String>,
+    /// Up to this long ago, or this epoch-milliseconds time.
+    #[arg(long)]
+    pub(crate) until: Option<String>,
+    /// At most this many records (newest first).
+    #[arg(long, default_value_t = 50)]
+    pub(crate) limit: u32,
+    /// Keep printing new records as they are written (every second) until interrupted.
+    #[arg(long)]
+    pub(crate) follow: bool,
+    #[command(flatten)]
+    pub(crate) target: Target,
+}
+
+impl LogsArgs {
+    /// The filters as the admin API takes them (`ops::LOG_FILTERS`).
+    pub(crate) fn pairs(&self) -> Vec<(String, String)> {
+        let mut p: Vec<(String, String)> = [
+            ("key", &self.key),
+            ("team", &self.team),
+            ("model", &self.model),
+            ("status", &self.status),
+            ("endpoint", &self.endpoint),
+            ("run", &self.run),
+            ("error_kind", &self.error_kind),
+            ("until", &self.until),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.clone().map(|v| (k.to_string(), v)))
+        .collect();
+        p.push((
+            "since".into(),
+            self.since.clone().unwrap_or_else(|| "1d".into()),
+        ));
+        p.push(("limit".into(), self.limit.to_string()));
+        p
+    }
 }
 
 pub(crate) fn parse_tag(s: &str) -> Result<(String, String), String> {

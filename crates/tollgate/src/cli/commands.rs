@@ -526,3 +526,99 @@ pub(crate) async fn usage(args: UsageArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `tollgate logs`: the request log, from the store or a running gateway.
+pub(crate) async fn logs(args: LogsArgs) -> anyhow::Result<()> {
+    let backend = Backend::new(&args.target)?;
+    let fetch = |pairs: Vec<(String, String)>| {
+        let backend = &backend;
+        async move {
+            let recs: Vec<tollgate::metering::UsageRecord> = match backend {
+                Backend::Local { store, .. } => {
+                    store.find_records(&admin::record_filter(&pairs)?)?
+                }
+                Backend::Remote { .. } => {
+                    let q: Vec<String> = pairs
+                        .iter()
+                        .map(|(k, v)| format!("{k}={}", urlencode(v)))
+                        .collect();
+                    let path = format!("/admin/usage/records?{}", q.join("&"));
+                    backend.call(reqwest::Method::GET, &path, None).await?
+                }
+            };
+            anyhow::Ok(recs)
+        }
+    };
+    let mut recs = fetch(args.pairs()).await?;
+    // Oldest first on screen, as a log reads.
+    recs.reverse();
+    print_log(&recs, args.target.format, true)?;
+    if !args.follow {
+        return Ok(());
+    }
+    let mut seen: std::collections::HashSet<String> = recs.iter().map(|r| r.id.clone()).collect();
+    let mut since = recs
+        .last()
+        .map_or_else(tollgate::clock::now_ms, |r| r.ts_ms);
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let mut pairs: Vec<(String, String)> = args
+            .pairs()
+            .into_iter()
+            .filter(|(k, _)| k != "since" && k != "limit")
+            .collect();
+        pairs.push(("since".into(), since.to_string()));
+        pairs.push(("limit".into(), "10000".into()));
+        let mut new = fetch(pairs).await?;
+        new.retain(|r| !seen.contains(&r.id));
+        new.reverse();
+        for r in &new {
+            seen.insert(r.id.clone());
+            since = since.max(r.ts_ms);
+        }
+        print_log(&new, args.target.format, false)?;
+    }
+}
+
+fn print_log(
+    recs: &[tollgate::metering::UsageRecord],
+    format: Format,
+    header: bool,
+) -> anyhow::Result<()> {
+    if format == Format::Json {
+        // One record per line, so --follow output can be piped into jq.
+        for r in recs {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        return Ok(());
+    }
+    let head = [
+        "time", "request", "agent", "endpoint", "model", "status", "tokens", "cost_usd", "ms",
+        "why",
+    ];
+    let rows: Vec<Vec<String>> = recs
+        .iter()
+        .map(|r| {
+            vec![
+                format_ms(r.ts_ms),
+                r.id.clone(),
+                r.agent.clone(),
+                r.endpoint.clone(),
+                r.model_served
+                    .clone()
+                    .or_else(|| r.model_requested.clone())
+                    .unwrap_or_else(|| "-".into()),
+                r.status.to_string(),
+                format!("{}/{}", r.input_tokens, r.output_tokens),
+                usd(r.cost_micros),
+                r.latency_ms.to_string(),
+                tollgate::admin::why(r),
+            ]
+        })
+        .collect();
+    if header || !rows.is_empty() {
+        let header: &[&str] = if header { &head } else { &[] };
+        print_rows(header, &rows, format == Format::Csv);
+    }
+    Ok(())
+}

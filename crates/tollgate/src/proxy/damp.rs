@@ -213,7 +213,7 @@ pub(crate) fn damp_phase(cx: &mut Ctx<'_>, doc: &RequestDoc) -> Result<Option<Re
                 include_usage,
                 &super::nudge::text(finding),
             );
-            return Ok(Some(settle.nudge(content_type, body)));
+            return Ok(Some(settle.nudge(finding, content_type, body)));
         }
     }
     if let (Some(fp), crate::config::LoopAction::Replay, false) =

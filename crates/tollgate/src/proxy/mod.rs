@@ -131,6 +131,7 @@ async fn run(
     // accept (accept.rs)
     let body = read_body(body, headers, app.server.max_body_bytes).await?;
     settle.body = body.clone();
+    settle.rec_mut().request_bytes = body.len() as u64;
     // peek (accept.rs)
     let (mut doc, model) = parse_with_model(&body)?;
     let mut cx = Ctx {

@@ -218,8 +218,14 @@ impl Settlement {
 
     /// Answers with the loop guard's nudge (see `nudge.rs`): a 200 in the caller's dialect,
     /// recorded as a loop at zero cost.
-    pub(crate) fn nudge(&mut self, content_type: &'static str, body: Bytes) -> Response {
+    pub(crate) fn nudge(
+        &mut self,
+        finding: &str,
+        content_type: &'static str,
+        body: Bytes,
+    ) -> Response {
         if let Some(mut rec) = self.take() {
+            rec.detail = Some(detail(finding));
             rec.status = 200;
             rec.error_kind = Some(ErrorKind::LoopDetected.as_str().to_string());
             rec.reused = Some("loop_nudge".to_string());
@@ -303,6 +309,7 @@ impl Settlement {
         if let Some(mut rec) = self.take() {
             rec.status = e.status().as_u16();
             rec.error_kind = Some(e.kind.as_str().to_string());
+            rec.detail = Some(detail(&e.message));
             self.commit(rec);
         }
     }
@@ -356,6 +363,7 @@ impl Settlement {
         );
         self.rec.status = status.as_u16();
         self.rec.ttft_ms = Some(self.started.elapsed().as_millis() as u64);
+        self.rec.response_bytes = client_body.as_ref().unwrap_or(&body).len() as u64;
         let cost = self.rec.cost_micros;
         if let Some(rec) = self.take() {
             self.commit(rec);
@@ -532,4 +540,13 @@ pub(crate) fn estimate_output_json(body: &[u8]) -> u64 {
         }
     }
     estimate::tokens(&text)
+}
+
+/// A message cut to what the request log keeps (on a character boundary).
+pub(crate) fn detail(message: &str) -> String {
+    const MAX: usize = 300;
+    match message.char_indices().nth(MAX) {
+        Some((i, _)) => format!("{}…", &message[..i]),
+        None => message.to_string(),
+    }
 }

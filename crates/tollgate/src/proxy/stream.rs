@@ -134,6 +134,7 @@ pub(crate) fn stream_response(
         }),
         delivered_tokens: 0,
         counted_bytes: 0,
+        sent_bytes: 0,
     };
     s.ingest(&first);
     let mut resp = Response::new(Body::from_stream(s));
@@ -183,6 +184,8 @@ pub(crate) struct GatewayStream {
     /// Output tokens delivered so far, and how much of the output text they cover.
     pub(crate) delivered_tokens: u64,
     pub(crate) counted_bytes: usize,
+    /// Bytes handed to the client so far (the record's `response_bytes`).
+    pub(crate) sent_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -281,6 +284,9 @@ impl GatewayStream {
             };
             self.out.push_back(Bytes::from(event));
         }
+        if let (Some((_, message)), Some(rec)) = (&error, self.rec.as_mut()) {
+            rec.detail = Some(super::settle::detail(message));
+        }
         let kind = match error {
             Some((k, _)) => Some(k.to_string()),
             None if self.observer.saw_error() => Some("provider_error_event".to_string()),
@@ -338,6 +344,10 @@ impl Stream for GatewayStream {
         let this = &mut *self;
         loop {
             if let Some(b) = this.out.pop_front() {
+                this.sent_bytes += b.len() as u64;
+                if let Some(rec) = this.rec.as_mut() {
+                    rec.response_bytes = this.sent_bytes;
+                }
                 return Poll::Ready(Some(Ok(b)));
             }
             if this.finished {

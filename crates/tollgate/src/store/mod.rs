@@ -3,7 +3,7 @@
 
 mod usage;
 
-pub use usage::{insert_usage_rows, GroupBy, ReportRow};
+pub use usage::{insert_usage_rows, GroupBy, RecordFilter, ReportRow};
 
 use crate::db::{Db, DbError, Dialect, Location, Param, Row, Value};
 use crate::records::UsageRecord;
@@ -122,6 +122,8 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX key_secrets_key ON key_secrets(key_id);
      INSERT INTO key_secrets (digest, key_id, prefix, created_ms, expires_ms)
         SELECT digest, id, prefix, created_ms, NULL FROM keys;",
+    // 12: why a request ended, in words (the error's message), for the request log
+    "ALTER TABLE usage ADD COLUMN detail TEXT;",
 ];
 
 /// Copies the WAL back into the database every `every`, off the request and writer paths

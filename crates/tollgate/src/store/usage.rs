@@ -54,6 +54,27 @@ impl std::str::FromStr for GroupBy {
     }
 }
 
+/// What the request log is filtered by; `None` is "any".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordFilter {
+    pub since_ms: i64,
+    pub until_ms: Option<i64>,
+    /// A key id or an agent name.
+    pub key: Option<String>,
+    pub team: Option<String>,
+    /// The model asked for or the one that served.
+    pub model: Option<String>,
+    /// Inclusive status range: (429, 429), or (400, 499) for `4xx`.
+    pub status: Option<(u16, u16)>,
+    pub endpoint: Option<String>,
+    pub run: Option<String>,
+    pub error_kind: Option<String>,
+    pub request_id: Option<String>,
+    pub limit: u32,
+    /// Records strictly after this one in the log's order (newest first): a page's cursor.
+    pub before: Option<(i64, String)>,
+}
+
 impl Store {
     pub fn usage_report(&self, by: &GroupBy, since_ms: i64) -> Result<Vec<ReportRow>> {
         self.with(|db| {
@@ -111,14 +132,55 @@ impl Store {
         request_id: Option<&str>,
         limit: u32,
     ) -> Result<Vec<UsageRecord>> {
+        self.find_records(&RecordFilter {
+            since_ms,
+            request_id: request_id.map(str::to_string),
+            limit,
+            ..RecordFilter::default()
+        })
+    }
+
+    /// The request log: records matching every filter that is set, newest first, at most
+    /// `limit`, after the `before` cursor.
+    pub fn find_records(&self, f: &RecordFilter) -> Result<Vec<UsageRecord>> {
+        let (cursor_ts, cursor_id) = match &f.before {
+            Some((ts, id)) => (Some(*ts), Some(id.as_str())),
+            None => (None, None),
+        };
+        let (status_lo, status_hi) = f.status.unwrap_or((0, 999));
         self.with(|db| {
             db.rows(
                 &format!(
                     "SELECT {USAGE_COLUMNS} FROM usage
-                     WHERE ts_ms >= ?1 AND (CAST(?2 AS TEXT) IS NULL OR id = ?2)
-                     ORDER BY ts_ms DESC, id LIMIT ?3"
+                     WHERE ts_ms >= ?1
+                       AND (CAST(?2 AS BIGINT) IS NULL OR ts_ms < ?2)
+                       AND (CAST(?3 AS TEXT) IS NULL OR key_id = ?3 OR agent = ?3)
+                       AND (CAST(?4 AS TEXT) IS NULL OR team = ?4)
+                       AND (CAST(?5 AS TEXT) IS NULL OR model_requested = ?5 OR model_served = ?5)
+                       AND status >= ?6 AND status <= ?7
+                       AND (CAST(?8 AS TEXT) IS NULL OR endpoint = ?8)
+                       AND (CAST(?9 AS TEXT) IS NULL OR run_id = ?9)
+                       AND (CAST(?10 AS TEXT) IS NULL OR error_kind = ?10)
+                       AND (CAST(?11 AS TEXT) IS NULL OR id = ?11)
+                       AND (CAST(?12 AS BIGINT) IS NULL OR ts_ms < ?12 OR (ts_ms = ?12 AND id > ?13))
+                     ORDER BY ts_ms DESC, id LIMIT ?14"
                 ),
-                &[&since_ms, &request_id, &limit],
+                &[
+                    &f.since_ms,
+                    &f.until_ms,
+                    &f.key,
+                    &f.team,
+                    &f.model,
+                    &i64::from(status_lo),
+                    &i64::from(status_hi),
+                    &f.endpoint,
+                    &f.run,
+                    &f.error_kind,
+                    &f.request_id,
+                    &cursor_ts,
+                    &cursor_id,
+                    &f.limit,
+                ],
             )?
             .iter()
             .map(usage_from_row)
@@ -136,9 +198,9 @@ pub(super) const USAGE_COLUMNS: &str =
     model_served, attempts, status, error_kind, input_tokens, cached_input_tokens, output_tokens,
     reasoning_tokens, usage_source, cost_micros, price_version, latency_ms, ttft_ms, stream,
     client_disconnected, cache_write_5m_tokens, cache_write_1h_tokens, request_bytes,
-    response_bytes, reused, reused_from, wallet_id, shortfall_micros, run_id";
+    response_bytes, reused, reused_from, wallet_id, shortfall_micros, run_id, detail";
 
-pub(super) const USAGE_COLUMN_COUNT: usize = 34;
+pub(super) const USAGE_COLUMN_COUNT: usize = 35;
 
 fn usage_from_row(r: &Row) -> Result<UsageRecord> {
     let tags: String = r.get(7)?;
@@ -177,6 +239,7 @@ fn usage_from_row(r: &Row) -> Result<UsageRecord> {
         wallet_id: r.get(31)?,
         shortfall_micros: r.get(32)?,
         run_id: r.get(33)?,
+        detail: r.get(34)?,
         enveloped: false,
         hot_hold_micros: None,
     })
@@ -224,6 +287,7 @@ pub fn insert_usage_rows(tx: &mut Db, batch: &[UsageRecord], shortfalls: &[u64])
             &u.wallet_id,
             shortfall,
             &u.run_id,
+            &u.detail,
         ];
         rows.extend(row.iter().map(|p| p.value()));
     }

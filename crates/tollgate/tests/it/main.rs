@@ -25,6 +25,7 @@ mod responses;
 mod routes;
 mod routing;
 mod shutdown;
+mod spend;
 mod streaming;
 mod translation;
 mod wallets;

@@ -2,7 +2,7 @@
 //! starts, one fresh database per scenario.
 
 use crate::harness::*;
-use crate::{metering, wallets};
+use crate::{metering, spend, wallets};
 use serde_json::{json, Value};
 
 /// Runs every wallet scenario, each in a database of its own, on one PostgreSQL server.
@@ -61,6 +61,7 @@ async fn wallets_budgets_runs_and_webhooks_behave_identically_on_postgres() {
         pg.database("report").await,
     ))
     .await;
+    spend::the_request_log_filters_pages_and_says_why_on(&store(pg.database("log").await)).await;
 }
 
 /// Three gateway processes, one PostgreSQL database: a dollar still buys a hundred cents.

@@ -1,0 +1,182 @@
+//! Spend you can act on: the request log (filters, cursor, why each request ended), and the
+//! rollups that reports read.
+
+use crate::harness::*;
+use serde_json::{json, Value};
+
+async fn log(gw: &TestGateway, query: &str) -> (u16, Value, Option<String>) {
+    let r = gw
+        .client
+        .get(format!("{}/admin/usage/records?{query}", gw.url))
+        .bearer_auth(&gw.admin_key)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let cursor = r
+        .headers()
+        .get("x-tollgate-next-cursor")
+        .map(|v| v.to_str().unwrap().to_string());
+    (status, r.json().await.unwrap(), cursor)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_log_filters_pages_and_says_why() {
+    the_request_log_filters_pages_and_says_why_on(&TestStore::Sqlite).await;
+}
+
+pub async fn the_request_log_filters_pages_and_says_why_on(store: &TestStore) {
+    let gw = TestGateway::start(&store.config("")).await;
+    let (slow, _) = gw
+        .create_key(json!({"name": "tight", "team": "ops", "rpm": 2}))
+        .await;
+    let (other, _) = gw
+        .create_key(json!({"name": "roomy", "team": "research"}))
+        .await;
+    for i in 0..3 {
+        gw.chat(
+            &slow,
+            json!({"model": "mock", "messages": user(&format!("q{i}"))}),
+        )
+        .await;
+    }
+    let r = gw
+        .chat(
+            &other,
+            json!({"model": "mock", "stream": true, "messages": user("stream it")}),
+        )
+        .await;
+    let _ = r.text().await;
+    gw.chat(
+        &other,
+        json!({"model": "mock-long", "messages": user("long")}),
+    )
+    .await;
+    gw.client
+        .post(format!("{}/v1/messages", gw.url))
+        .header("x-api-key", &other)
+        .json(&json!({"model": "mock", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+
+    // Status and why, in words, with the refusal's own message.
+    let (s, v, _) = log(&gw, "status=429").await;
+    assert_eq!(s, 200, "{v}");
+    let recs = v.as_array().unwrap();
+    assert_eq!(recs.len(), 1, "{v}");
+    assert_eq!(recs[0]["agent"], "tight");
+    let why = recs[0]["why"].as_str().unwrap();
+    assert!(why.starts_with("refused: rate limit"), "{why}");
+    assert!(
+        recs[0]["detail"].as_str().is_some_and(|d| !d.is_empty()),
+        "{v}"
+    );
+    // Each filter narrows; they combine.
+    let count = |v: &Value| v.as_array().unwrap().len();
+    assert_eq!(count(&log(&gw, "key=tight").await.1), 3);
+    assert_eq!(count(&log(&gw, "team=research").await.1), 3);
+    assert_eq!(count(&log(&gw, "model=mock-long").await.1), 1);
+    assert_eq!(count(&log(&gw, "endpoint=messages").await.1), 1);
+    assert_eq!(count(&log(&gw, "status=2xx&team=ops").await.1), 2);
+    assert_eq!(count(&log(&gw, "error_kind=rate_limited").await.1), 1);
+    assert_eq!(count(&log(&gw, "until=1h").await.1), 0);
+    // Model calls carry their sizes, JSON and streams.
+    for r in log(&gw, "status=200").await.1.as_array().unwrap() {
+        assert!(r["request_bytes"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["response_bytes"].as_u64().unwrap() > 0, "{r}");
+        assert_eq!(r["why"], "served");
+    }
+    // Pages: a full page names its cursor; following it visits every record once.
+    let mut ids = Vec::new();
+    let mut query = "limit=2".to_string();
+    loop {
+        let (s, v, cursor) = log(&gw, &query).await;
+        assert_eq!(s, 200);
+        ids.extend(
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["id"].as_str().unwrap().to_string()),
+        );
+        match cursor {
+            Some(c) => query = format!("limit=2&cursor={c}"),
+            None => break,
+        }
+    }
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!((ids.len(), unique.len()), (6, 6), "{ids:?}");
+    // The CLI reads the same log, through the admin API or the store.
+    let url = gw.url.clone();
+    let admin = gw.admin_key.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args([
+                "logs",
+                "--status",
+                "4xx",
+                "--format",
+                "json",
+                "--url",
+                &url,
+                "--admin-key",
+                &admin,
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["status"], 429);
+    let url = gw.url.clone();
+    let admin = gw.admin_key.clone();
+    let table = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args([
+                "logs",
+                "--key",
+                "tight",
+                "--url",
+                &url,
+                "--admin-key",
+                &admin,
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("refused: rate limit") && table.contains("why"),
+        "{table}"
+    );
+
+    // A filter nobody knows, a bad value, a repeated one: 400s that say so.
+    for (q, want) in [
+        ("tem=ops", "unknown filter \"tem\""),
+        ("status=4x", "status"),
+        ("limit=0", "limit"),
+        ("team=a&team=b", "twice"),
+        ("cursor=nope", "cursor"),
+    ] {
+        let (s, v, _) = log(&gw, q).await;
+        assert_eq!(s, 400, "{q}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(want),
+            "{q}: {v}"
+        );
+    }
+}
