@@ -35,6 +35,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/runs/{id}", get(run_h).put(run_caps_h))
         .route("/usage", get(usage_h))
         .route("/usage/records", get(records_h))
+        .route("/usage/prune", post(prune_h))
         .route("/reload", post(reload_h))
 }
 
@@ -405,9 +406,12 @@ async fn run_caps_h(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct UsageQuery {
     by: Option<String>,
     since: Option<String>,
+    /// `records` reads every record instead of the rollups (slow; for cross-checks).
+    source: Option<String>,
 }
 
 async fn usage_h(
@@ -422,6 +426,7 @@ async fn usage_h(
             &a.store,
             q.by.as_deref().unwrap_or("model"),
             q.since.as_deref(),
+            q.source.as_deref(),
         )
     })
     .await?;
@@ -457,6 +462,27 @@ async fn records_h(
         resp.headers_mut().insert("x-tollgate-next-cursor", v);
     }
     Ok(resp)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PruneQuery {
+    /// Records older than this go, e.g. 90d (rollups stay).
+    older_than: String,
+}
+
+/// Deletes usage records older than `older_than` now, as `[metering] retain_records` does
+/// hourly.
+async fn prune_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<PruneQuery>,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    app.meter.flush().await;
+    let before = since_ms(Some(&q.older_than))?;
+    let deleted = blocking(&app, move |a| Ok(a.store.prune_records(before)?)).await?;
+    Ok(Json(serde_json::json!({ "deleted": deleted })).into_response())
 }
 
 async fn reload_h(

@@ -416,9 +416,19 @@ pub fn usage_report(
     store: &Store,
     by: &str,
     since: Option<&str>,
+    source: Option<&str>,
 ) -> Result<Vec<ReportRow>, AdminError> {
     let by: GroupBy = by.parse().map_err(AdminError::Invalid)?;
-    Ok(store.usage_report(&by, since_ms(since)?)?)
+    let source = match source {
+        None | Some("auto" | "rollups") => crate::store::ReportSource::Auto,
+        Some("records") => crate::store::ReportSource::Records,
+        Some(other) => {
+            return Err(AdminError::Invalid(format!(
+                "source \"{other}\": use auto (rollups where they cover the window) or records"
+            )))
+        }
+    };
+    Ok(store.usage_report_from(&by, since_ms(since)?, now_ms(), source)?)
 }
 
 /// Creates the team if new and replaces its limit overrides (unset = the `[limits.team]`

@@ -206,6 +206,12 @@ impl Gateway {
         let _ = warm.await;
         tokio::spawn(poll_keys(Arc::downgrade(&app)));
         tokio::spawn(sweep_wallets(Arc::downgrade(&app)));
+        if !config.metering.retain_records.is_zero() {
+            tokio::spawn(prune_records(
+                Arc::downgrade(&app),
+                config.metering.retain_records,
+            ));
+        }
         tokio::spawn(crate::webhooks::deliver(Arc::downgrade(&app)));
         Ok(Gateway {
             app,
@@ -435,6 +441,26 @@ async fn sweep_wallets(app: std::sync::Weak<AppState>) {
         }
         drop(strong);
         tokio::time::sleep(every).await;
+    }
+}
+
+/// `[metering] retain_records`: on start and hourly, records past the retention go (their
+/// rollups stay).
+async fn prune_records(app: std::sync::Weak<AppState>, retain: std::time::Duration) {
+    loop {
+        let Some(strong) = app.upgrade() else { return };
+        let before = crate::clock::now_ms().saturating_sub(retain.as_millis() as i64);
+        let store = strong.store.clone();
+        drop(strong);
+        match tokio::task::spawn_blocking(move || store.prune_records(before)).await {
+            Ok(Ok(n)) if n > 0 => tracing::info!(
+                deleted = n,
+                "pruned usage records past [metering] retain_records"
+            ),
+            Ok(Err(e)) => tracing::warn!(error = %e, "pruning usage records failed; will retry"),
+            _ => {}
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
     }
 }
 

@@ -481,7 +481,7 @@ pub(crate) async fn usage(args: UsageArgs) -> anyhow::Result<()> {
     let backend = Backend::new(&args.target)?;
     let rows: Vec<ReportRow> = match &backend {
         Backend::Local { store, .. } => {
-            admin::usage_report(store, &args.by, args.since.as_deref())?
+            admin::usage_report(store, &args.by, args.since.as_deref(), None)?
         }
         Backend::Remote { .. } => {
             let mut path = format!("/admin/usage?by={}", urlencode(&args.by));

@@ -399,6 +399,10 @@ pub struct MeteringConfig {
     pub queue_capacity: usize,
     /// Records per write transaction at most.
     pub batch_max: usize,
+    /// Usage records older than this are deleted (hourly, and on start); the hourly and
+    /// daily rollups stay, so reports over older windows still add up. 0 keeps them forever.
+    #[serde(deserialize_with = "de_duration")]
+    pub retain_records: Duration,
 }
 
 /// Which well-known provider keys are present in the environment.
@@ -610,6 +614,7 @@ impl Default for MeteringConfig {
         MeteringConfig {
             queue_capacity: 65_536,
             batch_max: 2_000,
+            retain_records: Duration::ZERO,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The usage table: rows in (one statement per batch), reports and raw records out.
 
 use super::*;
+use std::collections::HashMap;
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct ReportRow {
@@ -75,37 +76,121 @@ pub struct RecordFilter {
     pub before: Option<(i64, String)>,
 }
 
+/// Where a report reads from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportSource {
+    /// Rollups for whole hours and days, records for the partial hour at the start.
+    Auto,
+    /// Records only (slow on a large store; the reference the rollups are checked against).
+    Records,
+}
+
+impl GroupBy {
+    /// The group's expression over records, and over rollup rows (None: not rolled up).
+    fn exprs(&self, pg: bool) -> (&'static str, Option<&'static str>) {
+        match self {
+            GroupBy::Key => (
+                "agent || ' (' || key_id || ')'",
+                Some("agent || ' (' || key_id || ')'"),
+            ),
+            GroupBy::Team => (
+                "COALESCE(team, '-')",
+                Some("COALESCE(NULLIF(team, ''), '-')"),
+            ),
+            GroupBy::Project => (
+                "COALESCE(project, '-')",
+                Some("COALESCE(NULLIF(project, ''), '-')"),
+            ),
+            GroupBy::Model => (
+                "COALESCE(model_served, model_requested, '-')",
+                Some("COALESCE(NULLIF(model, ''), '-')"),
+            ),
+            GroupBy::Day if pg => (
+                "to_char(to_timestamp(ts_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+                Some("to_char(to_timestamp(start_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"),
+            ),
+            GroupBy::Day => (
+                "date(ts_ms / 1000, 'unixepoch')",
+                Some("date(start_ms / 1000, 'unixepoch')"),
+            ),
+            GroupBy::Run => ("COALESCE(run_id, '-')", None),
+            GroupBy::Endpoint => ("endpoint", Some("endpoint")),
+            // Tags are not rolled up, so a tag report is records only: ?1, ?2, and the tag.
+            GroupBy::Tag(_) if pg => ("COALESCE(CAST(tags AS JSONB) ->> ?3, '-')", None),
+            GroupBy::Tag(_) => (
+                "COALESCE(json_extract(tags, '$.' || json_quote(?3)), '-')",
+                None,
+            ),
+        }
+    }
+}
+
 impl Store {
     pub fn usage_report(&self, by: &GroupBy, since_ms: i64) -> Result<Vec<ReportRow>> {
+        self.usage_report_from(by, since_ms, crate::clock::now_ms(), ReportSource::Auto)
+    }
+
+    /// The report over `[since_ms, now]`. With rollups, the time it takes depends on the
+    /// number of groups and buckets, not of records: records are read only for the partial
+    /// hour at the window's start (and the whole window when the grouping is not rolled up).
+    pub fn usage_report_from(
+        &self,
+        by: &GroupBy,
+        since_ms: i64,
+        now_ms: i64,
+        source: ReportSource,
+    ) -> Result<Vec<ReportRow>> {
         self.with(|db| {
             let pg = db.dialect() == Dialect::Postgres;
-            let group = match by {
-                GroupBy::Key => "agent || ' (' || key_id || ')'",
-                GroupBy::Team => "COALESCE(team, '-')",
-                GroupBy::Project => "COALESCE(project, '-')",
-                GroupBy::Model => "COALESCE(model_served, model_requested, '-')",
-                GroupBy::Day if pg => {
-                    "to_char(to_timestamp(ts_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+            let (raw_group, rollup_group) = by.exprs(pg);
+            // Records in [since, h1); hourly rollups in [h1, d1) and [d2, ...); daily in [d1, d2).
+            let ceil = |t: i64, span: i64| t.div_euclid(span) * span + if t.rem_euclid(span) == 0 { 0 } else { span };
+            let (h1, d1, d2) = match (rollup_group, source) {
+                (Some(_), ReportSource::Auto) => {
+                    let h1 = ceil(since_ms, HOUR_MS);
+                    let d1 = ceil(h1, DAY_MS);
+                    let d2 = now_ms.div_euclid(DAY_MS) * DAY_MS;
+                    if d1 < d2 {
+                        (h1, d1, d2)
+                    } else {
+                        (h1, i64::MAX, i64::MAX)
+                    }
                 }
-                GroupBy::Day => "date(ts_ms / 1000, 'unixepoch')",
-                GroupBy::Run => "COALESCE(run_id, '-')",
-                GroupBy::Endpoint => "endpoint",
-                GroupBy::Tag(_) if pg => "COALESCE(CAST(tags AS JSONB) ->> ?2, '-')",
-                GroupBy::Tag(_) => "COALESCE(json_extract(tags, '$.' || json_quote(?2)), '-')",
+                _ => (i64::MAX, i64::MAX, i64::MAX),
+            };
+            let raw = format!(
+                "SELECT {raw_group} AS g, 1 AS n,
+                        CASE WHEN status >= 400 OR error_kind IS NOT NULL THEN 1 ELSE 0 END AS e,
+                        input_tokens AS i, cached_input_tokens AS c, output_tokens AS o,
+                        reasoning_tokens AS r, cost_micros AS m,
+                        cache_write_5m_tokens + cache_write_1h_tokens AS w
+                 FROM usage WHERE ts_ms >= ?1 AND ts_ms < ?2"
+            );
+            let sql = match rollup_group {
+                Some(rg) if h1 != i64::MAX => {
+                    let sums = "requests AS n, errors AS e, input_tokens AS i, cached_input_tokens AS c,
+                        output_tokens AS o, reasoning_tokens AS r, cost_micros AS m, cache_write_tokens AS w";
+                    format!(
+                        "{raw}
+                         UNION ALL SELECT {rg} AS g, {sums} FROM usage_rollup
+                           WHERE bucket = 'h' AND start_ms >= ?2 AND (start_ms < ?3 OR start_ms >= ?4)
+                         UNION ALL SELECT {rg} AS g, {sums} FROM usage_rollup
+                           WHERE bucket = 'd' AND start_ms >= ?3 AND start_ms < ?4"
+                    )
+                }
+                _ => raw,
             };
             // SUM over BIGINT is NUMERIC in PostgreSQL: cast back, identically on both.
             let sql = format!(
-                "SELECT {group} AS g, COUNT(*),
-                        CAST(SUM(CASE WHEN status >= 400 OR error_kind IS NOT NULL THEN 1 ELSE 0 END) AS BIGINT),
-                        CAST(SUM(input_tokens) AS BIGINT), CAST(SUM(cached_input_tokens) AS BIGINT),
-                        CAST(SUM(output_tokens) AS BIGINT), CAST(SUM(reasoning_tokens) AS BIGINT),
-                        CAST(SUM(cost_micros) AS BIGINT),
-                        CAST(SUM(cache_write_5m_tokens + cache_write_1h_tokens) AS BIGINT)
-                 FROM usage WHERE ts_ms >= ?1 GROUP BY g ORDER BY SUM(cost_micros) DESC, g"
+                "SELECT g, CAST(SUM(n) AS BIGINT), CAST(SUM(e) AS BIGINT), CAST(SUM(i) AS BIGINT),
+                        CAST(SUM(c) AS BIGINT), CAST(SUM(o) AS BIGINT), CAST(SUM(r) AS BIGINT),
+                        CAST(SUM(m) AS BIGINT), CAST(SUM(w) AS BIGINT)
+                 FROM ({sql}) AS parts GROUP BY g ORDER BY SUM(m) DESC, g"
             );
             let rows = match by {
-                GroupBy::Tag(t) => db.rows(&sql, &[&since_ms, t])?,
-                _ => db.rows(&sql, &[&since_ms])?,
+                GroupBy::Tag(t) => db.rows(&sql, &[&since_ms, &h1, t])?,
+                _ if h1 != i64::MAX => db.rows(&sql, &[&since_ms, &h1, &d1, &d2])?,
+                _ => db.rows(&sql, &[&since_ms, &h1])?,
             };
             rows.iter()
                 .map(|r| {
@@ -186,6 +271,25 @@ impl Store {
             .map(usage_from_row)
             .collect()
         })
+    }
+
+    /// Deletes records older than `before_ms`, a slice at a time so the writer is never kept
+    /// waiting long; rollups are left as they are. Returns how many went.
+    pub fn prune_records(&self, before_ms: i64) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let n = lock(&self.db).write(|tx| {
+                tx.exec(
+                    "DELETE FROM usage WHERE id IN
+                        (SELECT id FROM usage WHERE ts_ms < ?1 ORDER BY ts_ms LIMIT 5000)",
+                    &[&before_ms],
+                )
+            })?;
+            total += n;
+            if n < 5000 {
+                return Ok(total);
+            }
+        }
     }
 
     pub fn count_usage(&self) -> Result<u64> {
@@ -307,10 +411,199 @@ pub fn insert_usage_rows(tx: &mut Db, batch: &[UsageRecord], shortfalls: &[u64])
             }
             sql.push(')');
         }
-        // A replayed batch (a retry after a failed commit) inserts nothing twice.
-        sql.push_str(" ON CONFLICT DO NOTHING");
+        // A replayed batch (a retry after a failed commit) inserts nothing twice, and only
+        // what was inserted is rolled up.
+        sql.push_str(" ON CONFLICT DO NOTHING RETURNING id");
         let params: Vec<&dyn Param> = rows.iter().map(|v| v as &dyn Param).collect();
+        let inserted: std::collections::HashSet<String> = tx
+            .rows(&sql, &params)?
+            .iter()
+            .map(|r| r.get::<String>(0))
+            .collect::<std::result::Result<_, _>>()?;
+        let fresh: Vec<&UsageRecord> = batch.iter().filter(|u| inserted.contains(&u.id)).collect();
+        upsert_rollups(tx, &fresh)?;
+    }
+    Ok(())
+}
+
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 86_400_000;
+
+/// What a rollup row is keyed by: a bucket, and the record's attribution and outcome class.
+#[derive(Hash, PartialEq, Eq)]
+struct RollupKey {
+    bucket: &'static str,
+    start_ms: i64,
+    key_id: String,
+    team: String,
+    project: String,
+    model: String,
+    provider: String,
+    endpoint: String,
+    status_class: i64,
+    error_kind: String,
+}
+
+#[derive(Default)]
+struct RollupSums {
+    agent: String,
+    requests: i64,
+    errors: i64,
+    input: u64,
+    cached: u64,
+    output: u64,
+    reasoning: u64,
+    cache_write: u64,
+    cost: u64,
+    latency: u64,
+}
+
+/// The columns a rollup row is keyed by, in the primary key's order.
+const ROLLUP_KEY: &str =
+    "bucket, start_ms, key_id, team, project, model, provider, endpoint, status_class, error_kind";
+
+/// Adds the batch's records to their hourly and daily rollups, in the writer's transaction:
+/// rollups and records can never disagree. One statement per few hundred groups.
+fn upsert_rollups(tx: &mut Db, recs: &[&UsageRecord]) -> Result<()> {
+    let mut groups: HashMap<RollupKey, RollupSums> = HashMap::new();
+    for u in recs {
+        for (bucket, span) in [("h", HOUR_MS), ("d", DAY_MS)] {
+            let key = RollupKey {
+                bucket,
+                start_ms: u.ts_ms.div_euclid(span) * span,
+                key_id: u.key_id.clone(),
+                team: u.team.clone().unwrap_or_default(),
+                project: u.project.clone().unwrap_or_default(),
+                model: u
+                    .model_served
+                    .clone()
+                    .or_else(|| u.model_requested.clone())
+                    .unwrap_or_default(),
+                provider: u.provider.clone().unwrap_or_default(),
+                endpoint: u.endpoint.clone(),
+                status_class: i64::from(u.status / 100),
+                error_kind: u.error_kind.clone().unwrap_or_default(),
+            };
+            let g = groups.entry(key).or_default();
+            g.agent.clone_from(&u.agent);
+            g.requests += 1;
+            g.errors += i64::from(u.status >= 400 || u.error_kind.is_some());
+            g.input = g.input.saturating_add(u.input_tokens);
+            g.cached = g.cached.saturating_add(u.cached_input_tokens);
+            g.output = g.output.saturating_add(u.output_tokens);
+            g.reasoning = g.reasoning.saturating_add(u.reasoning_tokens);
+            g.cache_write = g.cache_write.saturating_add(
+                u.cache_write_5m_tokens
+                    .saturating_add(u.cache_write_1h_tokens),
+            );
+            g.cost = g.cost.saturating_add(u.cost_micros);
+            g.latency = g.latency.saturating_add(u.latency_ms);
+        }
+    }
+    const COLS: usize = 20;
+    let groups: Vec<(RollupKey, RollupSums)> = groups.into_iter().collect();
+    for chunk in groups.chunks(500) {
+        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * COLS);
+        for (k, g) in chunk {
+            let row: [&dyn Param; COLS] = [
+                &k.bucket,
+                &k.start_ms,
+                &k.key_id,
+                &k.team,
+                &k.project,
+                &k.model,
+                &k.provider,
+                &k.endpoint,
+                &k.status_class,
+                &k.error_kind,
+                &g.agent,
+                &g.requests,
+                &g.errors,
+                &g.input,
+                &g.cached,
+                &g.output,
+                &g.reasoning,
+                &g.cache_write,
+                &g.cost,
+                &g.latency,
+            ];
+            values.extend(row.iter().map(|p| p.value()));
+        }
+        let mut sql = format!(
+            "INSERT INTO usage_rollup ({ROLLUP_KEY}, agent, requests, errors, input_tokens,
+                cached_input_tokens, output_tokens, reasoning_tokens, cache_write_tokens,
+                cost_micros, latency_ms_sum) VALUES "
+        );
+        for r in 0..chunk.len() {
+            if r > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('(');
+            for c in 0..COLS {
+                if c > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!("?{}", r * COLS + c + 1));
+            }
+            sql.push(')');
+        }
+        sql.push_str(&format!(
+            " ON CONFLICT ({ROLLUP_KEY}) DO UPDATE SET agent = excluded.agent"
+        ));
+        for c in [
+            "requests",
+            "errors",
+            "input_tokens",
+            "cached_input_tokens",
+            "output_tokens",
+            "reasoning_tokens",
+            "cache_write_tokens",
+            "cost_micros",
+            "latency_ms_sum",
+        ] {
+            sql.push_str(&format!(", {c} = usage_rollup.{c} + excluded.{c}"));
+        }
+        let params: Vec<&dyn Param> = values.iter().map(|v| v as &dyn Param).collect();
         tx.exec(&sql, &params)?;
     }
     Ok(())
 }
+
+/// Migration 13: the rollup table, filled from the records already there.
+pub(super) const ROLLUP_MIGRATION: &str = "CREATE TABLE usage_rollup (
+        bucket TEXT NOT NULL,
+        start_ms INTEGER NOT NULL,
+        key_id TEXT NOT NULL,
+        team TEXT NOT NULL,
+        project TEXT NOT NULL,
+        model TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        status_class INTEGER NOT NULL,
+        error_kind TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        requests INTEGER NOT NULL,
+        errors INTEGER NOT NULL,
+        input_tokens INTEGER NOT NULL,
+        cached_input_tokens INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        reasoning_tokens INTEGER NOT NULL,
+        cache_write_tokens INTEGER NOT NULL,
+        cost_micros INTEGER NOT NULL,
+        latency_ms_sum INTEGER NOT NULL,
+        PRIMARY KEY (bucket, start_ms, key_id, team, project, model, provider, endpoint, status_class, error_kind)
+     ) WITHOUT ROWID;
+     INSERT INTO usage_rollup
+        SELECT b.bucket, (u.ts_ms / b.span) * b.span, u.key_id, COALESCE(u.team, ''),
+               COALESCE(u.project, ''), COALESCE(u.model_served, u.model_requested, ''),
+               COALESCE(u.provider, ''), u.endpoint, u.status / 100, COALESCE(u.error_kind, ''),
+               MAX(u.agent), COUNT(*),
+               SUM(CASE WHEN u.status >= 400 OR u.error_kind IS NOT NULL THEN 1 ELSE 0 END),
+               SUM(u.input_tokens), SUM(u.cached_input_tokens), SUM(u.output_tokens),
+               SUM(u.reasoning_tokens), SUM(u.cache_write_5m_tokens + u.cache_write_1h_tokens),
+               SUM(u.cost_micros), SUM(u.latency_ms)
+        FROM usage u,
+             (SELECT 'h' AS bucket, 3600000 AS span UNION ALL SELECT 'd', 86400000) b
+        GROUP BY b.bucket, (u.ts_ms / b.span) * b.span, u.key_id, COALESCE(u.team, ''),
+               COALESCE(u.project, ''), COALESCE(u.model_served, u.model_requested, ''),
+               COALESCE(u.provider, ''), u.endpoint, u.status / 100, COALESCE(u.error_kind, '');";

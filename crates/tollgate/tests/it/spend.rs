@@ -164,6 +164,28 @@ pub async fn the_request_log_filters_pages_and_says_why_on(store: &TestStore) {
         "{table}"
     );
 
+    // Reports read rollups; they say what the records say, grouping by grouping.
+    for by in ["key", "team", "project", "model", "day", "endpoint"] {
+        let get = |q: String| {
+            let gw = &gw;
+            async move {
+                let r = gw
+                    .client
+                    .get(format!("{}/admin/usage?{q}", gw.url))
+                    .bearer_auth(&gw.admin_key)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                r.json::<Value>().await.unwrap()
+            }
+        };
+        let rolled = get(format!("by={by}")).await;
+        let raw = get(format!("by={by}&source=records")).await;
+        assert_eq!(rolled, raw, "{by}");
+        assert!(!rolled.as_array().unwrap().is_empty());
+    }
+
     // A filter nobody knows, a bad value, a repeated one: 400s that say so.
     for (q, want) in [
         ("tem=ops", "unknown filter \"tem\""),
@@ -179,4 +201,39 @@ pub async fn the_request_log_filters_pages_and_says_why_on(store: &TestStore) {
             "{q}: {v}"
         );
     }
+}
+
+/// Records past their retention go; the rollups stay, so the spend still adds up.
+#[tokio::test]
+async fn pruned_records_leave_their_rollups() {
+    let gw = TestGateway::start("[metering]\nretain_records = \"90d\"\n").await;
+    let key = gw.key().await;
+    for i in 0..4 {
+        gw.chat(
+            &key,
+            json!({"model": "mock", "messages": user(&format!("p{i}"))}),
+        )
+        .await;
+    }
+    let before = gw
+        .admin(reqwest::Method::GET, "/admin/usage?by=key", None)
+        .await
+        .1;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let (s, v) = gw
+        .admin(
+            reqwest::Method::POST,
+            "/admin/usage/prune?older_than=1s",
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["deleted"], 4);
+    assert!(gw.records().await.is_empty());
+    let after = gw
+        .admin(reqwest::Method::GET, "/admin/usage?by=key", None)
+        .await
+        .1;
+    assert_eq!(after, before);
+    assert_eq!(after[0]["requests"], 4, "{after}");
 }
