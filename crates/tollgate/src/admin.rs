@@ -36,6 +36,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/usage", get(usage_h))
         .route("/usage/records", get(records_h))
         .route("/usage/prune", post(prune_h))
+        .route("/roi", get(roi_h))
         .route("/reload", post(reload_h))
 }
 
@@ -483,6 +484,51 @@ async fn prune_h(
     let before = since_ms(Some(&q.older_than))?;
     let deleted = blocking(&app, move |a| Ok(a.store.prune_records(before)?)).await?;
     Ok(Json(serde_json::json!({ "deleted": deleted })).into_response())
+}
+
+/// `POST /v1/outcomes`, with an agent's key or the admin key: records what a run or a
+/// request bought. 201 when new, 200 when the same outcome was recorded before.
+pub async fn outcomes_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let key = authenticate(&app, &headers)?;
+    let req: NewOutcome = json_body(&body)?;
+    // The outcome may name a request that finished a moment ago: its record first.
+    app.meter.flush().await;
+    let (created, o) = blocking(&app, move |a| record_outcome(&a.store, &key, req)).await?;
+    let status = if created {
+        http::StatusCode::CREATED
+    } else {
+        http::StatusCode::OK
+    };
+    Ok((status, Json(o)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoiQuery {
+    by: Option<String>,
+    since: Option<String>,
+}
+
+async fn roi_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<RoiQuery>,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    app.meter.flush().await;
+    let rows = blocking(&app, move |a| {
+        roi_report(
+            &a.store,
+            q.by.as_deref().unwrap_or("agent"),
+            q.since.as_deref(),
+        )
+    })
+    .await?;
+    Ok(Json(rows).into_response())
 }
 
 async fn reload_h(

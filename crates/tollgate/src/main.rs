@@ -92,6 +92,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Cmd::Wallet { cmd, target } => return wallet(cmd, target).await,
         Cmd::Usage(args) => usage(args).await?,
         Cmd::Logs(args) => logs(args).await?,
+        Cmd::Roi { by, since, target } => roi(by, since, target).await?,
         Cmd::Migrate {
             data_dir,
             store_url,

@@ -717,3 +717,228 @@ pub fn run_report(store: &Store, run: &str) -> Result<serde_json::Value, AdminEr
         })
         .map_err(AdminError::from)
 }
+
+// ---------------------------------------------------------------------------------------
+// Outcomes and ROI
+
+/// `POST /v1/outcomes`: what a run or a request bought.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewOutcome {
+    /// The caller's id for this outcome: recording it again is a no-op.
+    pub id: String,
+    #[serde(default)]
+    pub run_id: Option<String>,
+    #[serde(default)]
+    pub request_id: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub success: bool,
+    /// What it was worth, in USD ("12.50"), if the caller knows.
+    #[serde(default)]
+    pub value: Option<String>,
+    /// When it happened, in epoch milliseconds (default: now).
+    #[serde(default)]
+    pub occurred_at: Option<i64>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Records an outcome for `key` (an agent's key may only name its own requests and its org's
+/// runs; the admin key any). `Ok((true, o))` when new, `(false, o)` when it was already there.
+pub fn record_outcome(
+    store: &Store,
+    key: &KeyRecord,
+    req: NewOutcome,
+) -> Result<(bool, crate::store::Outcome), AdminError> {
+    let bad = |m: String| Err(AdminError::Invalid(m));
+    if req.id.is_empty() || req.id.len() > 128 || !req.id.chars().all(|c| c.is_ascii_graphic()) {
+        return bad("id must be 1 to 128 visible ASCII characters".into());
+    }
+    validate_name("type", &req.kind)?;
+    if req.tags.len() > 32 || req.tags.iter().any(|(k, v)| k.len() > 128 || v.len() > 256) {
+        return bad("tags: at most 32, names up to 128 and values up to 256 bytes".into());
+    }
+    let value_micros = match &req.value {
+        None => None,
+        Some(v) => {
+            let m = crate::money::parse_usd(v)
+                .map_err(|e| AdminError::Invalid(format!("value: {e}")))?;
+            if m < 0 {
+                return bad("value: must not be negative".into());
+            }
+            Some(m)
+        }
+    };
+    let now = now_ms();
+    let timed = req.occurred_at.is_some();
+    let occurred_ms = req.occurred_at.unwrap_or(now);
+    if occurred_ms <= 0 || occurred_ms > now + 86_400_000 {
+        return bad("occurred_at: epoch milliseconds, not in the future".into());
+    }
+    // Whose spend it is set against: the request's key, or the run's latest request's.
+    let owner: Option<crate::records::UsageRecord> = match (&req.request_id, &req.run_id) {
+        (Some(_), Some(_)) | (None, None) => {
+            return bad("give exactly one of run_id and request_id".into())
+        }
+        (Some(r), None) => {
+            let rec = store.usage_records(0, Some(r), 1)?.into_iter().next();
+            match rec {
+                None => return bad(format!("request_id: no request \"{r}\"")),
+                Some(rec) if !key.admin && rec.key_id != key.id => {
+                    return bad(format!("request_id: \"{r}\" is not a request of this key"))
+                }
+                Some(rec) => Some(rec),
+            }
+        }
+        (None, Some(run)) => {
+            let env = store.read(|c| Ok(crate::envelope::get(c, &format!("run:{run}"))?))?;
+            let org = key.org.clone().unwrap_or_else(|| "default".into());
+            match env {
+                None => return bad(format!("run_id: no run \"{run}\"")),
+                Some(e) if !key.admin && e.org != org => {
+                    return bad(format!("run_id: \"{run}\" is not a run of this key's org"))
+                }
+                Some(_) => store
+                    .find_records(&RecordFilter {
+                        run: Some(run.clone()),
+                        limit: 1,
+                        ..RecordFilter::default()
+                    })?
+                    .into_iter()
+                    .next(),
+            }
+        }
+    };
+    let o = crate::store::Outcome {
+        id: req.id,
+        occurred_ms,
+        key_id: owner
+            .as_ref()
+            .map_or_else(|| key.id.clone(), |r| r.key_id.clone()),
+        agent: owner
+            .as_ref()
+            .map_or_else(|| key.name.clone(), |r| r.agent.clone()),
+        team: owner
+            .as_ref()
+            .map_or_else(|| key.team.clone(), |r| r.team.clone()),
+        project: owner
+            .as_ref()
+            .map_or_else(|| key.project.clone(), |r| r.project.clone()),
+        run_id: req.run_id,
+        request_id: req.request_id,
+        kind: req.kind,
+        success: req.success,
+        value_micros,
+        tags: req.tags,
+        created_ms: now,
+    };
+    match store.record_outcome(&o, timed)? {
+        crate::store::Recorded::Created(o) => Ok((true, o)),
+        crate::store::Recorded::Existing(o) => Ok((false, o)),
+        crate::store::Recorded::Conflict(_) => Err(AdminError::Invalid(format!(
+            "outcome \"{}\" was already recorded with different content; use a new id for a new outcome",
+            o.id
+        ))),
+    }
+}
+
+/// One line of `tollgate roi`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoiRow {
+    pub group: String,
+    pub outcomes: u64,
+    pub successes: u64,
+    /// Spend set against these outcomes (each request or run counted once).
+    pub spend_micros: u64,
+    pub cost_per_outcome_micros: Option<u64>,
+    pub cost_per_success_micros: Option<u64>,
+    pub value_micros: u64,
+    /// Value bought per dollar spent.
+    pub value_per_cost: Option<f64>,
+}
+
+/// Cost per outcome and per successful outcome since `since`, by agent, team, project, model
+/// or type, and a last row `(no outcome)` with the spend no outcome accounts for.
+pub fn roi_report(store: &Store, by: &str, since: Option<&str>) -> Result<Vec<RoiRow>, AdminError> {
+    if !["agent", "team", "project", "model", "type"].contains(&by) {
+        return Err(AdminError::Invalid(format!(
+            "cannot group outcomes by \"{by}\": use agent, team, project, model or type"
+        )));
+    }
+    let since_ms = since_ms(since)?;
+    #[derive(Default)]
+    struct Acc {
+        outcomes: u64,
+        successes: u64,
+        value: u64,
+        targets: BTreeMap<String, u64>,
+    }
+    let mut groups: BTreeMap<String, Acc> = BTreeMap::new();
+    let mut attributed: BTreeMap<String, u64> = BTreeMap::new();
+    for o in store.outcomes_since(since_ms)? {
+        let target = match (&o.request_id, &o.run_id) {
+            (Some(r), _) => format!("req:{r}"),
+            (None, Some(r)) => format!("run:{r}"),
+            (None, None) => continue,
+        };
+        let spend = store.outcome_spend(&o, since_ms)?;
+        let total: u64 = spend.iter().map(|(_, c)| *c).sum();
+        attributed.insert(target.clone(), total);
+        let names: Vec<(String, u64)> = match by {
+            "agent" => vec![(o.agent.clone(), total)],
+            "team" => vec![(o.team.clone().unwrap_or_else(|| "-".into()), total)],
+            "project" => vec![(o.project.clone().unwrap_or_else(|| "-".into()), total)],
+            "type" => vec![(o.kind.clone(), total)],
+            _ if spend.is_empty() => vec![("-".into(), 0)],
+            _ => spend,
+        };
+        for (name, cost) in names {
+            let g = groups.entry(name).or_default();
+            g.outcomes += 1;
+            g.successes += u64::from(o.success);
+            g.value = g
+                .value
+                .saturating_add(u64::try_from(o.value_micros.unwrap_or(0)).unwrap_or(0));
+            g.targets.insert(target.clone(), cost);
+        }
+    }
+    let per = |spend: u64, n: u64| (n > 0).then(|| spend / n);
+    let mut rows: Vec<RoiRow> = groups
+        .into_iter()
+        .map(|(group, g)| {
+            let spend: u64 = g.targets.values().sum();
+            RoiRow {
+                group,
+                outcomes: g.outcomes,
+                successes: g.successes,
+                spend_micros: spend,
+                cost_per_outcome_micros: per(spend, g.outcomes),
+                cost_per_success_micros: per(spend, g.successes),
+                value_micros: g.value,
+                value_per_cost: (spend > 0).then(|| g.value as f64 / spend as f64),
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        b.spend_micros
+            .cmp(&a.spend_micros)
+            .then(a.group.cmp(&b.group))
+    });
+    let total: u64 = store
+        .usage_report(&GroupBy::Endpoint, since_ms)?
+        .iter()
+        .map(|r| r.cost_micros)
+        .sum();
+    rows.push(RoiRow {
+        group: "(no outcome)".into(),
+        outcomes: 0,
+        successes: 0,
+        spend_micros: total.saturating_sub(attributed.values().sum()),
+        cost_per_outcome_micros: None,
+        cost_per_success_micros: None,
+        value_micros: 0,
+        value_per_cost: None,
+    });
+    Ok(rows)
+}

@@ -285,6 +285,7 @@ pub fn router(app: Arc<AppState>) -> Router {
     r.route("/v1/models", get(proxy::list_models))
         .route("/v1/models/{*id}", get(proxy::get_model))
         .route("/v1/quote", post(proxy::quote_handler))
+        .route("/v1/outcomes", post(admin::outcomes_h))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -67,6 +67,18 @@ pub(crate) enum Cmd {
     },
     /// Requests, tokens and spend, grouped.
     Usage(UsageArgs),
+    /// Cost per outcome and per successful outcome (outcomes are posted to /v1/outcomes),
+    /// and the spend no outcome accounts for.
+    Roi {
+        /// agent, team, project, model or type
+        #[arg(long, default_value = "agent")]
+        by: String,
+        /// Only the last period, e.g. 30d.
+        #[arg(long)]
+        since: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
     /// The request log: every request (served, refused, failed), newest first, with why it
     /// ended. Filters combine; `--follow` keeps printing new ones.
     Logs(LogsArgs),

@@ -622,3 +622,54 @@ fn print_log(
     }
     Ok(())
 }
+
+/// `tollgate roi`.
+pub(crate) async fn roi(by: String, since: Option<String>, target: Target) -> anyhow::Result<()> {
+    let backend = Backend::new(&target)?;
+    let rows: Vec<admin::RoiRow> = match &backend {
+        Backend::Local { store, .. } => admin::roi_report(store, &by, since.as_deref())?,
+        Backend::Remote { .. } => {
+            let mut path = format!("/admin/roi?by={}", urlencode(&by));
+            if let Some(s) = &since {
+                path.push_str(&format!("&since={}", urlencode(s)));
+            }
+            backend.call(reqwest::Method::GET, &path, None).await?
+        }
+    };
+    if target.format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let opt = |m: Option<u64>| m.map_or_else(|| "-".into(), usd);
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.group.clone(),
+                r.outcomes.to_string(),
+                r.successes.to_string(),
+                usd(r.spend_micros),
+                opt(r.cost_per_outcome_micros),
+                opt(r.cost_per_success_micros),
+                usd(r.value_micros),
+                r.value_per_cost
+                    .map_or_else(|| "-".into(), |x| format!("{x:.2}")),
+            ]
+        })
+        .collect();
+    print_rows(
+        &[
+            by.as_str(),
+            "outcomes",
+            "successes",
+            "spend_usd",
+            "per_outcome",
+            "per_success",
+            "value_usd",
+            "value_per_usd",
+        ],
+        &body,
+        target.format == Format::Csv,
+    );
+    Ok(())
+}

@@ -1,8 +1,10 @@
 //! The embedded store: SQLite in WAL mode, shared safely by several processes (a gateway and
 //! the CLI, or several gateways on one host).
 
+mod outcomes;
 mod usage;
 
+pub use outcomes::{ModelSpend, Outcome, Recorded};
 pub use usage::{insert_usage_rows, GroupBy, RecordFilter, ReportRow, ReportSource};
 
 use crate::db::{Db, DbError, Dialect, Location, Param, Row, Value};
@@ -126,6 +128,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE usage ADD COLUMN detail TEXT;",
     // 13: hourly and daily rollups, written with the records
     usage::ROLLUP_MIGRATION,
+    // 14: outcomes, and records findable by run
+    outcomes::MIGRATION,
 ];
 
 /// Copies the WAL back into the database every `every`, off the request and writer paths

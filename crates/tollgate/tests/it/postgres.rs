@@ -62,6 +62,7 @@ async fn wallets_budgets_runs_and_webhooks_behave_identically_on_postgres() {
     ))
     .await;
     spend::the_request_log_filters_pages_and_says_why_on(&store(pg.database("log").await)).await;
+    spend::outcomes_give_cost_per_outcome_once_each_on(&store(pg.database("roi").await)).await;
 }
 
 /// Three gateway processes, one PostgreSQL database: a dollar still buys a hundred cents.

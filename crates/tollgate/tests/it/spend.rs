@@ -237,3 +237,196 @@ async fn pruned_records_leave_their_rollups() {
     assert_eq!(after, before);
     assert_eq!(after[0]["requests"], 4, "{after}");
 }
+
+async fn post_outcome(gw: &TestGateway, key: &str, body: Value) -> (u16, Value) {
+    let r = gw
+        .client
+        .post(format!("{}/v1/outcomes", gw.url))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_give_cost_per_outcome_once_each() {
+    outcomes_give_cost_per_outcome_once_each_on(&TestStore::Sqlite).await;
+}
+
+/// A run (with a sub-run), another run and a lone request each buy an outcome; another
+/// agent's spend buys none. Cost per outcome and per success come from the records, each run
+/// counted with its sub-runs and once, an outcome is recorded once, and what no outcome
+/// accounts for is shown as such.
+pub async fn outcomes_give_cost_per_outcome_once_each_on(store: &TestStore) {
+    let gw = TestGateway::start(&store.config("")).await;
+    let (solver, _) = gw
+        .create_key(json!({"name": "solver", "team": "support"}))
+        .await;
+    let (idle, _) = gw.create_key(json!({"name": "idle", "team": "ops"})).await;
+    let call =
+        |key: String, run: Option<(&'static str, Option<&'static str>)>, text: &'static str| {
+            let gw = &gw;
+            async move {
+                let mut r = gw
+                    .client
+                    .post(format!("{}/v1/chat/completions", gw.url))
+                    .bearer_auth(&key)
+                    .json(&json!({"model": "mock", "messages": user(text)}));
+                if let Some((run, parent)) = run {
+                    r = r.header("x-tollgate-run", run);
+                    if let Some(p) = parent {
+                        r = r.header("x-tollgate-parent-run", p);
+                    }
+                }
+                let r = r.send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                r.headers()["x-request-id"].to_str().unwrap().to_string()
+            }
+        };
+    call(solver.clone(), Some(("t1", None)), "one").await;
+    call(solver.clone(), Some(("t1", None)), "two").await;
+    call(solver.clone(), Some(("t1a", Some("t1"))), "sub").await;
+    call(solver.clone(), Some(("t2", None)), "three").await;
+    let lone = call(solver.clone(), None, "lone").await;
+    call(idle.clone(), None, "nothing to show").await;
+    let recs = gw.records().await;
+    let cost = |f: &dyn Fn(&tollgate::metering::UsageRecord) -> bool| -> u64 {
+        recs.iter().filter(|r| f(r)).map(|r| r.cost_micros).sum()
+    };
+    let t1 = cost(&|r| matches!(r.run_id.as_deref(), Some("t1" | "t1a")));
+    let t2 = cost(&|r| r.run_id.as_deref() == Some("t2"));
+    let lone_cost = cost(&|r| r.id == lone);
+    let idle_cost = cost(&|r| r.agent == "idle");
+    assert!(t1 > 0 && t2 > 0 && lone_cost > 0 && idle_cost > 0);
+
+    let o1 =
+        json!({"id": "o1", "run_id": "t1", "type": "ticket", "success": true, "value": "5.00"});
+    let (s, v) = post_outcome(&gw, &solver, o1.clone()).await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(
+        (v["agent"].as_str(), v["team"].as_str()),
+        (Some("solver"), Some("support"))
+    );
+    // Again: the same outcome, nothing new. Different content under the same id: refused.
+    assert_eq!(post_outcome(&gw, &solver, o1.clone()).await.0, 200);
+    let mut changed = o1.clone();
+    changed["success"] = json!(false);
+    let (s, v) = post_outcome(&gw, &solver, changed).await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("already recorded"));
+    assert_eq!(
+        post_outcome(
+            &gw,
+            &solver,
+            json!({"id": "o2", "run_id": "t2", "type": "ticket", "success": false})
+        )
+        .await
+        .0,
+        201
+    );
+    assert_eq!(
+        post_outcome(&gw, &solver, json!({"id": "o3", "request_id": lone, "type": "answer", "success": true, "value": "0.01"})).await.0,
+        201
+    );
+    // Another agent cannot claim this agent's request; unknown runs and both-or-neither fail.
+    for (key, body) in [
+        (
+            &idle,
+            json!({"id": "x1", "request_id": lone, "type": "answer", "success": true}),
+        ),
+        (
+            &solver,
+            json!({"id": "x2", "run_id": "nope", "type": "t", "success": true}),
+        ),
+        (&solver, json!({"id": "x3", "type": "t", "success": true})),
+        (
+            &solver,
+            json!({"id": "x4", "run_id": "t1", "request_id": lone, "type": "t", "success": true}),
+        ),
+        (
+            &solver,
+            json!({"id": "x5", "run_id": "t1", "type": "t", "success": true, "value": "-1"}),
+        ),
+        (
+            &solver,
+            json!({"id": "x6", "run_id": "t1", "type": "t", "success": true, "bogus": 1}),
+        ),
+    ] {
+        let (s, v) = post_outcome(&gw, key, body.clone()).await;
+        assert_eq!(s, 400, "{body}: {v}");
+    }
+
+    let roi = |by: &'static str| {
+        let gw = &gw;
+        async move {
+            let (s, v) = gw
+                .admin(reqwest::Method::GET, &format!("/admin/roi?by={by}"), None)
+                .await;
+            assert_eq!(s, 200, "{v}");
+            v.as_array().unwrap().clone()
+        }
+    };
+    let by_type = roi("type").await;
+    let row = |rows: &[Value], g: &str| rows.iter().find(|r| r["group"] == g).cloned().unwrap();
+    let ticket = row(&by_type, "ticket");
+    assert_eq!(
+        (ticket["outcomes"].as_u64(), ticket["successes"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(ticket["spend_micros"].as_u64(), Some(t1 + t2));
+    assert_eq!(
+        ticket["cost_per_outcome_micros"].as_u64(),
+        Some((t1 + t2) / 2)
+    );
+    assert_eq!(ticket["cost_per_success_micros"].as_u64(), Some(t1 + t2));
+    assert_eq!(ticket["value_micros"].as_u64(), Some(5_000_000));
+    let answer = row(&by_type, "answer");
+    assert_eq!(answer["spend_micros"].as_u64(), Some(lone_cost));
+    let none = row(&by_type, "(no outcome)");
+    assert_eq!(none["spend_micros"].as_u64(), Some(idle_cost));
+    // By team: everything bought was the support team's.
+    let by_team = roi("team").await;
+    assert_eq!(row(&by_team, "support")["outcomes"].as_u64(), Some(3));
+    assert_eq!(
+        row(&by_team, "support")["spend_micros"].as_u64(),
+        Some(t1 + t2 + lone_cost)
+    );
+    // By model: the mock served it all.
+    assert_eq!(
+        row(&roi("model").await, "mock")["spend_micros"].as_u64(),
+        Some(t1 + t2 + lone_cost)
+    );
+
+    // The CLI says the same.
+    let (url, admin) = (gw.url.clone(), gw.admin_key.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args([
+                "roi",
+                "--by",
+                "type",
+                "--format",
+                "json",
+                "--url",
+                &url,
+                "--admin-key",
+                &admin,
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cli.as_array().unwrap(), &by_type);
+}

@@ -1,0 +1,170 @@
+//! Outcomes: what a run or a request bought (a ticket solved, a PR merged), reported by the
+//! agent or an operator, and the spend they are set against.
+
+use super::*;
+use std::collections::BTreeMap;
+
+/// Migration 14 (records are found by run through `usage_run`, from migration 8).
+pub(super) const MIGRATION: &str = "CREATE TABLE outcomes (
+        id TEXT PRIMARY KEY,
+        occurred_ms INTEGER NOT NULL,
+        key_id TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        team TEXT,
+        project TEXT,
+        run_id TEXT,
+        request_id TEXT,
+        kind TEXT NOT NULL,
+        success INTEGER NOT NULL,
+        value_micros INTEGER,
+        tags TEXT NOT NULL,
+        created_ms INTEGER NOT NULL
+     );
+     CREATE INDEX outcomes_occurred ON outcomes(occurred_ms);";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Outcome {
+    pub id: String,
+    pub occurred_ms: i64,
+    pub key_id: String,
+    pub agent: String,
+    pub team: Option<String>,
+    pub project: Option<String>,
+    pub run_id: Option<String>,
+    pub request_id: Option<String>,
+    /// What kind of outcome: `ticket_resolved`, `pr_merged`, … (the caller's words).
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub success: bool,
+    pub value_micros: Option<i64>,
+    pub tags: BTreeMap<String, String>,
+    pub created_ms: i64,
+}
+
+const COLUMNS: &str = "id, occurred_ms, key_id, agent, team, project, run_id, request_id, kind,
+    success, value_micros, tags, created_ms";
+
+fn from_row(r: &Row) -> Result<Outcome> {
+    let tags: String = r.get(11)?;
+    Ok(Outcome {
+        id: r.get(0)?,
+        occurred_ms: r.get(1)?,
+        key_id: r.get(2)?,
+        agent: r.get(3)?,
+        team: r.get(4)?,
+        project: r.get(5)?,
+        run_id: r.get(6)?,
+        request_id: r.get(7)?,
+        kind: r.get(8)?,
+        success: r.get(9)?,
+        value_micros: r.get(10)?,
+        tags: serde_json::from_str(&tags).unwrap_or_default(),
+        created_ms: r.get(12)?,
+    })
+}
+
+/// What recording an outcome did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    Created(Outcome),
+    /// The same outcome was recorded before (a retry): nothing changed.
+    Existing(Outcome),
+    /// The id was used for a different outcome.
+    Conflict(Outcome),
+}
+
+/// Spend per model on what an outcome is set against: its request, or its run with every
+/// sub-run, counting only records at or after `since_ms`.
+pub type ModelSpend = Vec<(String, u64)>;
+
+impl Store {
+    /// Records an outcome once: the same id with the same content again is `Existing`.
+    /// `timed`: the caller gave the time, so it is part of the content (else a retry that
+    /// defaulted to a later "now" would look different).
+    pub fn record_outcome(&self, o: &Outcome, timed: bool) -> Result<Recorded> {
+        lock(&self.db).write(|tx| {
+            if let Some(r) = tx.row(
+                &format!("SELECT {COLUMNS} FROM outcomes WHERE id = ?1"),
+                &[&o.id],
+            )? {
+                let old = from_row(&r)?;
+                let same = Outcome {
+                    created_ms: old.created_ms,
+                    occurred_ms: if timed { o.occurred_ms } else { old.occurred_ms },
+                    ..o.clone()
+                } == old;
+                return Ok(if same {
+                    Recorded::Existing(old)
+                } else {
+                    Recorded::Conflict(old)
+                });
+            }
+            tx.exec(
+                &format!(
+                    "INSERT INTO outcomes ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+                ),
+                &[
+                    &o.id,
+                    &o.occurred_ms,
+                    &o.key_id,
+                    &o.agent,
+                    &o.team,
+                    &o.project,
+                    &o.run_id,
+                    &o.request_id,
+                    &o.kind,
+                    &o.success,
+                    &o.value_micros,
+                    &json(&o.tags),
+                    &o.created_ms,
+                ],
+            )?;
+            Ok(Recorded::Created(o.clone()))
+        })
+    }
+
+    /// Outcomes that occurred at or after `since_ms`, oldest first.
+    pub fn outcomes_since(&self, since_ms: i64) -> Result<Vec<Outcome>> {
+        self.with(|db| {
+            db.rows(
+                &format!(
+                    "SELECT {COLUMNS} FROM outcomes WHERE occurred_ms >= ?1 ORDER BY occurred_ms, id"
+                ),
+                &[&since_ms],
+            )?
+            .iter()
+            .map(from_row)
+            .collect()
+        })
+    }
+
+    /// The spend an outcome is set against, by model: its request's record, or every record
+    /// of its run and the run's sub-runs (at any depth), from `since_ms` on.
+    pub fn outcome_spend(&self, o: &Outcome, since_ms: i64) -> Result<ModelSpend> {
+        self.with(|db| {
+            let rows = match (&o.request_id, &o.run_id) {
+                (Some(req), _) => db.rows(
+                    "SELECT COALESCE(model_served, model_requested, '-'), CAST(SUM(cost_micros) AS BIGINT)
+                     FROM usage WHERE id = ?1 AND ts_ms >= ?2 GROUP BY 1 ORDER BY 1",
+                    &[req, &since_ms],
+                )?,
+                (None, Some(run)) => db.rows(
+                    "WITH RECURSIVE tree(id) AS (
+                        SELECT CAST(?1 AS TEXT)
+                        UNION ALL
+                        SELECT e.id FROM envelopes e JOIN tree t ON e.parent = t.id
+                     )
+                     SELECT COALESCE(model_served, model_requested, '-'), CAST(SUM(cost_micros) AS BIGINT)
+                     FROM usage
+                     WHERE run_id IN (SELECT substr(id, 5) FROM tree) AND ts_ms >= ?2
+                     GROUP BY 1 ORDER BY 1",
+                    &[&format!("run:{run}"), &since_ms],
+                )?,
+                (None, None) => Vec::new(),
+            };
+            rows.iter()
+                .map(|r| Ok((r.get::<String>(0)?, r.get::<u64>(1)?)))
+                .collect()
+        })
+    }
+}
