@@ -37,6 +37,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/usage/records", get(records_h))
         .route("/usage/prune", post(prune_h))
         .route("/roi", get(roi_h))
+        .route("/export/focus", get(focus_h))
         .route("/reload", post(reload_h))
 }
 
@@ -529,6 +530,38 @@ async fn roi_h(
     })
     .await?;
     Ok(Json(rows).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FocusQuery {
+    since: Option<String>,
+    until: Option<String>,
+    granularity: Option<String>,
+    format: Option<String>,
+}
+
+/// FinOps FOCUS Cost and Usage rows (see `focus.rs`), priced with the running table.
+async fn focus_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<FocusQuery>,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    app.meter.flush().await;
+    let (content_type, body) = blocking(&app, move |a| {
+        let runtime = a.runtime.load();
+        focus_export(
+            &a.store,
+            &runtime.prices,
+            q.since.as_deref(),
+            q.until.as_deref(),
+            q.granularity.as_deref(),
+            q.format.as_deref(),
+        )
+    })
+    .await?;
+    Ok(([(http::header::CONTENT_TYPE, content_type)], body).into_response())
 }
 
 async fn reload_h(

@@ -52,7 +52,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
             "mock",
         ],
     ),
-    ("state", &["state", "ops"]),
+    ("state", &["state", "ops", "focus"]),
     ("pipeline", &["proxy", "routes"]),
     ("server", &["server", "admin", "webhooks", "conn"]),
 ];
@@ -69,6 +69,7 @@ pub mod estimate;
 #[cfg(debug_assertions)]
 #[doc(hidden)]
 pub mod fault;
+pub mod focus;
 pub mod genmap;
 pub mod hotwallet;
 pub mod keys;

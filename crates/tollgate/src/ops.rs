@@ -292,7 +292,7 @@ pub const LOG_FILTERS: &[&str] = &[
 ];
 
 /// A point in time from `30m` / `1d` (that long ago) or milliseconds since the epoch.
-fn time_ms(name: &str, v: &str) -> Result<i64, AdminError> {
+pub fn time_ms(name: &str, v: &str) -> Result<i64, AdminError> {
     if let Ok(ms) = v.parse::<i64>() {
         if ms > 0 {
             return Ok(ms);
@@ -941,4 +941,37 @@ pub fn roi_report(store: &Store, by: &str, since: Option<&str>) -> Result<Vec<Ro
         value_per_cost: None,
     });
     Ok(rows)
+}
+
+/// `export focus`: FOCUS rows for charges in the window, as CSV or JSON lines.
+pub fn focus_export(
+    store: &Store,
+    prices: &crate::prices::PriceTable,
+    since: Option<&str>,
+    until: Option<&str>,
+    granularity: Option<&str>,
+    format: Option<&str>,
+) -> Result<(&'static str, String), AdminError> {
+    let since_ms = time_ms("since", since.unwrap_or("30d"))?;
+    let until_ms = match until {
+        Some(u) => time_ms("until", u)?,
+        None => now_ms() + 1,
+    };
+    let g = match granularity.unwrap_or("daily") {
+        "daily" => crate::focus::Granularity::Daily,
+        "hourly" => crate::focus::Granularity::Hourly,
+        other => {
+            return Err(AdminError::Invalid(format!(
+                "granularity \"{other}\": use daily or hourly"
+            )))
+        }
+    };
+    let rows = crate::focus::export(store, prices, since_ms, until_ms, g)?;
+    match format.unwrap_or("csv") {
+        "csv" => Ok(("text/csv; charset=utf-8", crate::focus::csv(&rows))),
+        "jsonl" => Ok(("application/x-ndjson", crate::focus::jsonl(&rows))),
+        other => Err(AdminError::Invalid(format!(
+            "format \"{other}\": use csv or jsonl"
+        ))),
+    }
 }

@@ -79,6 +79,13 @@ pub(crate) enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Exports for finance tools.
+    Export {
+        #[command(subcommand)]
+        cmd: ExportCmd,
+        #[command(flatten)]
+        target: Target,
+    },
     /// The request log: every request (served, refused, failed), newest first, with why it
     /// ended. Filters combine; `--follow` keeps printing new ones.
     Logs(LogsArgs),
@@ -365,6 +372,24 @@ pub(crate) struct UsageArgs {
     pub(crate) since: Option<String>,
     #[command(flatten)]
     pub(crate) target: Target,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ExportCmd {
+    /// FinOps FOCUS Cost and Usage rows: usage per token class, tool calls, wallet top-ups
+    /// (Purchase) and grants (Credit); CSV, or JSON lines with --format json. Locally priced
+    /// with the built-in price table; with --url, with the running gateway's.
+    Focus {
+        /// From this long ago (30d) or this epoch-milliseconds time. Default: 30d.
+        #[arg(long)]
+        since: Option<String>,
+        /// Up to this long ago or time. Default: now.
+        #[arg(long)]
+        until: Option<String>,
+        /// daily or hourly charge periods.
+        #[arg(long, default_value = "daily")]
+        granularity: String,
+    },
 }
 
 #[derive(Args)]

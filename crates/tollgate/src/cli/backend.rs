@@ -56,6 +56,30 @@ impl Backend {
         }
     }
 
+    /// A GET whose answer is text (an export), not JSON.
+    pub(crate) async fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        let Backend::Remote {
+            client,
+            url,
+            admin_key,
+        } = self
+        else {
+            bail!("not a remote backend")
+        };
+        let resp = client
+            .get(format!("{url}{path}"))
+            .bearer_auth(admin_key)
+            .send()
+            .await
+            .with_context(|| format!("calling {url}"))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            bail!("{status}: {text}");
+        }
+        Ok(text)
+    }
+
     pub(crate) async fn call<T: serde::de::DeserializeOwned>(
         &self,
         method: reqwest::Method,

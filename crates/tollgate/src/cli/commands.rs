@@ -673,3 +673,49 @@ pub(crate) async fn roi(by: String, since: Option<String>, target: Target) -> an
     );
     Ok(())
 }
+
+/// `tollgate export focus`.
+pub(crate) async fn export(cmd: ExportCmd, target: Target) -> anyhow::Result<()> {
+    let ExportCmd::Focus {
+        since,
+        until,
+        granularity,
+    } = cmd;
+    let output = if target.format == Format::Json {
+        "jsonl"
+    } else {
+        "csv"
+    };
+    let backend = Backend::new(&target)?;
+    let text = match &backend {
+        Backend::Local { store, .. } => {
+            let prices = tollgate::prices::PriceTable::new(&[]);
+            admin::focus_export(
+                store,
+                &prices,
+                since.as_deref(),
+                until.as_deref(),
+                Some(&granularity),
+                Some(output),
+            )?
+            .1
+        }
+        Backend::Remote { .. } => {
+            let mut q = vec![
+                format!("granularity={}", urlencode(&granularity)),
+                format!("format={output}"),
+            ];
+            if let Some(s) = &since {
+                q.push(format!("since={}", urlencode(s)));
+            }
+            if let Some(u) = &until {
+                q.push(format!("until={}", urlencode(u)));
+            }
+            backend
+                .get_text(&format!("/admin/export/focus?{}", q.join("&")))
+                .await?
+        }
+    };
+    print!("{text}");
+    Ok(())
+}

@@ -307,6 +307,39 @@ impl Store {
         self.with(|db| Ok(f(db)?))
     }
 
+    /// Money put into wallets in `[since_ms, until_ms)`: (wallet, kind, amount, time) for
+    /// top-ups, grants, adjustments and refunds, in ledger order.
+    pub fn ledger_credits(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<(String, String, i64, i64)>> {
+        self.with(|db| {
+            db.rows(
+                "SELECT wallet_id, kind, amount_micros, ts_ms FROM ledger
+                 WHERE kind IN ('topup', 'grant', 'adjustment', 'refund') AND ts_ms >= ?1 AND ts_ms < ?2
+                 ORDER BY seq",
+                &[&since_ms, &until_ms],
+            )?
+            .iter()
+            .map(|r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .collect()
+        })
+    }
+
+    /// What the ledger captured for requests in `[since_ms, until_ms)` (by entry time).
+    pub fn ledger_captured(&self, since_ms: i64, until_ms: i64) -> Result<i64> {
+        self.with(|db| {
+            Ok(db
+                .one(
+                    "SELECT CAST(COALESCE(SUM(-amount_micros), 0) AS BIGINT) FROM ledger
+                     WHERE kind = 'capture' AND ts_ms >= ?1 AND ts_ms < ?2",
+                    &[&since_ms, &until_ms],
+                )?
+                .get(0)?)
+        })
+    }
+
     /// Creates a wallet; bumps the key revision so gateways learn who now pays for whom.
     pub fn create_wallet(
         &self,
