@@ -38,6 +38,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/usage/prune", post(prune_h))
         .route("/roi", get(roi_h))
         .route("/export/focus", get(focus_h))
+        .route("/reconcile", get(reconcile_h))
         .route("/reload", post(reload_h))
 }
 
@@ -562,6 +563,80 @@ async fn focus_h(
     })
     .await?;
     Ok(([(http::header::CONTENT_TYPE, content_type)], body).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReconcileQuery {
+    provider: String,
+    since: Option<String>,
+    until: Option<String>,
+    /// Percent of the provider's count a row may drift by (default 1).
+    threshold: Option<f64>,
+}
+
+/// What tollgate metered for a provider against that provider's usage report.
+async fn reconcile_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<ReconcileQuery>,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    app.meter.flush().await;
+    let r = reconcile_provider(
+        &app,
+        &q.provider,
+        q.since.as_deref(),
+        q.until.as_deref(),
+        q.threshold,
+    )
+    .await?;
+    Ok(Json(r).into_response())
+}
+
+/// Reconciles one configured provider over a window (the admin API and the scheduled run).
+pub async fn reconcile_provider(
+    app: &Arc<AppState>,
+    provider: &str,
+    since: Option<&str>,
+    until: Option<&str>,
+    threshold: Option<f64>,
+) -> Result<crate::reconcile::Reconciliation, ApiError> {
+    let runtime = app.runtime.load_full();
+    let Some(p) = runtime
+        .providers
+        .iter()
+        .find(|p| p.name == provider)
+        .cloned()
+    else {
+        return Err(ApiError::new(
+            ErrorKind::NotFound,
+            format!("no provider \"{provider}\" is configured"),
+        ));
+    };
+    let since_ms = time_ms("since", since.unwrap_or("1d")).map_err(ApiError::from)?;
+    let until_ms = match until {
+        Some(u) => time_ms("until", u).map_err(ApiError::from)?,
+        None => now_ms() + 1,
+    };
+    let threshold = threshold.unwrap_or(1.0);
+    if !(0.0..=100.0).contains(&threshold) {
+        return Err(ApiError::new(
+            ErrorKind::BadRequest,
+            "threshold: a percentage from 0 to 100",
+        ));
+    }
+    let name = p.name.clone();
+    let ours = blocking(app, move |a| {
+        crate::reconcile::metered(&a.store, &name, since_ms, until_ms).map_err(AdminError::Invalid)
+    })
+    .await?;
+    let theirs = crate::reconcile::reported(&p, since_ms, until_ms)
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::UpstreamError, e))?;
+    Ok(crate::reconcile::compare(
+        &p.name, since_ms, until_ms, threshold, &ours, &theirs,
+    ))
 }
 
 async fn reload_h(

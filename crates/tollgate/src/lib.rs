@@ -52,7 +52,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
             "mock",
         ],
     ),
-    ("state", &["state", "ops", "focus"]),
+    ("state", &["state", "ops", "focus", "reconcile"]),
     ("pipeline", &["proxy", "routes"]),
     ("server", &["server", "admin", "webhooks", "conn"]),
 ];
@@ -84,6 +84,7 @@ pub mod outbox;
 pub mod prices;
 pub mod providers;
 pub mod proxy;
+pub mod reconcile;
 pub mod records;
 pub mod routes;
 pub mod server;

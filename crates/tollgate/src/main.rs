@@ -94,6 +94,13 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Cmd::Logs(args) => logs(args).await?,
         Cmd::Roi { by, since, target } => roi(by, since, target).await?,
         Cmd::Export { cmd, target } => export(cmd, target).await?,
+        Cmd::Reconcile {
+            provider,
+            since,
+            until,
+            threshold,
+            target,
+        } => return reconcile(provider, since, until, threshold, target).await,
         Cmd::Migrate {
             data_dir,
             store_url,

@@ -79,6 +79,24 @@ pub(crate) enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Compare what tollgate metered for a provider with the provider's own usage report, per
+    /// day, model and token class. Exits 1 when a row drifts past the threshold. Needs a
+    /// running gateway (--url), which holds the provider's credentials.
+    Reconcile {
+        /// The provider's name in the configuration.
+        #[arg(long)]
+        provider: String,
+        /// From this long ago (1d) or this epoch-milliseconds time.
+        #[arg(long, default_value = "1d")]
+        since: String,
+        #[arg(long)]
+        until: Option<String>,
+        /// Percent a row may drift by before it counts.
+        #[arg(long, default_value_t = 1.0)]
+        threshold: f64,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Exports for finance tools.
     Export {
         #[command(subcommand)]

@@ -719,3 +719,73 @@ pub(crate) async fn export(cmd: ExportCmd, target: Target) -> anyhow::Result<()>
     print!("{text}");
     Ok(())
 }
+
+/// `tollgate reconcile`.
+pub(crate) async fn reconcile(
+    provider: String,
+    since: String,
+    until: Option<String>,
+    threshold: f64,
+    target: Target,
+) -> anyhow::Result<std::process::ExitCode> {
+    let backend = Backend::new(&target)?;
+    if matches!(backend, Backend::Local { .. }) {
+        bail!("reconcile asks the provider, with the gateway's credentials: pass --url and --admin-key of a running gateway");
+    }
+    let mut path = format!(
+        "/admin/reconcile?provider={}&since={}&threshold={threshold}",
+        urlencode(&provider),
+        urlencode(&since)
+    );
+    if let Some(u) = &until {
+        path.push_str(&format!("&until={}", urlencode(u)));
+    }
+    let r: tollgate::reconcile::Reconciliation =
+        backend.call(reqwest::Method::GET, &path, None).await?;
+    if target.format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        let body: Vec<Vec<String>> = r
+            .rows
+            .iter()
+            .map(|d| {
+                vec![
+                    d.day.clone(),
+                    d.model.clone(),
+                    d.class.clone(),
+                    d.tollgate.to_string(),
+                    d.provider.to_string(),
+                    d.drift.to_string(),
+                    format!("{:.2}%", d.drift_pct),
+                ]
+            })
+            .collect();
+        print_rows(
+            &[
+                "day",
+                "model",
+                "class",
+                "tollgate",
+                "provider",
+                "drift",
+                "drift_pct",
+            ],
+            &body,
+            target.format == Format::Csv,
+        );
+        println!(
+            "{}: {}",
+            r.provider,
+            if r.ok {
+                format!("no drift past {}%", r.threshold_pct)
+            } else {
+                format!("DRIFT past {}%", r.threshold_pct)
+            }
+        );
+    }
+    Ok(if r.ok {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}

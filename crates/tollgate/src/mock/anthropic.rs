@@ -90,6 +90,24 @@ pub(crate) async fn messages(
         ),
     };
     let usage = anthropic_usage(prompt, output, &b);
+    let field = |f: &str| usage[f].as_u64().unwrap_or(0);
+    state.bill(
+        "anthropic",
+        &model,
+        &b,
+        billing::Billed {
+            input: prompt,
+            cached: field("cache_read_input_tokens"),
+            write_5m: usage["cache_creation"]["ephemeral_5m_input_tokens"]
+                .as_u64()
+                .unwrap_or(0),
+            write_1h: usage["cache_creation"]["ephemeral_1h_input_tokens"]
+                .as_u64()
+                .unwrap_or(0),
+            output: field("output_tokens"),
+            ..Default::default()
+        },
+    );
 
     if !stream {
         b.json_delay().await;

@@ -19,6 +19,7 @@
 //! | `overrun`         | ignores `max_tokens` (a provider that writes past the cap)         |
 //! | `lag`             | a stream's first event comes 300 ms after the head                 |
 //! | `repeat`          | calls the same tool with the same arguments after every answer (an agent loop) |
+//! | `overbill`        | its usage report bills 10% more output than its answer reported    |
 //!
 //! Tools are called when the conversation asks for one (see `tools.rs`), in all three dialects.
 //!
@@ -40,6 +41,7 @@ use tokio::sync::mpsc;
 use tollgate_proto::error::{anthropic_error_body, openai_error_body};
 
 mod anthropic;
+mod billing;
 mod openai;
 mod tools;
 
@@ -90,6 +92,8 @@ pub(crate) struct MockState {
     pub(crate) api_key: Option<String>,
     pub(crate) flaky_seen: Mutex<HashMap<String, u64>>,
     pub(crate) stats: MockStats,
+    /// What it billed, for the usage report APIs (`billing.rs`).
+    pub(crate) billed: billing::Ledger,
 }
 
 pub fn router(api_key: Option<String>) -> Router {
@@ -104,6 +108,14 @@ pub fn router(api_key: Option<String>) -> Router {
         .route("/v1/responses", post(responses))
         .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/v1/models", get(models))
+        .route(
+            "/v1/organization/usage/completions",
+            get(billing::openai_usage),
+        )
+        .route(
+            "/v1/organizations/usage_report/messages",
+            get(billing::anthropic_usage_report),
+        )
         .route("/mock/stats", get(stats))
         .with_state(state)
 }

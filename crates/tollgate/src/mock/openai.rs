@@ -47,6 +47,19 @@ pub(crate) async fn chat(
         ),
     };
     let usage = usage_json(prompt, completion, &b);
+    state.bill(
+        "openai",
+        &model,
+        &b,
+        billing::Billed {
+            input: prompt,
+            cached: usage["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap_or(0),
+            output: usage["completion_tokens"].as_u64().unwrap_or(0),
+            ..Default::default()
+        },
+    );
 
     if !stream {
         b.json_delay().await;
@@ -218,6 +231,15 @@ pub(crate) async fn embeddings(
             json!({"object": "embedding", "index": i, "embedding": embedding})
         })
         .collect();
+    state.bill(
+        "openai-embeddings",
+        &model,
+        &b,
+        billing::Billed {
+            input: tokens,
+            ..Default::default()
+        },
+    );
     let mut resp = json!({"object": "list", "data": data, "model": model});
     if !b.has("nousage") {
         resp["usage"] = json!({"prompt_tokens": tokens, "total_tokens": tokens});
@@ -255,6 +277,17 @@ pub(crate) async fn responses(
         Some((name, args)) => (name.len() + args.to_string().len()).div_ceil(4) as u64,
         None => n,
     };
+    state.bill(
+        "openai",
+        &model,
+        &b,
+        billing::Billed {
+            input: prompt,
+            cached,
+            output: output_tokens + reasoning,
+            ..Default::default()
+        },
+    );
     let usage = json!({"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
         "output_tokens": output_tokens + reasoning, "output_tokens_details": {"reasoning_tokens": reasoning},
         "total_tokens": prompt + output_tokens + reasoning});

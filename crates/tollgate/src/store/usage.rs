@@ -292,6 +292,39 @@ impl Store {
         }
     }
 
+    /// Tokens metered for `provider` by (UTC day start, served model): every prompt token,
+    /// the cached ones, cache writes, output, for the generation endpoints the providers'
+    /// completions/messages reports cover (embeddings have reports of their own). Answers
+    /// reused from another request (which no provider saw twice) are left out.
+    pub fn provider_usage_by_day(
+        &self,
+        provider: &str,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<(i64, String, [u64; 4])>> {
+        self.with(|db| {
+            db.rows(
+                "SELECT (ts_ms / 86400000) * 86400000, COALESCE(model_served, model_requested, '-'),
+                        CAST(SUM(input_tokens) AS BIGINT), CAST(SUM(cached_input_tokens) AS BIGINT),
+                        CAST(SUM(cache_write_5m_tokens + cache_write_1h_tokens) AS BIGINT),
+                        CAST(SUM(output_tokens) AS BIGINT)
+                 FROM usage WHERE provider = ?1 AND ts_ms >= ?2 AND ts_ms < ?3 AND reused IS NULL
+                   AND endpoint NOT IN ('embeddings', 'messages.count_tokens')
+                 GROUP BY 1, 2 ORDER BY 1, 2",
+                &[&provider, &since_ms, &until_ms],
+            )?
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    [r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?],
+                ))
+            })
+            .collect()
+        })
+    }
+
     pub fn count_usage(&self) -> Result<u64> {
         self.with(|db| Ok(db.one("SELECT COUNT(*) FROM usage", &[])?.get(0)?))
     }

@@ -603,3 +603,173 @@ async fn the_focus_export_has_the_mandatory_columns_and_adds_up_to_the_ledger() 
     }
     assert_eq!(csv.lines().count(), rows.len() + 1);
 }
+
+/// A mixed workload through an OpenAI-kind and an Anthropic-kind provider (JSON and streams,
+/// Chat, Responses, Messages, cached and cache-write classes, a fallback past a failing
+/// deployment, an upstream retry): what tollgate metered equals what the providers' usage
+/// report APIs say, row by row. Then a provider that bills more than it reported is caught.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_finds_no_drift_then_catches_an_overbilling_provider() {
+    let up = spawn_mock(None).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+        [routing]
+        backoff_base = "5ms"
+        backoff_max = "10ms"
+        [[providers]]
+        name = "oai"
+        kind = "openai"
+        base_url = "{up}"
+        [[providers]]
+        name = "claude"
+        kind = "anthropic"
+        base_url = "{up}"
+        [[models]]
+        name = "o-mock"
+        deployments = [{{ provider = "oai", model = "mock" }}]
+        [[models]]
+        name = "o-cached"
+        deployments = [{{ provider = "oai", model = "mock-cached-reasoning" }}]
+        [[models]]
+        name = "c-mock"
+        deployments = [{{ provider = "claude", model = "mock" }}]
+        [[models]]
+        name = "c-cw"
+        deployments = [{{ provider = "claude", model = "mock-cachewrite" }}]
+        [[models]]
+        name = "smart"
+        deployments = [{{ provider = "oai", model = "mock-500", priority = 0 }}, {{ provider = "oai", model = "mock", priority = 1 }}]
+        [[models]]
+        name = "flaky"
+        deployments = [{{ provider = "oai", model = "mock-flaky-1" }}]
+        [[models]]
+        name = "o-over"
+        deployments = [{{ provider = "oai", model = "mock-overbill" }}]
+        "#
+    ))
+    .await;
+    let key = gw.key().await;
+    let post = |path: &'static str, body: Value| {
+        let (gw, key) = (&gw, key.clone());
+        async move {
+            let r = gw
+                .client
+                .post(format!("{}{path}", gw.url))
+                .bearer_auth(&key)
+                .header("anthropic-version", "2023-06-01")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{path} {body}");
+            let _ = r.text().await;
+        }
+    };
+    for (i, model) in ["o-mock", "o-cached", "smart", "flaky"].iter().enumerate() {
+        post(
+            "/v1/chat/completions",
+            json!({"model": model, "messages": user(&format!("json {i}"))}),
+        )
+        .await;
+        post(
+            "/v1/chat/completions",
+            json!({"model": model, "stream": true, "messages": user(&format!("stream {i}"))}),
+        )
+        .await;
+    }
+    post(
+        "/v1/responses",
+        json!({"model": "o-mock", "input": "responses json"}),
+    )
+    .await;
+    post(
+        "/v1/responses",
+        json!({"model": "o-mock", "input": "responses stream", "stream": true}),
+    )
+    .await;
+    for model in ["c-mock", "c-cw"] {
+        post("/v1/messages", json!({"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": "messages json"}]})).await;
+        post("/v1/messages", json!({"model": model, "max_tokens": 64, "stream": true, "messages": [{"role": "user", "content": "messages stream"}]})).await;
+    }
+    let reconcile = |provider: &'static str| {
+        let gw = &gw;
+        async move {
+            let (s, v) = gw
+                .admin(
+                    reqwest::Method::GET,
+                    &format!("/admin/reconcile?provider={provider}&since=1d&threshold=0"),
+                    None,
+                )
+                .await;
+            assert_eq!(s, 200, "{v}");
+            v
+        }
+    };
+    for provider in ["oai", "claude"] {
+        let r = reconcile(provider).await;
+        assert_eq!(r["ok"], true, "{r:#}");
+        let rows = r["rows"].as_array().unwrap();
+        assert!(rows.iter().all(|d| d["drift"] == 0), "{r:#}");
+        assert!(rows
+            .iter()
+            .any(|d| d["class"] == "output" && d["provider"].as_u64() > Some(0)));
+    }
+    let classes: Vec<Value> = reconcile("claude").await["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["class"].clone())
+        .collect();
+    assert!(classes.contains(&json!("cache_write")), "{classes:?}");
+
+    // The provider bills 10% more output than it reported for one request: caught, named,
+    // and the CLI exits non-zero.
+    post(
+        "/v1/chat/completions",
+        json!({"model": "o-over", "messages": user("overbilled")}),
+    )
+    .await;
+    let r = reconcile("oai").await;
+    assert_eq!(r["ok"], false, "{r:#}");
+    let bad: Vec<&Value> = r["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["drift"] != 0)
+        .collect();
+    assert_eq!(bad.len(), 1, "{r:#}");
+    assert_eq!(
+        (bad[0]["model"].as_str(), bad[0]["class"].as_str()),
+        (Some("mock-overbill"), Some("output"))
+    );
+    assert!(bad[0]["drift"].as_i64().unwrap() > 0);
+    let (url, admin) = (gw.url.clone(), gw.admin_key.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args([
+                "reconcile",
+                "--provider",
+                "oai",
+                "--url",
+                &url,
+                "--admin-key",
+                &admin,
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("DRIFT"));
+    // An unknown provider is a 404 that says so.
+    let (s, _) = gw
+        .admin(reqwest::Method::GET, "/admin/reconcile?provider=nope", None)
+        .await;
+    assert_eq!(s, 404);
+}

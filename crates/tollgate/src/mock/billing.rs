@@ -1,0 +1,209 @@
+//! What the mock "bills": every answer's usage, by day and model, served back through the
+//! providers' own usage report APIs in their real shapes, so reconciliation is tested against
+//! the wire format a real provider sends:
+//! - OpenAI: `GET /v1/organization/usage/completions` (`start_time`/`end_time` in Unix
+//!   seconds, `bucket_width=1d`, `group_by=model`): pages of buckets of
+//!   `organization.usage.completions.result`.
+//! - Anthropic: `GET /v1/organizations/usage_report/messages` (`starting_at`/`ending_at` in
+//!   RFC 3339, `bucket_width=1d`, `group_by[]=model`): buckets of results with
+//!   `uncached_input_tokens`, `cache_read_input_tokens`, `cache_creation`, `output_tokens`.
+//!
+//! The `overbill` flag bills 10% more output than the answer reported (at least one token): a
+//! provider whose invoice disagrees with what it told the gateway.
+
+use super::*;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Billed {
+    pub(crate) requests: u64,
+    /// Everything the prompt held, cached and cache writes included.
+    pub(crate) input: u64,
+    pub(crate) cached: u64,
+    pub(crate) write_5m: u64,
+    pub(crate) write_1h: u64,
+    pub(crate) output: u64,
+}
+
+/// (dialect, day start in Unix seconds, model) → totals.
+pub(crate) type Ledger = Mutex<BTreeMap<(&'static str, u64, String), Billed>>;
+
+const DAY_S: u64 = 86_400;
+
+impl MockState {
+    /// Books one answer's usage.
+    pub(crate) fn bill(&self, dialect: &'static str, model: &str, b: &Behaviour, mut u: Billed) {
+        if b.has("overbill") {
+            u.output += (u.output / 10).max(1);
+        }
+        u.requests = 1;
+        let day = crate::clock::now_ms().max(0) as u64 / 1000 / DAY_S * DAY_S;
+        let mut ledger = self.billed.lock().unwrap_or_else(|p| p.into_inner());
+        let t = ledger.entry((dialect, day, model.to_string())).or_default();
+        t.requests += u.requests;
+        t.input += u.input;
+        t.cached += u.cached;
+        t.write_5m += u.write_5m;
+        t.write_1h += u.write_1h;
+        t.output += u.output;
+    }
+
+    fn days(&self, dialect: &str, from_s: u64, to_s: u64) -> BTreeMap<u64, Vec<(String, Billed)>> {
+        let ledger = self.billed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: BTreeMap<u64, Vec<(String, Billed)>> = BTreeMap::new();
+        let mut day = from_s / DAY_S * DAY_S;
+        while day < to_s {
+            out.insert(day, Vec::new());
+            day += DAY_S;
+        }
+        for ((d, day, model), t) in ledger.iter() {
+            if *d == dialect && *day + DAY_S > from_s && *day < to_s {
+                out.entry(*day).or_default().push((model.clone(), *t));
+            }
+        }
+        out
+    }
+}
+
+fn query(uri: &axum::http::Uri) -> Vec<(String, String)> {
+    uri.query()
+        .map(|q| {
+            q.split('&')
+                .filter_map(|p| p.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.replace("%3A", ":").replace("%2B", "+")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub(crate) async fn openai_usage(
+    State(state): State<Arc<MockState>>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    if let Some(r) = state
+        .failure(&Behaviour::from("mock", &headers), &headers)
+        .await
+    {
+        return r;
+    }
+    let q = query(&uri);
+    let get = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let Some(start) = get("start_time").and_then(|v| v.parse::<u64>().ok()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "start_time is required",
+            "invalid_request_error",
+            "invalid_value",
+        );
+    };
+    let end = get("end_time")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(start + 7 * DAY_S);
+    let by_model = q
+        .iter()
+        .any(|(k, v)| k.starts_with("group_by") && v == "model");
+    let data: Vec<Value> = state
+        .days("openai", start, end)
+        .into_iter()
+        .map(|(day, models)| {
+            let mut results: Vec<Value> = models
+                .iter()
+                .map(|(m, t)| {
+                    json!({"object": "organization.usage.completions.result", "input_tokens": t.input,
+                        "output_tokens": t.output, "input_cached_tokens": t.cached,
+                        "input_audio_tokens": 0, "output_audio_tokens": 0,
+                        "num_model_requests": t.requests, "project_id": null, "user_id": null,
+                        "api_key_id": null, "model": if by_model { json!(m) } else { Value::Null },
+                        "batch": null, "service_tier": null})
+                })
+                .collect();
+            if !by_model && results.len() > 1 {
+                let mut sum = results[0].clone();
+                for r in &results[1..] {
+                    for f in ["input_tokens", "output_tokens", "input_cached_tokens", "num_model_requests"] {
+                        sum[f] = json!(sum[f].as_u64().unwrap_or(0) + r[f].as_u64().unwrap_or(0));
+                    }
+                }
+                results = vec![sum];
+            }
+            json!({"object": "bucket", "start_time": day, "end_time": day + DAY_S, "results": results})
+        })
+        .collect();
+    axum::Json(json!({"object": "page", "data": data, "has_more": false, "next_page": null}))
+        .into_response()
+}
+
+fn rfc3339(s: u64) -> String {
+    let (y, m, d) = crate::envelope::civil((s / DAY_S) as i64);
+    let t = s % DAY_S;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        t / 3600,
+        t % 3600 / 60,
+        t % 60
+    )
+}
+
+fn parse_rfc3339(v: &str) -> Option<u64> {
+    let (date, time) = v.split_once('T')?;
+    let mut dp = date.split('-').map(|x| x.parse::<i64>().ok());
+    let (y, m, d) = (dp.next()??, dp.next()??, dp.next()??);
+    let hms: Vec<u64> = time
+        .trim_end_matches('Z')
+        .split(':')
+        .map(|x| x.split('.').next().unwrap_or("0").parse::<u64>().ok())
+        .collect::<Option<Vec<_>>>()?;
+    let days = u64::try_from(crate::envelope::days_from_civil(y, m, d)).ok()?;
+    Some(days * DAY_S + hms.first()? * 3600 + hms.get(1)? * 60 + hms.get(2).copied().unwrap_or(0))
+}
+
+pub(crate) async fn anthropic_usage_report(
+    State(state): State<Arc<MockState>>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    if let Some(r) = state
+        .failure(&Behaviour::from("mock", &headers), &headers)
+        .await
+    {
+        return to_anthropic(r);
+    }
+    let q = query(&uri);
+    let get = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let Some(start) = get("starting_at").and_then(parse_rfc3339) else {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            anthropic_error_body(
+                "invalid_request_error",
+                "starting_at: a RFC 3339 time is required",
+            ),
+        );
+    };
+    let end = get("ending_at")
+        .and_then(parse_rfc3339)
+        .unwrap_or(start + 7 * DAY_S);
+    let by_model = q
+        .iter()
+        .any(|(k, v)| k.starts_with("group_by") && v == "model");
+    let data: Vec<Value> = state
+        .days("anthropic", start, end)
+        .into_iter()
+        .map(|(day, models)| {
+            let results: Vec<Value> = models
+                .iter()
+                .map(|(m, t)| {
+                    json!({"uncached_input_tokens": t.input - t.cached - t.write_5m - t.write_1h,
+                        "cache_read_input_tokens": t.cached,
+                        "cache_creation": {"ephemeral_5m_input_tokens": t.write_5m, "ephemeral_1h_input_tokens": t.write_1h},
+                        "output_tokens": t.output, "server_tool_use": {"web_search_requests": 0},
+                        "api_key_id": null, "workspace_id": null,
+                        "model": if by_model { json!(m) } else { Value::Null },
+                        "service_tier": "standard", "context_window": "0-200k"})
+                })
+                .collect();
+            json!({"starting_at": rfc3339(day), "ending_at": rfc3339(day + DAY_S), "results": results})
+        })
+        .collect();
+    axum::Json(json!({"data": data, "has_more": false, "next_page": null})).into_response()
+}

@@ -1,0 +1,233 @@
+//! Reconciliation: what tollgate metered for a provider, per (UTC day, model, token class),
+//! against what the provider's own usage report API says it billed. A drift is found the day
+//! after, not on the invoice weeks later.
+
+use crate::providers::ProviderKind;
+use crate::store::Store;
+use crate::upstream::Provider;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+const DAY_MS: i64 = 86_400_000;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriftRow {
+    /// `YYYY-MM-DD`, UTC.
+    pub day: String,
+    pub model: String,
+    /// `input` (every prompt token, cached included), `cached_input`, `cache_write`, `output`.
+    pub class: String,
+    pub tollgate: u64,
+    pub provider: u64,
+    /// provider − tollgate.
+    pub drift: i64,
+    /// The drift as a share of the provider's count, in percent.
+    pub drift_pct: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reconciliation {
+    pub provider: String,
+    pub since_ms: i64,
+    pub until_ms: i64,
+    pub threshold_pct: f64,
+    /// Every (day, model, class) either side counted.
+    pub rows: Vec<DriftRow>,
+    /// True when no row drifts past the threshold.
+    pub ok: bool,
+}
+
+type Counts = BTreeMap<(i64, String), [u64; 4]>;
+const CLASSES: [&str; 4] = ["input", "cached_input", "cache_write", "output"];
+
+fn day_name(day_ms: i64) -> String {
+    let (y, m, d) = crate::envelope::civil(day_ms.div_euclid(DAY_MS));
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+fn rfc3339(ms: i64) -> String {
+    let (y, m, d) = crate::envelope::civil(ms.div_euclid(DAY_MS));
+    let s = ms.rem_euclid(DAY_MS) / 1000;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        s / 3600,
+        s % 3600 / 60,
+        s % 60
+    )
+}
+
+/// What tollgate metered for `provider`, by day and the model the provider served.
+pub fn metered(
+    store: &Store,
+    provider: &str,
+    since_ms: i64,
+    until_ms: i64,
+) -> Result<Counts, String> {
+    let rows = store
+        .provider_usage_by_day(provider, since_ms, until_ms)
+        .map_err(|e| e.to_string())?;
+    Ok(rows
+        .into_iter()
+        .map(|(day, model, c)| ((day, model), c))
+        .collect())
+}
+
+/// What the provider's usage report says, by day and model.
+pub async fn reported(p: &Provider, since_ms: i64, until_ms: i64) -> Result<Counts, String> {
+    let mut out = Counts::new();
+    let mut page: Option<String> = None;
+    for _ in 0..100 {
+        let (url, anthropic) = match p.kind {
+            ProviderKind::Anthropic => (
+                format!(
+                    "{}/organizations/usage_report/messages?starting_at={}&ending_at={}&bucket_width=1d&group_by[]=model&limit=31",
+                    p.base_url,
+                    rfc3339(since_ms.div_euclid(DAY_MS) * DAY_MS),
+                    rfc3339(until_ms)
+                ),
+                true,
+            ),
+            _ => (
+                format!(
+                    "{}/organization/usage/completions?start_time={}&end_time={}&bucket_width=1d&group_by=model&limit=31",
+                    p.base_url,
+                    since_ms.div_euclid(DAY_MS) * DAY_MS / 1000,
+                    until_ms / 1000
+                ),
+                false,
+            ),
+        };
+        let url = match &page {
+            Some(token) => format!("{url}&page={token}"),
+            None => url,
+        };
+        let mut req = p.client.get(&url).headers(p.headers.clone());
+        if anthropic {
+            req = req.header("anthropic-version", "2023-06-01");
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| format!("calling {}'s usage report: {e}", p.name))?;
+        let status = resp.status();
+        let body: serde_json::Value = resp
+            .json()
+            .await
+            .map_err(|e| format!("{}'s usage report is not JSON: {e}", p.name))?;
+        if !status.is_success() {
+            return Err(format!(
+                "{}'s usage report answered {status}: {body}",
+                p.name
+            ));
+        }
+        let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+        for bucket in body["data"].as_array().into_iter().flatten() {
+            let day_ms = if anthropic {
+                bucket["starting_at"]
+                    .as_str()
+                    .and_then(parse_rfc3339_ms)
+                    .unwrap_or(0)
+            } else {
+                bucket["start_time"].as_i64().unwrap_or(0) * 1000
+            };
+            for r in bucket["results"].as_array().into_iter().flatten() {
+                let model = r["model"].as_str().unwrap_or("-").to_string();
+                let c = out.entry((day_ms, model)).or_default();
+                let counts = if anthropic {
+                    let read = n(r, "cache_read_input_tokens");
+                    // Nested as the API documents it; flat as some exports write it.
+                    let writes = n(&r["cache_creation"], "ephemeral_5m_input_tokens")
+                        + n(&r["cache_creation"], "ephemeral_1h_input_tokens")
+                        + n(r, "cache_creation_5m_input_tokens")
+                        + n(r, "cache_creation_1h_input_tokens");
+                    [
+                        n(r, "uncached_input_tokens") + read + writes,
+                        read,
+                        writes,
+                        n(r, "output_tokens"),
+                    ]
+                } else {
+                    [
+                        n(r, "input_tokens"),
+                        n(r, "input_cached_tokens"),
+                        0,
+                        n(r, "output_tokens"),
+                    ]
+                };
+                for i in 0..4 {
+                    c[i] += counts[i];
+                }
+            }
+        }
+        match body["next_page"].as_str() {
+            Some(t) if body["has_more"] == true => page = Some(t.to_string()),
+            _ => return Ok(out),
+        }
+    }
+    Ok(out)
+}
+
+fn parse_rfc3339_ms(v: &str) -> Option<i64> {
+    let (date, time) = v.split_once('T')?;
+    let mut dp = date.split('-').map(|x| x.parse::<i64>().ok());
+    let (y, m, d) = (dp.next()??, dp.next()??, dp.next()??);
+    let hms: Vec<i64> = time
+        .trim_end_matches('Z')
+        .split(':')
+        .map(|x| x.split('.').next().unwrap_or("0").parse::<i64>().ok())
+        .collect::<Option<Vec<_>>>()?;
+    Some(
+        crate::envelope::days_from_civil(y, m, d) * DAY_MS
+            + (hms.first()? * 3600 + hms.get(1)? * 60 + hms.get(2).copied().unwrap_or(0)) * 1000,
+    )
+}
+
+/// Both sides, row by row.
+pub fn compare(
+    provider: &str,
+    since_ms: i64,
+    until_ms: i64,
+    threshold_pct: f64,
+    ours: &Counts,
+    theirs: &Counts,
+) -> Reconciliation {
+    let mut keys: Vec<&(i64, String)> = ours.keys().chain(theirs.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let mut rows = Vec::new();
+    for k in keys {
+        let a = ours.get(k).copied().unwrap_or_default();
+        let b = theirs.get(k).copied().unwrap_or_default();
+        for i in 0..4 {
+            if a[i] == 0 && b[i] == 0 {
+                continue;
+            }
+            let drift = b[i] as i64 - a[i] as i64;
+            let drift_pct = if b[i] == 0 {
+                100.0
+            } else {
+                drift as f64 * 100.0 / b[i] as f64
+            };
+            rows.push(DriftRow {
+                day: day_name(k.0),
+                model: k.1.clone(),
+                class: CLASSES[i].to_string(),
+                tollgate: a[i],
+                provider: b[i],
+                drift,
+                drift_pct,
+            });
+        }
+    }
+    let ok = rows
+        .iter()
+        .all(|r| r.drift == 0 || r.drift_pct.abs() <= threshold_pct);
+    Reconciliation {
+        provider: provider.to_string(),
+        since_ms,
+        until_ms,
+        threshold_pct,
+        rows,
+        ok,
+    }
+}
