@@ -206,6 +206,12 @@ impl Gateway {
         let _ = warm.await;
         tokio::spawn(poll_keys(Arc::downgrade(&app)));
         tokio::spawn(sweep_wallets(Arc::downgrade(&app)));
+        if !config.reconcile.providers.is_empty() {
+            tokio::spawn(reconcile_on_schedule(
+                Arc::downgrade(&app),
+                config.reconcile.clone(),
+            ));
+        }
         if !config.metering.retain_records.is_zero() {
             tokio::spawn(prune_records(
                 Arc::downgrade(&app),
@@ -442,6 +448,56 @@ async fn sweep_wallets(app: std::sync::Weak<AppState>) {
         }
         drop(strong);
         tokio::time::sleep(every).await;
+    }
+}
+
+/// `[reconcile]`: every `every`, each provider's window against its usage report; a drift
+/// past the threshold is logged and sent as a `reconcile.drift` webhook (once per provider
+/// and drifting content).
+async fn reconcile_on_schedule(
+    app: std::sync::Weak<AppState>,
+    cfg: crate::config::ReconcileConfig,
+) {
+    loop {
+        tokio::time::sleep(cfg.every).await;
+        let Some(app) = app.upgrade() else { return };
+        let window = format!("{}s", cfg.window.as_secs().max(1));
+        for provider in &cfg.providers {
+            match crate::admin::reconcile_provider(
+                &app,
+                provider,
+                Some(&window),
+                None,
+                Some(cfg.threshold_pct),
+            )
+            .await
+            {
+                Ok(r) if !r.ok => {
+                    let drifting: Vec<_> = r
+                        .rows
+                        .iter()
+                        .filter(|d| d.drift != 0 && d.drift_pct.abs() > r.threshold_pct)
+                        .collect();
+                    tracing::warn!(provider = %provider, rows = drifting.len(), "usage drifts from the provider's report");
+                    let digest = crate::damping::fingerprint(&[serde_json::to_string(&drifting)
+                        .unwrap_or_default()
+                        .as_bytes()]);
+                    let data = serde_json::json!({"provider": provider, "threshold_pct": r.threshold_pct, "rows": drifting});
+                    let store = app.store.clone();
+                    let id = format!("reconcile:{provider}:{digest:x}");
+                    let _ = tokio::task::spawn_blocking(move || {
+                        store.enqueue_event(&id, "reconcile.drift", data, crate::clock::now_ms())
+                    })
+                    .await;
+                }
+                Ok(_) => {
+                    tracing::debug!(provider = %provider, "no drift from the provider's report")
+                }
+                Err(e) => {
+                    tracing::warn!(provider = %provider, error = %e.message, "reconciliation failed; will retry")
+                }
+            }
+        }
     }
 }
 

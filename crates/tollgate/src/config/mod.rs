@@ -23,6 +23,7 @@ pub struct Config {
     pub retries: RetriesConfig,
     pub wallets: WalletsConfig,
     pub translation: TranslationConfig,
+    pub reconcile: ReconcileConfig,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelConfig>,
     pub prices: Vec<PriceConfig>,
@@ -113,6 +114,33 @@ pub enum LoopAction {
     /// is repeating itself: the agent's own loop reads it as the model's turn. No upstream
     /// call, no cost; recorded as `loop_detected`.
     Nudge,
+}
+
+/// Scheduled reconciliation against the providers' usage reports. Static.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconcileConfig {
+    /// Providers (by name) to reconcile; empty = none, so nothing runs.
+    pub providers: Vec<String>,
+    /// How often.
+    #[serde(deserialize_with = "de_duration")]
+    pub every: Duration,
+    /// The window each run compares (the providers' reports lag by up to a day).
+    #[serde(deserialize_with = "de_duration")]
+    pub window: Duration,
+    /// Percent a row may drift by before a `reconcile.drift` webhook is sent.
+    pub threshold_pct: f64,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        ReconcileConfig {
+            providers: Vec::new(),
+            every: Duration::from_secs(6 * 3600),
+            window: Duration::from_secs(2 * 86_400),
+            threshold_pct: 1.0,
+        }
+    }
 }
 
 /// What a cross-vendor translation does with request fields the target dialect has no

@@ -73,6 +73,20 @@ impl Config {
                 "must be drop or reject (map needs a known field)",
             );
         }
+        for (i, name) in self.reconcile.providers.iter().enumerate() {
+            if !self.providers.iter().any(|p| &p.name == name) {
+                p(
+                    format!("reconcile.providers[{i}]"),
+                    &format!("no provider \"{name}\" is configured"),
+                );
+            }
+        }
+        if !self.reconcile.providers.is_empty() && self.reconcile.every.is_zero() {
+            p("reconcile.every".into(), "must be greater than 0");
+        }
+        if !(0.0..=100.0).contains(&self.reconcile.threshold_pct) {
+            p("reconcile.threshold_pct".into(), "must be from 0 to 100");
+        }
         if self.server.max_body_bytes == 0 {
             p("server.max_body_bytes".into(), "must be greater than 0");
         }

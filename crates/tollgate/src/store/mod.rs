@@ -307,6 +307,17 @@ impl Store {
         self.with(|db| Ok(f(db)?))
     }
 
+    /// Queues a webhook event outside the usage writer (an event with this id is queued once).
+    pub fn enqueue_event(
+        &self,
+        id: &str,
+        event: &str,
+        data: serde_json::Value,
+        now_ms: i64,
+    ) -> Result<()> {
+        lock(&self.db).write(|tx| Ok(crate::outbox::enqueue(tx, id, event, data, now_ms)?))
+    }
+
     /// Money put into wallets in `[since_ms, until_ms)`: (wallet, kind, amount, time) for
     /// top-ups, grants, adjustments and refunds, in ledger order.
     pub fn ledger_credits(

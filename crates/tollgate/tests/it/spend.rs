@@ -773,3 +773,42 @@ async fn reconciliation_finds_no_drift_then_catches_an_overbilling_provider() {
         .await;
     assert_eq!(s, 404);
 }
+
+/// `[reconcile]` on a schedule: a drift reaches the webhook as `reconcile.drift`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_reconciliation_sends_drift_to_the_webhook() {
+    let (hook, got) = crate::wallets::spawn_receiver().await;
+    let up = spawn_mock(None).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+        [reconcile]
+        providers = ["oai"]
+        every = "1s"
+        window = "1d"
+        threshold_pct = 0.5
+        [[webhooks]]
+        url = "{hook}"
+        [[providers]]
+        name = "oai"
+        kind = "openai"
+        base_url = "{up}"
+        [[models]]
+        name = "o-over"
+        deployments = [{{ provider = "oai", model = "mock-overbill" }}]
+        "#
+    ))
+    .await;
+    let key = gw.key().await;
+    let r = gw
+        .chat(
+            &key,
+            json!({"model": "o-over", "messages": user("billed twice over")}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let events = crate::wallets::wait_events(&got, 1).await;
+    let (_, e) = &events[0];
+    assert_eq!(e["type"], "reconcile.drift", "{e}");
+    assert_eq!(e["data"]["provider"], "oai");
+    assert_eq!(e["data"]["rows"][0]["class"], "output");
+}

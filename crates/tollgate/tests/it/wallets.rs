@@ -550,7 +550,7 @@ async fn kill_9_under_load_then_restart_leaves_no_hold_open_and_the_books_balanc
 }
 
 /// A webhook receiver that keeps what it gets: (headers, body).
-async fn spawn_receiver() -> (
+pub(crate) async fn spawn_receiver() -> (
     String,
     std::sync::Arc<std::sync::Mutex<Vec<(reqwest::header::HeaderMap, String)>>>,
 ) {
@@ -576,7 +576,7 @@ async fn spawn_receiver() -> (
     (url, got)
 }
 
-async fn wait_events(
+pub(crate) async fn wait_events(
     got: &std::sync::Arc<std::sync::Mutex<Vec<(reqwest::header::HeaderMap, String)>>>,
     n: usize,
 ) -> Vec<(reqwest::header::HeaderMap, Value)> {
