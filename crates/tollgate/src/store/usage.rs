@@ -144,6 +144,8 @@ impl Store {
             let pg = db.dialect() == Dialect::Postgres;
             let (raw_group, rollup_group) = by.exprs(pg);
             // Records in [since, h1); hourly rollups in [h1, d1) and [d2, ...); daily in [d1, d2).
+            // Each part is one range on the rollup key's prefix (bucket, start_ms): an OR of
+            // two ranges made SQLite scan every hourly row of all time.
             let ceil = |t: i64, span: i64| t.div_euclid(span) * span + if t.rem_euclid(span) == 0 { 0 } else { span };
             let (h1, d1, d2) = match (rollup_group, source) {
                 (Some(_), ReportSource::Auto) => {
@@ -173,7 +175,9 @@ impl Store {
                     format!(
                         "{raw}
                          UNION ALL SELECT {rg} AS g, {sums} FROM usage_rollup
-                           WHERE bucket = 'h' AND start_ms >= ?2 AND (start_ms < ?3 OR start_ms >= ?4)
+                           WHERE bucket = 'h' AND start_ms >= ?2 AND start_ms < ?3
+                         UNION ALL SELECT {rg} AS g, {sums} FROM usage_rollup
+                           WHERE bucket = 'h' AND start_ms >= ?4
                          UNION ALL SELECT {rg} AS g, {sums} FROM usage_rollup
                            WHERE bucket = 'd' AND start_ms >= ?3 AND start_ms < ?4"
                     )
@@ -292,6 +296,13 @@ impl Store {
         }
     }
 
+    /// Writes records the way the metering writer does (one transaction, their rollups
+    /// with them), for imports and the scale benchmark; no wallet is touched.
+    pub fn insert_usage_batch(&self, batch: &[UsageRecord]) -> Result<()> {
+        let zeros = vec![0; batch.len()];
+        lock(&self.db).write(|tx| insert_usage_rows(tx, batch, &zeros))
+    }
+
     /// Tokens metered for `provider` by (UTC day start, served model): every prompt token,
     /// the cached ones, cache writes, output, for the generation endpoints the providers'
     /// completions/messages reports cover (embeddings have reports of their own). Answers
@@ -387,6 +398,18 @@ fn usage_from_row(r: &Row) -> Result<UsageRecord> {
 /// `ON CONFLICT DO NOTHING` on the request id makes a replayed batch (a retry after a failed
 /// commit) harmless.
 pub fn insert_usage_rows(tx: &mut Db, batch: &[UsageRecord], shortfalls: &[u64]) -> Result<()> {
+    // SQLite binds at most 32 766 parameters in a statement: 500 rows of 35 stay well below.
+    const ROWS_PER_STATEMENT: usize = 500;
+    for (recs, falls) in batch
+        .chunks(ROWS_PER_STATEMENT)
+        .zip(shortfalls.chunks(ROWS_PER_STATEMENT))
+    {
+        insert_usage_statement(tx, recs, falls)?;
+    }
+    Ok(())
+}
+
+fn insert_usage_statement(tx: &mut Db, batch: &[UsageRecord], shortfalls: &[u64]) -> Result<()> {
     let mut rows: Vec<Value> = Vec::with_capacity(batch.len() * USAGE_COLUMN_COUNT);
     for (u, shortfall) in batch.iter().zip(shortfalls) {
         let row: [&dyn Param; USAGE_COLUMN_COUNT] = [
