@@ -36,6 +36,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/usage", get(usage_h))
         .route("/usage/records", get(records_h))
         .route("/usage/prune", post(prune_h))
+        .route("/usage/records/{id}/body", get(record_body_h))
         .route("/roi", get(roi_h))
         .route("/export/focus", get(focus_h))
         .route("/reconcile", get(reconcile_h))
@@ -465,6 +466,24 @@ async fn records_h(
         resp.headers_mut().insert("x-tollgate-next-cursor", v);
     }
     Ok(resp)
+}
+
+/// The bodies `[logging] bodies` kept with a record.
+async fn record_body_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    app.meter.flush().await;
+    let found = blocking(&app, move |a| Ok(a.store.record_bodies(&id)?)).await?;
+    match found {
+        Some(b) => Ok(Json(b).into_response()),
+        None => Err(ApiError::new(
+            ErrorKind::NotFound,
+            "no bodies kept for this request (they are kept only with [logging] bodies = true)",
+        )),
+    }
 }
 
 #[derive(Deserialize)]

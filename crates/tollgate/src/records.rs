@@ -156,6 +156,10 @@ pub struct UsageRecord {
     /// message (which limit, which wallet, what the provider said), at most 300 characters.
     #[serde(default)]
     pub detail: Option<String>,
+    /// The request's and the answer's bodies (`[logging] bodies`), capped, kept in
+    /// `usage_bodies` beside the record.
+    #[serde(skip)]
+    pub bodies: Option<Box<Bodies>>,
     /// The hold Redis admitted for this request (hot wallets): written to the ledger with
     /// the request's settle.
     #[serde(skip)]
@@ -163,4 +167,53 @@ pub struct UsageRecord {
     /// The request reserved in envelopes (its run, budgets), settled with this record.
     #[serde(skip)]
     pub enveloped: bool,
+}
+
+/// A request's bodies as the request log keeps them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bodies {
+    pub request: String,
+    pub response: String,
+    /// One of them was longer than `[logging] max_body_bytes` and was cut.
+    pub truncated: bool,
+    /// Bytes the response may still take (streams fill it as they go).
+    #[serde(skip)]
+    pub room: usize,
+}
+
+impl Bodies {
+    /// The request, cut at `max` bytes (on a character boundary).
+    pub fn new(request: &[u8], max: usize) -> Bodies {
+        let (request, cut) = cut(request, max);
+        Bodies {
+            request,
+            response: String::new(),
+            truncated: cut,
+            room: max,
+        }
+    }
+
+    /// Appends answer bytes while there is room.
+    pub fn push_response(&mut self, bytes: &[u8]) {
+        if self.room == 0 {
+            self.truncated |= !bytes.is_empty();
+            return;
+        }
+        let (text, cut) = cut(bytes, self.room);
+        self.room -= text.len();
+        self.truncated |= cut;
+        self.response.push_str(&text);
+    }
+}
+
+fn cut(bytes: &[u8], max: usize) -> (String, bool) {
+    let text = String::from_utf8_lossy(bytes);
+    if text.len() <= max {
+        return (text.into_owned(), false);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    (text[..end].to_string(), true)
 }

@@ -181,6 +181,7 @@ pub struct Runtime {
     pub retries: crate::config::RetriesConfig,
     pub wallets: crate::config::WalletsConfig,
     pub translation: tollgate_proto::translate::Policy,
+    pub logging: crate::config::LoggingConfig,
     pub webhooks: Vec<crate::config::WebhookConfig>,
     /// Tool routes, longest prefix first.
     pub routes: Vec<Arc<crate::toolroute::ToolRoute>>,
@@ -265,6 +266,7 @@ impl Runtime {
             retries: cfg.retries.clone(),
             wallets: cfg.wallets.clone(),
             translation: cfg.translation.policy(),
+            logging: cfg.logging.clone(),
             webhooks: cfg.webhooks.clone(),
             health,
         })

@@ -24,6 +24,7 @@ pub struct Config {
     pub wallets: WalletsConfig,
     pub translation: TranslationConfig,
     pub reconcile: ReconcileConfig,
+    pub logging: LoggingConfig,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelConfig>,
     pub prices: Vec<PriceConfig>,
@@ -114,6 +115,26 @@ pub enum LoopAction {
     /// is repeating itself: the agent's own loop reads it as the model's turn. No upstream
     /// call, no cost; recorded as `loop_detected`.
     Nudge,
+}
+
+/// What the request log keeps besides the record. Reloadable.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// Keep request and response bodies with the records (off: they are never stored).
+    /// Bodies may hold secrets and personal data; redaction does not exist yet.
+    pub bodies: bool,
+    /// Bytes kept of each body, at most; the rest is cut and the body marked truncated.
+    pub max_body_bytes: usize,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            bodies: false,
+            max_body_bytes: 16 * 1024,
+        }
+    }
 }
 
 /// Scheduled reconciliation against the providers' usage reports. Static.

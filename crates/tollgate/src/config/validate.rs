@@ -87,6 +87,12 @@ impl Config {
         if !(0.0..=100.0).contains(&self.reconcile.threshold_pct) {
             p("reconcile.threshold_pct".into(), "must be from 0 to 100");
         }
+        if self.logging.max_body_bytes > 1 << 20 {
+            p(
+                "logging.max_body_bytes".into(),
+                "must be at most 1048576 (bodies are kept with every record)",
+            );
+        }
         if self.server.max_body_bytes == 0 {
             p("server.max_body_bytes".into(), "must be greater than 0");
         }

@@ -132,6 +132,13 @@ async fn run(
     let body = read_body(body, headers, app.server.max_body_bytes).await?;
     settle.body = body.clone();
     settle.rec_mut().request_bytes = body.len() as u64;
+    let logging = settle.runtime.logging.clone();
+    if logging.bodies {
+        settle.rec_mut().bodies = Some(Box::new(crate::records::Bodies::new(
+            &body,
+            logging.max_body_bytes,
+        )));
+    }
     // peek (accept.rs)
     let (mut doc, model) = parse_with_model(&body)?;
     let mut cx = Ctx {

@@ -364,6 +364,9 @@ impl Settlement {
         self.rec.status = status.as_u16();
         self.rec.ttft_ms = Some(self.started.elapsed().as_millis() as u64);
         self.rec.response_bytes = client_body.as_ref().unwrap_or(&body).len() as u64;
+        if let Some(b) = self.rec.bodies.as_mut() {
+            b.push_response(client_body.as_ref().unwrap_or(&body));
+        }
         let cost = self.rec.cost_micros;
         if let Some(rec) = self.take() {
             self.commit(rec);

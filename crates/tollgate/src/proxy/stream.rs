@@ -347,6 +347,9 @@ impl Stream for GatewayStream {
                 this.sent_bytes += b.len() as u64;
                 if let Some(rec) = this.rec.as_mut() {
                     rec.response_bytes = this.sent_bytes;
+                    if let Some(bodies) = rec.bodies.as_mut() {
+                        bodies.push_response(&b);
+                    }
                 }
                 return Poll::Ready(Some(Ok(b)));
             }

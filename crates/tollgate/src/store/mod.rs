@@ -130,6 +130,13 @@ const MIGRATIONS: &[&str] = &[
     usage::ROLLUP_MIGRATION,
     // 14: outcomes, and records findable by run
     outcomes::MIGRATION,
+    // 15: request and response bodies, when [logging] bodies keeps them
+    "CREATE TABLE usage_bodies (
+        id TEXT PRIMARY KEY,
+        request TEXT NOT NULL,
+        response TEXT NOT NULL,
+        truncated INTEGER NOT NULL
+     );",
 ];
 
 /// Copies the WAL back into the database every `every`, off the request and writer paths

@@ -277,12 +277,36 @@ impl Store {
         })
     }
 
-    /// Deletes records older than `before_ms`, a slice at a time so the writer is never kept
-    /// waiting long; rollups are left as they are. Returns how many went.
+    /// The bodies kept with a record (`[logging] bodies`), if any.
+    pub fn record_bodies(&self, id: &str) -> Result<Option<crate::records::Bodies>> {
+        self.with(|db| {
+            db.row(
+                "SELECT request, response, truncated FROM usage_bodies WHERE id = ?1",
+                &[&id],
+            )?
+            .map(|r| {
+                Ok(crate::records::Bodies {
+                    request: r.get(0)?,
+                    response: r.get(1)?,
+                    truncated: r.get(2)?,
+                    room: 0,
+                })
+            })
+            .transpose()
+        })
+    }
+
+    /// Deletes records older than `before_ms` (and their bodies), a slice at a time so the
+    /// writer is never kept waiting long; rollups are left as they are. Returns how many went.
     pub fn prune_records(&self, before_ms: i64) -> Result<u64> {
         let mut total = 0;
         loop {
             let n = lock(&self.db).write(|tx| {
+                tx.exec(
+                    "DELETE FROM usage_bodies WHERE id IN
+                        (SELECT id FROM usage WHERE ts_ms < ?1 ORDER BY ts_ms LIMIT 5000)",
+                    &[&before_ms],
+                )?;
                 tx.exec(
                     "DELETE FROM usage WHERE id IN
                         (SELECT id FROM usage WHERE ts_ms < ?1 ORDER BY ts_ms LIMIT 5000)",
@@ -388,6 +412,7 @@ fn usage_from_row(r: &Row) -> Result<UsageRecord> {
         shortfall_micros: r.get(32)?,
         run_id: r.get(33)?,
         detail: r.get(34)?,
+        bodies: None,
         enveloped: false,
         hot_hold_micros: None,
     })
@@ -478,6 +503,15 @@ fn insert_usage_statement(tx: &mut Db, batch: &[UsageRecord], shortfalls: &[u64]
             .collect::<std::result::Result<_, _>>()?;
         let fresh: Vec<&UsageRecord> = batch.iter().filter(|u| inserted.contains(&u.id)).collect();
         upsert_rollups(tx, &fresh)?;
+        for u in fresh.iter().filter(|u| u.bodies.is_some()) {
+            if let Some(b) = &u.bodies {
+                tx.exec(
+                    "INSERT INTO usage_bodies (id, request, response, truncated) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT DO NOTHING",
+                    &[&u.id, &b.request, &b.response, &b.truncated],
+                )?;
+            }
+        }
     }
     Ok(())
 }

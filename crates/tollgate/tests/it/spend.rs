@@ -812,3 +812,69 @@ async fn scheduled_reconciliation_sends_drift_to_the_webhook() {
     assert_eq!(e["data"]["provider"], "oai");
     assert_eq!(e["data"]["rows"][0]["class"], "output");
 }
+
+/// `[logging] bodies = true` keeps each request's and answer's body with its record, cut at
+/// `max_body_bytes`; by default nothing is kept.
+#[tokio::test]
+async fn bodies_are_kept_only_when_asked_and_cut_to_size() {
+    let gw = TestGateway::start("[logging]\nbodies = true\nmax_body_bytes = 900\n").await;
+    let key = gw.key().await;
+    let body_of = |headers: reqwest::header::HeaderMap| {
+        let gw = &gw;
+        async move {
+            let id = headers["x-request-id"].to_str().unwrap().to_string();
+            gw.admin(
+                reqwest::Method::GET,
+                &format!("/admin/usage/records/{id}/body"),
+                None,
+            )
+            .await
+        }
+    };
+    let r = gw
+        .chat(&key, json!({"model": "mock", "messages": user("keep me")}))
+        .await;
+    let (s, b) = body_of(r.headers().clone()).await;
+    assert_eq!(s, 200, "{b}");
+    assert!(b["request"].as_str().unwrap().contains("keep me"), "{b}");
+    assert!(
+        b["response"]
+            .as_str()
+            .unwrap()
+            .contains("The mock provider"),
+        "{b}"
+    );
+    assert_eq!(b["truncated"], false);
+    let r = gw
+        .chat(
+            &key,
+            json!({"model": "mock", "stream": true, "messages": user(&"long ".repeat(200))}),
+        )
+        .await;
+    let headers = r.headers().clone();
+    let _ = r.text().await;
+    let (s, b) = body_of(headers).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["truncated"], true);
+    assert!(b["request"].as_str().unwrap().len() <= 900);
+    assert!(b["response"].as_str().unwrap().starts_with("data: "), "{b}");
+    assert!(b["response"].as_str().unwrap().len() <= 900);
+
+    let plain = TestGateway::start("").await;
+    let key = plain.key().await;
+    let r = plain
+        .chat(
+            &key,
+            json!({"model": "mock", "messages": user("forget me")}),
+        )
+        .await;
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let (s, v) = plain
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/usage/records/{id}/body"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 404, "{v}");
+}
