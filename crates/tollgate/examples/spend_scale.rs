@@ -40,6 +40,7 @@ fn main() {
         seed ^= seed << 17;
         seed % m
     };
+    let gateway_ids = std::env::var("SPEND_SCALE_IDS").is_ok_and(|v| v == "gateway");
     if have < n {
         let started = Instant::now();
         let mut written = 0u64;
@@ -48,7 +49,12 @@ fn main() {
             let key = next(500);
             let status = if next(20) == 0 { 429 } else { 200 };
             recs.push(UsageRecord {
-                id: format!("req_scale_{i:012}"),
+                // SPEND_SCALE_IDS=gateway: ids as the gateway makes them, else in write order.
+                id: if gateway_ids {
+                    tollgate::clock::new_request_id()
+                } else {
+                    format!("req_scale_{i:012}")
+                },
                 // Spread over 30 days, in order, as traffic arrives.
                 ts_ms: now - span + (i as i64 * span / n as i64),
                 endpoint: "chat.completions".into(),
