@@ -518,37 +518,14 @@ impl Period {
             // 1970-01-01 was a Thursday: Monday is 3 days earlier.
             Period::Weekly => days - (days + 3).rem_euclid(7),
             Period::Monthly => {
-                let (y, m, _) = civil(days);
-                days_from_civil(y, m, 1)
+                let (y, m, _) = crate::clock::civil(days);
+                crate::clock::days_from_civil(y, m, 1)
             }
             Period::Lifetime => return "all".into(),
         };
-        let (y, m, d) = civil(start_days);
+        let (y, m, d) = crate::clock::civil(start_days);
         format!("{y:04}-{m:02}-{d:02}")
     }
-}
-
-/// Days since the epoch → (year, month, day) (Howard Hinnant's algorithm).
-pub(crate) fn civil(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-pub(crate) fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

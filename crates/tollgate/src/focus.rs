@@ -81,20 +81,16 @@ impl Granularity {
     }
 }
 
-/// The token classes a record's usage splits into, as `Price::cost` prices them.
-fn classes(r: &UsageRecord) -> [(&'static str, u64); 6] {
-    let cached = r.cached_input_tokens.min(r.input_tokens);
-    let w5 = r.cache_write_5m_tokens.min(r.input_tokens - cached);
-    let w1 = r.cache_write_1h_tokens.min(r.input_tokens - cached - w5);
-    let reasoning = r.reasoning_tokens.min(r.output_tokens);
-    [
-        ("Input", r.input_tokens - cached - w5 - w1),
-        ("Cached Input", cached),
-        ("Cache Write 5m", w5),
-        ("Cache Write 1h", w1),
-        ("Output", r.output_tokens - reasoning),
-        ("Reasoning", reasoning),
-    ]
+/// A record's tokens in `prices::TOKEN_CLASSES`, split as `Price::cost` prices them.
+fn classes(r: &UsageRecord) -> [u64; 6] {
+    crate::prices::token_classes(&tollgate_proto::usage::Usage {
+        input: r.input_tokens,
+        cached_input: r.cached_input_tokens,
+        cache_write_5m: r.cache_write_5m_tokens,
+        cache_write_1h: r.cache_write_1h_tokens,
+        output: r.output_tokens,
+        reasoning: r.reasoning_tokens,
+    })
 }
 
 #[derive(Default)]
@@ -131,7 +127,7 @@ fn split(total: i64, weights: &[u128]) -> Vec<i64> {
 }
 
 fn month_bounds(ms: i64) -> (i64, i64) {
-    use crate::envelope::{civil, days_from_civil};
+    use crate::clock::{civil, days_from_civil};
     let (y, m, _) = civil(ms.div_euclid(86_400_000));
     let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
     (
@@ -182,8 +178,8 @@ pub fn export(
             g.org = r.wallet_id.clone().unwrap_or_else(|| "unattributed".into());
             g.tool = tool;
             g.requests += 1;
-            for (i, (_, n)) in classes(r).iter().enumerate() {
-                g.tokens[i] = g.tokens[i].saturating_add(*n);
+            for (t, n) in g.tokens.iter_mut().zip(classes(r)) {
+                *t = t.saturating_add(n);
             }
             let cost = i64::try_from(r.cost_micros).unwrap_or(i64::MAX);
             g.list = g.list.saturating_add(cost);
@@ -356,18 +352,6 @@ pub fn export(
     Ok(rows)
 }
 
-fn iso(ms: i64) -> String {
-    let days = ms.div_euclid(86_400_000);
-    let secs = ms.rem_euclid(86_400_000) / 1000;
-    let (y, m, d) = crate::envelope::civil(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
-}
-
 fn decimal(micros: i64) -> String {
     let sign = if micros < 0 { "-" } else { "" };
     let m = micros.unsigned_abs();
@@ -384,7 +368,7 @@ pub fn csv(rows: &[Row]) -> String {
             .map(|c| match c {
                 Cell::Micros(m) => decimal(*m),
                 Cell::Count(n) => n.to_string(),
-                Cell::Time(t) => iso(*t),
+                Cell::Time(t) => crate::clock::rfc3339(*t),
                 Cell::Null => String::new(),
                 Cell::Text(s) if s.contains([',', '"', '\n']) => {
                     format!("\"{}\"", s.replace('"', "\"\""))
@@ -409,7 +393,7 @@ pub fn jsonl(rows: &[Row]) -> String {
                 let v = match c {
                     Cell::Micros(m) => decimal(*m),
                     Cell::Count(n) => n.to_string(),
-                    Cell::Time(t) => format!("\"{}\"", iso(*t)),
+                    Cell::Time(t) => format!("\"{}\"", crate::clock::rfc3339(*t)),
                     Cell::Null => "null".into(),
                     Cell::Text(s) => serde_json::Value::String(s.clone()).to_string(),
                 };
@@ -436,12 +420,15 @@ mod tests {
         ] {
             assert_eq!(split(total, &w).iter().sum::<i64>(), total);
         }
-        assert_eq!(iso(0), "1970-01-01T00:00:00Z");
-        assert_eq!(iso(1_796_083_200_000), "2026-12-01T00:00:00Z");
+        assert_eq!(crate::clock::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            crate::clock::rfc3339(1_796_083_200_000),
+            "2026-12-01T00:00:00Z"
+        );
         assert_eq!(decimal(-1_500_000), "-1.500000");
         let (s, e) = month_bounds(1_796_083_200_000 + 5 * 86_400_000);
         assert_eq!(
-            (iso(s), iso(e)),
+            (crate::clock::rfc3339(s), crate::clock::rfc3339(e)),
             ("2026-12-01T00:00:00Z".into(), "2027-01-01T00:00:00Z".into())
         );
     }

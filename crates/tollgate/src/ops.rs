@@ -265,13 +265,7 @@ pub fn bootstrap_admin_key(
 
 /// `7d`, `24h` … → the timestamp that long ago.
 pub fn since_ms(since: Option<&str>) -> Result<i64, AdminError> {
-    match since {
-        None => Ok(0),
-        Some(s) => {
-            let d = parse_duration(s).map_err(AdminError::Invalid)?;
-            Ok(now_ms().saturating_sub(d.as_millis() as i64))
-        }
-    }
+    since.map_or(Ok(0), |s| time_ms("since", s))
 }
 
 /// The request log's filters, as query parameters or CLI flags (the same names). An unknown

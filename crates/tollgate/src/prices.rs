@@ -170,26 +170,55 @@ fn strip_date_suffix(model: &str) -> Option<&str> {
     None
 }
 
+/// The token classes a price tells apart, in this order.
+pub const TOKEN_CLASSES: [&str; 6] = [
+    "Input",
+    "Cached Input",
+    "Cache Write 5m",
+    "Cache Write 1h",
+    "Output",
+    "Reasoning",
+];
+
+/// Usage split into `TOKEN_CLASSES`, each token in exactly one class: cached reads and cache
+/// writes are parts of the input, reasoning a part of the output.
+pub fn token_classes(u: &Usage) -> [u64; 6] {
+    let cached = u.cached_input.min(u.input);
+    let w5 = u.cache_write_5m.min(u.input - cached);
+    let w1 = u.cache_write_1h.min(u.input - cached - w5);
+    let reasoning = u.reasoning.min(u.output);
+    [
+        u.input - cached - w5 - w1,
+        cached,
+        w5,
+        w1,
+        u.output - reasoning,
+        reasoning,
+    ]
+}
+
 impl Price {
+    /// Pico-USD per token of each of `TOKEN_CLASSES`.
+    pub fn per_class(&self) -> [u64; 6] {
+        [
+            self.input,
+            self.cached_input,
+            self.cache_write_5m,
+            self.cache_write_1h,
+            self.output,
+            self.reasoning,
+        ]
+    }
+
     /// Cost in micro-USD, rounded up: a request that used anything is never free, and the
     /// rounding error is below one micro-dollar per request (ADR 0003).
     pub fn cost(&self, u: &Usage) -> u64 {
-        let cached = u.cached_input.min(u.input);
-        let w5 = u.cache_write_5m.min(u.input - cached);
-        let w1 = u.cache_write_1h.min(u.input - cached - w5);
-        let reasoning = u.reasoning.min(u.output);
-        let pico = [
-            (u.input - cached - w5 - w1, self.input),
-            (cached, self.cached_input),
-            (w5, self.cache_write_5m),
-            (w1, self.cache_write_1h),
-            (u.output - reasoning, self.output),
-            (reasoning, self.reasoning),
-        ]
-        .iter()
-        .fold(0u128, |acc, (n, p)| {
-            acc.saturating_add(u128::from(*n) * u128::from(*p))
-        });
+        let pico = token_classes(u)
+            .iter()
+            .zip(self.per_class())
+            .fold(0u128, |acc, (n, p)| {
+                acc.saturating_add(u128::from(*n) * u128::from(p))
+            });
         // Capped where the ledger's arithmetic stays exact (see `wallet::MAX_MICROS`).
         pico.div_ceil(1_000_000)
             .min(crate::money::MAX_MICROS as u128) as u64

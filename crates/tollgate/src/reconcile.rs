@@ -41,19 +41,8 @@ type Counts = BTreeMap<(i64, String), [u64; 4]>;
 const CLASSES: [&str; 4] = ["input", "cached_input", "cache_write", "output"];
 
 fn day_name(day_ms: i64) -> String {
-    let (y, m, d) = crate::envelope::civil(day_ms.div_euclid(DAY_MS));
+    let (y, m, d) = crate::clock::civil(day_ms.div_euclid(DAY_MS));
     format!("{y:04}-{m:02}-{d:02}")
-}
-
-fn rfc3339(ms: i64) -> String {
-    let (y, m, d) = crate::envelope::civil(ms.div_euclid(DAY_MS));
-    let s = ms.rem_euclid(DAY_MS) / 1000;
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        s / 3600,
-        s % 3600 / 60,
-        s % 60
-    )
 }
 
 /// What tollgate metered for `provider`, by day and the model the provider served.
@@ -82,8 +71,8 @@ pub async fn reported(p: &Provider, since_ms: i64, until_ms: i64) -> Result<Coun
                 format!(
                     "{}/organizations/usage_report/messages?starting_at={}&ending_at={}&bucket_width=1d&group_by[]=model&limit=31",
                     p.base_url,
-                    rfc3339(since_ms.div_euclid(DAY_MS) * DAY_MS),
-                    rfc3339(until_ms)
+                    crate::clock::rfc3339(since_ms.div_euclid(DAY_MS) * DAY_MS),
+                    crate::clock::rfc3339(until_ms)
                 ),
                 true,
             ),
@@ -125,7 +114,7 @@ pub async fn reported(p: &Provider, since_ms: i64, until_ms: i64) -> Result<Coun
             let day_ms = if anthropic {
                 bucket["starting_at"]
                     .as_str()
-                    .and_then(parse_rfc3339_ms)
+                    .and_then(crate::clock::parse_rfc3339)
                     .unwrap_or(0)
             } else {
                 bucket["start_time"].as_i64().unwrap_or(0) * 1000
@@ -165,21 +154,6 @@ pub async fn reported(p: &Provider, since_ms: i64, until_ms: i64) -> Result<Coun
         }
     }
     Ok(out)
-}
-
-fn parse_rfc3339_ms(v: &str) -> Option<i64> {
-    let (date, time) = v.split_once('T')?;
-    let mut dp = date.split('-').map(|x| x.parse::<i64>().ok());
-    let (y, m, d) = (dp.next()??, dp.next()??, dp.next()??);
-    let hms: Vec<i64> = time
-        .trim_end_matches('Z')
-        .split(':')
-        .map(|x| x.split('.').next().unwrap_or("0").parse::<i64>().ok())
-        .collect::<Option<Vec<_>>>()?;
-    Some(
-        crate::envelope::days_from_civil(y, m, d) * DAY_MS
-            + (hms.first()? * 3600 + hms.get(1)? * 60 + hms.get(2).copied().unwrap_or(0)) * 1000,
-    )
 }
 
 /// Both sides, row by row.

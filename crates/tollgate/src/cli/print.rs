@@ -73,18 +73,9 @@ pub(crate) fn print_keys(keys: &[KeyView], format: Format) -> anyhow::Result<()>
 }
 
 pub(crate) fn format_ms(ms: i64) -> String {
-    // Days since the epoch → civil date (Howard Hinnant's algorithm); avoids a date crate.
     let secs = ms.div_euclid(1000);
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m, d) = tollgate::clock::civil(days);
     format!(
         "{y:04}-{m:02}-{d:02} {:02}:{:02}Z",
         rem / 3600,

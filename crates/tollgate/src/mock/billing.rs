@@ -135,27 +135,11 @@ pub(crate) async fn openai_usage(
 }
 
 fn rfc3339(s: u64) -> String {
-    let (y, m, d) = crate::envelope::civil((s / DAY_S) as i64);
-    let t = s % DAY_S;
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        t / 3600,
-        t % 3600 / 60,
-        t % 60
-    )
+    crate::clock::rfc3339((s * 1000) as i64)
 }
 
 fn parse_rfc3339(v: &str) -> Option<u64> {
-    let (date, time) = v.split_once('T')?;
-    let mut dp = date.split('-').map(|x| x.parse::<i64>().ok());
-    let (y, m, d) = (dp.next()??, dp.next()??, dp.next()??);
-    let hms: Vec<u64> = time
-        .trim_end_matches('Z')
-        .split(':')
-        .map(|x| x.split('.').next().unwrap_or("0").parse::<u64>().ok())
-        .collect::<Option<Vec<_>>>()?;
-    let days = u64::try_from(crate::envelope::days_from_civil(y, m, d)).ok()?;
-    Some(days * DAY_S + hms.first()? * 3600 + hms.get(1)? * 60 + hms.get(2).copied().unwrap_or(0))
+    u64::try_from(crate::clock::parse_rfc3339(v)? / 1000).ok()
 }
 
 pub(crate) async fn anthropic_usage_report(

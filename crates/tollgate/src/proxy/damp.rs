@@ -198,11 +198,7 @@ pub(crate) fn damp_phase(cx: &mut Ctx<'_>, doc: &RequestDoc) -> Result<Option<Re
         }
         LoopVerdict::Replay(answer) => return Ok(Some(settle.reuse(&answer, "loop_replay"))),
         LoopVerdict::Nudge(finding) => {
-            let include_usage = doc
-                .raw("stream_options")
-                .and_then(|r| serde_json::from_str::<serde_json::Value>(r.get()).ok())
-                .and_then(|v| v.get("include_usage").and_then(|u| u.as_bool()))
-                .unwrap_or(false);
+            let include_usage = doc.client_wants_stream_usage();
             let finding = finding.trim_start_matches("loop detected: ");
             let (content_type, body) = super::nudge::answer(
                 endpoint,

@@ -132,12 +132,9 @@ async fn run(
     let body = read_body(body, headers, app.server.max_body_bytes).await?;
     settle.body = body.clone();
     settle.rec_mut().request_bytes = body.len() as u64;
-    let logging = settle.runtime.logging.clone();
-    if logging.bodies {
-        settle.rec_mut().bodies = Some(Box::new(crate::records::Bodies::new(
-            &body,
-            logging.max_body_bytes,
-        )));
+    if settle.runtime.logging.bodies {
+        let max = settle.runtime.logging.max_body_bytes;
+        settle.rec_mut().bodies = Some(Box::new(crate::records::Bodies::new(&body, max)));
     }
     // peek (accept.rs)
     let (mut doc, model) = parse_with_model(&body)?;

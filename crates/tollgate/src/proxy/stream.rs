@@ -134,7 +134,6 @@ pub(crate) fn stream_response(
         }),
         delivered_tokens: 0,
         counted_bytes: 0,
-        sent_bytes: 0,
     };
     s.ingest(&first);
     let mut resp = Response::new(Body::from_stream(s));
@@ -184,8 +183,6 @@ pub(crate) struct GatewayStream {
     /// Output tokens delivered so far, and how much of the output text they cover.
     pub(crate) delivered_tokens: u64,
     pub(crate) counted_bytes: usize,
-    /// Bytes handed to the client so far (the record's `response_bytes`).
-    pub(crate) sent_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -344,9 +341,9 @@ impl Stream for GatewayStream {
         let this = &mut *self;
         loop {
             if let Some(b) = this.out.pop_front() {
-                this.sent_bytes += b.len() as u64;
+                // What the client was handed, counted on the record until it settles.
                 if let Some(rec) = this.rec.as_mut() {
-                    rec.response_bytes = this.sent_bytes;
+                    rec.response_bytes += b.len() as u64;
                     if let Some(bodies) = rec.bodies.as_mut() {
                         bodies.push_response(&b);
                     }

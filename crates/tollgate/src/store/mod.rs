@@ -345,19 +345,6 @@ impl Store {
         })
     }
 
-    /// What the ledger captured for requests in `[since_ms, until_ms)` (by entry time).
-    pub fn ledger_captured(&self, since_ms: i64, until_ms: i64) -> Result<i64> {
-        self.with(|db| {
-            Ok(db
-                .one(
-                    "SELECT CAST(COALESCE(SUM(-amount_micros), 0) AS BIGINT) FROM ledger
-                     WHERE kind = 'capture' AND ts_ms >= ?1 AND ts_ms < ?2",
-                    &[&since_ms, &until_ms],
-                )?
-                .get(0)?)
-        })
-    }
-
     /// Creates a wallet; bumps the key revision so gateways learn who now pays for whom.
     pub fn create_wallet(
         &self,

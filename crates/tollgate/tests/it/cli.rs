@@ -13,7 +13,7 @@ fn tollgate(args: &[&str]) -> std::process::Output {
 }
 
 /// Runs the CLI off the runtime's threads: the gateway it talks to runs on them.
-async fn tollgate_async(args: &[&str]) -> std::process::Output {
+pub(crate) async fn tollgate_async(args: &[&str]) -> std::process::Output {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     tokio::task::spawn_blocking(move || {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -109,26 +109,18 @@ pub async fn the_request_log_filters_pages_and_says_why_on(store: &TestStore) {
     unique.dedup();
     assert_eq!((ids.len(), unique.len()), (6, 6), "{ids:?}");
     // The CLI reads the same log, through the admin API or the store.
-    let url = gw.url.clone();
-    let admin = gw.admin_key.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args([
-                "logs",
-                "--status",
-                "4xx",
-                "--format",
-                "json",
-                "--url",
-                &url,
-                "--admin-key",
-                &admin,
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = crate::cli::tollgate_async(&[
+        "logs",
+        "--status",
+        "4xx",
+        "--format",
+        "json",
+        "--url",
+        &gw.url,
+        "--admin-key",
+        &gw.admin_key,
+    ])
+    .await;
     assert!(
         out.status.success(),
         "{}",
@@ -140,24 +132,16 @@ pub async fn the_request_log_filters_pages_and_says_why_on(store: &TestStore) {
         .collect();
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["status"], 429);
-    let url = gw.url.clone();
-    let admin = gw.admin_key.clone();
-    let table = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args([
-                "logs",
-                "--key",
-                "tight",
-                "--url",
-                &url,
-                "--admin-key",
-                &admin,
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let table = crate::cli::tollgate_async(&[
+        "logs",
+        "--key",
+        "tight",
+        "--url",
+        &gw.url,
+        "--admin-key",
+        &gw.admin_key,
+    ])
+    .await;
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(
         table.contains("refused: rate limit") && table.contains("why"),
@@ -403,25 +387,18 @@ pub async fn outcomes_give_cost_per_outcome_once_each_on(store: &TestStore) {
     );
 
     // The CLI says the same.
-    let (url, admin) = (gw.url.clone(), gw.admin_key.clone());
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args([
-                "roi",
-                "--by",
-                "type",
-                "--format",
-                "json",
-                "--url",
-                &url,
-                "--admin-key",
-                &admin,
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = crate::cli::tollgate_async(&[
+        "roi",
+        "--by",
+        "type",
+        "--format",
+        "json",
+        "--url",
+        &gw.url,
+        "--admin-key",
+        &gw.admin_key,
+    ])
+    .await;
     assert!(
         out.status.success(),
         "{}",
@@ -573,24 +550,17 @@ async fn the_focus_export_has_the_mandatory_columns_and_adds_up_to_the_ledger() 
     assert_eq!(micros(&purchases[0]["BilledCost"]), 10_000_000);
 
     // CSV: the same columns in the header, the same number of rows.
-    let (url, admin) = (gw.url.clone(), gw.admin_key.clone());
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args([
-                "export",
-                "focus",
-                "--granularity",
-                "hourly",
-                "--url",
-                &url,
-                "--admin-key",
-                &admin,
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = crate::cli::tollgate_async(&[
+        "export",
+        "focus",
+        "--granularity",
+        "hourly",
+        "--url",
+        &gw.url,
+        "--admin-key",
+        &gw.admin_key,
+    ])
+    .await;
     assert!(
         out.status.success(),
         "{}",
@@ -743,23 +713,16 @@ async fn reconciliation_finds_no_drift_then_catches_an_overbilling_provider() {
         (Some("mock-overbill"), Some("output"))
     );
     assert!(bad[0]["drift"].as_i64().unwrap() > 0);
-    let (url, admin) = (gw.url.clone(), gw.admin_key.clone());
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args([
-                "reconcile",
-                "--provider",
-                "oai",
-                "--url",
-                &url,
-                "--admin-key",
-                &admin,
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = crate::cli::tollgate_async(&[
+        "reconcile",
+        "--provider",
+        "oai",
+        "--url",
+        &gw.url,
+        "--admin-key",
+        &gw.admin_key,
+    ])
+    .await;
     assert_eq!(
         out.status.code(),
         Some(1),
