@@ -12,6 +12,9 @@ use tollgate::db::Location;
 use tollgate::metering::UsageRecord;
 use tollgate::store::{GroupBy, ReportSource, Store};
 
+/// Requests per run; every other run reports an outcome.
+const RUN_LEN: u64 = 50;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (target, n) = match (args.get(1), args.get(2).and_then(|s| s.parse::<u64>().ok())) {
@@ -62,6 +65,9 @@ fn main() {
                 agent: format!("agent-{key}"),
                 team: Some(format!("team-{}", key % 40)),
                 project: Some(format!("project-{}", key % 7)),
+                org: Some(format!("org-{}", key % 3)),
+                // Runs of 50 consecutive requests, as an agent's task would make.
+                run_id: Some(format!("run_{:010}", i / RUN_LEN)),
                 model_requested: Some(
                     ["gpt-4o", "gpt-4o-mini", "claude-sonnet-4-5", "o3"][next(4) as usize].into(),
                 ),
@@ -94,8 +100,46 @@ fn main() {
             written as f64 / secs
         );
     }
+    let have_outcomes = store.outcomes_since(0).expect("outcomes").len() as u64;
+    let runs = n.div_ceil(RUN_LEN);
+    if have_outcomes < runs / 2 {
+        let started = Instant::now();
+        for run in (have_outcomes * 2..runs).step_by(2) {
+            let last = (run + 1) * RUN_LEN - 1;
+            let o = tollgate::store::Outcome {
+                id: format!("out_{run:010}"),
+                occurred_ms: now - span + ((last.min(n - 1)) as i64 * span / n as i64),
+                key_id: "key_0000".into(),
+                agent: "agent-0".into(),
+                team: None,
+                project: None,
+                run_id: Some(format!("run_{run:010}")),
+                request_id: None,
+                kind: ["ticket_resolved", "pr_merged", "lead_qualified"][(run % 3) as usize].into(),
+                success: run % 5 != 0,
+                value_micros: Some(5_000_000),
+                tags: Default::default(),
+                created_ms: now,
+            };
+            store.record_outcome(&o, true).expect("outcome");
+        }
+        println!(
+            "{{\"phase\":\"outcomes\",\"outcomes\":{},\"seconds\":{:.1}}}",
+            runs / 2,
+            started.elapsed().as_secs_f64()
+        );
+    }
     let total = store.count_usage().expect("count");
-    for by in ["team", "key", "model", "day"] {
+    {
+        let started = Instant::now();
+        let rows = tollgate::ops::roi_report(&store, "type", Some("30d")).expect("roi");
+        println!(
+            "{{\"phase\":\"query\",\"records\":{total},\"by\":\"outcome\",\"source\":\"rollups\",\"groups\":{},\"ms\":{:.1}}}",
+            rows.len(),
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+    for by in ["team", "key", "org", "model", "day"] {
         let g: GroupBy = by.parse().unwrap();
         for source in [ReportSource::Auto, ReportSource::Records] {
             let started = Instant::now();

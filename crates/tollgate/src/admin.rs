@@ -425,6 +425,26 @@ async fn usage_h(
 ) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
     app.meter.flush().await;
+    if q.by.as_deref() == Some("outcome") {
+        // Spend by what it bought: the ROI report by outcome type.
+        let rows = blocking(&app, move |a| {
+            crate::ops::roi_report(&a.store, "type", q.since.as_deref())
+        })
+        .await?;
+        return Ok(Json(rows).into_response());
+    }
+    // Where the report starts: rollups start on the hour.
+    let from = match (
+        q.by.as_deref()
+            .unwrap_or("model")
+            .parse::<crate::store::GroupBy>(),
+        q.source.as_deref(),
+    ) {
+        (Ok(by), None | Some("auto" | "rollups")) if by.rolled_up() => Some(
+            crate::store::report_start(crate::ops::since_ms(q.since.as_deref())?),
+        ),
+        _ => None,
+    };
     let rows = blocking(&app, move |a| {
         usage_report(
             &a.store,
@@ -434,7 +454,13 @@ async fn usage_h(
         )
     })
     .await?;
-    Ok(Json(rows).into_response())
+    let mut resp = Json(rows).into_response();
+    if let Some(v) =
+        from.and_then(|f| axum::http::HeaderValue::from_str(&crate::clock::rfc3339(f)).ok())
+    {
+        resp.headers_mut().insert("x-tollgate-report-since", v);
+    }
+    Ok(resp)
 }
 
 /// The request log: `LOG_FILTERS` as query parameters, newest first; a full page carries
@@ -650,11 +676,14 @@ pub async fn reconcile_provider(
         crate::reconcile::metered(&a.store, &name, since_ms, until_ms).map_err(AdminError::Invalid)
     })
     .await?;
-    let theirs = crate::reconcile::reported(&p, since_ms, until_ms)
+    let mut theirs = crate::reconcile::reported(&p, since_ms, until_ms)
         .await
         .map_err(|e| ApiError::new(ErrorKind::UpstreamError, e))?;
+    let cost_error = crate::reconcile::reported_costs(&p, since_ms, until_ms, &mut theirs)
+        .await
+        .err();
     Ok(crate::reconcile::compare(
-        &p.name, since_ms, until_ms, threshold, &ours, &theirs,
+        &p.name, since_ms, until_ms, threshold, &ours, &theirs, cost_error,
     ))
 }
 

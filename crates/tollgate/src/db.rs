@@ -291,6 +291,9 @@ fn sqlite_connect(path: &std::path::Path) -> Result<rusqlite::Connection> {
     // WAL + NORMAL survives process crashes; only an OS crash can lose the last commits.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Statement journals (every multi-row upsert in a transaction has one) and sorts in
+    // memory: in a temporary file they were an eighth of the usage writer's time, in pwrite.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     // Holds, settles and usage inserts reuse a few dozen statements per request.
     conn.set_prepared_statement_cache_capacity(128);
     // Checkpoints (and their fsync) run on the checkpointer thread, not inside whichever

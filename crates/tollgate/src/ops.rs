@@ -861,6 +861,7 @@ pub fn roi_report(store: &Store, by: &str, since: Option<&str>) -> Result<Vec<Ro
         )));
     }
     let since_ms = since_ms(since)?;
+    let spends = store.outcome_spends(since_ms)?;
     #[derive(Default)]
     struct Acc {
         outcomes: u64,
@@ -876,7 +877,7 @@ pub fn roi_report(store: &Store, by: &str, since: Option<&str>) -> Result<Vec<Ro
             (None, Some(r)) => format!("run:{r}"),
             (None, None) => continue,
         };
-        let spend = store.outcome_spend(&o, since_ms)?;
+        let spend = spends.get(&target).cloned().unwrap_or_default();
         let total: u64 = spend.iter().map(|(_, c)| *c).sum();
         attributed.insert(target.clone(), total);
         let names: Vec<(String, u64)> = match by {

@@ -1,6 +1,8 @@
 //! Reconciliation: what tollgate metered for a provider, per (UTC day, model, token class),
-//! against what the provider's own usage report API says it billed. A drift is found the day
-//! after, not on the invoice weeks later.
+//! against what the provider's own usage report API says it billed, and what tollgate charged
+//! per (day, model) against the provider's cost report. A drift is found the day after, not on
+//! the invoice weeks later; a cost drift with no token drift is a price table that is not the
+//! provider's.
 
 use crate::providers::ProviderKind;
 use crate::store::Store;
@@ -15,7 +17,8 @@ pub struct DriftRow {
     /// `YYYY-MM-DD`, UTC.
     pub day: String,
     pub model: String,
-    /// `input` (every prompt token, cached included), `cached_input`, `cache_write`, `output`.
+    /// `input` (every prompt token, cached included), `cached_input`, `cache_write`, `output`,
+    /// or `cost_micros` (what tollgate charged against what the provider's cost report says).
     pub class: String,
     pub tollgate: u64,
     pub provider: u64,
@@ -35,10 +38,20 @@ pub struct Reconciliation {
     pub rows: Vec<DriftRow>,
     /// True when no row drifts past the threshold.
     pub ok: bool,
+    /// Why costs were not compared (the provider's cost report could not be read, e.g. the
+    /// key lacks the admin scope): tokens still were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_error: Option<String>,
 }
 
-type Counts = BTreeMap<(i64, String), [u64; 4]>;
-const CLASSES: [&str; 4] = ["input", "cached_input", "cache_write", "output"];
+type Counts = BTreeMap<(i64, String), [u64; 5]>;
+const CLASSES: [&str; 5] = [
+    "input",
+    "cached_input",
+    "cache_write",
+    "output",
+    "cost_micros",
+];
 
 fn day_name(day_ms: i64) -> String {
     let (y, m, d) = crate::clock::civil(day_ms.div_euclid(DAY_MS));
@@ -164,6 +177,7 @@ pub fn compare(
     threshold_pct: f64,
     ours: &Counts,
     theirs: &Counts,
+    cost_error: Option<String>,
 ) -> Reconciliation {
     let mut keys: Vec<&(i64, String)> = ours.keys().chain(theirs.keys()).collect();
     keys.sort();
@@ -172,7 +186,10 @@ pub fn compare(
     for k in keys {
         let a = ours.get(k).copied().unwrap_or_default();
         let b = theirs.get(k).copied().unwrap_or_default();
-        for i in 0..4 {
+        for i in 0..5 {
+            if i == 4 && cost_error.is_some() {
+                continue;
+            }
             if a[i] == 0 && b[i] == 0 {
                 continue;
             }
@@ -203,5 +220,101 @@ pub fn compare(
         threshold_pct,
         rows,
         ok,
+        cost_error,
     }
+}
+
+/// `"123.4567"` cents (Anthropic's money) in micro-USD, exactly.
+fn cents_to_micros(s: &str) -> Option<u64> {
+    let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+    let frac: String = frac.chars().chain(std::iter::repeat('0')).take(4).collect();
+    whole
+        .parse::<u64>()
+        .ok()?
+        .checked_mul(10_000)?
+        .checked_add(frac.parse::<u64>().ok()?)
+}
+
+/// What the provider's cost report says it charged, by day and model, into `out[..][4]`.
+pub async fn reported_costs(
+    p: &Provider,
+    since_ms: i64,
+    until_ms: i64,
+    out: &mut Counts,
+) -> Result<(), String> {
+    let anthropic = matches!(p.kind, ProviderKind::Anthropic);
+    let url = if anthropic {
+        format!(
+            "{}/organizations/cost_report?starting_at={}&ending_at={}&bucket_width=1d&group_by[]=description&limit=31",
+            p.base_url,
+            crate::clock::rfc3339(since_ms.div_euclid(DAY_MS) * DAY_MS),
+            crate::clock::rfc3339(until_ms)
+        )
+    } else {
+        format!(
+            "{}/organization/costs?start_time={}&end_time={}&bucket_width=1d&group_by=line_item&limit=31",
+            p.base_url,
+            since_ms.div_euclid(DAY_MS) * DAY_MS / 1000,
+            until_ms / 1000
+        )
+    };
+    let mut req = p.client.get(&url).headers(p.headers.clone());
+    if anthropic {
+        req = req.header("anthropic-version", "2023-06-01");
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| format!("calling {}'s cost report: {e}", p.name))?;
+    let status = resp.status();
+    let body: serde_json::Value = resp
+        .json()
+        .await
+        .map_err(|e| format!("{}'s cost report is not JSON: {e}", p.name))?;
+    if !status.is_success() {
+        return Err(format!(
+            "{}'s cost report answered {status}: {body}",
+            p.name
+        ));
+    }
+    for bucket in body["data"].as_array().into_iter().flatten() {
+        let day_ms = if anthropic {
+            bucket["starting_at"]
+                .as_str()
+                .and_then(crate::clock::parse_rfc3339)
+                .unwrap_or(0)
+        } else {
+            bucket["start_time"].as_i64().unwrap_or(0) * 1000
+        };
+        for r in bucket["results"].as_array().into_iter().flatten() {
+            let (model, micros) = if anthropic {
+                if r["cost_type"].as_str().is_some_and(|t| t != "tokens") {
+                    continue;
+                }
+                (
+                    r["model"].as_str().unwrap_or("-").to_string(),
+                    r["amount"].as_str().and_then(cents_to_micros),
+                )
+            } else {
+                // Line items are "<model>, <what>".
+                let line = r["line_item"].as_str().unwrap_or("-");
+                (
+                    line.split_once(", ").map_or(line, |(m, _)| m).to_string(),
+                    r["amount"]["value"]
+                        .as_f64()
+                        .filter(|v| v.is_finite() && *v >= 0.0)
+                        .map(|v| (v * 1e6).round() as u64),
+                )
+            };
+            let micros = micros.ok_or_else(|| {
+                format!(
+                    "{}'s cost report has an amount that is not money: {r}",
+                    p.name
+                )
+            })?;
+            let c = out.entry((day_ms, model)).or_default();
+            c[4] = c[4].saturating_add(micros);
+        }
+    }
+    Ok(())
 }

@@ -105,6 +105,9 @@ pub struct UsageRecord {
     pub agent: String,
     pub team: Option<String>,
     pub project: Option<String>,
+    /// The key's organisation (`None`: the `default` one).
+    #[serde(default)]
+    pub org: Option<String>,
     pub tags: BTreeMap<String, String>,
     pub model_requested: Option<String>,
     pub provider: Option<String>,

@@ -478,6 +478,20 @@ pub(crate) async fn teams(cmd: TeamsCmd, target: Target) -> anyhow::Result<()> {
 }
 
 pub(crate) async fn usage(args: UsageArgs) -> anyhow::Result<()> {
+    if args.by == "outcome" {
+        // Spend by what it bought: the ROI report by outcome type.
+        return roi("type".into(), args.since, args.target).await;
+    }
+    let by: tollgate::store::GroupBy = args.by.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    if by.rolled_up() && args.target.format != Format::Json {
+        let from = tollgate::store::report_start(admin::since_ms(args.since.as_deref())?);
+        if from > 0 {
+            eprintln!(
+                "spend from {} (reports start on the hour)",
+                tollgate::clock::rfc3339(from)
+            );
+        }
+    }
     let backend = Backend::new(&args.target)?;
     let rows: Vec<ReportRow> = match &backend {
         Backend::Local { store, .. } => {
@@ -773,6 +787,9 @@ pub(crate) async fn reconcile(
             &body,
             target.format == Format::Csv,
         );
+        if let Some(e) = &r.cost_error {
+            eprintln!("costs not compared (tokens were): {e}");
+        }
         println!(
             "{}: {}",
             r.provider,

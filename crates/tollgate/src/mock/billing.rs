@@ -8,6 +8,13 @@
 //!   RFC 3339, `bucket_width=1d`, `group_by[]=model`): buckets of results with
 //!   `uncached_input_tokens`, `cache_read_input_tokens`, `cache_creation`, `output_tokens`.
 //!
+//! - Costs, priced with the built-in price table (the providers' list prices) per request,
+//!   rounded up to the micro-dollar as tollgate rounds: OpenAI's `GET /v1/organization/costs`
+//!   (`group_by=line_item`: `amount.value` in USD, line items `"<model>, input"`,
+//!   `"<model>, cached input"`, `"<model>, output"`) and Anthropic's
+//!   `GET /v1/organizations/cost_report` (`group_by[]=description`: `amount` a decimal
+//!   string in cents, with `model` and `token_type`).
+//!
 //! The `overbill` flag bills 10% more output than the answer reported (at least one token): a
 //! provider whose invoice disagrees with what it told the gateway.
 
@@ -23,6 +30,9 @@ pub(crate) struct Billed {
     pub(crate) write_5m: u64,
     pub(crate) write_1h: u64,
     pub(crate) output: u64,
+    /// What it cost, in micro-USD per `TOKEN_CLASSES` (input, cached, 5m and 1h writes,
+    /// output, reasoning); each request's rounding up lands on its uncached input.
+    pub(crate) cost: [u64; 6],
 }
 
 /// (dialect, day start in Unix seconds, model) → totals.
@@ -37,6 +47,27 @@ impl MockState {
             u.output += (u.output / 10).max(1);
         }
         u.requests = 1;
+        let table = crate::prices::PriceTable::new(&[]);
+        if let Some(price) = table
+            .lookup(dialect, model)
+            .or_else(|| table.lookup("mock", model))
+        {
+            let usage = tollgate_proto::Usage {
+                input: u.input,
+                cached_input: u.cached,
+                cache_write_5m: u.write_5m,
+                cache_write_1h: u.write_1h,
+                output: u.output,
+                ..Default::default()
+            };
+            let classes = crate::prices::token_classes(&usage);
+            let mut sum = 0;
+            for (i, (n, p)) in classes.iter().zip(price.per_class()).enumerate() {
+                u.cost[i] = n * p / 1_000_000;
+                sum += u.cost[i];
+            }
+            u.cost[0] += price.cost(&usage) - sum;
+        }
         let day = crate::clock::now_ms().max(0) as u64 / 1000 / DAY_S * DAY_S;
         let mut ledger = self.billed.lock().unwrap_or_else(|p| p.into_inner());
         let t = ledger.entry((dialect, day, model.to_string())).or_default();
@@ -46,6 +77,9 @@ impl MockState {
         t.write_5m += u.write_5m;
         t.write_1h += u.write_1h;
         t.output += u.output;
+        for i in 0..6 {
+            t.cost[i] += u.cost[i];
+        }
     }
 
     fn days(&self, dialect: &str, from_s: u64, to_s: u64) -> BTreeMap<u64, Vec<(String, Billed)>> {
@@ -186,6 +220,136 @@ pub(crate) async fn anthropic_usage_report(
                         "service_tier": "standard", "context_window": "0-200k"})
                 })
                 .collect();
+            json!({"starting_at": rfc3339(day), "ending_at": rfc3339(day + DAY_S), "results": results})
+        })
+        .collect();
+    axum::Json(json!({"data": data, "has_more": false, "next_page": null})).into_response()
+}
+
+/// `micros` as Anthropic writes money: a decimal string in cents.
+fn cents(micros: u64) -> String {
+    format!("{}.{:04}", micros / 10_000, micros % 10_000)
+}
+
+pub(crate) async fn openai_costs(
+    State(state): State<Arc<MockState>>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    if let Some(r) = state
+        .failure(&Behaviour::from("mock", &headers), &headers)
+        .await
+    {
+        return r;
+    }
+    let q = query(&uri);
+    let get = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let Some(start) = get("start_time").and_then(|v| v.parse::<u64>().ok()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "start_time is required",
+            "invalid_request_error",
+            "invalid_value",
+        );
+    };
+    let end = get("end_time")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(start + 7 * DAY_S);
+    let by_item = q
+        .iter()
+        .any(|(k, v)| k.starts_with("group_by") && v == "line_item");
+    let data: Vec<Value> = state
+        .days("openai", start, end)
+        .into_iter()
+        .map(|(day, models)| {
+            let item = |line: Option<String>, micros: u64| {
+                json!({"object": "organization.costs.result",
+                    "amount": {"value": micros as f64 / 1e6, "currency": "usd"},
+                    "line_item": line, "project_id": null})
+            };
+            let results: Vec<Value> = if by_item {
+                models
+                    .iter()
+                    .flat_map(|(m, t)| {
+                        [
+                            ("input", t.cost[0] + t.cost[2] + t.cost[3]),
+                            ("cached input", t.cost[1]),
+                            ("output", t.cost[4] + t.cost[5]),
+                        ]
+                        .into_iter()
+                        .filter(|(_, c)| *c > 0)
+                        .map(move |(class, c)| item(Some(format!("{m}, {class}")), c))
+                    })
+                    .collect()
+            } else {
+                vec![item(None, models.iter().map(|(_, t)| t.cost.iter().sum::<u64>()).sum())]
+            };
+            json!({"object": "bucket", "start_time": day, "end_time": day + DAY_S, "results": results})
+        })
+        .collect();
+    axum::Json(json!({"object": "page", "data": data, "has_more": false, "next_page": null}))
+        .into_response()
+}
+
+pub(crate) async fn anthropic_cost_report(
+    State(state): State<Arc<MockState>>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    if let Some(r) = state
+        .failure(&Behaviour::from("mock", &headers), &headers)
+        .await
+    {
+        return to_anthropic(r);
+    }
+    let q = query(&uri);
+    let get = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let Some(start) = get("starting_at").and_then(parse_rfc3339) else {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            anthropic_error_body(
+                "invalid_request_error",
+                "starting_at: a RFC 3339 time is required",
+            ),
+        );
+    };
+    let end = get("ending_at")
+        .and_then(parse_rfc3339)
+        .unwrap_or(start + 7 * DAY_S);
+    let by_description = q
+        .iter()
+        .any(|(k, v)| k.starts_with("group_by") && v == "description");
+    let data: Vec<Value> = state
+        .days("anthropic", start, end)
+        .into_iter()
+        .map(|(day, models)| {
+            let results: Vec<Value> = if by_description {
+                models
+                    .iter()
+                    .flat_map(|(m, t)| {
+                        [
+                            ("uncached_input_tokens", "Input", t.cost[0]),
+                            ("cache_read_input_tokens", "Cache Hits & Refreshes", t.cost[1]),
+                            ("cache_creation.ephemeral_5m_input_tokens", "5m Cache Write", t.cost[2]),
+                            ("cache_creation.ephemeral_1h_input_tokens", "1h Cache Write", t.cost[3]),
+                            ("output_tokens", "Output", t.cost[4] + t.cost[5]),
+                        ]
+                        .into_iter()
+                        .filter(|(_, _, c)| *c > 0)
+                        .map(move |(token_type, what, c)| {
+                            json!({"amount": cents(c), "currency": "USD",
+                                "description": format!("{m}, {what}"), "cost_type": "tokens",
+                                "context_window": "0-200k", "model": m, "service_tier": "standard",
+                                "token_type": token_type, "workspace_id": null})
+                        })
+                    })
+                    .collect()
+            } else {
+                let total: u64 = models.iter().map(|(_, t)| t.cost.iter().sum::<u64>()).sum();
+                vec![json!({"amount": cents(total), "currency": "USD", "description": null,
+                    "cost_type": null, "context_window": null, "model": null,
+                    "service_tier": null, "token_type": null, "workspace_id": null})]
+            };
             json!({"starting_at": rfc3339(day), "ending_at": rfc3339(day + DAY_S), "results": results})
         })
         .collect();

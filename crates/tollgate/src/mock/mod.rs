@@ -116,6 +116,11 @@ pub fn router(api_key: Option<String>) -> Router {
             "/v1/organizations/usage_report/messages",
             get(billing::anthropic_usage_report),
         )
+        .route("/v1/organization/costs", get(billing::openai_costs))
+        .route(
+            "/v1/organizations/cost_report",
+            get(billing::anthropic_cost_report),
+        )
         .route("/mock/stats", get(stats))
         .with_state(state)
 }

@@ -91,6 +91,7 @@ impl Settlement {
             agent: key.name.clone(),
             team: key.team.clone(),
             project: key.project.clone(),
+            org: key.org.clone(),
             tags: key.tags.clone(),
             usage_source: "none".into(),
             ..UsageRecord::default()

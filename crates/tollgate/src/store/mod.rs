@@ -5,7 +5,7 @@ mod outcomes;
 mod usage;
 
 pub use outcomes::{ModelSpend, Outcome, Recorded};
-pub use usage::{insert_usage_rows, GroupBy, RecordFilter, ReportRow, ReportSource};
+pub use usage::{insert_usage_rows, report_start, GroupBy, RecordFilter, ReportRow, ReportSource};
 
 use crate::db::{Db, DbError, Dialect, Location, Param, Row, Value};
 use crate::records::UsageRecord;
@@ -137,6 +137,8 @@ const MIGRATIONS: &[&str] = &[
         response TEXT NOT NULL,
         truncated INTEGER NOT NULL
      );",
+    // 16: organisations on records, rollups per dimension and per run
+    usage::DIMENSION_MIGRATION,
 ];
 
 /// Copies the WAL back into the database every `every`, off the request and writer paths
@@ -751,6 +753,9 @@ mod tests {
                 team: [None, Some("a".to_string()), Some("b".to_string())][next(3) as usize]
                     .clone(),
                 project: [None, Some("p".to_string())][next(2) as usize].clone(),
+                org: [None, Some("acme".to_string())][next(2) as usize].clone(),
+                run_id: [None, Some("r1".to_string()), Some("r2".to_string())][next(3) as usize]
+                    .clone(),
                 model_requested: Some(["m1", "m2"][next(2) as usize].into()),
                 model_served: (next(2) == 0).then(|| "served".to_string()),
                 provider: Some("prov".into()),
@@ -778,7 +783,7 @@ mod tests {
         store
             .with(|db| db.write(|tx| insert_usage_rows(tx, &recs[..256], &[0; 256])))
             .unwrap();
-        for by in ["key", "team", "project", "model", "day", "endpoint"] {
+        for by in ["key", "team", "org", "project", "model", "day", "endpoint"] {
             let by: GroupBy = by.parse().unwrap();
             for since in [
                 0,
@@ -787,9 +792,16 @@ mod tests {
                 now - 3_600_000,
                 now - 1,
             ] {
+                // Rollups start on the hour: the records from that hour are the reference.
                 let want = store
-                    .usage_report_from(&by, since, now, ReportSource::Records)
+                    .usage_report_from(
+                        &by,
+                        super::usage::report_start(since),
+                        now,
+                        ReportSource::Records,
+                    )
                     .unwrap();
+                assert!(since > now - day || !want.is_empty());
                 let got = store
                     .usage_report_from(&by, since, now, ReportSource::Auto)
                     .unwrap();
@@ -803,6 +815,69 @@ mod tests {
             .map(|r| r.requests)
             .sum();
         assert_eq!(total, 3_000);
+        // The full hourly rollup, for drill-down: cost and requests per (team, status class).
+        let drill = |sql: &str| {
+            store
+                .with(|db| {
+                    db.rows(sql, &[])?
+                        .iter()
+                        .map(|r| {
+                            Ok((
+                                r.get::<String>(0)?,
+                                r.get::<i64>(1)?,
+                                r.get::<u64>(2)?,
+                                r.get::<u64>(3)?,
+                            ))
+                        })
+                        .collect::<Result<Vec<_>>>()
+                })
+                .unwrap()
+        };
+        assert_eq!(
+            drill(
+                "SELECT team, status_class, CAST(SUM(requests) AS BIGINT), CAST(SUM(cost_micros) AS BIGINT)
+                 FROM usage_rollup GROUP BY 1, 2 ORDER BY 1, 2"
+            ),
+            drill(
+                "SELECT COALESCE(team, ''), status / 100, COUNT(*), CAST(SUM(cost_micros) AS BIGINT)
+                 FROM usage GROUP BY 1, 2 ORDER BY 1, 2"
+            )
+        );
+        // The per-run rollups hold each run's spend, from any hour on.
+        for since in [0, now - 7 * day - 1_800_000] {
+            let from = super::usage::report_start(since);
+            for run in ["r1", "r2"] {
+                let mut want: Vec<(String, u64)> = Vec::new();
+                for r in recs
+                    .iter()
+                    .filter(|r| r.run_id.as_deref() == Some(run) && r.ts_ms >= from)
+                {
+                    let m = r
+                        .model_served
+                        .clone()
+                        .or_else(|| r.model_requested.clone())
+                        .unwrap();
+                    match want.iter_mut().find(|(n, _)| *n == m) {
+                        Some((_, c)) => *c += r.cost_micros,
+                        None => want.push((m, r.cost_micros)),
+                    }
+                }
+                want.sort();
+                let got = store
+                    .with(|db| {
+                        db.rows(
+                            "SELECT model, CAST(SUM(cost_micros) AS BIGINT) FROM usage_run_rollup
+                             WHERE run_id = ?1 AND start_ms >= ?2 GROUP BY model ORDER BY model",
+                            &[&run, &from],
+                        )?
+                        .iter()
+                        .map(|r| Ok((r.get::<String>(0)?, r.get::<u64>(1)?)))
+                        .collect::<Result<Vec<_>>>()
+                    })
+                    .unwrap();
+                assert_eq!(got, want, "run {run} since {since}");
+            }
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -138,33 +138,43 @@ impl Store {
         })
     }
 
-    /// The spend an outcome is set against, by model: its request's record, or every record
-    /// of its run and the run's sub-runs (at any depth), from `since_ms` on.
-    pub fn outcome_spend(&self, o: &Outcome, since_ms: i64) -> Result<ModelSpend> {
+    /// The spend each outcome that occurred at or after `since_ms` is set against, by model,
+    /// keyed `req:ID` or `run:ID`: its request's record, or its run and the run's sub-runs
+    /// (at any depth) from the per-run rollups, counting spend from `since_ms` on (rounded down
+    /// to its hour, as reports are). Two queries, whatever the number of outcomes.
+    pub fn outcome_spends(&self, since_ms: i64) -> Result<BTreeMap<String, ModelSpend>> {
+        let from = super::usage::report_start(since_ms);
         self.with(|db| {
-            let rows = match (&o.request_id, &o.run_id) {
-                (Some(req), _) => db.rows(
-                    "SELECT COALESCE(model_served, model_requested, '-'), CAST(SUM(cost_micros) AS BIGINT)
-                     FROM usage WHERE id = ?1 AND ts_ms >= ?2 GROUP BY 1 ORDER BY 1",
-                    &[req, &since_ms],
-                )?,
-                (None, Some(run)) => db.rows(
-                    "WITH RECURSIVE tree(id) AS (
-                        SELECT CAST(?1 AS TEXT)
-                        UNION ALL
-                        SELECT e.id FROM envelopes e JOIN tree t ON e.parent = t.id
-                     )
-                     SELECT COALESCE(model_served, model_requested, '-'), CAST(SUM(cost_micros) AS BIGINT)
-                     FROM usage
-                     WHERE run_id IN (SELECT substr(id, 5) FROM tree) AND ts_ms >= ?2
-                     GROUP BY 1 ORDER BY 1",
-                    &[&format!("run:{run}"), &since_ms],
-                )?,
-                (None, None) => Vec::new(),
-            };
-            rows.iter()
-                .map(|r| Ok((r.get::<String>(0)?, r.get::<u64>(1)?)))
-                .collect()
+            let mut spends: BTreeMap<String, ModelSpend> = BTreeMap::new();
+            let by_request = db.rows(
+                "SELECT 'req:' || u.id, COALESCE(NULLIF(COALESCE(u.model_served, u.model_requested), ''), '-'),
+                        CAST(SUM(u.cost_micros) AS BIGINT)
+                 FROM usage u
+                 WHERE u.id IN (SELECT request_id FROM outcomes WHERE occurred_ms >= ?1 AND request_id IS NOT NULL)
+                   AND u.ts_ms >= ?2
+                 GROUP BY 1, 2 ORDER BY 1, 2",
+                &[&since_ms, &from],
+            )?;
+            let by_run = db.rows(
+                "WITH RECURSIVE tree(root, id) AS (
+                    SELECT DISTINCT run_id, CAST('run:' || run_id AS TEXT) FROM outcomes
+                    WHERE occurred_ms >= ?1 AND request_id IS NULL AND run_id IS NOT NULL
+                    UNION ALL
+                    SELECT t.root, e.id FROM envelopes e JOIN tree t ON e.parent = t.id
+                 )
+                 SELECT 'run:' || t.root, COALESCE(NULLIF(r.model, ''), '-'), CAST(SUM(r.cost_micros) AS BIGINT)
+                 FROM tree t JOIN usage_run_rollup r ON r.run_id = substr(t.id, 5)
+                 WHERE r.start_ms >= ?2
+                 GROUP BY 1, 2 ORDER BY 1, 2",
+                &[&since_ms, &from],
+            )?;
+            for r in by_request.iter().chain(by_run.iter()) {
+                spends
+                    .entry(r.get::<String>(0)?)
+                    .or_default()
+                    .push((r.get::<String>(1)?, r.get::<u64>(2)?));
+            }
+            Ok(spends)
         })
     }
 }

@@ -22,6 +22,8 @@ pub struct ReportRow {
 pub enum GroupBy {
     Key,
     Team,
+    /// The key's organisation.
+    Org,
     Project,
     Model,
     Day,
@@ -37,7 +39,8 @@ impl std::str::FromStr for GroupBy {
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         Ok(match s {
             "key" | "agent" => GroupBy::Key,
-            "team" => GroupBy::Team,
+"team" => GroupBy::Team,
+            "org" => GroupBy::Org,
             "project" => GroupBy::Project,
             "model" => GroupBy::Model,
             "day" => GroupBy::Day,
@@ -47,7 +50,7 @@ impl std::str::FromStr for GroupBy {
                 Some(t) if !t.is_empty() => GroupBy::Tag(t.to_string()),
                 _ => {
                     return Err(format!(
-                        "cannot group by \"{s}\": use key, team, project, model, day, run, endpoint or tag:NAME"
+                        "cannot group by \"{s}\": use key, team, org, project, model, day, run, endpoint or tag:NAME"
                     ))
                 }
             },
@@ -86,42 +89,46 @@ pub enum ReportSource {
 }
 
 impl GroupBy {
-    /// The group's expression over records, and over rollup rows (None: not rolled up).
-    fn exprs(&self, pg: bool) -> (&'static str, Option<&'static str>) {
+    /// The group's expression over records, and the rollup dimension that holds it with the
+    /// expression over that dimension's rows (None: not rolled up, read from records).
+    fn exprs(&self, pg: bool) -> (&'static str, Option<(&'static str, &'static str)>) {
         match self {
-            GroupBy::Key => (
-                "agent || ' (' || key_id || ')'",
-                Some("agent || ' (' || key_id || ')'"),
-            ),
-            GroupBy::Team => (
-                "COALESCE(team, '-')",
-                Some("COALESCE(NULLIF(team, ''), '-')"),
-            ),
+            GroupBy::Key => ("agent || ' (' || key_id || ')'", Some(("key", "label"))),
+            GroupBy::Team => ("COALESCE(NULLIF(team, ''), '-')", Some(("team", "label"))),
+            GroupBy::Org => ("COALESCE(org, 'default')", Some(("org", "label"))),
             GroupBy::Project => (
-                "COALESCE(project, '-')",
-                Some("COALESCE(NULLIF(project, ''), '-')"),
+                "COALESCE(NULLIF(project, ''), '-')",
+                Some(("project", "label")),
             ),
             GroupBy::Model => (
-                "COALESCE(model_served, model_requested, '-')",
-                Some("COALESCE(NULLIF(model, ''), '-')"),
+                "COALESCE(NULLIF(COALESCE(model_served, model_requested), ''), '-')",
+                Some(("model", "label")),
             ),
             GroupBy::Day if pg => (
                 "to_char(to_timestamp(ts_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
-                Some("to_char(to_timestamp(start_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"),
+                Some((
+                    "all",
+                    "to_char(to_timestamp(start_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+                )),
             ),
             GroupBy::Day => (
                 "date(ts_ms / 1000, 'unixepoch')",
-                Some("date(start_ms / 1000, 'unixepoch')"),
+                Some(("all", "date(start_ms / 1000, 'unixepoch')")),
             ),
             GroupBy::Run => ("COALESCE(run_id, '-')", None),
-            GroupBy::Endpoint => ("endpoint", Some("endpoint")),
+            GroupBy::Endpoint => ("endpoint", Some(("endpoint", "label"))),
             // Tags are not rolled up, so a tag report is records only: ?1, ?2, and the tag.
-            GroupBy::Tag(_) if pg => ("COALESCE(CAST(tags AS JSONB) ->> ?3, '-')", None),
+            GroupBy::Tag(_) if pg => ("COALESCE(CAST(tags AS JSONB) ->> ?2, '-')", None),
             GroupBy::Tag(_) => (
-                "COALESCE(json_extract(tags, '$.' || json_quote(?3)), '-')",
+                "COALESCE(json_extract(tags, '$.' || json_quote(?2)), '-')",
                 None,
             ),
         }
+    }
+
+    /// Whether reports by this grouping read rollups (and so start on the hour).
+    pub fn rolled_up(&self) -> bool {
+        self.exprs(false).1.is_some()
     }
 }
 
@@ -130,9 +137,12 @@ impl Store {
         self.usage_report_from(by, since_ms, crate::clock::now_ms(), ReportSource::Auto)
     }
 
-    /// The report over `[since_ms, now]`. With rollups, the time it takes depends on the
-    /// number of groups and buckets, not of records: records are read only for the partial
-    /// hour at the window's start (and the whole window when the grouping is not rolled up).
+    /// The report from `since_ms` on. From rollups (`Auto`, for every grouping but run and
+    /// tag) the window starts at `report_start(since_ms)`, the hour `since_ms` falls in, and
+    /// no record is read: the time it takes depends on the dimension's cardinality and the
+    /// buckets in the window. Whole days come from daily rows, the hours around them from
+    /// hourly rows; each part is one range on the key's prefix (an OR of two ranges made
+    /// SQLite scan every hourly row of all time).
     pub fn usage_report_from(
         &self,
         by: &GroupBy,
@@ -142,59 +152,51 @@ impl Store {
     ) -> Result<Vec<ReportRow>> {
         self.with(|db| {
             let pg = db.dialect() == Dialect::Postgres;
-            let (raw_group, rollup_group) = by.exprs(pg);
-            // Records in [since, h1); hourly rollups in [h1, d1) and [d2, ...); daily in [d1, d2).
-            // Each part is one range on the rollup key's prefix (bucket, start_ms): an OR of
-            // two ranges made SQLite scan every hourly row of all time.
-            let ceil = |t: i64, span: i64| t.div_euclid(span) * span + if t.rem_euclid(span) == 0 { 0 } else { span };
-            let (h1, d1, d2) = match (rollup_group, source) {
-                (Some(_), ReportSource::Auto) => {
-                    let h1 = ceil(since_ms, HOUR_MS);
-                    let d1 = ceil(h1, DAY_MS);
-                    let d2 = now_ms.div_euclid(DAY_MS) * DAY_MS;
-                    if d1 < d2 {
-                        (h1, d1, d2)
-                    } else {
-                        (h1, i64::MAX, i64::MAX)
+            let (raw_group, rollup) = by.exprs(pg);
+            let sums = "SELECT g, CAST(SUM(n) AS BIGINT), CAST(SUM(e) AS BIGINT), CAST(SUM(i) AS BIGINT),
+                        CAST(SUM(c) AS BIGINT), CAST(SUM(o) AS BIGINT), CAST(SUM(r) AS BIGINT),
+                        CAST(SUM(m) AS BIGINT), CAST(SUM(w) AS BIGINT)";
+            let rows = match (rollup, source) {
+                (Some((dim, group)), ReportSource::Auto) => {
+                    let ceil_day = |t: i64| t.div_euclid(DAY_MS) * DAY_MS + if t.rem_euclid(DAY_MS) == 0 { 0 } else { DAY_MS };
+                    let h1 = report_start(since_ms);
+                    let (d1, d2) = match (ceil_day(h1), now_ms.div_euclid(DAY_MS) * DAY_MS) {
+                        (d1, d2) if d1 < d2 => (d1, d2),
+                        _ => (i64::MAX, i64::MAX),
+                    };
+                    let part = |cond: &str| {
+                        format!(
+                            "SELECT {group} AS g, requests AS n, errors AS e, input_tokens AS i,
+                                cached_input_tokens AS c, output_tokens AS o, reasoning_tokens AS r,
+                                cost_micros AS m, cache_write_tokens AS w
+                             FROM usage_rollup_dim WHERE dim = ?1 AND {cond}"
+                        )
+                    };
+                    // SUM over BIGINT is NUMERIC in PostgreSQL: cast back, identically on both.
+                    let sql = format!(
+                        "{sums} FROM ({} UNION ALL {} UNION ALL {}) AS parts
+                         GROUP BY g ORDER BY SUM(m) DESC, g",
+                        part("bucket = 'h' AND start_ms >= ?2 AND start_ms < ?3"),
+                        part("bucket = 'h' AND start_ms >= ?4"),
+                        part("bucket = 'd' AND start_ms >= ?3 AND start_ms < ?4"),
+                    );
+                    db.rows(&sql, &[&dim, &h1, &d1, &d2])?
+                }
+                _ => {
+                    let sql = format!(
+                        "{sums} FROM (SELECT {raw_group} AS g, 1 AS n,
+                            CASE WHEN status >= 400 OR error_kind IS NOT NULL THEN 1 ELSE 0 END AS e,
+                            input_tokens AS i, cached_input_tokens AS c, output_tokens AS o,
+                            reasoning_tokens AS r, cost_micros AS m,
+                            cache_write_5m_tokens + cache_write_1h_tokens AS w
+                         FROM usage WHERE ts_ms >= ?1) AS parts
+                         GROUP BY g ORDER BY SUM(m) DESC, g"
+                    );
+                    match by {
+                        GroupBy::Tag(t) => db.rows(&sql, &[&since_ms, t])?,
+                        _ => db.rows(&sql, &[&since_ms])?,
                     }
                 }
-                _ => (i64::MAX, i64::MAX, i64::MAX),
-            };
-            let raw = format!(
-                "SELECT {raw_group} AS g, 1 AS n,
-                        CASE WHEN status >= 400 OR error_kind IS NOT NULL THEN 1 ELSE 0 END AS e,
-                        input_tokens AS i, cached_input_tokens AS c, output_tokens AS o,
-                        reasoning_tokens AS r, cost_micros AS m,
-                        cache_write_5m_tokens + cache_write_1h_tokens AS w
-                 FROM usage WHERE ts_ms >= ?1 AND ts_ms < ?2"
-            );
-            let sql = match rollup_group {
-                Some(rg) if h1 != i64::MAX => {
-                    let sums = "requests AS n, errors AS e, input_tokens AS i, cached_input_tokens AS c,
-                        output_tokens AS o, reasoning_tokens AS r, cost_micros AS m, cache_write_tokens AS w";
-                    format!(
-                        "{raw}
-                         UNION ALL SELECT {rg} AS g, {sums} FROM usage_rollup
-                           WHERE bucket = 'h' AND start_ms >= ?2 AND start_ms < ?3
-                         UNION ALL SELECT {rg} AS g, {sums} FROM usage_rollup
-                           WHERE bucket = 'h' AND start_ms >= ?4
-                         UNION ALL SELECT {rg} AS g, {sums} FROM usage_rollup
-                           WHERE bucket = 'd' AND start_ms >= ?3 AND start_ms < ?4"
-                    )
-                }
-                _ => raw,
-            };
-            // SUM over BIGINT is NUMERIC in PostgreSQL: cast back, identically on both.
-            let sql = format!(
-                "SELECT g, CAST(SUM(n) AS BIGINT), CAST(SUM(e) AS BIGINT), CAST(SUM(i) AS BIGINT),
-                        CAST(SUM(c) AS BIGINT), CAST(SUM(o) AS BIGINT), CAST(SUM(r) AS BIGINT),
-                        CAST(SUM(m) AS BIGINT), CAST(SUM(w) AS BIGINT)
-                 FROM ({sql}) AS parts GROUP BY g ORDER BY SUM(m) DESC, g"
-            );
-            let rows = match by {
-                GroupBy::Tag(t) => db.rows(&sql, &[&since_ms, &h1, t])?,
-                _ if h1 != i64::MAX => db.rows(&sql, &[&since_ms, &h1, &d1, &d2])?,
-                _ => db.rows(&sql, &[&since_ms, &h1])?,
             };
             rows.iter()
                 .map(|r| {
@@ -336,13 +338,13 @@ impl Store {
         provider: &str,
         since_ms: i64,
         until_ms: i64,
-    ) -> Result<Vec<(i64, String, [u64; 4])>> {
+    ) -> Result<Vec<(i64, String, [u64; 5])>> {
         self.with(|db| {
             db.rows(
                 "SELECT (ts_ms / 86400000) * 86400000, COALESCE(model_served, model_requested, '-'),
                         CAST(SUM(input_tokens) AS BIGINT), CAST(SUM(cached_input_tokens) AS BIGINT),
                         CAST(SUM(cache_write_5m_tokens + cache_write_1h_tokens) AS BIGINT),
-                        CAST(SUM(output_tokens) AS BIGINT)
+                        CAST(SUM(output_tokens) AS BIGINT), CAST(SUM(cost_micros) AS BIGINT)
                  FROM usage WHERE provider = ?1 AND ts_ms >= ?2 AND ts_ms < ?3 AND reused IS NULL
                    AND endpoint NOT IN ('embeddings', 'messages.count_tokens')
                  GROUP BY 1, 2 ORDER BY 1, 2",
@@ -353,7 +355,7 @@ impl Store {
                 Ok((
                     r.get(0)?,
                     r.get(1)?,
-                    [r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?],
+                    [r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?],
                 ))
             })
             .collect()
@@ -370,9 +372,9 @@ pub(super) const USAGE_COLUMNS: &str =
     model_served, attempts, status, error_kind, input_tokens, cached_input_tokens, output_tokens,
     reasoning_tokens, usage_source, cost_micros, price_version, latency_ms, ttft_ms, stream,
     client_disconnected, cache_write_5m_tokens, cache_write_1h_tokens, request_bytes,
-    response_bytes, reused, reused_from, wallet_id, shortfall_micros, run_id, detail";
+    response_bytes, reused, reused_from, wallet_id, shortfall_micros, run_id, detail, org";
 
-pub(super) const USAGE_COLUMN_COUNT: usize = 35;
+pub(super) const USAGE_COLUMN_COUNT: usize = 36;
 
 fn usage_from_row(r: &Row) -> Result<UsageRecord> {
     let tags: String = r.get(7)?;
@@ -412,6 +414,7 @@ fn usage_from_row(r: &Row) -> Result<UsageRecord> {
         shortfall_micros: r.get(32)?,
         run_id: r.get(33)?,
         detail: r.get(34)?,
+        org: r.get(35)?,
         bodies: None,
         enveloped: false,
         hot_hold_micros: None,
@@ -423,13 +426,11 @@ fn usage_from_row(r: &Row) -> Result<UsageRecord> {
 /// `ON CONFLICT DO NOTHING` on the request id makes a replayed batch (a retry after a failed
 /// commit) harmless.
 pub fn insert_usage_rows(tx: &mut Db, batch: &[UsageRecord], shortfalls: &[u64]) -> Result<()> {
-    // SQLite binds at most 32 766 parameters in a statement: 500 rows of 35 stay well below.
-    const ROWS_PER_STATEMENT: usize = 500;
-    for (recs, falls) in batch
-        .chunks(ROWS_PER_STATEMENT)
-        .zip(shortfalls.chunks(ROWS_PER_STATEMENT))
-    {
-        insert_usage_statement(tx, recs, falls)?;
+    // SQLite binds at most 32 766 parameters in a statement: 256 rows of 36 stay well below.
+    let mut at = 0;
+    for n in statement_sizes(batch.len().min(shortfalls.len())) {
+        insert_usage_statement(tx, &batch[at..at + n], &shortfalls[at..at + n])?;
+        at += n;
     }
     Ok(())
 }
@@ -473,28 +474,21 @@ fn insert_usage_statement(tx: &mut Db, batch: &[UsageRecord], shortfalls: &[u64]
             shortfall,
             &u.run_id,
             &u.detail,
+            &u.org,
         ];
         rows.extend(row.iter().map(|p| p.value()));
     }
     if !rows.is_empty() {
         let n = rows.len() / USAGE_COLUMN_COUNT;
-        let mut sql = format!("INSERT INTO usage ({USAGE_COLUMNS}) VALUES ");
-        for r in 0..n {
-            if r > 0 {
-                sql.push_str(", ");
-            }
-            sql.push('(');
-            for c in 0..USAGE_COLUMN_COUNT {
-                if c > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push_str(&format!("?{}", r * USAGE_COLUMN_COUNT + c + 1));
-            }
-            sql.push(')');
-        }
+        let sql = multi_row_sql(
+            "usage",
+            &format!("INSERT INTO usage ({USAGE_COLUMNS}) VALUES "),
+            " ON CONFLICT DO NOTHING RETURNING id",
+            USAGE_COLUMN_COUNT,
+            n,
+        );
         // A replayed batch (a retry after a failed commit) inserts nothing twice, and only
         // what was inserted is rolled up.
-        sql.push_str(" ON CONFLICT DO NOTHING RETURNING id");
         let params: Vec<&dyn Param> = rows.iter().map(|v| v as &dyn Param).collect();
         let inserted: std::collections::HashSet<String> = tx
             .rows(&sql, &params)?
@@ -516,10 +510,17 @@ fn insert_usage_statement(tx: &mut Db, batch: &[UsageRecord], shortfalls: &[u64]
     Ok(())
 }
 
-const HOUR_MS: i64 = 3_600_000;
+pub(crate) const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 86_400_000;
 
-/// What a rollup row is keyed by: a bucket, and the record's attribution and outcome class.
+/// The start of a report that reads rollups: `since` rounded down to its hour, so that no
+/// record is read and the report's time depends on how many groups there are, never on how
+/// many records (ADR 0021). Reports say which start they used.
+pub fn report_start(since_ms: i64) -> i64 {
+    since_ms.div_euclid(HOUR_MS) * HOUR_MS
+}
+
+/// What a full rollup row is keyed by: a bucket, and the record's attribution and outcome class.
 #[derive(Hash, PartialEq, Eq)]
 struct RollupKey {
     bucket: &'static str,
@@ -534,9 +535,9 @@ struct RollupKey {
     error_kind: String,
 }
 
-#[derive(Default)]
-struct RollupSums {
-    agent: String,
+/// What every rollup row sums.
+#[derive(Default, Clone, Copy)]
+struct Sums {
     requests: i64,
     errors: i64,
     input: u64,
@@ -548,116 +549,349 @@ struct RollupSums {
     latency: u64,
 }
 
-/// The columns a rollup row is keyed by, in the primary key's order.
+const SUM_COLUMNS: [&str; 9] = [
+    "requests",
+    "errors",
+    "input_tokens",
+    "cached_input_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "cache_write_tokens",
+    "cost_micros",
+    "latency_ms_sum",
+];
+
+impl Sums {
+    fn add(&mut self, u: &UsageRecord) {
+        self.requests += 1;
+        self.errors += i64::from(u.status >= 400 || u.error_kind.is_some());
+        self.input = self.input.saturating_add(u.input_tokens);
+        self.cached = self.cached.saturating_add(u.cached_input_tokens);
+        self.output = self.output.saturating_add(u.output_tokens);
+        self.reasoning = self.reasoning.saturating_add(u.reasoning_tokens);
+        self.cache_write = self.cache_write.saturating_add(
+            u.cache_write_5m_tokens
+                .saturating_add(u.cache_write_1h_tokens),
+        );
+        self.cost = self.cost.saturating_add(u.cost_micros);
+        self.latency = self.latency.saturating_add(u.latency_ms);
+    }
+
+    fn values(&self) -> [Value; 9] {
+        [
+            self.requests.value(),
+            self.errors.value(),
+            self.input.value(),
+            self.cached.value(),
+            self.output.value(),
+            self.reasoning.value(),
+            self.cache_write.value(),
+            self.cost.value(),
+            self.latency.value(),
+        ]
+    }
+}
+
+/// The columns a full rollup row is keyed by, in the primary key's order.
 const ROLLUP_KEY: &str =
     "bucket, start_ms, key_id, team, project, model, provider, endpoint, status_class, error_kind";
 
-/// Adds the batch's records to their hourly and daily rollups, in the writer's transaction:
-/// rollups and records can never disagree. One statement per few hundred groups.
+/// The dimensions a report can group by, each summed on its own (`usage_rollup_dim`): a
+/// report reads one dimension's rows, so its cost is that dimension's cardinality times the
+/// buckets in the window, not the product of every dimension's. `all` is the total, for `by day`.
+const DIMENSIONS: [&str; 7] = ["key", "team", "org", "project", "model", "endpoint", "all"];
+
+/// A record's value in one dimension: what it is keyed by, and what a report shows for it.
+fn dimension_value(u: &UsageRecord, dim: &str) -> (String, String) {
+    let or_dash = |v: &Option<String>| {
+        v.clone()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "-".into())
+    };
+    match dim {
+        "key" => (u.key_id.clone(), format!("{} ({})", u.agent, u.key_id)),
+        "team" => (or_dash(&u.team), or_dash(&u.team)),
+        "org" => {
+            let org = u.org.clone().unwrap_or_else(|| "default".into());
+            (org.clone(), org)
+        }
+        "project" => (or_dash(&u.project), or_dash(&u.project)),
+        "model" => {
+            let m = or_dash(&u.model_served.clone().or_else(|| u.model_requested.clone()));
+            (m.clone(), m)
+        }
+        "endpoint" => (u.endpoint.clone(), u.endpoint.clone()),
+        _ => ("*".into(), "*".into()),
+    }
+}
+
+/// Adds the batch's records to their rollups, in the writer's transaction: rollups and
+/// records can never disagree. Three tables: the full rollup (every attribution dimension
+/// and the outcome class, hourly, for drill-down with filters), one row per dimension value
+/// (hourly and daily, what reports read) and per run and hour (what outcomes are set
+/// against). One statement per up to 256 groups.
 fn upsert_rollups(tx: &mut Db, recs: &[&UsageRecord]) -> Result<()> {
-    let mut groups: HashMap<RollupKey, RollupSums> = HashMap::new();
+    let mut full: HashMap<RollupKey, (String, String, Sums)> = HashMap::new();
+    let mut dims: HashMap<(&'static str, &'static str, i64, String), (String, Sums)> =
+        HashMap::new();
+    let mut runs: HashMap<(String, i64, String), Sums> = HashMap::new();
     for u in recs {
+        let model = u
+            .model_served
+            .clone()
+            .or_else(|| u.model_requested.clone())
+            .unwrap_or_default();
+        let hour = u.ts_ms.div_euclid(HOUR_MS) * HOUR_MS;
+        let key = RollupKey {
+            bucket: "h",
+            start_ms: hour,
+            key_id: u.key_id.clone(),
+            team: u.team.clone().unwrap_or_default(),
+            project: u.project.clone().unwrap_or_default(),
+            model: model.clone(),
+            provider: u.provider.clone().unwrap_or_default(),
+            endpoint: u.endpoint.clone(),
+            status_class: i64::from(u.status / 100),
+            error_kind: u.error_kind.clone().unwrap_or_default(),
+        };
+        let g = full.entry(key).or_default();
+        g.0.clone_from(&u.agent);
+        g.1 = u.org.clone().unwrap_or_else(|| "default".into());
+        g.2.add(u);
         for (bucket, span) in [("h", HOUR_MS), ("d", DAY_MS)] {
-            let key = RollupKey {
-                bucket,
-                start_ms: u.ts_ms.div_euclid(span) * span,
-                key_id: u.key_id.clone(),
-                team: u.team.clone().unwrap_or_default(),
-                project: u.project.clone().unwrap_or_default(),
-                model: u
-                    .model_served
-                    .clone()
-                    .or_else(|| u.model_requested.clone())
-                    .unwrap_or_default(),
-                provider: u.provider.clone().unwrap_or_default(),
-                endpoint: u.endpoint.clone(),
-                status_class: i64::from(u.status / 100),
-                error_kind: u.error_kind.clone().unwrap_or_default(),
-            };
-            let g = groups.entry(key).or_default();
-            g.agent.clone_from(&u.agent);
-            g.requests += 1;
-            g.errors += i64::from(u.status >= 400 || u.error_kind.is_some());
-            g.input = g.input.saturating_add(u.input_tokens);
-            g.cached = g.cached.saturating_add(u.cached_input_tokens);
-            g.output = g.output.saturating_add(u.output_tokens);
-            g.reasoning = g.reasoning.saturating_add(u.reasoning_tokens);
-            g.cache_write = g.cache_write.saturating_add(
-                u.cache_write_5m_tokens
-                    .saturating_add(u.cache_write_1h_tokens),
-            );
-            g.cost = g.cost.saturating_add(u.cost_micros);
-            g.latency = g.latency.saturating_add(u.latency_ms);
+            let start_ms = u.ts_ms.div_euclid(span) * span;
+            for dim in DIMENSIONS {
+                let (value, label) = dimension_value(u, dim);
+                let g = dims.entry((dim, bucket, start_ms, value)).or_default();
+                g.0 = label;
+                g.1.add(u);
+            }
+        }
+        if let Some(run) = &u.run_id {
+            runs.entry((run.clone(), u.ts_ms.div_euclid(HOUR_MS) * HOUR_MS, model))
+                .or_default()
+                .add(u);
         }
     }
-    const COLS: usize = 20;
-    let groups: Vec<(RollupKey, RollupSums)> = groups.into_iter().collect();
-    for chunk in groups.chunks(500) {
-        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * COLS);
-        for (k, g) in chunk {
-            let row: [&dyn Param; COLS] = [
-                &k.bucket,
-                &k.start_ms,
-                &k.key_id,
-                &k.team,
-                &k.project,
-                &k.model,
-                &k.provider,
-                &k.endpoint,
-                &k.status_class,
-                &k.error_kind,
-                &g.agent,
-                &g.requests,
-                &g.errors,
-                &g.input,
-                &g.cached,
-                &g.output,
-                &g.reasoning,
-                &g.cache_write,
-                &g.cost,
-                &g.latency,
-            ];
-            values.extend(row.iter().map(|p| p.value()));
+    let full: Vec<(Vec<Value>, Vec<Value>, Sums)> = full
+        .into_iter()
+        .map(|(k, (agent, org, sums))| {
+            (
+                vec![
+                    k.bucket.value(),
+                    k.start_ms.value(),
+                    k.key_id.value(),
+                    k.team.value(),
+                    k.project.value(),
+                    k.model.value(),
+                    k.provider.value(),
+                    k.endpoint.value(),
+                    k.status_class.value(),
+                    k.error_kind.value(),
+                ],
+                vec![agent.value(), org.value()],
+                sums,
+            )
+        })
+        .collect();
+    upsert_sums(tx, "usage_rollup", ROLLUP_KEY, &["agent", "org"], full)?;
+    let dims = dims
+        .into_iter()
+        .map(|((dim, bucket, start, value), (label, sums))| {
+            (
+                vec![dim.value(), bucket.value(), start.value(), value.value()],
+                vec![label.value()],
+                sums,
+            )
+        })
+        .collect();
+    upsert_sums(
+        tx,
+        "usage_rollup_dim",
+        "dim, bucket, start_ms, value",
+        &["label"],
+        dims,
+    )?;
+    let runs = runs
+        .into_iter()
+        .map(|((run, start, model), sums)| {
+            (
+                vec![run.value(), start.value(), model.value()],
+                vec![],
+                sums,
+            )
+        })
+        .collect();
+    upsert_sums(tx, "usage_run_rollup", "run_id, start_ms, model", &[], runs)
+}
+
+/// Inserts rollup rows, adding their sums to rows already there; `latest` columns take the
+/// newest value (an agent's current name).
+fn upsert_sums(
+    tx: &mut Db,
+    table: &'static str,
+    key: &str,
+    latest: &[&str],
+    rows: Vec<(Vec<Value>, Vec<Value>, Sums)>,
+) -> Result<()> {
+    let Some(first) = rows.first() else {
+        return Ok(());
+    };
+    let cols = first.0.len() + first.1.len() + SUM_COLUMNS.len();
+    let mut head = format!("INSERT INTO {table} ({key}");
+    for c in latest.iter().chain(SUM_COLUMNS.iter()) {
+        head.push_str(", ");
+        head.push_str(c);
+    }
+    head.push_str(") VALUES ");
+    let mut tail = format!(" ON CONFLICT ({key}) DO UPDATE SET ");
+    for c in latest {
+        tail.push_str(&format!("{c} = excluded.{c}, "));
+    }
+    let sums: Vec<String> = SUM_COLUMNS
+        .iter()
+        .map(|c| format!("{c} = {table}.{c} + excluded.{c}"))
+        .collect();
+    tail.push_str(&sums.join(", "));
+    let mut at = 0;
+    for n in statement_sizes(rows.len()) {
+        let chunk = &rows[at..at + n];
+        at += n;
+        let mut values: Vec<Value> = Vec::with_capacity(n * cols);
+        for (k, l, s) in chunk {
+            values.extend(k.iter().cloned());
+            values.extend(l.iter().cloned());
+            values.extend(s.values());
         }
-        let mut sql = format!(
-            "INSERT INTO usage_rollup ({ROLLUP_KEY}, agent, requests, errors, input_tokens,
-                cached_input_tokens, output_tokens, reasoning_tokens, cache_write_tokens,
-                cost_micros, latency_ms_sum) VALUES "
-        );
-        for r in 0..chunk.len() {
-            if r > 0 {
-                sql.push_str(", ");
-            }
-            sql.push('(');
-            for c in 0..COLS {
-                if c > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push_str(&format!("?{}", r * COLS + c + 1));
-            }
-            sql.push(')');
-        }
-        sql.push_str(&format!(
-            " ON CONFLICT ({ROLLUP_KEY}) DO UPDATE SET agent = excluded.agent"
-        ));
-        for c in [
-            "requests",
-            "errors",
-            "input_tokens",
-            "cached_input_tokens",
-            "output_tokens",
-            "reasoning_tokens",
-            "cache_write_tokens",
-            "cost_micros",
-            "latency_ms_sum",
-        ] {
-            sql.push_str(&format!(", {c} = usage_rollup.{c} + excluded.{c}"));
-        }
+        let sql = multi_row_sql(table, &head, &tail, cols, n);
         let params: Vec<&dyn Param> = values.iter().map(|v| v as &dyn Param).collect();
         tx.exec(&sql, &params)?;
     }
     Ok(())
 }
+
+/// Statement sizes for `n` rows, from a fixed set: each size's statement is parsed once and
+/// then comes from the statement cache. (One statement of exactly `n` rows was parsed anew
+/// for nearly every batch, since batches vary: ~18 000 placeholders of SQL each time, a
+/// third of the writer's time.) At most 256 rows: 256 × 36 columns is under SQLite's
+/// 32 766 bound parameters.
+fn statement_sizes(mut n: usize) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        let size = [256, 64, 16, 4, 1].into_iter().find(|s| *s <= n)?;
+        n -= size;
+        Some(size)
+    })
+}
+
+/// The text of a multi-row INSERT of `rows` rows of `cols` placeholders between `head` and
+/// `tail`, made once per (statement, rows) per thread: formatting thousands of placeholders
+/// per statement showed in the writer's profile.
+fn multi_row_sql(
+    id: &'static str,
+    head: &str,
+    tail: &str,
+    cols: usize,
+    rows: usize,
+) -> std::rc::Rc<str> {
+    use std::fmt::Write;
+    thread_local! {
+        static MEMO: std::cell::RefCell<HashMap<(&'static str, usize), std::rc::Rc<str>>> =
+            std::cell::RefCell::new(HashMap::new());
+    }
+    MEMO.with(|m| {
+        m.borrow_mut()
+            .entry((id, rows))
+            .or_insert_with(|| {
+                let mut sql = String::with_capacity(head.len() + tail.len() + rows * cols * 7);
+                sql.push_str(head);
+                for r in 0..rows {
+                    sql.push_str(if r > 0 { ", (" } else { "(" });
+                    for c in 0..cols {
+                        if c > 0 {
+                            sql.push_str(", ");
+                        }
+                        let _ = write!(sql, "?{}", r * cols + c + 1);
+                    }
+                    sql.push(')');
+                }
+                sql.push_str(tail);
+                sql.into()
+            })
+            .clone()
+    })
+}
+
+/// Migration 16: records name their key's organisation; reports read one rollup row per
+/// dimension value; outcomes are set against per-run rollups. All three are filled from what
+/// is already there, so an upgraded store reports what it reported before. The full rollup
+/// keeps its hourly rows only: its daily rows cost a quarter of the writer's time and no
+/// report needs them any more.
+pub(super) const DIMENSION_MIGRATION: &str = "ALTER TABLE usage ADD COLUMN org TEXT;
+     UPDATE usage SET org = (SELECT k.org FROM keys k WHERE k.id = usage.key_id);
+     ALTER TABLE usage_rollup ADD COLUMN org TEXT NOT NULL DEFAULT 'default';
+     UPDATE usage_rollup SET org = COALESCE((SELECT k.org FROM keys k WHERE k.id = usage_rollup.key_id), 'default');
+     CREATE TABLE usage_rollup_dim (
+        dim TEXT NOT NULL,
+        bucket TEXT NOT NULL,
+        start_ms INTEGER NOT NULL,
+        value TEXT NOT NULL,
+        label TEXT NOT NULL,
+        requests INTEGER NOT NULL,
+        errors INTEGER NOT NULL,
+        input_tokens INTEGER NOT NULL,
+        cached_input_tokens INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        reasoning_tokens INTEGER NOT NULL,
+        cache_write_tokens INTEGER NOT NULL,
+        cost_micros INTEGER NOT NULL,
+        latency_ms_sum INTEGER NOT NULL,
+        PRIMARY KEY (dim, bucket, start_ms, value)
+     ) WITHOUT ROWID;
+     CREATE TABLE usage_run_rollup (
+        run_id TEXT NOT NULL,
+        start_ms INTEGER NOT NULL,
+        model TEXT NOT NULL,
+        requests INTEGER NOT NULL,
+        errors INTEGER NOT NULL,
+        input_tokens INTEGER NOT NULL,
+        cached_input_tokens INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        reasoning_tokens INTEGER NOT NULL,
+        cache_write_tokens INTEGER NOT NULL,
+        cost_micros INTEGER NOT NULL,
+        latency_ms_sum INTEGER NOT NULL,
+        PRIMARY KEY (run_id, start_ms, model)
+     ) WITHOUT ROWID;
+     INSERT INTO usage_run_rollup
+        SELECT run_id, (ts_ms / 3600000) * 3600000, COALESCE(model_served, model_requested, ''),
+               COUNT(*), SUM(CASE WHEN status >= 400 OR error_kind IS NOT NULL THEN 1 ELSE 0 END),
+               SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens),
+               SUM(reasoning_tokens), SUM(cache_write_5m_tokens + cache_write_1h_tokens),
+               SUM(cost_micros), SUM(latency_ms)
+        FROM usage WHERE run_id IS NOT NULL
+        GROUP BY run_id, (ts_ms / 3600000) * 3600000, COALESCE(model_served, model_requested, '');
+     INSERT INTO usage_rollup_dim
+        SELECT 'key', bucket, start_ms, key_id, MAX(agent) || ' (' || key_id || ')', SUM(requests), SUM(errors), SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens), SUM(reasoning_tokens), SUM(cache_write_tokens), SUM(cost_micros), SUM(latency_ms_sum)
+        FROM usage_rollup GROUP BY bucket, start_ms, key_id;
+     INSERT INTO usage_rollup_dim
+        SELECT 'team', bucket, start_ms, COALESCE(NULLIF(team, ''), '-'), COALESCE(NULLIF(team, ''), '-'), SUM(requests), SUM(errors), SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens), SUM(reasoning_tokens), SUM(cache_write_tokens), SUM(cost_micros), SUM(latency_ms_sum)
+        FROM usage_rollup GROUP BY bucket, start_ms, COALESCE(NULLIF(team, ''), '-');
+     INSERT INTO usage_rollup_dim
+        SELECT 'org', bucket, start_ms, org, org, SUM(requests), SUM(errors), SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens), SUM(reasoning_tokens), SUM(cache_write_tokens), SUM(cost_micros), SUM(latency_ms_sum)
+        FROM usage_rollup GROUP BY bucket, start_ms, org;
+     INSERT INTO usage_rollup_dim
+        SELECT 'project', bucket, start_ms, COALESCE(NULLIF(project, ''), '-'), COALESCE(NULLIF(project, ''), '-'), SUM(requests), SUM(errors), SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens), SUM(reasoning_tokens), SUM(cache_write_tokens), SUM(cost_micros), SUM(latency_ms_sum)
+        FROM usage_rollup GROUP BY bucket, start_ms, COALESCE(NULLIF(project, ''), '-');
+     INSERT INTO usage_rollup_dim
+        SELECT 'model', bucket, start_ms, COALESCE(NULLIF(model, ''), '-'), COALESCE(NULLIF(model, ''), '-'), SUM(requests), SUM(errors), SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens), SUM(reasoning_tokens), SUM(cache_write_tokens), SUM(cost_micros), SUM(latency_ms_sum)
+        FROM usage_rollup GROUP BY bucket, start_ms, COALESCE(NULLIF(model, ''), '-');
+     INSERT INTO usage_rollup_dim
+        SELECT 'endpoint', bucket, start_ms, endpoint, endpoint, SUM(requests), SUM(errors), SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens), SUM(reasoning_tokens), SUM(cache_write_tokens), SUM(cost_micros), SUM(latency_ms_sum)
+        FROM usage_rollup GROUP BY bucket, start_ms, endpoint;
+     INSERT INTO usage_rollup_dim
+        SELECT 'all', bucket, start_ms, '*', '*', SUM(requests), SUM(errors), SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens), SUM(reasoning_tokens), SUM(cache_write_tokens), SUM(cost_micros), SUM(latency_ms_sum)
+        FROM usage_rollup GROUP BY bucket, start_ms;
+     DELETE FROM usage_rollup WHERE bucket = 'd';";
 
 /// Migration 13: the rollup table, filled from the records already there.
 pub(super) const ROLLUP_MIGRATION: &str = "CREATE TABLE usage_rollup (

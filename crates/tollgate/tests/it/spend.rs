@@ -615,6 +615,14 @@ async fn reconciliation_finds_no_drift_then_catches_an_overbilling_provider() {
         [[models]]
         name = "o-over"
         deployments = [{{ provider = "oai", model = "mock-overbill" }}]
+        [[models]]
+        name = "o-stale"
+        deployments = [{{ provider = "oai", model = "mock-stale" }}]
+        # A price table that is not the provider's: tollgate charges twice the list price.
+        [[prices]]
+        model = "mock-stale"
+        input = 2000000
+        output = 4000000
         "#
     ))
     .await;
@@ -683,6 +691,11 @@ async fn reconciliation_finds_no_drift_then_catches_an_overbilling_provider() {
         assert!(rows
             .iter()
             .any(|d| d["class"] == "output" && d["provider"].as_u64() > Some(0)));
+        // What tollgate charged is what the provider's cost report says, model by model.
+        assert!(r.get("cost_error").is_none(), "{r:#}");
+        assert!(rows
+            .iter()
+            .any(|d| d["class"] == "cost_micros" && d["provider"].as_u64() > Some(0)));
     }
     let classes: Vec<Value> = reconcile("claude").await["rows"]
         .as_array()
@@ -707,12 +720,37 @@ async fn reconciliation_finds_no_drift_then_catches_an_overbilling_provider() {
         .iter()
         .filter(|d| d["drift"] != 0)
         .collect();
-    assert_eq!(bad.len(), 1, "{r:#}");
+    // The extra output, and what it cost.
+    let named: Vec<(&str, &str)> = bad
+        .iter()
+        .map(|d| (d["model"].as_str().unwrap(), d["class"].as_str().unwrap()))
+        .collect();
     assert_eq!(
-        (bad[0]["model"].as_str(), bad[0]["class"].as_str()),
-        (Some("mock-overbill"), Some("output"))
+        named,
+        [
+            ("mock-overbill", "output"),
+            ("mock-overbill", "cost_micros")
+        ],
+        "{r:#}"
     );
-    assert!(bad[0]["drift"].as_i64().unwrap() > 0);
+    assert!(bad.iter().all(|d| d["drift"].as_i64().unwrap() > 0));
+
+    // A stale price table: the tokens agree, the money does not (tollgate charged more).
+    post(
+        "/v1/chat/completions",
+        json!({"model": "o-stale", "messages": user("priced by us")}),
+    )
+    .await;
+    let r = reconcile("oai").await;
+    let stale: Vec<&Value> = r["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["model"] == "mock-stale" && d["drift"] != 0)
+        .collect();
+    assert_eq!(stale.len(), 1, "{r:#}");
+    assert_eq!(stale[0]["class"], "cost_micros");
+    assert!(stale[0]["drift"].as_i64().unwrap() < 0, "{r:#}");
     let out = crate::cli::tollgate_async(&[
         "reconcile",
         "--provider",
