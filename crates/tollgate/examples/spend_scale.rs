@@ -141,7 +141,14 @@ fn main() {
     }
     for by in ["team", "key", "org", "model", "day"] {
         let g: GroupBy = by.parse().unwrap();
-        for source in [ReportSource::Auto, ReportSource::Records] {
+        // SPEND_SCALE_SOURCES=rollups skips the (minutes-long at 100 M) record scans.
+        let sources: &[ReportSource] =
+            if std::env::var("SPEND_SCALE_SOURCES").is_ok_and(|v| v == "rollups") {
+                &[ReportSource::Auto]
+            } else {
+                &[ReportSource::Auto, ReportSource::Records]
+            };
+        for &source in sources {
             let started = Instant::now();
             let rows = store
                 .usage_report_from(

@@ -291,9 +291,8 @@ fn sqlite_connect(path: &std::path::Path) -> Result<rusqlite::Connection> {
     // WAL + NORMAL survives process crashes; only an OS crash can lose the last commits.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    // Statement journals (every multi-row upsert in a transaction has one) and sorts in
-    // memory: in a temporary file they were an eighth of the usage writer's time, in pwrite.
-    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    // Not temp_store=MEMORY: it made no measurable difference to the writer, and it keeps
+    // a large sort's spill (a report over millions of records) in memory, unbounded.
     // Holds, settles and usage inserts reuse a few dozen statements per request.
     conn.set_prepared_statement_cache_capacity(128);
     // Checkpoints (and their fsync) run on the checkpointer thread, not inside whichever

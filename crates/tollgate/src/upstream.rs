@@ -182,6 +182,7 @@ pub struct Runtime {
     pub wallets: crate::config::WalletsConfig,
     pub translation: tollgate_proto::translate::Policy,
     pub logging: crate::config::LoggingConfig,
+    pub on_client_disconnect: crate::config::OnDisconnect,
     pub webhooks: Vec<crate::config::WebhookConfig>,
     /// Tool routes, longest prefix first.
     pub routes: Vec<Arc<crate::toolroute::ToolRoute>>,
@@ -267,6 +268,7 @@ impl Runtime {
             wallets: cfg.wallets.clone(),
             translation: cfg.translation.policy(),
             logging: cfg.logging.clone(),
+            on_client_disconnect: cfg.metering.on_client_disconnect,
             webhooks: cfg.webhooks.clone(),
             health,
         })

@@ -80,7 +80,8 @@ pub(crate) enum Cmd {
         target: Target,
     },
     /// Compare what tollgate metered for a provider with the provider's own usage report, per
-    /// day, model and token class. Exits 1 when a row drifts past the threshold. Needs a
+    /// day, model and token class, and what it charged with the provider's cost report, per day
+    /// and model. Exits 1 when a row drifts past the threshold. Needs a
     /// running gateway (--url), which holds the provider's credentials.
     Reconcile {
         /// The provider's name in the configuration.
@@ -382,7 +383,8 @@ impl LimitArgs {
 
 #[derive(Args)]
 pub(crate) struct UsageArgs {
-    /// key, team, project, model, day, run, endpoint, or tag:NAME
+    /// key, team, org, project, model, day, run, endpoint, tag:NAME, or outcome (= `roi --by
+    /// type`). Reports from rollups start at the hour of --since.
     #[arg(long, default_value = "model")]
     pub(crate) by: String,
     /// Only the last period, e.g. 7d, 24h.

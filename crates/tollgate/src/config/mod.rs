@@ -452,6 +452,19 @@ pub struct MeteringConfig {
     /// daily rollups stay, so reports over older windows still add up. 0 keeps them forever.
     #[serde(deserialize_with = "de_duration")]
     pub retain_records: Duration,
+    /// What happens to a stream whose client goes away: `cancel` closes the provider's
+    /// stream (generation stops; what it billed is estimated), `finish` reads it to its end
+    /// in the background, bounded by the provider's timeouts and the wallet's hold, so the
+    /// record carries the provider's exact usage.
+    pub on_client_disconnect: OnDisconnect,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDisconnect {
+    #[default]
+    Cancel,
+    Finish,
 }
 
 /// Which well-known provider keys are present in the environment.
@@ -664,6 +677,7 @@ impl Default for MeteringConfig {
             queue_capacity: 65_536,
             batch_max: 2_000,
             retain_records: Duration::ZERO,
+            on_client_disconnect: OnDisconnect::Cancel,
         }
     }
 }

@@ -134,9 +134,10 @@ pub(crate) fn stream_response(
         }),
         delivered_tokens: 0,
         counted_bytes: 0,
+        client_gone: false,
     };
     s.ingest(&first);
-    let mut resp = Response::new(Body::from_stream(s));
+    let mut resp = Response::new(Body::from_stream(ClientBody(Some(s))));
     let h = resp.headers_mut();
     h.insert(
         http::header::CONTENT_TYPE,
@@ -183,6 +184,48 @@ pub(crate) struct GatewayStream {
     /// Output tokens delivered so far, and how much of the output text they cover.
     pub(crate) delivered_tokens: u64,
     pub(crate) counted_bytes: usize,
+    /// The client left and the stream is being read to its end for its usage
+    /// (`[metering] on_client_disconnect = "finish"`): nothing more is sent or counted.
+    pub(crate) client_gone: bool,
+}
+
+/// The response body: the stream, handed to a background task to finish when the client
+/// goes away and `[metering] on_client_disconnect = "finish"`.
+pub(crate) struct ClientBody(Option<GatewayStream>);
+
+impl Stream for ClientBody {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.0.as_mut() {
+            Some(s) => Pin::new(s).poll_next(cx),
+            None => Poll::Ready(None),
+        }
+    }
+}
+
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        let Some(mut s) = self.0.take() else {
+            return;
+        };
+        let finish = s.rec.is_some()
+            && !s.finished
+            && s.runtime.on_client_disconnect == crate::config::OnDisconnect::Finish;
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) if finish => {
+                s.client_gone = true;
+                s.out.clear();
+                // The provider's timeouts and the hold's cut still apply while it drains.
+                rt.spawn(async move {
+                    use futures_util::StreamExt;
+                    while s.next().await.is_some() {}
+                });
+            }
+            // Dropping it settles it as cut by the client (GatewayStream's Drop).
+            _ => drop(s),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -323,8 +366,16 @@ impl GatewayStream {
         self.broken.fold(&mut rec);
         rec.error_kind = error_kind;
         rec.client_disconnected = disconnected;
+        if self.client_gone {
+            // Read to its end after the client left: the provider's usage, the client's cut.
+            rec.client_disconnected = true;
+            rec.error_kind = rec
+                .error_kind
+                .take()
+                .or_else(|| Some("client_disconnected".into()));
+        }
         rec.latency_ms = self.started.elapsed().as_millis() as u64;
-        if disconnected {
+        if rec.client_disconnected {
             self.app.metrics.client_disconnects.inc();
         }
         if let Some(mut a) = self.admission.take() {
@@ -342,7 +393,7 @@ impl Stream for GatewayStream {
         loop {
             if let Some(b) = this.out.pop_front() {
                 // What the client was handed, counted on the record until it settles.
-                if let Some(rec) = this.rec.as_mut() {
+                if let Some(rec) = this.rec.as_mut().filter(|_| !this.client_gone) {
                     rec.response_bytes += b.len() as u64;
                     if let Some(bodies) = rec.bodies.as_mut() {
                         bodies.push_response(&b);

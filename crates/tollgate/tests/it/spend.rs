@@ -421,6 +421,18 @@ async fn the_focus_export_has_the_mandatory_columns_and_adds_up_to_the_ledger() 
         .create_key(json!({"name": "fin", "org": "acme", "team": "t"}))
         .await;
     gw.wallet("org:acme", "10").await;
+    let wallet_id = gw.wallet_view("org:acme").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (s, v) = gw
+        .admin(
+            reqwest::Method::POST,
+            &format!("/admin/wallets/{wallet_id}/grant"),
+            Some(json!({"amount": "0.25", "expires": "30d", "idempotency_key": "promo"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
     for (i, model) in ["mock", "mock-cached", "mock-reasoning", "mock-long"]
         .iter()
         .enumerate()
@@ -548,6 +560,14 @@ async fn the_focus_export_has_the_mandatory_columns_and_adds_up_to_the_ledger() 
         .collect();
     assert_eq!(purchases.len(), 1);
     assert_eq!(micros(&purchases[0]["BilledCost"]), 10_000_000);
+    // A grant is a Credit: negative, as FOCUS writes what lowers the amount owed.
+    let credits: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["ChargeCategory"] == "Credit")
+        .collect();
+    assert_eq!(credits.len(), 1, "{credits:#?}");
+    assert_eq!(micros(&credits[0]["BilledCost"]), -250_000);
+    assert_eq!(credits[0]["ChargeDescription"], "wallet grant");
 
     // CSV: the same columns in the header, the same number of rows.
     let out = crate::cli::tollgate_async(&[
@@ -576,13 +596,17 @@ async fn the_focus_export_has_the_mandatory_columns_and_adds_up_to_the_ledger() 
 
 /// A mixed workload through an OpenAI-kind and an Anthropic-kind provider (JSON and streams,
 /// Chat, Responses, Messages, cached and cache-write classes, a fallback past a failing
-/// deployment, an upstream retry): what tollgate metered equals what the providers' usage
-/// report APIs say, row by row. Then a provider that bills more than it reported is caught.
+/// deployment, an upstream retry, clients that leave mid-stream with `on_client_disconnect =
+/// "finish"`): what tollgate metered and charged equals what the providers' usage and cost
+/// report APIs say, row by row. Then a provider that bills more than it reported, and a price
+/// table that is not the provider's, are caught.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconciliation_finds_no_drift_then_catches_an_overbilling_provider() {
     let up = spawn_mock(None).await;
     let gw = TestGateway::start(&format!(
         r#"
+        [metering]
+        on_client_disconnect = "finish"
         [routing]
         backoff_base = "5ms"
         backoff_max = "10ms"
@@ -615,6 +639,12 @@ async fn reconciliation_finds_no_drift_then_catches_an_overbilling_provider() {
         [[models]]
         name = "o-over"
         deployments = [{{ provider = "oai", model = "mock-overbill" }}]
+        [[models]]
+        name = "o-slow"
+        deployments = [{{ provider = "oai", model = "mock-slow" }}]
+        [[models]]
+        name = "c-slow"
+        deployments = [{{ provider = "claude", model = "mock-slow" }}]
         [[models]]
         name = "o-stale"
         deployments = [{{ provider = "oai", model = "mock-stale" }}]
@@ -668,6 +698,36 @@ async fn reconciliation_finds_no_drift_then_catches_an_overbilling_provider() {
     for model in ["c-mock", "c-cw"] {
         post("/v1/messages", json!({"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": "messages json"}]})).await;
         post("/v1/messages", json!({"model": model, "max_tokens": 64, "stream": true, "messages": [{"role": "user", "content": "messages stream"}]})).await;
+    }
+    // Clients that leave mid-stream: read to the end for the provider's usage.
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            json!({"model": "o-slow", "stream": true, "messages": user("leave")}),
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "c-slow", "max_tokens": 64, "stream": true, "messages": [{"role": "user", "content": "leave"}]}),
+        ),
+    ] {
+        let mut r = gw
+            .client
+            .post(format!("{}{path}", gw.url))
+            .bearer_auth(&key)
+            .header("anthropic-version", "2023-06-01")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        let _ = r.chunk().await.unwrap();
+        drop(r);
+        let rec = crate::harness::wait_record(&gw, &id).await;
+        assert!(
+            rec.client_disconnected && rec.usage_source == "provider",
+            "{rec:?}"
+        );
     }
     let reconcile = |provider: &'static str| {
         let gw = &gw;

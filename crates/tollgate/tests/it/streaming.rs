@@ -194,3 +194,40 @@ async fn streamed_tool_calls_pass_through() {
     );
     assert_eq!(finish.as_deref(), Some("tool_calls"));
 }
+
+/// `[metering] on_client_disconnect = "finish"`: the client leaves, the gateway reads the
+/// provider's stream to its end in the background, and the record carries the provider's
+/// exact usage (what the provider bills) while saying the client left.
+#[tokio::test]
+async fn with_finish_a_client_disconnect_is_metered_from_the_providers_usage() {
+    let up = spawn_mock(None).await;
+    let gw = TestGateway::start(&format!(
+        "[metering]\non_client_disconnect = \"finish\"\n[[providers]]\nname = \"up\"\nkind = \"openai\"\nbase_url = \"{up}\"\nmodels = [\"mock*\"]\n"
+    ))
+    .await;
+    let key = gw.key().await;
+    let mut resp = gw
+        .chat(
+            &key,
+            json!({"model": "mock-slow", "stream": true, "messages": user("hi")}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    // 16 words, 50 ms apart: we leave after the first.
+    let got = resp.chunk().await.unwrap().unwrap();
+    drop(resp);
+
+    let rec = wait_record(&gw, &id).await;
+    assert!(rec.client_disconnected, "{rec:?}");
+    assert_eq!(rec.error_kind.as_deref(), Some("client_disconnected"));
+    assert_eq!(rec.usage_source, "provider", "{rec:?}");
+    assert_eq!(rec.output_tokens, 16, "{rec:?}");
+    // Only what reached the client is counted as sent.
+    assert!(
+        rec.response_bytes >= got.len() as u64 && rec.response_bytes < 1_000,
+        "{rec:?}"
+    );
+    assert_eq!(mock_stats(&up).await["streams_completed"], 1);
+    assert_eq!(gw.records().await.len(), 1);
+}
