@@ -50,7 +50,7 @@ impl std::str::FromStr for GroupBy {
                 Some(t) if !t.is_empty() => GroupBy::Tag(t.to_string()),
                 _ => {
                     return Err(format!(
-                        "cannot group by \"{s}\": use key, team, org, project, model, day, run, endpoint or tag:NAME"
+                        "cannot group by \"{s}\": use key, team, org, project, model, day, run, endpoint, tag:NAME or outcome"
                     ))
                 }
             },
