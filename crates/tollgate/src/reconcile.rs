@@ -74,57 +74,58 @@ pub fn metered(
         .collect())
 }
 
-/// What the provider's usage report says, by day and model.
-pub async fn reported(p: &Provider, since_ms: i64, until_ms: i64) -> Result<Counts, String> {
-    let mut out = Counts::new();
+/// Every result of one of the provider's organization reports over the window, with the UTC
+/// day (ms) of its bucket, page after page. `report` names the OpenAI and the Anthropic
+/// endpoint with their grouping; `what` names it in errors.
+async fn report_results(
+    p: &Provider,
+    since_ms: i64,
+    until_ms: i64,
+    (openai, anthropic): (&str, &str),
+    what: &str,
+) -> Result<Vec<(i64, serde_json::Value)>, String> {
+    let is_anthropic = matches!(p.kind, ProviderKind::Anthropic);
+    let from = since_ms.div_euclid(DAY_MS) * DAY_MS;
+    let url = if is_anthropic {
+        format!(
+            "{}/{anthropic}&starting_at={}&ending_at={}&bucket_width=1d&limit=31",
+            p.base_url,
+            crate::clock::rfc3339(from),
+            crate::clock::rfc3339(until_ms)
+        )
+    } else {
+        format!(
+            "{}/{openai}&start_time={}&end_time={}&bucket_width=1d&limit=31",
+            p.base_url,
+            from / 1000,
+            until_ms / 1000
+        )
+    };
+    let mut out = Vec::new();
     let mut page: Option<String> = None;
     for _ in 0..100 {
-        let (url, anthropic) = match p.kind {
-            ProviderKind::Anthropic => (
-                format!(
-                    "{}/organizations/usage_report/messages?starting_at={}&ending_at={}&bucket_width=1d&group_by[]=model&limit=31",
-                    p.base_url,
-                    crate::clock::rfc3339(since_ms.div_euclid(DAY_MS) * DAY_MS),
-                    crate::clock::rfc3339(until_ms)
-                ),
-                true,
-            ),
-            _ => (
-                format!(
-                    "{}/organization/usage/completions?start_time={}&end_time={}&bucket_width=1d&group_by=model&limit=31",
-                    p.base_url,
-                    since_ms.div_euclid(DAY_MS) * DAY_MS / 1000,
-                    until_ms / 1000
-                ),
-                false,
-            ),
-        };
         let url = match &page {
             Some(token) => format!("{url}&page={token}"),
-            None => url,
+            None => url.clone(),
         };
         let mut req = p.client.get(&url).headers(p.headers.clone());
-        if anthropic {
+        if is_anthropic {
             req = req.header("anthropic-version", "2023-06-01");
         }
         let resp = req
             .send()
             .await
-            .map_err(|e| format!("calling {}'s usage report: {e}", p.name))?;
+            .map_err(|e| format!("calling {}'s {what}: {e}", p.name))?;
         let status = resp.status();
         let body: serde_json::Value = resp
             .json()
             .await
-            .map_err(|e| format!("{}'s usage report is not JSON: {e}", p.name))?;
+            .map_err(|e| format!("{}'s {what} is not JSON: {e}", p.name))?;
         if !status.is_success() {
-            return Err(format!(
-                "{}'s usage report answered {status}: {body}",
-                p.name
-            ));
+            return Err(format!("{}'s {what} answered {status}: {body}", p.name));
         }
-        let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
         for bucket in body["data"].as_array().into_iter().flatten() {
-            let day_ms = if anthropic {
+            let day_ms = if is_anthropic {
                 bucket["starting_at"]
                     .as_str()
                     .and_then(crate::clock::parse_rfc3339)
@@ -133,37 +134,59 @@ pub async fn reported(p: &Provider, since_ms: i64, until_ms: i64) -> Result<Coun
                 bucket["start_time"].as_i64().unwrap_or(0) * 1000
             };
             for r in bucket["results"].as_array().into_iter().flatten() {
-                let model = r["model"].as_str().unwrap_or("-").to_string();
-                let c = out.entry((day_ms, model)).or_default();
-                let counts = if anthropic {
-                    let read = n(r, "cache_read_input_tokens");
-                    // Nested as the API documents it; flat as some exports write it.
-                    let writes = n(&r["cache_creation"], "ephemeral_5m_input_tokens")
-                        + n(&r["cache_creation"], "ephemeral_1h_input_tokens")
-                        + n(r, "cache_creation_5m_input_tokens")
-                        + n(r, "cache_creation_1h_input_tokens");
-                    [
-                        n(r, "uncached_input_tokens") + read + writes,
-                        read,
-                        writes,
-                        n(r, "output_tokens"),
-                    ]
-                } else {
-                    [
-                        n(r, "input_tokens"),
-                        n(r, "input_cached_tokens"),
-                        0,
-                        n(r, "output_tokens"),
-                    ]
-                };
-                for i in 0..4 {
-                    c[i] += counts[i];
-                }
+                out.push((day_ms, r.clone()));
             }
         }
         match body["next_page"].as_str() {
             Some(t) if body["has_more"] == true => page = Some(t.to_string()),
-            _ => return Ok(out),
+            _ => break,
+        }
+    }
+    Ok(out)
+}
+
+/// What the provider's usage report says, by day and model.
+pub async fn reported(p: &Provider, since_ms: i64, until_ms: i64) -> Result<Counts, String> {
+    let anthropic = matches!(p.kind, ProviderKind::Anthropic);
+    let results = report_results(
+        p,
+        since_ms,
+        until_ms,
+        (
+            "organization/usage/completions?group_by=model",
+            "organizations/usage_report/messages?group_by[]=model",
+        ),
+        "usage report",
+    )
+    .await?;
+    let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    let mut out = Counts::new();
+    for (day_ms, r) in results {
+        let model = r["model"].as_str().unwrap_or("-").to_string();
+        let c = out.entry((day_ms, model)).or_default();
+        let counts = if anthropic {
+            let read = n(&r, "cache_read_input_tokens");
+            // Nested as the API documents it; flat as some exports write it.
+            let writes = n(&r["cache_creation"], "ephemeral_5m_input_tokens")
+                + n(&r["cache_creation"], "ephemeral_1h_input_tokens")
+                + n(&r, "cache_creation_5m_input_tokens")
+                + n(&r, "cache_creation_1h_input_tokens");
+            [
+                n(&r, "uncached_input_tokens") + read + writes,
+                read,
+                writes,
+                n(&r, "output_tokens"),
+            ]
+        } else {
+            [
+                n(&r, "input_tokens"),
+                n(&r, "input_cached_tokens"),
+                0,
+                n(&r, "output_tokens"),
+            ]
+        };
+        for i in 0..4 {
+            c[i] += counts[i];
         }
     }
     Ok(out)
@@ -243,78 +266,45 @@ pub async fn reported_costs(
     out: &mut Counts,
 ) -> Result<(), String> {
     let anthropic = matches!(p.kind, ProviderKind::Anthropic);
-    let url = if anthropic {
-        format!(
-            "{}/organizations/cost_report?starting_at={}&ending_at={}&bucket_width=1d&group_by[]=description&limit=31",
-            p.base_url,
-            crate::clock::rfc3339(since_ms.div_euclid(DAY_MS) * DAY_MS),
-            crate::clock::rfc3339(until_ms)
-        )
-    } else {
-        format!(
-            "{}/organization/costs?start_time={}&end_time={}&bucket_width=1d&group_by=line_item&limit=31",
-            p.base_url,
-            since_ms.div_euclid(DAY_MS) * DAY_MS / 1000,
-            until_ms / 1000
-        )
-    };
-    let mut req = p.client.get(&url).headers(p.headers.clone());
-    if anthropic {
-        req = req.header("anthropic-version", "2023-06-01");
-    }
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| format!("calling {}'s cost report: {e}", p.name))?;
-    let status = resp.status();
-    let body: serde_json::Value = resp
-        .json()
-        .await
-        .map_err(|e| format!("{}'s cost report is not JSON: {e}", p.name))?;
-    if !status.is_success() {
-        return Err(format!(
-            "{}'s cost report answered {status}: {body}",
-            p.name
-        ));
-    }
-    for bucket in body["data"].as_array().into_iter().flatten() {
-        let day_ms = if anthropic {
-            bucket["starting_at"]
-                .as_str()
-                .and_then(crate::clock::parse_rfc3339)
-                .unwrap_or(0)
+    let results = report_results(
+        p,
+        since_ms,
+        until_ms,
+        (
+            "organization/costs?group_by=line_item",
+            "organizations/cost_report?group_by[]=description",
+        ),
+        "cost report",
+    )
+    .await?;
+    for (day_ms, r) in results {
+        let (model, micros) = if anthropic {
+            if r["cost_type"].as_str().is_some_and(|t| t != "tokens") {
+                continue;
+            }
+            (
+                r["model"].as_str().unwrap_or("-").to_string(),
+                r["amount"].as_str().and_then(cents_to_micros),
+            )
         } else {
-            bucket["start_time"].as_i64().unwrap_or(0) * 1000
+            // Line items are "<model>, <what>".
+            let line = r["line_item"].as_str().unwrap_or("-");
+            (
+                line.split_once(", ").map_or(line, |(m, _)| m).to_string(),
+                r["amount"]["value"]
+                    .as_f64()
+                    .filter(|v| v.is_finite() && *v >= 0.0)
+                    .map(|v| (v * 1e6).round() as u64),
+            )
         };
-        for r in bucket["results"].as_array().into_iter().flatten() {
-            let (model, micros) = if anthropic {
-                if r["cost_type"].as_str().is_some_and(|t| t != "tokens") {
-                    continue;
-                }
-                (
-                    r["model"].as_str().unwrap_or("-").to_string(),
-                    r["amount"].as_str().and_then(cents_to_micros),
-                )
-            } else {
-                // Line items are "<model>, <what>".
-                let line = r["line_item"].as_str().unwrap_or("-");
-                (
-                    line.split_once(", ").map_or(line, |(m, _)| m).to_string(),
-                    r["amount"]["value"]
-                        .as_f64()
-                        .filter(|v| v.is_finite() && *v >= 0.0)
-                        .map(|v| (v * 1e6).round() as u64),
-                )
-            };
-            let micros = micros.ok_or_else(|| {
-                format!(
-                    "{}'s cost report has an amount that is not money: {r}",
-                    p.name
-                )
-            })?;
-            let c = out.entry((day_ms, model)).or_default();
-            c[4] = c[4].saturating_add(micros);
-        }
+        let micros = micros.ok_or_else(|| {
+            format!(
+                "{}'s cost report has an amount that is not money: {r}",
+                p.name
+            )
+        })?;
+        let c = out.entry((day_ms, model)).or_default();
+        c[4] = c[4].saturating_add(micros);
     }
     Ok(())
 }

@@ -110,30 +110,79 @@ fn query(uri: &axum::http::Uri) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
+/// A report request's query and window, in Unix seconds; or the answer that refuses it.
+struct Report;
+
+type Window = (Vec<(String, String)>, u64, u64);
+
+impl Report {
+    /// OpenAI's organization reports: `start_time`/`end_time` in Unix seconds.
+    async fn openai(
+        state: &MockState,
+        headers: &HeaderMap,
+        uri: &axum::http::Uri,
+    ) -> Result<Window, Response> {
+        if let Some(r) = state
+            .failure(&Behaviour::from("mock", headers), headers)
+            .await
+        {
+            return Err(r);
+        }
+        let q = query(uri);
+        let get = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let Some(start) = get("start_time").and_then(|v| v.parse::<u64>().ok()) else {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "start_time is required",
+                "invalid_request_error",
+                "invalid_value",
+            ));
+        };
+        let end = get("end_time")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(start + 7 * DAY_S);
+        Ok((q, start, end))
+    }
+
+    /// Anthropic's organization reports: `starting_at`/`ending_at` in RFC 3339.
+    async fn anthropic(
+        state: &MockState,
+        headers: &HeaderMap,
+        uri: &axum::http::Uri,
+    ) -> Result<Window, Response> {
+        if let Some(r) = state
+            .failure(&Behaviour::from("mock", headers), headers)
+            .await
+        {
+            return Err(to_anthropic(r));
+        }
+        let q = query(uri);
+        let get = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let Some(start) = get("starting_at").and_then(parse_rfc3339) else {
+            return Err(json_response(
+                StatusCode::BAD_REQUEST,
+                anthropic_error_body(
+                    "invalid_request_error",
+                    "starting_at: a RFC 3339 time is required",
+                ),
+            ));
+        };
+        let end = get("ending_at")
+            .and_then(parse_rfc3339)
+            .unwrap_or(start + 7 * DAY_S);
+        Ok((q, start, end))
+    }
+}
+
 pub(crate) async fn openai_usage(
     State(state): State<Arc<MockState>>,
     headers: HeaderMap,
     uri: axum::http::Uri,
 ) -> Response {
-    if let Some(r) = state
-        .failure(&Behaviour::from("mock", &headers), &headers)
-        .await
-    {
-        return r;
-    }
-    let q = query(&uri);
-    let get = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    let Some(start) = get("start_time").and_then(|v| v.parse::<u64>().ok()) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "start_time is required",
-            "invalid_request_error",
-            "invalid_value",
-        );
+    let (q, start, end) = match Report::openai(&state, &headers, &uri).await {
+        Ok(w) => w,
+        Err(r) => return r,
     };
-    let end = get("end_time")
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(start + 7 * DAY_S);
     let by_model = q
         .iter()
         .any(|(k, v)| k.starts_with("group_by") && v == "model");
@@ -181,26 +230,10 @@ pub(crate) async fn anthropic_usage_report(
     headers: HeaderMap,
     uri: axum::http::Uri,
 ) -> Response {
-    if let Some(r) = state
-        .failure(&Behaviour::from("mock", &headers), &headers)
-        .await
-    {
-        return to_anthropic(r);
-    }
-    let q = query(&uri);
-    let get = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    let Some(start) = get("starting_at").and_then(parse_rfc3339) else {
-        return json_response(
-            StatusCode::BAD_REQUEST,
-            anthropic_error_body(
-                "invalid_request_error",
-                "starting_at: a RFC 3339 time is required",
-            ),
-        );
+    let (q, start, end) = match Report::anthropic(&state, &headers, &uri).await {
+        Ok(w) => w,
+        Err(r) => return r,
     };
-    let end = get("ending_at")
-        .and_then(parse_rfc3339)
-        .unwrap_or(start + 7 * DAY_S);
     let by_model = q
         .iter()
         .any(|(k, v)| k.starts_with("group_by") && v == "model");
@@ -236,25 +269,10 @@ pub(crate) async fn openai_costs(
     headers: HeaderMap,
     uri: axum::http::Uri,
 ) -> Response {
-    if let Some(r) = state
-        .failure(&Behaviour::from("mock", &headers), &headers)
-        .await
-    {
-        return r;
-    }
-    let q = query(&uri);
-    let get = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    let Some(start) = get("start_time").and_then(|v| v.parse::<u64>().ok()) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "start_time is required",
-            "invalid_request_error",
-            "invalid_value",
-        );
+    let (q, start, end) = match Report::openai(&state, &headers, &uri).await {
+        Ok(w) => w,
+        Err(r) => return r,
     };
-    let end = get("end_time")
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(start + 7 * DAY_S);
     let by_item = q
         .iter()
         .any(|(k, v)| k.starts_with("group_by") && v == "line_item");
@@ -296,26 +314,10 @@ pub(crate) async fn anthropic_cost_report(
     headers: HeaderMap,
     uri: axum::http::Uri,
 ) -> Response {
-    if let Some(r) = state
-        .failure(&Behaviour::from("mock", &headers), &headers)
-        .await
-    {
-        return to_anthropic(r);
-    }
-    let q = query(&uri);
-    let get = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    let Some(start) = get("starting_at").and_then(parse_rfc3339) else {
-        return json_response(
-            StatusCode::BAD_REQUEST,
-            anthropic_error_body(
-                "invalid_request_error",
-                "starting_at: a RFC 3339 time is required",
-            ),
-        );
+    let (q, start, end) = match Report::anthropic(&state, &headers, &uri).await {
+        Ok(w) => w,
+        Err(r) => return r,
     };
-    let end = get("ending_at")
-        .and_then(parse_rfc3339)
-        .unwrap_or(start + 7 * DAY_S);
     let by_description = q
         .iter()
         .any(|(k, v)| k.starts_with("group_by") && v == "description");
