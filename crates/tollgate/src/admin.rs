@@ -434,17 +434,11 @@ async fn usage_h(
         return Ok(Json(rows).into_response());
     }
     // Where the report starts: rollups start on the hour.
-    let from = match (
-        q.by.as_deref()
-            .unwrap_or("model")
-            .parse::<crate::store::GroupBy>(),
+    let from = crate::ops::report_since(
+        q.by.as_deref().unwrap_or("model"),
+        q.since.as_deref(),
         q.source.as_deref(),
-    ) {
-        (Ok(by), None | Some("auto" | "rollups")) if by.rolled_up() => Some(
-            crate::store::report_start(crate::ops::since_ms(q.since.as_deref())?),
-        ),
-        _ => None,
-    };
+    );
     let rows = blocking(&app, move |a| {
         usage_report(
             &a.store,

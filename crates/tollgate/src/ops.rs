@@ -406,6 +406,15 @@ pub fn next_cursor(records: &[crate::records::UsageRecord], limit: u32) -> Optio
         .flatten()
 }
 
+/// Where a report from `usage_report` starts, when it reads rollups (which start on the
+/// hour); None when it reads records from the exact `since` (or the request is invalid,
+/// which `usage_report` says).
+pub fn report_since(by: &str, since: Option<&str>, source: Option<&str>) -> Option<i64> {
+    let by: GroupBy = by.parse().ok()?;
+    let rollups = matches!(source, None | Some("auto" | "rollups")) && by.rolled_up();
+    rollups.then(|| since_ms(since).ok().map(crate::store::report_start))?
+}
+
 pub fn usage_report(
     store: &Store,
     by: &str,

@@ -482,10 +482,10 @@ pub(crate) async fn usage(args: UsageArgs) -> anyhow::Result<()> {
         // Spend by what it bought: the ROI report by outcome type.
         return roi("type".into(), args.since, args.target).await;
     }
-    let by: tollgate::store::GroupBy = args.by.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-    if by.rolled_up() && args.target.format != Format::Json {
-        let from = tollgate::store::report_start(admin::since_ms(args.since.as_deref())?);
-        if from > 0 {
+    if args.target.format != Format::Json {
+        if let Some(from) =
+            admin::report_since(&args.by, args.since.as_deref(), None).filter(|f| *f > 0)
+        {
             eprintln!(
                 "spend from {} (reports start on the hour)",
                 tollgate::clock::rfc3339(from)

@@ -220,6 +220,27 @@ async fn pruned_records_leave_their_rollups() {
         .1;
     assert_eq!(after, before);
     assert_eq!(after[0]["requests"], 4, "{after}");
+    // A report from rollups says where it starts: on the hour; from records it does not.
+    let start = |q: &'static str| {
+        let gw = &gw;
+        async move {
+            let r = gw
+                .client
+                .get(format!("{}/admin/usage?{q}", gw.url))
+                .bearer_auth(&gw.admin_key)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.headers()
+                .get("x-tollgate-report-since")
+                .map(|v| v.to_str().unwrap().to_string())
+        }
+    };
+    let since = start("by=team&since=90m").await.unwrap();
+    assert!(since.ends_with(":00:00Z"), "{since}");
+    assert_eq!(start("by=team&since=90m&source=records").await, None);
+    assert_eq!(start("by=run&since=90m").await, None);
 }
 
 async fn post_outcome(gw: &TestGateway, key: &str, body: Value) -> (u16, Value) {
