@@ -9,6 +9,7 @@
 # One JSON line per run in bench/out-compare/results.jsonl, a Markdown table on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 BASE=${1:-HEAD~1}
 OUT=bench/out-compare
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-10}
@@ -31,39 +32,7 @@ trap cleanup EXIT
 
 taskset -c 0 "$OUT/tollgate-head" mock-provider --listen 127.0.0.1:4010 2>"$OUT/mock.log" & pids+=($!)
 
-mkdir -p "$OUT/nginx/logs"
-cat > "$OUT/nginx/nginx.conf" <<NGINX
-worker_processes 1;
-pid nginx.pid;
-error_log logs/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  upstream mock { server 127.0.0.1:4010; keepalive 256; }
-  server {
-    listen 127.0.0.1:4020;
-    location / {
-      proxy_pass http://mock;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffering off;
-    }
-  }
-}
-NGINX
-taskset -c 1 nginx -p "$PWD/$OUT/nginx" -c nginx.conf
-NGINX_PIDS=$(pgrep -f "nginx: (master|worker)" | tr '\n' ' ')
-
-cpu_ticks() { # total utime+stime of the given pids, in clock ticks
-  local t=0
-  for p in "$@"; do
-    if [ -r "/proc/$p/stat" ]; then
-      set -- $(sed 's/^.*) //' "/proc/$p/stat")
-      t=$((t + ${12} + ${13}))
-    fi
-  done
-  echo "$t"
-}
+nginx_start "$OUT" 1 taskset -c 1
 TCK=$(getconf CLK_TCK)
 
 run() { # label url key pids...
@@ -83,19 +52,10 @@ PY
 ADMIN=tg_bench_admin_$(date +%s)
 for build in base head; do
   port=$([ "$build" = base ] && echo 4000 || echo 4001)
-  cat > "$OUT/$build.toml" <<TOML
-[server]
-listen = "127.0.0.1:$port"
-data_dir = "$OUT/data-$build"
-[[providers]]
-name = "up"
-kind = "openai"
-base_url = "http://127.0.0.1:4010/v1"
-models = ["mock*"]
-TOML
+  gateway_config "$OUT/$build.toml" "$port" "$OUT/data-$build" default
   TOLLGATE_ADMIN_KEY=$ADMIN RUST_LOG=warn taskset -c 1 "$OUT/tollgate-$build" serve --config "$OUT/$build.toml" 2>"$OUT/$build.log" >/dev/null & pids+=($!)
   eval "PID_$build=$!"
-  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+  wait_healthy "$port"
   eval "KEY_$build=$(curl -sf "http://127.0.0.1:$port/admin/keys" -H "Authorization: Bearer $ADMIN" -d '{"name":"bench"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')"
 done
 

@@ -7,6 +7,7 @@
 # Results (one JSON line per run) go to bench/out/results.jsonl; a Markdown table is printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 OUT=bench/out
 rm -rf "$OUT"; mkdir -p "$OUT"
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-15}
@@ -48,27 +49,7 @@ TOML
 ADMIN=tg_bench_admin_$(date +%s)
 TOLLGATE_ADMIN_KEY=$ADMIN RUST_LOG=warn $TG serve --config "$OUT/tollgate.toml" 2>"$OUT/tollgate.log" >/dev/null & pids+=($!)
 
-mkdir -p "$OUT/nginx/logs"
-cat > "$OUT/nginx/nginx.conf" <<NGINX
-worker_processes auto;
-pid nginx.pid;
-error_log logs/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  upstream mock { server 127.0.0.1:4010; keepalive 256; }
-  server {
-    listen 127.0.0.1:4020;
-    location / {
-      proxy_pass http://mock;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffering off;
-    }
-  }
-}
-NGINX
-nginx -p "$PWD/$OUT/nginx" -c nginx.conf
+nginx_start "$OUT" auto
 
 for _ in $(seq 100); do curl -sf http://127.0.0.1:4000/healthz >/dev/null && break; sleep 0.1; done
 KEY=$(curl -sf http://127.0.0.1:4000/admin/keys -H "Authorization: Bearer $ADMIN" -d '{"name":"bench"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')

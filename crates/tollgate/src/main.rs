@@ -11,6 +11,11 @@ use tollgate::config::Config;
 use tollgate::server::{Gateway, ServeOptions};
 use tollgate::store::Store;
 
+/// mimalloc, not glibc's malloc: under load glibc's took a fifth of the gateway's CPU, much of
+/// it freeing on the writer thread what the workers allocated (bench/RESULTS.md, run J).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()

@@ -7,8 +7,9 @@
 use crate::db::{Db, Location};
 use crate::metrics::Metrics;
 use crate::store;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 pub use crate::records::UsageRecord;
@@ -112,6 +113,10 @@ fn write_refusals(db: &mut Db, refused: &mut Vec<(HoldRequest, Held)>) {
 /// Usage records per write transaction while holds may be waiting.
 const RECORD_CHUNK: usize = 64;
 
+/// Holds, flushes and sweeps waiting for the writer; a request past it waits its turn (within
+/// `hold_timeout`).
+const URGENT_CAPACITY: usize = 4096;
+
 /// Runs `f` in one write transaction on the writer's connection.
 fn in_tx<T>(
     db: &mut Db,
@@ -213,8 +218,199 @@ fn place_holds(db: &mut Db, holds: &mut Vec<HoldReply>) {
 
 #[derive(Clone)]
 pub struct Meter {
+    /// Records and refusal events: nobody waits on them, and sending one wakes nobody
+    /// while the writer lingers.
     tx: mpsc::Sender<Msg>,
+    /// Holds, flushes and sweeps: someone waits on each, so each wakes the writer.
+    urgent: mpsc::Sender<Msg>,
+    /// Records the writer has taken from the queue and not yet committed.
+    gathered: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
+}
+
+/// What the writer has gathered and not yet handled.
+struct Pending {
+    batch: Vec<UsageRecord>,
+    waiters: Vec<oneshot::Sender<()>>,
+    holds: Vec<HoldReply>,
+    sweeps: Vec<Reply<(usize, usize)>>,
+    refused: Vec<(HoldRequest, Held)>,
+    gathered: Arc<AtomicUsize>,
+}
+
+impl Pending {
+    fn take(&mut self, msg: Msg) {
+        match msg {
+            Msg::Record(r) => self.batch.push(*r),
+            Msg::Flush(w) => self.waiters.push(w),
+            Msg::Hold(h) => self.holds.push(*h),
+            Msg::Sweep(w) => self.sweeps.push(w),
+            Msg::Refused(r) => self.refused.push(*r),
+        }
+    }
+
+    /// Everything someone waits on that is queued now. Called after records are taken: a
+    /// hold is always sent before the record that settles it, so every record taken so far
+    /// finds its hold placed before it is written.
+    fn take_urgent(&mut self, urgent: &mut mpsc::Receiver<Msg>) {
+        while let Ok(msg) = urgent.try_recv() {
+            self.take(msg);
+        }
+    }
+
+    /// Records queued now, while the batch has room.
+    fn take_records(&mut self, rx: &mut mpsc::Receiver<Msg>, batch_max: usize) {
+        while self.batch.len() < batch_max {
+            let Ok(msg) = rx.try_recv() else { break };
+            self.take(msg);
+        }
+        self.gathered.store(self.batch.len(), Ordering::Relaxed);
+    }
+}
+
+/// The writer's loop: one thread, one connection, every write of money and usage.
+#[allow(clippy::too_many_arguments)]
+fn run_writer(
+    mut conn: Db,
+    mut rx: mpsc::Receiver<Msg>,
+    mut urgent: mpsc::Receiver<Msg>,
+    gathered: Arc<AtomicUsize>,
+    batch_max: usize,
+    linger: Duration,
+    metrics: Arc<Metrics>,
+    acks: Option<mpsc::UnboundedSender<crate::hotwallet::Ack>>,
+) {
+    // Waits on both queues, and out `linger` without giving up on a hold that arrives.
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    else {
+        tracing::error!("the usage writer could not start its timer; no usage is recorded");
+        return;
+    };
+    let mut p = Pending {
+        batch: Vec::with_capacity(batch_max),
+        waiters: Vec::new(),
+        holds: Vec::new(),
+        sweeps: Vec::new(),
+        refused: Vec::new(),
+        gathered,
+    };
+    let mut last_hold: Option<Instant> = None;
+    let mut records_open = true;
+    let mut urgent_open = true;
+    loop {
+        // Idle: wait for anything.
+        let (first, from_urgent) = rt.block_on(async {
+            tokio::select! {
+                biased;
+                m = urgent.recv(), if urgent_open => (m, true),
+                m = rx.recv(), if records_open => (m, false),
+                else => (None, false),
+            }
+        });
+        let Some(first) = first else {
+            // A queue closes when every Meter is gone: the writer ends with both.
+            if from_urgent {
+                urgent_open = false;
+            } else {
+                records_open = false;
+            }
+            if urgent_open || records_open {
+                continue;
+            }
+            break;
+        };
+        p.take(first);
+        p.gathered.store(p.batch.len(), Ordering::Relaxed);
+        // Records wait on nobody: gather them for up to `linger`, so that a transaction (and
+        // the WAL pages it rewrites) carries many of them, while sending one wakes nobody.
+        // Holds are placed as they come; a flush or a sweep ends the wait.
+        let gather_until = tokio::time::Instant::now() + linger;
+        loop {
+            p.take_records(&mut rx, batch_max);
+            p.take_urgent(&mut urgent);
+            if !p.holds.is_empty() {
+                last_hold = Some(Instant::now());
+                place_holds(&mut conn, &mut p.holds);
+            }
+            if p.batch.is_empty()
+                || p.batch.len() >= batch_max
+                || !p.waiters.is_empty()
+                || !p.sweeps.is_empty()
+                || linger.is_zero()
+            {
+                break;
+            }
+            let woke = rt.block_on(async {
+                tokio::select! {
+                    m = urgent.recv() => m,
+                    _ = tokio::time::sleep_until(gather_until) => None,
+                }
+            });
+            match woke {
+                Some(m) => p.take(m),
+                None => {
+                    p.take_records(&mut rx, batch_max);
+                    p.take_urgent(&mut urgent);
+                    place_holds(&mut conn, &mut p.holds);
+                    break;
+                }
+            }
+        }
+        metrics.usage_queue_depth.set(rx.len() as i64);
+        write_refusals(&mut conn, &mut p.refused);
+        for w in p.sweeps.drain(..) {
+            let now = crate::clock::now_ms();
+            let _ = w.send(in_tx(&mut conn, |tx| {
+                let (h, g) = crate::wallet::expire(tx, now)?;
+                let e = crate::envelope::expire(tx, now)?;
+                Ok((h + e, g))
+            }));
+        }
+        // Records go in chunks while holds are coming, and holds that arrive meanwhile are
+        // placed between chunks: a hold never waits behind a whole batch of settles. Without
+        // holds, a batch is one transaction.
+        let chunk = match last_hold {
+            Some(t) if t.elapsed() < Duration::from_secs(1) => RECORD_CHUNK,
+            _ => batch_max,
+        };
+        while !p.batch.is_empty() {
+            let end = chunk.min(p.batch.len());
+            write_with_retry(&mut conn, &p.batch[..end], &metrics, acks.as_ref());
+            p.batch.drain(..end);
+            p.gathered.store(p.batch.len(), Ordering::Relaxed);
+            // Records in memory stay under `batch_max`: a store slower than the traffic
+            // leaves the backlog in the bounded queue, where it is visible
+            // (`usage_queue_depth`) and its overflow is counted. Under sustained load this
+            // loop does not end; flushes are answered once their records are all in.
+            p.take_records(&mut rx, batch_max);
+            p.take_urgent(&mut urgent);
+            metrics.usage_queue_depth.set(rx.len() as i64);
+            if !p.holds.is_empty() {
+                last_hold = Some(Instant::now());
+                place_holds(&mut conn, &mut p.holds);
+            }
+            if p.batch.is_empty() {
+                for w in p.waiters.drain(..) {
+                    let _ = w.send(());
+                }
+            }
+        }
+        write_refusals(&mut conn, &mut p.refused);
+        store::truncate_wal_if_long(&mut conn);
+        for w in p.waiters.drain(..) {
+            let _ = w.send(());
+        }
+        for w in p.sweeps.drain(..) {
+            let now = crate::clock::now_ms();
+            let _ = w.send(in_tx(&mut conn, |tx| {
+                let (h, g) = crate::wallet::expire(tx, now)?;
+                let e = crate::envelope::expire(tx, now)?;
+                Ok((h + e, g))
+            }));
+        }
+    }
 }
 
 impl Meter {
@@ -224,96 +420,36 @@ impl Meter {
         location: &Location,
         capacity: usize,
         batch_max: usize,
+        linger: Duration,
         metrics: Arc<Metrics>,
         acks: Option<mpsc::UnboundedSender<crate::hotwallet::Ack>>,
     ) -> store::Result<Meter> {
-        let mut conn = location.connect()?;
-        let (tx, mut rx) = mpsc::channel::<Msg>(capacity);
+        let conn = location.connect()?;
+        let (tx, rx) = mpsc::channel::<Msg>(capacity);
+        let (urgent, urgent_rx) = mpsc::channel::<Msg>(URGENT_CAPACITY);
         let writer_metrics = metrics.clone();
+        let gathered = Arc::new(AtomicUsize::new(0));
+        let writer_gathered = gathered.clone();
         std::thread::Builder::new()
             .name("tollgate-meter".into())
             .spawn(move || {
-                let mut batch: Vec<UsageRecord> = Vec::with_capacity(batch_max);
-                let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
-                let mut holds: Vec<HoldReply> = Vec::new();
-                let mut sweeps: Vec<Reply<(usize, usize)>> = Vec::new();
-                let mut refused: Vec<(HoldRequest, Held)> = Vec::new();
-                while let Some(first) = rx.blocking_recv() {
-                    let mut next = Some(first);
-                    while let Some(msg) = next.take() {
-                        match msg {
-                            Msg::Record(r) => batch.push(*r),
-                            Msg::Flush(w) => waiters.push(w),
-                            Msg::Hold(h) => holds.push(*h),
-                            Msg::Sweep(w) => sweeps.push(w),
-                            Msg::Refused(r) => refused.push(*r),
-                        }
-                        if batch.len() >= batch_max {
-                            break;
-                        }
-                        next = rx.try_recv().ok();
-                    }
-                    writer_metrics.usage_queue_depth.set((rx.len()) as i64);
-                    // Requests wait on their holds; records wait on nobody: holds first.
-                    place_holds(&mut conn, &mut holds);
-                    write_refusals(&mut conn, &mut refused);
-                    for w in sweeps.drain(..) {
-                        let now = crate::clock::now_ms();
-                        let _ = w.send(in_tx(&mut conn, |tx| {
-                            let (h, g) = crate::wallet::expire(tx, now)?;
-                            let e = crate::envelope::expire(tx, now)?;
-                            Ok((h + e, g))
-                        }));
-                    }
-                    // Records go in chunks, and holds that arrive meanwhile are placed
-                    // between chunks: a hold never waits behind a whole batch of settles.
-                    let mut written = 0;
-                    while written < batch.len() {
-                        let end = (written + RECORD_CHUNK).min(batch.len());
-                        write_with_retry(
-                            &mut conn,
-                            &batch[written..end],
-                            &writer_metrics,
-                            acks.as_ref(),
-                        );
-                        written = end;
-                        // Pending records in memory stay under `batch_max`: a store slower
-                        // than the traffic leaves the backlog in the bounded queue, where
-                        // it is visible (`usage_queue_depth`) and its overflow is counted.
-                        while batch.len() - written < batch_max {
-                            let Ok(msg) = rx.try_recv() else { break };
-                            match msg {
-                                Msg::Hold(h) => holds.push(*h),
-                                Msg::Record(r) => batch.push(*r),
-                                Msg::Flush(w) => waiters.push(w),
-                                Msg::Sweep(w) => sweeps.push(w),
-                                Msg::Refused(r) => refused.push(*r),
-                            }
-                            if holds.len() >= RECORD_CHUNK {
-                                break;
-                            }
-                        }
-                        writer_metrics.usage_queue_depth.set(rx.len() as i64);
-                        place_holds(&mut conn, &mut holds);
-                        // Under sustained load this loop does not end: forget what is
-                        // written, and answer flushes whose records are all in.
-                        batch.drain(..written);
-                        written = 0;
-                        if batch.is_empty() {
-                            for w in waiters.drain(..) {
-                                let _ = w.send(());
-                            }
-                        }
-                    }
-                    batch.clear();
-                    write_refusals(&mut conn, &mut refused);
-                    store::truncate_wal_if_long(&mut conn);
-                    for w in waiters.drain(..) {
-                        let _ = w.send(());
-                    }
-                }
+                run_writer(
+                    conn,
+                    rx,
+                    urgent_rx,
+                    writer_gathered,
+                    batch_max,
+                    linger,
+                    writer_metrics,
+                    acks,
+                )
             })?;
-        Ok(Meter { tx, metrics })
+        Ok(Meter {
+            tx,
+            urgent,
+            gathered,
+            metrics,
+        })
     }
 
     /// Queues a record without waiting. Never blocks the request path.
@@ -349,7 +485,7 @@ impl Meter {
     pub async fn hold(&self, req: HoldRequest, within: Duration) -> Result<Held, String> {
         let placed = async {
             let (reply, rx) = oneshot::channel();
-            self.tx
+            self.urgent
                 .send(Msg::Hold(Box::new((req, reply))))
                 .await
                 .map_err(|_| "the writer has stopped".to_string())?;
@@ -364,9 +500,11 @@ impl Meter {
     /// More than half the writer's queue is waiting. Hot wallets admit faster than the store
     /// can record: past this, new money waits rather than risk captures a full queue would
     /// drop (each is revenue, and the hold it settles would stay in Redis until it expires).
+    /// Records the writer has gathered count too: they are as far from committed as queued ones.
     pub fn backlogged(&self) -> bool {
         let max = self.tx.max_capacity();
-        (max - self.tx.capacity()) * 2 > max
+        let waiting = (max - self.tx.capacity()) + self.gathered.load(Ordering::Relaxed);
+        waiting * 2 > max
     }
 
     /// Tells the webhooks about a hold refused outside the writer (hot wallets). Never waits;
@@ -378,7 +516,7 @@ impl Meter {
     /// Releases expired holds and expires grants; (holds, grants).
     pub async fn sweep(&self) -> Result<(usize, usize), String> {
         let (reply, rx) = oneshot::channel();
-        self.tx
+        self.urgent
             .send(Msg::Sweep(reply))
             .await
             .map_err(|_| "the writer has stopped".to_string())?;
@@ -389,7 +527,7 @@ impl Meter {
     /// Waits until everything queued so far is committed.
     pub async fn flush(&self) {
         let (tx, rx) = oneshot::channel();
-        if self.tx.send(Msg::Flush(tx)).await.is_ok() {
+        if self.urgent.send(Msg::Flush(tx)).await.is_ok() {
             let _ = rx.await;
         }
     }

@@ -132,6 +132,7 @@ impl Gateway {
             &location,
             config.metering.queue_capacity,
             config.metering.batch_max,
+            config.metering.linger,
             metrics.clone(),
             acks,
         )

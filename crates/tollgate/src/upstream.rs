@@ -22,6 +22,31 @@ pub struct Provider {
     pub idle_timeout: Duration,
     pub total_timeout: Duration,
     pub models: Vec<String>,
+    /// The URL of each upstream path called so far, parsed once: parsing (with its IDNA
+    /// pass) per request showed in the request path's profile.
+    urls: std::sync::RwLock<Vec<(&'static str, reqwest::Url)>>,
+}
+
+impl Provider {
+    /// The provider's URL for an upstream path (`/chat/completions`).
+    pub fn url(&self, path: &'static str) -> Result<reqwest::Url, String> {
+        let known = |urls: &[(&'static str, reqwest::Url)]| {
+            urls.iter()
+                .find(|(p, _)| *p == path)
+                .map(|(_, u)| u.clone())
+        };
+        if let Some(u) = self.urls.read().ok().and_then(|u| known(&u)) {
+            return Ok(u);
+        }
+        let url = format!("{}{}", self.base_url, path);
+        let parsed = reqwest::Url::parse(&url).map_err(|e| format!("{url}: {e}"))?;
+        if let Ok(mut urls) = self.urls.write() {
+            if known(&urls).is_none() {
+                urls.push((path, parsed.clone()));
+            }
+        }
+        Ok(parsed)
+    }
 }
 
 pub struct Deployment {
@@ -438,6 +463,7 @@ fn build_provider(p: &ProviderConfig, mock_url: Option<&str>) -> Result<Provider
         name: p.name.clone(),
         kind: p.kind,
         base_url: base_url.trim_end_matches('/').to_string(),
+        urls: Default::default(),
         client,
         headers,
         first_byte_timeout: p.first_byte_timeout,

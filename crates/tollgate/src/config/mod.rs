@@ -448,6 +448,11 @@ pub struct MeteringConfig {
     pub queue_capacity: usize,
     /// Records per write transaction at most.
     pub batch_max: usize,
+    /// How long the writer gathers records before it commits them (holds never wait): one
+    /// transaction per few hundred records instead of one per record at moderate load.
+    /// Records are in memory meanwhile, like the queue (lost to a `kill -9`). 0 = off.
+    #[serde(deserialize_with = "de_duration")]
+    pub linger: Duration,
     /// Usage records older than this are deleted (hourly, and on start); the hourly and
     /// daily rollups stay, so reports over older windows still add up. 0 keeps them forever.
     #[serde(deserialize_with = "de_duration")]
@@ -676,6 +681,7 @@ impl Default for MeteringConfig {
         MeteringConfig {
             queue_capacity: 65_536,
             batch_max: 2_000,
+            linger: Duration::from_millis(20),
             retain_records: Duration::ZERO,
             on_client_disconnect: OnDisconnect::Cancel,
         }

@@ -72,7 +72,12 @@ pub(crate) async fn forward_once(
     stream: bool,
 ) -> Result<Upstream, Failure> {
     let p = &dep.provider;
-    let url = format!("{}{}", p.base_url, endpoint.upstream_path());
+    let url = p.url(endpoint.upstream_path()).map_err(|e| {
+        Failure::retry(
+            ErrorKind::UpstreamUnavailable,
+            format!("provider '{}' has no usable URL: {e}", p.name),
+        )
+    })?;
     let deadline = tokio::time::Instant::now() + p.first_byte_timeout;
     let send = p
         .client

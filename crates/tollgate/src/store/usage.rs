@@ -426,6 +426,9 @@ fn usage_from_row(r: &Row) -> Result<UsageRecord> {
 /// `ON CONFLICT DO NOTHING` on the request id makes a replayed batch (a retry after a failed
 /// commit) harmless.
 pub fn insert_usage_rows(tx: &mut Db, batch: &[UsageRecord], shortfalls: &[u64]) -> Result<()> {
+    if tx.dialect() == crate::db::Dialect::Sqlite {
+        return insert_usage_one_by_one(tx, batch, shortfalls);
+    }
     // SQLite binds at most 32 766 parameters in a statement: 256 rows of 36 stay well below.
     let mut at = 0;
     for n in statement_sizes(batch.len().min(shortfalls.len())) {
@@ -435,9 +438,9 @@ pub fn insert_usage_rows(tx: &mut Db, batch: &[UsageRecord], shortfalls: &[u64])
     Ok(())
 }
 
-fn insert_usage_statement(tx: &mut Db, batch: &[UsageRecord], shortfalls: &[u64]) -> Result<()> {
-    let mut rows: Vec<Value> = Vec::with_capacity(batch.len() * USAGE_COLUMN_COUNT);
-    for (u, shortfall) in batch.iter().zip(shortfalls) {
+/// A record's column values, in `USAGE_COLUMNS` order.
+fn usage_values(u: &UsageRecord, shortfall: u64, out: &mut Vec<Value>) {
+    {
         let row: [&dyn Param; USAGE_COLUMN_COUNT] = [
             &u.id,
             &u.ts_ms,
@@ -471,12 +474,58 @@ fn insert_usage_statement(tx: &mut Db, batch: &[UsageRecord], shortfalls: &[u64]
             &u.reused,
             &u.reused_from,
             &u.wallet_id,
-            shortfall,
+            &shortfall,
             &u.run_id,
             &u.detail,
             &u.org,
         ];
-        rows.extend(row.iter().map(|p| p.value()));
+        out.extend(row.iter().map(|p| p.value()));
+    }
+}
+
+/// SQLite: one prepared one-row INSERT per record. Its statement is parsed once; a multi-row
+/// statement (one round trip, what PostgreSQL needs) costs SQLite more per row, and its
+/// statement-cache key is tens of kilobytes of SQL to hash and compare (bench/RESULTS.md,
+/// run J). A record already there (a replayed batch) changes nothing and is not rolled up.
+fn insert_usage_one_by_one(tx: &mut Db, batch: &[UsageRecord], shortfalls: &[u64]) -> Result<()> {
+    let sql = multi_row_sql(
+        "usage",
+        &format!("INSERT INTO usage ({USAGE_COLUMNS}) VALUES "),
+        " ON CONFLICT DO NOTHING",
+        USAGE_COLUMN_COUNT,
+        1,
+    );
+    let mut values: Vec<Value> = Vec::with_capacity(USAGE_COLUMN_COUNT);
+    let mut fresh: Vec<&UsageRecord> = Vec::with_capacity(batch.len());
+    for (u, shortfall) in batch.iter().zip(shortfalls) {
+        values.clear();
+        usage_values(u, *shortfall, &mut values);
+        if tx.exec_values(&sql, &values)? == 1 {
+            fresh.push(u);
+        }
+    }
+    insert_fresh(tx, &fresh)
+}
+
+/// The rollups and kept bodies of the records a batch inserted.
+fn insert_fresh(tx: &mut Db, fresh: &[&UsageRecord]) -> Result<()> {
+    upsert_rollups(tx, fresh)?;
+    for u in fresh.iter().filter(|u| u.bodies.is_some()) {
+        if let Some(b) = &u.bodies {
+            tx.exec(
+                "INSERT INTO usage_bodies (id, request, response, truncated) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT DO NOTHING",
+                &[&u.id, &b.request, &b.response, &b.truncated],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn insert_usage_statement(tx: &mut Db, batch: &[UsageRecord], shortfalls: &[u64]) -> Result<()> {
+    let mut rows: Vec<Value> = Vec::with_capacity(batch.len() * USAGE_COLUMN_COUNT);
+    for (u, shortfall) in batch.iter().zip(shortfalls) {
+        usage_values(u, *shortfall, &mut rows);
     }
     if !rows.is_empty() {
         let n = rows.len() / USAGE_COLUMN_COUNT;
@@ -496,16 +545,7 @@ fn insert_usage_statement(tx: &mut Db, batch: &[UsageRecord], shortfalls: &[u64]
             .map(|r| r.get::<String>(0))
             .collect::<std::result::Result<_, _>>()?;
         let fresh: Vec<&UsageRecord> = batch.iter().filter(|u| inserted.contains(&u.id)).collect();
-        upsert_rollups(tx, &fresh)?;
-        for u in fresh.iter().filter(|u| u.bodies.is_some()) {
-            if let Some(b) = &u.bodies {
-                tx.exec(
-                    "INSERT INTO usage_bodies (id, request, response, truncated) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT DO NOTHING",
-                    &[&u.id, &b.request, &b.response, &b.truncated],
-                )?;
-            }
-        }
+        insert_fresh(tx, &fresh)?;
     }
     Ok(())
 }

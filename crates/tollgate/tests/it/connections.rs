@@ -32,14 +32,7 @@ async fn read_until_closed(s: &mut TcpStream, within: Duration) -> Option<String
 }
 
 async fn metrics(gw: &TestGateway) -> String {
-    gw.client
-        .get(format!("{}/metrics", gw.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    gw.metrics().await
 }
 
 #[tokio::test]

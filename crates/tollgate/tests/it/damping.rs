@@ -214,14 +214,6 @@ async fn the_gateways_own_retries_spend_from_a_deployment_budget() {
     // One first attempt and the one retry the budget allows, not five attempts.
     assert_eq!(wait_record(&gw, &id).await.attempts, 2);
     assert_eq!(upstream_requests(&up).await, 2);
-    let metrics: String = gw
-        .client
-        .get(format!("{}/metrics", gw.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics: String = gw.metrics().await;
     assert!(metrics.contains("tollgate_retries_suppressed_total{scope=\"deployment\"} 1"));
 }

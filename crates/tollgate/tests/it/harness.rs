@@ -216,6 +216,18 @@ impl TestGateway {
     }
 
     /// Waits until `n` records exist (streams settle after the client has its last byte).
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn wait_records(&self, n: usize) -> Vec<UsageRecord> {
         for _ in 0..200 {
             let recs = self.records().await;

@@ -253,15 +253,7 @@ async fn a_ledger_writer_that_falls_behind_stops_new_money_before_records_are_lo
     // ends where the ledger does.
     let recs = gw.wait_records(admitted + 1).await;
     assert_eq!(recs.len(), admitted + 1);
-    let metrics = gw
-        .client
-        .get(format!("{}/metrics", gw.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains("tollgate_usage_records_dropped_total 0")
             && metrics.contains("tollgate_usage_records_shed_total 1"),

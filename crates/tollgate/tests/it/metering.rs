@@ -241,3 +241,43 @@ pub async fn usage_report_groups_by_key_team_model_tag_and_day_on(store: &TestSt
         .unwrap();
     assert_openai_error(bad, 400, "bad_request").await;
 }
+
+/// The writer gathers records for `[metering] linger` before it commits them, but a hold
+/// never waits for that: with a 30 s linger, wallet-backed requests are still admitted (a hold
+/// waiting out the linger would give 503 after `hold_timeout`, 2 s), their records are not yet
+/// committed, and a graceful shutdown commits them with their captures.
+#[tokio::test]
+async fn holds_do_not_wait_for_the_writers_linger_and_shutdown_commits_what_it_gathered() {
+    let gw = TestGateway::start(
+        "[metering]\nlinger = \"30s\"\n[wallets]\nsweep_interval = \"1h\"\n\
+         [[prices]]\nmodel = \"mock*\"\ninput = 0\noutput = 625000000\n",
+    )
+    .await;
+    let (key, key_id) = gw.create_key(json!({"name": "payer"})).await;
+    let wallet = gw.wallet(&format!("key:{key_id}"), "1.00").await;
+    // The wallet's creation and top-up went through the writer too; from here on it lingers.
+    for i in 0..3 {
+        let r = gw
+            .chat(
+                &key,
+                json!({"model": "mock", "max_tokens": 16, "messages": user(&format!("n{i}"))}),
+            )
+            .await;
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+    // Not through /admin/usage: admin reads flush the writer first (read your writes).
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains("tollgate_usage_records_written_total 0"),
+        "records wait for the linger (or a flush) before they are committed: {metrics}"
+    );
+    let dir = gw.stop().await;
+    let gw = TestGateway::start_in("[metering]\nlinger = \"0s\"\n", dir, None).await;
+    let recs = gw.records().await;
+    assert_eq!(recs.len(), 3);
+    assert!(recs.iter().all(|r| r.cost_micros == 10_000), "{recs:?}");
+    assert_eq!(
+        gw.wallet_view(&wallet).await["balance_micros"],
+        1_000_000 - 30_000
+    );
+}

@@ -1,0 +1,83 @@
+# Shared by the bench scripts (sourced): nginx as the reference proxy, CPU time from /proc, and
+# the gateway scenarios of bench/pinned.sh.
+
+# nginx_start OUT WORKERS [TASKSET_PREFIX...]: a plain reverse proxy on :4020 to the mock on
+# :4010 (keep-alive upstream, buffering off), its pids in NGINX_PIDS.
+nginx_start() {
+  local out=$1 workers=$2; shift 2
+  mkdir -p "$out/nginx/logs"
+  cat > "$out/nginx/nginx.conf" <<NGINX
+worker_processes $workers;
+pid nginx.pid;
+error_log logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream mock { server 127.0.0.1:4010; keepalive 256; }
+  server {
+    listen 127.0.0.1:4020;
+    location / {
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }
+  }
+}
+NGINX
+  "$@" nginx -p "$PWD/$out/nginx" -c nginx.conf
+  NGINX_PIDS=$(pgrep -f "nginx: (master|worker)" | tr '\n' ' ')
+}
+
+cpu_ticks() { # total utime+stime of the given pids, in clock ticks
+  local t=0
+  for p in "$@"; do
+    if [ -r "/proc/$p/stat" ]; then
+      set -- $(sed 's/^.*) //' "/proc/$p/stat")
+      t=$((t + ${12} + ${13}))
+    fi
+  done
+  echo "$t"
+}
+
+# gateway_config FILE PORT DATA_DIR SCENARIO [REDIS_URL]: a gateway in front of the mock.
+#   default   the shipped defaults
+#   minimal   auth and metering only: no limits, loop guard off, no coalescing
+#   policies  limits, loop guard in warn mode, retry damping, coalescing, metering
+#   wallet    policies (the key gets a wallet: see bench_key)
+#   hot       policies with the Redis limiter and hot wallets
+gateway_config() {
+  local file=$1 port=$2 data=$3 scenario=$4 redis=${5:-redis://127.0.0.1:6391}
+  cat > "$file" <<TOML
+[server]
+listen = "127.0.0.1:$port"
+data_dir = "$data"
+[[providers]]
+name = "up"
+kind = "openai"
+base_url = "http://127.0.0.1:4010/v1"
+models = ["mock*"]
+TOML
+  case $scenario in
+    minimal) printf '[limits]\nrpm = 0\ntpm = 0\nconcurrency = 0\n[limits.team]\nrpm = 0\ntpm = 0\nconcurrency = 0\n[loop_guard]\nenabled = false\n[retries]\ncoalesce = false\n' >> "$file" ;;
+    policies|wallet) printf '[loop_guard]\naction = "warn"\n' >> "$file" ;;
+    hot) printf '[loop_guard]\naction = "warn"\n[limits]\nbackend = "redis"\n[limits.redis]\nurl = "%s"\n' "$redis" >> "$file" ;;
+  esac
+}
+
+# bench_key PORT ADMIN SCENARIO: prints a key's secret; limits high enough never to refuse
+# (none for minimal), and a wallet with $1 000 000 for wallet and hot.
+bench_key() {
+  local port=$1 admin=$2 scenario=$3 limits j kid wid
+  limits='"rpm":100000000,"tpm":1000000000000,"concurrency":100000'
+  [ "$scenario" = minimal ] && limits='"rpm":0'
+  j=$(curl -sf "http://127.0.0.1:$port/admin/keys" -H "Authorization: Bearer $admin" -d "{\"name\":\"bench\",$limits}")
+  if [ "$scenario" = wallet ] || [ "$scenario" = hot ]; then
+    kid=$(echo "$j" | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"]["id"])')
+    wid=$(curl -sf "http://127.0.0.1:$port/admin/wallets" -H "Authorization: Bearer $admin" -d "{\"owner\":\"key:$kid\"}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+    curl -sf "http://127.0.0.1:$port/admin/wallets/$wid/topup" -H "Authorization: Bearer $admin" -d '{"amount":"1000000"}' >/dev/null
+  fi
+  echo "$j" | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])'
+}
+
+wait_healthy() { for _ in $(seq 100); do curl -sf "http://127.0.0.1:$1/healthz" >/dev/null && return; sleep 0.1; done; }

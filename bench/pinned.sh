@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The capacity-planning benchmark (issue 17): each proxy alone on core 1 (`taskset -c 1`), the
+# mock provider, the load generator and Redis on core 0, nginx as a plain reverse proxy measured
+# in the same run. For every scenario a fresh gateway is started, loaded, and its CPU time
+# (utime + stime from /proc) divided by completed requests; its peak RSS (VmHWM) is read at the
+# end, so each scenario's memory is its own.
+#
+#   bench/pinned.sh [BIN...]  # default target/release/tollgate (built); needs nginx-light,
+#                             # redis-server for the `hot` scenario
+#
+# Scenarios (SCENARIOS="minimal policies wallet hot"):
+#   minimal   auth and metering only: no limits, loop guard off, no coalescing
+#   policies  limits (per key, high enough never to refuse), loop guard in warn mode, retry
+#             damping, coalescing, metering: the defaults a production gateway runs
+#   wallet    policies + a wallet on the key: a hold in the store before every call
+#   hot       policies with the Redis limiter + hot wallets: holds in Redis
+# Every request body is unique (bench/loadgen numbers them), so no policy refuses one.
+#
+# One JSON line per run in bench/out-pinned/results.jsonl, a Markdown table on stdout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. bench/lib.sh
+OUT=bench/out-pinned
+SECONDS_PER_RUN=${SECONDS_PER_RUN:-10}
+RATE=${RATE:-1000}
+CONC=${CONC:-32}
+SCENARIOS=${SCENARIOS:-minimal policies wallet hot}
+rm -rf "$OUT"; mkdir -p "$OUT"
+
+# Several binaries (a base and a head, say) are measured in the same run, scenario by scenario,
+# each labelled with its file name.
+if [ $# -ge 1 ]; then BINS=("$@"); else
+  cargo build --release -q -p tollgate -p tollgate-loadgen
+  BINS=(target/release/tollgate)
+fi
+TG=${BINS[0]}
+cargo build --release -q -p tollgate-loadgen
+LG=target/release/tollgate-loadgen
+
+pids=()
+# KILL, not TERM: a gateway would otherwise spend its grace period flushing while the next
+# scenario runs.
+cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; nginx -p "$PWD/$OUT/nginx" -c nginx.conf -s stop 2>/dev/null || true; }
+trap cleanup EXIT
+
+taskset -c 0 "$TG" mock-provider --listen 127.0.0.1:4010 2>"$OUT/mock.log" & pids+=($!); disown $!
+if command -v redis-server >/dev/null; then
+  taskset -c 0 redis-server --port 6391 --bind 127.0.0.1 --save "" --appendonly no >"$OUT/redis.log" 2>&1 & pids+=($!); disown $!
+fi
+
+nginx_start "$OUT" 1 taskset -c 1
+peak_rss_kb() { local t=0; for p in "$@"; do t=$((t + $(awk '/VmHWM/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0))); done; echo "$t"; }
+TCK=$(getconf CLK_TCK)
+
+run() { # scenario label url key pids...
+  local scenario=$1 label=$2 url=$3 key=$4; shift 4
+  local before after line
+  # Warm-up outside the measured window: its CPU and its requests are not counted.
+  taskset -c 0 $LG --url "$url" --key "$key" "${LGARGS[@]}" --warmup 0 --seconds 1 --label warmup >/dev/null
+  before=$(cpu_ticks "$@")
+  line=$(taskset -c 0 $LG --url "$url" --key "$key" "${LGARGS[@]}" --warmup 0 --seconds "$SECONDS_PER_RUN" --label "$label")
+  after=$(cpu_ticks "$@")
+  python3 - "$line" "$before" "$after" "$TCK" "$scenario" <<'PY' >> "$OUT/results.jsonl"
+import json, sys
+r = json.loads(sys.argv[1]); before, after, tck = map(int, sys.argv[2:5])
+r["scenario"] = sys.argv[5]
+r["cpu_us_per_request"] = (after - before) * 1e6 / tck / max(r["requests"], 1)
+print(json.dumps(r))
+PY
+}
+
+loads() { # scenario url key pids...
+  local s=$1 url=$2 key=$3; shift 3
+  LGARGS=(--concurrency "$CONC"); run "$s" "$s json max" "$url" "$key" "$@"
+  LGARGS=(--concurrency "$CONC" --stream); run "$s" "$s stream max" "$url" "$key" "$@"
+  LGARGS=(--rate "$RATE"); run "$s" "$s json $RATE/s" "$url" "$key" "$@"
+  LGARGS=(--rate "$RATE" --stream); run "$s" "$s stream $RATE/s" "$url" "$key" "$@"
+  echo "{\"scenario\":\"$s\",\"peak_rss_kb\":$(peak_rss_kb "$@")}" >> "$OUT/rss.jsonl"
+}
+
+# shellcheck disable=SC2086
+loads nginx http://127.0.0.1:4020/v1/chat/completions none $NGINX_PIDS
+
+ADMIN=tg_bench_admin_$(date +%s)
+port=4100
+for s in $SCENARIOS; do
+  for TG in "${BINS[@]}"; do
+  port=$((port + 1))
+  label=$s; [ ${#BINS[@]} -gt 1 ] && label="$(basename "$TG")-$s"
+  if [ "$s" = hot ] && ! command -v redis-server >/dev/null; then echo "no redis-server: skipping hot" >&2; continue; fi
+  gateway_config "$OUT/$label.toml" "$port" "$OUT/data-$label" "$s"
+  TOLLGATE_ADMIN_KEY=$ADMIN RUST_LOG=warn taskset -c 1 "$TG" serve --config "$OUT/$label.toml" 2>"$OUT/$label.log" >/dev/null & pids+=($!)
+  pid=$!; disown "$pid"
+  wait_healthy "$port"
+  KEY=$(bench_key "$port" "$ADMIN" "$s")
+  loads "$label" "http://127.0.0.1:$port/v1/chat/completions" "$KEY" "$pid"
+  if [ "$s" = wallet ] || [ "$s" = hot ]; then
+    curl -sf "http://127.0.0.1:$port/admin/wallets/verify" -H "Authorization: Bearer $ADMIN" > "$OUT/$label-verify.json" || echo "wallet verify failed for $label" >&2
+  fi
+  kill -9 "$pid" 2>/dev/null || true
+  done
+done
+
+python3 - "$OUT/results.jsonl" "$OUT/rss.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+rss = {r["scenario"]: r["peak_rss_kb"] for r in map(json.loads, open(sys.argv[2]))}
+ng = {r["label"].split(" ", 1)[1]: r for r in rows if r["scenario"] == "nginx"}
+print("proxy pinned to one core; load generator, mock and Redis on the other\n")
+print("| scenario | load | rps | × nginx rps | errors | p50 ms | p99 ms | CPU µs/req | × nginx CPU |")
+print("|---|---|---|---|---|---|---|---|---|")
+for r in rows:
+    load = r["label"].split(" ", 1)[1]
+    n = ng[load]
+    print(f"| {r['scenario']} | {load} | {r['achieved_rps']:.0f} | {r['achieved_rps'] / max(n['achieved_rps'], 1):.2f} | {r['errors']} | {r['ms']['p50']:.3f} | {r['ms']['p99']:.3f} | {r['cpu_us_per_request']:.1f} | {r['cpu_us_per_request'] / n['cpu_us_per_request'] if n['cpu_us_per_request'] else float('nan'):.2f} |")
+print("\n| scenario | peak RSS MB |\n|---|---|")
+for s, kb in rss.items():
+    print(f"| {s} | {kb / 1024:.1f} |")
+PY
