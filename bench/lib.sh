@@ -63,6 +63,8 @@ TOML
     policies|wallet) printf '[loop_guard]\naction = "warn"\n' >> "$file" ;;
     hot) printf '[loop_guard]\naction = "warn"\n[limits]\nbackend = "redis"\n[limits.redis]\nurl = "%s"\n' "$redis" >> "$file" ;;
   esac
+  # EXTRA_TOML: sections to add, for a one-off comparison ('[metering]\nlinger = "0s"').
+  if [ -n "${EXTRA_TOML:-}" ]; then printf '%b\n' "$EXTRA_TOML" >> "$file"; fi
 }
 
 # bench_key PORT ADMIN SCENARIO: prints a key's secret; limits high enough never to refuse
