@@ -235,13 +235,18 @@ struct Pending {
     holds: Vec<HoldReply>,
     sweeps: Vec<Reply<(usize, usize)>>,
     refused: Vec<(HoldRequest, Held)>,
+    /// `batch.len()`, for `Meter::backlogged`.
     gathered: Arc<AtomicUsize>,
+    last_hold: Option<Instant>,
 }
 
 impl Pending {
     fn take(&mut self, msg: Msg) {
         match msg {
-            Msg::Record(r) => self.batch.push(*r),
+            Msg::Record(r) => {
+                self.batch.push(*r);
+                self.gathered.store(self.batch.len(), Ordering::Relaxed);
+            }
             Msg::Flush(w) => self.waiters.push(w),
             Msg::Hold(h) => self.holds.push(*h),
             Msg::Sweep(w) => self.sweeps.push(w),
@@ -264,7 +269,40 @@ impl Pending {
             let Ok(msg) = rx.try_recv() else { break };
             self.take(msg);
         }
+    }
+
+    /// The first `n` records are committed.
+    fn written(&mut self, n: usize) {
+        self.batch.drain(..n);
         self.gathered.store(self.batch.len(), Ordering::Relaxed);
+    }
+
+    fn place_holds(&mut self, conn: &mut Db) {
+        if !self.holds.is_empty() {
+            self.last_hold = Some(Instant::now());
+            place_holds(conn, &mut self.holds);
+        }
+    }
+
+    /// Records go in chunks while holds are coming, and holds that arrive meanwhile are
+    /// placed between chunks: a hold never waits behind a whole batch of settles. Without
+    /// holds, a batch is one transaction.
+    fn chunk(&self, batch_max: usize) -> usize {
+        match self.last_hold {
+            Some(t) if t.elapsed() < Duration::from_secs(1) => RECORD_CHUNK,
+            _ => batch_max,
+        }
+    }
+
+    fn run_sweeps(&mut self, conn: &mut Db) {
+        for w in self.sweeps.drain(..) {
+            let now = crate::clock::now_ms();
+            let _ = w.send(in_tx(conn, |tx| {
+                let (h, g) = crate::wallet::expire(tx, now)?;
+                let e = crate::envelope::expire(tx, now)?;
+                Ok((h + e, g))
+            }));
+        }
     }
 }
 
@@ -295,8 +333,8 @@ fn run_writer(
         sweeps: Vec::new(),
         refused: Vec::new(),
         gathered,
+        last_hold: None,
     };
-    let mut last_hold: Option<Instant> = None;
     let mut records_open = true;
     let mut urgent_open = true;
     loop {
@@ -322,23 +360,20 @@ fn run_writer(
             break;
         };
         p.take(first);
-        p.gathered.store(p.batch.len(), Ordering::Relaxed);
         // Records wait on nobody: gather them for up to `linger`, so that a transaction (and
         // the WAL pages it rewrites) carries many of them, while sending one wakes nobody.
         // Holds are placed as they come; a flush or a sweep ends the wait.
         let gather_until = tokio::time::Instant::now() + linger;
+        let mut lingered = linger.is_zero();
         loop {
             p.take_records(&mut rx, batch_max);
             p.take_urgent(&mut urgent);
-            if !p.holds.is_empty() {
-                last_hold = Some(Instant::now());
-                place_holds(&mut conn, &mut p.holds);
-            }
-            if p.batch.is_empty()
+            p.place_holds(&mut conn);
+            if lingered
+                || p.batch.is_empty()
                 || p.batch.len() >= batch_max
                 || !p.waiters.is_empty()
                 || !p.sweeps.is_empty()
-                || linger.is_zero()
             {
                 break;
             }
@@ -350,36 +385,16 @@ fn run_writer(
             });
             match woke {
                 Some(m) => p.take(m),
-                None => {
-                    p.take_records(&mut rx, batch_max);
-                    p.take_urgent(&mut urgent);
-                    place_holds(&mut conn, &mut p.holds);
-                    break;
-                }
+                None => lingered = true,
             }
         }
         metrics.usage_queue_depth.set(rx.len() as i64);
         write_refusals(&mut conn, &mut p.refused);
-        for w in p.sweeps.drain(..) {
-            let now = crate::clock::now_ms();
-            let _ = w.send(in_tx(&mut conn, |tx| {
-                let (h, g) = crate::wallet::expire(tx, now)?;
-                let e = crate::envelope::expire(tx, now)?;
-                Ok((h + e, g))
-            }));
-        }
-        // Records go in chunks while holds are coming, and holds that arrive meanwhile are
-        // placed between chunks: a hold never waits behind a whole batch of settles. Without
-        // holds, a batch is one transaction.
-        let chunk = match last_hold {
-            Some(t) if t.elapsed() < Duration::from_secs(1) => RECORD_CHUNK,
-            _ => batch_max,
-        };
+        let chunk = p.chunk(batch_max);
         while !p.batch.is_empty() {
             let end = chunk.min(p.batch.len());
             write_with_retry(&mut conn, &p.batch[..end], &metrics, acks.as_ref());
-            p.batch.drain(..end);
-            p.gathered.store(p.batch.len(), Ordering::Relaxed);
+            p.written(end);
             // Records in memory stay under `batch_max`: a store slower than the traffic
             // leaves the backlog in the bounded queue, where it is visible
             // (`usage_queue_depth`) and its overflow is counted. Under sustained load this
@@ -387,10 +402,7 @@ fn run_writer(
             p.take_records(&mut rx, batch_max);
             p.take_urgent(&mut urgent);
             metrics.usage_queue_depth.set(rx.len() as i64);
-            if !p.holds.is_empty() {
-                last_hold = Some(Instant::now());
-                place_holds(&mut conn, &mut p.holds);
-            }
+            p.place_holds(&mut conn);
             if p.batch.is_empty() {
                 for w in p.waiters.drain(..) {
                     let _ = w.send(());
@@ -402,14 +414,7 @@ fn run_writer(
         for w in p.waiters.drain(..) {
             let _ = w.send(());
         }
-        for w in p.sweeps.drain(..) {
-            let now = crate::clock::now_ms();
-            let _ = w.send(in_tx(&mut conn, |tx| {
-                let (h, g) = crate::wallet::expire(tx, now)?;
-                let e = crate::envelope::expire(tx, now)?;
-                Ok((h + e, g))
-            }));
-        }
+        p.run_sweeps(&mut conn);
     }
 }
 
