@@ -1,16 +1,25 @@
 //! Local token estimates, used only when a provider reports no usage. Records built from
 //! them say `usage_source = "estimated"`.
 
-use std::sync::OnceLock;
-use tiktoken_rs::CoreBPE;
+mod bpe;
 
-fn bpe() -> Option<&'static CoreBPE> {
-    static BPE: OnceLock<Option<CoreBPE>> = OnceLock::new();
-    BPE.get_or_init(|| tiktoken_rs::o200k_base().ok()).as_ref()
+use bpe::Bpe;
+use std::sync::OnceLock;
+
+fn bpe() -> Option<&'static Bpe> {
+    static BPE: OnceLock<Option<Bpe>> = OnceLock::new();
+    BPE.get_or_init(|| match Bpe::load() {
+        Ok(b) => Some(b),
+        Err(e) => {
+            tracing::error!(error = %e, "the token estimator did not load; counting by bytes");
+            None
+        }
+    })
+    .as_ref()
 }
 
-/// Loads the encoder ahead of traffic. Loading takes from a hundred milliseconds (release)
-/// to a second (debug), and the first caller waits for it on whichever thread it runs: lazily,
+/// Loads the encoder ahead of traffic. Indexing the vocabulary takes some milliseconds
+/// (release) to a few hundred (debug), and the first caller waits for it on whichever thread it runs: lazily,
 /// that is the first client disconnect or usage-less answer, stalling every request sharing
 /// the runtime's threads meanwhile.
 pub fn warm_up() {
@@ -82,7 +91,7 @@ fn floor_char(text: &str, mut i: usize) -> usize {
 /// Encodes `text` in pieces: split before each whitespace that follows a non-space (where
 /// the encoder's own pre-split puts a boundary: " word" is one piece), and every run longer
 /// than `RUN_BYTES` cut at that length.
-fn encode_bounded(b: &CoreBPE, text: &str) -> u64 {
+fn encode_bounded(b: &Bpe, text: &str) -> u64 {
     #[cfg(debug_assertions)]
     crate::fault::check("estimate", text);
     #[cfg(test)]
@@ -98,15 +107,19 @@ fn encode_bounded(b: &CoreBPE, text: &str) -> u64 {
             run_start = i;
         }
         if boundary && i > start {
-            total += b.encode_ordinary(&text[start..i]).len() as u64;
+            total += count_or_guess(b, &text[start..i]);
             start = i;
         }
         prev_space = Some(space);
     }
     if start < text.len() {
-        total += b.encode_ordinary(&text[start..]).len() as u64;
+        total += count_or_guess(b, &text[start..]);
     }
     total
+}
+
+fn count_or_guess(b: &Bpe, text: &str) -> u64 {
+    b.count(text).unwrap_or_else(|_| by_bytes(text.len()))
 }
 
 /// Input tokens of a request body: the text the model would read, plus a small overhead per
@@ -168,7 +181,7 @@ mod tests {
         let b = bpe().unwrap();
         let text = "Agents retry, loop and spam endpoints; with a key in hand they spend real \
                     money.\n\n  Indented   lines,\ttabs and   runs of spaces stay close.";
-        let whole = b.encode_ordinary(text).len() as i64;
+        let whole = b.count(text).unwrap() as i64;
         let pieces = encode_bounded(b, text) as i64;
         assert!((pieces - whole).abs() <= 2, "{pieces} vs {whole}");
     }
@@ -205,5 +218,56 @@ mod tests {
             est >= exact * 0.98 && est <= exact * 1.05,
             "{est} vs {exact}"
         );
+    }
+
+    /// The estimator is held to tiktoken's o200k token for token, not only in count: any
+    /// vocabulary, split or merge-order difference shows as a different rank sequence.
+    #[test]
+    fn the_compact_encoder_encodes_exactly_as_tiktoken_does() {
+        let ours = bpe().unwrap();
+        let theirs = tiktoken_rs::o200k_base().unwrap();
+        let mut texts: Vec<String> = [
+            "The quick brown fox jumps over the lazy dog.",
+            "I'LL say it's done; they've gone, we'd've WON'T. Don't",
+            "fn main() {\n    let x: Vec<u8> = vec![0x1f, 255];\r\n\tprintln!(\"{x:?}\");\n}\n\n\n",
+            r#"{"id":"chatcmpl-123","choices":[{"delta":{"content":"héllo wörld"}}],"n":12345678}"#,
+            "日本語のテキストと中文文本，还有한국어 텍스트。",
+            "مرحبا بالعالم — Здравствуй, мир! Γειά σου κόσμε",
+            "emoji 😀👍🏽👨‍👩‍👧 and combining e\u{301} a\u{308}",
+            "   leading spaces, trailing   \n \n\n   \t\t mixed\u{a0}nbsp\u{2003}em",
+            "1234567890 3.14159 -42 1e10 ١٢٣ ⅷ",
+            "CamelCaseWord HTTPServer iPhone XMLHttpRequest snake_case_name kebab-case",
+            "$$$ ### !!! ... --- *** /// \\\\ ??? ~~~ `code` <html><body></body></html>",
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        // Deterministic noise drawn from the scripts and punctuation agents send.
+        let alphabet: Vec<char> =
+            "abcXYZ019 \n\t.,;:'\"(){}[]<>/_-+=*&^%$#@!?éüßñøçΩЖж中文日本語한국😀\u{301}\u{200d}\r"
+                .chars()
+                .collect();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..3000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 48) as usize + 1;
+            let mut s = String::new();
+            let mut x = seed;
+            for _ in 0..len {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                s.push(alphabet[(x >> 33) as usize % alphabet.len()]);
+            }
+            texts.push(s);
+        }
+        for text in &texts {
+            let want: Vec<u32> = theirs.encode_ordinary(text);
+            assert_eq!(ours.encode(text), want, "{text:?}");
+            assert_eq!(ours.count(text).unwrap(), want.len() as u64, "{text:?}");
+        }
     }
 }

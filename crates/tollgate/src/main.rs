@@ -13,6 +13,9 @@ use tollgate::store::Store;
 
 /// mimalloc, not glibc's malloc: under load glibc's took a fifth of the gateway's CPU, much of
 /// it freeing on the writer thread what the workers allocated (bench/RESULTS.md, run J).
+/// Without the feature the system allocator is used, which heap profilers (valgrind's massif,
+/// bench/heap.sh) can see.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
