@@ -83,3 +83,18 @@ bench_key() {
 }
 
 wait_healthy() { for _ in $(seq 100); do curl -sf "http://127.0.0.1:$1/healthz" >/dev/null && return; sleep 0.1; done; }
+
+# pg_start DIR PORT [TASKSET_PREFIX...]: a throwaway PostgreSQL cluster (initdb'd in DIR,
+# trust auth, user tollgate) on 127.0.0.1:PORT; its run-as prefix in PG_AS. Fails if there
+# is no PostgreSQL server binary.
+pg_start() {
+  local dir=$1 port=$2 bin; shift 2
+  bin=$(dirname "$(command -v initdb 2>/dev/null || ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | tail -1)")
+  [ -x "$bin/postgres" ] || return 1
+  mkdir -p "$dir"
+  PG_AS=(); if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$dir"; PG_AS=(runuser -u postgres --); fi
+  "${PG_AS[@]}" "$bin/initdb" -D "$dir/data" -U tollgate -A trust --no-sync >/dev/null
+  "${PG_AS[@]}" "$@" "$bin/postgres" -D "$dir/data" -p "$port" -h 127.0.0.1 -k "$dir" >"$dir/pg.log" 2>&1 &
+  PG_PID=$!
+  for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done; sleep 1
+}

@@ -105,13 +105,8 @@ fi
 
 # PostgreSQL as the store: wallet holds in its transactions (4002), and hot wallets in Redis
 # with the ledger in PostgreSQL (4003). The cluster is a throwaway one, initdb'd here.
-PGBIN=$(dirname "$(command -v initdb 2>/dev/null || ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | tail -1)")
-if [ -x "$PGBIN/postgres" ] && command -v redis-server >/dev/null; then
-  PGDIR="$PWD/$OUT/pg"; mkdir -p "$PGDIR"
-  AS=(); if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$PGDIR"; AS=(runuser -u postgres --); fi
-  "${AS[@]}" "$PGBIN/initdb" -D "$PGDIR/data" -U tollgate -A trust --no-sync >/dev/null
-  "${AS[@]}" "$PGBIN/postgres" -D "$PGDIR/data" -p 5439 -h 127.0.0.1 -k "$PGDIR" >"$OUT/pg.log" 2>&1 & pids+=($!)
-  for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/5439) 2>/dev/null && break; sleep 0.1; done; sleep 1
+if command -v redis-server >/dev/null && pg_start "$PWD/$OUT/pg" 5439; then
+  pids+=("$PG_PID"); AS=("${PG_AS[@]}")
   for g in 4002:postgres 4003:hot; do
     port=${g%%:*}; kind=${g##*:}
     sed -e "s/127.0.0.1:4000/127.0.0.1:$port/" -e "s#$OUT/data#$OUT/data-$port#" "$OUT/tollgate.toml" > "$OUT/tollgate-$port.toml"

@@ -393,6 +393,21 @@ impl Db {
         }
     }
 
+    /// One query once per set of values, in order, each seeing what the ones before it did.
+    /// On PostgreSQL they are pipelined: a group costs one round trip, not one per set.
+    pub fn pipeline(&mut self, sql: &str, sets: &[Vec<Value>]) -> Result<Vec<Vec<Row>>> {
+        match &mut self.conn {
+            Conn::Sqlite(_) => sets
+                .iter()
+                .map(|set| {
+                    let params: Vec<&dyn Param> = set.iter().map(|v| v as &dyn Param).collect();
+                    self.rows(sql, &params)
+                })
+                .collect(),
+            Conn::Pg(pg) => pg.pipeline(sql, sets),
+        }
+    }
+
     /// The first row, if any (an `UPDATE … RETURNING` runs to completion either way).
     pub fn row(&mut self, sql: &str, params: &[&dyn Param]) -> Result<Option<Row>> {
         Ok(self.rows(sql, params)?.into_iter().next())
@@ -750,14 +765,24 @@ impl Pg {
             .collect();
         let r = block_on(self.client.query(&stmt, &refs), PG_DEADLINE);
         let rows = self.finish(r)?;
-        rows.iter()
-            .map(|r| {
-                (0..r.len())
-                    .map(|i| pg_value(r, i))
-                    .collect::<Result<Vec<_>>>()
+        pg_rows(&rows)
+    }
+
+    fn pipeline(&mut self, sql: &str, sets: &[Vec<Value>]) -> Result<Vec<Vec<Row>>> {
+        let stmt = self.statement(sql)?;
+        let refs: Vec<Vec<&(dyn tokio_postgres::types::ToSql + Sync)>> = sets
+            .iter()
+            .map(|set| {
+                set.iter()
+                    .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
+                    .collect()
             })
-            .map(|r| r.map(Row))
-            .collect()
+            .collect();
+        // Polled together, tokio-postgres writes every query before reading any answer.
+        let queries = refs.iter().map(|r| self.client.query(&stmt, r));
+        let r = block_on(futures_util::future::try_join_all(queries), PG_DEADLINE);
+        let answers = self.finish(r)?;
+        answers.iter().map(|rows| pg_rows(rows)).collect()
     }
 
     fn batch(&mut self, sql: &str) -> Result<()> {
@@ -765,6 +790,17 @@ impl Pg {
         let r = block_on(self.client.batch_execute(sql), PG_DEADLINE);
         self.finish(r)
     }
+}
+
+fn pg_rows(rows: &[tokio_postgres::Row]) -> Result<Vec<Row>> {
+    rows.iter()
+        .map(|r| {
+            (0..r.len())
+                .map(|i| pg_value(r, i))
+                .collect::<Result<Vec<_>>>()
+        })
+        .map(|r| r.map(Row))
+        .collect()
 }
 
 fn pg_value(row: &tokio_postgres::Row, i: usize) -> Result<Value> {

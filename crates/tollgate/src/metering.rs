@@ -74,19 +74,23 @@ fn hold_one(tx: &mut Db, h: &HoldRequest, now: i64) -> Result<Held, String> {
             balance_micros: None,
         });
     };
-    match crate::wallet::hold(tx, w, &h.request_id, h.amount, h.expires_ms, now)
-        .map_err(|e| e.to_string())?
-    {
-        crate::wallet::Hold::Held { balance_micros } => Ok(Held::Ok {
+    crate::wallet::hold(tx, w, &h.request_id, h.amount, h.expires_ms, now)
+        .map(held)
+        .map_err(|e| e.to_string())
+}
+
+fn held(h: crate::wallet::Hold) -> Held {
+    match h {
+        crate::wallet::Hold::Held { balance_micros } => Held::Ok {
             balance_micros: Some(balance_micros),
-        }),
+        },
         crate::wallet::Hold::Insufficient {
             balance_micros,
             floor_micros,
-        } => Ok(Held::Insufficient {
+        } => Held::Insufficient {
             balance_micros,
             floor_micros,
-        }),
+        },
     }
 }
 
@@ -183,9 +187,36 @@ fn place_holds(db: &mut Db, holds: &mut Vec<HoldReply>) {
     }
     let now = crate::clock::now_ms();
     let result = db.write(|tx| -> Result<Vec<Result<Held, String>>, String> {
+        // Wallet-only holds go as one group (pipelined on PostgreSQL: one round trip);
+        // holds with envelopes need a savepoint each and go one by one after them.
+        let grouped: Vec<usize> = holds
+            .iter()
+            .enumerate()
+            .filter(|(_, (h, _))| h.envelopes.is_empty() && h.wallet_id.is_some())
+            .map(|(i, _)| i)
+            .collect();
+        let args: Vec<crate::wallet::HoldArgs> = grouped
+            .iter()
+            .map(|&i| {
+                let h = &holds[i].0;
+                crate::wallet::HoldArgs {
+                    wallet_id: h.wallet_id.as_deref().unwrap_or_default(),
+                    request_id: &h.request_id,
+                    amount: h.amount,
+                    expires_ms: h.expires_ms,
+                }
+            })
+            .collect();
+        let mut decided: Vec<Option<Result<Held, String>>> = vec![None; holds.len()];
+        let group = crate::wallet::hold_group(tx, &args, now).map_err(|e| e.to_string())?;
+        for (i, r) in grouped.into_iter().zip(group) {
+            decided[i] = Some(r.map(held).map_err(|e| e.to_string()));
+        }
         let mut out = Vec::with_capacity(holds.len());
-        for (h, _) in holds.iter() {
-            let r = if h.envelopes.is_empty() {
+        for (i, (h, _)) in holds.iter().enumerate() {
+            let r = if let Some(r) = decided[i].take() {
+                r
+            } else if h.envelopes.is_empty() {
                 // A wallet hold alone writes nothing unless it succeeds: no savepoint needed.
                 hold_one(tx, h, now)
             } else {

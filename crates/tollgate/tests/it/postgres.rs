@@ -287,3 +287,108 @@ async fn sigterm_with_the_store_down_still_exits() {
     }
     assert!(exited, "the gateway did not exit within 10 s of SIGTERM");
 }
+
+/// A group of holds decides exactly as holds one by one would: in order against the running
+/// balance, a replayed request id held once, an out-of-range amount refused alone. On
+/// PostgreSQL the group is pipelined (one round trip); on SQLite it is a loop. Both stores
+/// must agree, hold for hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_group_of_holds_decides_as_holds_one_by_one_do() {
+    use tollgate::db::Location;
+    use tollgate::wallet::{self, Credit, Hold, HoldArgs, OwnerKind};
+    let Some(pg) = PgServer::start().await else {
+        return;
+    };
+    let pg_url = pg.database("holdgroup").await;
+    let dir = TempDir::new("holdgroup");
+    let decide = move |location: Location| {
+        let store = tollgate::store::Store::open_at(&location).unwrap();
+        store
+            .write(|tx| {
+                let w = wallet::create(tx, OwnerKind::Team, "t", 10, 0)?;
+                wallet::credit(tx, &w.id, Credit::Topup, 100, "top", None, 0)?;
+                let args = [
+                    (40, "r1"),
+                    (40, "r2"),
+                    (-1, "bad"),
+                    (40, "r3"),
+                    (40, "r1"),
+                    (10, "r4"),
+                    (1, "r5"),
+                ];
+                let holds: Vec<HoldArgs> = args
+                    .iter()
+                    .map(|&(amount, id)| HoldArgs {
+                        wallet_id: &w.id,
+                        request_id: id,
+                        amount,
+                        expires_ms: 1_000,
+                    })
+                    .collect();
+                let decided: Vec<String> = wallet::hold_group(tx, &holds, 5)?
+                    .into_iter()
+                    .map(|r| match r {
+                        Ok(Hold::Held { balance_micros }) => format!("held {balance_micros}"),
+                        Ok(Hold::Insufficient {
+                            balance_micros,
+                            floor_micros,
+                        }) => format!("short {balance_micros}/{floor_micros}"),
+                        Err(e) => format!("error {}", e.to_string().contains("outside")),
+                    })
+                    .collect();
+                let gone = wallet::hold_group(
+                    tx,
+                    &[HoldArgs {
+                        wallet_id: "w_missing",
+                        request_id: "r9",
+                        amount: 1,
+                        expires_ms: 1_000,
+                    }],
+                    5,
+                )?;
+                let holds_rows: i64 = tx.one("SELECT COUNT(*) FROM holds", &[])?.get(0)?;
+                let ledger: i64 = tx
+                    .one(
+                        "SELECT CAST(COALESCE(SUM(amount_micros), 0) AS BIGINT) FROM ledger WHERE kind = 'hold'",
+                        &[],
+                    )?
+                    .get(0)?;
+                Ok((
+                    decided,
+                    gone[0].is_err(),
+                    holds_rows,
+                    ledger,
+                    wallet::get(tx, &w.id)?.balance_micros,
+                ))
+            })
+            .unwrap()
+    };
+    let sqlite = {
+        let d = dir.0.clone();
+        tokio::task::spawn_blocking(move || decide(Location::Sqlite(d.join("t.db"))))
+            .await
+            .unwrap()
+    };
+    let postgres = tokio::task::spawn_blocking(move || decide(Location::Postgres(pg_url)))
+        .await
+        .unwrap();
+    let want = (
+        [
+            "held 60",
+            "held 20",
+            "error true",
+            "short 20/10",
+            "held 20",
+            "held 10",
+            "short 10/10",
+        ]
+        .map(String::from)
+        .to_vec(),
+        true,
+        3,
+        -90,
+        10,
+    );
+    assert_eq!(sqlite, want);
+    assert_eq!(postgres, want);
+}
