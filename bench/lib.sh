@@ -85,12 +85,14 @@ bench_key() {
 wait_healthy() { for _ in $(seq 100); do curl -sf "http://127.0.0.1:$1/healthz" >/dev/null && return; sleep 0.1; done; }
 
 # pg_start DIR PORT [TASKSET_PREFIX...]: a throwaway PostgreSQL cluster (initdb'd in DIR,
-# trust auth, user tollgate) on 127.0.0.1:PORT; its run-as prefix in PG_AS. Fails if there
+# trust auth, user tollgate) on 127.0.0.1:PORT; its run-as prefix in PG_AS, its binaries in
+# PG_BIN. Fails if there
 # is no PostgreSQL server binary.
 pg_start() {
   local dir=$1 port=$2 bin; shift 2
   bin=$(dirname "$(command -v initdb 2>/dev/null || ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | tail -1)")
   [ -x "$bin/postgres" ] || return 1
+  PG_BIN=$bin
   mkdir -p "$dir"
   PG_AS=(); if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$dir"; PG_AS=(runuser -u postgres --); fi
   "${PG_AS[@]}" "$bin/initdb" -D "$dir/data" -U tollgate -A trust --no-sync >/dev/null

@@ -23,7 +23,7 @@ LG=target/release/tollgate-loadgen
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  [ -d "$PWD/$OUT/pg/data" ] && "${PG_AS[@]}" "$(dirname "$(command -v initdb 2>/dev/null || ls /usr/lib/postgresql/*/bin/initdb | tail -1)")/pg_ctl" -D "$PWD/$OUT/pg/data" stop -m immediate >/dev/null 2>&1 || true
+  [ -n "${PG_BIN:-}" ] && "${PG_AS[@]}" "$PG_BIN/pg_ctl" -D "$PWD/$OUT/pg/data" stop -m immediate >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 pg_start "$PWD/$OUT/pg" 5439 taskset -c 0 || { echo "no PostgreSQL server (apt install postgresql)" >&2; exit 1; }

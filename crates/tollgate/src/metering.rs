@@ -189,24 +189,23 @@ fn place_holds(db: &mut Db, holds: &mut Vec<HoldReply>) {
     let result = db.write(|tx| -> Result<Vec<Result<Held, String>>, String> {
         // Wallet-only holds go as one group (pipelined on PostgreSQL: one round trip);
         // holds with envelopes need a savepoint each and go one by one after them.
-        let grouped: Vec<usize> = holds
+        let (grouped, args): (Vec<usize>, Vec<crate::wallet::HoldArgs>) = holds
             .iter()
             .enumerate()
-            .filter(|(_, (h, _))| h.envelopes.is_empty() && h.wallet_id.is_some())
-            .map(|(i, _)| i)
-            .collect();
-        let args: Vec<crate::wallet::HoldArgs> = grouped
-            .iter()
-            .map(|&i| {
-                let h = &holds[i].0;
-                crate::wallet::HoldArgs {
-                    wallet_id: h.wallet_id.as_deref().unwrap_or_default(),
-                    request_id: &h.request_id,
-                    amount: h.amount,
-                    expires_ms: h.expires_ms,
-                }
+            .filter(|(_, (h, _))| h.envelopes.is_empty())
+            .filter_map(|(i, (h, _))| {
+                let wallet_id = h.wallet_id.as_deref()?;
+                Some((
+                    i,
+                    crate::wallet::HoldArgs {
+                        wallet_id,
+                        request_id: &h.request_id,
+                        amount: h.amount,
+                        expires_ms: h.expires_ms,
+                    },
+                ))
             })
-            .collect();
+            .unzip();
         let mut decided: Vec<Option<Result<Held, String>>> = vec![None; holds.len()];
         let group = crate::wallet::hold_group(tx, &args, now).map_err(|e| e.to_string())?;
         for (i, r) in grouped.into_iter().zip(group) {

@@ -490,11 +490,7 @@ pub fn hold(
     expires_ms: i64,
     now_ms: i64,
 ) -> Result<Hold> {
-    if !(0..=MAX_MICROS).contains(&amount) {
-        return Err(WalletError::Invalid(format!(
-            "a hold of {amount} micro-USD is outside what the ledger takes (0 to {MAX_MICROS})"
-        )));
-    }
+    hold_amount_in_range(amount)?;
     if tx
         .row("SELECT 1 FROM holds WHERE id = ?1", &[&request_id])?
         .is_some()
@@ -537,6 +533,15 @@ pub fn hold(
     Ok(Hold::Held {
         balance_micros: balance,
     })
+}
+
+fn hold_amount_in_range(amount: i64) -> Result<()> {
+    if !(0..=MAX_MICROS).contains(&amount) {
+        return Err(WalletError::Invalid(format!(
+            "a hold of {amount} micro-USD is outside what the ledger takes (0 to {MAX_MICROS})"
+        )));
+    }
+    Ok(())
 }
 
 /// One hold of a group placed by `hold_group`.
@@ -587,20 +592,18 @@ pub fn hold_group(tx: &mut Db, holds: &[HoldArgs], now_ms: i64) -> Result<Vec<Re
     let mut out: Vec<Option<Result<Hold>>> = Vec::with_capacity(holds.len());
     let mut sets = Vec::with_capacity(holds.len());
     for h in holds {
-        if (0..=MAX_MICROS).contains(&h.amount) {
-            out.push(None);
-            sets.push(vec![
-                crate::db::Value::Text(h.wallet_id.to_string()),
-                crate::db::Value::Text(h.request_id.to_string()),
-                crate::db::Value::Int(h.amount),
-                crate::db::Value::Int(h.expires_ms),
-                crate::db::Value::Int(now_ms),
-            ]);
-        } else {
-            out.push(Some(Err(WalletError::Invalid(format!(
-                "a hold of {} micro-USD is outside what the ledger takes (0 to {MAX_MICROS})",
-                h.amount
-            )))));
+        match hold_amount_in_range(h.amount) {
+            Ok(()) => {
+                out.push(None);
+                sets.push(vec![
+                    crate::db::Value::Text(h.wallet_id.to_string()),
+                    crate::db::Value::Text(h.request_id.to_string()),
+                    crate::db::Value::Int(h.amount),
+                    crate::db::Value::Int(h.expires_ms),
+                    crate::db::Value::Int(now_ms),
+                ]);
+            }
+            Err(e) => out.push(Some(Err(e))),
         }
     }
     let mut answers = tx.pipeline(SQL, &sets)?.into_iter();
