@@ -618,14 +618,24 @@ pub fn commit_batch(
     db.write(|tx| {
         let mut hot: Vec<crate::hotwallet::Ack> = Vec::new();
         let mut shortfalls = Vec::with_capacity(batch.len());
+        // Every wallet settle of the batch at once (one round trip on PostgreSQL), then the
+        // rest in record order: envelopes and webhooks touch nothing a wallet settle reads.
+        let settles: Vec<crate::wallet::SettleArgs> = batch
+            .iter()
+            .filter_map(|u| {
+                let w = u.wallet_id.as_deref()?;
+                Some(crate::wallet::SettleArgs {
+                    request_id: &u.id,
+                    cost_micros: u.cost_micros as i64,
+                    hot: u.hot_hold_micros.map(|h| (w, h)),
+                })
+            })
+            .collect();
+        let mut settled_all = crate::wallet::settle_group(tx, &settles, now)?.into_iter();
         for u in batch {
             let mut shortfall = 0;
             if let Some(w) = &u.wallet_id {
-                let cost = u.cost_micros as i64;
-                let settled = match u.hot_hold_micros {
-                    Some(h) => crate::wallet::settle_hot(tx, w, &u.id, h, cost, now)?,
-                    None => crate::wallet::settle(tx, &u.id, cost, now)?,
-                };
+                let settled = settled_all.next().flatten();
                 if u.hot_hold_micros.is_some() {
                     // Redis forgets the hold either way; a capture only if one was made now.
                     let captured = settled.as_ref().map_or(0, |s| s.captured_micros);
