@@ -769,6 +769,11 @@ pub fn settle_group(
             })
             .collect();
     }
+    if settles.iter().all(|s| s.hot.is_none()) {
+        if let Some(done) = settle_set(tx, settles, now_ms)? {
+            return Ok(done);
+        }
+    }
     // `src` is what settling does (a hot hold recorded now, or a store hold's release), `k`
     // what it captures; the ledger insert's RETURNING moves the balance, so an entry that
     // somehow existed already is not counted twice (as in `book`).
@@ -828,7 +833,6 @@ pub fn settle_group(
         .collect();
     let answers = tx.pipeline(SQL, &sets)?;
     let mut out = Vec::with_capacity(settles.len());
-    let mut draws = Vec::new();
     for (rows, s) in answers.iter().zip(settles) {
         let Some(r) = rows.first() else {
             out.push(None);
@@ -838,24 +842,136 @@ pub fn settle_group(
         let Some(captured) = r.get::<Option<i64>>(1)? else {
             return Err(WalletError::NotFound(wallet_id));
         };
-        let (before, low, grants): (i64, Option<i64>, bool) = (r.get(2)?, r.get(3)?, r.get(4)?);
-        let cost = s.cost_micros.clamp(0, MAX_MICROS);
-        let after = before - captured;
-        if grants && captured > 0 {
-            draws.push((wallet_id.clone(), captured));
-        }
-        out.push(Some(Settled {
-            captured_micros: captured,
-            shortfall_micros: cost - captured,
-            low_balance: low
-                .filter(|l| before >= *l && after < *l)
-                .map(|_| (wallet_id, after)),
+        out.push(Some(BookedRow {
+            wallet_id,
+            cost: s.cost_micros.clamp(0, MAX_MICROS),
+            captured,
+            before: r.get(2)?,
+            low: r.get(3)?,
+            grants: r.get(4)?,
         }));
     }
-    for (wallet_id, captured) in draws {
-        spend_grants(tx, &wallet_id, captured, now_ms)?;
+    finish_group(tx, out, now_ms)
+}
+
+/// What the store said one settle of a group did.
+struct BookedRow {
+    wallet_id: String,
+    cost: i64,
+    captured: i64,
+    before: i64,
+    low: Option<i64>,
+    grants: bool,
+}
+
+/// The group's outcome from what the store did; grants drawn on in the group's order.
+fn finish_group(
+    tx: &mut Db,
+    rows: Vec<Option<BookedRow>>,
+    now_ms: i64,
+) -> Result<Vec<Option<Settled>>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for b in rows {
+        let Some(b) = b else {
+            out.push(None);
+            continue;
+        };
+        if b.grants && b.captured > 0 {
+            spend_grants(tx, &b.wallet_id, b.captured, now_ms)?;
+        }
+        let after = b.before - b.captured;
+        out.push(Some(Settled {
+            captured_micros: b.captured,
+            shortfall_micros: b.cost - b.captured,
+            low_balance: b
+                .low
+                .filter(|l| b.before >= *l && after < *l)
+                .map(|_| (b.wallet_id, after)),
+        }));
     }
     Ok(out)
+}
+
+/// PostgreSQL: a group of store-hold settles as one set-based statement, when the outcome
+/// is plainly the one settles one by one would reach: no settle is clamped at its wallet's
+/// floor (every running balance, in order, stays at or above it), no ledger entry of theirs
+/// exists already, every wallet exists, no request id twice. Then every capture is the full
+/// cost and the order only matters for the ledger's sequence, which the insert keeps.
+/// `None` (nothing written) when any of that does not hold: the caller settles one by one.
+fn settle_set(
+    tx: &mut Db,
+    settles: &[SettleArgs],
+    now_ms: i64,
+) -> Result<Option<Vec<Option<Settled>>>> {
+    let mut seen = std::collections::HashSet::with_capacity(settles.len());
+    if settles.len() < 2 || !settles.iter().all(|s| seen.insert(s.request_id)) {
+        return Ok(None);
+    }
+    const SQL: &str = "WITH r AS (SELECT e->>0 AS id, CAST(e->>1 AS int8) AS cost, ord
+               FROM jsonb_array_elements(CAST(?1 AS text)::jsonb) WITH ORDINALITY AS t(e, ord)),
+         h AS (SELECT r.ord, r.id, r.cost, h.wallet_id, h.state = 'held' AS held,
+                      CASE WHEN h.state = 'held' THEN h.amount_micros ELSE 0 END AS rel
+               FROM r JOIN holds h ON h.id = r.id WHERE h.state <> 'settled'),
+         w AS (SELECT h.*, CAST(wl.balance_micros + SUM(h.rel - h.cost)
+                               OVER (PARTITION BY h.wallet_id ORDER BY h.ord) AS int8) AS after,
+                      wl.floor_micros AS floor, wl.low_balance_micros AS low,
+                      EXISTS (SELECT 1 FROM grants g WHERE g.wallet_id = wl.id
+                              AND g.remaining_micros > 0 AND g.expires_ms > ?2::int8) AS grants
+               FROM h JOIN wallets wl ON wl.id = h.wallet_id),
+         e AS (SELECT ord, 1 AS sub, wallet_id, id, 'release' AS kind, rel AS amount,
+                      'release:' || id AS idem FROM w WHERE held
+               UNION ALL SELECT ord, 2, wallet_id, id, 'capture', -cost, 'capture:' || id
+                         FROM w WHERE cost > 0),
+         ok AS (SELECT (SELECT COUNT(*) FROM h) = (SELECT COUNT(*) FROM w)
+                   AND NOT EXISTS (SELECT 1 FROM w WHERE after < floor)
+                   AND NOT EXISTS (SELECT 1 FROM e JOIN ledger l ON l.wallet_id = e.wallet_id
+                                   AND l.idempotency_key = e.idem) AS ok),
+         ins AS (INSERT INTO ledger (wallet_id, kind, amount_micros, idempotency_key,
+                                     request_id, ts_ms)
+                 SELECT wallet_id, kind, amount, idem, id, ?2::int8 FROM e
+                 WHERE (SELECT ok FROM ok) ORDER BY ord, sub
+                 ON CONFLICT DO NOTHING RETURNING wallet_id, request_id, amount_micros),
+         d AS (SELECT wallet_id, CAST(SUM(delta) AS int8) AS delta,
+                      COUNT(*) FILTER (WHERE delta <> 0) AS n
+               FROM (SELECT wallet_id, request_id, SUM(amount_micros) AS delta
+                     FROM ins GROUP BY wallet_id, request_id) x
+               GROUP BY wallet_id),
+         wu AS (UPDATE wallets SET balance_micros = balance_micros + d.delta,
+                                   version = version + d.n
+                FROM d WHERE wallets.id = d.wallet_id AND d.n > 0),
+         hu AS (UPDATE holds SET state = 'settled', captured_micros = w.cost FROM w
+                WHERE holds.id = w.id AND (SELECT ok FROM ok))
+         SELECT ok.ok, w.ord, w.wallet_id, w.after + w.cost, w.cost, w.low, w.grants
+         FROM ok LEFT JOIN w ON true ORDER BY w.ord";
+    let group: Vec<(&str, i64)> = settles
+        .iter()
+        .map(|s| (s.request_id, s.cost_micros.clamp(0, MAX_MICROS)))
+        .collect();
+    let group = serde_json::to_string(&group).map_err(|e| WalletError::Invalid(e.to_string()))?;
+    let rows = tx.rows(SQL, &[&group, &now_ms])?;
+    if !rows.first().map_or(Ok(false), |r| r.get::<bool>(0))? {
+        return Ok(None);
+    }
+    let mut out: Vec<Option<BookedRow>> = (0..settles.len()).map(|_| None).collect();
+    for r in &rows {
+        let Some(ord) = r.get::<Option<i64>>(1)? else {
+            continue;
+        };
+        let cost: i64 = r.get(4)?;
+        let slot = usize::try_from(ord - 1)
+            .ok()
+            .and_then(|i| out.get_mut(i))
+            .ok_or_else(|| WalletError::Invalid(format!("settle {ord} out of the group")))?;
+        *slot = Some(BookedRow {
+            wallet_id: r.get(2)?,
+            cost,
+            captured: cost,
+            before: r.get(3)?,
+            low: r.get(5)?,
+            grants: r.get(6)?,
+        });
+    }
+    finish_group(tx, out, now_ms).map(Some)
 }
 
 /// The ledger side of settling, in as few statements as the books allow (each is a round

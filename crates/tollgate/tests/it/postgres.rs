@@ -433,15 +433,17 @@ async fn a_pipelined_group_of_settles_books_as_settles_one_by_one_do() {
                     0,
                 )?;
                 wallet::configure(tx, &w.id, 10, Some(100))?;
-                let holds: Vec<HoldArgs> = [(50, "r1", 1_000), (50, "r2", 1_000), (30, "r3", 6)]
-                    .iter()
-                    .map(|&(amount, id, expires_ms)| HoldArgs {
-                        wallet_id: &w.id,
-                        request_id: id,
-                        amount,
-                        expires_ms,
-                    })
-                    .collect();
+                let holds_of = |set: &[(i64, &'static str, i64)]| -> Vec<HoldArgs> {
+                    set.iter()
+                        .map(|&(amount, request_id, expires_ms)| HoldArgs {
+                            wallet_id: &w.id,
+                            request_id,
+                            amount,
+                            expires_ms,
+                        })
+                        .collect()
+                };
+                let holds = holds_of(&[(50, "r1", 1_000), (50, "r2", 1_000), (30, "r3", 6)]);
                 wallet::hold_group(tx, &holds, 5)?;
                 wallet::expire(tx, 7)?;
                 let plain = |request_id, cost_micros| SettleArgs {
@@ -471,18 +473,53 @@ async fn a_pipelined_group_of_settles_books_as_settles_one_by_one_do() {
                         hot: Some((&w.id, 9)),
                     },
                 ];
-                let settled: Vec<String> = wallet::settle_group(tx, &settles, 8)?
-                    .into_iter()
-                    .map(|s| match s {
-                        None => "none".to_string(),
-                        Some(s) => format!(
-                            "{}/{}/{}",
-                            s.captured_micros,
-                            s.shortfall_micros,
-                            s.low_balance.map_or(-1, |(_, b)| b)
-                        ),
-                    })
-                    .collect();
+                let show = |group: Vec<Option<wallet::Settled>>| -> Vec<String> {
+                    group
+                        .into_iter()
+                        .map(|s| match s {
+                            None => "none".to_string(),
+                            Some(s) => format!(
+                                "{}/{}/{}",
+                                s.captured_micros,
+                                s.shortfall_micros,
+                                s.low_balance.map_or(-1, |(_, b)| b)
+                            ),
+                        })
+                        .collect()
+                };
+                let mut settled = show(wallet::settle_group(tx, &settles, 8)?);
+                // Store holds only: PostgreSQL books a group that no floor clamps in one
+                // statement, and one that the floor clamps settle by settle.
+                wallet::credit(tx, &w.id, Credit::Topup, 300, "top2", None, 9)?;
+                wallet::credit(
+                    tx,
+                    &w.id,
+                    Credit::Grant { expires_ms: 950 },
+                    5,
+                    "g3",
+                    None,
+                    9,
+                )?;
+                wallet::configure(tx, &w.id, 10, Some(230))?;
+                let more = holds_of(&[
+                    (50, "r4", 1_000),
+                    (50, "r5", 1_000),
+                    (20, "r6", 10),
+                    (10, "r7", 1_000),
+                ]);
+                wallet::hold_group(tx, &more, 9)?;
+                wallet::expire(tx, 10)?;
+                for group in [
+                    vec![
+                        plain("r4", 20),
+                        plain("nobody", 5),
+                        plain("r6", 15),
+                        plain("r5", 30),
+                    ],
+                    vec![plain("r7", 1_000), plain("r4", 1)],
+                ] {
+                    settled.extend(show(wallet::settle_group(tx, &group, 11)?));
+                }
                 let ledger: Vec<String> = tx
                     .rows(
                         "SELECT kind, amount_micros, idempotency_key FROM ledger
@@ -542,6 +579,8 @@ async fn a_pipelined_group_of_settles_books_as_settles_one_by_one_do() {
     // captures 20 (155), r3 25 (130), h1 40 (90, under the alert at 100), r2 is clamped to
     // what is left above the floor (140 - 10 = 130 of 500; its release took the balance back
     // over the alert, so it crosses it again), h2 finds nothing left.
+    // Then 315 in, holds of 130 (20 expired and given back) leave 205; r4 captures 20 (235),
+    // r6 15 (220, under the new alert at 230), r5 30 (240); r7 is clamped at the floor.
     assert_eq!(
         sqlite.0,
         [
@@ -552,9 +591,15 @@ async fn a_pipelined_group_of_settles_books_as_settles_one_by_one_do() {
             "130/370/10",
             "none",
             "none",
-            "0/9/-1"
+            "0/9/-1",
+            "20/0/-1",
+            "none",
+            "15/0/220",
+            "30/0/-1",
+            "240/760/10",
+            "none",
         ]
     );
-    assert_eq!(sqlite.3, [0, 0], "the grants are spent first");
+    assert_eq!(sqlite.3, [0, 0, 0], "the grants are spent first");
     assert_eq!(sqlite.4, 10);
 }
