@@ -32,6 +32,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
             "fault",
             "records",
             "tls",
+            "h1client",
             "providers",
         ],
     ),
@@ -71,6 +72,7 @@ pub mod estimate;
 pub mod fault;
 pub mod focus;
 pub mod genmap;
+pub mod h1client;
 pub mod hotwallet;
 pub mod keys;
 pub mod limits;

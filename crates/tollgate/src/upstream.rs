@@ -16,6 +16,8 @@ pub struct Provider {
     /// Without a trailing slash, e.g. `https://api.openai.com/v1`.
     pub base_url: String,
     pub client: reqwest::Client,
+    /// Plain-`http` providers: connections driven by the request's task (`h1client`).
+    pub h1: Option<Arc<crate::h1client::Pool>>,
     /// Authorization and configured extra headers, ready to send.
     pub headers: HeaderMap,
     pub first_byte_timeout: Duration,
@@ -459,10 +461,16 @@ fn build_provider(p: &ProviderConfig, mock_url: Option<&str>) -> Result<Provider
         .tcp_nodelay(true)
         .build()
         .map_err(|e| err(format!("HTTP client: {e}")))?;
+    let h1 = reqwest::Url::parse(&base_url)
+        .ok()
+        .filter(|_| crate::h1client::usable())
+        .and_then(|u| crate::h1client::Pool::for_url(&u, p.connect_timeout))
+        .map(Arc::new);
     Ok(Provider {
         name: p.name.clone(),
         kind: p.kind,
         base_url: base_url.trim_end_matches('/').to_string(),
+        h1,
         urls: Default::default(),
         client,
         headers,

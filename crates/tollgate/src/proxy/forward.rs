@@ -29,10 +29,57 @@ pub(crate) struct JsonAnswer {
 
 pub(crate) enum Upstream {
     Json(JsonAnswer),
-    Stream {
-        first: Bytes,
-        rest: reqwest::Response,
-    },
+    Stream { first: Bytes, rest: Answer },
+}
+
+/// A provider's response, from whichever client called it.
+pub(crate) enum Answer {
+    Reqwest(reqwest::Response),
+    H1(crate::h1client::H1Response),
+}
+
+pub(crate) type BoxError = crate::h1client::BoxError;
+
+/// A response body as a stream of chunks.
+pub(crate) type BodyStream =
+    Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, BoxError>> + Send>>;
+
+impl Answer {
+    fn status(&self) -> StatusCode {
+        match self {
+            Answer::Reqwest(r) => r.status(),
+            Answer::H1(r) => r.status,
+        }
+    }
+
+    fn headers(&self) -> &HeaderMap {
+        match self {
+            Answer::Reqwest(r) => r.headers(),
+            Answer::H1(r) => &r.headers,
+        }
+    }
+
+    async fn chunk(&mut self) -> Result<Option<Bytes>, BoxError> {
+        match self {
+            Answer::Reqwest(r) => r.chunk().await.map_err(BoxError::from),
+            Answer::H1(r) => r.chunk().await,
+        }
+    }
+
+    async fn bytes(self) -> Result<Bytes, BoxError> {
+        match self {
+            Answer::Reqwest(r) => r.bytes().await.map_err(BoxError::from),
+            Answer::H1(r) => r.bytes().await,
+        }
+    }
+
+    pub(crate) fn into_stream(self) -> BodyStream {
+        use futures_util::TryStreamExt;
+        match self {
+            Answer::Reqwest(r) => Box::pin(r.bytes_stream().map_err(BoxError::from)),
+            Answer::H1(r) => Box::pin(r.into_stream()),
+        }
+    }
 }
 
 pub(crate) struct Failure {
@@ -79,14 +126,30 @@ pub(crate) async fn forward_once(
         )
     })?;
     let deadline = tokio::time::Instant::now() + p.first_byte_timeout;
-    let send = p
-        .client
-        .post(url)
-        .headers(p.headers.clone())
-        .headers(extra_headers.clone())
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(body)
-        .send();
+    let send = async {
+        match &p.h1 {
+            Some(pool) => {
+                let path = match url.query() {
+                    Some(q) => format!("{}?{q}", url.path()),
+                    None => url.path().to_string(),
+                };
+                pool.post(&path, [&p.headers, extra_headers], body)
+                    .await
+                    .map(Answer::H1)
+            }
+            None => p
+                .client
+                .post(url)
+                .headers(p.headers.clone())
+                .headers(extra_headers.clone())
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(body)
+                .send()
+                .await
+                .map(Answer::Reqwest)
+                .map_err(BoxError::from),
+        }
+    };
     let resp = match tokio::time::timeout_at(deadline, send).await {
         Err(_) => {
             return Err(Failure::retry(
@@ -100,7 +163,7 @@ pub(crate) async fn forward_once(
         Ok(Err(e)) => {
             return Err(Failure::retry(
                 ErrorKind::UpstreamUnavailable,
-                format!("provider '{}' unreachable: {}", p.name, error_chain(&e)),
+                format!("provider '{}' unreachable: {}", p.name, error_chain(&*e)),
             ))
         }
         Ok(Ok(r)) => r,
@@ -128,7 +191,7 @@ pub(crate) async fn forward_once(
             )),
             Ok(Err(e)) => Err(Failure::after_answer(
                 ErrorKind::UpstreamError,
-                format!("provider '{}' stream failed: {}", p.name, error_chain(&e)),
+                format!("provider '{}' stream failed: {}", p.name, error_chain(&*e)),
                 Bytes::new(),
             )),
             Ok(Ok(None)) => Err(Failure::after_answer(
@@ -162,7 +225,7 @@ pub(crate) async fn forward_once(
                     format!(
                         "provider '{}' response broke off: {}",
                         p.name,
-                        error_chain(&e)
+                        error_chain(&*e)
                     ),
                     body.freeze(),
                 ))

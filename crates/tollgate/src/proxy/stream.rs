@@ -89,7 +89,7 @@ pub(crate) fn stream_response(
     dep: &Deployment,
     view: StreamView,
     first: Bytes,
-    rest: reqwest::Response,
+    rest: super::forward::Answer,
 ) -> Response {
     let mut rec = settle.take();
     let broken = std::mem::take(&mut settle.broken);
@@ -105,7 +105,7 @@ pub(crate) fn stream_response(
     };
     let mut s = GatewayStream {
         app: app.clone(),
-        upstream: Box::pin(rest.bytes_stream()),
+        upstream: rest.into_stream(),
         splitter: SseSplitter::new(),
         observer,
         dialect: view.client,
@@ -156,7 +156,7 @@ pub(crate) fn stream_response(
 /// copy for usage. Settles when the stream ends, fails, stalls, or is dropped.
 pub(crate) struct GatewayStream {
     pub(crate) app: Arc<AppState>,
-    pub(crate) upstream: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    pub(crate) upstream: super::forward::BodyStream,
     pub(crate) splitter: SseSplitter,
     pub(crate) observer: Observer,
     /// The client's dialect.
@@ -275,6 +275,20 @@ impl GatewayStream {
         self.events = events;
     }
 
+    /// What is ready for the client, as one chunk: events that arrived together leave in one
+    /// write (hyper's write queue flushes every 16 buffers, and each chunk is three).
+    fn take_out(&mut self) -> Option<Bytes> {
+        if self.out.len() <= 1 {
+            return self.out.pop_front();
+        }
+        let len = self.out.iter().map(Bytes::len).sum();
+        let mut joined = bytes::BytesMut::with_capacity(len);
+        for b in self.out.drain(..) {
+            joined.extend_from_slice(&b);
+        }
+        Some(joined.freeze())
+    }
+
     /// Cuts the stream once its running cost passes the wallet's hold: the event that
     /// crossed it is delivered (and billed), nothing after it.
     pub(crate) fn over_budget(&mut self) -> bool {
@@ -391,7 +405,7 @@ impl Stream for GatewayStream {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         loop {
-            if let Some(b) = this.out.pop_front() {
+            if let Some(b) = this.take_out() {
                 // What the client was handed, counted on the record until it settles.
                 if let Some(rec) = this.rec.as_mut().filter(|_| !this.client_gone) {
                     rec.response_bytes += b.len() as u64;
@@ -411,7 +425,7 @@ impl Stream for GatewayStream {
                     this.ingest(&chunk);
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    let msg = format!("the provider's stream broke off: {}", error_chain(&e));
+                    let msg = format!("the provider's stream broke off: {}", error_chain(&*e));
                     this.end(Some(("upstream_stream_error", msg)));
                 }
                 Poll::Ready(None) => {

@@ -28,4 +28,5 @@ mod shutdown;
 mod spend;
 mod streaming;
 mod translation;
+mod upstream_conns;
 mod wallets;
