@@ -440,7 +440,7 @@ fn run_writer(
             }
         }
         write_refusals(&mut conn, &mut p.refused);
-        store::truncate_wal_if_long(&mut conn);
+        store::restart_wal_if_long(&mut conn);
         for w in p.waiters.drain(..) {
             let _ = w.send(());
         }

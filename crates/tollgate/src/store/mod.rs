@@ -148,10 +148,13 @@ const MIGRATIONS: &[&str] = &[
 /// Passive checkpoints alone never shrink the WAL while writes keep coming: SQLite only
 /// starts the file over when a checkpoint completes with no writer in between, and under
 /// load the WAL grew by gigabytes a minute (every small transaction appends whole pages).
-/// So the checkpointer publishes the WAL's length, and past `WAL_TRUNCATE_FRAMES` the writer
-/// truncates it itself between two transactions (`truncate_wal_if_long`): the passive
+/// So the checkpointer publishes the WAL's length, and past `WAL_RESTART_FRAMES` the writer
+/// restarts it itself between two transactions (`restart_wal_if_long`): the passive
 /// checkpoints have copied nearly everything by then, and the writer waits on no lock (a
-/// truncation from this thread had the writer sleeping in SQLite's busy handler, tens of ms).
+/// restart from this thread had the writer sleeping in SQLite's busy handler, tens of ms).
+/// Restarted, not truncated: the file keeps its size (about `WAL_RESTART_FRAMES` pages) and
+/// is written again from its start; truncating it paused the writer, and every hold waiting
+/// on it, 10-15 ms more each time (bench/RESULTS.md run L).
 pub fn start_checkpointer(
     location: &Location,
     every: Duration,
@@ -175,22 +178,22 @@ pub fn start_checkpointer(
     Ok(())
 }
 
-/// About 16 MiB of 4 KiB pages: truncating copies that much with the writer paused (holds
-/// wait for it), so smaller pauses, more often; at 64 MiB a pause was ~100 ms.
-const WAL_TRUNCATE_FRAMES: i64 = 4_096;
+/// About 16 MiB of 4 KiB pages: restarting copies what is left of that with the writer
+/// paused (holds wait for it), so smaller pauses, more often; at 64 MiB a pause was ~100 ms.
+const WAL_RESTART_FRAMES: i64 = 4_096;
 
 /// The WAL's length in frames at the last passive checkpoint (SQLite).
 static WAL_FRAMES: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
 
-/// Called by the writer between transactions: truncates the WAL once it is longer than
-/// `WAL_TRUNCATE_FRAMES`.
-pub fn truncate_wal_if_long(db: &mut Db) {
-    if WAL_FRAMES.load(std::sync::atomic::Ordering::Relaxed) <= WAL_TRUNCATE_FRAMES {
+/// Called by the writer between transactions: restarts the WAL once it is longer than
+/// `WAL_RESTART_FRAMES`.
+pub fn restart_wal_if_long(db: &mut Db) {
+    if WAL_FRAMES.load(std::sync::atomic::Ordering::Relaxed) <= WAL_RESTART_FRAMES {
         return;
     }
     WAL_FRAMES.store(0, std::sync::atomic::Ordering::Relaxed);
     if let Err(e) = db.checkpoint(true) {
-        tracing::warn!(error = %e, "WAL truncation failed; will retry");
+        tracing::warn!(error = %e, "WAL restart failed; will retry");
     }
 }
 
@@ -697,30 +700,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_long_wal_is_truncated_not_left_to_grow() {
+    fn a_long_wal_is_restarted_not_left_to_grow() {
         let dir = std::env::temp_dir().join(format!("tollgate-wal-{}", rand::random::<u64>()));
         let store = Store::open(&dir).unwrap();
         let wal = dir.join("tollgate.db-wal");
         let mut db = Location::Sqlite(dir.join("tollgate.db")).connect().unwrap();
-        for i in 0..200i64 {
-            store
-                .write(|tx| {
-                    tx.exec("UPDATE meta SET v = ?1 WHERE k = 'keys_rev'", &[&i])?;
-                    Ok(())
-                })
-                .unwrap();
-        }
-        assert!(std::fs::metadata(&wal).unwrap().len() > 0);
-        // Short: left alone. Long (as the checkpointer last saw it): truncated.
+        let writes = |n: i64| {
+            for i in 0..n {
+                store
+                    .write(|tx| {
+                        tx.exec("UPDATE meta SET v = ?1 WHERE k = 'keys_rev'", &[&i])?;
+                        Ok(())
+                    })
+                    .unwrap();
+            }
+        };
+        let len = || std::fs::metadata(&wal).unwrap().len();
+        writes(200);
+        let long = len();
+        assert!(long > 0);
+        // Short (as the checkpointer last saw it): left alone, and the WAL grows on.
         WAL_FRAMES.store(10, std::sync::atomic::Ordering::Relaxed);
-        truncate_wal_if_long(&mut db);
-        assert!(std::fs::metadata(&wal).unwrap().len() > 0);
-        WAL_FRAMES.store(
-            WAL_TRUNCATE_FRAMES + 1,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        truncate_wal_if_long(&mut db);
-        assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
+        restart_wal_if_long(&mut db);
+        writes(50);
+        let grown = len();
+        assert!(grown > long, "{grown} after {long}");
+        // Long: restarted; fewer writes than it holds go over its start, so it keeps its size.
+        WAL_FRAMES.store(WAL_RESTART_FRAMES + 1, std::sync::atomic::Ordering::Relaxed);
+        restart_wal_if_long(&mut db);
+        writes(200);
+        assert_eq!(len(), grown, "a restarted WAL is written from its start");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
