@@ -98,13 +98,15 @@ impl Pool {
 
     fn checkin(&self, send: SendRequest<Full<Bytes>>, conn: Conn) {
         if let Ok(mut idle) = self.idle.lock() {
-            // The oldest go first: they are the likeliest to be closed by the server.
-            idle.retain(|i| i.since.elapsed() < IDLE_TIMEOUT);
+            // Pushed in time order (checkout takes the newest), so the expired are a prefix.
+            let now = Instant::now();
+            let expired = idle.partition_point(|i| now.duration_since(i.since) >= IDLE_TIMEOUT);
+            idle.drain(..expired);
             if idle.len() < MAX_IDLE {
                 idle.push(Idle {
                     send,
                     conn,
-                    since: Instant::now(),
+                    since: now,
                 });
             }
         }
@@ -326,9 +328,8 @@ impl H1Response {
         Ok(out.freeze())
     }
 
-    pub fn into_stream(self) -> impl futures_util::Stream<Item = Result<Bytes, BoxError>> {
-        let mut me = self;
-        futures_util::stream::poll_fn(move |cx| me.poll_chunk(cx))
+    pub fn into_stream(mut self) -> impl futures_util::Stream<Item = Result<Bytes, BoxError>> {
+        futures_util::stream::poll_fn(move |cx| self.poll_chunk(cx))
     }
 }
 

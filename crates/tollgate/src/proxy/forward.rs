@@ -129,11 +129,15 @@ pub(crate) async fn forward_once(
     let send = async {
         match &p.h1 {
             Some(pool) => {
+                let with_query;
                 let path = match url.query() {
-                    Some(q) => format!("{}?{q}", url.path()),
-                    None => url.path().to_string(),
+                    Some(q) => {
+                        with_query = format!("{}?{q}", url.path());
+                        &with_query
+                    }
+                    None => url.path(),
                 };
-                pool.post(&path, [&p.headers, extra_headers], body)
+                pool.post(path, [&p.headers, extra_headers], body)
                     .await
                     .map(Answer::H1)
             }
