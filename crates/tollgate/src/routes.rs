@@ -158,12 +158,14 @@ async fn forward(
             ],
         );
         let window_us = lg.window.as_micros() as u64;
-        let (seen, clears_in) = app.loop_guard.sighting(fp, now_us(), window_us);
+        let (seen, clears_in) = app
+            .loop_guard
+            .sighting(fp, now_us(), window_us, lg.max_repeats);
         if seen >= lg.max_repeats && lg.action != crate::config::LoopAction::Warn {
             return Err(ApiError::new(
                 ErrorKind::LoopDetected,
                 format!(
-                    "loop detected: this exact call to '{}' was made {seen} times in the last {}s. You appear to be repeating yourself; change the call or stop.",
+                    "loop detected: this exact call to '{}' was made {seen} times or more in the last {}s. You appear to be repeating yourself; change the call or stop.",
                     route.name,
                     lg.window.as_secs()
                 ),

@@ -27,12 +27,14 @@ pub(crate) fn loop_check(
     let parts: Vec<Option<&str>> = fields.iter().map(|f| doc.raw(f).map(|r| r.get())).collect();
     let fp = fingerprint(&key.id, model, &parts);
     let window_us = cfg.window.as_micros() as u64;
-    let (seen, clears_in) = app.loop_guard.sighting(fp, now_us(), window_us);
+    let (seen, clears_in) = app
+        .loop_guard
+        .sighting(fp, now_us(), window_us, cfg.max_repeats);
     let mut problem = None;
     if cfg.max_repeats > 0 && seen >= cfg.max_repeats {
         problem = Some((
             format!(
-                "loop detected: this exact request was sent {seen} times in the last {}s. You appear to be repeating yourself; change the request or stop.",
+                "loop detected: this exact request was sent {seen} times or more in the last {}s. You appear to be repeating yourself; change the request or stop.",
                 cfg.window.as_secs()
             ),
             clears_in,
