@@ -229,6 +229,7 @@ mod tests {
             team: None,
             project: None,
             models: vec![],
+            tools: Vec::new(),
             tags: BTreeMap::new(),
             admin: false,
             prefix: "tg_".into(),

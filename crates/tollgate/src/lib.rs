@@ -10,9 +10,9 @@
 //! |---|---|---|
 //! | core | clock, money, error, config, metrics, genmap, fault, records, tls, providers | units, records, errors, settings, what differs by provider kind: no I/O |
 //! | store | db, store, wallet, envelope, outbox | SQL: keys, usage rows, the ledger, envelopes, the outbox |
-//! | traffic | metering, hotwallet, keys, limits, damping, loopguard, prices, estimate, upstream, toolroute, mock | the writer that owns money, limits, providers and their health |
+//! | traffic | metering, hotwallet, keys, limits, damping, loopguard, prices, estimate, upstream, toolroute, mcpclient, mock | the writer that owns money, limits, providers and their health |
 //! | state | state, ops | `AppState`, reload, the key cache refresh; the operations the CLI and admin API share |
-//! | pipeline | proxy, routes | the request path: model calls and tool routes |
+//! | pipeline | proxy, routes, mcp | the request path: model calls, tool routes and MCP tool calls |
 //! | server | server, admin, webhooks, conn | the router, the admin API, delivery, connections |
 //!
 //! The binary (`main.rs`, the CLI) sits above them all. Code under `#[cfg(test)]` may reach
@@ -50,11 +50,12 @@ pub const LAYERS: &[(&str, &[&str])] = &[
             "estimate",
             "upstream",
             "toolroute",
+            "mcpclient",
             "mock",
         ],
     ),
     ("state", &["state", "ops", "focus", "reconcile"]),
-    ("pipeline", &["proxy", "routes"]),
+    ("pipeline", &["proxy", "routes", "mcp"]),
     ("server", &["server", "admin", "webhooks", "conn"]),
 ];
 
@@ -77,6 +78,8 @@ pub mod hotwallet;
 pub mod keys;
 pub mod limits;
 pub mod loopguard;
+pub mod mcp;
+pub mod mcpclient;
 pub mod metering;
 pub mod metrics;
 pub mod mock;

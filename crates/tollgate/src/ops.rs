@@ -24,6 +24,9 @@ pub struct NewKey {
     pub project: Option<String>,
     #[serde(default)]
     pub models: Vec<String>,
+    /// MCP tools the key may use, as `server__tool` patterns (`server__*`, `*`). Default: none.
+    #[serde(default)]
+    pub tools: Vec<String>,
     /// A duration from now, e.g. `30d`.
     #[serde(default)]
     pub expires: Option<String>,
@@ -143,6 +146,9 @@ pub fn create_key(
     for m in &req.models {
         validate_name("models entry", m)?;
     }
+    for t in &req.tools {
+        validate_name("tools entry", t)?;
+    }
     let now = now_ms();
     let expires_ms = match &req.expires {
         Some(text) => {
@@ -161,6 +167,7 @@ pub fn create_key(
         team: req.team,
         project: req.project,
         models: req.models,
+        tools: req.tools,
         tags: req.tags,
         admin: false,
         prefix: keys::shown_prefix(&secret_text),
@@ -237,6 +244,7 @@ pub fn bootstrap_admin_key(
         team: None,
         project: None,
         models: Vec::new(),
+        tools: Vec::new(),
         tags: BTreeMap::new(),
         admin: true,
         prefix: keys::shown_prefix(secret_text),

@@ -27,6 +27,10 @@ pub struct KeyRecord {
     /// The organisation the key belongs to, for its wallet; `default` when unset.
     #[serde(default)]
     pub org: Option<String>,
+    /// MCP tools the key may list and call at `/mcp`, as `server__tool` patterns (`server__*`,
+    /// `*`); empty means none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<String>,
     /// The secrets that open this key, newest first (filled by the admin reads; the request
     /// path's cache holds one record per secret instead). Rotation adds one and retires the
     /// others after a grace period: the key's id, and with it its wallet, budgets, limits

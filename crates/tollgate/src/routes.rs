@@ -145,10 +145,11 @@ async fn forward(
         .unwrap_or("/");
 
     // loop guard
-    let lg = &runtime.loop_guard;
-    if route.loop_guard && lg.enabled && lg.max_repeats > 0 {
+    if route.loop_guard {
         let body_text = String::from_utf8_lossy(&body);
-        let fp = crate::loopguard::fingerprint(
+        repeated_call(
+            app,
+            &runtime.loop_guard,
             &key.id,
             &format!("route:{}", route.name),
             &[
@@ -156,22 +157,8 @@ async fn forward(
                 Some(path_and_query),
                 Some(&body_text),
             ],
-        );
-        let window_us = lg.window.as_micros() as u64;
-        let (seen, clears_in) = app
-            .loop_guard
-            .sighting(fp, now_us(), window_us, lg.max_repeats);
-        if seen >= lg.max_repeats && lg.action != crate::config::LoopAction::Warn {
-            return Err(ApiError::new(
-                ErrorKind::LoopDetected,
-                format!(
-                    "loop detected: this exact call to '{}' was made {seen} times or more in the last {}s. You appear to be repeating yourself; change the call or stop.",
-                    route.name,
-                    lg.window.as_secs()
-                ),
-            )
-            .retry_after(clears_in.div_ceil(1_000_000).max(1)));
-        }
+            &format!("this exact call to '{}'", route.name),
+        )?;
     }
 
     // admit
@@ -198,35 +185,15 @@ async fn forward(
     settle.admission = Some(admission);
 
     // hold: a priced call from a key with a wallet pays like a model call
-    if route.price_per_call > 0 {
-        if let Some(wallet_id) = app.keys.wallet_for(key) {
-            let req = crate::metering::HoldRequest {
-                wallet_id: Some(wallet_id.clone()),
-                envelopes: Vec::new(),
-                request_id: settle.request_id.clone(),
-                amount: route.price_per_call as i64,
-                tokens: 0,
-                expires_ms: now_ms() + runtime.wallets.hold_ttl.as_millis() as i64,
-            };
-            match place_hold(app, runtime, settle, req).await? {
-                crate::metering::Held::Insufficient {
-                    balance_micros,
-                    floor_micros,
-                } => {
-                    return Err(insufficient_funds(
-                        &wallet_id,
-                        balance_micros,
-                        floor_micros,
-                        route.price_per_call,
-                        &format!("a call to '{}' costs that much; top it up", route.name),
-                    ));
-                }
-                crate::metering::Held::Ok { .. }
-                | crate::metering::Held::Exhausted(_)
-                | crate::metering::Held::BadRun(_) => {}
-            }
-        }
-    }
+    hold_call_price(
+        app,
+        runtime,
+        key,
+        settle,
+        route.price_per_call,
+        &format!("a call to '{}' costs that much; top it up", route.name),
+    )
+    .await?;
 
     // forward
     let rest = route.rest(parts.uri.path()).unwrap_or_default().to_string();
@@ -279,6 +246,79 @@ async fn forward(
         }
     }
     Ok((status, resp_headers, upstream))
+}
+
+/// The loop guard for a tool call: the same call (`scope` and `parts`, from one key)
+/// `max_repeats` times within the window is refused unless the action is `warn`. `what`
+/// names the call in the refusal.
+pub(crate) fn repeated_call(
+    app: &AppState,
+    lg: &crate::config::LoopGuardConfig,
+    key_id: &str,
+    scope: &str,
+    parts: &[Option<&str>],
+    what: &str,
+) -> Result<(), ApiError> {
+    if !lg.enabled || lg.max_repeats == 0 {
+        return Ok(());
+    }
+    let fp = crate::loopguard::fingerprint(key_id, scope, parts);
+    let window_us = lg.window.as_micros() as u64;
+    let (seen, clears_in) = app
+        .loop_guard
+        .sighting(fp, now_us(), window_us, lg.max_repeats);
+    if seen >= lg.max_repeats && lg.action != crate::config::LoopAction::Warn {
+        return Err(ApiError::new(
+            ErrorKind::LoopDetected,
+            format!(
+                "loop detected: {what} was made {seen} times or more in the last {}s. You appear to be repeating yourself; change the call or stop.",
+                lg.window.as_secs()
+            ),
+        )
+        .retry_after(clears_in.div_ceil(1_000_000).max(1)));
+    }
+    Ok(())
+}
+
+/// Holds a tool call's price in the key's wallet, if it has one and the call has a price:
+/// a call pays like a model call, on the same ledger. `why` ends the refusal's message.
+pub(crate) async fn hold_call_price(
+    app: &Arc<AppState>,
+    runtime: &crate::upstream::Runtime,
+    key: &KeyRecord,
+    settle: &mut Settlement,
+    price: u64,
+    why: &str,
+) -> Result<(), ApiError> {
+    if price == 0 {
+        return Ok(());
+    }
+    let Some(wallet_id) = app.keys.wallet_for(key) else {
+        return Ok(());
+    };
+    let req = crate::metering::HoldRequest {
+        wallet_id: Some(wallet_id.clone()),
+        envelopes: Vec::new(),
+        request_id: settle.request_id.clone(),
+        amount: price as i64,
+        tokens: 0,
+        expires_ms: now_ms() + runtime.wallets.hold_ttl.as_millis() as i64,
+    };
+    match place_hold(app, runtime, settle, req).await? {
+        crate::metering::Held::Insufficient {
+            balance_micros,
+            floor_micros,
+        } => Err(insufficient_funds(
+            &wallet_id,
+            balance_micros,
+            floor_micros,
+            price,
+            why,
+        )),
+        crate::metering::Held::Ok { .. }
+        | crate::metering::Held::Exhausted(_)
+        | crate::metering::Held::BadRun(_) => Ok(()),
+    }
 }
 
 /// The service's answer on its way to the client, counted; it settles the call when it

@@ -293,6 +293,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/v1/models/{*id}", get(proxy::get_model))
         .route("/v1/quote", post(proxy::quote_handler))
         .route("/v1/outcomes", post(admin::outcomes_h))
+        .route("/mcp", axum::routing::any(crate::mcp::handle))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

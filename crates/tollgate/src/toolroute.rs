@@ -24,37 +24,9 @@ pub struct ToolRoute {
 
 impl ToolRoute {
     pub fn build(cfg: &RouteConfig) -> Result<ToolRoute, String> {
-        let mut headers = HeaderMap::new();
-        for (k, v) in &cfg.headers {
-            let name = HeaderName::from_bytes(k.as_bytes())
-                .map_err(|_| format!("routes.{}: bad header name {k}", cfg.name))?;
-            let value = HeaderValue::from_str(v)
-                .map_err(|_| format!("routes.{}: bad value for header {k}", cfg.name))?;
-            headers.insert(name, value);
-        }
-        if let Some(var) = &cfg.api_key_env {
-            match std::env::var(var) {
-                Ok(key) if !key.is_empty() => {
-                    let mut v = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
-                        format!("routes.{}: {var} is not a valid header value", cfg.name)
-                    })?;
-                    v.set_sensitive(true);
-                    headers.insert(http::header::AUTHORIZATION, v);
-                }
-                _ => {
-                    tracing::warn!(route = %cfg.name, env = %var, "API key variable is not set; calls go unauthenticated")
-                }
-            }
-        }
-        crate::tls::init_tls();
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5).min(cfg.timeout))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .tcp_nodelay(true)
-            // The agent sees the service's redirects, as it would without the gateway.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| format!("routes.{}: HTTP client: {e}", cfg.name))?;
+        let what = format!("routes.{}", cfg.name);
+        let headers = service_headers(&what, &cfg.headers, cfg.api_key_env.as_deref())?;
+        let client = service_client(&what, cfg.timeout)?;
         Ok(ToolRoute {
             name: cfg.name.clone(),
             prefix: cfg.path.trim_end_matches('/').to_string(),
@@ -82,4 +54,47 @@ impl ToolRoute {
         let rest = path.strip_prefix(&self.prefix)?;
         (rest.is_empty() || rest.starts_with('/')).then_some(rest)
     }
+}
+
+/// The headers sent with every call to a tool service (a route or an MCP server): the
+/// configured ones, and its own credentials from `api_key_env` as a bearer token.
+pub fn service_headers(
+    what: &str,
+    configured: &std::collections::BTreeMap<String, String>,
+    api_key_env: Option<&str>,
+) -> Result<HeaderMap, String> {
+    let mut headers = HeaderMap::new();
+    for (k, v) in configured {
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| format!("{what}: bad header name {k}"))?;
+        let value =
+            HeaderValue::from_str(v).map_err(|_| format!("{what}: bad value for header {k}"))?;
+        headers.insert(name, value);
+    }
+    if let Some(var) = api_key_env {
+        match std::env::var(var) {
+            Ok(key) if !key.is_empty() => {
+                let mut v = HeaderValue::from_str(&format!("Bearer {key}"))
+                    .map_err(|_| format!("{what}: {var} is not a valid header value"))?;
+                v.set_sensitive(true);
+                headers.insert(http::header::AUTHORIZATION, v);
+            }
+            _ => {
+                tracing::warn!(service = %what, env = %var, "API key variable is not set; calls go unauthenticated")
+            }
+        }
+    }
+    Ok(headers)
+}
+
+/// The HTTP client for one tool service: redirects are the agent's to see, not followed.
+pub fn service_client(what: &str, timeout: Duration) -> Result<reqwest::Client, String> {
+    crate::tls::init_tls();
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5).min(timeout))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| format!("{what}: HTTP client: {e}"))
 }

@@ -213,6 +213,9 @@ pub struct Runtime {
     pub webhooks: Vec<crate::config::WebhookConfig>,
     /// Tool routes, longest prefix first.
     pub routes: Vec<Arc<crate::toolroute::ToolRoute>>,
+    pub mcp: crate::config::McpConfig,
+    /// Upstream MCP servers, in configuration order.
+    pub mcp_servers: Vec<Arc<crate::mcpclient::McpUpstream>>,
     health: Arc<HealthRegistry>,
 }
 
@@ -281,9 +284,17 @@ impl Runtime {
             ));
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        let mut mcp_servers = Vec::new();
+        for m in &cfg.mcp_servers {
+            mcp_servers.push(Arc::new(
+                crate::mcpclient::McpUpstream::build(m).map_err(BuildError::Route)?,
+            ));
+        }
         Ok(Runtime {
             providers,
             routes,
+            mcp: cfg.mcp.clone(),
+            mcp_servers,
             aliases,
             model_limits,
             direct: RwLock::new(HashMap::new()),

@@ -210,6 +210,10 @@ pub(crate) enum KeysCmd {
         /// Allowed models, comma-separated; `prefix*` matches by prefix. Default: all.
         #[arg(long, value_delimiter = ',')]
         models: Vec<String>,
+        /// MCP tools the key may list and call at /mcp, comma-separated `server__tool`
+        /// patterns (`server__*`, `*`). Default: none.
+        #[arg(long, value_delimiter = ',')]
+        tools: Vec<String>,
         /// Lifetime, e.g. 30d, 12h.
         #[arg(long)]
         expires: Option<String>,

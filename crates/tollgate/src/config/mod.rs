@@ -30,6 +30,8 @@ pub struct Config {
     pub prices: Vec<PriceConfig>,
     pub routes: Vec<RouteConfig>,
     pub webhooks: Vec<WebhookConfig>,
+    pub mcp: McpConfig,
+    pub mcp_servers: Vec<McpServerConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -606,6 +608,56 @@ pub struct RouteConfig {
     pub loop_guard: bool,
 }
 
+/// The MCP gateway at `/mcp` (see `mcp.rs`). Reloadable.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct McpConfig {
+    /// `conditional`: a tool is named `server__tool` only where two servers have a tool of
+    /// that name; `always`: every tool is.
+    pub prefix: McpPrefix,
+    /// How long a server's tool list is reused before it is asked again.
+    #[serde(deserialize_with = "de_duration")]
+    pub tools_ttl: Duration,
+}
+
+impl Default for McpConfig {
+    fn default() -> Self {
+        McpConfig {
+            prefix: McpPrefix::Conditional,
+            tools_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum McpPrefix {
+    Conditional,
+    Always,
+}
+
+/// An upstream MCP server (Streamable HTTP) that `/mcp` multiplexes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpServerConfig {
+    /// Letters, digits, `-` and `_` (no `__`): it prefixes the server's tool names.
+    pub name: String,
+    /// The server's MCP endpoint, e.g. `http://crm.internal:8000/mcp`.
+    pub url: String,
+    /// Sent upstream as `Authorization: Bearer …` (the agent's own key never is).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Micro-USD charged per `tools/call` the server answered, unless `tool_prices` names it.
+    #[serde(default)]
+    pub price_per_call: u64,
+    #[serde(default)]
+    pub tool_prices: BTreeMap<String, u64>,
+    #[serde(default = "d_route_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+}
+
 fn d_route_timeout() -> Duration {
     Duration::from_secs(30)
 }
@@ -615,7 +667,7 @@ fn d_true() -> bool {
 }
 
 /// Paths the gateway serves itself, which a tool route may not shadow.
-pub const RESERVED_PATHS: &[&str] = &["/v1", "/admin", "/healthz", "/readyz", "/metrics"];
+pub const RESERVED_PATHS: &[&str] = &["/v1", "/admin", "/healthz", "/readyz", "/metrics", "/mcp"];
 
 fn d_weight() -> u32 {
     1

@@ -22,6 +22,14 @@ impl Config {
                 ));
             }
         }
+        for (i, m) in self.mcp_servers.iter().enumerate() {
+            if let Some(var) = m.api_key_env.as_deref().filter(|v| unset(v)) {
+                out.push(format!(
+                    "mcp_servers[{i}].api_key_env: {var} is not set; calls to \"{}\" go unauthenticated",
+                    m.name
+                ));
+            }
+        }
         for (i, w) in self.webhooks.iter().enumerate() {
             if let Some(var) = w.secret_env.as_deref().filter(|v| unset(v)) {
                 out.push(format!(
@@ -221,6 +229,45 @@ impl Config {
                     format!("{path}.upstream"),
                     &format!("not an http(s) URL: \"{}\"", r.upstream),
                 );
+            }
+        }
+        let mut mcp_names = HashSet::new();
+        for (i, m) in self.mcp_servers.iter().enumerate() {
+            let path = format!("mcp_servers[{i}]");
+            let charset = m
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if m.name.is_empty() || !charset || m.name.contains("__") || m.name.len() > 64 {
+                p(
+                    format!("{path}.name"),
+                    "must be 1-64 letters, digits, '-' or '_', without \"__\" (it prefixes tool names as server__tool)",
+                );
+            }
+            if !mcp_names.insert(m.name.as_str()) {
+                p(
+                    format!("{path}.name"),
+                    &format!("duplicate MCP server name \"{}\"", m.name),
+                );
+            }
+            if !is_http_url(&m.url) {
+                p(
+                    format!("{path}.url"),
+                    &format!("not an http(s) URL: \"{}\"", m.url),
+                );
+            }
+            for (tool, price) in std::iter::once(("price_per_call", &m.price_per_call))
+                .chain(m.tool_prices.iter().map(|(t, p)| (t.as_str(), p)))
+            {
+                if *price > crate::money::MAX_MICROS as u64 {
+                    p(
+                        format!("{path}.{tool}"),
+                        &format!("must be at most {}", crate::money::MAX_MICROS),
+                    );
+                }
+            }
+            if m.timeout.is_zero() {
+                p(format!("{path}.timeout"), "must be greater than 0");
             }
         }
         let mut provider_names = HashSet::new();

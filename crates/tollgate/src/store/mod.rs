@@ -139,6 +139,8 @@ const MIGRATIONS: &[&str] = &[
      );",
     // 16: organisations on records, rollups per dimension and per run
     usage::DIMENSION_MIGRATION,
+    // 17: the MCP tools a key may use (JSON list of patterns; NULL: none)
+    "ALTER TABLE keys ADD COLUMN tools TEXT;",
 ];
 
 /// Copies the WAL back into the database every `every`, off the request and writer paths
@@ -596,8 +598,8 @@ fn migrate(db: &mut Db) -> Result<()> {
 fn insert_key_row(tx: &mut Db, key: &KeyRecord, digest: &[u8; 32]) -> Result<()> {
     tx.exec(
         "INSERT INTO keys (id, digest, prefix, name, team, project, models, tags, admin,
-                           created_ms, expires_ms, revoked_ms, rotated_from, limits, org)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                           created_ms, expires_ms, revoked_ms, rotated_from, limits, org, tools)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
         &[
             &key.id,
             &&digest[..],
@@ -614,6 +616,7 @@ fn insert_key_row(tx: &mut Db, key: &KeyRecord, digest: &[u8; 32]) -> Result<()>
             &key.rotated_from,
             &json(&key.limits),
             &key.org,
+            &(!key.tools.is_empty()).then(|| json(&key.tools)),
         ],
     )?;
     tx.exec(
@@ -670,8 +673,8 @@ fn teams_in(db: &mut Db) -> Result<Vec<TeamRecord>> {
 }
 
 const KEY_COLUMNS: &str =
-    "id, prefix, name, team, project, models, tags, admin, created_ms, expires_ms, revoked_ms, rotated_from, limits, org";
-const KEY_COLUMN_COUNT: usize = 14;
+    "id, prefix, name, team, project, models, tags, admin, created_ms, expires_ms, revoked_ms, rotated_from, limits, org, tools";
+const KEY_COLUMN_COUNT: usize = 15;
 
 fn key_from_row(r: &Row) -> Result<KeyRecord> {
     let models: String = r.get(5)?;
@@ -691,6 +694,10 @@ fn key_from_row(r: &Row) -> Result<KeyRecord> {
         rotated_from: r.get(11)?,
         limits: serde_json::from_str(&r.get::<String>(12)?).unwrap_or_default(),
         org: r.get(13)?,
+        tools: r
+            .get::<Option<String>>(14)?
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default(),
         secrets: Vec::new(),
     })
 }

@@ -17,6 +17,7 @@ mod damping;
 mod hardening;
 mod limits;
 mod loopguard;
+mod mcp;
 mod messages;
 mod metering;
 mod postgres;
