@@ -41,6 +41,101 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/export/focus", get(focus_h))
         .route("/reconcile", get(reconcile_h))
         .route("/reload", post(reload_h))
+        .route("/approvals", get(list_approvals_h))
+        .route("/approvals/{id}", get(show_approval_h))
+        .route("/approvals/{id}/{decision}", post(decide_approval_h))
+        .route("/audit", get(audit_h))
+        .route("/audit/verify", get(audit_verify_h))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ApprovalsQuery {
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+async fn list_approvals_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<ApprovalsQuery>,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let v = blocking(&app, move |a| {
+        crate::ops::list_approvals(&a.store, q.state.as_deref(), q.limit.unwrap_or(100))
+    })
+    .await?;
+    Ok(Json(v).into_response())
+}
+
+async fn show_approval_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let v = blocking(&app, move |a| crate::ops::show_approval(&a.store, &id)).await?;
+    Ok(Json(v).into_response())
+}
+
+async fn decide_approval_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((id, decision)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let admin = authenticate(&app, &headers)?;
+    require_admin(&app, &headers)?;
+    let approve = match decision.as_str() {
+        "approve" => true,
+        "deny" => false,
+        other => {
+            return Err(ApiError::new(
+                ErrorKind::NotFound,
+                format!("no decision \"{other}\": approve or deny"),
+            ))
+        }
+    };
+    let d: crate::ops::Decision = if body.iter().all(u8::is_ascii_whitespace) {
+        crate::ops::Decision::default()
+    } else {
+        json_body(&body)?
+    };
+    // Who decided, as the audit log keeps it: the person named, through which admin key.
+    let by = match &d.by {
+        Some(person) => format!("{person} (admin key {})", admin.name),
+        None => format!("admin key {}", admin.name),
+    };
+    let ttl = app.runtime.load().approvals.ttl;
+    let v = blocking(&app, move |a| {
+        crate::ops::decide_approval(&a.store, &id, approve, &by, d.note.as_deref(), ttl)
+    })
+    .await?;
+    Ok(Json(v).into_response())
+}
+
+async fn audit_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<crate::audit::Filter>,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    // Policy decisions are written with usage records: commit what is queued first.
+    app.meter.flush().await;
+    let v = blocking(&app, move |a| crate::ops::audit_list(&a.store, &q)).await?;
+    Ok(Json(v).into_response())
+}
+
+async fn audit_verify_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    app.meter.flush().await;
+    let v = blocking(&app, |a| crate::ops::audit_verify(&a.store)).await?;
+    Ok(Json(v).into_response())
 }
 
 fn require_admin(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {

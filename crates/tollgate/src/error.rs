@@ -51,6 +51,10 @@ pub enum ErrorKind {
     LoopDetected,
     /// The agent's retries exceed its retry budget.
     RetryBudgetExhausted,
+    /// A tool policy refused the tool call.
+    ToolDenied,
+    /// A tool policy wants a human's approval first; the call is parked.
+    ApprovalPending,
     /// The wallet cannot cover the request's hold.
     InsufficientFunds,
     /// The request's estimated cost is above its cap (`x-tollgate-max-cost` or the key's).
@@ -93,6 +97,8 @@ impl ErrorKind {
             ErrorKind::RequestTimeout => "request_timeout",
             ErrorKind::RateLimited => "rate_limited",
             ErrorKind::LoopDetected => "loop_detected",
+            ErrorKind::ToolDenied => "tool_denied",
+            ErrorKind::ApprovalPending => "approval_pending",
             ErrorKind::RetryBudgetExhausted => "retry_budget_exhausted",
             ErrorKind::InsufficientFunds => "insufficient_funds",
             ErrorKind::MaxCostExceeded => "max_cost_exceeded",
@@ -132,6 +138,7 @@ impl ErrorKind {
             // Not 429: every agent SDK retries a 429, and Codex retries even 422 and ignores
             // x-should-retry; a 400 is the one status none of them resend (ADR 0019).
             ErrorKind::LoopDetected | ErrorKind::RetryBudgetExhausted => StatusCode::BAD_REQUEST,
+            ErrorKind::ToolDenied | ErrorKind::ApprovalPending => StatusCode::FORBIDDEN,
             ErrorKind::UpstreamRejected => StatusCode::BAD_REQUEST,
             ErrorKind::UpstreamAuth | ErrorKind::UpstreamError | ErrorKind::UpstreamUnavailable => {
                 StatusCode::BAD_GATEWAY
@@ -158,7 +165,10 @@ impl ErrorKind {
             | ErrorKind::RequestTimeout
             | ErrorKind::UpstreamRejected
             | ErrorKind::DialectMismatch => "invalid_request_error",
-            ErrorKind::ModelNotAllowed | ErrorKind::AdminOnly => "permission_error",
+            ErrorKind::ModelNotAllowed
+            | ErrorKind::AdminOnly
+            | ErrorKind::ToolDenied
+            | ErrorKind::ApprovalPending => "permission_error",
             ErrorKind::InsufficientFunds
             | ErrorKind::RunBudgetExhausted
             | ErrorKind::BudgetExceeded => "insufficient_funds",

@@ -9,8 +9,8 @@
 //! | layer | modules | what it knows |
 //! |---|---|---|
 //! | core | clock, money, error, config, metrics, genmap, fault, records, tls, providers | units, records, errors, settings, what differs by provider kind: no I/O |
-//! | store | db, store, wallet, envelope, outbox | SQL: keys, usage rows, the ledger, envelopes, the outbox |
-//! | traffic | metering, hotwallet, keys, limits, damping, loopguard, prices, estimate, upstream, toolroute, mcpclient, mock | the writer that owns money, limits, providers and their health |
+//! | store | db, store, wallet, envelope, outbox, audit, approval | SQL: keys, usage rows, the ledger, envelopes, the outbox, the audit chain, approvals |
+//! | traffic | metering, hotwallet, keys, limits, damping, loopguard, prices, estimate, upstream, toolroute, mcpclient, policy, mock | the writer that owns money, limits, providers and their health |
 //! | state | state, ops | `AppState`, reload, the key cache refresh; the operations the CLI and admin API share |
 //! | pipeline | proxy, routes, mcp | the request path: model calls, tool routes and MCP tool calls |
 //! | server | server, admin, webhooks, conn | the router, the admin API, delivery, connections |
@@ -36,7 +36,12 @@ pub const LAYERS: &[(&str, &[&str])] = &[
             "providers",
         ],
     ),
-    ("store", &["db", "store", "wallet", "envelope", "outbox"]),
+    (
+        "store",
+        &[
+            "db", "store", "wallet", "envelope", "outbox", "audit", "approval",
+        ],
+    ),
     (
         "traffic",
         &[
@@ -51,6 +56,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
             "upstream",
             "toolroute",
             "mcpclient",
+            "policy",
             "mock",
         ],
     ),
@@ -60,6 +66,8 @@ pub const LAYERS: &[(&str, &[&str])] = &[
 ];
 
 pub mod admin;
+pub mod approval;
+pub mod audit;
 pub mod clock;
 pub mod config;
 pub mod conn;
@@ -86,6 +94,7 @@ pub mod mock;
 pub mod money;
 pub mod ops;
 pub mod outbox;
+pub mod policy;
 pub mod prices;
 pub mod providers;
 pub mod proxy;

@@ -80,6 +80,8 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Cmd::Keys { cmd, target } => keys(cmd, target).await?,
         Cmd::Teams { cmd, target } => teams(cmd, target).await?,
+        Cmd::Approvals { cmd, target } => approvals(cmd, target).await?,
+        Cmd::Audit { cmd, target } => audit(cmd, target).await?,
         Cmd::Budget { cmd, target } => budget(cmd, target).await?,
         Cmd::Run { id, target } => {
             let backend = Backend::new(&target)?;

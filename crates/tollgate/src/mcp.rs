@@ -432,9 +432,22 @@ async fn tools_list(runtime: &Runtime, key: &KeyRecord, id: Value, modern: bool)
 
 /// A refusal of a call the model can read, as the tool's own failed result.
 fn refused(id: Value, e: &ApiError, modern: bool) -> Response {
+    refused_with(id, e, None, modern)
+}
+
+/// A refusal, with the approval it waits on (or that refused it).
+fn refused_with(
+    id: Value,
+    e: &ApiError,
+    approval: Option<&crate::approval::Approval>,
+    modern: bool,
+) -> Response {
     let mut meta = json!({ "type": e.kind.as_str() });
     if let Some(s) = e.retry_after_secs {
         meta["retry_after"] = json!(s);
+    }
+    if let Some(a) = approval {
+        meta["approval"] = json!({ "id": a.id, "status": a.state, "expires_ms": a.expires_ms });
     }
     let mut result = json!({
         "content": [{ "type": "text", "text": format!("tollgate refused this tool call: {}", e.message) }],
@@ -528,6 +541,20 @@ async fn tools_call(
     settle.rec.request_bytes = request_bytes as u64;
     let price = server.price(&tool);
     settle.route_price = Some(price);
+    let call = crate::policy::Call {
+        surface: "mcp",
+        server: &server.name,
+        tool: &tool,
+        args: &arguments,
+        model: None,
+        run: None,
+    };
+    if let Err(stop) =
+        crate::proxy::govern(app, runtime, key, &mut settle.rec, &call, request_id).await
+    {
+        settle.finish_error(&stop.error);
+        return refused_with(id, &stop.error, stop.approval.as_ref(), modern);
+    }
     if let Err(e) = admit_call(
         app,
         runtime,

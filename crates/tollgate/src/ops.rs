@@ -610,7 +610,7 @@ pub fn credit_wallet(
     }
     let wallet = store.read(|c| crate::wallet::find(c, wallet))?;
     let (entry, applied) = store.write(|tx| {
-        crate::wallet::credit(
+        let (entry, applied) = crate::wallet::credit(
             tx,
             &wallet.id,
             credit,
@@ -618,7 +618,18 @@ pub fn credit_wallet(
             &idem,
             req.note.as_deref(),
             now,
-        )
+        )?;
+        if applied {
+            crate::audit::append(
+                tx,
+                "admin",
+                &format!("wallet.{kind}"),
+                &wallet.id,
+                &serde_json::json!({ "amount_micros": amount, "idempotency_key": idem, "note": req.note }),
+                now,
+            )?;
+        }
+        Ok((entry, applied))
     })?;
     let wallet = store.read(|c| crate::wallet::get(c, &wallet.id))?;
     Ok(Credited {
@@ -986,4 +997,72 @@ pub fn focus_export(
             "format \"{other}\": use csv or jsonl"
         ))),
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Approvals and the audit log
+
+/// How long an approval granted from the CLI on a local store lasts (the gateway's
+/// `[approvals] ttl` applies to those granted through its admin API).
+pub const DEFAULT_APPROVAL_TTL: Duration = Duration::from_secs(15 * 60);
+
+pub fn list_approvals(
+    store: &Store,
+    state: Option<&str>,
+    limit: u32,
+) -> Result<Vec<crate::approval::Approval>, AdminError> {
+    if let Some(s) = state {
+        if !["pending", "approved", "denied", "used"].contains(&s) {
+            return Err(AdminError::Invalid(format!(
+                "state must be pending, approved, denied or used, not \"{s}\""
+            )));
+        }
+    }
+    Ok(store.read(|c| crate::approval::list(c, state, limit))?)
+}
+
+pub fn show_approval(store: &Store, id: &str) -> Result<crate::approval::Approval, AdminError> {
+    Ok(store.read(|c| crate::approval::get(c, id))?)
+}
+
+/// An approver's decision. `by` names the approver, as the audit log will.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Decision {
+    #[serde(default)]
+    pub by: Option<String>,
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+pub fn decide_approval(
+    store: &Store,
+    id: &str,
+    approve: bool,
+    by: &str,
+    note: Option<&str>,
+    ttl: Duration,
+) -> Result<crate::approval::Approval, AdminError> {
+    validate_name("by", by)?;
+    if note.is_some_and(|n| n.len() > 2000) {
+        return Err(AdminError::Invalid("note: at most 2000 characters".into()));
+    }
+    let ttl_ms = ttl.as_millis() as i64;
+    match store.write(|tx| crate::approval::decide(tx, id, approve, by, note, ttl_ms, now_ms())) {
+        Err(StoreError::Wallet(crate::wallet::WalletError::Invalid(m))) => {
+            Err(AdminError::Invalid(m))
+        }
+        other => Ok(other?),
+    }
+}
+
+pub fn audit_list(
+    store: &Store,
+    filter: &crate::audit::Filter,
+) -> Result<Vec<crate::audit::Entry>, AdminError> {
+    Ok(store.read(|c| Ok(crate::audit::list(c, filter)?))?)
+}
+
+pub fn audit_verify(store: &Store) -> Result<crate::audit::Verified, AdminError> {
+    Ok(store.read(|c| Ok(crate::audit::verify(c)?))?)
 }

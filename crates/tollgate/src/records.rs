@@ -99,6 +99,18 @@ pub fn pattern_matches(pattern: &str, name: &str) -> bool {
     }
 }
 
+/// What a tool policy decided for one tool call (`policy.rs`), and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// The tool as the policy saw it (`server__tool`, a route's name, a model's tool).
+    pub tool: String,
+    pub decision: crate::config::ToolDecision,
+    pub policy: String,
+    /// The rule that decided (its index), `None` when none matched.
+    pub rule: Option<usize>,
+    pub reason: String,
+}
+
 /// One per request that got past authentication.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct UsageRecord {
@@ -159,6 +171,10 @@ pub struct UsageRecord {
     /// The run envelope (`x-tollgate-run`) the request drew on.
     #[serde(default)]
     pub run_id: Option<String>,
+    /// Tool-policy decisions on this request's tool calls, for the audit log (the writer
+    /// appends them with the record). Not a column of the usage table.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policy: Vec<Verdict>,
     /// Why it ended, in words, when it did not end well: the refusal's or the failure's
     /// message (which limit, which wallet, what the provider said), at most 300 characters.
     #[serde(default)]

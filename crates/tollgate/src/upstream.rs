@@ -216,6 +216,8 @@ pub struct Runtime {
     pub mcp: crate::config::McpConfig,
     /// Upstream MCP servers, in configuration order.
     pub mcp_servers: Vec<Arc<crate::mcpclient::McpUpstream>>,
+    pub policies: crate::policy::Policies,
+    pub approvals: crate::config::ApprovalsConfig,
     health: Arc<HealthRegistry>,
 }
 
@@ -295,6 +297,9 @@ impl Runtime {
             routes,
             mcp: cfg.mcp.clone(),
             mcp_servers,
+            policies: crate::policy::Policies::build(&cfg.tool_policies)
+                .map_err(BuildError::Route)?,
+            approvals: cfg.approvals.clone(),
             aliases,
             model_limits,
             direct: RwLock::new(HashMap::new()),

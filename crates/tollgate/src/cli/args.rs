@@ -58,6 +58,20 @@ pub(crate) enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Tool calls waiting for a human's approval (tool policies' `require_approval`).
+    Approvals {
+        #[command(subcommand)]
+        cmd: ApprovalsCmd,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// The hash-chained audit log: policy decisions, approvals, admin changes.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Teams and their limit overrides.
     Teams {
         #[command(subcommand)]
@@ -334,6 +348,54 @@ pub(crate) enum BudgetCmd {
         soft: Option<String>,
     },
     List,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ApprovalsCmd {
+    /// Approvals, newest first (pending ones by default).
+    List {
+        /// pending, approved, denied, used, or all.
+        #[arg(long, default_value = "pending")]
+        state: String,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// One approval with the exact arguments it would let through.
+    Show { id: String },
+    /// Let exactly this call through, once, within [approvals] ttl.
+    Approve {
+        id: String,
+        /// Who approves, for the audit log (default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Refuse the call; the agent is told, with the note.
+    Deny {
+        id: String,
+        #[arg(long)]
+        by: Option<String>,
+        #[arg(long)]
+        note: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum AuditCmd {
+    /// Entries, newest first.
+    List {
+        /// An action (`policy.deny`) or a prefix ending in '.' (`approval.`).
+        #[arg(long)]
+        action: Option<String>,
+        /// What the entry is about: a request id, approval id, key id, wallet id.
+        #[arg(long)]
+        subject: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Recomputes the whole chain; exits 1 naming the first entry changed or removed.
+    Verify,
 }
 
 #[derive(Subcommand)]

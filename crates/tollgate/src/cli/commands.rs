@@ -808,3 +808,199 @@ pub(crate) async fn reconcile(
         std::process::ExitCode::FAILURE
     })
 }
+
+pub(crate) async fn approvals(cmd: ApprovalsCmd, target: Target) -> anyhow::Result<()> {
+    use tollgate::approval::Approval;
+    let backend = Backend::new(&target)?;
+    let shown: Vec<Approval> = match cmd {
+        ApprovalsCmd::List { state, limit } => {
+            let state = (state != "all").then_some(state);
+            match &backend {
+                Backend::Local { store, .. } => {
+                    admin::list_approvals(store, state.as_deref(), limit)?
+                }
+                Backend::Remote { .. } => {
+                    let q = state
+                        .map(|s| format!("&state={}", urlencode(&s)))
+                        .unwrap_or_default();
+                    backend
+                        .call(
+                            reqwest::Method::GET,
+                            &format!("/admin/approvals?limit={limit}{q}"),
+                            None,
+                        )
+                        .await?
+                }
+            }
+        }
+        ApprovalsCmd::Show { id } => vec![match &backend {
+            Backend::Local { store, .. } => admin::show_approval(store, &id)?,
+            Backend::Remote { .. } => {
+                backend
+                    .call(
+                        reqwest::Method::GET,
+                        &format!("/admin/approvals/{}", urlencode(&id)),
+                        None,
+                    )
+                    .await?
+            }
+        }],
+        ApprovalsCmd::Approve { id, by, note } => {
+            vec![decide(&backend, &id, true, by, note).await?]
+        }
+        ApprovalsCmd::Deny { id, by, note } => vec![decide(&backend, &id, false, by, note).await?],
+    };
+    if target.format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&shown)?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = shown
+        .iter()
+        .map(|a| {
+            vec![
+                a.id.clone(),
+                a.state.clone(),
+                a.agent.clone(),
+                a.tool.clone(),
+                a.arguments.to_string(),
+                a.reason.clone(),
+                tollgate::clock::rfc3339(a.expires_ms),
+                a.decided_by.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_rows(
+        &[
+            "id",
+            "state",
+            "agent",
+            "tool",
+            "arguments",
+            "why",
+            "expires",
+            "decided by",
+        ],
+        &rows,
+        target.format == Format::Csv,
+    );
+    Ok(())
+}
+
+async fn decide(
+    backend: &Backend,
+    id: &str,
+    approve: bool,
+    by: Option<String>,
+    note: Option<String>,
+) -> anyhow::Result<tollgate::approval::Approval> {
+    let verb = if approve { "approve" } else { "deny" };
+    Ok(match backend {
+        Backend::Local { store, .. } => {
+            let by = by
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_else(|| "cli".into());
+            admin::decide_approval(
+                store,
+                id,
+                approve,
+                &by,
+                note.as_deref(),
+                admin::DEFAULT_APPROVAL_TTL,
+            )?
+        }
+        Backend::Remote { .. } => {
+            let by = by.or_else(|| std::env::var("USER").ok());
+            backend
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/admin/approvals/{}/{verb}", urlencode(id)),
+                    Some(serde_json::json!({ "by": by, "note": note })),
+                )
+                .await?
+        }
+    })
+}
+
+pub(crate) async fn audit(cmd: AuditCmd, target: Target) -> anyhow::Result<()> {
+    let backend = Backend::new(&target)?;
+    match cmd {
+        AuditCmd::List {
+            action,
+            subject,
+            limit,
+        } => {
+            let filter = tollgate::audit::Filter {
+                action,
+                subject,
+                since_ms: None,
+                limit: Some(limit),
+            };
+            let entries: Vec<tollgate::audit::Entry> = match &backend {
+                Backend::Local { store, .. } => admin::audit_list(store, &filter)?,
+                Backend::Remote { .. } => {
+                    let mut q = format!("?limit={limit}");
+                    if let Some(a) = &filter.action {
+                        q.push_str(&format!("&action={}", urlencode(a)));
+                    }
+                    if let Some(s) = &filter.subject {
+                        q.push_str(&format!("&subject={}", urlencode(s)));
+                    }
+                    backend
+                        .call(reqwest::Method::GET, &format!("/admin/audit{q}"), None)
+                        .await?
+                }
+            };
+            if target.format == Format::Json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = entries
+                .iter()
+                .map(|e| {
+                    vec![
+                        e.seq.to_string(),
+                        tollgate::clock::rfc3339(e.ts_ms),
+                        e.actor.clone(),
+                        e.action.clone(),
+                        e.subject.clone(),
+                        e.detail.to_string(),
+                    ]
+                })
+                .collect();
+            print_rows(
+                &["seq", "time", "actor", "action", "subject", "detail"],
+                &rows,
+                target.format == Format::Csv,
+            );
+            Ok(())
+        }
+        AuditCmd::Verify => {
+            let v: tollgate::audit::Verified = match &backend {
+                Backend::Local { store, .. } => admin::audit_verify(store)?,
+                Backend::Remote { .. } => {
+                    backend
+                        .call(reqwest::Method::GET, "/admin/audit/verify", None)
+                        .await?
+                }
+            };
+            if target.format == Format::Json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+            match &v.broken {
+                None => {
+                    if target.format != Format::Json {
+                        println!("audit log intact: {} entries, head {}", v.entries, v.head);
+                    }
+                    Ok(())
+                }
+                Some((seq, why)) => {
+                    anyhow::bail!(
+                        "audit log broken at entry {seq}: {why} ({} entries before it hold; last good hash {})",
+                        v.entries,
+                        v.head
+                    )
+                }
+            }
+        }
+    }
+}

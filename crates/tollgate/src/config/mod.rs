@@ -32,6 +32,8 @@ pub struct Config {
     pub webhooks: Vec<WebhookConfig>,
     pub mcp: McpConfig,
     pub mcp_servers: Vec<McpServerConfig>,
+    pub tool_policies: Vec<ToolPolicyConfig>,
+    pub approvals: ApprovalsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -634,6 +636,68 @@ impl Default for McpConfig {
 pub enum McpPrefix {
     Conditional,
     Always,
+}
+
+/// Rules for the tool calls of the keys it names (see `policy.rs`). Reloadable.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolPolicyConfig {
+    pub name: String,
+    /// Key names (`prefix*` patterns) the policy applies to.
+    #[serde(default)]
+    pub keys: Vec<String>,
+    /// Teams whose keys it applies to.
+    #[serde(default)]
+    pub teams: Vec<String>,
+    /// In order; the first whose `when` is true decides. A call no rule matches is denied.
+    pub rules: Vec<ToolRuleConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolRuleConfig {
+    /// A CEL expression over `key`, `tool` (`name`, `server`, `args`), `surface`, `model`,
+    /// `run` and `time`; it must be a bool.
+    pub when: String,
+    pub decision: ToolDecision,
+    /// Told to the agent (and the approver) with the decision.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolDecision {
+    Allow,
+    Deny,
+    RequireApproval,
+}
+
+impl ToolDecision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ToolDecision::Allow => "allow",
+            ToolDecision::Deny => "deny",
+            ToolDecision::RequireApproval => "require_approval",
+        }
+    }
+}
+
+/// Human approval of tool calls (`require_approval`). Reloadable.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApprovalsConfig {
+    /// How long a pending or granted approval lasts.
+    #[serde(deserialize_with = "de_duration")]
+    pub ttl: Duration,
+}
+
+impl Default for ApprovalsConfig {
+    fn default() -> Self {
+        ApprovalsConfig {
+            ttl: Duration::from_secs(15 * 60),
+        }
+    }
 }
 
 /// An upstream MCP server (Streamable HTTP) that `/mcp` multiplexes.

@@ -270,6 +270,36 @@ impl Config {
                 p(format!("{path}.timeout"), "must be greater than 0");
             }
         }
+        let mut policy_names = HashSet::new();
+        for (i, pol) in self.tool_policies.iter().enumerate() {
+            let path = format!("tool_policies[{i}]");
+            if pol.name.is_empty() || !policy_names.insert(pol.name.as_str()) {
+                p(format!("{path}.name"), "must be non-empty and unique");
+            }
+            if pol.keys.is_empty() && pol.teams.is_empty() {
+                p(
+                    path.clone(),
+                    "names no keys and no teams: it would apply to nobody",
+                );
+            }
+            if pol.rules.is_empty() {
+                p(
+                    format!("{path}.rules"),
+                    "needs at least one rule (with none, every tool call would be denied)",
+                );
+            }
+            for (j, r) in pol.rules.iter().enumerate() {
+                if let Err(e) = cel::Program::compile(&r.when) {
+                    p(
+                        format!("{path}.rules[{j}].when"),
+                        &format!("not a CEL expression: {e}"),
+                    );
+                }
+            }
+        }
+        if self.approvals.ttl.is_zero() {
+            p("approvals.ttl".into(), "must be greater than 0");
+        }
         let mut provider_names = HashSet::new();
         for (i, prov) in self.providers.iter().enumerate() {
             let path = format!("providers[{i}]");

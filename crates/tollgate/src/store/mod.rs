@@ -141,6 +141,9 @@ const MIGRATIONS: &[&str] = &[
     usage::DIMENSION_MIGRATION,
     // 17: the MCP tools a key may use (JSON list of patterns; NULL: none)
     "ALTER TABLE keys ADD COLUMN tools TEXT;",
+    // 18, 19: the audit chain and tool-call approvals
+    crate::audit::MIGRATION,
+    crate::approval::MIGRATION,
 ];
 
 /// Copies the WAL back into the database every `every`, off the request and writer paths
@@ -254,6 +257,17 @@ impl Store {
     pub fn insert_key(&self, key: &KeyRecord, digest: &[u8; 32]) -> Result<()> {
         lock(&self.db).write(|tx| {
             insert_key_row(tx, key, digest)?;
+            crate::audit::append(
+                tx,
+                "admin",
+                "key.created",
+                &key.id,
+                &serde_json::json!({
+                    "name": key.name, "team": key.team, "admin": key.admin, "models": key.models,
+                    "tools": key.tools, "limits": key.limits,
+                }),
+                key.created_ms,
+            )?;
             bump_keys_rev(tx)
         })
     }
@@ -362,6 +376,14 @@ impl Store {
     ) -> Result<crate::wallet::Wallet> {
         self.write(|tx| {
             let w = crate::wallet::create(tx, owner_kind, owner, floor_micros, now_ms)?;
+            crate::audit::append(
+                tx,
+                "admin",
+                "wallet.created",
+                &w.id,
+                &serde_json::json!({ "owner": format!("{}:{owner}", owner_kind.as_str()), "floor_micros": floor_micros }),
+                now_ms,
+            )?;
             tx.exec("UPDATE meta SET v = v + 1 WHERE k = 'keys_rev'", &[])?;
             Ok(w)
         })
@@ -379,6 +401,14 @@ impl Store {
                  ON CONFLICT(name) DO UPDATE SET limits = excluded.limits, updated_ms = excluded.updated_ms",
                 &[&name, &json(limits), &now_ms],
             )?;
+            crate::audit::append(
+                tx,
+                "admin",
+                "team.limits",
+                name,
+                &serde_json::json!(limits),
+                now_ms,
+            )?;
             bump_keys_rev(tx)
         })
     }
@@ -393,6 +423,14 @@ impl Store {
             if n == 0 {
                 return Err(StoreError::KeyNotFound(id.to_string()));
             }
+            crate::audit::append(
+                tx,
+                "admin",
+                "key.limits",
+                id,
+                &serde_json::json!(limits),
+                crate::clock::now_ms(),
+            )?;
             bump_keys_rev(tx)
         })
     }
@@ -490,6 +528,16 @@ impl Store {
             {
                 return Err(StoreError::KeyNotFound(id.to_string()));
             }
+            if n > 0 {
+                crate::audit::append(
+                    tx,
+                    "admin",
+                    "key.revoked",
+                    id,
+                    &serde_json::json!({}),
+                    now_ms,
+                )?;
+            }
             bump_keys_rev(tx)
         })
     }
@@ -518,6 +566,14 @@ impl Store {
             tx.exec(
                 "UPDATE keys SET prefix = ?2 WHERE id = ?1",
                 &[&key_id, &prefix],
+            )?;
+            crate::audit::append(
+                tx,
+                "admin",
+                "key.rotated",
+                key_id,
+                &serde_json::json!({ "new_prefix": prefix, "old_secrets_until_ms": retire_at }),
+                now_ms,
             )?;
             bump_keys_rev(tx)
         })

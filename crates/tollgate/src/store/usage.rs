@@ -418,6 +418,7 @@ fn usage_from_row(r: &Row) -> Result<UsageRecord> {
         bodies: None,
         enveloped: false,
         hot_hold_micros: None,
+        policy: Vec::new(),
     })
 }
 

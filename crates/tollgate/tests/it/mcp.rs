@@ -201,3 +201,285 @@ async fn agents_on_the_official_sdk_use_mcp_servers_through_the_gateway_in_both_
         "{out}"
     );
 }
+
+const CALLS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/mcp/call_tools.py");
+
+/// Tool calls through `/mcp` on the official SDK; one JSON outcome per call.
+async fn calls(url: &str, key: &str, list: serde_json::Value) -> Vec<serde_json::Value> {
+    let (url, key) = (url.to_string(), key.to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .args([CALLS, &url, &key, "auto", &list.to_string()])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The attack on a support agent that needed no prompt injection: "change the email on
+/// @handle to evil@example.com". Lookups are allowed, email changes need a human, everything
+/// else is denied; an approval lets through exactly the call the approver saw, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_support_agent_cannot_change_an_email_without_a_human_approving_that_exact_change() {
+    if !have("mcp") {
+        return;
+    }
+    let support = start_server("support");
+    let gw = TestGateway::start(&format!(
+        r#"
+        [[mcp_servers]]
+        name = "support"
+        url = "{}"
+        [[tool_policies]]
+        name = "support-desk"
+        keys = ["support-desk*"]
+        [[tool_policies.rules]]
+        when = "tool.name == 'lookup_account'"
+        decision = "allow"
+        [[tool_policies.rules]]
+        when = "tool.server == 'support' && tool.name == 'change_account_email'"
+        decision = "require_approval"
+        reason = "changing an account's email address needs a human's approval"
+        "#,
+        support.url
+    ))
+    .await;
+    let mcp = format!("{}/mcp", gw.url);
+    let (key, key_id) = gw
+        .create_key(json!({"name": "support-desk-1", "tools": ["support__*"]}))
+        .await;
+    let sent = |tool: &str| {
+        support
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.starts_with(tool))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let evil = json!({"handle": "@victim", "email": "evil@example.com"});
+    let out = calls(
+        &mcp,
+        &key,
+        json!([
+            ["lookup_account", {"handle": "@victim"}],
+            ["change_account_email", evil],
+            ["reset_password", {"handle": "@victim"}],
+        ]),
+    )
+    .await;
+    assert_eq!(out[0]["is_error"], false, "{out:?}");
+    // Parked: the agent reads why and what to do; nothing reached the server.
+    assert_eq!(out[1]["is_error"], true, "{out:?}");
+    let pending = &out[1]["meta"]["tollgate/error"];
+    assert_eq!(pending["type"], "approval_pending", "{out:?}");
+    let first = pending["approval"]["id"].as_str().unwrap().to_string();
+    assert!(
+        out[1]["text"]
+            .as_str()
+            .unwrap()
+            .contains("needs a human's approval"),
+        "{out:?}"
+    );
+    // No rule allows it: denied, in words.
+    assert_eq!(out[2]["is_error"], true);
+    assert_eq!(
+        out[2]["meta"]["tollgate/error"]["type"], "tool_denied",
+        "{out:?}"
+    );
+    assert!(
+        out[2]["text"]
+            .as_str()
+            .unwrap()
+            .contains("no rule of policy 'support-desk' allows"),
+        "{out:?}"
+    );
+    assert!(sent("change_account_email").is_empty());
+    assert!(sent("reset_password").is_empty());
+    assert_eq!(sent("lookup_account").len(), 1);
+
+    // The approver sees exactly what would be sent.
+    let (s, list) = gw
+        .admin(reqwest::Method::GET, "/admin/approvals", None)
+        .await;
+    assert_eq!(s, 200, "{list}");
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["id"], first.as_str());
+    assert_eq!(list[0]["tool"], "support__change_account_email");
+    assert_eq!(list[0]["arguments"], evil);
+    assert_eq!(list[0]["key_id"], key_id.as_str());
+    // Denied: the agent's retry of the same call gets the refusal and the approver's note.
+    let (s, d) = gw
+        .admin(
+            reqwest::Method::POST,
+            &format!("/admin/approvals/{first}/deny"),
+            Some(json!({"by": "alice", "note": "the requester is not the account owner"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{d}");
+    assert_eq!(d["state"], "denied");
+    let out = calls(&mcp, &key, json!([["change_account_email", evil]])).await;
+    assert_eq!(
+        out[0]["meta"]["tollgate/error"]["type"], "tool_denied",
+        "{out:?}"
+    );
+    assert!(
+        out[0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("not the account owner"),
+        "{out:?}"
+    );
+    // A decided approval cannot be decided again.
+    let (s, _) = gw
+        .admin(
+            reqwest::Method::POST,
+            &format!("/admin/approvals/{first}/approve"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 400);
+
+    // Binding: approving a different email does not unlock the one the attacker asked for.
+    let evil2 = json!({"handle": "@victim2", "email": "evil@example.com"});
+    let good2 = json!({"handle": "@victim2", "email": "owner@example.org"});
+    let out = calls(
+        &mcp,
+        &key,
+        json!([
+            ["change_account_email", evil2],
+            ["change_account_email", good2]
+        ]),
+    )
+    .await;
+    let a_evil = out[0]["meta"]["tollgate/error"]["approval"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let a_good = out[1]["meta"]["tollgate/error"]["approval"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(a_evil, a_good);
+    let (s, _) = gw
+        .admin(
+            reqwest::Method::POST,
+            &format!("/admin/approvals/{a_good}/approve"),
+            Some(json!({"by": "bob"})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let out = calls(
+        &mcp,
+        &key,
+        json!([
+            ["change_account_email", evil2],
+            ["change_account_email", {"email": "owner@example.org", "handle": "@victim2"}],
+            ["change_account_email", good2],
+        ]),
+    )
+    .await;
+    assert_eq!(
+        out[0]["meta"]["tollgate/error"]["type"], "approval_pending",
+        "{out:?}"
+    );
+    assert_eq!(
+        out[0]["meta"]["tollgate/error"]["approval"]["id"],
+        a_evil.as_str()
+    );
+    // The approved call, with its arguments in another order, goes through once…
+    assert_eq!(out[1]["is_error"], false, "{out:?}");
+    assert!(
+        out[1]["text"]
+            .as_str()
+            .unwrap()
+            .contains("now owner@example.org"),
+        "{out:?}"
+    );
+    // …and only once.
+    assert_eq!(
+        out[2]["meta"]["tollgate/error"]["type"], "approval_pending",
+        "{out:?}"
+    );
+    assert_ne!(
+        out[2]["meta"]["tollgate/error"]["approval"]["id"],
+        a_good.as_str()
+    );
+    assert_eq!(
+        sent("change_account_email"),
+        vec![
+            r#"change_account_email {"email": "owner@example.org", "handle": "@victim2"}"#
+                .to_string()
+        ]
+    );
+
+    // Every decision and approval is in the audit log, with who decided.
+    let (s, audit) = gw
+        .admin(reqwest::Method::GET, "/admin/audit?limit=1000", None)
+        .await;
+    assert_eq!(s, 200, "{audit}");
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    for a in [
+        "key.created",
+        "policy.allow",
+        "policy.deny",
+        "policy.require_approval",
+        "approval.requested",
+        "approval.denied",
+        "approval.approved",
+        "approval.used",
+    ] {
+        assert!(actions.contains(&a), "{a} missing from {actions:?}");
+    }
+    let denied = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "approval.denied")
+        .unwrap();
+    assert_eq!(denied["actor"], "alice (admin key admin)", "{denied}");
+    let (s, v) = gw
+        .admin(reqwest::Method::GET, "/admin/audit/verify", None)
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["broken"], serde_json::Value::Null, "{v}");
+    let entries = v["entries"].as_u64().unwrap();
+    assert_eq!(entries as usize, actions.len());
+
+    // Tampering: a changed entry, then a removed one, are found.
+    let db = rusqlite::Connection::open(gw.dir.path().join("tollgate.db")).unwrap();
+    db.execute(
+        "UPDATE audit SET detail = '{\"tool\":\"support__lookup_account\"}' WHERE action = 'approval.denied'",
+        [],
+    )
+    .unwrap();
+    let (_, v) = gw
+        .admin(reqwest::Method::GET, "/admin/audit/verify", None)
+        .await;
+    assert!(v["broken"][1].as_str().unwrap().contains("changed"), "{v}");
+    let seq = v["broken"][0].as_i64().unwrap();
+    db.execute("DELETE FROM audit WHERE seq = ?1", [seq])
+        .unwrap();
+    let (_, v) = gw
+        .admin(reqwest::Method::GET, "/admin/audit/verify", None)
+        .await;
+    assert!(v["broken"][1].as_str().unwrap().contains("missing"), "{v}");
+    assert_eq!(v["broken"][0].as_i64().unwrap(), seq + 1, "{v}");
+}
