@@ -494,13 +494,16 @@ async fn tools_call(
     }
     // `server__tool` names the server outright; a bare name is looked up among the tools the
     // key sees (it is bare only where it is unique).
-    let target = match name.split_once("__") {
-        Some((server, tool)) if runtime.mcp_servers.iter().any(|s| s.name == server) => runtime
+    let named = name.split_once("__").and_then(|(server, tool)| {
+        runtime
             .mcp_servers
             .iter()
             .find(|s| s.name == server)
-            .map(|s| (s.clone(), tool.to_string())),
-        _ => {
+            .map(|s| (s.clone(), tool.to_string()))
+    });
+    let target = match named {
+        Some(t) => Some(t),
+        None => {
             let (tools, _) = catalogue(runtime, key).await;
             tools
                 .into_iter()

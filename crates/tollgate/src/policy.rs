@@ -82,20 +82,26 @@ impl Policies {
         Ok(Policies { sets })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.sets.is_empty()
-    }
-
-    /// The decision for `call` by `key`, or `None` when no policy names the key (its calls
-    /// are not governed).
-    pub fn decide(&self, key: &KeyRecord, call: &Call) -> Option<Verdict> {
-        let set = self.sets.iter().find(|s| {
+    /// The policy that governs `key`'s tool calls: the first that names it.
+    fn for_key(&self, key: &KeyRecord) -> Option<&PolicySet> {
+        self.sets.iter().find(|s| {
             s.keys.iter().any(|p| pattern_matches(p, &key.name))
                 || key
                     .team
                     .as_deref()
                     .is_some_and(|t| s.teams.iter().any(|p| pattern_matches(p, t)))
-        })?;
+        })
+    }
+
+    /// Whether any policy names `key`: a caller can skip building a call's context when not.
+    pub fn governs(&self, key: &KeyRecord) -> bool {
+        self.for_key(key).is_some()
+    }
+
+    /// The decision for `call` by `key`, or `None` when no policy names the key (its calls
+    /// are not governed).
+    pub fn decide(&self, key: &KeyRecord, call: &Call) -> Option<Verdict> {
+        let set = self.for_key(key)?;
         let mut ctx = cel::Context::default();
         for (name, value) in context(key, call) {
             if ctx.add_variable(name, value).is_err() {

@@ -144,27 +144,31 @@ async fn forward(
         .map(|p| p.as_str())
         .unwrap_or("/");
 
-    // govern: the key's tool policy sees the call as (method, path, body)
-    let rest = route.rest(parts.uri.path()).unwrap_or_default();
-    let args = serde_json::json!({
-        "method": parts.method.as_str(),
-        "path": rest,
-        "query": parts.uri.query(),
-        "body": serde_json::from_slice::<serde_json::Value>(&body)
-            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&body).into_owned())),
-    });
-    let call = crate::policy::Call {
-        surface: "route",
-        server: &route.name,
-        tool: &route.name,
-        args: &args,
-        model: None,
-        run: None,
-    };
-    let request_id = settle.request_id.clone();
-    crate::proxy::govern(app, runtime, key, settle.rec_mut(), &call, &request_id)
-        .await
-        .map_err(|stop| stop.error)?;
+    // govern: the key's tool policy sees the call as (method, path, body). Keys no policy
+    // names skip it, so ungoverned route calls do not parse their bodies.
+    if runtime.policies.governs(key) {
+        let rest = route.rest(parts.uri.path()).unwrap_or_default();
+        let args = serde_json::json!({
+            "method": parts.method.as_str(),
+            "path": rest,
+            "query": parts.uri.query(),
+            "body": serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(&body).into_owned())
+            }),
+        });
+        let call = crate::policy::Call {
+            surface: "route",
+            server: &route.name,
+            tool: &route.name,
+            args: &args,
+            model: None,
+            run: None,
+        };
+        let request_id = settle.request_id.clone();
+        crate::proxy::govern(app, runtime, key, settle.rec_mut(), &call, &request_id)
+            .await
+            .map_err(|stop| stop.error)?;
+    }
 
     // loop guard
     if route.loop_guard {
