@@ -224,10 +224,20 @@ fn arguments(schema: Option<&Value>) -> Value {
         .flatten()
         .filter_map(Value::as_str)
     {
-        let ty = props
-            .and_then(|p| p.get(name))
-            .and_then(|p| p.get("type"))
-            .and_then(Value::as_str);
+        let prop = props.and_then(|p| p.get(name));
+        // A schema that names its value (`const`, `default`, the first of `enum` or
+        // `examples`) gets that value: how a test scripts the arguments a model sends.
+        let named = prop.and_then(|p| {
+            p.get("const")
+                .or_else(|| p.get("default"))
+                .or_else(|| p.pointer("/enum/0"))
+                .or_else(|| p.pointer("/examples/0"))
+        });
+        if let Some(v) = named {
+            args.insert(name.to_string(), v.clone());
+            continue;
+        }
+        let ty = prop.and_then(|p| p.get("type")).and_then(Value::as_str);
         let v = match ty {
             Some("number" | "integer") => json!(1),
             Some("boolean") => json!(true),
@@ -271,6 +281,18 @@ mod tests {
         assert!(ToolAsk::chat(&ask("use lookup", json!("none")))
             .decide(&b)
             .is_none());
+    }
+
+    #[test]
+    fn a_schema_that_names_a_value_gets_it() {
+        let schema = json!({"type": "object", "required": ["a", "b", "c", "d", "e"], "properties": {
+            "a": {"type": "string", "const": "@victim"}, "b": {"type": "string", "enum": ["x", "y"]},
+            "c": {"type": "integer", "default": 7}, "d": {"type": "string", "examples": ["e.g."]},
+            "e": {"type": "string"}}});
+        assert_eq!(
+            arguments(Some(&schema)),
+            json!({"a": "@victim", "b": "x", "c": 7, "d": "e.g.", "e": "mock"})
+        );
     }
 
     #[test]

@@ -365,8 +365,22 @@ pub(crate) async fn forward(
     candidates: &[Arc<Deployment>],
     estimate: u64,
 ) -> Result<Response, ApiError> {
-    let (app, endpoint, headers, stream) = (cx.app, cx.endpoint, cx.headers, cx.stream);
+    let (app, endpoint, headers, stream, key) =
+        (cx.app, cx.endpoint, cx.headers, cx.stream, cx.key);
+    let model: &str = &cx.model;
     let runtime = cx.runtime.clone();
+    // The key's tool policy over the calls in this deployment's answer (`toolcalls.rs`).
+    let judge = |settle: &Settlement, dep: &Deployment| {
+        Judge::for_key(
+            app,
+            &runtime,
+            key,
+            &dep.provider.name,
+            model,
+            settle.rec.run_id.as_deref(),
+            &settle.request_id,
+        )
+    };
     let settle = &mut *cx.settle;
     let client_wants_usage = doc.client_wants_stream_usage();
     if stream && endpoint == Endpoint::ChatCompletions {
@@ -488,6 +502,20 @@ pub(crate) async fn forward(
                 } else {
                     None
                 };
+                let judge = judge(settle, &dep);
+                let client_body = match judge {
+                    Some(j) => {
+                        let shown = client_body.as_ref().unwrap_or(&answer.body).clone();
+                        match govern_answer(&j, settle.rec_mut(), endpoint, &shown).await {
+                            Some(r) => {
+                                settle.parked |= r.parked;
+                                Some(Bytes::from(r.body))
+                            }
+                            None => client_body,
+                        }
+                    }
+                    None => client_body,
+                };
                 return Ok(settle.finish_json(&runtime, &dep, up_endpoint, answer, client_body));
             }
             Ok(Upstream::Stream { first, rest }) => {
@@ -508,6 +536,7 @@ pub(crate) async fn forward(
                             translate::ChatToMessagesStream::new(),
                         )),
                     },
+                    guard: judge(settle, &dep).and_then(|j| ToolGuard::new(j, endpoint)),
                 };
                 return Ok(stream_response(app, settle, &dep, view, first, rest));
             }

@@ -52,6 +52,7 @@ mod quote;
 mod route;
 mod settle;
 mod stream;
+mod toolcalls;
 
 pub(crate) use accept::*;
 pub(crate) use admit::*;
@@ -65,6 +66,7 @@ pub(crate) use quote::*;
 pub(crate) use route::*;
 pub(crate) use settle::*;
 pub(crate) use stream::*;
+pub(crate) use toolcalls::*;
 
 /// The handler of a model endpoint (the router mounts one per row of the endpoint table).
 pub async fn model_call(app: Arc<AppState>, endpoint: Endpoint, req: Request) -> Response {

@@ -32,6 +32,9 @@ pub(crate) struct Settlement {
     pub(crate) money: Option<Quote>,
     /// Fingerprints under which a successful JSON answer is kept, and until when (µs).
     pub(crate) keep: Vec<(u64, u64)>,
+    /// The answer refuses a tool call until an approver decides: requests in flight may
+    /// share it, later ones must not be replayed it.
+    pub(crate) parked: bool,
     /// Attempts the provider answered but that broke off: added to the record whatever the
     /// request's ending.
     pub(crate) broken: Broken,
@@ -113,6 +116,7 @@ impl Settlement {
             request_id: request_id.to_string(),
             money: None,
             keep: Vec::new(),
+            parked: false,
             broken: Broken::default(),
             route_price: None,
         }
@@ -266,7 +270,7 @@ impl Settlement {
                 .damper
                 .finish_lead(fp, Some(crate::damping::Outcome::Answer(answer.clone())));
         }
-        if !status.is_success() {
+        if !status.is_success() || self.parked {
             return;
         }
         let ttl = self.runtime.retries.idempotency_ttl.as_micros() as u64;

@@ -67,6 +67,8 @@ pub(crate) struct StreamView {
     pub(crate) filter_usage: bool,
     /// Rewrites each upstream event into the client's dialect.
     pub(crate) translator: Option<Translator>,
+    /// The key's tool policy, over the tool calls in what the client is sent.
+    pub(crate) guard: Option<ToolGuard>,
 }
 
 pub(crate) enum Translator {
@@ -110,6 +112,8 @@ pub(crate) fn stream_response(
         observer,
         dialect: view.client,
         translator: view.translator,
+        guard: view.guard,
+        upstream_ended: false,
         out: VecDeque::new(),
         filter_usage: view.filter_usage,
         idle: dep.provider.idle_timeout,
@@ -162,6 +166,11 @@ pub(crate) struct GatewayStream {
     /// The client's dialect.
     pub(crate) dialect: Dialect,
     pub(crate) translator: Option<Translator>,
+    /// Holds tool calls until the policy has ruled on them (`toolcalls.rs`).
+    pub(crate) guard: Option<ToolGuard>,
+    /// The provider finished while the guard still held events; the stream ends once it
+    /// has let them go.
+    pub(crate) upstream_ended: bool,
     pub(crate) out: VecDeque<Bytes>,
     pub(crate) filter_usage: bool,
     pub(crate) idle: Duration,
@@ -256,7 +265,7 @@ impl GatewayStream {
             if let Some(t) = self.translator.as_mut() {
                 let translated = t.on_event(&ev);
                 if !translated.is_empty() {
-                    self.out.push_back(Bytes::from(translated));
+                    self.send(Bytes::from(translated));
                 }
                 if self.over_budget() {
                     break;
@@ -266,13 +275,36 @@ impl GatewayStream {
             if kind == EventKind::UsageOnly && self.filter_usage {
                 continue;
             }
-            self.out.push_back(ev.raw);
+            self.send(ev.raw);
             if self.over_budget() {
                 break;
             }
         }
         events.clear();
         self.events = events;
+    }
+
+    /// Queues bytes for the client, through the tool guard when the key has a policy.
+    fn send(&mut self, b: Bytes) {
+        match self.guard.as_mut() {
+            Some(g) => {
+                g.push(&b, &mut self.rec);
+                self.out.extend(g.out.drain(..));
+            }
+            None => self.out.push_back(b),
+        }
+    }
+
+    /// How the stream ends once the provider has finished it.
+    fn upstream_finished(&mut self) {
+        if self.observer.ended_properly() {
+            self.end(None);
+        } else {
+            self.end(Some((
+                "stream_truncated",
+                "the provider ended the stream before it was complete".into(),
+            )));
+        }
     }
 
     /// What is ready for the client, as one chunk: events that arrived together leave in one
@@ -415,6 +447,19 @@ impl Stream for GatewayStream {
                 }
                 return Poll::Ready(Some(Ok(b)));
             }
+            if let Some(g) = this.guard.as_mut().filter(|g| g.busy()) {
+                // A tool call waits on an approval lookup: nothing behind it goes out first.
+                let ready = g.poll(cx, &mut this.rec);
+                this.out.extend(g.out.drain(..));
+                if ready.is_pending() && this.out.is_empty() {
+                    return Poll::Pending;
+                }
+                continue;
+            }
+            if this.upstream_ended && !this.finished {
+                this.upstream_finished();
+                continue;
+            }
             if this.finished {
                 return Poll::Ready(None);
             }
@@ -429,13 +474,10 @@ impl Stream for GatewayStream {
                     this.end(Some(("upstream_stream_error", msg)));
                 }
                 Poll::Ready(None) => {
-                    if this.observer.ended_properly() {
-                        this.end(None);
+                    if this.guard.as_ref().is_some_and(ToolGuard::busy) {
+                        this.upstream_ended = true;
                     } else {
-                        this.end(Some((
-                            "stream_truncated",
-                            "the provider ended the stream before it was complete".into(),
-                        )));
+                        this.upstream_finished();
                     }
                 }
                 Poll::Pending => {

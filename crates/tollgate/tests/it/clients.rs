@@ -107,3 +107,56 @@ async fn anthropic_python_sdk_works_unchanged() {
         .await;
     }
 }
+
+/// A tool policy refusing the model's tool calls: the OpenAI and Anthropic SDKs parse what
+/// the agent gets instead (JSON, and streams through their own accumulators).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdks_parse_a_tool_call_the_policy_refused() {
+    if !(have("openai") && have("anthropic")) {
+        return;
+    }
+    let up = spawn_mock(None).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+        [[providers]]
+        name = "mock"
+        kind = "mock"
+        models = ["mock*"]
+        [[providers]]
+        name = "claude"
+        kind = "anthropic"
+        base_url = "{up}"
+        models = ["claude-*"]
+        [[models]]
+        name = "claude-via-translation"
+        deployments = [{{ provider = "claude", model = "mock" }}]
+        [[tool_policies]]
+        name = "desk"
+        keys = ["desk"]
+        [[tool_policies.rules]]
+        when = "surface == 'model' && tool.name == 'lookup_account'"
+        decision = "allow"
+        "#
+    ))
+    .await;
+    let (key, _) = gw.create_key(serde_json::json!({"name": "desk"})).await;
+    let url = gw.url.clone();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/clients/refused_tools.py"
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .args([script, &url, &key])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ALL OK"),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

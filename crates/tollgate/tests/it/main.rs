@@ -28,6 +28,7 @@ mod routing;
 mod shutdown;
 mod spend;
 mod streaming;
+mod toolcalls;
 mod translation;
 mod upstream_conns;
 mod wallets;
