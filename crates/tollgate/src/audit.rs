@@ -106,25 +106,56 @@ pub fn append_decisions(
     verdicts: &[crate::records::Verdict],
     now_ms: i64,
 ) -> crate::db::Result<()> {
-    if verdicts.is_empty()
+    let entries = verdicts.iter().map(|v| {
+        (
+            format!("policy.{}", v.decision.as_str()),
+            serde_json::json!({ "tool": v.tool, "policy": v.policy, "rule": v.rule, "reason": v.reason }),
+        )
+    });
+    append_once(tx, key_id, request_id, "policy.", entries, now_ms)
+}
+
+/// What redaction found in one request, once (as `append_decisions`): counts by detector,
+/// action and place, never the values.
+pub fn append_redactions(
+    tx: &mut Db,
+    key_id: &str,
+    request_id: &str,
+    found: &[crate::records::Redacted],
+    now_ms: i64,
+) -> crate::db::Result<()> {
+    let entries = found.iter().map(|r| {
+        (
+            format!("redaction.{}", r.action.as_str()),
+            serde_json::json!({ "detector": r.detector, "count": r.count, "place": r.place }),
+        )
+    });
+    append_once(tx, key_id, request_id, "redaction.", entries, now_ms)
+}
+
+/// Appends a request's entries whose actions start with `prefix`, unless it has some already.
+fn append_once(
+    tx: &mut Db,
+    key_id: &str,
+    request_id: &str,
+    prefix: &str,
+    entries: impl ExactSizeIterator<Item = (String, serde_json::Value)>,
+    now_ms: i64,
+) -> crate::db::Result<()> {
+    if entries.len() == 0
         || tx
             .row(
-                "SELECT 1 FROM audit WHERE subject = ?1 AND substr(action, 1, 7) = 'policy.'",
-                &[&request_id],
+                // The prefixes are `policy.` and `redaction.`: no LIKE wildcards in them.
+                "SELECT 1 FROM audit WHERE subject = ?1 AND action LIKE ?2",
+                &[&request_id, &format!("{prefix}%")],
             )?
             .is_some()
     {
         return Ok(());
     }
-    for v in verdicts {
-        append(
-            tx,
-            &format!("key:{key_id}"),
-            &format!("policy.{}", v.decision.as_str()),
-            request_id,
-            &serde_json::json!({ "tool": v.tool, "policy": v.policy, "rule": v.rule, "reason": v.reason }),
-            now_ms,
-        )?;
+    let actor = format!("key:{key_id}");
+    for (action, detail) in entries {
+        append(tx, &actor, &action, request_id, &detail, now_ms)?;
     }
     Ok(())
 }

@@ -53,6 +53,8 @@ pub enum ErrorKind {
     RetryBudgetExhausted,
     /// A tool policy refused the tool call.
     ToolDenied,
+    /// The redaction policy refuses to send what the request contains (`[redaction]`).
+    SensitiveData,
     /// A tool policy wants a human's approval first; the call is parked.
     ApprovalPending,
     /// The wallet cannot cover the request's hold.
@@ -98,6 +100,7 @@ impl ErrorKind {
             ErrorKind::RateLimited => "rate_limited",
             ErrorKind::LoopDetected => "loop_detected",
             ErrorKind::ToolDenied => "tool_denied",
+            ErrorKind::SensitiveData => "sensitive_data",
             ErrorKind::ApprovalPending => "approval_pending",
             ErrorKind::RetryBudgetExhausted => "retry_budget_exhausted",
             ErrorKind::InsufficientFunds => "insufficient_funds",
@@ -119,7 +122,9 @@ impl ErrorKind {
 
     pub fn status(self) -> StatusCode {
         match self {
-            ErrorKind::BadRequest | ErrorKind::DialectMismatch => StatusCode::BAD_REQUEST,
+            ErrorKind::BadRequest | ErrorKind::DialectMismatch | ErrorKind::SensitiveData => {
+                StatusCode::BAD_REQUEST
+            }
             ErrorKind::InvalidApiKey | ErrorKind::KeyExpired | ErrorKind::KeyRevoked => {
                 StatusCode::UNAUTHORIZED
             }
@@ -164,6 +169,7 @@ impl ErrorKind {
             | ErrorKind::BodyTooLarge
             | ErrorKind::RequestTimeout
             | ErrorKind::UpstreamRejected
+            | ErrorKind::SensitiveData
             | ErrorKind::DialectMismatch => "invalid_request_error",
             ErrorKind::ModelNotAllowed
             | ErrorKind::AdminOnly
@@ -267,7 +273,7 @@ impl ApiError {
         // SDKs do not retry, and this says so to any client that asks.
         if matches!(
             self.kind,
-            ErrorKind::LoopDetected | ErrorKind::RetryBudgetExhausted
+            ErrorKind::LoopDetected | ErrorKind::RetryBudgetExhausted | ErrorKind::SensitiveData
         ) {
             h.insert("x-should-retry", HeaderValue::from_static("false"));
         }

@@ -31,6 +31,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
             "genmap",
             "fault",
             "records",
+            "redact",
             "tls",
             "h1client",
             "providers",
@@ -100,6 +101,7 @@ pub mod providers;
 pub mod proxy;
 pub mod reconcile;
 pub mod records;
+pub mod redact;
 pub mod routes;
 pub mod server;
 pub mod state;

@@ -558,6 +558,30 @@ async fn tools_call(
         settle.finish_error(&stop.error);
         return refused_with(id, &stop.error, stop.approval.as_ref(), modern);
     }
+    // redact: what the key's redaction keeps from the tool (after the policy, which rules
+    // on the arguments as the agent sent them)
+    let mut arguments = arguments;
+    if let Some(mut scrub) = crate::redact::Scrubber::new(
+        crate::proxy::redaction_for(&runtime.redaction, key),
+        crate::proxy::hash_key(app),
+    ) {
+        scrub.value(&mut arguments);
+        let found = scrub.take("tool_arguments");
+        app.metrics.count_redactions(&found);
+        settle.rec.redactions.extend(found);
+        if let Some(d) = scrub.rejected() {
+            let e = ApiError::new(
+                ErrorKind::SensitiveData,
+                format!(
+                    "the call's arguments contain {}, which this gateway does not send to a tool (redaction detector '{}'); make the call without it",
+                    crate::redact::described(d),
+                    d.as_str()
+                ),
+            );
+            settle.finish_error(&e);
+            return refused(id, &e, modern);
+        }
+    }
     if let Err(e) = admit_call(
         app,
         runtime,
@@ -592,6 +616,17 @@ async fn tools_call(
         Ok(answer) => {
             let bytes = answer.to_string().len() as u64;
             if let Some(mut result) = answer.get("result").cloned() {
+                if runtime.redaction.responses {
+                    let actions = crate::proxy::answer_actions(runtime, key);
+                    if let Some(mut scrub) =
+                        crate::redact::Scrubber::new(actions, crate::proxy::hash_key(app))
+                    {
+                        scrub.value(&mut result);
+                        let found = scrub.take("tool_result");
+                        app.metrics.count_redactions(&found);
+                        settle.rec.redactions.extend(found);
+                    }
+                }
                 settle.finish_route(200, None, bytes, false);
                 if let Some(r) = result.as_object_mut() {
                     // The upstream's envelope is its own; the client talks to the gateway.

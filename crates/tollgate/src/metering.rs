@@ -675,6 +675,7 @@ pub fn commit_batch(
             }
             shortfalls.push(shortfall);
             crate::audit::append_decisions(tx, &u.key_id, &u.id, &u.policy, now)?;
+            crate::audit::append_redactions(tx, &u.key_id, &u.id, &u.redactions, now)?;
         }
         store::insert_usage_rows(tx, batch, &shortfalls)?;
         // The version this commit leaves each wallet at: Redis counts a capture once, in a

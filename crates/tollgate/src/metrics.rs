@@ -38,6 +38,7 @@ pub struct Metrics {
     pub limiter_fallbacks: Family<FallbackLabels, Counter>,
     pub retries_suppressed: Family<ScopeLabels, Counter>,
     pub answers_reused: Family<ReuseLabels, Counter>,
+    pub redactions: Family<RedactionLabels, Counter>,
     pub hold_seconds: Histogram,
     pub connections_open: Gauge,
     pub connections_refused: Counter,
@@ -69,6 +70,13 @@ pub struct FallbackLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScopeLabels {
     pub scope: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RedactionLabels {
+    pub detector: &'static str,
+    pub action: &'static str,
+    pub place: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -193,6 +201,12 @@ impl Metrics {
             "Retries refused or not made because a retry budget was spent, by scope",
             Family::default(),
         );
+        let redactions = reg(
+            &mut registry,
+            "redactions",
+            "Findings of the redaction detectors, by detector, action and place",
+            Family::default(),
+        );
         let answers_reused = reg(
             &mut registry,
             "answers_reused",
@@ -249,6 +263,7 @@ impl Metrics {
             limiter_fallbacks,
             retries_suppressed,
             answers_reused,
+            redactions,
             requests,
             upstream_attempts,
             request_seconds,
@@ -260,6 +275,18 @@ impl Metrics {
             streams_cut,
             client_disconnects,
             config_reloads,
+        }
+    }
+
+    pub fn count_redactions(&self, found: &[crate::records::Redacted]) {
+        for r in found {
+            self.redactions
+                .get_or_create(&RedactionLabels {
+                    detector: r.detector.as_str(),
+                    action: r.action.as_str(),
+                    place: r.place.clone(),
+                })
+                .inc_by(r.count);
         }
     }
 

@@ -111,6 +111,8 @@ pub struct Verdict {
     pub reason: String,
 }
 
+pub use crate::redact::Redacted;
+
 /// One per request that got past authentication.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct UsageRecord {
@@ -175,6 +177,10 @@ pub struct UsageRecord {
     /// appends them with the record). Not a column of the usage table.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policy: Vec<Verdict>,
+    /// What redaction found in the request and its answer, by detector, action and place
+    /// (never the values), for the audit log. Not a column of the usage table.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redactions: Vec<Redacted>,
     /// Why it ended, in words, when it did not end well: the refusal's or the failure's
     /// message (which limit, which wallet, what the provider said), at most 300 characters.
     #[serde(default)]

@@ -218,6 +218,7 @@ pub struct Runtime {
     pub mcp_servers: Vec<Arc<crate::mcpclient::McpUpstream>>,
     pub policies: crate::policy::Policies,
     pub approvals: crate::config::ApprovalsConfig,
+    pub redaction: crate::config::RedactionConfig,
     health: Arc<HealthRegistry>,
 }
 
@@ -300,6 +301,7 @@ impl Runtime {
             policies: crate::policy::Policies::build(&cfg.tool_policies)
                 .map_err(BuildError::Route)?,
             approvals: cfg.approvals.clone(),
+            redaction: cfg.redaction.clone(),
             aliases,
             model_limits,
             direct: RwLock::new(HashMap::new()),

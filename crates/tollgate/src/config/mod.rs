@@ -34,6 +34,7 @@ pub struct Config {
     pub mcp_servers: Vec<McpServerConfig>,
     pub tool_policies: Vec<ToolPolicyConfig>,
     pub approvals: ApprovalsConfig,
+    pub redaction: RedactionConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -698,6 +699,21 @@ impl Default for ApprovalsConfig {
             ttl: Duration::from_secs(15 * 60),
         }
     }
+}
+
+/// Personal data and secrets found in what agents send (and, with `responses`, receive):
+/// masked, hashed, refused or logged (`redact.rs`). Reloadable.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedactionConfig {
+    /// Key names (`prefix*` patterns) it applies to. With `teams` also empty: every key.
+    pub keys: Vec<String>,
+    /// Teams whose keys it applies to.
+    pub teams: Vec<String>,
+    /// What each detector does with what it finds; a detector not named is off.
+    pub detectors: std::collections::BTreeMap<crate::redact::Detector, crate::redact::Action>,
+    /// Also scan model answers (JSON, and streams through a held window) and MCP tool results.
+    pub responses: bool,
 }
 
 /// An upstream MCP server (Streamable HTTP) that `/mcp` multiplexes.

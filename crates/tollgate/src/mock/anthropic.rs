@@ -70,11 +70,12 @@ pub(crate) async fn messages(
     let prompt = anthropic_prompt_tokens(&req);
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let id = format!("msg_mock{:x}", state.stats.requests.load(Ordering::Relaxed));
-    let tool = ToolAsk::messages(&req).decide(&b);
+    let ask = ToolAsk::messages(&req);
+    let tool = ask.decide(&b);
     // Unique per call, as at Anthropic: agents key their tool results by it.
     let tool_id = id.replace("msg_", "toolu_");
     let n = b.output_tokens().min(b.cap(max));
-    let pieces = words(n);
+    let pieces = answer_pieces(&b, &req, ask.user_text, n);
     let (output, stop) = match &tool {
         Some((name, input)) => (
             (name.len() + input.to_string().len()).div_ceil(4) as u64,

@@ -344,6 +344,32 @@ pub(crate) fn usage_json(prompt: u64, completion: u64, b: &Behaviour) -> Value {
     })
 }
 
+/// What the mock answers, in the pieces a stream sends: `n` words; with the `echo` flag the
+/// latest user text; with `echoall` the whole conversation as JSON (what the provider was
+/// sent); with `pii` a sentence full of personal data and secrets. All but words are cut
+/// every 5 characters, so a value is split across events as a real model's tokens split it.
+pub(crate) fn answer_pieces(b: &Behaviour, req: &Value, user_text: &str, n: u64) -> Vec<String> {
+    const PII: &str = "Reach Jane at jane.doe@example.com or +1 415 555 2671; card 4111 1111 1111 1111, IBAN DE89 3704 0044 0532 0130 00, key AKIAIOSFODNN7EXAMPLE.";
+    let all;
+    let text = if b.has("echoall") {
+        all = [req.get("system"), req.get("messages"), req.get("input")]
+            .into_iter()
+            .flatten()
+            .map(Value::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
+        &all
+    } else if b.has("echo") {
+        user_text
+    } else if b.has("pii") {
+        PII
+    } else {
+        return words(n);
+    };
+    let chars: Vec<char> = text.chars().collect();
+    chars.chunks(5).map(|c| c.iter().collect()).collect()
+}
+
 pub(crate) fn words(n: u64) -> Vec<String> {
     (0..n as usize)
         .map(|i| {

@@ -30,11 +30,10 @@ pub(crate) async fn chat(
     );
     let created = 1_700_000_000u64;
     let call_id = id.replace("chatcmpl-", "call_");
-    let call = ToolAsk::chat(&req)
-        .decide(&b)
-        .map(|(name, args)| (name, args.to_string()));
+    let ask = ToolAsk::chat(&req);
+    let call = ask.decide(&b).map(|(name, args)| (name, args.to_string()));
     let n = b.output_tokens().min(b.cap(max));
-    let pieces = words(n);
+    let pieces = answer_pieces(&b, &req, ask.user_text, n);
     let (completion, finish) = match &call {
         Some((name, args)) => ((name.len() + args.len()).div_ceil(4) as u64, "tool_calls"),
         None => (
@@ -265,9 +264,10 @@ pub(crate) async fn responses(
         .get("max_output_tokens")
         .and_then(Value::as_u64)
         .unwrap_or(u64::MAX);
-    let call = ToolAsk::responses(&req).decide(&b);
+    let ask = ToolAsk::responses(&req);
+    let call = ask.decide(&b);
     let n = b.output_tokens().min(b.cap(max));
-    let pieces = words(n);
+    let pieces = answer_pieces(&b, &req, ask.user_text, n);
     let reasoning = if b.has("reasoning") { 8 } else { 0 };
     let cached = if b.has("cached") { prompt / 2 } else { 0 };
     let seq = state.stats.requests.load(Ordering::Relaxed);

@@ -516,6 +516,12 @@ pub(crate) async fn forward(
                     }
                     None => client_body,
                 };
+                // redact (scrub.rs): what the agent is not to see of the answer
+                let shown = client_body.as_ref().unwrap_or(&answer.body);
+                let client_body = match redact_answer(app, &runtime, key, settle.rec_mut(), shown) {
+                    Some(b) => Some(Bytes::from(b)),
+                    None => client_body,
+                };
                 return Ok(settle.finish_json(&runtime, &dep, up_endpoint, answer, client_body));
             }
             Ok(Upstream::Stream { first, rest }) => {
@@ -537,6 +543,7 @@ pub(crate) async fn forward(
                         )),
                     },
                     guard: judge(settle, &dep).and_then(|j| ToolGuard::new(j, endpoint)),
+                    scrub: StreamScrub::new(app, &runtime, key, endpoint),
                 };
                 return Ok(stream_response(app, settle, &dep, view, first, rest));
             }

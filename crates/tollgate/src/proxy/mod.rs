@@ -50,6 +50,7 @@ mod models;
 mod nudge;
 mod quote;
 mod route;
+mod scrub;
 mod settle;
 mod stream;
 mod toolcalls;
@@ -64,6 +65,7 @@ pub(crate) use hold::*;
 pub(crate) use models::*;
 pub(crate) use quote::*;
 pub(crate) use route::*;
+pub(crate) use scrub::*;
 pub(crate) use settle::*;
 pub(crate) use stream::*;
 pub(crate) use toolcalls::*;
@@ -156,6 +158,8 @@ async fn run(
     peek(&mut cx, &doc)?;
     // authorize (accept.rs)
     authorize(&cx)?;
+    // redact (scrub.rs): personal data and secrets masked, or the request refused
+    redact_request(&mut cx, &mut doc)?;
     // damp (damp.rs): replays of answered retries, retry budgets, the loop guard
     if let Some(answer) = damp_phase(&mut cx, &doc)? {
         return Ok(answer);

@@ -69,6 +69,8 @@ pub(crate) struct StreamView {
     pub(crate) translator: Option<Translator>,
     /// The key's tool policy, over the tool calls in what the client is sent.
     pub(crate) guard: Option<ToolGuard>,
+    /// The key's redaction, over the text the client is sent.
+    pub(crate) scrub: Option<StreamScrub>,
 }
 
 pub(crate) enum Translator {
@@ -113,6 +115,7 @@ pub(crate) fn stream_response(
         dialect: view.client,
         translator: view.translator,
         guard: view.guard,
+        scrub: view.scrub,
         upstream_ended: false,
         out: VecDeque::new(),
         filter_usage: view.filter_usage,
@@ -168,6 +171,8 @@ pub(crate) struct GatewayStream {
     pub(crate) translator: Option<Translator>,
     /// Holds tool calls until the policy has ruled on them (`toolcalls.rs`).
     pub(crate) guard: Option<ToolGuard>,
+    /// Masks personal data and secrets in the text (`scrub.rs`), after the guard.
+    pub(crate) scrub: Option<StreamScrub>,
     /// The provider finished while the guard still held events; the stream ends once it
     /// has let them go.
     pub(crate) upstream_ended: bool,
@@ -196,6 +201,17 @@ pub(crate) struct GatewayStream {
     /// The client left and the stream is being read to its end for its usage
     /// (`[metering] on_client_disconnect = "finish"`): nothing more is sent or counted.
     pub(crate) client_gone: bool,
+}
+
+/// Queues `b` for the client, through the stream's redaction if it has one.
+fn scrubbed(scrub: &mut Option<StreamScrub>, out: &mut VecDeque<Bytes>, b: Bytes) {
+    match scrub.as_mut() {
+        Some(s) => {
+            s.push(&b);
+            out.extend(s.out.drain(..));
+        }
+        None => out.push_back(b),
+    }
 }
 
 /// The response body: the stream, handed to a background task to finish when the client
@@ -284,14 +300,17 @@ impl GatewayStream {
         self.events = events;
     }
 
-    /// Queues bytes for the client, through the tool guard when the key has a policy.
+    /// Queues bytes for the client, through the tool guard when the key has a policy and
+    /// the redaction of answers when it has one.
     fn send(&mut self, b: Bytes) {
         match self.guard.as_mut() {
             Some(g) => {
                 g.push(&b, &mut self.rec);
-                self.out.extend(g.out.drain(..));
+                for x in g.out.drain(..) {
+                    scrubbed(&mut self.scrub, &mut self.out, x);
+                }
             }
-            None => self.out.push_back(b),
+            None => scrubbed(&mut self.scrub, &mut self.out, b),
         }
     }
 
@@ -410,6 +429,11 @@ impl GatewayStream {
             source,
         );
         self.broken.fold(&mut rec);
+        if let Some(s) = self.scrub.as_mut() {
+            let found = s.take();
+            self.app.metrics.count_redactions(&found);
+            rec.redactions.extend(found);
+        }
         rec.error_kind = error_kind;
         rec.client_disconnected = disconnected;
         if self.client_gone {
@@ -450,7 +474,9 @@ impl Stream for GatewayStream {
             if let Some(g) = this.guard.as_mut().filter(|g| g.busy()) {
                 // A tool call waits on an approval lookup: nothing behind it goes out first.
                 let ready = g.poll(cx, &mut this.rec);
-                this.out.extend(g.out.drain(..));
+                for x in g.out.drain(..) {
+                    scrubbed(&mut this.scrub, &mut this.out, x);
+                }
                 if ready.is_pending() && this.out.is_empty() {
                     return Poll::Pending;
                 }

@@ -419,6 +419,7 @@ fn usage_from_row(r: &Row) -> Result<UsageRecord> {
         enveloped: false,
         hot_hold_micros: None,
         policy: Vec::new(),
+        redactions: Vec::new(),
     })
 }
 

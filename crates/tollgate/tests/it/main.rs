@@ -21,6 +21,7 @@ mod mcp;
 mod messages;
 mod metering;
 mod postgres;
+mod redaction;
 mod redis;
 mod responses;
 mod routes;

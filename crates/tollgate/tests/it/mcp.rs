@@ -483,3 +483,69 @@ async fn a_support_agent_cannot_change_an_email_without_a_human_approving_that_e
     assert!(v["broken"][1].as_str().unwrap().contains("missing"), "{v}");
     assert_eq!(v["broken"][0].as_i64().unwrap(), seq + 1, "{v}");
 }
+
+/// Redaction on MCP: the server never sees a masked value of a call's arguments, a refused
+/// one is not called at all, and with `responses` the agent gets the tool's answer masked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_arguments_and_results_are_redacted_on_their_way_through_mcp() {
+    if !have("mcp") {
+        return;
+    }
+    let support = start_server("support");
+    let gw = TestGateway::start(&format!(
+        r#"
+        [[mcp_servers]]
+        name = "support"
+        url = "{}"
+        [redaction]
+        responses = true
+        [redaction.detectors]
+        email = "mask"
+        card = "reject"
+        "#,
+        support.url
+    ))
+    .await;
+    let mcp = format!("{}/mcp", gw.url);
+    let (key, _) = gw
+        .create_key(json!({"name": "desk", "tools": ["support__*"]}))
+        .await;
+    let out = calls(
+        &mcp,
+        &key,
+        json!([
+            ["echo", {"text": "mail bob@example.org please"}],
+            ["echo", {"text": "charge 4111 1111 1111 1111"}],
+            ["lookup_account", {"handle": "@victim"}],
+        ]),
+    )
+    .await;
+    let seen = support.calls.lock().unwrap().clone();
+    assert!(
+        seen.iter().any(|c| c.contains("mail <EMAIL_1> please")),
+        "{seen:?}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|c| c.contains("bob@") || c.contains("4111")),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.len(),
+        2,
+        "the refused call never reached the server: {seen:?}"
+    );
+    assert_eq!(out[1]["is_error"], true, "{out:?}");
+    assert_eq!(
+        out[1]["meta"]["tollgate/error"]["type"], "sensitive_data",
+        "{out:?}"
+    );
+    assert!(!out[1]["text"].as_str().unwrap().contains("4111"));
+    // The server answers "email victim@example.org": the agent gets it masked.
+    let text = out[2]["text"].as_str().unwrap();
+    assert!(
+        text.contains("<EMAIL_1>") && !text.contains("victim@example.org"),
+        "{text}"
+    );
+}

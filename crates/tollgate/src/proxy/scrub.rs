@@ -1,0 +1,345 @@
+//! The redact phase (`[redaction]`, `redact.rs`): personal data and secrets in what the agent
+//! sends are masked, hashed, refused or logged before anything else reads the request, and,
+//! with `responses = true`, in what the model answers before the agent sees it.
+
+use super::*;
+use crate::redact::{described, Scrubber};
+use serde_json::Value;
+
+/// The fields of a model request that carry text someone wrote: the conversation (with its
+/// tool calls' arguments and tool results), the system prompt, instructions.
+const TEXT_FIELDS: [&str; 5] = ["messages", "system", "input", "instructions", "prompt"];
+
+/// The (detector, action) pairs of `key`'s traffic; empty when the redaction does not name
+/// it (with neither `keys` nor `teams` it names every key).
+pub(crate) fn redaction_for(
+    cfg: &crate::config::RedactionConfig,
+    key: &KeyRecord,
+) -> Vec<(crate::redact::Detector, crate::redact::Action)> {
+    use crate::keys::pattern_matches;
+    let named = cfg.keys.iter().any(|p| pattern_matches(p, &key.name))
+        || key
+            .team
+            .as_deref()
+            .is_some_and(|t| cfg.teams.iter().any(|p| pattern_matches(p, t)));
+    let everyone = cfg.keys.is_empty() && cfg.teams.is_empty();
+    if !(named || everyone) {
+        return Vec::new();
+    }
+    cfg.detectors.iter().map(|(d, a)| (*d, *a)).collect()
+}
+
+/// The key of `hash` redactions, derived from the server secret.
+pub(crate) fn hash_key(app: &AppState) -> [u8; 32] {
+    app.secret.digest("redaction-hash-key")
+}
+
+/// Redacts the request in place. A `reject` finding refuses it, naming what was found (never
+/// the value); the record keeps the counts, and the request body is then not logged.
+pub(crate) fn redact_request(cx: &mut Ctx<'_>, doc: &mut RequestDoc<'_>) -> Result<(), ApiError> {
+    let actions = redaction_for(&cx.runtime.redaction, cx.key);
+    let Some(mut scrub) = Scrubber::new(actions, hash_key(cx.app)) else {
+        return Ok(());
+    };
+    let mut changed = false;
+    for field in TEXT_FIELDS {
+        let Some(raw) = doc.raw(field) else { continue };
+        let mut v: Value = serde_json::from_str(raw.get()).map_err(|e| {
+            ApiError::new(
+                ErrorKind::BadRequest,
+                format!("'{field}' is not valid JSON: {e}"),
+            )
+        })?;
+        if scrub.value(&mut v) {
+            doc.set_raw(field, v.to_string())
+                .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+            changed = true;
+        }
+    }
+    let found = scrub.take("request");
+    if found.is_empty() {
+        return Ok(());
+    }
+    cx.app.metrics.count_redactions(&found);
+    let logging = (cx.runtime.logging.bodies, cx.runtime.logging.max_body_bytes);
+    let rec = cx.settle.rec_mut();
+    rec.redactions.extend(found);
+    if let Some(d) = scrub.rejected() {
+        // What was refused is not kept anywhere either.
+        rec.bodies = None;
+        return Err(ApiError::new(
+            ErrorKind::SensitiveData,
+            format!(
+                "the request contains {}, which this gateway does not send to a model provider (redaction detector '{}'); remove it and send the request again",
+                described(d),
+                d.as_str()
+            ),
+        ));
+    }
+    if changed && logging.0 {
+        rec.bodies = Some(Box::new(crate::records::Bodies::new(
+            &doc.to_vec(),
+            logging.1,
+        )));
+    }
+    Ok(())
+}
+
+/// Redacts a JSON answer (the client's dialect) when the key's redaction covers answers: the
+/// rewritten body, or `None` when nothing changed. In an answer `reject` masks: the text was
+/// generated and billed, and masking is how it is kept from the agent.
+pub(crate) fn redact_answer(
+    app: &AppState,
+    runtime: &Runtime,
+    key: &KeyRecord,
+    rec: &mut UsageRecord,
+    body: &[u8],
+) -> Option<Vec<u8>> {
+    if !runtime.redaction.responses {
+        return None;
+    }
+    let mut scrub = Scrubber::new(answer_actions(runtime, key), hash_key(app))?;
+    let mut v: Value = serde_json::from_slice(body).ok()?;
+    let changed = scrub.value(&mut v);
+    let found = scrub.take("answer");
+    if !found.is_empty() {
+        app.metrics.count_redactions(&found);
+        rec.redactions.extend(found);
+    }
+    if !changed {
+        return None;
+    }
+    serde_json::to_vec(&v).ok()
+}
+
+/// The key's actions for answers: `reject` becomes `mask` (see `redact_answer`).
+pub(crate) fn answer_actions(
+    runtime: &Runtime,
+    key: &KeyRecord,
+) -> Vec<(crate::redact::Detector, crate::redact::Action)> {
+    use crate::redact::Action;
+    redaction_for(&runtime.redaction, key)
+        .into_iter()
+        .map(|(d, a)| (d, if a == Action::Reject { Action::Mask } else { a }))
+        .collect()
+}
+
+/// Redacts a stream's text as it passes, in the client's dialect: the last `WINDOW` bytes of
+/// each text block are held back (longer while a finding runs to the end of what arrived), so
+/// a value split across events is found whole; the rest goes out masked. Text already sent
+/// is final: a finding can only be caught within the window. Tool-call arguments in a stream
+/// are not scanned (a JSON answer's are).
+pub(crate) struct StreamScrub {
+    scrub: Scrubber,
+    splitter: tollgate_proto::SseSplitter,
+    scratch: Vec<tollgate_proto::SseEvent>,
+    client: Endpoint,
+    /// Text held back, by block: `c<choice>` (Chat), `m<index>` (Messages), `<item>/<part>`
+    /// (Responses).
+    held: Vec<(String, String)>,
+    /// Chat: the last chunk, the shape of one that flushes a choice's held text.
+    template: Option<Value>,
+    /// Responses: events this stage added so far, by which later sequence numbers move.
+    shift: u64,
+    pub(crate) out: VecDeque<Bytes>,
+}
+
+impl StreamScrub {
+    pub(crate) fn new(
+        app: &AppState,
+        runtime: &Runtime,
+        key: &KeyRecord,
+        client: Endpoint,
+    ) -> Option<StreamScrub> {
+        if !runtime.redaction.responses
+            || !matches!(
+                client,
+                Endpoint::ChatCompletions | Endpoint::Messages | Endpoint::Responses
+            )
+        {
+            return None;
+        }
+        Some(StreamScrub {
+            scrub: Scrubber::new(answer_actions(runtime, key), hash_key(app))?,
+            splitter: tollgate_proto::SseSplitter::new(),
+            scratch: Vec::new(),
+            client,
+            held: Vec::new(),
+            template: None,
+            shift: 0,
+            out: VecDeque::new(),
+        })
+    }
+
+    /// What was found so far, for the record.
+    pub(crate) fn take(&mut self) -> Vec<crate::records::Redacted> {
+        self.scrub.take("answer")
+    }
+
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
+        self.splitter.push(bytes, &mut self.scratch);
+        let mut events = std::mem::take(&mut self.scratch);
+        for ev in events.drain(..) {
+            self.on_event(ev);
+        }
+        self.scratch = events;
+    }
+
+    /// Adds `text` to a block's held text; what may go out now, masked.
+    fn release(&mut self, block: &str, text: &str) -> String {
+        let pos = match self.held.iter().position(|(b, _)| b == block) {
+            Some(p) => p,
+            None => {
+                self.held.push((block.to_string(), String::new()));
+                self.held.len() - 1
+            }
+        };
+        self.held[pos].1.push_str(text);
+        let all = &self.held[pos].1;
+        let mut cut = all.len().saturating_sub(crate::redact::WINDOW);
+        while !all.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        for f in self.scrub.findings(all) {
+            if f.start < cut && f.end > cut {
+                cut = f.start;
+            }
+        }
+        if cut == 0 {
+            return String::new();
+        }
+        let rest = self.held[pos].1.split_off(cut);
+        let sent = std::mem::replace(&mut self.held[pos].1, rest);
+        self.scrub.text(&sent).unwrap_or(sent)
+    }
+
+    /// The rest of a block's held text, masked, once the block is complete.
+    fn flush(&mut self, block: &str) -> String {
+        let Some(pos) = self.held.iter().position(|(b, _)| b == block) else {
+            return String::new();
+        };
+        let (_, text) = self.held.swap_remove(pos);
+        self.scrub.text(&text).unwrap_or(text)
+    }
+
+    fn on_event(&mut self, ev: tollgate_proto::SseEvent) {
+        let Some(mut v) = ev
+            .data()
+            .and_then(|d| serde_json::from_str::<Value>(&d).ok())
+        else {
+            // `[DONE]`, comments: no text in them.
+            self.out.push_back(ev.raw);
+            return;
+        };
+        match self.client {
+            Endpoint::ChatCompletions => self.chat(v),
+            Endpoint::Messages => self.messages(v),
+            _ => {
+                self.responses(&mut v);
+            }
+        }
+    }
+
+    fn chat(&mut self, mut v: Value) {
+        let mut flushed = Vec::new();
+        if let Some(choices) = v.get_mut("choices").and_then(Value::as_array_mut) {
+            for c in choices.iter_mut() {
+                let block = format!("c{}", c["index"].as_u64().unwrap_or(0));
+                if let Some(text) = c.pointer("/delta/content").and_then(Value::as_str) {
+                    let text = text.to_string();
+                    c["delta"]["content"] = Value::String(self.release(&block, &text));
+                }
+                if c["finish_reason"].is_string() {
+                    let rest = self.flush(&block);
+                    if !rest.is_empty() {
+                        flushed.push((c["index"].clone(), rest));
+                    }
+                }
+            }
+        }
+        let mut template = v.clone();
+        if let Some(t) = template.as_object_mut() {
+            t.remove("usage");
+        }
+        for (index, rest) in flushed {
+            template["choices"] = serde_json::json!([{"index": index, "delta": {"content": rest}, "finish_reason": null}]);
+            self.out
+                .push_back(Bytes::from(format!("data: {template}\n\n")));
+        }
+        self.template = Some(template);
+        self.out.push_back(Bytes::from(format!("data: {v}\n\n")));
+    }
+
+    fn messages(&mut self, mut v: Value) {
+        let block = format!("m{}", v["index"].as_u64().unwrap_or(0));
+        match v["type"].as_str().unwrap_or("") {
+            "content_block_delta"
+                if v.pointer("/delta/type") == Some(&Value::from("text_delta")) =>
+            {
+                let text = v["delta"]["text"].as_str().unwrap_or("").to_string();
+                v["delta"]["text"] = Value::String(self.release(&block, &text));
+            }
+            "content_block_stop" => {
+                let rest = self.flush(&block);
+                if !rest.is_empty() {
+                    let delta = serde_json::json!({"type": "content_block_delta", "index": v["index"],
+                        "delta": {"type": "text_delta", "text": rest}});
+                    self.out.push_back(named(&delta));
+                }
+            }
+            _ => {}
+        }
+        self.out.push_back(named(&v));
+    }
+
+    fn responses(&mut self, v: &mut Value) {
+        let block = format!(
+            "{}/{}",
+            v["item_id"].as_str().unwrap_or(""),
+            v["content_index"].as_u64().unwrap_or(0)
+        );
+        match v["type"].as_str().unwrap_or("") {
+            "response.output_text.delta" => {
+                let text = v["delta"].as_str().unwrap_or("").to_string();
+                v["delta"] = Value::String(self.release(&block, &text));
+            }
+            "response.output_text.done" => {
+                let rest = self.flush(&block);
+                if !rest.is_empty() {
+                    let mut delta = v.clone();
+                    delta["type"] = Value::from("response.output_text.delta");
+                    if let Some(d) = delta.as_object_mut() {
+                        d.remove("text");
+                    }
+                    delta["delta"] = Value::String(rest);
+                    self.send_numbered(delta);
+                    self.shift += 1;
+                }
+                self.scrub.value_again(v);
+            }
+            // The closing events repeat the whole text: masked the same, counted once.
+            "response.content_part.done"
+            | "response.output_item.done"
+            | "response.completed"
+            | "response.incomplete" => {
+                self.scrub.value_again(v);
+            }
+            _ => {}
+        }
+        self.send_numbered(v.clone());
+    }
+
+    fn send_numbered(&mut self, mut v: Value) {
+        if self.shift > 0 {
+            if let Some(n) = v["sequence_number"].as_u64() {
+                v["sequence_number"] = Value::from(n + self.shift);
+            }
+        }
+        self.out.push_back(named(&v));
+    }
+}
+
+fn named(v: &Value) -> Bytes {
+    let name = v["type"].as_str().unwrap_or("message");
+    Bytes::from(format!("event: {name}\ndata: {v}\n\n"))
+}
