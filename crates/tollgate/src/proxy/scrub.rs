@@ -343,3 +343,67 @@ fn named(v: &Value) -> Bytes {
     let name = v["type"].as_str().unwrap_or("message");
     Bytes::from(format!("event: {name}\ndata: {v}\n\n"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::redact::{Action, Detector};
+
+    fn chat_stream() -> StreamScrub {
+        StreamScrub {
+            scrub: Scrubber::new(
+                Detector::ALL.iter().map(|d| (*d, Action::Mask)).collect(),
+                [1; 32],
+            )
+            .unwrap(),
+            splitter: tollgate_proto::SseSplitter::new(),
+            scratch: Vec::new(),
+            client: Endpoint::ChatCompletions,
+            held: Vec::new(),
+            template: None,
+            shift: 0,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// However a text is cut into events, the agent gets what masking it whole gives.
+    #[test]
+    fn a_stream_cut_anywhere_is_masked_as_the_whole_text_is() {
+        let text = "Mail jane.doe@example.com now. ".repeat(3)
+            + &"x".repeat(400)
+            + " card 4111 1111 1111 1111, key AKIAIOSFODNN7EXAMPLE, end";
+        let mut whole = Scrubber::new(
+            Detector::ALL.iter().map(|d| (*d, Action::Mask)).collect(),
+            [1; 32],
+        )
+        .unwrap();
+        let want = whole.text(&text).unwrap();
+        for step in [1, 2, 3, 5, 7, 13, 64, 500] {
+            let mut s = chat_stream();
+            let chars: Vec<char> = text.chars().collect();
+            for piece in chars.chunks(step) {
+                let piece: String = piece.iter().collect();
+                let ev = serde_json::json!({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": null}]});
+                s.push(format!("data: {ev}\n\n").as_bytes());
+            }
+            let end = serde_json::json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
+            s.push(format!("data: {end}\n\ndata: [DONE]\n\n").as_bytes());
+            let got: String = s
+                .out
+                .iter()
+                .filter_map(|b| {
+                    let t = std::str::from_utf8(b)
+                        .ok()?
+                        .strip_prefix("data: ")?
+                        .trim()
+                        .to_string();
+                    let v: Value = serde_json::from_str(&t).ok()?;
+                    v["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .map(str::to_string)
+                })
+                .collect();
+            assert_eq!(got, want, "cut every {step} characters");
+        }
+    }
+}
