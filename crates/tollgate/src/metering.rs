@@ -256,6 +256,8 @@ pub struct Meter {
     /// Records the writer has taken from the queue and not yet committed.
     gathered: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
+    /// What governed keys did this hour, for their tool policies' `session` counters.
+    pub sessions: Arc<crate::policy::Sessions>,
 }
 
 /// What the writer has gathered and not yet handled.
@@ -484,11 +486,14 @@ impl Meter {
             urgent,
             gathered,
             metrics,
+            sessions: Arc::default(),
         })
     }
 
     /// Queues a record without waiting. Never blocks the request path.
     pub fn record(&self, rec: UsageRecord) {
+        self.sessions
+            .note_spend(&rec.key_id, rec.cost_micros, crate::clock::now_ms());
         match self.tx.try_send(Msg::Record(Box::new(rec))) {
             Ok(()) => {
                 self.metrics.usage_records_queued.inc();

@@ -101,9 +101,14 @@ impl Policies {
     /// The decision for `call` by `key`, or `None` when no policy names the key (its calls
     /// are not governed).
     pub fn decide(&self, key: &KeyRecord, call: &Call) -> Option<Verdict> {
+        self.decide_in(key, call, Session::default())
+    }
+
+    /// `decide`, with the key's session counters in the context.
+    pub fn decide_in(&self, key: &KeyRecord, call: &Call, session: Session) -> Option<Verdict> {
         let set = self.for_key(key)?;
         let mut ctx = cel::Context::default();
-        for (name, value) in context(key, call) {
+        for (name, value) in context(key, call, session) {
             if ctx.add_variable(name, value).is_err() {
                 return Some(set.deny(call, None, "its context could not be built".into()));
             }
@@ -186,8 +191,86 @@ impl PolicySet {
     }
 }
 
+/// What a key has done in the current clock hour, on this replica: the tool calls its policy
+/// ruled on before this one, and what its requests cost (models and tools). A rule reads
+/// them as `session.calls` and `session.spend_micros`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Session {
+    pub calls: u64,
+    pub spend_micros: u64,
+}
+
+/// The `Session` of every key a policy governs: counted in memory per clock hour (a counter
+/// shared by replicas would put a store round trip on every tool call).
+#[derive(Default)]
+pub struct Sessions {
+    /// Set once any key is counted: until then a record's spend costs nothing to skip.
+    any: std::sync::atomic::AtomicBool,
+    map: std::sync::Mutex<std::collections::HashMap<String, (i64, Session)>>,
+}
+
+/// Keys counted at once; past it, the hours gone are dropped, then the new key is not counted.
+const MAX_SESSIONS: usize = 100_000;
+
+impl Sessions {
+    fn hour(now_ms: i64) -> i64 {
+        now_ms.div_euclid(3_600_000)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (i64, Session)>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, key_id: &str, now_ms: i64) -> Session {
+        match self.lock().get(key_id) {
+            Some((h, s)) if *h == Self::hour(now_ms) => *s,
+            _ => Session::default(),
+        }
+    }
+
+    fn update(&self, key_id: &str, now_ms: i64, create: bool, f: impl FnOnce(&mut Session)) {
+        let hour = Self::hour(now_ms);
+        let mut map = self.lock();
+        if !map.contains_key(key_id) {
+            if !create {
+                return;
+            }
+            if map.len() >= MAX_SESSIONS {
+                map.retain(|_, (h, _)| *h == hour);
+                if map.len() >= MAX_SESSIONS {
+                    return;
+                }
+            }
+            map.insert(key_id.to_string(), (hour, Session::default()));
+            self.any.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Some((h, s)) = map.get_mut(key_id) {
+            if *h != hour {
+                *h = hour;
+                *s = Session::default();
+            }
+            f(s);
+        }
+    }
+
+    /// One more tool call of `key_id` ruled on.
+    pub fn note_call(&self, key_id: &str, now_ms: i64) {
+        self.update(key_id, now_ms, true, |s| s.calls += 1);
+    }
+
+    /// What a request of `key_id` cost, for keys whose calls are counted.
+    pub fn note_spend(&self, key_id: &str, micros: u64, now_ms: i64) {
+        if micros == 0 || !self.any.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        self.update(key_id, now_ms, false, |s| {
+            s.spend_micros = s.spend_micros.saturating_add(micros)
+        });
+    }
+}
+
 /// The variables a rule sees.
-fn context(key: &KeyRecord, call: &Call) -> Vec<(&'static str, Value)> {
+fn context(key: &KeyRecord, call: &Call, session: Session) -> Vec<(&'static str, Value)> {
     let now = crate::clock::now_ms();
     let secs = now.div_euclid(1000);
     vec![
@@ -205,6 +288,10 @@ fn context(key: &KeyRecord, call: &Call) -> Vec<(&'static str, Value)> {
         ("surface", json!(call.surface)),
         ("model", json!(call.model)),
         ("run", json!(call.run)),
+        (
+            "session",
+            json!({ "calls": session.calls, "spend_micros": session.spend_micros }),
+        ),
         (
             "time",
             json!({
@@ -288,6 +375,41 @@ mod tests {
         assert!(p
             .decide(&key("other"), &call("reset_password", &args))
             .is_none());
+    }
+
+    #[test]
+    fn session_counters_reach_the_rules_and_start_over_each_hour() {
+        let p = policies(&[(
+            "session.calls < 2 && session.spend_micros <= 500",
+            ToolDecision::Allow,
+        )]);
+        let (k, args, s) = (key("support-bot"), json!({}), Sessions::default());
+        let hour = 7 * 3_600_000;
+        let d = |s: &Sessions, now: i64| {
+            let v = p
+                .decide_in(&k, &call("x", &args), s.get(&k.id, now))
+                .unwrap();
+            s.note_call(&k.id, now);
+            v.decision
+        };
+        // Spend of a key not counted yet is not kept.
+        s.note_spend(&k.id, 10_000, hour);
+        assert_eq!(d(&s, hour), ToolDecision::Allow);
+        s.note_spend(&k.id, 400, hour + 1);
+        assert_eq!(d(&s, hour + 2), ToolDecision::Allow);
+        assert_eq!(
+            d(&s, hour + 3),
+            ToolDecision::Deny,
+            "a third call in the hour"
+        );
+        assert_eq!(d(&s, hour + 3_600_000), ToolDecision::Allow, "a new hour");
+        s.note_spend(&k.id, 600, hour + 3_600_001);
+        assert_eq!(s.get(&k.id, hour + 3_600_002).spend_micros, 600);
+        assert_eq!(
+            d(&s, hour + 3_600_002),
+            ToolDecision::Deny,
+            "spent past 500"
+        );
     }
 
     #[test]

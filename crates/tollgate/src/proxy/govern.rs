@@ -53,9 +53,15 @@ pub(crate) fn rule(
     call: &Call<'_>,
     request_id: &str,
 ) -> Ruling {
-    let Some(verdict) = runtime.policies.decide(key, call) else {
+    let sessions = &app.meter.sessions;
+    let now = now_ms();
+    let Some(verdict) = runtime
+        .policies
+        .decide_in(key, call, sessions.get(&key.id, now))
+    else {
         return Ruling::Go;
     };
+    sessions.note_call(&key.id, now);
     rec.policy.push(verdict.clone());
     match verdict.decision {
         ToolDecision::Allow => Ruling::Go,

@@ -450,3 +450,43 @@ async fn a_model_asking_to_change_an_email_waits_for_an_approver_who_sees_the_ex
         .await;
     assert_eq!(v["broken"], Value::Null, "{v}");
 }
+
+/// `session.calls`: a key may have its model call a tool twice an hour; the third is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_on_the_sessions_counters_caps_tool_calls_per_hour() {
+    let gw = TestGateway::start(
+        r#"
+        [[tool_policies]]
+        name = "capped"
+        keys = ["capped"]
+        [[tool_policies.rules]]
+        when = "surface == 'model' && session.calls < 2 && session.spend_micros < 1000000"
+        decision = "allow"
+        reason = "two tool calls an hour"
+        "#,
+    )
+    .await;
+    let (key, _) = gw.create_key(json!({"name": "capped"})).await;
+    let ask = json!({"model": "mock", "tools": chat_tools(&["lookup_account"]),
+        "messages": user("use lookup_account for @victim")});
+    for _ in 0..2 {
+        let r = post_json(&gw, &key, "/v1/chat/completions", ask.clone()).await;
+        assert_eq!(r["choices"][0]["finish_reason"], "tool_calls", "{r}");
+    }
+    let r = post_json(&gw, &key, "/v1/chat/completions", ask).await;
+    assert!(
+        r["choices"][0]["message"].get("tool_calls").is_none(),
+        "{r}"
+    );
+    assert!(
+        chat_content(&r).contains("no rule of policy 'capped' allows"),
+        "{r}"
+    );
+}
+
+fn chat_content(r: &Value) -> String {
+    r["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
