@@ -51,6 +51,18 @@ def echo(text: str) -> str:
     return f"{name}: {text}"
 
 
+@server.resource("policy://refunds", name="refund_policy")
+def refund_policy() -> str:
+    """The support desk's refund policy."""
+    return f"{name}: refunds within 30 days"
+
+
+@server.prompt()
+def apologize(customer: str) -> str:
+    """An apology to a customer."""
+    return f"Write an apology to {customer} from the {name} desk."
+
+
 async def main() -> None:
     app = server.streamable_http_app()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")

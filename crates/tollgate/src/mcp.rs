@@ -173,13 +173,21 @@ async fn post(app: &Arc<AppState>, req: Request, started: Instant) -> Response {
                 "the Mcp-Method header does not match the request body's method",
             );
         }
-        let name = params.get("name").and_then(|n| n.as_str());
+        // `Mcp-Name` carries a resource's `uri` and everything else's `name`.
+        let field = if method.starts_with("resources/") {
+            "uri"
+        } else {
+            "name"
+        };
+        let name = params.get(field).and_then(|n| n.as_str());
         if header("mcp-name").is_some_and(|h| Some(h) != name) {
             return rpc_error(
                 StatusCode::BAD_REQUEST,
                 id,
                 HEADER_MISMATCH,
-                "the Mcp-Name header does not match the request body's 'name' parameter",
+                &format!(
+                    "the Mcp-Name header does not match the request body's '{field}' parameter"
+                ),
             );
         }
     } else if method != "initialize" {
@@ -211,7 +219,7 @@ async fn post(app: &Arc<AppState>, req: Request, started: Instant) -> Response {
             id,
             json!({
                 "supportedVersions": [MODERN],
-                "capabilities": { "tools": { "listChanged": false } },
+                "capabilities": { "tools": { "listChanged": false }, "resources": {}, "prompts": {} },
                 "resultType": "complete",
                 "ttlMs": 0,
                 "cacheScope": "private",
@@ -229,24 +237,214 @@ async fn post(app: &Arc<AppState>, req: Request, started: Instant) -> Response {
             resp
         }
         "resources/list" | "resources/templates/list" | "prompts/list" => {
-            // Nothing is passed through yet: an empty list, not an error, so clients that
-            // list everything on connect keep working.
-            let field = match method {
-                "resources/list" => "resources",
-                "resources/templates/list" => "resourceTemplates",
-                _ => "prompts",
-            };
-            let mut r = json!({ field: [] });
-            if modern {
-                r["resultType"] = json!("complete");
-            }
-            rpc_result(id, r)
+            listed(&runtime, &key, id, method, modern).await
         }
+        "resources/read" | "prompts/get" => passed(&runtime, &key, id, method, &params, modern).await,
         other => rpc_error(
             StatusCode::OK,
             id,
             METHOD_NOT_FOUND,
             &format!("method '{other}' is not served by this gateway (it serves tools: tools/list and tools/call)"),
+        ),
+    }
+}
+
+/// What `resources/list`, `resources/templates/list` and `prompts/list` return: the servers'
+/// lists merged. A server's resources are the key's when its tool patterns reach that
+/// server; a prompt is the key's when `server__prompt` matches one of them, and it is named
+/// as tools are (`server__prompt` where names collide, or always). A server that fails to
+/// list is left out: an empty list is an answer here (resources and prompts are optional).
+async fn listed(
+    runtime: &Runtime,
+    key: &KeyRecord,
+    id: Value,
+    method: &str,
+    modern: bool,
+) -> Response {
+    let field = match method {
+        "resources/list" => "resources",
+        "resources/templates/list" => "resourceTemplates",
+        _ => "prompts",
+    };
+    let lists = futures_util::future::join_all(reachable(runtime, key).map(|s| async move {
+        let items = list_of(&s, method, field).await;
+        (s, items)
+    }))
+    .await;
+    let mut out: Vec<Value> = Vec::new();
+    if field == "prompts" {
+        let mut found = Vec::new();
+        for (server, items) in &lists {
+            for p in items {
+                let Some(name) = p.get("name").and_then(Value::as_str) else {
+                    continue;
+                };
+                if may_use(key, &format!("{}__{name}", server.name)) {
+                    found.push((server.name.clone(), name.to_string(), p.clone()));
+                }
+            }
+        }
+        let always = runtime.mcp.prefix == McpPrefix::Always;
+        for (server, name, mut p) in found.clone() {
+            let collides = found.iter().filter(|(_, n, _)| *n == name).count() > 1;
+            if always || collides {
+                p["name"] = json!(format!("{server}__{name}"));
+            }
+            out.push(p);
+        }
+    } else {
+        for (_, items) in lists {
+            out.extend(items);
+        }
+    }
+    let mut r = json!({ field: out });
+    if modern {
+        // The 2026-07-28 list results say how long they may be cached, and by whom: what a
+        // key sees is its own, and the servers' lists can change at any time.
+        r["resultType"] = json!("complete");
+        r["ttlMs"] = json!(0);
+        r["cacheScope"] = json!("private");
+    }
+    rpc_result(id, r)
+}
+
+/// One list a server returns (`resources`, `prompts`, …), empty when it fails or has none.
+async fn list_of(server: &McpUpstream, method: &str, field: &str) -> Vec<Value> {
+    server
+        .request(method, json!({}), None)
+        .await
+        .ok()
+        .and_then(|a| a.pointer(&format!("/result/{field}")).cloned())
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// The servers whose tools the key's patterns can reach.
+fn reachable<'a>(
+    runtime: &'a Runtime,
+    key: &'a KeyRecord,
+) -> impl Iterator<Item = Arc<McpUpstream>> + 'a {
+    runtime
+        .mcp_servers
+        .iter()
+        .filter(|s| key.tools.iter().any(|p| pattern_could_match(p, &s.name)))
+        .cloned()
+}
+
+/// `resources/read` (to the reachable server that lists the URI) and `prompts/get` (to the
+/// server its name resolves to), passed through; the answer is the server's.
+async fn passed(
+    runtime: &Runtime,
+    key: &KeyRecord,
+    id: Value,
+    method: &str,
+    params: &Value,
+    modern: bool,
+) -> Response {
+    let (target, upstream_params) = if method == "prompts/get" {
+        let Some(name) = params.get("name").and_then(Value::as_str) else {
+            return rpc_error(
+                StatusCode::OK,
+                id,
+                INVALID_PARAMS,
+                "prompts/get needs params.name",
+            );
+        };
+        let mut target = None;
+        for server in reachable(runtime, key) {
+            let bare = match name.split_once("__") {
+                Some((srv, rest)) if srv == server.name => rest.to_string(),
+                Some(_) => continue,
+                None => name.to_string(),
+            };
+            if !may_use(key, &format!("{}__{bare}", server.name)) {
+                continue;
+            }
+            let listed = list_of(&server, "prompts/list", "prompts").await;
+            if listed.iter().any(|p| p["name"] == bare.as_str()) {
+                let mut up = params.clone();
+                up["name"] = json!(bare);
+                target = Some((server, up, bare));
+                break;
+            }
+        }
+        match target {
+            Some((server, up, bare)) => (Some((server, bare)), up),
+            None => {
+                return rpc_error(
+                    StatusCode::OK,
+                    id,
+                    INVALID_PARAMS,
+                    &format!("unknown prompt: {name}"),
+                )
+            }
+        }
+    } else {
+        let Some(uri) = params.get("uri").and_then(Value::as_str) else {
+            return rpc_error(
+                StatusCode::OK,
+                id,
+                INVALID_PARAMS,
+                "resources/read needs params.uri",
+            );
+        };
+        let mut target = None;
+        for server in reachable(runtime, key) {
+            let listed = list_of(&server, "resources/list", "resources").await;
+            if listed.iter().any(|r| r["uri"] == uri) {
+                target = Some((server, uri.to_string()));
+                break;
+            }
+        }
+        match target {
+            Some(t) => (Some(t), params.clone()),
+            None => {
+                return rpc_error(
+                    StatusCode::OK,
+                    id,
+                    INVALID_PARAMS,
+                    &format!("unknown resource: {uri}"),
+                )
+            }
+        }
+    };
+    let Some((server, name)) = target else {
+        return rpc_error(StatusCode::OK, id, INTERNAL, "no server");
+    };
+    let mut upstream_params = upstream_params;
+    if let Some(p) = upstream_params.as_object_mut() {
+        p.remove("_meta");
+    }
+    match server.request(method, upstream_params, Some(&name)).await {
+        Ok(answer) => match answer.get("result").cloned() {
+            Some(mut result) => {
+                if let Some(r) = result.as_object_mut() {
+                    r.remove("_meta");
+                    if !modern {
+                        r.remove("resultType");
+                    }
+                }
+                rpc_result(id, result)
+            }
+            None => rpc_error(
+                StatusCode::OK,
+                id,
+                answer
+                    .pointer("/error/code")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(INTERNAL),
+                &format!(
+                    "MCP server '{}': {}",
+                    server.name,
+                    crate::mcpclient::error_text(&answer)
+                ),
+            ),
+        },
+        Err(e) => rpc_error(
+            StatusCode::OK,
+            id,
+            INTERNAL,
+            &format!("MCP server '{}': {}", server.name, e.message),
         ),
     }
 }
@@ -306,7 +504,7 @@ fn initialize(app: &AppState, key: &KeyRecord, id: Value, params: &Value) -> Res
         id,
         json!({
             "protocolVersion": version,
-            "capabilities": { "tools": { "listChanged": false } },
+            "capabilities": { "tools": { "listChanged": false }, "resources": {}, "prompts": {} },
             "serverInfo": server_info(),
         }),
     );

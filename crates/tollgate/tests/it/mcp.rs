@@ -482,6 +482,22 @@ async fn a_support_agent_cannot_change_an_email_without_a_human_approving_that_e
         .await;
     assert!(v["broken"][1].as_str().unwrap().contains("missing"), "{v}");
     assert_eq!(v["broken"][0].as_i64().unwrap(), seq + 1, "{v}");
+    // The CLI says so with its exit status, for a cron job to alert on.
+    let out = crate::cli::tollgate_async(&[
+        "audit",
+        "verify",
+        "--url",
+        &gw.url,
+        "--admin-key",
+        &gw.admin_key,
+    ])
+    .await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("audit log broken at entry {}", seq + 1)),
+        "{err}"
+    );
 }
 
 /// Redaction on MCP: the server never sees a masked value of a call's arguments, a refused
@@ -548,4 +564,71 @@ async fn tool_arguments_and_results_are_redacted_on_their_way_through_mcp() {
         text.contains("<EMAIL_1>") && !text.contains("victim@example.org"),
         "{text}"
     );
+}
+
+/// Resources and prompts of the servers a key reaches, passed through in both eras; prompts
+/// named as tools are where two servers share a name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resources_and_prompts_are_passed_through_from_the_servers_a_key_reaches() {
+    if !have("mcp") {
+        return;
+    }
+    let (a, b) = (start_server("support"), start_server("billing"));
+    let gw = TestGateway::start(&format!(
+        "[[mcp_servers]]\nname = \"support\"\nurl = \"{}\"\n[[mcp_servers]]\nname = \"billing\"\nurl = \"{}\"\n",
+        a.url, b.url
+    ))
+    .await;
+    let mcp = format!("{}/mcp", gw.url);
+    let (both, _) = gw
+        .create_key(json!({"name": "both", "tools": ["support__*", "billing__*"]}))
+        .await;
+    let (one, _) = gw
+        .create_key(json!({"name": "one", "tools": ["support__*"]}))
+        .await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/mcp/resources.py");
+    let run = |key: String, mode: &'static str| {
+        let url = mcp.clone();
+        async move {
+            let out = tokio::task::spawn_blocking(move || {
+                Command::new(python())
+                    .args([script, &url, &key, mode])
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+            assert!(
+                out.status.success(),
+                "{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        }
+    };
+    for mode in ["auto", "legacy"] {
+        let v = run(both.clone(), mode).await;
+        assert_eq!(
+            v["resources"],
+            json!(["policy://refunds", "policy://refunds"]),
+            "{mode}: {v}"
+        );
+        assert_eq!(
+            v["prompts"],
+            json!(["support__apologize", "billing__apologize"]),
+            "{mode}: {v}"
+        );
+        assert_eq!(
+            v["prompt"], "Write an apology to Ann from the support desk.",
+            "{mode}: {v}"
+        );
+        assert!(
+            v["unknown"].as_str().unwrap().contains("unknown resource"),
+            "{v}"
+        );
+        let v = run(one.clone(), mode).await;
+        assert_eq!(v["prompts"], json!(["apologize"]), "{mode}: {v}");
+        assert_eq!(v["read"], "support: refunds within 30 days", "{mode}: {v}");
+    }
 }
