@@ -24,6 +24,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/keys/{id}/revoke", post(revoke_key_h))
         .route("/keys/{id}/rotate", post(rotate_key_h))
         .route("/keys/{id}/limits", put(key_limits_h))
+        .route("/keys/{id}/tools", put(key_tools_h))
         .route("/teams", get(list_teams_h))
         .route("/teams/{name}", put(team_limits_h))
         .route("/wallets", get(list_wallets_h).post(create_wallet_h))
@@ -248,6 +249,25 @@ async fn key_limits_h(
     require_admin(&app, &headers)?;
     let limits: KeyLimits = json_body(&body)?;
     let v = blocking(&app, move |a| set_key_limits(&a.store, &id, limits)).await?;
+    let _ = refresh_keys(&app).await;
+    Ok(Json(v).into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyTools {
+    tools: Vec<String>,
+}
+
+async fn key_tools_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let req: KeyTools = json_body(&body)?;
+    let v = blocking(&app, move |a| set_key_tools(&a.store, &id, req.tools)).await?;
     let _ = refresh_keys(&app).await;
     Ok(Json(v).into_response())
 }

@@ -469,6 +469,21 @@ pub fn set_key_limits(
     Ok(view(store.find_key(&key.id, now_ms())?))
 }
 
+/// Replaces the MCP tools a key may use (`server__tool` patterns; empty: none). Takes effect
+/// at the key cache's next refresh, within a second.
+pub fn set_key_tools(
+    store: &Store,
+    id_or_name: &str,
+    tools: Vec<String>,
+) -> Result<KeyView, AdminError> {
+    for t in &tools {
+        validate_name("tools entry", t)?;
+    }
+    let key = store.find_key(id_or_name, now_ms())?;
+    store.set_key_tools(&key.id, &tools)?;
+    Ok(view(store.find_key(&key.id, now_ms())?))
+}
+
 // ---------------------------------------------------------------------------------------
 // Wallets
 

@@ -248,6 +248,13 @@ pub(crate) enum KeysCmd {
         #[command(flatten)]
         limits: LimitArgs,
     },
+    /// Replace the MCP tools a key may use (`server__tool` patterns, comma-separated; none
+    /// given: no tools). Takes effect within a second.
+    Tools {
+        key: String,
+        #[arg(value_delimiter = ',')]
+        tools: Vec<String>,
+    },
     /// Issue a new secret for a key; the old one keeps working for the grace period.
     Rotate {
         key: String,

@@ -90,6 +90,21 @@ pub(crate) async fn keys(cmd: KeysCmd, target: Target) -> anyhow::Result<()> {
             };
             print_keys(&[v], target.format)?;
         }
+        KeysCmd::Tools { key, tools } => {
+            let v: KeyView = match &backend {
+                Backend::Local { store, .. } => admin::set_key_tools(store, &key, tools)?,
+                Backend::Remote { .. } => {
+                    backend
+                        .call(
+                            reqwest::Method::PUT,
+                            &format!("/admin/keys/{}/tools", urlencode(&key)),
+                            Some(serde_json::json!({ "tools": tools })),
+                        )
+                        .await?
+                }
+            };
+            print_keys(&[v], target.format)?;
+        }
         KeysCmd::Rotate { key, grace } => {
             let created: CreatedKey = match &backend {
                 Backend::Local { store, secret } => admin::rotate_key(

@@ -435,6 +435,28 @@ impl Store {
         })
     }
 
+    /// Replaces the MCP tool patterns a key may use (empty: none).
+    pub fn set_key_tools(&self, id: &str, tools: &[String]) -> Result<()> {
+        lock(&self.db).write(|tx| {
+            let n = tx.exec(
+                "UPDATE keys SET tools = ?2 WHERE id = ?1",
+                &[&id, &(!tools.is_empty()).then(|| json(&tools))],
+            )?;
+            if n == 0 {
+                return Err(StoreError::KeyNotFound(id.to_string()));
+            }
+            crate::audit::append(
+                tx,
+                "admin",
+                "key.tools",
+                id,
+                &serde_json::json!({ "tools": tools }),
+                crate::clock::now_ms(),
+            )?;
+            bump_keys_rev(tx)
+        })
+    }
+
     pub fn list_keys(&self) -> Result<Vec<KeyRecord>> {
         self.with(|db| {
             let mut keys = db

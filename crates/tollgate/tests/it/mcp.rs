@@ -200,6 +200,46 @@ async fn agents_on_the_official_sdk_use_mcp_servers_through_the_gateway_in_both_
         line(&out, "NOTOOLS").contains("may use no MCP tools"),
         "{out}"
     );
+    // Granted a tool with the CLI, it can call it at once; taken away, the tool is unknown.
+    let cli = |tools: &'static str| {
+        let (url, admin) = (gw.url.clone(), gw.admin_key.clone());
+        async move {
+            let mut args = vec!["keys", "tools", "no-tools"];
+            if !tools.is_empty() {
+                args.push(tools);
+            }
+            args.extend(["--url", &url, "--admin-key", &admin]);
+            let out = crate::cli::tollgate_async(&args).await;
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    };
+    cli("support__lookup_account").await;
+    let out = calls(
+        &mcp,
+        &bare,
+        json!([["lookup_account", {"handle": "@granted"}]]),
+    )
+    .await;
+    assert_eq!(out[0]["is_error"], false, "{out:?}");
+    cli("").await;
+    let out = calls(
+        &mcp,
+        &bare,
+        json!([["support__lookup_account", {"handle": "@taken"}]]),
+    )
+    .await;
+    assert!(
+        out[0]["error"].as_str().unwrap().contains("unknown tool"),
+        "{out:?}"
+    );
+    let (_, log) = gw
+        .admin(reqwest::Method::GET, "/admin/audit?action=key.tools", None)
+        .await;
+    assert_eq!(log.as_array().unwrap().len(), 2, "{log}");
 }
 
 const CALLS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/mcp/call_tools.py");
