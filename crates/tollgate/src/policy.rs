@@ -413,6 +413,23 @@ mod tests {
     }
 
     #[test]
+    fn rules_can_match_arguments_with_regular_expressions() {
+        let p = policies(&[(
+            "tool.args.email.matches('^[a-z.]+@example[.]org$')",
+            ToolDecision::Allow,
+        )]);
+        let k = key("support-bot");
+        let d = |email: &str| {
+            p.decide(&k, &call("change_account_email", &json!({ "email": email })))
+                .unwrap()
+                .decision
+        };
+        assert_eq!(d("ann@example.org"), ToolDecision::Allow);
+        assert_eq!(d("evil@example.com"), ToolDecision::Deny);
+        assert_eq!(d("ann@example.org.evil.com"), ToolDecision::Deny);
+    }
+
+    #[test]
     fn a_rule_that_cannot_be_evaluated_denies() {
         let p = policies(&[
             ("tool.args.missing.deeper == 1", ToolDecision::Allow),
