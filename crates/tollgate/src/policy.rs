@@ -420,9 +420,12 @@ mod tests {
         )]);
         let k = key("support-bot");
         let d = |email: &str| {
-            p.decide(&k, &call("change_account_email", &json!({ "email": email })))
-                .unwrap()
-                .decision
+            p.decide(
+                &k,
+                &call("change_account_email", &json!({ "email": email })),
+            )
+            .unwrap()
+            .decision
         };
         assert_eq!(d("ann@example.org"), ToolDecision::Allow);
         assert_eq!(d("evil@example.com"), ToolDecision::Deny);

@@ -170,6 +170,12 @@ async fn forward(
             .map_err(|stop| stop.error)?;
     }
 
+    // redact (proxy/scrub.rs): what the key's redaction keeps from the service
+    let body = match crate::proxy::redact_body(app, runtime, key, settle.rec_mut(), &body)? {
+        Some(redacted) => redacted,
+        None => body,
+    };
+
     // loop guard
     if route.loop_guard {
         let body_text = String::from_utf8_lossy(&body);

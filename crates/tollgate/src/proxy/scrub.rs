@@ -85,6 +85,44 @@ pub(crate) fn redact_request(cx: &mut Ctx<'_>, doc: &mut RequestDoc<'_>) -> Resu
     Ok(())
 }
 
+/// Redacts a tool route's request body: JSON scanned string by string, other UTF-8 text as a
+/// whole, anything else (binary) left alone. The new body when anything was masked; a
+/// `reject` finding refuses the call.
+pub(crate) fn redact_body(
+    app: &AppState,
+    runtime: &Runtime,
+    key: &KeyRecord,
+    rec: &mut UsageRecord,
+    body: &Bytes,
+) -> Result<Option<Bytes>, ApiError> {
+    let Some(mut scrub) = Scrubber::new(redaction_for(&runtime.redaction, key), hash_key(app))
+    else {
+        return Ok(None);
+    };
+    let changed = match serde_json::from_slice::<Value>(body) {
+        Ok(mut v) => scrub.value(&mut v).then(|| Bytes::from(v.to_string())),
+        Err(_) => match std::str::from_utf8(body) {
+            Ok(text) => scrub.text(text).map(Bytes::from),
+            Err(_) => None,
+        },
+    };
+    let found = scrub.take("tool_arguments");
+    app.metrics.count_redactions(&found);
+    rec.redactions.extend(found);
+    if let Some(d) = scrub.rejected() {
+        rec.bodies = None;
+        return Err(ApiError::new(
+            ErrorKind::SensitiveData,
+            format!(
+                "the call contains {}, which this gateway does not send to a tool (redaction detector '{}'); make the call without it",
+                described(d),
+                d.as_str()
+            ),
+        ));
+    }
+    Ok(changed)
+}
+
 /// Redacts a JSON answer (the client's dialect) when the key's redaction covers answers: the
 /// rewritten body, or `None` when nothing changed. In an answer `reject` masks: the text was
 /// generated and billed, and masking is how it is kept from the agent.

@@ -275,3 +275,45 @@ async fn a_client_that_leaves_mid_call_is_still_recorded_and_its_hold_released()
     let w = gw.wallet_view(&wallet).await;
     assert_eq!(w["balance_micros"], 1_000_000, "the hold came back: {w}");
 }
+
+/// Redaction on a tool route: the service gets the body masked (JSON and plain text), a
+/// refused value is never sent.
+#[tokio::test]
+async fn a_tool_routes_body_is_redacted_before_the_service_sees_it() {
+    let (tool_url, calls) = spawn_tool_service().await;
+    let gw = TestGateway::start(&format!(
+        "[[routes]]\nname = \"crm\"\npath = \"/tools/crm\"\nupstream = \"{tool_url}\"\n[redaction]\n[redaction.detectors]\nemail = \"mask\"\nsecret = \"reject\"\n"
+    ))
+    .await;
+    let key = gw.key().await;
+    let r = post(
+        &gw,
+        &key,
+        "/tools/crm/notes",
+        "{\"note\": \"reach ann@example.org\"}",
+    )
+    .await;
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["body"], "{\"note\":\"reach <EMAIL_1>\"}", "{v}");
+    let r = gw
+        .client
+        .post(format!("{}/tools/crm/raw", gw.url))
+        .bearer_auth(&key)
+        .header("content-type", "text/plain")
+        .body("from bob@example.net")
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["body"], "from <EMAIL_1>", "{v}");
+    let before = calls.load(Ordering::SeqCst);
+    let r = post(
+        &gw,
+        &key,
+        "/tools/crm/deploy",
+        "{\"key\": \"AKIAIOSFODNN7EXAMPLE\"}",
+    )
+    .await;
+    assert_openai_error(r, 400, "sensitive_data").await;
+    assert_eq!(calls.load(Ordering::SeqCst), before, "nothing sent");
+}
