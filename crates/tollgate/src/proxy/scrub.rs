@@ -165,8 +165,8 @@ pub(crate) fn answer_actions(
 /// Redacts a stream's text as it passes, in the client's dialect: the last `WINDOW` bytes of
 /// each text block are held back (longer while a finding runs to the end of what arrived), so
 /// a value split across events is found whole; the rest goes out masked. Text already sent
-/// is final: a finding can only be caught within the window. Tool-call arguments in a stream
-/// are not scanned (a JSON answer's are).
+/// is final: a finding can only be caught within the window. A tool call's streamed arguments
+/// are held and masked the same way, per call.
 pub(crate) struct StreamScrub {
     scrub: Scrubber,
     splitter: tollgate_proto::SseSplitter,
@@ -287,10 +287,25 @@ impl StreamScrub {
                     let text = text.to_string();
                     c["delta"]["content"] = Value::String(self.release(&block, &text));
                 }
+                // A call's arguments are held and masked like text, per call.
+                let calls = c
+                    .pointer_mut("/delta/tool_calls")
+                    .and_then(Value::as_array_mut)
+                    .map(std::mem::take);
+                if let Some(mut calls) = calls {
+                    for tc in calls.iter_mut() {
+                        let key = format!("{block}/{}", tc["index"].as_u64().unwrap_or(0));
+                        if let Some(a) = tc.pointer("/function/arguments").and_then(Value::as_str) {
+                            let a = a.to_string();
+                            tc["function"]["arguments"] = Value::String(self.release(&key, &a));
+                        }
+                    }
+                    c["delta"]["tool_calls"] = Value::Array(calls);
+                }
                 if c["finish_reason"].is_string() {
-                    let rest = self.flush(&block);
-                    if !rest.is_empty() {
-                        flushed.push((c["index"].clone(), rest));
+                    let delta = self.flush_choice(&block);
+                    if !delta.is_empty() {
+                        flushed.push((c["index"].clone(), Value::Object(delta)));
                     }
                 }
             }
@@ -299,13 +314,41 @@ impl StreamScrub {
         if let Some(t) = template.as_object_mut() {
             t.remove("usage");
         }
-        for (index, rest) in flushed {
-            template["choices"] = serde_json::json!([{"index": index, "delta": {"content": rest}, "finish_reason": null}]);
+        for (index, delta) in flushed {
+            template["choices"] =
+                serde_json::json!([{"index": index, "delta": delta, "finish_reason": null}]);
             self.out
                 .push_back(Bytes::from(format!("data: {template}\n\n")));
         }
         self.template = Some(template);
         self.out.push_back(Bytes::from(format!("data: {v}\n\n")));
+    }
+
+    /// A Chat choice's held text and call arguments, as the delta that sends them.
+    fn flush_choice(&mut self, block: &str) -> serde_json::Map<String, Value> {
+        let mut delta = serde_json::Map::new();
+        let rest = self.flush(block);
+        if !rest.is_empty() {
+            delta.insert("content".into(), Value::String(rest));
+        }
+        let prefix = format!("{block}/");
+        let mut keys: Vec<(u64, String)> = self
+            .held
+            .iter()
+            .filter_map(|(b, _)| Some((b.strip_prefix(&prefix)?.parse().ok()?, b.clone())))
+            .collect();
+        keys.sort();
+        let mut pieces = Vec::new();
+        for (index, key) in keys {
+            let rest = self.flush(&key);
+            if !rest.is_empty() {
+                pieces.push(serde_json::json!({"index": index, "function": {"arguments": rest}}));
+            }
+        }
+        if !pieces.is_empty() {
+            delta.insert("tool_calls".into(), Value::Array(pieces));
+        }
+        delta
     }
 
     fn messages(&mut self, mut v: Value) {
@@ -317,11 +360,27 @@ impl StreamScrub {
                 let text = v["delta"]["text"].as_str().unwrap_or("").to_string();
                 v["delta"]["text"] = Value::String(self.release(&block, &text));
             }
+            "content_block_delta"
+                if v.pointer("/delta/type") == Some(&Value::from("input_json_delta")) =>
+            {
+                let json = v["delta"]["partial_json"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
+                let key = format!("{block}/json");
+                v["delta"]["partial_json"] = Value::String(self.release(&key, &json));
+            }
             "content_block_stop" => {
                 let rest = self.flush(&block);
                 if !rest.is_empty() {
                     let delta = serde_json::json!({"type": "content_block_delta", "index": v["index"],
                         "delta": {"type": "text_delta", "text": rest}});
+                    self.out.push_back(named(&delta));
+                }
+                let rest = self.flush(&format!("{block}/json"));
+                if !rest.is_empty() {
+                    let delta = serde_json::json!({"type": "content_block_delta", "index": v["index"],
+                        "delta": {"type": "input_json_delta", "partial_json": rest}});
                     self.out.push_back(named(&delta));
                 }
             }
@@ -337,17 +396,19 @@ impl StreamScrub {
             v["content_index"].as_u64().unwrap_or(0)
         );
         match v["type"].as_str().unwrap_or("") {
-            "response.output_text.delta" => {
+            "response.output_text.delta" | "response.function_call_arguments.delta" => {
                 let text = v["delta"].as_str().unwrap_or("").to_string();
                 v["delta"] = Value::String(self.release(&block, &text));
             }
-            "response.output_text.done" => {
+            "response.output_text.done" | "response.function_call_arguments.done" => {
                 let rest = self.flush(&block);
                 if !rest.is_empty() {
                     let mut delta = v.clone();
-                    delta["type"] = Value::from("response.output_text.delta");
+                    let kind = v["type"].as_str().unwrap_or("").replace(".done", ".delta");
+                    delta["type"] = Value::from(kind);
                     if let Some(d) = delta.as_object_mut() {
                         d.remove("text");
+                        d.remove("arguments");
                     }
                     delta["delta"] = Value::String(rest);
                     self.send_numbered(delta);
@@ -355,8 +416,11 @@ impl StreamScrub {
                 }
                 self.scrub.value_again(v);
             }
-            // The closing events repeat the whole text: masked the same, counted once.
-            "response.content_part.done"
+            // The closing events repeat the whole text, and every response event the
+            // request's own fields: masked the same, counted once.
+            "response.created"
+            | "response.in_progress"
+            | "response.content_part.done"
             | "response.output_item.done"
             | "response.completed"
             | "response.incomplete" => {

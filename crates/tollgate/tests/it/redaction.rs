@@ -346,3 +346,82 @@ async fn an_answer_full_of_personal_data_reaches_the_agent_masked_json_and_strea
     assert_eq!(email["detail"]["count"], 1, "{log}");
     assert_eq!(email["detail"]["place"], "answer");
 }
+
+/// A model's tool call whose arguments carry personal data, streamed in pieces: the agent gets
+/// the arguments masked and still valid JSON, in each dialect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_tool_calls_arguments_reach_the_agent_masked() {
+    let gw = gateway(true).await;
+    let (key, _) = gw.create_key(json!({"name": "pii-tools"})).await;
+    let schema = json!({"type": "object", "required": ["to", "card"], "properties": {
+        "to": {"type": "string", "const": "jane.doe@example.com"},
+        "card": {"type": "string", "const": "4111 1111 1111 1111"}}});
+    let check = |args: &str, what: &str| {
+        let v: Value = serde_json::from_str(args).unwrap_or_else(|e| panic!("{what}: {e}: {args}"));
+        assert_eq!(v["to"], "<EMAIL_1>", "{what}: {args}");
+        assert!(
+            v["card"].as_str().unwrap().starts_with("<CARD_"),
+            "{what}: {args}"
+        );
+    };
+    let events = sse_data(
+        post(
+            &gw,
+            &key,
+            "/v1/chat/completions",
+            json!({"model": "mock", "stream": true,
+        "tools": [{"type": "function", "function": {"name": "send", "parameters": schema}}],
+        "messages": user("use send")}),
+        )
+        .await,
+    )
+    .await;
+    let args: String = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    check(&args, "chat");
+    let events = sse_data(
+        post(
+            &gw,
+            &key,
+            "/v1/messages",
+            json!({"model": "mock", "stream": true, "max_tokens": 64,
+        "tools": [{"name": "send", "input_schema": schema}], "messages": user("use send")}),
+        )
+        .await,
+    )
+    .await;
+    let args: String = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|v| v["delta"]["partial_json"].as_str().map(str::to_string))
+        .collect();
+    check(&args, "messages");
+    let events = sse_data(post(&gw, &key, "/v1/responses", json!({"model": "mock", "stream": true,
+        "tools": [{"type": "function", "name": "send", "parameters": schema}], "input": "use send"})).await).await;
+    let parsed: Vec<Value> = events
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let args: String = parsed
+        .iter()
+        .filter(|v| v["type"] == "response.function_call_arguments.delta")
+        .filter_map(|v| v["delta"].as_str())
+        .collect();
+    check(&args, "responses deltas");
+    let done = parsed
+        .iter()
+        .find(|v| v["type"] == "response.completed")
+        .unwrap();
+    check(
+        done["response"]["output"][0]["arguments"].as_str().unwrap(),
+        "responses completed",
+    );
+    assert!(!events.concat().contains("jane.doe"), "{events:?}");
+}
