@@ -341,7 +341,7 @@ async fn passed(
     params: &Value,
     modern: bool,
 ) -> Response {
-    let (target, upstream_params) = if method == "prompts/get" {
+    let (server, name, upstream_params) = if method == "prompts/get" {
         let Some(name) = params.get("name").and_then(Value::as_str) else {
             return rpc_error(
                 StatusCode::OK,
@@ -369,7 +369,7 @@ async fn passed(
             }
         }
         match target {
-            Some((server, up, bare)) => (Some((server, bare)), up),
+            Some((server, up, bare)) => (server, bare, up),
             None => {
                 return rpc_error(
                     StatusCode::OK,
@@ -397,7 +397,7 @@ async fn passed(
             }
         }
         match target {
-            Some(t) => (Some(t), params.clone()),
+            Some((server, uri)) => (server, uri, params.clone()),
             None => {
                 return rpc_error(
                     StatusCode::OK,
@@ -407,9 +407,6 @@ async fn passed(
                 )
             }
         }
-    };
-    let Some((server, name)) = target else {
-        return rpc_error(StatusCode::OK, id, INTERNAL, "no server");
     };
     let mut upstream_params = upstream_params;
     if let Some(p) = upstream_params.as_object_mut() {
@@ -759,26 +756,18 @@ async fn tools_call(
     // redact: what the key's redaction keeps from the tool (after the policy, which rules
     // on the arguments as the agent sent them)
     let mut arguments = arguments;
-    if let Some(mut scrub) = crate::redact::Scrubber::new(
-        crate::proxy::redaction_for(&runtime.redaction, key),
-        crate::proxy::hash_key(app),
-    ) {
-        scrub.value(&mut arguments);
-        let found = scrub.take("tool_arguments");
-        app.metrics.count_redactions(&found);
-        settle.rec.redactions.extend(found);
-        if let Some(d) = scrub.rejected() {
-            let e = ApiError::new(
-                ErrorKind::SensitiveData,
-                format!(
-                    "the call's arguments contain {}, which this gateway does not send to a tool (redaction detector '{}'); make the call without it",
-                    crate::redact::described(d),
-                    d.as_str()
-                ),
-            );
-            settle.finish_error(&e);
-            return refused(id, &e, modern);
-        }
+    let actions = crate::proxy::redaction_for(&runtime.redaction, key);
+    let (_, rejected) = crate::proxy::redact_value(
+        app,
+        actions,
+        &mut settle.rec,
+        &mut arguments,
+        "tool_arguments",
+    );
+    if let Some(d) = rejected {
+        let e = crate::proxy::sensitive(d, "the call's arguments", "a tool");
+        settle.finish_error(&e);
+        return refused(id, &e, modern);
     }
     if let Err(e) = admit_call(
         app,
@@ -816,14 +805,13 @@ async fn tools_call(
             if let Some(mut result) = answer.get("result").cloned() {
                 if runtime.redaction.responses {
                     let actions = crate::proxy::answer_actions(runtime, key);
-                    if let Some(mut scrub) =
-                        crate::redact::Scrubber::new(actions, crate::proxy::hash_key(app))
-                    {
-                        scrub.value(&mut result);
-                        let found = scrub.take("tool_result");
-                        app.metrics.count_redactions(&found);
-                        settle.rec.redactions.extend(found);
-                    }
+                    crate::proxy::redact_value(
+                        app,
+                        actions,
+                        &mut settle.rec,
+                        &mut result,
+                        "tool_result",
+                    );
                 }
                 settle.finish_route(200, None, bytes, false);
                 if let Some(r) = result.as_object_mut() {

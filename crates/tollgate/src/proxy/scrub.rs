@@ -17,6 +17,9 @@ pub(crate) fn redaction_for(
     key: &KeyRecord,
 ) -> Vec<(crate::redact::Detector, crate::redact::Action)> {
     use crate::keys::pattern_matches;
+    if cfg.detectors.is_empty() {
+        return Vec::new();
+    }
     let named = cfg.keys.iter().any(|p| pattern_matches(p, &key.name))
         || key
             .team
@@ -27,6 +30,49 @@ pub(crate) fn redaction_for(
         return Vec::new();
     }
     cfg.detectors.iter().map(|(d, a)| (*d, *a)).collect()
+}
+
+/// What `scrub` found since the last take, counted on `rec` (and the metrics) under `place`.
+pub(crate) fn record_found(
+    app: &AppState,
+    rec: &mut UsageRecord,
+    scrub: &mut Scrubber,
+    place: &str,
+) {
+    let found = scrub.take(place);
+    if !found.is_empty() {
+        app.metrics.count_redactions(&found);
+        rec.redactions.extend(found);
+    }
+}
+
+/// The refusal of something a `reject` detector found: what it was, never the value.
+pub(crate) fn sensitive(d: crate::redact::Detector, what: &str, to: &str) -> ApiError {
+    ApiError::new(
+        ErrorKind::SensitiveData,
+        format!(
+            "{what} contains {}, which this gateway does not send to {to} (redaction detector '{}'); remove it and send it again",
+            described(d),
+            d.as_str()
+        ),
+    )
+}
+
+/// Redacts `v` in place with `actions`, counted on `rec` under `place`: whether it changed,
+/// and the detector a `reject` fired for.
+pub(crate) fn redact_value(
+    app: &AppState,
+    actions: Vec<(crate::redact::Detector, crate::redact::Action)>,
+    rec: &mut UsageRecord,
+    v: &mut Value,
+    place: &str,
+) -> (bool, Option<crate::redact::Detector>) {
+    let Some(mut scrub) = Scrubber::new(actions, hash_key(app)) else {
+        return (false, None);
+    };
+    let changed = scrub.value(v);
+    record_found(app, rec, &mut scrub, place);
+    (changed, scrub.rejected())
 }
 
 /// The key of `hash` redactions, derived from the server secret.
@@ -56,25 +102,16 @@ pub(crate) fn redact_request(cx: &mut Ctx<'_>, doc: &mut RequestDoc<'_>) -> Resu
             changed = true;
         }
     }
-    let found = scrub.take("request");
-    if found.is_empty() {
+    if scrub.tally.is_empty() {
         return Ok(());
     }
-    cx.app.metrics.count_redactions(&found);
     let logging = (cx.runtime.logging.bodies, cx.runtime.logging.max_body_bytes);
     let rec = cx.settle.rec_mut();
-    rec.redactions.extend(found);
+    record_found(cx.app, rec, &mut scrub, "request");
     if let Some(d) = scrub.rejected() {
         // What was refused is not kept anywhere either.
         rec.bodies = None;
-        return Err(ApiError::new(
-            ErrorKind::SensitiveData,
-            format!(
-                "the request contains {}, which this gateway does not send to a model provider (redaction detector '{}'); remove it and send the request again",
-                described(d),
-                d.as_str()
-            ),
-        ));
+        return Err(sensitive(d, "the request", "a model provider"));
     }
     if changed && logging.0 {
         rec.bodies = Some(Box::new(crate::records::Bodies::new(
@@ -106,19 +143,10 @@ pub(crate) fn redact_body(
             Err(_) => None,
         },
     };
-    let found = scrub.take("tool_arguments");
-    app.metrics.count_redactions(&found);
-    rec.redactions.extend(found);
+    record_found(app, rec, &mut scrub, "tool_arguments");
     if let Some(d) = scrub.rejected() {
         rec.bodies = None;
-        return Err(ApiError::new(
-            ErrorKind::SensitiveData,
-            format!(
-                "the call contains {}, which this gateway does not send to a tool (redaction detector '{}'); make the call without it",
-                described(d),
-                d.as_str()
-            ),
-        ));
+        return Err(sensitive(d, "the call", "a tool"));
     }
     Ok(changed)
 }
@@ -136,14 +164,12 @@ pub(crate) fn redact_answer(
     if !runtime.redaction.responses {
         return None;
     }
-    let mut scrub = Scrubber::new(answer_actions(runtime, key), hash_key(app))?;
-    let mut v: Value = serde_json::from_slice(body).ok()?;
-    let changed = scrub.value(&mut v);
-    let found = scrub.take("answer");
-    if !found.is_empty() {
-        app.metrics.count_redactions(&found);
-        rec.redactions.extend(found);
+    let actions = answer_actions(runtime, key);
+    if actions.is_empty() {
+        return None;
     }
+    let mut v: Value = serde_json::from_slice(body).ok()?;
+    let (changed, _) = redact_value(app, actions, rec, &mut v, "answer");
     if !changed {
         return None;
     }
@@ -175,8 +201,6 @@ pub(crate) struct StreamScrub {
     /// Text held back, by block: `c<choice>` (Chat), `m<index>` (Messages), `<item>/<part>`
     /// (Responses).
     held: Vec<(String, String)>,
-    /// Chat: the last chunk, the shape of one that flushes a choice's held text.
-    template: Option<Value>,
     /// Responses: events this stage added so far, by which later sequence numbers move.
     shift: u64,
     pub(crate) out: VecDeque<Bytes>,
@@ -203,15 +227,14 @@ impl StreamScrub {
             scratch: Vec::new(),
             client,
             held: Vec::new(),
-            template: None,
             shift: 0,
             out: VecDeque::new(),
         })
     }
 
-    /// What was found so far, for the record.
-    pub(crate) fn take(&mut self) -> Vec<crate::records::Redacted> {
-        self.scrub.take("answer")
+    /// Counts what was found so far on the stream's record.
+    pub(crate) fn record(&mut self, app: &AppState, rec: &mut UsageRecord) {
+        record_found(app, rec, &mut self.scrub, "answer");
     }
 
     pub(crate) fn push(&mut self, bytes: &[u8]) {
@@ -317,11 +340,9 @@ impl StreamScrub {
         for (index, delta) in flushed {
             template["choices"] =
                 serde_json::json!([{"index": index, "delta": delta, "finish_reason": null}]);
-            self.out
-                .push_back(Bytes::from(format!("data: {template}\n\n")));
+            self.out.push_back(data_event(&template));
         }
-        self.template = Some(template);
-        self.out.push_back(Bytes::from(format!("data: {v}\n\n")));
+        self.out.push_back(data_event(&v));
     }
 
     /// A Chat choice's held text and call arguments, as the delta that sends them.
@@ -375,18 +396,18 @@ impl StreamScrub {
                 if !rest.is_empty() {
                     let delta = serde_json::json!({"type": "content_block_delta", "index": v["index"],
                         "delta": {"type": "text_delta", "text": rest}});
-                    self.out.push_back(named(&delta));
+                    self.out.push_back(named_event(&delta));
                 }
                 let rest = self.flush(&format!("{block}/json"));
                 if !rest.is_empty() {
                     let delta = serde_json::json!({"type": "content_block_delta", "index": v["index"],
                         "delta": {"type": "input_json_delta", "partial_json": rest}});
-                    self.out.push_back(named(&delta));
+                    self.out.push_back(named_event(&delta));
                 }
             }
             _ => {}
         }
-        self.out.push_back(named(&v));
+        self.out.push_back(named_event(&v));
     }
 
     fn responses(&mut self, v: &mut Value) {
@@ -437,13 +458,8 @@ impl StreamScrub {
                 v["sequence_number"] = Value::from(n + self.shift);
             }
         }
-        self.out.push_back(named(&v));
+        self.out.push_back(named_event(&v));
     }
-}
-
-fn named(v: &Value) -> Bytes {
-    let name = v["type"].as_str().unwrap_or("message");
-    Bytes::from(format!("event: {name}\ndata: {v}\n\n"))
 }
 
 #[cfg(test)]
@@ -462,7 +478,6 @@ mod tests {
             scratch: Vec::new(),
             client: Endpoint::ChatCompletions,
             held: Vec::new(),
-            template: None,
             shift: 0,
             out: VecDeque::new(),
         }

@@ -430,9 +430,7 @@ impl GatewayStream {
         );
         self.broken.fold(&mut rec);
         if let Some(s) = self.scrub.as_mut() {
-            let found = s.take();
-            self.app.metrics.count_redactions(&found);
-            rec.redactions.extend(found);
+            s.record(&self.app, &mut rec);
         }
         rec.error_kind = error_kind;
         rec.client_disconnected = disconnected;

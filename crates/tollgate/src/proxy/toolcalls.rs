@@ -502,11 +502,11 @@ impl Block {
     }
 }
 
-fn data_event(v: &Value) -> Bytes {
+pub(super) fn data_event(v: &Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
 }
 
-fn named_event(v: &Value) -> Bytes {
+pub(super) fn named_event(v: &Value) -> Bytes {
     let name = v["type"].as_str().unwrap_or("message");
     Bytes::from(format!("event: {name}\ndata: {v}\n\n"))
 }
@@ -555,14 +555,7 @@ impl ChatState {
         if let Some(choices) = v.get_mut("choices").and_then(Value::as_array_mut) {
             for choice in choices.iter_mut() {
                 let ci = choice["index"].as_u64().unwrap_or(0);
-                if choice
-                    .pointer("/delta/content")
-                    .and_then(Value::as_str)
-                    .is_some_and(|t| !t.is_empty())
-                    && !self.texted.contains(&ci)
-                {
-                    self.texted.push(ci);
-                }
+                self.mark_text(choice);
                 if let Some(tcs) = choice
                     .get_mut("delta")
                     .and_then(Value::as_object_mut)
@@ -642,15 +635,20 @@ impl ChatState {
     fn note_text(&mut self, ev: &SseEvent) {
         if let Some(v) = event_json(ev) {
             for c in list(&v, "choices") {
-                let ci = c["index"].as_u64().unwrap_or(0);
-                if c.pointer("/delta/content")
-                    .and_then(Value::as_str)
-                    .is_some_and(|t| !t.is_empty())
-                    && !self.texted.contains(&ci)
-                {
-                    self.texted.push(ci);
-                }
+                self.mark_text(c);
             }
+        }
+    }
+
+    /// Remembers that `choice` has streamed text.
+    fn mark_text(&mut self, choice: &Value) {
+        let ci = choice["index"].as_u64().unwrap_or(0);
+        let has_text = choice
+            .pointer("/delta/content")
+            .and_then(Value::as_str)
+            .is_some_and(|t| !t.is_empty());
+        if has_text && !self.texted.contains(&ci) {
+            self.texted.push(ci);
         }
     }
 

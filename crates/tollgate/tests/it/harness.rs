@@ -328,6 +328,27 @@ pub async fn sse_data(resp: reqwest::Response) -> Vec<String> {
         .collect()
 }
 
+/// POSTs `body` to any endpoint of the gateway with `key` (and the `anthropic-version` the
+/// Messages endpoints want).
+pub async fn post_api(gw: &TestGateway, key: &str, path: &str, body: Value) -> reqwest::Response {
+    gw.client
+        .post(format!("{}{path}", gw.url))
+        .bearer_auth(key)
+        .header("anthropic-version", "2023-06-01")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The JSON payloads of SSE events, as `sse_data` returns them.
+pub fn parse_events(events: &[String]) -> Vec<Value> {
+    events
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect()
+}
+
 pub fn user(text: &str) -> Value {
     json!([{"role": "user", "content": text}])
 }

@@ -22,16 +22,7 @@ async fn gateway(responses: bool) -> TestGateway {
     .await
 }
 
-async fn post(gw: &TestGateway, key: &str, path: &str, body: Value) -> reqwest::Response {
-    gw.client
-        .post(format!("{}{path}", gw.url))
-        .bearer_auth(key)
-        .header("anthropic-version", "2023-06-01")
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-}
+use crate::harness::post_api as post;
 
 fn chat_text(v: &Value) -> String {
     v["choices"][0]["message"]["content"]
@@ -257,10 +248,7 @@ async fn an_answer_full_of_personal_data_reaches_the_agent_masked_json_and_strea
     // Messages stream.
     let events = sse_data(post(&gw, &key, "/v1/messages",
         json!({"model": "mock-pii", "max_tokens": 64, "stream": true, "messages": user("who?")})).await).await;
-    let parsed: Vec<Value> = events
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let parsed = parse_events(&events);
     let text: String = parsed
         .iter()
         .filter_map(|v| v["delta"]["text"].as_str())
@@ -290,10 +278,7 @@ async fn an_answer_full_of_personal_data_reaches_the_agent_masked_json_and_strea
         .await,
     )
     .await;
-    let parsed: Vec<Value> = events
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let parsed = parse_events(&events);
     let text: String = parsed
         .iter()
         .filter(|v| v["type"] == "response.output_text.delta")
@@ -405,10 +390,7 @@ async fn a_streamed_tool_calls_arguments_reach_the_agent_masked() {
     check(&args, "messages");
     let events = sse_data(post(&gw, &key, "/v1/responses", json!({"model": "mock", "stream": true,
         "tools": [{"type": "function", "name": "send", "parameters": schema}], "input": "use send"})).await).await;
-    let parsed: Vec<Value> = events
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let parsed = parse_events(&events);
     let args: String = parsed
         .iter()
         .filter(|v| v["type"] == "response.function_call_arguments.delta")

@@ -69,15 +69,7 @@ fn responses_tools(names: &[&str]) -> Value {
 }
 
 async fn post(gw: &TestGateway, key: &str, path: &str, body: Value) -> reqwest::Response {
-    let r = gw
-        .client
-        .post(format!("{}{path}", gw.url))
-        .bearer_auth(key)
-        .header("anthropic-version", "2023-06-01")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_api(gw, key, path, body).await;
     assert_eq!(r.status(), 200);
     r
 }
@@ -259,10 +251,7 @@ async fn a_refused_tool_use_becomes_a_text_block_in_messages_json_and_streams() 
 
     // Streamed: the tool_use block's events are held to its stop, then released or replaced.
     let events = sse_data(post(&gw, &key, "/v1/messages", ask("lookup_account", true)).await).await;
-    let parsed: Vec<Value> = events
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let parsed = parse_events(&events);
     let json: String = parsed
         .iter()
         .filter_map(|v| v["delta"]["partial_json"].as_str())
@@ -276,10 +265,7 @@ async fn a_refused_tool_use_becomes_a_text_block_in_messages_json_and_streams() 
         .any(|v| v["content_block"]["type"] == "tool_use"));
 
     let events = sse_data(post(&gw, &key, "/v1/messages", ask("reset_password", true)).await).await;
-    let parsed: Vec<Value> = events
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let parsed = parse_events(&events);
     assert!(
         !parsed
             .iter()
@@ -336,10 +322,7 @@ async fn a_refused_function_call_becomes_a_message_item_in_responses_json_and_st
 
     let events =
         sse_data(post(&gw, &key, "/v1/responses", ask("reset_password", true)).await).await;
-    let parsed: Vec<Value> = events
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let parsed = parse_events(&events);
     assert!(
         !events.iter().any(|e| e.contains("function_call")),
         "{events:?}"
@@ -364,10 +347,7 @@ async fn a_refused_function_call_becomes_a_message_item_in_responses_json_and_st
 
     let events =
         sse_data(post(&gw, &key, "/v1/responses", ask("lookup_account", true)).await).await;
-    let parsed: Vec<Value> = events
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let parsed = parse_events(&events);
     let args = parsed
         .iter()
         .find(|v| v["type"] == "response.function_call_arguments.done")
