@@ -51,6 +51,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
             "keys",
             "limits",
             "damping",
+            "cache",
             "loopguard",
             "prices",
             "estimate",
@@ -69,6 +70,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
 pub mod admin;
 pub mod approval;
 pub mod audit;
+pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod conn;

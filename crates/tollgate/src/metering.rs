@@ -494,6 +494,9 @@ impl Meter {
     pub fn record(&self, rec: UsageRecord) {
         self.sessions
             .note_spend(&rec.key_id, rec.cost_micros, crate::clock::now_ms());
+        if !rec.savings.is_empty() {
+            self.metrics.count_savings(&rec.savings);
+        }
         match self.tx.try_send(Msg::Record(Box::new(rec))) {
             Ok(()) => {
                 self.metrics.usage_records_queued.inc();

@@ -39,6 +39,9 @@ pub struct Metrics {
     pub retries_suppressed: Family<ScopeLabels, Counter>,
     pub answers_reused: Family<ReuseLabels, Counter>,
     pub redactions: Family<RedactionLabels, Counter>,
+    pub cache_lookups: Family<CacheLabels, Counter>,
+    pub saved_tokens: Family<SaverLabels, Counter>,
+    pub saved_micros: Family<SaverLabels, Counter>,
     pub hold_seconds: Histogram,
     pub connections_open: Gauge,
     pub connections_refused: Counter,
@@ -70,6 +73,16 @@ pub struct FallbackLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScopeLabels {
     pub scope: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SaverLabels {
+    pub saver: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -207,6 +220,24 @@ impl Metrics {
             "Findings of the redaction detectors, by detector, action and place",
             Family::default(),
         );
+        let cache_lookups = reg(
+            &mut registry,
+            "cache_lookups",
+            "Requests the response cache applied to, by result (hit, miss, refresh, bypass)",
+            Family::default(),
+        );
+        let saved_tokens = reg(
+            &mut registry,
+            "saved_tokens",
+            "Tokens requests did not spend, by what saved them",
+            Family::default(),
+        );
+        let saved_micros = reg(
+            &mut registry,
+            "saved_micros",
+            "Micro-USD requests did not spend, by what saved them",
+            Family::default(),
+        );
         let answers_reused = reg(
             &mut registry,
             "answers_reused",
@@ -264,6 +295,9 @@ impl Metrics {
             retries_suppressed,
             answers_reused,
             redactions,
+            cache_lookups,
+            saved_tokens,
+            saved_micros,
             requests,
             upstream_attempts,
             request_seconds,
@@ -275,6 +309,22 @@ impl Metrics {
             streams_cut,
             client_disconnects,
             config_reloads,
+        }
+    }
+
+    pub fn count_cache(&self, result: &'static str) {
+        self.cache_lookups
+            .get_or_create(&CacheLabels { result })
+            .inc();
+    }
+
+    pub fn count_savings(&self, savings: &[crate::records::Saving]) {
+        for s in savings {
+            let labels = SaverLabels {
+                saver: s.saver.clone(),
+            };
+            self.saved_tokens.get_or_create(&labels).inc_by(s.tokens);
+            self.saved_micros.get_or_create(&labels).inc_by(s.micros);
         }
     }
 

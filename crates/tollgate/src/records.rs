@@ -181,6 +181,13 @@ pub struct UsageRecord {
     /// (never the values), for the audit log. Not a column of the usage table.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub redactions: Vec<Redacted>,
+    /// What the exact response cache did with it (`hit`, `miss`, `bypass`), when it applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
+    /// Tokens and money saved on this request, by what saved them (a cache hit, compressed
+    /// tool output, ...): never counted as spent, reported next to spend.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub savings: Vec<Saving>,
     /// Why it ended, in words, when it did not end well: the refusal's or the failure's
     /// message (which limit, which wallet, what the provider said), at most 300 characters.
     #[serde(default)]
@@ -196,6 +203,15 @@ pub struct UsageRecord {
     /// The request reserved in envelopes (its run, budgets), settled with this record.
     #[serde(skip)]
     pub enveloped: bool,
+}
+
+/// Tokens and micro-USD one saver kept a request from spending.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Saving {
+    /// `cache`, or `compress.<transform>`, ...
+    pub saver: String,
+    pub tokens: u64,
+    pub micros: u64,
 }
 
 /// A request's bodies as the request log keeps them.

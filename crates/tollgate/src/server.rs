@@ -201,6 +201,7 @@ impl Gateway {
             limiter,
             loop_guard: crate::loopguard::LoopGuard::default(),
             damper: crate::damping::Damper::default(),
+            cache: crate::cache::ResponseCache::default(),
             _checkpointer: crate::state::StopOnDrop(stop_checkpoints),
         });
         refresh_keys(&app).await.context("loading keys")?;

@@ -33,6 +33,8 @@ pub struct AppState {
     pub limiter: crate::limits::Limiter,
     pub loop_guard: crate::loopguard::LoopGuard,
     pub damper: crate::damping::Damper,
+    /// The exact response cache (`[cache]`).
+    pub cache: crate::cache::ResponseCache,
     /// Stops the WAL checkpointer when the gateway goes away.
     pub(crate) _checkpointer: StopOnDrop,
 }

@@ -219,6 +219,7 @@ pub struct Runtime {
     pub policies: crate::policy::Policies,
     pub approvals: crate::config::ApprovalsConfig,
     pub redaction: crate::config::RedactionConfig,
+    pub cache: crate::config::CacheConfig,
     health: Arc<HealthRegistry>,
 }
 
@@ -302,6 +303,7 @@ impl Runtime {
                 .map_err(BuildError::Route)?,
             approvals: cfg.approvals.clone(),
             redaction: cfg.redaction.clone(),
+            cache: cfg.cache.clone(),
             aliases,
             model_limits,
             direct: RwLock::new(HashMap::new()),

@@ -35,6 +35,7 @@ pub struct Config {
     pub tool_policies: Vec<ToolPolicyConfig>,
     pub approvals: ApprovalsConfig,
     pub redaction: RedactionConfig,
+    pub cache: CacheConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -714,6 +715,66 @@ pub struct RedactionConfig {
     pub detectors: std::collections::BTreeMap<crate::redact::Detector, crate::redact::Action>,
     /// Also scan model answers (JSON, and streams through a held window) and MCP tool results.
     pub responses: bool,
+}
+
+/// The exact response cache (`cache.rs`): off unless enabled, and then only for the keys,
+/// teams and models it names (all of them when it names none). Reloadable; kept answers
+/// survive a reload and are checked against the bounds in force when they are used.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    /// Key names (`prefix*` patterns) whose requests it answers.
+    pub keys: Vec<String>,
+    /// Teams whose keys' requests it answers.
+    pub teams: Vec<String>,
+    /// Models (as requested, `prefix*` patterns) it answers.
+    pub models: Vec<String>,
+    /// Whose answers a request may get: its own key's (`key`), or its team's (`team`; keys
+    /// without a team keep their own).
+    pub scope: CacheScope,
+    /// How long an answer is kept.
+    #[serde(deserialize_with = "de_duration")]
+    pub ttl: Duration,
+    /// Answers kept at once, and their bytes; the oldest go first.
+    pub max_entries: usize,
+    pub max_bytes: usize,
+    /// Larger answers are never kept.
+    pub max_entry_bytes: usize,
+    /// Keep streamed answers (replayed as the same SSE events).
+    pub streams: bool,
+    /// Keep answers that ask for tool calls (off: an agent's tools would not run again).
+    pub tool_calls: bool,
+    /// What a hit costs, in micro-USD (0: nothing; above 0 it is held and captured from the
+    /// key's wallet like any charge).
+    pub fee_micros: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheScope {
+    #[default]
+    Key,
+    Team,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: false,
+            keys: Vec::new(),
+            teams: Vec::new(),
+            models: Vec::new(),
+            scope: CacheScope::Key,
+            ttl: Duration::from_secs(600),
+            max_entries: 10_000,
+            max_bytes: 64 << 20,
+            max_entry_bytes: 1 << 20,
+            streams: true,
+            tool_calls: false,
+            fee_micros: 0,
+        }
+    }
 }
 
 /// An upstream MCP server (Streamable HTTP) that `/mcp` multiplexes.

@@ -101,6 +101,28 @@ impl Config {
                 "must be at most 1048576 (bodies are kept with every record)",
             );
         }
+        let c = &self.cache;
+        if c.fee_micros > crate::money::MAX_MICROS as u64 {
+            p(
+                "cache.fee_micros".into(),
+                &format!("must be at most {}", crate::money::MAX_MICROS),
+            );
+        }
+        if c.enabled && c.ttl.is_zero() {
+            p("cache.ttl".into(), "must be greater than 0");
+        }
+        if c.max_entry_bytes > c.max_bytes {
+            p(
+                "cache.max_entry_bytes".into(),
+                "must be at most cache.max_bytes",
+            );
+        }
+        if c.max_bytes > 16 << 30 {
+            p(
+                "cache.max_bytes".into(),
+                "must be at most 17179869184 (16 GiB)",
+            );
+        }
         if self.server.max_body_bytes == 0 {
             p("server.max_body_bytes".into(), "must be greater than 0");
         }

@@ -41,6 +41,7 @@ use tollgate_proto::{
 
 mod accept;
 mod admit;
+mod cached;
 mod damp;
 mod endpoint;
 mod forward;
@@ -57,6 +58,7 @@ mod toolcalls;
 
 pub(crate) use accept::*;
 pub(crate) use admit::*;
+pub(crate) use cached::*;
 pub(crate) use damp::*;
 pub(crate) use endpoint::*;
 pub(crate) use forward::*;
@@ -164,6 +166,10 @@ async fn run(
     if let Some(answer) = damp_phase(&mut cx, &doc)? {
         return Ok(answer);
     }
+    // cache (cached.rs): an answer kept for this very request
+    if let Some(answer) = cache_phase(&mut cx)? {
+        return Ok(answer);
+    }
     // admit (admit.rs): limits per key, team and model
     let estimate = admit(&mut cx, &doc).await?;
     // coalesce (damp.rs): one upstream call for identical requests in flight
@@ -178,6 +184,11 @@ async fn run(
     // hold (hold.rs): spend caps, and the wallet's hold for the request's maximum cost
     if endpoint != Endpoint::CountTokens {
         hold(&mut cx, &mut doc, &deployments).await?;
+    }
+    // A cache hit with a fee, now held for: answered instead of the upstream call.
+    if let Some(entry) = cx.settle.cache_hit.take() {
+        let fee = cx.runtime.cache.fee_micros;
+        return Ok(cx.settle.cached(&entry, fee));
     }
     // forward (forward.rs), then settle (settle.rs) or stream (stream.rs)
     forward(&mut cx, &mut doc, &candidates, estimate).await

@@ -40,6 +40,10 @@ pub(crate) struct Settlement {
     pub(crate) broken: Broken,
     /// A tool call's price, paid when the service handled the call.
     pub(crate) route_price: Option<u64>,
+    /// The response cache keeps this request's answer under this digest, if it is keepable.
+    pub(crate) cache_key: Option<[u8; 32]>,
+    /// A cache hit waiting for its fee to be held.
+    pub(crate) cache_hit: Option<Arc<crate::cache::Entry>>,
 }
 
 /// Tokens and cost (estimated) of upstream attempts that broke off after the provider
@@ -119,6 +123,8 @@ impl Settlement {
             parked: false,
             broken: Broken::default(),
             route_price: None,
+            cache_key: None,
+            cache_hit: None,
         }
     }
 
@@ -373,9 +379,6 @@ impl Settlement {
             b.push_response(client_body.as_ref().unwrap_or(&body));
         }
         let cost = self.rec.cost_micros;
-        if let Some(rec) = self.take() {
-            self.commit(rec);
-        }
         let content_type = match client_body {
             Some(_) => HeaderValue::from_static("application/json"),
             None => up_headers
@@ -384,6 +387,17 @@ impl Settlement {
                 .unwrap_or(HeaderValue::from_static("application/json")),
         };
         let body = client_body.unwrap_or(body);
+        let kept = self
+            .cache_key
+            .take()
+            .filter(|_| !self.parked && keepable(&runtime.cache, &self.rec, &body))
+            .map(|k| (k, entry_of(&self.rec, body.clone(), content_type.clone())));
+        if let Some(rec) = self.take() {
+            self.commit(rec);
+        }
+        if let Some((k, entry)) = kept {
+            keep(&self.app, &runtime.cache, k, entry);
+        }
         self.share(status, &content_type, &body);
         let mut resp = Response::new(Body::from(body));
         *resp.status_mut() = status;

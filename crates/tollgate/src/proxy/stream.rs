@@ -142,6 +142,12 @@ pub(crate) fn stream_response(
         delivered_tokens: 0,
         counted_bytes: 0,
         client_gone: false,
+        cache_fill: settle.cache_key.take().map(|key| CacheFill {
+            key,
+            bytes: bytes::BytesMut::new(),
+            max: settle.runtime.cache.max_entry_bytes,
+            settled: None,
+        }),
     };
     s.ingest(&first);
     let mut resp = Response::new(Body::from_stream(ClientBody(Some(s))));
@@ -201,6 +207,17 @@ pub(crate) struct GatewayStream {
     /// The client left and the stream is being read to its end for its usage
     /// (`[metering] on_client_disconnect = "finish"`): nothing more is sent or counted.
     pub(crate) client_gone: bool,
+    /// What the client is sent, kept for the response cache until the stream ends whole.
+    pub(crate) cache_fill: Option<CacheFill>,
+}
+
+/// A stream's answer on its way into the response cache: every byte the client was sent,
+/// and the record it settled with. Dropped as soon as the stream cannot be kept.
+pub(crate) struct CacheFill {
+    pub(crate) key: [u8; 32],
+    pub(crate) bytes: bytes::BytesMut,
+    pub(crate) max: usize,
+    pub(crate) settled: Option<crate::cache::Entry>,
 }
 
 /// Queues `b` for the client, through the stream's redaction if it has one.
@@ -449,7 +466,40 @@ impl GatewayStream {
         if let Some(mut a) = self.admission.take() {
             a.settle(now_us(), rec.input_tokens + rec.output_tokens);
         }
+        // Kept once the last byte has gone out (`poll_next`): only a stream that ended whole.
+        let whole = !self.observer.saw_error()
+            && self
+                .cache_fill
+                .as_ref()
+                .is_some_and(|f| super::keepable(&self.runtime.cache, &rec, &f.bytes));
+        match self.cache_fill.as_mut() {
+            Some(f) if whole => {
+                f.settled = Some(super::entry_of(
+                    &rec,
+                    Bytes::new(),
+                    HeaderValue::from_static("text/event-stream; charset=utf-8"),
+                ));
+            }
+            _ => self.cache_fill = None,
+        }
         self.app.meter.record(rec);
+    }
+
+    /// The stream has ended and everything it had was sent: its answer goes into the cache
+    /// if it settled whole.
+    fn keep_cached(&mut self) {
+        let Some(f) = self.cache_fill.take() else {
+            return;
+        };
+        let Some(mut entry) = f.settled else {
+            return;
+        };
+        let cfg = &self.runtime.cache;
+        if f.bytes.len() > f.max || (!cfg.tool_calls && crate::cache::has_tool_calls(&f.bytes)) {
+            return;
+        }
+        entry.body = f.bytes.freeze();
+        super::keep(&self.app, cfg, f.key, entry);
     }
 }
 
@@ -465,6 +515,13 @@ impl Stream for GatewayStream {
                     rec.response_bytes += b.len() as u64;
                     if let Some(bodies) = rec.bodies.as_mut() {
                         bodies.push_response(&b);
+                    }
+                }
+                if let Some(f) = this.cache_fill.as_mut() {
+                    if f.bytes.len() + b.len() <= f.max {
+                        f.bytes.extend_from_slice(&b);
+                    } else {
+                        this.cache_fill = None;
                     }
                 }
                 return Poll::Ready(Some(Ok(b)));
@@ -485,6 +542,7 @@ impl Stream for GatewayStream {
                 continue;
             }
             if this.finished {
+                this.keep_cached();
                 return Poll::Ready(None);
             }
             match this.upstream.as_mut().poll_next(cx) {

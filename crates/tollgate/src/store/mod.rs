@@ -144,6 +144,8 @@ const MIGRATIONS: &[&str] = &[
     // 18, 19: the audit chain and tool-call approvals
     crate::audit::MIGRATION,
     crate::approval::MIGRATION,
+    // 20: the response cache's verdict and what each request saved
+    usage::SAVINGS_MIGRATION,
 ];
 
 /// Copies the WAL back into the database every `every`, off the request and writer paths

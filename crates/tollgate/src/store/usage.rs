@@ -372,9 +372,10 @@ pub(super) const USAGE_COLUMNS: &str =
     model_served, attempts, status, error_kind, input_tokens, cached_input_tokens, output_tokens,
     reasoning_tokens, usage_source, cost_micros, price_version, latency_ms, ttft_ms, stream,
     client_disconnected, cache_write_5m_tokens, cache_write_1h_tokens, request_bytes,
-    response_bytes, reused, reused_from, wallet_id, shortfall_micros, run_id, detail, org";
+    response_bytes, reused, reused_from, wallet_id, shortfall_micros, run_id, detail, org,
+    cache, savings";
 
-pub(super) const USAGE_COLUMN_COUNT: usize = 36;
+pub(super) const USAGE_COLUMN_COUNT: usize = 38;
 
 fn usage_from_row(r: &Row) -> Result<UsageRecord> {
     let tags: String = r.get(7)?;
@@ -415,6 +416,11 @@ fn usage_from_row(r: &Row) -> Result<UsageRecord> {
         run_id: r.get(33)?,
         detail: r.get(34)?,
         org: r.get(35)?,
+        cache: r.get(36)?,
+        savings: r
+            .get::<Option<String>>(37)?
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default(),
         bodies: None,
         enveloped: false,
         hot_hold_micros: None,
@@ -442,6 +448,7 @@ pub fn insert_usage_rows(tx: &mut Db, batch: &[UsageRecord], shortfalls: &[u64])
 
 /// A record's column values, in `USAGE_COLUMNS` order.
 fn usage_values(u: &UsageRecord, shortfall: u64, out: &mut Vec<Value>) {
+    let savings = (!u.savings.is_empty()).then(|| json(&u.savings));
     {
         let row: [&dyn Param; USAGE_COLUMN_COUNT] = [
             &u.id,
@@ -480,6 +487,8 @@ fn usage_values(u: &UsageRecord, shortfall: u64, out: &mut Vec<Value>) {
             &u.run_id,
             &u.detail,
             &u.org,
+            &u.cache,
+            &savings,
         ];
         out.extend(row.iter().map(|p| p.value()));
     }
@@ -512,6 +521,7 @@ fn insert_usage_one_by_one(tx: &mut Db, batch: &[UsageRecord], shortfalls: &[u64
 /// The rollups and kept bodies of the records a batch inserted.
 fn insert_fresh(tx: &mut Db, fresh: &[&UsageRecord]) -> Result<()> {
     upsert_rollups(tx, fresh)?;
+    upsert_savings(tx, fresh)?;
     for u in fresh.iter().filter(|u| u.bodies.is_some()) {
         if let Some(b) = &u.bodies {
             tx.exec(
@@ -767,6 +777,56 @@ fn upsert_rollups(tx: &mut Db, recs: &[&UsageRecord]) -> Result<()> {
     upsert_sums(tx, "usage_run_rollup", "run_id, start_ms, model", &[], runs)
 }
 
+/// Adds what the batch's records saved to `savings_rollup`: per dimension value (as in
+/// `usage_rollup_dim`) and saver, hourly and daily. Nothing to do for most batches.
+fn upsert_savings(tx: &mut Db, recs: &[&UsageRecord]) -> Result<()> {
+    type Group = (&'static str, &'static str, i64, String, String);
+    let mut groups: HashMap<Group, (String, u64, u64, u64)> = HashMap::new();
+    for u in recs.iter().filter(|u| !u.savings.is_empty()) {
+        for (bucket, span) in [("h", HOUR_MS), ("d", DAY_MS)] {
+            let start_ms = u.ts_ms.div_euclid(span) * span;
+            for dim in DIMENSIONS {
+                let (value, label) = dimension_value(u, dim);
+                for sv in &u.savings {
+                    let g = groups
+                        .entry((dim, bucket, start_ms, value.clone(), sv.saver.clone()))
+                        .or_default();
+                    g.0.clone_from(&label);
+                    g.1 += 1;
+                    g.2 = g.2.saturating_add(sv.tokens);
+                    g.3 = g.3.saturating_add(sv.micros);
+                }
+            }
+        }
+    }
+    let rows = groups
+        .into_iter()
+        .map(
+            |((dim, bucket, start, value, saver), (label, n, tokens, micros))| {
+                (
+                    vec![
+                        dim.value(),
+                        bucket.value(),
+                        start.value(),
+                        value.value(),
+                        saver.value(),
+                    ],
+                    vec![label.value()],
+                    vec![n.value(), tokens.value(), micros.value()],
+                )
+            },
+        )
+        .collect();
+    upsert_columns(
+        tx,
+        "savings_rollup",
+        "dim, bucket, start_ms, value, saver",
+        &["label"],
+        &["requests", "tokens", "micros"],
+        rows,
+    )
+}
+
 /// Inserts rollup rows, adding their sums to rows already there; `latest` columns take the
 /// newest value (an agent's current name).
 fn upsert_sums(
@@ -776,12 +836,28 @@ fn upsert_sums(
     latest: &[&str],
     rows: Vec<(Vec<Value>, Vec<Value>, Sums)>,
 ) -> Result<()> {
+    let rows = rows
+        .into_iter()
+        .map(|(k, l, s)| (k, l, s.values().to_vec()))
+        .collect();
+    upsert_columns(tx, table, key, latest, &SUM_COLUMNS, rows)
+}
+
+/// `upsert_sums` with any summed columns (`sum_columns`, in the order of each row's third part).
+fn upsert_columns(
+    tx: &mut Db,
+    table: &'static str,
+    key: &str,
+    latest: &[&str],
+    sum_columns: &[&str],
+    rows: Vec<(Vec<Value>, Vec<Value>, Vec<Value>)>,
+) -> Result<()> {
     let Some(first) = rows.first() else {
         return Ok(());
     };
-    let cols = first.0.len() + first.1.len() + SUM_COLUMNS.len();
+    let cols = first.0.len() + first.1.len() + sum_columns.len();
     let mut head = format!("INSERT INTO {table} ({key}");
-    for c in latest.iter().chain(SUM_COLUMNS.iter()) {
+    for c in latest.iter().chain(sum_columns.iter()) {
         head.push_str(", ");
         head.push_str(c);
     }
@@ -790,7 +866,7 @@ fn upsert_sums(
     for c in latest {
         tail.push_str(&format!("{c} = excluded.{c}, "));
     }
-    let sums: Vec<String> = SUM_COLUMNS
+    let sums: Vec<String> = sum_columns
         .iter()
         .map(|c| format!("{c} = {table}.{c} + excluded.{c}"))
         .collect();
@@ -803,7 +879,7 @@ fn upsert_sums(
         for (k, l, s) in chunk {
             values.extend(k.iter().cloned());
             values.extend(l.iter().cloned());
-            values.extend(s.values());
+            values.extend(s.iter().cloned());
         }
         let sql = multi_row_sql(table, &head, &tail, cols, n);
         let params: Vec<&dyn Param> = values.iter().map(|v| v as &dyn Param).collect();
@@ -936,6 +1012,22 @@ pub(super) const DIMENSION_MIGRATION: &str = "ALTER TABLE usage ADD COLUMN org T
      DELETE FROM usage_rollup WHERE bucket = 'd';";
 
 /// Migration 13: the rollup table, filled from the records already there.
+/// Migration 20: what the response cache did, what each request saved, and its rollup.
+pub(super) const SAVINGS_MIGRATION: &str = "ALTER TABLE usage ADD COLUMN cache TEXT;
+     ALTER TABLE usage ADD COLUMN savings TEXT;
+     CREATE TABLE savings_rollup (
+        dim TEXT NOT NULL,
+        bucket TEXT NOT NULL,
+        start_ms INTEGER NOT NULL,
+        value TEXT NOT NULL,
+        saver TEXT NOT NULL,
+        label TEXT NOT NULL,
+        requests INTEGER NOT NULL,
+        tokens INTEGER NOT NULL,
+        micros INTEGER NOT NULL,
+        PRIMARY KEY (dim, bucket, start_ms, value, saver)
+     ) WITHOUT ROWID;";
+
 pub(super) const ROLLUP_MIGRATION: &str = "CREATE TABLE usage_rollup (
         bucket TEXT NOT NULL,
         start_ms INTEGER NOT NULL,

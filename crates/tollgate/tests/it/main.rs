@@ -9,6 +9,7 @@ mod layers;
 
 mod agents;
 mod auth;
+mod cache;
 mod cli;
 mod clients;
 mod connections;

@@ -1,0 +1,391 @@
+//! The exact response cache: hits, misses and bypasses for JSON and streams, scope between
+//! keys and teams, what is never kept, zero-cost hit records with what they saved, and a
+//! hit's fee through the wallet.
+
+use crate::harness::*;
+use serde_json::{json, Value};
+
+fn config(up: &str, cache: &str) -> String {
+    format!(
+        "[[providers]]\nname = \"up\"\nkind = \"openai\"\nbase_url = \"{up}\"\nmodels = [\"mock*\"]\n\
+         [[prices]]\nmodel = \"mock*\"\ninput = 1000000\noutput = 2000000\n\
+         [cache]\nenabled = true\n{cache}"
+    )
+}
+
+async fn upstream_requests(url: &str) -> u64 {
+    mock_stats(url).await["requests"].as_u64().unwrap()
+}
+
+async fn send(
+    gw: &TestGateway,
+    key: &str,
+    path: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut r = gw
+        .client
+        .post(format!("{}{path}", gw.url))
+        .bearer_auth(key)
+        .json(body);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r.send().await.unwrap()
+}
+
+fn verdict(r: &reqwest::Response) -> Option<String> {
+    r.headers()
+        .get("x-tollgate-cache")
+        .map(|v| v.to_str().unwrap().to_string())
+}
+
+#[tokio::test]
+async fn a_repeated_json_request_is_answered_from_the_cache_at_no_cost_with_its_savings() {
+    let up = spawn_mock(None).await;
+    let gw = TestGateway::start(&config(&up, "")).await;
+    let key = gw.key().await;
+    let body = json!({"model": "mock-1", "messages": user("what is the capital of France"), "temperature": 0});
+    let first = send(&gw, &key, "/v1/chat/completions", &body, &[]).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(verdict(&first).as_deref(), Some("miss"));
+    let first_rec = gw.record_for(first.headers()).await;
+    let first_body = first.text().await.unwrap();
+
+    // The same request, its keys in another order and with caller-only fields: a hit.
+    let same = json!({"temperature": 0, "user": "someone", "metadata": {"a": "b"},
+                      "messages": user("what is the capital of France"), "model": "mock-1"});
+    let hit = send(&gw, &key, "/v1/chat/completions", &same, &[]).await;
+    assert_eq!(hit.status(), 200);
+    assert_eq!(verdict(&hit).as_deref(), Some("hit"));
+    assert_eq!(hit.headers()["x-tollgate-cost"], "0");
+    assert_eq!(
+        hit.headers()["x-tollgate-reused-from"],
+        first_rec.id.as_str()
+    );
+    assert!(hit.headers().contains_key("age"));
+    let hit_rec = gw.record_for(hit.headers()).await;
+    assert_eq!(hit.text().await.unwrap(), first_body, "the same answer");
+    assert_eq!(
+        upstream_requests(&up).await,
+        1,
+        "one upstream call for two requests"
+    );
+
+    assert!(first_rec.cost_micros > 0 && first_rec.input_tokens > 0);
+    assert_eq!(first_rec.cache.as_deref(), Some("miss"));
+    assert!(first_rec.savings.is_empty());
+    assert_eq!(hit_rec.cache.as_deref(), Some("hit"));
+    assert_eq!(hit_rec.reused.as_deref(), Some("cache"));
+    assert_eq!(hit_rec.status, 200);
+    assert_eq!(hit_rec.cost_micros, 0);
+    assert_eq!(
+        (hit_rec.input_tokens, hit_rec.output_tokens),
+        (0, 0),
+        "a hit spends no tokens"
+    );
+    assert_eq!(hit_rec.model_served, first_rec.model_served);
+    assert_eq!(hit_rec.savings.len(), 1);
+    assert_eq!(hit_rec.savings[0].saver, "cache");
+    assert_eq!(
+        hit_rec.savings[0].tokens,
+        first_rec.input_tokens + first_rec.output_tokens
+    );
+    assert_eq!(hit_rec.savings[0].micros, first_rec.cost_micros);
+
+    // Token rollups count the tokens once: the hit's were not consumed.
+    let (s, report) = gw
+        .admin(reqwest::Method::GET, "/admin/usage?by=key", None)
+        .await;
+    assert_eq!(s, 200, "{report}");
+    let row = &report[0];
+    assert_eq!(row["requests"], 2, "{report}");
+    assert_eq!(row["input_tokens"], first_rec.input_tokens, "{report}");
+    assert_eq!(row["cost_micros"], first_rec.cost_micros, "{report}");
+
+    // Anything else that differs is another entry.
+    let other = json!({"model": "mock-1", "messages": user("what is the capital of France"), "temperature": 1});
+    let r = send(&gw, &key, "/v1/chat/completions", &other, &[]).await;
+    assert_eq!(verdict(&r).as_deref(), Some("miss"));
+    assert_eq!(upstream_requests(&up).await, 2);
+
+    let m = gw.metrics().await;
+    assert!(
+        m.contains("tollgate_cache_lookups_total{result=\"hit\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("tollgate_saved_micros_total{saver=\"cache\"}"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn no_store_bypasses_and_refresh_fetches_again() {
+    let up = spawn_mock(None).await;
+    // Six times the same request: the loop guard still judges repeats the cache answers.
+    let gw = TestGateway::start(&format!(
+        "{}[loop_guard]\nmax_repeats = 20\n",
+        config(&up, "")
+    ))
+    .await;
+    let key = gw.key().await;
+    let body = json!({"model": "mock-1", "messages": user("control headers")});
+    let path = "/v1/chat/completions";
+    let r = send(&gw, &key, path, &body, &[("cache-control", "no-store")]).await;
+    assert_eq!(verdict(&r).as_deref(), Some("bypass"));
+    assert_eq!(
+        gw.record_for(r.headers()).await.cache.as_deref(),
+        Some("bypass")
+    );
+    // Nothing was kept: the next one is a miss, the one after a hit.
+    let r = send(&gw, &key, path, &body, &[]).await;
+    assert_eq!(verdict(&r).as_deref(), Some("miss"));
+    let r = send(&gw, &key, path, &body, &[]).await;
+    assert_eq!(verdict(&r).as_deref(), Some("hit"));
+    assert_eq!(upstream_requests(&up).await, 2);
+    // A refresh goes upstream and keeps what it got; so does `no-cache`.
+    let r = send(&gw, &key, path, &body, &[("x-tollgate-cache", "refresh")]).await;
+    assert_eq!(verdict(&r).as_deref(), Some("refresh"));
+    let r = send(
+        &gw,
+        &key,
+        path,
+        &body,
+        &[("cache-control", "max-age=0, no-cache")],
+    )
+    .await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(verdict(&r).as_deref(), Some("refresh"));
+    assert_eq!(upstream_requests(&up).await, 4);
+    let r = send(&gw, &key, path, &body, &[]).await;
+    assert_eq!(verdict(&r).as_deref(), Some("hit"));
+    assert_eq!(upstream_requests(&up).await, 4);
+}
+
+#[tokio::test]
+async fn answers_are_kept_per_key_unless_the_team_shares_them() {
+    let up = spawn_mock(None).await;
+    let body = json!({"model": "mock-1", "messages": user("shared question")});
+    let path = "/v1/chat/completions";
+
+    let gw = TestGateway::start(&config(&up, "")).await;
+    let (a, _) = gw.create_key(json!({"name": "a", "team": "red"})).await;
+    let (b, _) = gw.create_key(json!({"name": "b", "team": "red"})).await;
+    assert_eq!(
+        verdict(&send(&gw, &a, path, &body, &[]).await).as_deref(),
+        Some("miss")
+    );
+    assert_eq!(
+        verdict(&send(&gw, &b, path, &body, &[]).await).as_deref(),
+        Some("miss"),
+        "another key never gets a key-scoped answer"
+    );
+    assert_eq!(
+        verdict(&send(&gw, &a, path, &body, &[]).await).as_deref(),
+        Some("hit")
+    );
+    drop(gw);
+
+    let gw = TestGateway::start(&config(&up, "scope = \"team\"\n")).await;
+    let (a, _) = gw.create_key(json!({"name": "a", "team": "red"})).await;
+    let (b, _) = gw.create_key(json!({"name": "b", "team": "red"})).await;
+    let (c, _) = gw.create_key(json!({"name": "c", "team": "blue"})).await;
+    let (d, _) = gw.create_key(json!({"name": "d"})).await;
+    assert_eq!(
+        verdict(&send(&gw, &a, path, &body, &[]).await).as_deref(),
+        Some("miss")
+    );
+    assert_eq!(
+        verdict(&send(&gw, &b, path, &body, &[]).await).as_deref(),
+        Some("hit"),
+        "the team shares"
+    );
+    assert_eq!(
+        verdict(&send(&gw, &c, path, &body, &[]).await).as_deref(),
+        Some("miss")
+    );
+    assert_eq!(
+        verdict(&send(&gw, &d, path, &body, &[]).await).as_deref(),
+        Some("miss"),
+        "a key without a team keeps its own"
+    );
+}
+
+#[tokio::test]
+async fn the_cache_answers_only_the_keys_and_models_it_names() {
+    let up = spawn_mock(None).await;
+    let gw = TestGateway::start(&config(
+        &up,
+        "keys = [\"cached-*\"]\nmodels = [\"mock-c*\"]\n",
+    ))
+    .await;
+    let (yes, _) = gw.create_key(json!({"name": "cached-1"})).await;
+    let (no, _) = gw.create_key(json!({"name": "plain"})).await;
+    let path = "/v1/chat/completions";
+    let body = json!({"model": "mock-c1", "messages": user("named")});
+    for _ in 0..2 {
+        let r = send(&gw, &no, path, &body, &[]).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(verdict(&r), None, "not a key it names");
+    }
+    let other_model = json!({"model": "mock-1", "messages": user("named")});
+    assert_eq!(
+        verdict(&send(&gw, &yes, path, &other_model, &[]).await),
+        None
+    );
+    assert_eq!(
+        verdict(&send(&gw, &yes, path, &body, &[]).await).as_deref(),
+        Some("miss")
+    );
+    assert_eq!(
+        verdict(&send(&gw, &yes, path, &body, &[]).await).as_deref(),
+        Some("hit")
+    );
+}
+
+#[tokio::test]
+async fn a_stream_is_replayed_as_the_same_events_and_never_shares_with_json() {
+    let up = spawn_mock(None).await;
+    let gw = TestGateway::start(&config(&up, "")).await;
+    let key = gw.key().await;
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            json!({"model": "mock-1", "stream": true, "stream_options": {"include_usage": true},
+                   "messages": user("stream me")}),
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "mock-1", "stream": true, "max_tokens": 64, "messages": user("stream me")}),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "mock-1", "stream": true, "input": "stream me"}),
+        ),
+    ] {
+        let before = upstream_requests(&up).await;
+        let first = send(&gw, &key, path, &body, &[]).await;
+        assert_eq!(verdict(&first).as_deref(), Some("miss"), "{path}");
+        let first_id = first.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let first_events = sse_data(first).await;
+        let first_rec = wait_record(&gw, &first_id).await;
+        assert!(first_rec.output_tokens > 0, "{path}");
+        // The stream is kept once it has ended whole.
+        let mut hit = None;
+        for _ in 0..50 {
+            let r = send(&gw, &key, path, &body, &[]).await;
+            if verdict(&r).as_deref() == Some("hit") {
+                hit = Some(r);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let hit = hit.unwrap_or_else(|| panic!("{path}: never a hit"));
+        assert!(hit.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"));
+        let id = hit.headers()["x-request-id"].to_str().unwrap().to_string();
+        let events = sse_data(hit).await;
+        assert_eq!(events, first_events, "{path}: the same events");
+        let rec = wait_record(&gw, &id).await;
+        assert!(rec.stream);
+        assert_eq!(rec.cost_micros, 0);
+        assert_eq!(
+            rec.savings[0].tokens,
+            first_rec.input_tokens + first_rec.output_tokens,
+            "{path}"
+        );
+        assert_eq!(upstream_requests(&up).await, before + 1, "{path}");
+
+        // The same request without `stream` is another entry.
+        let mut json_body = body.clone();
+        json_body.as_object_mut().unwrap().remove("stream");
+        json_body.as_object_mut().unwrap().remove("stream_options");
+        let r = send(&gw, &key, path, &json_body, &[]).await;
+        assert_eq!(verdict(&r).as_deref(), Some("miss"), "{path}");
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json"));
+    }
+}
+
+#[tokio::test]
+async fn failures_cut_streams_and_tool_calls_are_never_kept() {
+    let up = spawn_mock(None).await;
+    let gw = TestGateway::start(&config(&up, "")).await;
+    let key = gw.key().await;
+    let path = "/v1/chat/completions";
+    // A provider error, a truncated stream, a stream with an in-band error.
+    for body in [
+        json!({"model": "mock-500", "messages": user("fails")}),
+        json!({"model": "mock-truncate", "stream": true, "messages": user("cut")}),
+        json!({"model": "mock-errorevent", "stream": true, "messages": user("errs")}),
+    ] {
+        for _ in 0..2 {
+            let r = send(&gw, &key, path, &body, &[]).await;
+            assert_ne!(verdict(&r).as_deref(), Some("hit"), "{body}");
+            let _ = r.bytes().await;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    // An answer that calls a tool: the tool must run again next time.
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let body =
+        json!({"model": "mock-1", "messages": user("use the get_weather tool"), "tools": tools});
+    let first = send(&gw, &key, path, &body, &[]).await;
+    let answer: Value = first.json().await.unwrap();
+    assert!(
+        answer["choices"][0]["message"]["tool_calls"].is_array(),
+        "{answer}"
+    );
+    let again = send(&gw, &key, path, &body, &[]).await;
+    assert_eq!(verdict(&again).as_deref(), Some("miss"));
+    drop(gw);
+
+    // Unless the operator allows it.
+    let gw = TestGateway::start(&config(&up, "tool_calls = true\n")).await;
+    let key = gw.key().await;
+    assert_eq!(
+        verdict(&send(&gw, &key, path, &body, &[]).await).as_deref(),
+        Some("miss")
+    );
+    assert_eq!(
+        verdict(&send(&gw, &key, path, &body, &[]).await).as_deref(),
+        Some("hit")
+    );
+}
+
+#[tokio::test]
+async fn a_hit_with_a_fee_is_held_and_captured_from_the_wallet() {
+    let up = spawn_mock(None).await;
+    let gw = TestGateway::start(&config(&up, "fee_micros = 7\n")).await;
+    let (key, key_id) = gw.create_key(json!({"name": "payer"})).await;
+    let wallet = gw.wallet(&format!("key:{key_id}"), "5").await;
+    let body = json!({"model": "mock-1", "messages": user("worth paying for")});
+    let path = "/v1/chat/completions";
+    let first = send(&gw, &key, path, &body, &[]).await;
+    let first_rec = gw.record_for(first.headers()).await;
+    let hit = send(&gw, &key, path, &body, &[]).await;
+    assert_eq!(verdict(&hit).as_deref(), Some("hit"));
+    assert_eq!(hit.headers()["x-tollgate-cost"], "7");
+    let rec = gw.record_for(hit.headers()).await;
+    assert_eq!(rec.cost_micros, 7);
+    assert_eq!(rec.wallet_id.as_deref(), Some(wallet.as_str()));
+    assert_eq!(rec.savings[0].micros, first_rec.cost_micros - 7);
+    assert_eq!(upstream_requests(&up).await, 1);
+    let w = gw.wallet_view(&wallet).await;
+    assert_eq!(
+        w["balance_micros"].as_i64().unwrap(),
+        5_000_000 - first_rec.cost_micros as i64 - 7,
+        "{w}"
+    );
+    assert_eq!(w["held_micros"], 0, "{w}");
+}
