@@ -39,6 +39,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/usage/prune", post(prune_h))
         .route("/usage/records/{id}/body", get(record_body_h))
         .route("/roi", get(roi_h))
+        .route("/savings", get(savings_h))
         .route("/export/focus", get(focus_h))
         .route("/reconcile", get(reconcile_h))
         .route("/reload", post(reload_h))
@@ -548,6 +549,13 @@ async fn usage_h(
         .await?;
         return Ok(Json(rows).into_response());
     }
+    if q.by.as_deref() == Some("saver") {
+        let rows = blocking(&app, move |a| {
+            crate::ops::savings_report(&a.store, "saver", q.since.as_deref())
+        })
+        .await?;
+        return Ok(Json(rows).into_response());
+    }
     // Where the report starts: rollups start on the hour.
     let from = crate::ops::report_since(
         q.by.as_deref().unwrap_or("model"),
@@ -680,6 +688,25 @@ async fn roi_h(
         roi_report(
             &a.store,
             q.by.as_deref().unwrap_or("agent"),
+            q.since.as_deref(),
+        )
+    })
+    .await?;
+    Ok(Json(rows).into_response())
+}
+
+/// Tokens and USD saved, by saver or by a usage dimension (`ops::savings_report`).
+async fn savings_h(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<RoiQuery>,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    app.meter.flush().await;
+    let rows = blocking(&app, move |a| {
+        savings_report(
+            &a.store,
+            q.by.as_deref().unwrap_or("saver"),
             q.since.as_deref(),
         )
     })

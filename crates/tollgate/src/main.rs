@@ -103,6 +103,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Cmd::Usage(args) => usage(args).await?,
         Cmd::Logs(args) => logs(args).await?,
         Cmd::Roi { by, since, target } => roi(by, since, target).await?,
+        Cmd::Savings { by, since, target } => savings(by, since, target).await?,
         Cmd::Export { cmd, target } => export(cmd, target).await?,
         Cmd::Reconcile {
             provider,

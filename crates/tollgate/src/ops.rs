@@ -880,6 +880,94 @@ pub fn record_outcome(
     }
 }
 
+/// One line of `tollgate savings`: what one group (a saver, a key, a team, ...) did not
+/// spend, by saver, next to what it spent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavingsRow {
+    pub group: String,
+    /// What the group spent over the same window (`None` by saver: savers spend nothing).
+    pub spend_micros: Option<u64>,
+    pub saved_micros: u64,
+    pub saved_tokens: u64,
+    /// Saved over what it would have cost: saved / (spend + saved).
+    pub saved_share: Option<f64>,
+    pub savers: BTreeMap<String, SaverSums>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaverSums {
+    /// Requests this saver saved something on.
+    pub requests: u64,
+    pub tokens: u64,
+    pub micros: u64,
+}
+
+/// Tokens and USD saved since `since`, by saver (`by = "saver"`) or by key, team, org,
+/// project, model or endpoint with each saver's share; the most saved first. From rollups,
+/// so it starts on the hour of `since`.
+pub fn savings_report(
+    store: &Store,
+    by: &str,
+    since: Option<&str>,
+) -> Result<Vec<SavingsRow>, AdminError> {
+    let invalid = || {
+        AdminError::Invalid(format!(
+            "cannot group savings by \"{by}\": use saver, key, team, org, project, model or endpoint"
+        ))
+    };
+    let group: Option<GroupBy> = match by {
+        "saver" => None,
+        _ => {
+            let g: GroupBy = by.parse().map_err(|_| invalid())?;
+            g.savings_dim().ok_or_else(invalid)?;
+            Some(g)
+        }
+    };
+    let since_ms = since_ms(since)?;
+    let now = now_ms();
+    let saved = store.savings_report(group.as_ref(), since_ms, now)?;
+    let spend: BTreeMap<String, u64> = match &group {
+        None => BTreeMap::new(),
+        Some(g) => store
+            .usage_report_from(g, since_ms, now, crate::store::ReportSource::Auto)?
+            .into_iter()
+            .map(|r| (r.group, r.cost_micros))
+            .collect(),
+    };
+    let mut rows: BTreeMap<String, SavingsRow> = BTreeMap::new();
+    for r in saved {
+        let row = rows.entry(r.group.clone()).or_insert_with(|| SavingsRow {
+            group: r.group.clone(),
+            spend_micros: group
+                .as_ref()
+                .map(|_| spend.get(&r.group).copied().unwrap_or(0)),
+            saved_micros: 0,
+            saved_tokens: 0,
+            saved_share: None,
+            savers: BTreeMap::new(),
+        });
+        row.saved_micros = row.saved_micros.saturating_add(r.micros);
+        row.saved_tokens = row.saved_tokens.saturating_add(r.tokens);
+        let s = row.savers.entry(r.saver).or_default();
+        s.requests += r.requests;
+        s.tokens = s.tokens.saturating_add(r.tokens);
+        s.micros = s.micros.saturating_add(r.micros);
+    }
+    let mut rows: Vec<SavingsRow> = rows.into_values().collect();
+    for r in &mut rows {
+        if let Some(spend) = r.spend_micros {
+            let whole = spend.saturating_add(r.saved_micros);
+            r.saved_share = (whole > 0).then(|| r.saved_micros as f64 / whole as f64);
+        }
+    }
+    rows.sort_by(|a, b| {
+        b.saved_micros
+            .cmp(&a.saved_micros)
+            .then(a.group.cmp(&b.group))
+    });
+    Ok(rows)
+}
+
 /// One line of `tollgate roi`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoiRow {

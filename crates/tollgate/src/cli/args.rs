@@ -93,6 +93,19 @@ pub(crate) enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Tokens and USD not spent thanks to the response cache, tool-output compression and the
+    /// other savers, by saver or per key, team, org, project, model or endpoint next to
+    /// what was spent. From rollups: starts at the hour of --since.
+    Savings {
+        /// saver, key, team, org, project, model or endpoint
+        #[arg(long, default_value = "saver")]
+        by: String,
+        /// Only the last period, e.g. 30d.
+        #[arg(long)]
+        since: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Compare what tollgate metered for a provider with the provider's own usage report, per
     /// day, model and token class, and what it charged with the provider's cost report, per day
     /// and model. Exits 1 when a row drifts past the threshold. Needs a
@@ -456,8 +469,8 @@ impl LimitArgs {
 
 #[derive(Args)]
 pub(crate) struct UsageArgs {
-    /// key, team, org, project, model, day, run, endpoint, tag:NAME, or outcome (= `roi --by
-    /// type`). Reports from rollups start at the hour of --since.
+    /// key, team, org, project, model, day, run, endpoint, tag:NAME, outcome (= `roi --by
+    /// type`) or saver (= `savings`). Reports from rollups start at the hour of --since.
     #[arg(long, default_value = "model")]
     pub(crate) by: String,
     /// Only the last period, e.g. 7d, 24h.

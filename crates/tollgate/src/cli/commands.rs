@@ -499,6 +499,9 @@ pub(crate) async fn usage(args: UsageArgs) -> anyhow::Result<()> {
         // Spend by what it bought: the ROI report by outcome type.
         return roi("type".into(), args.since, args.target).await;
     }
+    if args.by == "saver" {
+        return savings("saver".into(), args.since, args.target).await;
+    }
     if args.target.format != Format::Json {
         if let Some(from) =
             admin::report_since(&args.by, args.since.as_deref(), None).filter(|f| *f > 0)
@@ -698,6 +701,62 @@ pub(crate) async fn roi(by: String, since: Option<String>, target: Target) -> an
             "per_success",
             "value_usd",
             "value_per_usd",
+        ],
+        &body,
+        target.format == Format::Csv,
+    );
+    Ok(())
+}
+
+/// `tollgate savings`.
+pub(crate) async fn savings(
+    by: String,
+    since: Option<String>,
+    target: Target,
+) -> anyhow::Result<()> {
+    let backend = Backend::new(&target)?;
+    let rows: Vec<admin::SavingsRow> = match &backend {
+        Backend::Local { store, .. } => admin::savings_report(store, &by, since.as_deref())?,
+        Backend::Remote { .. } => {
+            let mut path = format!("/admin/savings?by={}", urlencode(&by));
+            if let Some(s) = &since {
+                path.push_str(&format!("&since={}", urlencode(s)));
+            }
+            backend.call(reqwest::Method::GET, &path, None).await?
+        }
+    };
+    if target.format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let savers = r
+                .savers
+                .iter()
+                .map(|(k, s)| format!("{k}={}", usd(s.micros)))
+                .collect::<Vec<_>>()
+                .join(" ");
+            vec![
+                r.group.clone(),
+                r.spend_micros.map_or_else(|| "-".into(), usd),
+                usd(r.saved_micros),
+                r.saved_tokens.to_string(),
+                r.saved_share
+                    .map_or_else(|| "-".into(), |x| format!("{:.1}%", x * 100.0)),
+                savers,
+            ]
+        })
+        .collect();
+    print_rows(
+        &[
+            by.as_str(),
+            "spend_usd",
+            "saved_usd",
+            "saved_tokens",
+            "saved_share",
+            "by_saver",
         ],
         &body,
         target.format == Format::Csv,

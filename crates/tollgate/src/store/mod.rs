@@ -5,7 +5,9 @@ mod outcomes;
 mod usage;
 
 pub use outcomes::{ModelSpend, Outcome, Recorded};
-pub use usage::{insert_usage_rows, report_start, GroupBy, RecordFilter, ReportRow, ReportSource};
+pub use usage::{
+    insert_usage_rows, report_start, GroupBy, RecordFilter, ReportRow, ReportSource, SavedRow,
+};
 
 use crate::db::{Db, DbError, Dialect, Location, Param, Row, Value};
 use crate::records::UsageRecord;

@@ -17,6 +17,16 @@ pub struct ReportRow {
     pub cost_micros: u64,
 }
 
+/// What one saver saved for one group (`savings_report`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedRow {
+    pub group: String,
+    pub saver: String,
+    pub requests: u64,
+    pub tokens: u64,
+    pub micros: u64,
+}
+
 /// What `usage --by` groups on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GroupBy {
@@ -126,6 +136,15 @@ impl GroupBy {
         }
     }
 
+    /// The `savings_rollup` dimension a savings report by this grouping reads, if it has one
+    /// (every rolled-up grouping but day).
+    pub fn savings_dim(&self) -> Option<&'static str> {
+        match self.exprs(false).1 {
+            Some((dim, "label")) => Some(dim),
+            _ => None,
+        }
+    }
+
     /// Whether reports by this grouping read rollups (and so start on the hour).
     pub fn rolled_up(&self) -> bool {
         self.exprs(false).1.is_some()
@@ -210,6 +229,57 @@ impl Store {
                         reasoning_tokens: r.get(6)?,
                         cost_micros: r.get(7)?,
                         cache_write_tokens: r.get(8)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// What was saved from `since_ms` on (its hour, as every rollup report): one row per group
+    /// and saver, from `savings_rollup`. `by` is a grouping with a rollup dimension
+    /// (`GroupBy::savings_dim`), or `None` for the savers alone.
+    pub fn savings_report(
+        &self,
+        by: Option<&GroupBy>,
+        since_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<SavedRow>> {
+        let (dim, group) = match by.map(GroupBy::savings_dim) {
+            None => ("all", "saver"),
+            Some(Some(dim)) => (dim, "label"),
+            Some(None) => return Ok(Vec::new()),
+        };
+        self.with(|db| {
+            let h1 = report_start(since_ms);
+            let ceil_day = |t: i64| {
+                t.div_euclid(DAY_MS) * DAY_MS + if t.rem_euclid(DAY_MS) == 0 { 0 } else { DAY_MS }
+            };
+            let (d1, d2) = match (ceil_day(h1), now_ms.div_euclid(DAY_MS) * DAY_MS) {
+                (d1, d2) if d1 < d2 => (d1, d2),
+                _ => (i64::MAX, i64::MAX),
+            };
+            let part = |cond: &str| {
+                format!(
+                    "SELECT {group} AS g, saver AS s, requests AS n, tokens AS t, micros AS m
+                     FROM savings_rollup WHERE dim = ?1 AND {cond}"
+                )
+            };
+            let sql = format!(
+                "SELECT g, s, CAST(SUM(n) AS BIGINT), CAST(SUM(t) AS BIGINT), CAST(SUM(m) AS BIGINT)
+                 FROM ({} UNION ALL {} UNION ALL {}) AS parts GROUP BY g, s ORDER BY g, s",
+                part("bucket = 'h' AND start_ms >= ?2 AND start_ms < ?3"),
+                part("bucket = 'h' AND start_ms >= ?4"),
+                part("bucket = 'd' AND start_ms >= ?3 AND start_ms < ?4"),
+            );
+            db.rows(&sql, &[&dim, &h1, &d1, &d2])?
+                .iter()
+                .map(|r| {
+                    Ok(SavedRow {
+                        group: r.get(0)?,
+                        saver: r.get(1)?,
+                        requests: r.get(2)?,
+                        tokens: r.get(3)?,
+                        micros: r.get(4)?,
                     })
                 })
                 .collect()

@@ -43,8 +43,18 @@ fn verdict(r: &reqwest::Response) -> Option<String> {
 
 #[tokio::test]
 async fn a_repeated_json_request_is_answered_from_the_cache_at_no_cost_with_its_savings() {
+    a_repeated_json_request_is_answered_from_the_cache_at_no_cost_with_its_savings_on(
+        &TestStore::Sqlite,
+    )
+    .await;
+}
+
+/// Also run on PostgreSQL (postgres.rs): the savings column, rollup and report.
+pub async fn a_repeated_json_request_is_answered_from_the_cache_at_no_cost_with_its_savings_on(
+    store: &TestStore,
+) {
     let up = spawn_mock(None).await;
-    let gw = TestGateway::start(&config(&up, "")).await;
+    let gw = TestGateway::start(&store.config(&config(&up, ""))).await;
     let key = gw.key().await;
     let body = json!({"model": "mock-1", "messages": user("what is the capital of France"), "temperature": 0});
     let first = send(&gw, &key, "/v1/chat/completions", &body, &[]).await;
@@ -103,6 +113,51 @@ async fn a_repeated_json_request_is_answered_from_the_cache_at_no_cost_with_its_
     assert_eq!(row["requests"], 2, "{report}");
     assert_eq!(row["input_tokens"], first_rec.input_tokens, "{report}");
     assert_eq!(row["cost_micros"], first_rec.cost_micros, "{report}");
+
+    // The savings report, by saver and by key, next to the spend.
+    let (s, by_saver) = gw
+        .admin(reqwest::Method::GET, "/admin/savings?by=saver", None)
+        .await;
+    assert_eq!(s, 200, "{by_saver}");
+    assert_eq!(by_saver[0]["group"], "cache", "{by_saver}");
+    assert_eq!(by_saver[0]["saved_micros"], first_rec.cost_micros);
+    assert_eq!(by_saver[0]["spend_micros"], Value::Null);
+    let (_, by_key) = gw
+        .admin(reqwest::Method::GET, "/admin/savings?by=key&since=1d", None)
+        .await;
+    let row = &by_key[0];
+    assert_eq!(row["spend_micros"], first_rec.cost_micros, "{by_key}");
+    assert_eq!(row["saved_micros"], first_rec.cost_micros);
+    assert_eq!(row["saved_share"], 0.5, "saved as much as it spent");
+    assert_eq!(row["savers"]["cache"]["requests"], 1);
+    let (s, bad) = gw
+        .admin(reqwest::Method::GET, "/admin/savings?by=day", None)
+        .await;
+    assert_eq!(s, 400, "{bad}");
+    let out = crate::cli::tollgate_async(&[
+        "savings",
+        "--by",
+        "team",
+        "--format",
+        "csv",
+        "--url",
+        &gw.url,
+        "--admin-key",
+        &gw.admin_key,
+    ])
+    .await;
+    let csv = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{csv}");
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next(),
+        Some("team,spend_usd,saved_usd,saved_tokens,saved_share,by_saver")
+    );
+    let line = lines.next().unwrap();
+    assert!(
+        line.starts_with("team-a,") && line.contains(",50.0%,cache="),
+        "{csv}"
+    );
 
     // Anything else that differs is another entry.
     let other = json!({"model": "mock-1", "messages": user("what is the capital of France"), "temperature": 1});

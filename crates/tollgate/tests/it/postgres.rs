@@ -2,7 +2,7 @@
 //! starts, one fresh database per scenario.
 
 use crate::harness::*;
-use crate::{metering, spend, wallets};
+use crate::{cache, metering, spend, wallets};
 use serde_json::{json, Value};
 
 /// Runs every wallet scenario, each in a database of its own, on one PostgreSQL server.
@@ -63,6 +63,10 @@ async fn wallets_budgets_runs_and_webhooks_behave_identically_on_postgres() {
     .await;
     spend::the_request_log_filters_pages_and_says_why_on(&store(pg.database("log").await)).await;
     spend::outcomes_give_cost_per_outcome_once_each_on(&store(pg.database("roi").await)).await;
+    cache::a_repeated_json_request_is_answered_from_the_cache_at_no_cost_with_its_savings_on(
+        &store(pg.database("cache").await),
+    )
+    .await;
 }
 
 /// Three gateway processes, one PostgreSQL database: a dollar still buys a hundred cents.
