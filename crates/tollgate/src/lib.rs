@@ -52,6 +52,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
             "limits",
             "damping",
             "cache",
+            "compress",
             "loopguard",
             "prices",
             "estimate",
@@ -72,6 +73,7 @@ pub mod approval;
 pub mod audit;
 pub mod cache;
 pub mod clock;
+pub mod compress;
 pub mod config;
 pub mod conn;
 pub mod damping;

@@ -220,6 +220,7 @@ pub struct Runtime {
     pub approvals: crate::config::ApprovalsConfig,
     pub redaction: crate::config::RedactionConfig,
     pub cache: crate::config::CacheConfig,
+    pub compression: crate::config::CompressionConfig,
     health: Arc<HealthRegistry>,
 }
 
@@ -304,6 +305,7 @@ impl Runtime {
             approvals: cfg.approvals.clone(),
             redaction: cfg.redaction.clone(),
             cache: cfg.cache.clone(),
+            compression: cfg.compression.clone(),
             aliases,
             model_limits,
             direct: RwLock::new(HashMap::new()),

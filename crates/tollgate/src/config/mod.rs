@@ -36,6 +36,7 @@ pub struct Config {
     pub approvals: ApprovalsConfig,
     pub redaction: RedactionConfig,
     pub cache: CacheConfig,
+    pub compression: CompressionConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -773,6 +774,48 @@ impl Default for CacheConfig {
             streams: true,
             tool_calls: false,
             fee_micros: 0,
+        }
+    }
+}
+
+/// Tool-output compression (`compress.rs`): tool results in requests made smaller before
+/// the provider reads them. Off unless enabled, then for the keys and teams it names (all
+/// when it names none). Lossless transforms are on by default; truncation only when
+/// `max_tool_tokens` is set. Reloadable.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompressionConfig {
+    pub enabled: bool,
+    /// Key names (`prefix*` patterns) whose requests it compresses.
+    pub keys: Vec<String>,
+    /// Teams whose keys' requests it compresses.
+    pub teams: Vec<String>,
+    /// Remove terminal escape sequences (colours, cursor moves).
+    pub ansi: bool,
+    /// Write JSON tool results without insignificant whitespace.
+    pub json: bool,
+    /// Fold runs of at least this many identical lines into one and a count (0: off).
+    pub min_repeats: usize,
+    /// Replace a tool result identical to an earlier one in the conversation by a reference.
+    pub dedupe: bool,
+    /// Results shorter than this many bytes are never replaced by a reference.
+    pub dedupe_min_bytes: usize,
+    /// Lossy: a tool result over this many tokens keeps only its head and tail (0: never).
+    pub max_tool_tokens: u64,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        CompressionConfig {
+            enabled: false,
+            keys: Vec::new(),
+            teams: Vec::new(),
+            ansi: true,
+            json: true,
+            min_repeats: 3,
+            dedupe: true,
+            dedupe_min_bytes: 256,
+            max_tool_tokens: 0,
         }
     }
 }

@@ -123,6 +123,18 @@ impl Config {
                 "must be at most 17179869184 (16 GiB)",
             );
         }
+        if self.compression.max_tool_tokens > crate::money::MAX_TOKENS {
+            p(
+                "compression.max_tool_tokens".into(),
+                &format!("must be at most {}", crate::money::MAX_TOKENS),
+            );
+        }
+        if self.compression.min_repeats == 1 {
+            p(
+                "compression.min_repeats".into(),
+                "must be 0 (off) or at least 2",
+            );
+        }
         if self.server.max_body_bytes == 0 {
             p("server.max_body_bytes".into(), "must be greater than 0");
         }

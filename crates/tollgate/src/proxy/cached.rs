@@ -159,6 +159,8 @@ impl Settlement {
             rec.cost_micros = fee;
             rec.price_version = (fee > 0).then(|| format!("cache-fee:{fee}"));
             rec.response_bytes = entry.body.len() as u64;
+            // Nothing was sent, so nothing was compressed either: the cache saved it all.
+            rec.savings.retain(|s| !s.saver.starts_with("compress."));
             rec.savings.push(crate::records::Saving {
                 saver: "cache".into(),
                 tokens: entry.tokens(),

@@ -53,6 +53,7 @@ mod quote;
 mod route;
 mod scrub;
 mod settle;
+mod shrink;
 mod stream;
 mod toolcalls;
 
@@ -69,6 +70,7 @@ pub(crate) use quote::*;
 pub(crate) use route::*;
 pub(crate) use scrub::*;
 pub(crate) use settle::*;
+pub(crate) use shrink::*;
 pub(crate) use stream::*;
 pub(crate) use toolcalls::*;
 
@@ -162,6 +164,8 @@ async fn run(
     authorize(&cx)?;
     // redact (scrub.rs): personal data and secrets masked, or the request refused
     redact_request(&mut cx, &mut doc)?;
+    // compress (shrink.rs): tool output in the conversation made smaller
+    compress_request(&mut cx, &mut doc)?;
     // damp (damp.rs): replays of answered retries, retry budgets, the loop guard
     if let Some(answer) = damp_phase(&mut cx, &doc)? {
         return Ok(answer);

@@ -318,6 +318,10 @@ impl Settlement {
 
     pub(crate) fn finish_error(&mut self, e: &ApiError) {
         if let Some(mut rec) = self.take() {
+            if !self.upstream_started {
+                // Refused before any provider saw it: compressing it saved nothing.
+                rec.savings.retain(|s| !s.saver.starts_with("compress."));
+            }
             rec.status = e.status().as_u16();
             rec.error_kind = Some(e.kind.as_str().to_string());
             rec.detail = Some(detail(&e.message));
@@ -496,6 +500,17 @@ pub(crate) fn apply_usage(
         Some(price) => {
             rec.cost_micros = price.cost(&usage);
             rec.price_version = Some(price.version.clone());
+            // What compression kept out of the request, at the price the rest was paid.
+            for s in rec
+                .savings
+                .iter_mut()
+                .filter(|s| s.saver.starts_with("compress."))
+            {
+                s.micros = price.cost(&Usage {
+                    input: bound(s.tokens),
+                    ..Usage::default()
+                });
+            }
         }
         None => {
             rec.cost_micros = 0;

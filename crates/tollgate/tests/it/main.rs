@@ -12,6 +12,7 @@ mod auth;
 mod cache;
 mod cli;
 mod clients;
+mod compression;
 mod connections;
 mod corpus;
 mod damping;
