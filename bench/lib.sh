@@ -46,6 +46,8 @@ cpu_ticks() { # total utime+stime of the given pids, in clock ticks
 #   policies  limits, loop guard in warn mode, retry damping, coalescing, metering
 #   wallet    policies (the key gets a wallet: see bench_key)
 #   hot       policies with the Redis limiter and hot wallets
+#   cachemiss policies with the response cache on: every body unique, every request a miss kept
+#   cachehit  the same, with 64 distinct bodies (pinned.sh): every measured request a hit
 gateway_config() {
   local file=$1 port=$2 data=$3 scenario=$4 redis=${5:-redis://127.0.0.1:6391}
   cat > "$file" <<TOML
@@ -62,6 +64,8 @@ TOML
     minimal) printf '[limits]\nrpm = 0\ntpm = 0\nconcurrency = 0\n[limits.team]\nrpm = 0\ntpm = 0\nconcurrency = 0\n[loop_guard]\nenabled = false\n[retries]\ncoalesce = false\n' >> "$file" ;;
     policies|wallet) printf '[loop_guard]\naction = "warn"\n' >> "$file" ;;
     hot) printf '[loop_guard]\naction = "warn"\n[limits]\nbackend = "redis"\n[limits.redis]\nurl = "%s"\n' "$redis" >> "$file" ;;
+    # Repeats of a body are what a cache is for: not retries to budget.
+    cachemiss|cachehit) printf '[loop_guard]\naction = "warn"\n[retries]\nsame_request_within = "0s"\n[cache]\nenabled = true\n' >> "$file" ;;
   esac
   # EXTRA_TOML: sections to add, for a one-off comparison ('[metering]\nlinger = "0s"').
   if [ -n "${EXTRA_TOML:-}" ]; then printf '%b\n' "$EXTRA_TOML" >> "$file"; fi

@@ -14,7 +14,10 @@
 #             damping, coalescing, metering: the defaults a production gateway runs
 #   wallet    policies + a wallet on the key: a hold in the store before every call
 #   hot       policies with the Redis limiter + hot wallets: holds in Redis
-# Every request body is unique (bench/loadgen numbers them), so no policy refuses one.
+#   cachemiss policies + the response cache: every request a miss whose answer is kept
+#   cachehit  the same with 64 distinct bodies: every measured request a cache hit
+# Every request body is unique (bench/loadgen numbers them), so no policy refuses one; but
+# cachehit's, which repeat.
 #
 # One JSON line per run in bench/out-pinned/results.jsonl, a Markdown table on stdout.
 set -euo pipefail
@@ -71,10 +74,11 @@ PY
 
 loads() { # scenario url key pids...
   local s=$1 url=$2 key=$3; shift 3
-  LGARGS=(--concurrency "$CONC"); run "$s" "$s json max" "$url" "$key" "$@"
-  LGARGS=(--concurrency "$CONC" --stream); run "$s" "$s stream max" "$url" "$key" "$@"
-  LGARGS=(--rate "$RATE"); run "$s" "$s json $RATE/s" "$url" "$key" "$@"
-  LGARGS=(--rate "$RATE" --stream); run "$s" "$s stream $RATE/s" "$url" "$key" "$@"
+  local extra=(); [ "${s##*-}" = cachehit ] && extra=(--distinct 64)
+  LGARGS=(--concurrency "$CONC" "${extra[@]}"); run "$s" "$s json max" "$url" "$key" "$@"
+  LGARGS=(--concurrency "$CONC" --stream "${extra[@]}"); run "$s" "$s stream max" "$url" "$key" "$@"
+  LGARGS=(--rate "$RATE" "${extra[@]}"); run "$s" "$s json $RATE/s" "$url" "$key" "$@"
+  LGARGS=(--rate "$RATE" --stream "${extra[@]}"); run "$s" "$s stream $RATE/s" "$url" "$key" "$@"
   echo "{\"scenario\":\"$s\",\"peak_rss_kb\":$(peak_rss_kb "$@")}" >> "$OUT/rss.jsonl"
 }
 

@@ -31,6 +31,10 @@ struct Args {
     /// A label printed with the result.
     #[arg(long, default_value = "")]
     label: String,
+    /// Cycle through this many distinct bodies, the same in every run (0: every body unique),
+    /// to measure a response cache's hits.
+    #[arg(long, default_value = "0")]
+    distinct: u64,
 }
 
 struct Sample {
@@ -44,15 +48,18 @@ struct Sample {
 struct Template {
     head: Vec<u8>,
     tail: Vec<u8>,
+    distinct: u64,
 }
 
 static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Template {
     fn body(&self) -> Vec<u8> {
-        let n = SEQ
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            .to_string();
+        let mut n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.distinct > 0 {
+            n %= self.distinct;
+        }
+        let n = n.to_string();
         let mut b = Vec::with_capacity(self.head.len() + n.len() + self.tail.len());
         b.extend_from_slice(&self.head);
         b.extend_from_slice(n.as_bytes());
@@ -136,10 +143,15 @@ async fn main() -> anyhow::Result<()> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or_default();
-    let head = format!("{head}{run:x}-");
+    // Distinct bodies are the same in every run: the warm-up fills the cache the run reads.
+    let head = match args.distinct {
+        0 => format!("{head}{run:x}-"),
+        _ => format!("{head}cached-"),
+    };
     let body = Arc::new(Template {
         head: head.as_bytes().to_vec(),
         tail: tail.as_bytes().to_vec(),
+        distinct: args.distinct,
     });
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(4096)

@@ -52,6 +52,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
             "limits",
             "damping",
             "cache",
+            "cascade",
             "compress",
             "loopguard",
             "prices",
@@ -72,6 +73,7 @@ pub mod admin;
 pub mod approval;
 pub mod audit;
 pub mod cache;
+pub mod cascade;
 pub mod clock;
 pub mod compress;
 pub mod config;

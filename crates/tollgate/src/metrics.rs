@@ -40,6 +40,7 @@ pub struct Metrics {
     pub answers_reused: Family<ReuseLabels, Counter>,
     pub redactions: Family<RedactionLabels, Counter>,
     pub cache_lookups: Family<CacheLabels, Counter>,
+    pub cascade_answers: Family<CascadeLabels, Counter>,
     pub saved_tokens: Family<SaverLabels, Counter>,
     pub saved_micros: Family<SaverLabels, Counter>,
     pub hold_seconds: Histogram,
@@ -78,6 +79,11 @@ pub struct ScopeLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabels {
     pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CascadeLabels {
+    pub tier: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -226,6 +232,12 @@ impl Metrics {
             "Requests the response cache applied to, by result (hit, miss, refresh, bypass)",
             Family::default(),
         );
+        let cascade_answers = reg(
+            &mut registry,
+            "cascade_answers",
+            "Cascade requests answered, by whether the first tier answered or it escalated",
+            Family::default(),
+        );
         let saved_tokens = reg(
             &mut registry,
             "saved_tokens",
@@ -296,6 +308,7 @@ impl Metrics {
             answers_reused,
             redactions,
             cache_lookups,
+            cascade_answers,
             saved_tokens,
             saved_micros,
             requests,
@@ -315,6 +328,12 @@ impl Metrics {
     pub fn count_cache(&self, result: &'static str) {
         self.cache_lookups
             .get_or_create(&CacheLabels { result })
+            .inc();
+    }
+
+    pub fn count_cascade(&self, tier: &'static str) {
+        self.cascade_answers
+            .get_or_create(&CascadeLabels { tier })
             .inc();
     }
 

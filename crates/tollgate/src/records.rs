@@ -184,6 +184,10 @@ pub struct UsageRecord {
     /// What the exact response cache did with it (`hit`, `miss`, `bypass`), when it applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<String>,
+    /// A cascade alias's path: the tiers tried, why each before the answering one was passed
+    /// over, and which answered (`mock-small (the answer is empty) -> mock-large`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cascade: Option<String>,
     /// Tokens and money saved on this request, by what saved them (a cache hit, compressed
     /// tool output, ...): never counted as spent, reported next to spend.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -193,6 +193,14 @@ impl HealthRegistry {
 }
 
 /// Everything that reloads: swapped whole, so a request sees one consistent version.
+/// A cascade alias: its tiers (model names, cheapest first) and the checks an answer must
+/// pass before a tier other than the last may return it.
+#[derive(Debug)]
+pub struct Cascade {
+    pub tiers: Vec<String>,
+    pub validators: crate::cascade::Validators,
+}
+
 pub struct Runtime {
     pub providers: Vec<Arc<Provider>>,
     pub aliases: HashMap<String, Vec<Arc<Deployment>>>,
@@ -220,6 +228,8 @@ pub struct Runtime {
     pub approvals: crate::config::ApprovalsConfig,
     pub redaction: crate::config::RedactionConfig,
     pub cache: crate::config::CacheConfig,
+    /// Aliases answered by a cascade of other models (`[[models]] cascade`).
+    pub cascades: HashMap<String, Arc<Cascade>>,
     pub compression: crate::config::CompressionConfig,
     health: Arc<HealthRegistry>,
 }
@@ -249,7 +259,31 @@ impl Runtime {
             .collect();
         let mut aliases = HashMap::new();
         let mut model_limits = HashMap::new();
-        for m in &cfg.models {
+        let mut cascades = HashMap::new();
+        for m in cfg.models.iter().filter(|m| !m.cascade.is_empty()) {
+            let v = &m.validate;
+            let must_match = match &v.must_match {
+                Some(re) => Some(fancy_regex::Regex::new(re).map_err(|e| {
+                    BuildError::Route(format!("models \"{}\": validate.must_match: {e}", m.name))
+                })?),
+                None => None,
+            };
+            cascades.insert(
+                m.name.clone(),
+                Arc::new(Cascade {
+                    tiers: m.cascade.clone(),
+                    validators: crate::cascade::Validators {
+                        json_schema: v.json_schema,
+                        tool_arguments: v.tool_arguments,
+                        not_truncated: v.not_truncated,
+                        not_empty: v.not_empty,
+                        not_refusal: v.not_refusal,
+                        must_match,
+                    },
+                }),
+            );
+        }
+        for m in cfg.models.iter().filter(|m| m.cascade.is_empty()) {
             let mut deps = Vec::new();
             for d in &m.deployments {
                 let Some(provider) = by_name.get(d.provider.as_str()) else {
@@ -305,6 +339,7 @@ impl Runtime {
             approvals: cfg.approvals.clone(),
             redaction: cfg.redaction.clone(),
             cache: cfg.cache.clone(),
+            cascades,
             compression: cfg.compression.clone(),
             aliases,
             model_limits,
@@ -326,6 +361,20 @@ impl Runtime {
     /// The deployments that can serve `model`: an alias, `provider/model`, or a model name a
     /// provider's `models` patterns claim (the first such provider).
     pub fn resolve(&self, model: &str) -> Option<Vec<Arc<Deployment>>> {
+        if let Some(c) = self.cascades.get(model) {
+            // Every tier's: what can serve it at all (`run` picks by tier). Tiers are never
+            // cascades themselves (config validation).
+            let mut all = Vec::new();
+            for tier in &c.tiers {
+                all.extend(self.resolve_deployments(tier)?);
+            }
+            return Some(all);
+        }
+        self.resolve_deployments(model)
+    }
+
+    /// `resolve` for a name that is an alias with deployments or a provider's model.
+    pub fn resolve_deployments(&self, model: &str) -> Option<Vec<Arc<Deployment>>> {
         if let Some(deps) = self.aliases.get(model) {
             return Some(deps.clone());
         }

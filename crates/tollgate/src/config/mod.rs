@@ -545,7 +545,14 @@ fn d_total() -> Duration {
 pub struct ModelConfig {
     /// The name clients send as `model`.
     pub name: String,
+    #[serde(default)]
     pub deployments: Vec<DeploymentConfig>,
+    /// Instead of deployments: models (aliases or provider model names) tried in order, the
+    /// first whose answer passes `validate` answering (`cascade.rs`, ADR 0030).
+    #[serde(default)]
+    pub cascade: Vec<String>,
+    #[serde(default)]
+    pub validate: CascadeValidate,
     /// Limits on this model across all keys.
     #[serde(default)]
     pub rpm: u64,
@@ -553,6 +560,37 @@ pub struct ModelConfig {
     pub tpm: u64,
     #[serde(default)]
     pub concurrency: u32,
+}
+
+/// What a cascade tier's answer must pass to be returned (every check on by default).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CascadeValidate {
+    /// The JSON asked for by `response_format` / `text.format`, valid against its schema.
+    pub json_schema: bool,
+    /// Tool calls name declared tools, with arguments valid against their schemas.
+    pub tool_arguments: bool,
+    /// Not stopped at the token limit.
+    pub not_truncated: bool,
+    /// Some text or a tool call.
+    pub not_empty: bool,
+    /// Not marked a refusal by the provider.
+    pub not_refusal: bool,
+    /// A regex (fancy-regex syntax) the answer's text must match.
+    pub must_match: Option<String>,
+}
+
+impl Default for CascadeValidate {
+    fn default() -> Self {
+        CascadeValidate {
+            json_schema: true,
+            tool_arguments: true,
+            not_truncated: true,
+            not_empty: true,
+            not_refusal: true,
+            must_match: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -415,11 +415,49 @@ impl Config {
                     &format!("duplicate model name \"{}\"", m.name),
                 );
             }
-            if m.deployments.is_empty() {
-                p(
+            match (m.deployments.is_empty(), m.cascade.is_empty()) {
+                (true, true) => p(
                     format!("{path}.deployments"),
-                    "needs at least one deployment",
+                    "needs at least one deployment (or a cascade)",
+                ),
+                (false, false) => p(
+                    format!("{path}.cascade"),
+                    "a model has deployments or a cascade, not both",
+                ),
+                _ => {}
+            }
+            if m.cascade.len() == 1 || m.cascade.len() > 4 {
+                p(
+                    format!("{path}.cascade"),
+                    "needs two to four models, cheapest first",
                 );
+            }
+            for (j, tier) in m.cascade.iter().enumerate() {
+                // A tier that is itself a cascade would nest holds and checks without end.
+                if self
+                    .models
+                    .iter()
+                    .any(|o| &o.name == tier && !o.cascade.is_empty())
+                {
+                    p(
+                        format!("{path}.cascade[{j}]"),
+                        &format!("\"{tier}\" is a cascade itself"),
+                    );
+                }
+                if tier == &m.name {
+                    p(
+                        format!("{path}.cascade[{j}]"),
+                        "a cascade cannot name itself",
+                    );
+                }
+            }
+            if let Some(re) = &m.validate.must_match {
+                if let Err(e) = fancy_regex::Regex::new(re) {
+                    p(
+                        format!("{path}.validate.must_match"),
+                        &format!("not a regex: {e}"),
+                    );
+                }
             }
             for (j, d) in m.deployments.iter().enumerate() {
                 if !provider_names.contains(d.provider.as_str()) {

@@ -62,10 +62,21 @@ pub(crate) async fn chat(
 
     if !stream {
         b.json_delay().await;
+        // Asked for JSON: a document the schema accepts (`badjson`: prose instead).
+        let wanted = req.pointer("/response_format/json_schema/schema");
+        let text = match (call.is_none(), wanted, b.has("badjson")) {
+            (true, _, true) => "Sure! Here is the JSON you asked for: {oops".to_string(),
+            (true, Some(schema), false) => super::tools::arguments(Some(schema)).to_string(),
+            _ if b.has("empty") => String::new(),
+            _ => pieces.concat(),
+        };
+        let finish = if b.has("length") { "length" } else { finish };
         let message = match &call {
             Some((name, args)) => json!({"role": "assistant", "content": null, "tool_calls": [
                 {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}]}),
-            None => json!({"role": "assistant", "content": pieces.concat(), "refusal": null}),
+            None if b.has("refuse") => json!({"role": "assistant", "content": null,
+                "refusal": "I can't help with that request."}),
+            None => json!({"role": "assistant", "content": text, "refusal": null}),
         };
         let mut resp = json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,

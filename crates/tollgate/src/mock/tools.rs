@@ -58,7 +58,13 @@ impl ToolAsk<'_> {
             Choice::Auto => named(),
             Choice::None => None,
         }?;
-        Some((tool.name.to_string(), arguments(tool.schema)))
+        // `badargs`: arguments the declared schema refuses (its required fields missing).
+        let args = if b.has("badargs") {
+            Value::Object(Map::new())
+        } else {
+            arguments(tool.schema)
+        };
+        Some((tool.name.to_string(), args))
     }
 
     /// Chat Completions: `tools[].function`, a `tool` message as the answer.
@@ -212,7 +218,7 @@ fn names_word(text: &str, name: &str) -> bool {
 
 /// Arguments from the schema: every required string is "mock", numbers 1, booleans true,
 /// arrays and objects empty, so the call validates against what the agent declared.
-fn arguments(schema: Option<&Value>) -> Value {
+pub(crate) fn arguments(schema: Option<&Value>) -> Value {
     let mut args = Map::new();
     let props = schema
         .and_then(|s| s.get("properties"))

@@ -355,16 +355,25 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// What the forward phase ended with.
+pub(crate) enum Forwarded {
+    Answer(Response),
+    /// A cascade tier's JSON answer failed its checks (why): billed on the record, not sent.
+    Rejected(String),
+}
+
 /// The forward phase: attempts over the candidates (a deployment at its own limit is skipped,
 /// a retryable failure is retried on the next one within the retry budget, after a backoff),
 /// translating to and from the provider's dialect; the answer goes to `finish_json` or
-/// `stream_response`.
+/// `stream_response`. With `check` (a cascade tier before the last: its validators and the
+/// request), a JSON answer that fails them is billed and `Rejected` instead.
 pub(crate) async fn forward(
     cx: &mut Ctx<'_>,
     doc: &mut RequestDoc<'_>,
     candidates: &[Arc<Deployment>],
     estimate: u64,
-) -> Result<Response, ApiError> {
+    check: Option<(&crate::cascade::Validators, &serde_json::Value)>,
+) -> Result<Forwarded, ApiError> {
     let (app, endpoint, headers, stream, key) =
         (cx.app, cx.endpoint, cx.headers, cx.stream, cx.key);
     let model: &str = &cx.model;
@@ -502,6 +511,18 @@ pub(crate) async fn forward(
                 } else {
                     None
                 };
+                if let Some((validators, request)) = check {
+                    let shown = client_body.as_ref().unwrap_or(&answer.body);
+                    let verdict = if answer.status.is_success() {
+                        crate::cascade::check(validators, request, shown)
+                    } else {
+                        Err(format!("the provider answered {}", answer.status))
+                    };
+                    if let Err(why) = verdict {
+                        settle.bill_rejected_tier(&runtime, &dep, up_endpoint, &answer.body);
+                        return Ok(Forwarded::Rejected(why));
+                    }
+                }
                 let judge = judge(settle, &dep);
                 let client_body = match judge {
                     Some(j) => {
@@ -522,7 +543,13 @@ pub(crate) async fn forward(
                     Some(b) => Some(Bytes::from(b)),
                     None => client_body,
                 };
-                return Ok(settle.finish_json(&runtime, &dep, up_endpoint, answer, client_body));
+                return Ok(Forwarded::Answer(settle.finish_json(
+                    &runtime,
+                    &dep,
+                    up_endpoint,
+                    answer,
+                    client_body,
+                )));
             }
             Ok(Upstream::Stream { first, rest }) => {
                 dep.health.success(now_ms(), &runtime.routing);
@@ -545,7 +572,9 @@ pub(crate) async fn forward(
                     guard: judge(settle, &dep).and_then(|j| ToolGuard::new(j, endpoint)),
                     scrub: StreamScrub::new(app, &runtime, key, endpoint),
                 };
-                return Ok(stream_response(app, settle, &dep, view, first, rest));
+                return Ok(Forwarded::Answer(stream_response(
+                    app, settle, &dep, view, first, rest,
+                )));
             }
             Err(mut failure) => {
                 // A request the provider refused as malformed says nothing about the

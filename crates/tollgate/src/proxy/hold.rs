@@ -59,6 +59,12 @@ pub fn quote(
     } else {
         0
     };
+    let (ip, op) = highest_prices(runtime, deployments);
+    Quote::new(input, output, ip, op)
+}
+
+/// The highest input and output prices among `deployments`: a hold covers whichever serves.
+fn highest_prices(runtime: &Runtime, deployments: &[Arc<Deployment>]) -> (u64, u64) {
     let (mut ip, mut op) = (0, 0);
     for d in deployments {
         if let Some(p) = runtime.prices.lookup(&d.provider.name, &d.model) {
@@ -66,7 +72,33 @@ pub fn quote(
             op = op.max(p.output).max(p.reasoning);
         }
     }
-    Quote::new(input, output, ip, op)
+    (ip, op)
+}
+
+/// `quote` for a model: a cascade alias's covers every tier answering once (each tier's
+/// highest prices, summed), since a request escalated to the last tier pays them all.
+pub fn quote_model(
+    runtime: &Runtime,
+    model: &str,
+    deployments: &[Arc<Deployment>],
+    endpoint: Endpoint,
+    doc: &RequestDoc,
+    body_len: usize,
+) -> Quote {
+    let q = quote(runtime, deployments, endpoint, doc, body_len);
+    let Some(c) = runtime.cascades.get(model) else {
+        return q;
+    };
+    let (mut ip, mut op) = (0u64, 0u64);
+    for tier in &c.tiers {
+        let (i, o) = highest_prices(
+            runtime,
+            &runtime.resolve_deployments(tier).unwrap_or_default(),
+        );
+        ip = ip.saturating_add(i);
+        op = op.saturating_add(o);
+    }
+    Quote::new(q.input_tokens, q.output_tokens, ip, op)
 }
 
 /// A request's cap from `x-tollgate-max-cost` (USD) and the key's (or its team's) setting:
@@ -250,7 +282,14 @@ pub(crate) async fn hold(
     if cap.is_none() && wallet_id.is_none() && envelopes.is_empty() {
         return Ok(());
     }
-    let mut q = quote(runtime, deployments, endpoint, doc, settle.body.len());
+    let mut q = quote_model(
+        runtime,
+        &cx.model,
+        deployments,
+        endpoint,
+        doc,
+        settle.body.len(),
+    );
     if let Some(cap) = cap {
         if q.cost_micros > cap {
             return Err(ApiError::new(

@@ -44,6 +44,7 @@ mod admit;
 mod cached;
 mod damp;
 mod endpoint;
+mod escalate;
 mod forward;
 mod govern;
 mod hold;
@@ -62,6 +63,7 @@ pub(crate) use admit::*;
 pub(crate) use cached::*;
 pub(crate) use damp::*;
 pub(crate) use endpoint::*;
+pub(crate) use escalate::*;
 pub(crate) use forward::*;
 pub(crate) use govern::*;
 pub(crate) use hold::*;
@@ -185,6 +187,8 @@ async fn run(
         Routed::Local(answer) => return Ok(answer),
         Routed::To(deployments, candidates) => (deployments, candidates),
     };
+    // cascade (escalate.rs): a cascade alias's tiers, each routed
+    let tiers = cascade_tiers(&cx)?;
     // hold (hold.rs): spend caps, and the wallet's hold for the request's maximum cost
     if endpoint != Endpoint::CountTokens {
         hold(&mut cx, &mut doc, &deployments).await?;
@@ -194,8 +198,15 @@ async fn run(
         let fee = cx.runtime.cache.fee_micros;
         return Ok(cx.settle.cached(&entry, fee));
     }
+    if let Some((cascade, tiers)) = tiers {
+        return escalate(&mut cx, &mut doc, &cascade, tiers, estimate).await;
+    }
     // forward (forward.rs), then settle (settle.rs) or stream (stream.rs)
-    forward(&mut cx, &mut doc, &candidates, estimate).await
+    match forward(&mut cx, &mut doc, &candidates, estimate, None).await? {
+        Forwarded::Answer(resp) => Ok(resp),
+        // Only a cascade tier's answer is checked.
+        Forwarded::Rejected(why) => Err(ApiError::new(ErrorKind::Internal, why)),
+    }
 }
 
 /// One request on its way through the phases: what each phase reads, and the settlement

@@ -46,7 +46,7 @@ pub async fn quote_handler(
             )
             .param("model")
         })?;
-        let quote = quote(&runtime, &deployments, endpoint, &doc, body.len());
+        let quote = quote_model(&runtime, &model, &deployments, endpoint, &doc, body.len());
         let cap = cost_cap(&app, &key, &parts.headers)?;
         let (specs, _) = envelopes_for(&app, &key, &parts.headers)?;
         let envelope = if specs.is_empty() {

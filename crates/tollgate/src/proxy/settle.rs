@@ -44,6 +44,12 @@ pub(crate) struct Settlement {
     pub(crate) cache_key: Option<[u8; 32]>,
     /// A cache hit waiting for its fee to be held.
     pub(crate) cache_hit: Option<Arc<crate::cache::Entry>>,
+    /// Cascade tiers whose answers failed their checks: exact usage and cost, added to the
+    /// record whatever the request's ending.
+    pub(crate) rejected: Broken,
+    /// While a cascade tier before the last is tried: the last tier's deployment, whose price
+    /// says what the answer would have cost had the cascade gone straight there.
+    pub(crate) cascade_reference: Option<Arc<Deployment>>,
 }
 
 /// Tokens and cost (estimated) of upstream attempts that broke off after the provider
@@ -59,22 +65,38 @@ impl Broken {
     /// Adds them to the record that leaves (after its own usage is applied), marking its
     /// usage as (partly) estimated.
     pub(crate) fn fold(&mut self, rec: &mut UsageRecord) {
+        if self.add_to(rec) {
+            rec.usage_source = match rec.usage_source.as_str() {
+                "provider" => "provider+estimated".into(),
+                _ => "estimated".into(),
+            };
+        }
+    }
+
+    /// `fold` for usage the provider reported (a rejected cascade tier's): the source stays.
+    pub(crate) fn fold_exact(&mut self, rec: &mut UsageRecord) {
+        if self.add_to(rec) && rec.usage_source == "none" {
+            rec.usage_source = "provider".into();
+        }
+    }
+
+    fn add_to(&mut self, rec: &mut UsageRecord) -> bool {
         let Some(price) = self.price.take() else {
-            return;
+            return false;
         };
         rec.input_tokens = rec.input_tokens.saturating_add(self.usage.input);
+        rec.cached_input_tokens = rec
+            .cached_input_tokens
+            .saturating_add(self.usage.cached_input);
         rec.output_tokens = rec.output_tokens.saturating_add(self.usage.output);
         rec.cost_micros = rec
             .cost_micros
             .saturating_add(self.cost)
             .min(crate::money::MAX_MICROS as u64);
-        rec.usage_source = match rec.usage_source.as_str() {
-            "provider" => "provider+estimated".into(),
-            _ => "estimated".into(),
-        };
         if rec.price_version.is_none() {
             rec.price_version = Some(price);
         }
+        true
     }
 }
 
@@ -125,6 +147,8 @@ impl Settlement {
             route_price: None,
             cache_key: None,
             cache_hit: None,
+            rejected: Broken::default(),
+            cascade_reference: None,
         }
     }
 
@@ -196,6 +220,46 @@ impl Settlement {
             b.price = Some(price.map_or_else(|| "unpriced".into(), |p| p.version.clone()));
         }
         self.app.metrics.attempts_billed_broken.inc();
+    }
+
+    /// A cascade tier's answer that failed its checks: the provider did the work, so the
+    /// request pays for it, at the usage the provider reported (estimated if it gave none).
+    pub(crate) fn bill_rejected_tier(
+        &mut self,
+        runtime: &Runtime,
+        dep: &Deployment,
+        endpoint: Endpoint,
+        body: &[u8],
+    ) {
+        let usage = match endpoint.dialect() {
+            Dialect::OpenAi => Usage::from_openai_response(body),
+            Dialect::Anthropic => Usage::from_anthropic_response(body),
+        }
+        .unwrap_or_else(|| Usage {
+            input: estimate::request_tokens(&self.body),
+            output: estimate_output_json(body),
+            ..Usage::default()
+        });
+        let bound = |n: u64| n.min(crate::money::MAX_TOKENS);
+        let usage = Usage {
+            input: bound(usage.input),
+            cached_input: bound(usage.cached_input),
+            output: bound(usage.output),
+            ..Usage::default()
+        };
+        let price = runtime.prices.lookup(&dep.provider.name, &dep.model);
+        let cost = price.map_or(0, |p| p.cost(&usage));
+        let r = &mut self.rejected;
+        r.usage.input = r.usage.input.saturating_add(usage.input);
+        r.usage.cached_input = r.usage.cached_input.saturating_add(usage.cached_input);
+        r.usage.output = r.usage.output.saturating_add(usage.output);
+        r.cost = r
+            .cost
+            .saturating_add(cost)
+            .min(crate::money::MAX_MICROS as u64);
+        if r.price.is_none() {
+            r.price = Some(price.map_or_else(|| "unpriced".into(), |p| p.version.clone()));
+        }
     }
 
     /// Answers with another request's answer: no upstream call, no cost.
@@ -305,6 +369,8 @@ impl Settlement {
 
     pub(crate) fn commit(&mut self, mut rec: UsageRecord) {
         self.broken.fold(&mut rec);
+        self.rejected.fold_exact(&mut rec);
+        self.note_cascade_saving(&mut rec);
         rec.latency_ms = self.started.elapsed().as_millis() as u64;
         if let Some(mut a) = self.admission.take() {
             a.settle(now_us(), rec.input_tokens + rec.output_tokens);
@@ -314,6 +380,39 @@ impl Settlement {
             return;
         }
         self.app.meter.record(rec);
+    }
+
+    /// A cascade answered before its last tier: what the answer would have cost from the
+    /// last tier's deployment (same tokens), less what it cost, is saved.
+    pub(crate) fn note_cascade_saving(&mut self, rec: &mut UsageRecord) {
+        let Some(reference) = self.cascade_reference.take() else {
+            return;
+        };
+        if rec.status != 200 || rec.usage_source == "none" {
+            return;
+        }
+        let Some(price) = self
+            .runtime
+            .prices
+            .lookup(&reference.provider.name, &reference.model)
+        else {
+            return;
+        };
+        let would = price.cost(&Usage {
+            input: rec.input_tokens,
+            cached_input: rec.cached_input_tokens,
+            output: rec.output_tokens,
+            reasoning: rec.reasoning_tokens,
+            cache_write_5m: rec.cache_write_5m_tokens,
+            cache_write_1h: rec.cache_write_1h_tokens,
+        });
+        if would > rec.cost_micros {
+            rec.savings.push(crate::records::Saving {
+                saver: "cascade".into(),
+                tokens: 0,
+                micros: would - rec.cost_micros,
+            });
+        }
     }
 
     pub(crate) fn finish_error(&mut self, e: &ApiError) {

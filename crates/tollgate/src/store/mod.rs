@@ -148,6 +148,8 @@ const MIGRATIONS: &[&str] = &[
     crate::approval::MIGRATION,
     // 20: the response cache's verdict and what each request saved
     usage::SAVINGS_MIGRATION,
+    // 21: the path a cascade alias's request took through its tiers
+    "ALTER TABLE usage ADD COLUMN cascade TEXT;",
 ];
 
 /// Copies the WAL back into the database every `every`, off the request and writer paths

@@ -443,9 +443,9 @@ pub(super) const USAGE_COLUMNS: &str =
     reasoning_tokens, usage_source, cost_micros, price_version, latency_ms, ttft_ms, stream,
     client_disconnected, cache_write_5m_tokens, cache_write_1h_tokens, request_bytes,
     response_bytes, reused, reused_from, wallet_id, shortfall_micros, run_id, detail, org,
-    cache, savings";
+    cache, savings, cascade";
 
-pub(super) const USAGE_COLUMN_COUNT: usize = 38;
+pub(super) const USAGE_COLUMN_COUNT: usize = 39;
 
 fn usage_from_row(r: &Row) -> Result<UsageRecord> {
     let tags: String = r.get(7)?;
@@ -491,6 +491,7 @@ fn usage_from_row(r: &Row) -> Result<UsageRecord> {
             .get::<Option<String>>(37)?
             .and_then(|s| serde_json::from_str(&s).ok())
             .unwrap_or_default(),
+        cascade: r.get(38)?,
         bodies: None,
         enveloped: false,
         hot_hold_micros: None,
@@ -507,7 +508,7 @@ pub fn insert_usage_rows(tx: &mut Db, batch: &[UsageRecord], shortfalls: &[u64])
     if tx.dialect() == crate::db::Dialect::Sqlite {
         return insert_usage_one_by_one(tx, batch, shortfalls);
     }
-    // SQLite binds at most 32 766 parameters in a statement: 256 rows of 36 stay well below.
+    // SQLite binds at most 32 766 parameters in a statement: 256 rows of 39 stay well below.
     let mut at = 0;
     for n in statement_sizes(batch.len().min(shortfalls.len())) {
         insert_usage_statement(tx, &batch[at..at + n], &shortfalls[at..at + n])?;
@@ -559,6 +560,7 @@ fn usage_values(u: &UsageRecord, shortfall: u64, out: &mut Vec<Value>) {
             &u.org,
             &u.cache,
             &savings,
+            &u.cascade,
         ];
         out.extend(row.iter().map(|p| p.value()));
     }
@@ -961,7 +963,7 @@ fn upsert_columns(
 /// Statement sizes for `n` rows, from a fixed set: each size's statement is parsed once and
 /// then comes from the statement cache. (One statement of exactly `n` rows was parsed anew
 /// for nearly every batch, since batches vary: ~18 000 placeholders of SQL each time, a
-/// third of the writer's time.) At most 256 rows: 256 × 36 columns is under SQLite's
+/// third of the writer's time.) At most 256 rows: 256 × 39 columns is under SQLite's
 /// 32 766 bound parameters.
 fn statement_sizes(mut n: usize) -> impl Iterator<Item = usize> {
     std::iter::from_fn(move || {

@@ -10,6 +10,7 @@ mod layers;
 mod agents;
 mod auth;
 mod cache;
+mod cascade;
 mod cli;
 mod clients;
 mod compression;
