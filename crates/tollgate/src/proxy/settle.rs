@@ -62,6 +62,22 @@ pub(crate) struct Broken {
 }
 
 impl Broken {
+    /// An attempt's usage, priced as `dep` prices it.
+    pub(crate) fn add(&mut self, runtime: &Runtime, dep: &Deployment, usage: Usage) {
+        let price = runtime.prices.lookup(&dep.provider.name, &dep.model);
+        let cost = price.map_or(0, |p| p.cost(&usage));
+        self.usage.input = self.usage.input.saturating_add(usage.input);
+        self.usage.cached_input = self.usage.cached_input.saturating_add(usage.cached_input);
+        self.usage.output = self.usage.output.saturating_add(usage.output);
+        self.cost = self
+            .cost
+            .saturating_add(cost)
+            .min(crate::money::MAX_MICROS as u64);
+        if self.price.is_none() {
+            self.price = Some(price.map_or_else(|| "unpriced".into(), |p| p.version.clone()));
+        }
+    }
+
     /// Adds them to the record that leaves (after its own usage is applied), marking its
     /// usage as (partly) estimated.
     pub(crate) fn fold(&mut self, rec: &mut UsageRecord) {
@@ -207,18 +223,7 @@ impl Settlement {
             output: estimate::tokens(&partial_answer_text(partial)).min(crate::money::MAX_TOKENS),
             ..Usage::default()
         };
-        let price = runtime.prices.lookup(&dep.provider.name, &dep.model);
-        let cost = price.map_or(0, |p| p.cost(&usage));
-        let b = &mut self.broken;
-        b.usage.input = b.usage.input.saturating_add(usage.input);
-        b.usage.output = b.usage.output.saturating_add(usage.output);
-        b.cost = b
-            .cost
-            .saturating_add(cost)
-            .min(crate::money::MAX_MICROS as u64);
-        if b.price.is_none() {
-            b.price = Some(price.map_or_else(|| "unpriced".into(), |p| p.version.clone()));
-        }
+        self.broken.add(runtime, dep, usage);
         self.app.metrics.attempts_billed_broken.inc();
     }
 
@@ -247,19 +252,7 @@ impl Settlement {
             output: bound(usage.output),
             ..Usage::default()
         };
-        let price = runtime.prices.lookup(&dep.provider.name, &dep.model);
-        let cost = price.map_or(0, |p| p.cost(&usage));
-        let r = &mut self.rejected;
-        r.usage.input = r.usage.input.saturating_add(usage.input);
-        r.usage.cached_input = r.usage.cached_input.saturating_add(usage.cached_input);
-        r.usage.output = r.usage.output.saturating_add(usage.output);
-        r.cost = r
-            .cost
-            .saturating_add(cost)
-            .min(crate::money::MAX_MICROS as u64);
-        if r.price.is_none() {
-            r.price = Some(price.map_or_else(|| "unpriced".into(), |p| p.version.clone()));
-        }
+        self.rejected.add(runtime, dep, usage);
     }
 
     /// Answers with another request's answer: no upstream call, no cost.
