@@ -54,6 +54,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
             "cache",
             "cascade",
             "compress",
+            "promptcache",
             "loopguard",
             "prices",
             "estimate",
@@ -103,6 +104,7 @@ pub mod ops;
 pub mod outbox;
 pub mod policy;
 pub mod prices;
+pub mod promptcache;
 pub mod providers;
 pub mod proxy;
 pub mod reconcile;

@@ -202,6 +202,7 @@ impl Gateway {
             loop_guard: crate::loopguard::LoopGuard::default(),
             damper: crate::damping::Damper::default(),
             cache: crate::cache::ResponseCache::default(),
+            prompt_caches: crate::promptcache::PromptCaches::default(),
             _checkpointer: crate::state::StopOnDrop(stop_checkpoints),
         });
         refresh_keys(&app).await.context("loading keys")?;

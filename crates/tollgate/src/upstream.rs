@@ -231,6 +231,7 @@ pub struct Runtime {
     /// Aliases answered by a cascade of other models (`[[models]] cascade`).
     pub cascades: HashMap<String, Arc<Cascade>>,
     pub compression: crate::config::CompressionConfig,
+    pub prompt_cache: crate::config::PromptCacheConfig,
     health: Arc<HealthRegistry>,
 }
 
@@ -341,6 +342,7 @@ impl Runtime {
             cache: cfg.cache.clone(),
             cascades,
             compression: cfg.compression.clone(),
+            prompt_cache: cfg.prompt_cache.clone(),
             aliases,
             model_limits,
             direct: RwLock::new(HashMap::new()),

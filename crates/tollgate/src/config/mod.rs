@@ -37,6 +37,7 @@ pub struct Config {
     pub redaction: RedactionConfig,
     pub cache: CacheConfig,
     pub compression: CompressionConfig,
+    pub prompt_cache: PromptCacheConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -854,6 +855,61 @@ impl Default for CompressionConfig {
             dedupe: true,
             dedupe_min_bytes: 256,
             max_tool_tokens: 0,
+        }
+    }
+}
+
+/// Provider prompt-cache affinity (`promptcache.rs`, ADR 0031). Off unless enabled, then for
+/// the keys and teams it names (all when it names none). Reloadable.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PromptCacheConfig {
+    pub enabled: bool,
+    pub keys: Vec<String>,
+    pub teams: Vec<String>,
+    /// Anthropic: add `cache_control` breakpoints to requests that have none.
+    pub breakpoints: bool,
+    /// The shortest prefix Anthropic caches, in tokens, unless `min_tokens_by_model` names
+    /// the model (`prefix*` patterns).
+    pub min_tokens: u64,
+    pub min_tokens_by_model: BTreeMap<String, u64>,
+    /// Breakpoints only while this share (0 to 1) of the key's recent requests reuse a
+    /// prefix seen within five minutes: below ~0.28 the write premium costs more than the
+    /// reads save.
+    pub min_reuse: f64,
+    /// OpenAI: set a stable `prompt_cache_key` per key and static prefix when absent.
+    pub cache_key: bool,
+    /// The OpenAI-dialect providers (by name) that take `prompt_cache_key`; empty: those whose
+    /// base URL is on `openai.com` (an OpenAI-compatible server may refuse the field).
+    pub cache_key_providers: Vec<String>,
+    /// Send a conversation back to the deployment that served its last turn.
+    pub affinity: bool,
+}
+
+impl Default for PromptCacheConfig {
+    fn default() -> Self {
+        PromptCacheConfig {
+            enabled: false,
+            keys: Vec::new(),
+            teams: Vec::new(),
+            breakpoints: true,
+            min_tokens: 1024,
+            // Anthropic's published minimums for the models whose minimum is not 1 024.
+            min_tokens_by_model: [
+                ("claude-haiku-4*", 4096),
+                ("claude-opus-4-5*", 4096),
+                ("claude-opus-4-6*", 4096),
+                ("claude-sonnet-4-6*", 2048),
+                ("claude-3-5-haiku*", 2048),
+                ("claude-3-haiku*", 2048),
+            ]
+            .into_iter()
+            .map(|(m, n)| (m.to_string(), n))
+            .collect(),
+            min_reuse: 0.28,
+            cache_key: true,
+            cache_key_providers: Vec::new(),
+            affinity: true,
         }
     }
 }

@@ -123,6 +123,9 @@ impl Config {
                 "must be at most 17179869184 (16 GiB)",
             );
         }
+        if !(0.0..=1.0).contains(&self.prompt_cache.min_reuse) {
+            p("prompt_cache.min_reuse".into(), "must be from 0 to 1");
+        }
         if self.compression.max_tool_tokens > crate::money::MAX_TOKENS {
             p(
                 "compression.max_tool_tokens".into(),

@@ -25,6 +25,7 @@
 //! | `length`          | Chat JSON: `finish_reason: length`                                 |
 //! | `refuse`          | Chat JSON: a refusal (`content: null`, `refusal` set)              |
 //! | `empty`           | Chat JSON: empty content                                           |
+//! | `echoreq`         | answers with the whole request body it was sent, as JSON text      |
 //!
 //! Asked for JSON (`response_format` with a schema), Chat answers a document the schema
 //! accepts, as a model with structured outputs does.
@@ -359,7 +360,10 @@ pub(crate) fn usage_json(prompt: u64, completion: u64, b: &Behaviour) -> Value {
 pub(crate) fn answer_pieces(b: &Behaviour, req: &Value, user_text: &str, n: u64) -> Vec<String> {
     const PII: &str = "Reach Jane at jane.doe@example.com or +1 415 555 2671; card 4111 1111 1111 1111, IBAN DE89 3704 0044 0532 0130 00, key AKIAIOSFODNN7EXAMPLE.";
     let all;
-    let text = if b.has("echoall") {
+    let text = if b.has("echoreq") {
+        all = req.to_string();
+        &all
+    } else if b.has("echoall") {
         all = [req.get("system"), req.get("messages"), req.get("input")]
             .into_iter()
             .flatten()

@@ -16,12 +16,7 @@ fn applies(cfg: &crate::config::CacheConfig, key: &KeyRecord, model: &str) -> bo
     if !cfg.enabled {
         return false;
     }
-    let by_key = cfg.keys.is_empty() && cfg.teams.is_empty()
-        || cfg.keys.iter().any(|p| pattern_matches(p, &key.name))
-        || key
-            .team
-            .as_deref()
-            .is_some_and(|t| cfg.teams.iter().any(|p| pattern_matches(p, t)));
+    let by_key = covers(&cfg.keys, &cfg.teams, key);
     let by_model = cfg.models.is_empty() || cfg.models.iter().any(|p| pattern_matches(p, model));
     by_key && by_model
 }

@@ -378,6 +378,8 @@ pub(crate) async fn forward(
         (cx.app, cx.endpoint, cx.headers, cx.stream, cx.key);
     let model: &str = &cx.model;
     let runtime = cx.runtime.clone();
+    // Provider prompt caches (affinity.rs): decided once, applied to every attempt.
+    let plan = prompt_plan(cx, doc);
     // The key's tool policy over the calls in this deployment's answer (`toolcalls.rs`).
     let judge = |settle: &Settlement, dep: &Deployment| {
         Judge::for_key(
@@ -396,6 +398,14 @@ pub(crate) async fn forward(
         doc.force_stream_usage()
             .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?;
     }
+    let ordered;
+    let candidates = match &plan {
+        Some(p) => {
+            ordered = p.order(app, &runtime, candidates);
+            &ordered[..]
+        }
+        None => candidates,
+    };
     let mut attempt = 0u32;
     let mut idx = 0usize;
     let mut over_quota = 0usize;
@@ -474,6 +484,16 @@ pub(crate) async fn forward(
         } else {
             Bytes::from(doc.to_vec())
         };
+        let upstream_body = match &plan {
+            Some(p) => p.body(
+                &runtime,
+                &dep,
+                up_endpoint,
+                upstream_body,
+                &mut settle.rate_headers,
+            ),
+            None => upstream_body,
+        };
         let extra_headers = anthropic_headers(up_endpoint, headers);
         settle.upstream_started = true;
         let outcome = forward_once(&dep, up_endpoint, &extra_headers, upstream_body, stream).await;
@@ -491,6 +511,9 @@ pub(crate) async fn forward(
         match outcome {
             Ok(Upstream::Json(answer)) => {
                 dep.health.success(now_ms(), &runtime.routing);
+                if let Some(p) = &plan {
+                    p.served(app, &dep);
+                }
                 let client_body = if translated {
                     let back = match up_endpoint {
                         Endpoint::Messages => translate::messages_response_to_chat(
@@ -553,6 +576,9 @@ pub(crate) async fn forward(
             }
             Ok(Upstream::Stream { first, rest }) => {
                 dep.health.success(now_ms(), &runtime.routing);
+                if let Some(p) = &plan {
+                    p.served(app, &dep);
+                }
                 let view = StreamView {
                     client: endpoint.dialect(),
                     upstream: up_endpoint,

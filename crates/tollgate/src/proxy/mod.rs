@@ -41,6 +41,7 @@ use tollgate_proto::{
 
 mod accept;
 mod admit;
+mod affinity;
 mod cached;
 mod damp;
 mod endpoint;
@@ -60,6 +61,7 @@ mod toolcalls;
 
 pub(crate) use accept::*;
 pub(crate) use admit::*;
+pub(crate) use affinity::*;
 pub(crate) use cached::*;
 pub(crate) use damp::*;
 pub(crate) use endpoint::*;
@@ -75,6 +77,18 @@ pub(crate) use settle::*;
 pub(crate) use shrink::*;
 pub(crate) use stream::*;
 pub(crate) use toolcalls::*;
+
+/// Whether a `keys`/`teams` selection (`prefix*` patterns) covers `key`: a key it names, a
+/// key of a team it names, or every key when it names none.
+pub(crate) fn covers(keys: &[String], teams: &[String], key: &KeyRecord) -> bool {
+    use crate::keys::pattern_matches;
+    keys.is_empty() && teams.is_empty()
+        || keys.iter().any(|p| pattern_matches(p, &key.name))
+        || key
+            .team
+            .as_deref()
+            .is_some_and(|t| teams.iter().any(|p| pattern_matches(p, t)))
+}
 
 /// The handler of a model endpoint (the router mounts one per row of the endpoint table).
 pub async fn model_call(app: Arc<AppState>, endpoint: Endpoint, req: Request) -> Response {

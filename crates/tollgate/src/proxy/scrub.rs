@@ -16,17 +16,7 @@ pub(crate) fn redaction_for(
     cfg: &crate::config::RedactionConfig,
     key: &KeyRecord,
 ) -> Vec<(crate::redact::Detector, crate::redact::Action)> {
-    use crate::keys::pattern_matches;
-    if cfg.detectors.is_empty() {
-        return Vec::new();
-    }
-    let named = cfg.keys.iter().any(|p| pattern_matches(p, &key.name))
-        || key
-            .team
-            .as_deref()
-            .is_some_and(|t| cfg.teams.iter().any(|p| pattern_matches(p, t)));
-    let everyone = cfg.keys.is_empty() && cfg.teams.is_empty();
-    if !(named || everyone) {
+    if cfg.detectors.is_empty() || !covers(&cfg.keys, &cfg.teams, key) {
         return Vec::new();
     }
     cfg.detectors.iter().map(|(d, a)| (*d, *a)).collect()

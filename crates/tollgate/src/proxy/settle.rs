@@ -603,6 +603,19 @@ pub(crate) fn apply_usage(
                     ..Usage::default()
                 });
             }
+            // What the provider's prompt cache took off the input: its cached tokens at the
+            // full input price less the cached price (writes' premium is in the cost).
+            rec.savings.retain(|s| s.saver != "provider_cache");
+            let cached = usage.cached_input.min(usage.input);
+            if cached > 0 && price.input > price.cached_input {
+                let micros =
+                    u128::from(cached) * u128::from(price.input - price.cached_input) / 1_000_000;
+                rec.savings.push(crate::records::Saving {
+                    saver: "provider_cache".into(),
+                    tokens: cached,
+                    micros: micros.min(crate::money::MAX_MICROS as u128) as u64,
+                });
+            }
         }
         None => {
             rec.cost_micros = 0;

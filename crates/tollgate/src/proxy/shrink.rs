@@ -12,14 +12,7 @@ use super::*;
 use serde_json::Value;
 
 fn applies(cfg: &crate::config::CompressionConfig, key: &KeyRecord) -> bool {
-    use crate::keys::pattern_matches;
-    cfg.enabled
-        && (cfg.keys.is_empty() && cfg.teams.is_empty()
-            || cfg.keys.iter().any(|p| pattern_matches(p, &key.name))
-            || key
-                .team
-                .as_deref()
-                .is_some_and(|t| cfg.teams.iter().any(|p| pattern_matches(p, t))))
+    cfg.enabled && covers(&cfg.keys, &cfg.teams, key)
 }
 
 /// One tool result's text in the conversation, and the call it answers.

@@ -24,6 +24,7 @@ mod mcp;
 mod messages;
 mod metering;
 mod postgres;
+mod promptcache;
 mod redaction;
 mod redis;
 mod responses;
