@@ -8,13 +8,20 @@
 //! (a temperature, one more message, `stream`) is another entry.
 //!
 //! Bounded by entries and bytes (the oldest go first) and by a TTL; one entry is at most
-//! `max_entry_bytes`. In this process: replicas each keep their own.
+//! `max_entry_bytes`. In this process by default (replicas each keep their own), or in Redis
+//! (`[cache] backend`), where every replica shares the entries, each a self-contained value
+//! with the TTL as its expiry and Redis's own `maxmemory` policy as the size bound. The cache
+//! saves money but never decides any: when Redis fails or is slow a lookup is a miss and a
+//! keep is skipped, and after a failure Redis is left alone for `retry_interval`, so an
+//! outage costs the requests in flight one timeout at most.
 
 use bytes::Bytes;
 use http::HeaderValue;
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Fields that say who is asking or how to bill it, never what the answer is.
 const VOLATILE: [&str; 5] = [
@@ -96,11 +103,11 @@ struct Inner {
 }
 
 #[derive(Default)]
-pub struct ResponseCache {
+pub struct MemoryCache {
     inner: Mutex<Inner>,
 }
 
-impl ResponseCache {
+impl MemoryCache {
     /// The answer kept under `key`, unless it has expired (`now_ms`).
     pub fn get(&self, key: &[u8; 32], now_ms: i64) -> Option<Arc<Entry>> {
         let inner = self.lock();
@@ -151,6 +158,218 @@ impl ResponseCache {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Bumped when the layout of an entry in Redis changes: old entries are then never read.
+const REDIS_VERSION: u32 = 1;
+const MAGIC: &[u8; 4] = b"TGC1";
+
+/// An entry's fields other than its body, as kept in Redis (the body follows them raw).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Meta {
+    content_type: String,
+    stream: bool,
+    request_id: String,
+    provider: Option<String>,
+    model: Option<String>,
+    input_tokens: u64,
+    output_tokens: u64,
+    cost_micros: u64,
+    stored_ms: i64,
+}
+
+/// `TGC1`, the metadata's length (u32, little-endian), the metadata as JSON, the body.
+fn encode(e: &Entry) -> Vec<u8> {
+    let meta = Meta {
+        content_type: e.content_type.to_str().unwrap_or("application/json").into(),
+        stream: e.stream,
+        request_id: e.request_id.clone(),
+        provider: e.provider.clone(),
+        model: e.model.clone(),
+        input_tokens: e.input_tokens,
+        output_tokens: e.output_tokens,
+        cost_micros: e.cost_micros,
+        stored_ms: e.stored_ms,
+    };
+    let meta = serde_json::to_vec(&meta).unwrap_or_default();
+    let mut out = Vec::with_capacity(8 + meta.len() + e.body.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+    out.extend_from_slice(&meta);
+    out.extend_from_slice(&e.body);
+    out
+}
+
+/// The entry in a Redis value; `None` for anything else (another version, a value written by
+/// something other than tollgate), which is then a miss.
+fn decode(v: Vec<u8>) -> Option<Entry> {
+    let rest = v.strip_prefix(MAGIC)?;
+    let (len, rest) = rest.split_first_chunk::<4>()?;
+    let len = u32::from_le_bytes(*len) as usize;
+    if len > rest.len() {
+        return None;
+    }
+    let meta: Meta = serde_json::from_slice(&rest[..len]).ok()?;
+    let start = 8 + len;
+    Some(Entry {
+        body: Bytes::from(v).slice(start..),
+        content_type: HeaderValue::from_str(&meta.content_type).ok()?,
+        stream: meta.stream,
+        request_id: meta.request_id,
+        provider: meta.provider,
+        model: meta.model,
+        input_tokens: meta.input_tokens,
+        output_tokens: meta.output_tokens,
+        cost_micros: meta.cost_micros,
+        stored_ms: meta.stored_ms,
+    })
+}
+
+fn redis_key(key: &[u8; 32]) -> String {
+    format!("tg:cache:v{REDIS_VERSION}:{}", hex::encode(key))
+}
+
+struct RedisCache {
+    conn: redis::aio::ConnectionManager,
+    timeout: Duration,
+    retry_interval_ms: i64,
+    /// Until when (ms since the epoch) Redis is not asked, after a failure; 0 when it answers.
+    down_until_ms: AtomicI64,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl RedisCache {
+    /// Counts a failure and leaves Redis alone for a while; says so once per outage.
+    fn failed(&self, what: &str, e: &str) {
+        self.metrics.cache_redis_errors.inc();
+        let until = crate::clock::now_ms().saturating_add(self.retry_interval_ms);
+        if self.down_until_ms.swap(until, Ordering::AcqRel) == 0 {
+            tracing::warn!(error = %e, "response cache: redis {what} failed; answering without the cache until it is back");
+        }
+    }
+
+    fn up(&self, now_ms: i64) -> bool {
+        let until = self.down_until_ms.load(Ordering::Acquire);
+        until == 0 || now_ms >= until
+    }
+
+    fn answered(&self) {
+        if self.down_until_ms.swap(0, Ordering::AcqRel) != 0 {
+            tracing::info!("response cache: redis answers again");
+        }
+    }
+
+    async fn get(&self, key: &[u8; 32], now_ms: i64) -> Option<Entry> {
+        if !self.up(now_ms) {
+            return None;
+        }
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(redis_key(key));
+        let get = cmd.query_async::<Option<Vec<u8>>>(&mut conn);
+        match tokio::time::timeout(self.timeout, get).await {
+            Ok(Ok(v)) => {
+                self.answered();
+                v.and_then(decode)
+            }
+            Ok(Err(e)) => {
+                self.failed("read", &e.to_string());
+                None
+            }
+            Err(_) => {
+                self.failed("read", &format!("no answer within {:?}", self.timeout));
+                None
+            }
+        }
+    }
+
+    /// Written in the background: the answer has already gone to its client.
+    fn put(self: &Arc<Self>, key: [u8; 32], expires_ms: i64, entry: &Entry) {
+        let now = crate::clock::now_ms();
+        let ttl_ms = expires_ms.saturating_sub(now);
+        if ttl_ms <= 0 || !self.up(now) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let value = encode(entry);
+        let this = self.clone();
+        rt.spawn(async move {
+            let mut conn = this.conn.clone();
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(redis_key(&key)).arg(value).arg("PX").arg(ttl_ms);
+            let set = cmd.query_async::<()>(&mut conn);
+            match tokio::time::timeout(this.timeout, set).await {
+                Ok(Ok(())) => this.answered(),
+                Ok(Err(e)) => this.failed("write", &e.to_string()),
+                Err(_) => this.failed("write", &format!("no answer within {:?}", this.timeout)),
+            }
+        });
+    }
+}
+
+/// The response cache of a gateway: in this process, or in Redis.
+pub struct ResponseCache {
+    memory: MemoryCache,
+    redis: Option<Arc<RedisCache>>,
+}
+
+impl ResponseCache {
+    pub fn in_memory() -> ResponseCache {
+        ResponseCache {
+            memory: MemoryCache::default(),
+            redis: None,
+        }
+    }
+
+    /// Does not connect: the first lookup does, so a gateway starts while Redis is down.
+    pub fn in_redis(
+        url: &str,
+        timeout: Duration,
+        retry_interval: Duration,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> anyhow::Result<ResponseCache> {
+        let conn = crate::limits::redis::connection(url, timeout, None)?;
+        Ok(ResponseCache {
+            memory: MemoryCache::default(),
+            redis: Some(Arc::new(RedisCache {
+                conn,
+                timeout,
+                retry_interval_ms: i64::try_from(retry_interval.as_millis()).unwrap_or(i64::MAX),
+                down_until_ms: AtomicI64::new(0),
+                metrics,
+            })),
+        })
+    }
+
+    /// Where entries are kept: `memory` or `redis`.
+    pub fn backend(&self) -> &'static str {
+        match self.redis {
+            Some(_) => "redis",
+            None => "memory",
+        }
+    }
+
+    pub async fn get(&self, key: &[u8; 32], now_ms: i64) -> Option<Arc<Entry>> {
+        match &self.redis {
+            Some(r) => r.get(key, now_ms).await.map(Arc::new),
+            None => self.memory.get(key, now_ms),
+        }
+    }
+
+    /// `bounds` apply in this process; Redis bounds itself by its `maxmemory` policy.
+    pub fn put(&self, key: [u8; 32], expires_ms: i64, entry: Arc<Entry>, bounds: Bounds) {
+        match &self.redis {
+            Some(r) => r.put(key, expires_ms, &entry),
+            None => self.memory.put(key, expires_ms, entry, bounds),
+        }
+    }
+
+    /// (entries, bytes) kept in this process.
+    pub fn size(&self) -> (usize, usize) {
+        self.memory.size()
     }
 }
 
@@ -211,7 +430,7 @@ mod tests {
 
     #[test]
     fn entries_expire_and_the_oldest_go_first() {
-        let c = ResponseCache::default();
+        let c = MemoryCache::default();
         let bounds = Bounds {
             max_entries: 3,
             max_bytes: 100,
@@ -235,6 +454,53 @@ mod tests {
         c.put([6; 32], 1000, entry(50, 7), bounds);
         assert_eq!(c.size(), (2, 55));
         assert!(c.get(&[4; 32], 0).is_some());
+    }
+
+    #[test]
+    fn an_entry_survives_its_redis_encoding_and_anything_else_is_a_miss() {
+        let mut e = Entry {
+            body: Bytes::from_static(b"data: {}\n\n"),
+            content_type: HeaderValue::from_static("text/event-stream"),
+            stream: true,
+            request_id: "req_9".into(),
+            provider: Some("up".into()),
+            model: Some("m".into()),
+            input_tokens: 3,
+            output_tokens: 4,
+            cost_micros: 5,
+            stored_ms: 6,
+        };
+        let v = encode(&e);
+        let back = decode(v.clone()).unwrap();
+        assert_eq!(back.body, e.body);
+        assert_eq!(back.content_type, e.content_type);
+        assert!(back.stream);
+        assert_eq!(back.request_id, "req_9");
+        assert_eq!(
+            (back.provider.as_deref(), back.model.as_deref()),
+            (Some("up"), Some("m"))
+        );
+        assert_eq!(
+            (
+                back.input_tokens,
+                back.output_tokens,
+                back.cost_micros,
+                back.stored_ms
+            ),
+            (3, 4, 5, 6)
+        );
+        e.body = Bytes::new();
+        assert!(decode(encode(&e)).unwrap().body.is_empty());
+        assert!(decode(b"TGC0rest".to_vec()).is_none());
+        assert!(decode(v[..6].to_vec()).is_none(), "cut in the length");
+        let mut long = v[..8].to_vec();
+        long[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode(long).is_none(), "a length past the value");
+        assert!(
+            decode(b"TGC1\x02\x00\x00\x00{}".to_vec()).is_none(),
+            "not the fields"
+        );
+        assert!(decode(Vec::new()).is_none());
     }
 
     #[test]

@@ -184,13 +184,8 @@ pub struct HotWallets {
 impl HotWallets {
     /// Does not connect: the first hold does.
     pub fn new(url: &str, timeout: Duration, store: Arc<Store>) -> anyhow::Result<HotWallets> {
-        let client = redis::Client::open(url)?;
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1);
         Ok(HotWallets {
-            conn: ConnectionManager::new_lazy_with_config(client, cfg)?,
+            conn: crate::limits::redis::connection(url, timeout, None)?,
             timeout,
             hold: Script::new(HOLD_LUA),
             load: Script::new(&LOAD_LUA.replace("@SYNC@", SYNC_ONE_LUA)),

@@ -40,6 +40,7 @@ pub struct Metrics {
     pub answers_reused: Family<ReuseLabels, Counter>,
     pub redactions: Family<RedactionLabels, Counter>,
     pub cache_lookups: Family<CacheLabels, Counter>,
+    pub cache_redis_errors: Counter,
     pub cascade_answers: Family<CascadeLabels, Counter>,
     pub saved_tokens: Family<SaverLabels, Counter>,
     pub saved_micros: Family<SaverLabels, Counter>,
@@ -226,6 +227,12 @@ impl Metrics {
             "Findings of the redaction detectors, by detector, action and place",
             Family::default(),
         );
+        let cache_redis_errors = reg(
+            &mut registry,
+            "cache_redis_errors",
+            "Response cache reads and writes in Redis that failed or missed their deadline",
+            Counter::default(),
+        );
         let cache_lookups = reg(
             &mut registry,
             "cache_lookups",
@@ -308,6 +315,7 @@ impl Metrics {
             answers_reused,
             redactions,
             cache_lookups,
+            cache_redis_errors,
             cascade_answers,
             saved_tokens,
             saved_micros,

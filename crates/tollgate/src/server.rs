@@ -107,6 +107,17 @@ impl Gateway {
         )
         .context("starting the WAL checkpointer")?;
         let metrics = Arc::new(Metrics::new());
+        let cache = if config.cache_in_redis() {
+            let r = &config.limits.redis;
+            let url = r
+                .url
+                .as_deref()
+                .context("[cache] in redis needs [limits.redis] url")?;
+            crate::cache::ResponseCache::in_redis(url, r.timeout, r.retry_interval, metrics.clone())
+                .context("setting up the response cache in redis")?
+        } else {
+            crate::cache::ResponseCache::in_memory()
+        };
         let (hot, acks) = if config.hot_wallets() {
             let url = config
                 .limits
@@ -201,7 +212,7 @@ impl Gateway {
             limiter,
             loop_guard: crate::loopguard::LoopGuard::default(),
             damper: crate::damping::Damper::default(),
-            cache: crate::cache::ResponseCache::default(),
+            cache,
             prompt_caches: crate::promptcache::PromptCaches::default(),
             _checkpointer: crate::state::StopOnDrop(stop_checkpoints),
         });

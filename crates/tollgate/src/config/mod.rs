@@ -271,6 +271,15 @@ pub enum WalletsBackend {
 
 impl Config {
     /// Whether holds are decided in Redis.
+    /// Whether the response cache keeps its entries in Redis (`[cache] backend`).
+    pub fn cache_in_redis(&self) -> bool {
+        match self.cache.backend {
+            CacheBackend::Redis => true,
+            CacheBackend::Memory => false,
+            CacheBackend::Auto => self.limits.redis.url.is_some(),
+        }
+    }
+
     pub fn hot_wallets(&self) -> bool {
         match self.wallets.backend {
             WalletsBackend::Redis => true,
@@ -788,6 +797,19 @@ pub struct CacheConfig {
     /// What a hit costs, in micro-USD (0: nothing; above 0 it is held and captured from the
     /// key's wallet like any charge).
     pub fee_micros: u64,
+    /// Where entries are kept: `memory` (this process), `redis` (the `[limits.redis]` server,
+    /// shared by every replica), or `auto` (Redis when `[limits.redis] url` is set). Read at
+    /// start.
+    pub backend: CacheBackend,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheBackend {
+    #[default]
+    Auto,
+    Memory,
+    Redis,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -813,6 +835,7 @@ impl Default for CacheConfig {
             streams: true,
             tool_calls: false,
             fee_micros: 0,
+            backend: CacheBackend::Auto,
         }
     }
 }

@@ -167,6 +167,9 @@ impl Config {
                 "\"redis\" needs [limits.redis] url",
             );
         }
+        if self.cache.backend == CacheBackend::Redis && self.limits.redis.url.is_none() {
+            p("cache.backend".into(), "\"redis\" needs [limits.redis] url");
+        }
         if let Some(url) = &self.store.url {
             let ok = ["postgres://", "postgresql://", "sqlite://"]
                 .iter()
@@ -203,21 +206,24 @@ impl Config {
         if self.metering.batch_max == 0 {
             p("metering.batch_max".into(), "must be greater than 0");
         }
-        if self.limits.backend == LimitsBackend::Redis {
-            let r = &self.limits.redis;
-            match r.url.as_deref() {
-                None => p(
-                    "limits.redis.url".into(),
-                    "required when limits.backend = \"redis\"",
-                ),
-                Some(u) if !(u.starts_with("redis://") || u.starts_with("unix://")) => p(
+        if let Some(u) = self.limits.redis.url.as_deref() {
+            if !(u.starts_with("redis://") || u.starts_with("unix://")) {
+                p(
                     "limits.redis.url".into(),
                     &format!("not a redis:// URL: \"{u}\""),
-                ),
-                Some(_) => {}
+                );
             }
-            if r.timeout.is_zero() {
+            if self.limits.redis.timeout.is_zero() {
                 p("limits.redis.timeout".into(), "must be greater than 0");
+            }
+        }
+        if self.limits.backend == LimitsBackend::Redis {
+            let r = &self.limits.redis;
+            if r.url.is_none() {
+                p(
+                    "limits.redis.url".into(),
+                    "required when limits.backend = \"redis\"",
+                );
             }
             if r.replicas == 0 {
                 p("limits.redis.replicas".into(), "must be at least 1");

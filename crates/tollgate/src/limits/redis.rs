@@ -160,6 +160,24 @@ fn keys_of(check: &Check) -> [String; 3] {
     ]
 }
 
+/// A connection to Redis made on first use, each call bounded by `timeout` and retried once;
+/// shared by the limiter, hot wallets and the response cache's way of talking to Redis.
+pub(crate) fn connection(
+    url: &str,
+    timeout: Duration,
+    max_delay: Option<Duration>,
+) -> anyhow::Result<ConnectionManager> {
+    let client = redis::Client::open(url)?;
+    let mut cfg = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1);
+    if let Some(d) = max_delay {
+        cfg = cfg.set_max_delay(d);
+    }
+    Ok(ConnectionManager::new_lazy_with_config(client, cfg)?)
+}
+
 impl RedisLimiter {
     /// Does not connect: the first request does, so a gateway starts while Redis is down.
     pub fn new(cfg: &RedisLimitsConfig, metrics: Arc<Metrics>) -> anyhow::Result<RedisLimiter> {
@@ -167,13 +185,7 @@ impl RedisLimiter {
             .url
             .as_deref()
             .ok_or_else(|| anyhow::anyhow!("[limits.redis] url is required"))?;
-        let client = redis::Client::open(url)?;
-        let conn_cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(cfg.timeout))
-            .set_response_timeout(Some(cfg.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(cfg.retry_interval);
-        let conn = ConnectionManager::new_lazy_with_config(client, conn_cfg)?;
+        let conn = connection(url, cfg.timeout, Some(cfg.retry_interval))?;
         Ok(RedisLimiter {
             inner: Arc::new(Inner {
                 conn,

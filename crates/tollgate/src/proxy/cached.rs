@@ -43,7 +43,7 @@ fn control(headers: &HeaderMap) -> (bool, bool) {
 }
 
 /// The cache phase. `Some` is the answer (a free hit).
-pub(crate) fn cache_phase(cx: &mut Ctx<'_>) -> Result<Option<Response>, ApiError> {
+pub(crate) async fn cache_phase(cx: &mut Ctx<'_>) -> Result<Option<Response>, ApiError> {
     let cfg = &cx.runtime.cache;
     if cx.endpoint == Endpoint::CountTokens
         || !applies(cfg, cx.key, &cx.model)
@@ -63,9 +63,10 @@ pub(crate) fn cache_phase(cx: &mut Ctx<'_>) -> Result<Option<Response>, ApiError
             // Not a JSON object: nothing to key it by (it will be refused further on).
             None => "bypass",
             Some(digest) => {
-                let hit = (!refresh)
-                    .then(|| cx.app.cache.get(&digest, now_ms()))
-                    .flatten();
+                let hit = match refresh {
+                    true => None,
+                    false => cx.app.cache.get(&digest, now_ms()).await,
+                };
                 match hit {
                     Some(entry) => {
                         cx.app.metrics.count_cache("hit");

@@ -187,7 +187,7 @@ async fn run(
         return Ok(answer);
     }
     // cache (cached.rs): an answer kept for this very request
-    if let Some(answer) = cache_phase(&mut cx)? {
+    if let Some(answer) = cache_phase(&mut cx).await? {
         return Ok(answer);
     }
     // admit (admit.rs): limits per key, team and model

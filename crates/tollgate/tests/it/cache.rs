@@ -444,3 +444,123 @@ async fn a_hit_with_a_fee_is_held_and_captured_from_the_wallet() {
     );
     assert_eq!(w["held_micros"], 0, "{w}");
 }
+
+/// A raw Redis command, for looking at what the gateways keep there.
+async fn redis_cmd<T: redis::FromRedisValue>(url: &str, args: &[&str]) -> T {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(&mut conn).await.unwrap()
+}
+
+async fn post_to(url: &str, key: &str, body: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_answers_through_redis_and_an_outage_only_costs_the_hits() {
+    tollgate::server::init_tls();
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let up = spawn_mock(None).await;
+    // Limits stay local: a `[limits.redis]` URL is enough for the cache to live there.
+    let r = start_replicas(&format!(
+        "{}\nttl = \"60s\"\n[limits.redis]\nurl = \"{}\"\ntimeout = \"200ms\"\nretry_interval = \"700ms\"\n[loop_guard]\nenabled = false\n",
+        config(&up, ""),
+        redis.url()
+    ))
+    .await;
+    let key = shared_key(&r, json!({"name": "shared"})).await;
+    let body = json!({"model": "mock-1", "messages": user("shared answer"), "temperature": 0});
+
+    let first = post_to(&r.urls[0], &key, &body).await;
+    assert_eq!(verdict(&first).as_deref(), Some("miss"));
+    let first_id = first.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let first_body = first.text().await.unwrap();
+    // Kept in the background once answered: one entry, expiring with the TTL.
+    let mut kept: Vec<String> = Vec::new();
+    for _ in 0..100 {
+        kept = redis_cmd(&redis.url(), &["KEYS", "tg:cache:v1:*"]).await;
+        if !kept.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let pttl: i64 = redis_cmd(&redis.url(), &["PTTL", &kept[0]]).await;
+    assert!(pttl > 0 && pttl <= 60_000, "{pttl}");
+
+    // Every other replica answers it from there.
+    for url in &r.urls[1..] {
+        let hit = post_to(url, &key, &body).await;
+        assert_eq!(verdict(&hit).as_deref(), Some("hit"), "{url}");
+        assert_eq!(hit.headers()["x-tollgate-reused-from"], first_id.as_str());
+        assert_eq!(hit.headers()["x-tollgate-cost"], "0");
+        assert_eq!(hit.text().await.unwrap(), first_body);
+    }
+    assert_eq!(upstream_requests(&up).await, 1);
+
+    // A stream is kept there too and replayed as the same events by another replica.
+    let streamed = json!({"model": "mock-1", "stream": true, "messages": user("shared stream")});
+    let first_events = sse_data(post_to(&r.urls[0], &key, &streamed).await).await;
+    let mut replayed = None;
+    for _ in 0..100 {
+        let resp = post_to(&r.urls[2], &key, &streamed).await;
+        if verdict(&resp).as_deref() == Some("hit") {
+            replayed = Some(sse_data(resp).await);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(replayed.expect("never a hit"), first_events);
+    assert_eq!(upstream_requests(&up).await, 2);
+
+    // Redis hangs: the lookup waits out its deadline once, answers from upstream, and the
+    // next request does not ask Redis at all.
+    redis.process.signal("STOP");
+    for n in 3..=4 {
+        let resp = post_to(&r.urls[1], &key, &body).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(verdict(&resp).as_deref(), Some("miss"));
+        assert_eq!(resp.text().await.unwrap().len(), first_body.len());
+        assert_eq!(upstream_requests(&up).await, n);
+    }
+    let m = reqwest::get(format!("{}/metrics", r.urls[1]))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("tollgate_cache_redis_errors_total 1\n"), "{m}");
+
+    // Back, and past the retry interval: the shared entry answers again.
+    redis.process.signal("CONT");
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let hit = post_to(&r.urls[1], &key, &body).await;
+    assert_eq!(verdict(&hit).as_deref(), Some("hit"));
+    assert_eq!(hit.text().await.unwrap(), first_body);
+    assert_eq!(upstream_requests(&up).await, 4);
+
+    // Whatever else sits under the key is not an answer: a miss, fetched and kept again.
+    let _: () = redis_cmd(
+        &redis.url(),
+        &["SET", &kept[0], "TGC1\u{ff}\u{ff}\u{ff}\u{ff}junk"],
+    )
+    .await;
+    let resp = post_to(&r.urls[0], &key, &body).await;
+    assert_eq!(verdict(&resp).as_deref(), Some("miss"));
+    assert_eq!(upstream_requests(&up).await, 5);
+}

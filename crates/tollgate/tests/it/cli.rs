@@ -213,6 +213,31 @@ fn check_config_prints_every_problem_with_its_path() {
     // Parse problems are listed like the others, one per line with its section.
     assert!(String::from_utf8_lossy(&out.stdout).contains("server: unknown field `bogus`"));
 
+    // The response cache in Redis needs one, at a redis:// URL, with a deadline.
+    std::fs::write(&path, "[cache]\nbackend = \"redis\"\n").unwrap();
+    let out = tollgate(&["check-config", "--config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("cache.backend: \"redis\" needs [limits.redis] url"),
+        "{text}"
+    );
+    std::fs::write(
+        &path,
+        "[cache]\nenabled = true\n[limits.redis]\nurl = \"http://r:6379\"\ntimeout = \"0s\"\n",
+    )
+    .unwrap();
+    let out = tollgate(&["check-config", "--config", path.to_str().unwrap()]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("limits.redis.url: not a redis:// URL"),
+        "{text}"
+    );
+    assert!(
+        text.contains("limits.redis.timeout: must be greater than 0"),
+        "{text}"
+    );
+
     let good = dir.path().join("good.toml");
     std::fs::write(&good, include_str!("../../../../tollgate.example.toml")).unwrap();
     let out = tollgate(&["check-config", "--config", good.to_str().unwrap()]);
