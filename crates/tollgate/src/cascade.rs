@@ -134,11 +134,134 @@ fn tool_schemas(request: &Value) -> Vec<(&str, Option<&Value>)> {
         .collect()
 }
 
+/// The event shapes a buffered stream can come in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamShape {
+    Chat,
+    Messages,
+    Responses,
+}
+
+/// Tool calls kept from one streamed answer; a provider's stream naming more is cut there.
+const MAX_STREAM_CALLS: usize = 256;
+
+/// The text, tool calls and ending of a whole streamed answer (its SSE bytes, in `shape`).
+fn read_stream(shape: StreamShape, sse: &[u8]) -> Reading {
+    let mut events = Vec::new();
+    tollgate_proto::SseSplitter::new().push(sse, &mut events);
+    let docs = events.iter().filter_map(|e| {
+        let data = e.data()?;
+        serde_json::from_str::<Value>(&data).ok()
+    });
+    let mut r = Reading::default();
+    // (name, arguments as streamed) by the index the stream gives each call.
+    let mut calls: Vec<(u64, String, String)> = Vec::new();
+    let call = |calls: &mut Vec<(u64, String, String)>, i: u64| -> Option<usize> {
+        match calls.iter().position(|c| c.0 == i) {
+            Some(p) => Some(p),
+            None if calls.len() < MAX_STREAM_CALLS => {
+                calls.push((i, String::new(), String::new()));
+                Some(calls.len() - 1)
+            }
+            None => None,
+        }
+    };
+    for doc in docs {
+        match shape {
+            StreamShape::Chat => {
+                let Some(choice) = doc.pointer("/choices/0") else {
+                    continue;
+                };
+                let d = &choice["delta"];
+                if let Some(t) = d["content"].as_str() {
+                    r.text.push_str(t);
+                }
+                r.refusal |= d["refusal"].as_str().is_some_and(|x| !x.is_empty());
+                r.truncated |= choice["finish_reason"] == "length";
+                for c in d["tool_calls"].as_array().into_iter().flatten() {
+                    let Some(p) = call(&mut calls, c["index"].as_u64().unwrap_or(0)) else {
+                        continue;
+                    };
+                    if let Some(n) = c["function"]["name"].as_str() {
+                        calls[p].1.push_str(n);
+                    }
+                    if let Some(a) = c["function"]["arguments"].as_str() {
+                        calls[p].2.push_str(a);
+                    }
+                }
+            }
+            StreamShape::Messages => match doc["type"].as_str() {
+                Some("content_block_start") => {
+                    let b = &doc["content_block"];
+                    if b["type"] == "tool_use" {
+                        if let Some(p) = call(&mut calls, doc["index"].as_u64().unwrap_or(0)) {
+                            calls[p].1 = b["name"].as_str().unwrap_or("").to_string();
+                        }
+                    } else if let Some(t) = b["text"].as_str() {
+                        r.text.push_str(t);
+                    }
+                }
+                Some("content_block_delta") => {
+                    let d = &doc["delta"];
+                    match d["type"].as_str() {
+                        Some("text_delta") => r.text.push_str(d["text"].as_str().unwrap_or("")),
+                        Some("input_json_delta") => {
+                            let i = doc["index"].as_u64().unwrap_or(0);
+                            if let Some(p) = calls.iter().position(|c| c.0 == i) {
+                                calls[p]
+                                    .2
+                                    .push_str(d["partial_json"].as_str().unwrap_or(""));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                Some("message_delta") => {
+                    let stop = &doc["delta"]["stop_reason"];
+                    r.truncated |= stop == "max_tokens";
+                    r.refusal |= stop == "refusal";
+                }
+                _ => {}
+            },
+            StreamShape::Responses => {
+                // The terminal event carries the whole response.
+                let t = doc["type"].as_str().unwrap_or("");
+                if matches!(t, "response.completed" | "response.incomplete") {
+                    return read(&doc["response"]);
+                }
+            }
+        }
+    }
+    for (_, name, args) in calls {
+        // Anthropic streams a call without arguments as no deltas at all.
+        let args = if args.trim().is_empty() && shape == StreamShape::Messages {
+            Ok(Value::Object(Default::default()))
+        } else {
+            serde_json::from_str(&args).map_err(|e| e.to_string())
+        };
+        r.calls.push((name, args));
+    }
+    r
+}
+
 /// Why `answer` (the client's dialect) fails the checks for `request`, or `Ok`.
 pub fn check(v: &Validators, request: &Value, answer: &[u8]) -> Result<(), String> {
     let answer: Value =
         serde_json::from_slice(answer).map_err(|e| format!("the answer is not JSON: {e}"))?;
-    let r = read(&answer);
+    check_reading(v, request, &read(&answer))
+}
+
+/// Why a whole streamed answer (its SSE bytes, in `shape`) fails the checks, or `Ok`.
+pub fn check_stream(
+    v: &Validators,
+    request: &Value,
+    shape: StreamShape,
+    sse: &[u8],
+) -> Result<(), String> {
+    check_reading(v, request, &read_stream(shape, sse))
+}
+
+fn check_reading(v: &Validators, request: &Value, r: &Reading) -> Result<(), String> {
     if v.not_refusal && r.refusal {
         return Err("the model refused".into());
     }
@@ -338,6 +461,117 @@ mod tests {
         json!({"choices": [{"index": 0, "message": message, "finish_reason": finish}]})
             .to_string()
             .into_bytes()
+    }
+
+    fn sse(events: &[Value]) -> Vec<u8> {
+        let mut out = String::new();
+        for e in events {
+            out.push_str(&format!(
+                "event: {}\ndata: {e}\n\n",
+                e["type"].as_str().unwrap_or("x")
+            ));
+        }
+        out.push_str("data: [DONE]\n\n");
+        out.into_bytes()
+    }
+
+    #[test]
+    fn a_streamed_answer_is_read_whole_in_every_shape() {
+        let tools = json!({"tools": [{"name": "book", "input_schema": {"type": "object",
+            "required": ["city"], "properties": {"city": {"type": "string"}}}}]});
+        // Messages: text blocks, a tool_use whose input arrives in pieces, the stop reason.
+        let messages = |parts: &[&str], stop: &str| {
+            let mut ev = vec![
+                json!({"type": "message_start", "message": {"content": []}}),
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Booking."}}),
+                json!({"type": "content_block_stop", "index": 0}),
+                json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "t", "name": "book", "input": {}}}),
+            ];
+            for p in parts {
+                ev.push(json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": p}}));
+            }
+            ev.push(json!({"type": "message_delta", "delta": {"stop_reason": stop}}));
+            sse(&ev)
+        };
+        let v = all();
+        let m = StreamShape::Messages;
+        assert!(check_stream(
+            &v,
+            &tools,
+            m,
+            &messages(&["{\"ci", "ty\": \"Oslo\"}"], "tool_use")
+        )
+        .is_ok());
+        let e = check_stream(&v, &tools, m, &messages(&["{\"town\": 1}"], "tool_use")).unwrap_err();
+        assert!(e.contains("do not match its schema"), "{e}");
+        let e = check_stream(&v, &tools, m, &messages(&["{\"ci"], "tool_use")).unwrap_err();
+        assert!(e.contains("not JSON"), "{e}");
+        let e = check_stream(
+            &v,
+            &tools,
+            m,
+            &messages(&["{\"city\": \"Oslo\"}"], "max_tokens"),
+        )
+        .unwrap_err();
+        assert!(e.contains("token limit"), "{e}");
+        let e = check_stream(&v, &tools, m, &messages(&["{}"], "refusal")).unwrap_err();
+        assert!(e.contains("refused"), "{e}");
+
+        // Chat: content and tool-call arguments by index, the finish reason.
+        let chat = sse(&[
+            json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}),
+            json!({"choices": [{"index": 0, "delta": {"content": "{\"city\": "}}]}),
+            json!({"choices": [{"index": 0, "delta": {"content": "\"Oslo\", \"days\": 2}"}}]}),
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+            json!({"choices": [], "usage": {"prompt_tokens": 1}}),
+        ]);
+        let wants = json!({"response_format": {"type": "json_schema", "json_schema": {"schema":
+            {"type": "object", "required": ["city", "days"]}}}});
+        assert!(check_stream(&v, &wants, StreamShape::Chat, &chat).is_ok());
+        let strict = json!({"response_format": {"type": "json_schema", "json_schema": {"schema":
+            {"type": "object", "required": ["weather"]}}}});
+        assert!(check_stream(&v, &strict, StreamShape::Chat, &chat).is_err());
+        let calls = sse(&[
+            json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "c", "function": {"name": "book", "arguments": ""}}]}}]}),
+            json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}}]}),
+            json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "\"Rome\"}"}}]}}]}),
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}),
+        ]);
+        let chat_tools = json!({"tools": [{"type": "function", "function": {"name": "book",
+            "parameters": {"type": "object", "required": ["city"]}}}]});
+        assert!(check_stream(&v, &chat_tools, StreamShape::Chat, &calls).is_ok());
+        let e = check_stream(&v, &json!({}), StreamShape::Chat, &calls).unwrap_err();
+        assert!(e.contains("does not declare"), "{e}");
+        assert!(check_stream(&v, &json!({}), StreamShape::Chat, &sse(&[]))
+            .unwrap_err()
+            .contains("empty"));
+
+        // Responses: the terminal event carries the whole response.
+        let responses = |status: &str| {
+            sse(&[
+                json!({"type": "response.created", "response": {"status": "in_progress", "output": []}}),
+                json!({"type": "response.output_text.delta", "delta": "hi"}),
+                json!({"type": if status == "completed" { "response.completed" } else { "response.incomplete" },
+                       "response": {"status": status, "output": [{"type": "message",
+                           "content": [{"type": "output_text", "text": "hi there"}]}]}}),
+            ])
+        };
+        assert!(check_stream(
+            &v,
+            &json!({}),
+            StreamShape::Responses,
+            &responses("completed")
+        )
+        .is_ok());
+        let e = check_stream(
+            &v,
+            &json!({}),
+            StreamShape::Responses,
+            &responses("incomplete"),
+        )
+        .unwrap_err();
+        assert!(e.contains("token limit"), "{e}");
     }
 
     #[test]

@@ -199,6 +199,15 @@ impl HealthRegistry {
 pub struct Cascade {
     pub tiers: Vec<String>,
     pub validators: crate::cascade::Validators,
+    /// Whose streams are read whole and checked (`[models.validate] buffer_*`).
+    pub buffer: Option<StreamBuffer>,
+}
+
+#[derive(Debug)]
+pub struct StreamBuffer {
+    pub keys: Vec<String>,
+    pub teams: Vec<String>,
+    pub max_bytes: usize,
 }
 
 pub struct Runtime {
@@ -281,6 +290,11 @@ impl Runtime {
                         not_refusal: v.not_refusal,
                         must_match,
                     },
+                    buffer: v.buffer_streams.then(|| StreamBuffer {
+                        keys: v.buffer_keys.clone(),
+                        teams: v.buffer_teams.clone(),
+                        max_bytes: v.buffer_max_bytes,
+                    }),
                 }),
             );
         }

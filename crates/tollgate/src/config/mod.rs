@@ -588,6 +588,14 @@ pub struct CascadeValidate {
     pub not_refusal: bool,
     /// A regex (fancy-regex syntax) the answer's text must match.
     pub must_match: Option<String>,
+    /// Streams too: a tier's stream is read whole and checked before the client gets a byte
+    /// of it, then replayed or escalated (off: a stream takes the first tier that starts).
+    pub buffer_streams: bool,
+    /// Key names (`prefix*`) and teams whose streams are buffered; both empty: every key.
+    pub buffer_keys: Vec<String>,
+    pub buffer_teams: Vec<String>,
+    /// A stream longer than this is not checked: what was read and the rest go out as they are.
+    pub buffer_max_bytes: usize,
 }
 
 impl Default for CascadeValidate {
@@ -599,6 +607,10 @@ impl Default for CascadeValidate {
             not_empty: true,
             not_refusal: true,
             must_match: None,
+            buffer_streams: false,
+            buffer_keys: Vec::new(),
+            buffer_teams: Vec::new(),
+            buffer_max_bytes: 1 << 20,
         }
     }
 }

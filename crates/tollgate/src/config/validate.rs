@@ -441,6 +441,12 @@ impl Config {
                     "needs two to four models, cheapest first",
                 );
             }
+            if !(1..=64 << 20).contains(&m.validate.buffer_max_bytes) {
+                p(
+                    format!("{path}.validate.buffer_max_bytes"),
+                    "must be between 1 and 67108864",
+                );
+            }
             for (j, tier) in m.cascade.iter().enumerate() {
                 // A tier that is itself a cascade would nest holds and checks without end.
                 if self

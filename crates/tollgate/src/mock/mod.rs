@@ -20,15 +20,16 @@
 //! | `lag`             | a stream's first event comes 300 ms after the head                 |
 //! | `repeat`          | calls the same tool with the same arguments after every answer (an agent loop) |
 //! | `overbill`        | its usage report bills 10% more output than its answer reported    |
-//! | `badjson`         | Chat JSON: prose where `response_format` asked for JSON            |
+//! | `badjson`         | Chat: prose where `response_format` asked for JSON                 |
 //! | `badargs`         | tool calls with `{}` as arguments (a schema's required fields missing) |
-//! | `length`          | Chat JSON: `finish_reason: length`                                 |
-//! | `refuse`          | Chat JSON: a refusal (`content: null`, `refusal` set)              |
-//! | `empty`           | Chat JSON: empty content                                           |
+//! | `length`          | Chat: `finish_reason: length`                                      |
+//! | `refuse`          | Chat: a refusal (`content: null`, `refusal` set)                   |
+//! | `empty`           | Chat: empty content                                                |
 //! | `echoreq`         | answers with the whole request body it was sent, as JSON text      |
 //!
 //! Asked for JSON (`response_format` with a schema), Chat answers a document the schema
-//! accepts, as a model with structured outputs does.
+//! accepts, as a model with structured outputs does. The Chat flags apply to JSON answers
+//! and streams alike.
 //!
 //! Tools are called when the conversation asks for one (see `tools.rs`), in all three dialects.
 //!

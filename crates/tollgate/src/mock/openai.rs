@@ -60,22 +60,23 @@ pub(crate) async fn chat(
         },
     );
 
+    // Asked for JSON: a document the schema accepts (`badjson`: prose instead).
+    let wanted = req.pointer("/response_format/json_schema/schema");
+    let text = match (call.is_none(), wanted, b.has("badjson")) {
+        (true, _, true) => "Sure! Here is the JSON you asked for: {oops".to_string(),
+        (true, Some(schema), false) => super::tools::arguments(Some(schema)).to_string(),
+        _ if b.has("empty") => String::new(),
+        _ => pieces.concat(),
+    };
+    let finish = if b.has("length") { "length" } else { finish };
+    const REFUSAL: &str = "I can't help with that request.";
     if !stream {
         b.json_delay().await;
-        // Asked for JSON: a document the schema accepts (`badjson`: prose instead).
-        let wanted = req.pointer("/response_format/json_schema/schema");
-        let text = match (call.is_none(), wanted, b.has("badjson")) {
-            (true, _, true) => "Sure! Here is the JSON you asked for: {oops".to_string(),
-            (true, Some(schema), false) => super::tools::arguments(Some(schema)).to_string(),
-            _ if b.has("empty") => String::new(),
-            _ => pieces.concat(),
-        };
-        let finish = if b.has("length") { "length" } else { finish };
         let message = match &call {
             Some((name, args)) => json!({"role": "assistant", "content": null, "tool_calls": [
                 {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}]}),
             None if b.has("refuse") => json!({"role": "assistant", "content": null,
-                "refusal": "I can't help with that request."}),
+                "refusal": REFUSAL}),
             None => json!({"role": "assistant", "content": text, "refusal": null}),
         };
         let mut resp = json!({
@@ -138,13 +139,27 @@ pub(crate) async fn chat(
                 ));
             }
         }
+        None if b.has("refuse") => {
+            events.push(chunk(
+                json!({"role": "assistant", "content": null, "refusal": ""}),
+                None,
+            ));
+            events.push(chunk(json!({"refusal": REFUSAL}), None));
+        }
         None => {
             events.push(chunk(
                 json!({"role": "assistant", "content": "", "refusal": null}),
                 None,
             ));
-            for p in &pieces {
-                events.push(chunk(json!({"content": p}), None));
+            // The text above, in the pieces the answer is counted in unless a flag changed it.
+            if text == pieces.concat() {
+                for p in &pieces {
+                    events.push(chunk(json!({"content": p}), None));
+                }
+            } else {
+                for p in text.split_inclusive(' ') {
+                    events.push(chunk(json!({"content": p}), None));
+                }
             }
         }
     }

@@ -1,8 +1,10 @@
 //! The cascade phase, for a `[[models]] cascade` alias: its tiers tried cheapest first, each
 //! JSON answer checked (`cascade.rs`) before it may be returned; one that fails is billed and
-//! the next tier asked. The last tier's answer is returned as it is. Streams are never held
-//! back for checks: a tier answers a stream if it starts one, and only a failure before the
-//! first byte moves to the next tier. One wallet hold covers every tier (`quote_model`).
+//! the next tier asked. The last tier's answer is returned as it is. Streams are held back for
+//! checks only for the keys `[models.validate] buffer_*` names: the tier's stream is read
+//! whole, checked, then replayed or billed and escalated. Otherwise a tier answers a stream if
+//! it starts one, and only a failure before the first byte moves to the next tier. One wallet
+//! hold covers every tier (`quote_model`).
 
 use super::*;
 
@@ -77,6 +79,11 @@ pub(crate) async fn escalate(
     let request: serde_json::Value = serde_json::from_slice(&cx.body).unwrap_or_default();
     let last_dep = tiers.last().and_then(|(_, deps)| deps.first().cloned());
     let n = tiers.len();
+    let buffered = cascade
+        .buffer
+        .as_ref()
+        .filter(|b| cx.stream && covers(&b.keys, &b.teams, cx.key))
+        .map(|b| b.max_bytes);
     let mut path: Vec<String> = Vec::new();
     for (i, (name, candidates)) in tiers.into_iter().enumerate() {
         let last = i + 1 == n;
@@ -87,7 +94,11 @@ pub(crate) async fn escalate(
             cx.settle.rate_headers.insert("x-tollgate-cascade", v);
         }
         cx.settle.cascade_reference = if last { None } else { last_dep.clone() };
-        let check = (!last && !cx.stream).then_some((&cascade.validators, &request));
+        let check = (!last && (!cx.stream || buffered.is_some())).then_some(TierCheck {
+            validators: &cascade.validators,
+            request: &request,
+            max_stream_bytes: buffered.unwrap_or(0),
+        });
         let outcome = forward(cx, doc, &candidates, estimate, check).await;
         let why = match outcome {
             Ok(Forwarded::Answer(resp)) => {

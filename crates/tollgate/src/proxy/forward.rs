@@ -358,21 +358,92 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 /// What the forward phase ended with.
 pub(crate) enum Forwarded {
     Answer(Response),
-    /// A cascade tier's JSON answer failed its checks (why): billed on the record, not sent.
+    /// A cascade tier's answer (JSON, or a stream read whole) failed its checks (why):
+    /// billed on the record, not sent.
     Rejected(String),
+}
+
+/// What a cascade tier's answer is checked against before it may be returned.
+pub(crate) struct TierCheck<'a> {
+    pub(crate) validators: &'a crate::cascade::Validators,
+    /// The request as the client sent it (its schemas and tools).
+    pub(crate) request: &'a serde_json::Value,
+    /// For a stream: read whole up to this many bytes, checked, then replayed (0: JSON only).
+    pub(crate) max_stream_bytes: usize,
+}
+
+/// A cascade tier's stream, read whole before any of it goes out.
+enum Buffered {
+    /// It ended properly: its bytes, and what its observer read.
+    Whole(Bytes, Observer),
+    /// Longer than the buffer: what was read; the rest is still upstream.
+    TooLong(Bytes),
+    /// It broke off, stalled or reported an error: what arrived, and why.
+    Broke(Bytes, String),
+}
+
+/// Reads a stream to its end under the provider's idle and total timeouts and `max` bytes.
+async fn buffer_stream(
+    dep: &Deployment,
+    up_endpoint: Endpoint,
+    first: Bytes,
+    rest: &mut Answer,
+    max: usize,
+) -> Buffered {
+    let mut buf = bytes::BytesMut::from(&first[..]);
+    let deadline = tokio::time::Instant::now() + dep.provider.total_timeout;
+    loop {
+        if buf.len() > max {
+            return Buffered::TooLong(buf.freeze());
+        }
+        let next = (tokio::time::Instant::now() + dep.provider.idle_timeout).min(deadline);
+        match tokio::time::timeout_at(next, rest.chunk()).await {
+            Ok(Ok(Some(c))) => buf.extend_from_slice(&c),
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => {
+                let why = format!("the provider's stream broke off: {}", error_chain(&*e));
+                return Buffered::Broke(buf.freeze(), why);
+            }
+            Err(_) => {
+                let why = format!(
+                    "the provider's stream stalled or ran past {:?}",
+                    dep.provider.total_timeout
+                );
+                return Buffered::Broke(buf.freeze(), why);
+            }
+        }
+    }
+    let buf = buf.freeze();
+    let mut observer = Observer::for_endpoint(up_endpoint);
+    let mut events = Vec::new();
+    tollgate_proto::SseSplitter::new().push(&buf, &mut events);
+    for ev in &events {
+        observer.observe(ev);
+    }
+    if observer.saw_error() {
+        return Buffered::Broke(buf, "the provider reported an error in the stream".into());
+    }
+    if !observer.ended_properly() {
+        return Buffered::Broke(
+            buf,
+            "the provider's stream ended before its last event".into(),
+        );
+    }
+    Buffered::Whole(buf, observer)
 }
 
 /// The forward phase: attempts over the candidates (a deployment at its own limit is skipped,
 /// a retryable failure is retried on the next one within the retry budget, after a backoff),
 /// translating to and from the provider's dialect; the answer goes to `finish_json` or
-/// `stream_response`. With `check` (a cascade tier before the last: its validators and the
-/// request), a JSON answer that fails them is billed and `Rejected` instead.
+/// `stream_response`. With `check` (a cascade tier before the last), a JSON answer (or a
+/// stream read whole, when `max_stream_bytes` allows) that fails it is billed and `Rejected`
+/// instead.
 pub(crate) async fn forward(
     cx: &mut Ctx<'_>,
     doc: &mut RequestDoc<'_>,
     candidates: &[Arc<Deployment>],
     estimate: u64,
-    check: Option<(&crate::cascade::Validators, &serde_json::Value)>,
+    check: Option<TierCheck<'_>>,
 ) -> Result<Forwarded, ApiError> {
     let (app, endpoint, headers, stream, key) =
         (cx.app, cx.endpoint, cx.headers, cx.stream, cx.key);
@@ -534,10 +605,10 @@ pub(crate) async fn forward(
                 } else {
                     None
                 };
-                if let Some((validators, request)) = check {
+                if let Some(c) = &check {
                     let shown = client_body.as_ref().unwrap_or(&answer.body);
                     let verdict = if answer.status.is_success() {
-                        crate::cascade::check(validators, request, shown)
+                        crate::cascade::check(c.validators, c.request, shown)
                     } else {
                         Err(format!("the provider answered {}", answer.status))
                     };
@@ -574,11 +645,52 @@ pub(crate) async fn forward(
                     client_body,
                 )));
             }
-            Ok(Upstream::Stream { first, rest }) => {
+            Ok(Upstream::Stream { first, mut rest }) => {
                 dep.health.success(now_ms(), &runtime.routing);
                 if let Some(p) = &plan {
                     p.served(app, &dep);
                 }
+                let (first, rest): (Bytes, BodyStream) = match &check {
+                    Some(c) if stream && c.max_stream_bytes > 0 => {
+                        match buffer_stream(&dep, up_endpoint, first, &mut rest, c.max_stream_bytes)
+                            .await
+                        {
+                            Buffered::Whole(sse, observer) => {
+                                let shape = match up_endpoint.spec().stream {
+                                    StreamShape::Messages => crate::cascade::StreamShape::Messages,
+                                    StreamShape::Responses => {
+                                        crate::cascade::StreamShape::Responses
+                                    }
+                                    StreamShape::Chat | StreamShape::None => {
+                                        crate::cascade::StreamShape::Chat
+                                    }
+                                };
+                                let verdict = crate::cascade::check_stream(
+                                    c.validators,
+                                    c.request,
+                                    shape,
+                                    &sse,
+                                );
+                                if let Err(why) = verdict {
+                                    settle.bill_rejected_stream(&runtime, &dep, &observer);
+                                    return Ok(Forwarded::Rejected(why));
+                                }
+                                (sse, Box::pin(futures_util::stream::empty()))
+                            }
+                            Buffered::TooLong(read) => {
+                                if let Some(trail) = settle.rec_mut().cascade.as_mut() {
+                                    trail.push_str(" (unchecked: longer than buffer_max_bytes)");
+                                }
+                                (read, rest.into_stream())
+                            }
+                            Buffered::Broke(partial, why) => {
+                                settle.bill_broken_attempt(&runtime, &dep, &partial);
+                                return Ok(Forwarded::Rejected(why));
+                            }
+                        }
+                    }
+                    _ => (first, rest.into_stream()),
+                };
                 let view = StreamView {
                     client: endpoint.dialect(),
                     upstream: up_endpoint,

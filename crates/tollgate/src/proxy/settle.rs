@@ -245,6 +245,26 @@ impl Settlement {
             output: estimate_output_json(body),
             ..Usage::default()
         });
+        self.bill_rejected(runtime, dep, usage);
+    }
+
+    /// A cascade tier's stream, read whole, that failed its checks: billed at the usage its
+    /// events reported (estimated from its text if they reported none).
+    pub(crate) fn bill_rejected_stream(
+        &mut self,
+        runtime: &Runtime,
+        dep: &Deployment,
+        observer: &super::stream::Observer,
+    ) {
+        let usage = observer.usage().unwrap_or_else(|| Usage {
+            input: estimate::request_tokens(&self.body),
+            output: estimate::tokens(observer.output_text()),
+            ..observer.input_usage().unwrap_or_default()
+        });
+        self.bill_rejected(runtime, dep, usage);
+    }
+
+    fn bill_rejected(&mut self, runtime: &Runtime, dep: &Deployment, usage: Usage) {
         let bound = |n: u64| n.min(crate::money::MAX_TOKENS);
         let usage = Usage {
             input: bound(usage.input),
@@ -378,33 +398,8 @@ impl Settlement {
     /// A cascade answered before its last tier: what the answer would have cost from the
     /// last tier's deployment (same tokens), less what it cost, is saved.
     pub(crate) fn note_cascade_saving(&mut self, rec: &mut UsageRecord) {
-        let Some(reference) = self.cascade_reference.take() else {
-            return;
-        };
-        if rec.status != 200 || rec.usage_source == "none" {
-            return;
-        }
-        let Some(price) = self
-            .runtime
-            .prices
-            .lookup(&reference.provider.name, &reference.model)
-        else {
-            return;
-        };
-        let would = price.cost(&Usage {
-            input: rec.input_tokens,
-            cached_input: rec.cached_input_tokens,
-            output: rec.output_tokens,
-            reasoning: rec.reasoning_tokens,
-            cache_write_5m: rec.cache_write_5m_tokens,
-            cache_write_1h: rec.cache_write_1h_tokens,
-        });
-        if would > rec.cost_micros {
-            rec.savings.push(crate::records::Saving {
-                saver: "cascade".into(),
-                tokens: 0,
-                micros: would - rec.cost_micros,
-            });
+        if let Some(reference) = self.cascade_reference.take() {
+            note_cascade_saving(&self.runtime, &reference, rec);
         }
     }
 
@@ -690,5 +685,38 @@ pub(crate) fn detail(message: &str) -> String {
     match message.char_indices().nth(MAX) {
         Some((i, _)) => format!("{}…", &message[..i]),
         None => message.to_string(),
+    }
+}
+
+/// A cascade answered before its last tier: what the last tier would have charged for the
+/// same tokens, less what was charged, is recorded as a `cascade` saving.
+pub(crate) fn note_cascade_saving(
+    runtime: &Runtime,
+    reference: &Deployment,
+    rec: &mut UsageRecord,
+) {
+    if rec.status != 200 || rec.usage_source == "none" {
+        return;
+    }
+    let Some(price) = runtime
+        .prices
+        .lookup(&reference.provider.name, &reference.model)
+    else {
+        return;
+    };
+    let would = price.cost(&Usage {
+        input: rec.input_tokens,
+        cached_input: rec.cached_input_tokens,
+        output: rec.output_tokens,
+        reasoning: rec.reasoning_tokens,
+        cache_write_5m: rec.cache_write_5m_tokens,
+        cache_write_1h: rec.cache_write_1h_tokens,
+    });
+    if would > rec.cost_micros {
+        rec.savings.push(crate::records::Saving {
+            saver: "cascade".into(),
+            tokens: 0,
+            micros: would - rec.cost_micros,
+        });
     }
 }

@@ -11,6 +11,15 @@ pub(crate) enum Observer {
 }
 
 impl Observer {
+    /// The observer for what `upstream` streams.
+    pub(crate) fn for_endpoint(upstream: Endpoint) -> Observer {
+        match upstream.spec().stream {
+            StreamShape::Messages => Observer::Messages(MessagesStreamObserver::new()),
+            StreamShape::Responses => Observer::Responses(ResponsesStreamObserver::new()),
+            StreamShape::Chat | StreamShape::None => Observer::Chat(ChatStreamObserver::new()),
+        }
+    }
+
     pub(crate) fn observe(&mut self, ev: &tollgate_proto::SseEvent) -> EventKind {
         match self {
             Observer::Chat(o) => o.observe(ev),
@@ -93,23 +102,21 @@ pub(crate) fn stream_response(
     dep: &Deployment,
     view: StreamView,
     first: Bytes,
-    rest: super::forward::Answer,
+    rest: super::forward::BodyStream,
 ) -> Response {
     let mut rec = settle.take();
     let broken = std::mem::take(&mut settle.broken);
+    let rejected = std::mem::take(&mut settle.rejected);
+    let cascade_reference = settle.cascade_reference.take();
     let admission = settle.admission.take();
     if let Some(r) = rec.as_mut() {
         r.status = 200;
         r.ttft_ms = Some(settle.started.elapsed().as_millis() as u64);
     }
-    let observer = match view.upstream.spec().stream {
-        StreamShape::Messages => Observer::Messages(MessagesStreamObserver::new()),
-        StreamShape::Responses => Observer::Responses(ResponsesStreamObserver::new()),
-        StreamShape::Chat | StreamShape::None => Observer::Chat(ChatStreamObserver::new()),
-    };
+    let observer = Observer::for_endpoint(view.upstream);
     let mut s = GatewayStream {
         app: app.clone(),
-        upstream: rest.into_stream(),
+        upstream: rest,
         splitter: SseSplitter::new(),
         observer,
         dialect: view.client,
@@ -124,6 +131,8 @@ pub(crate) fn stream_response(
         deadline: Box::pin(tokio::time::sleep(dep.provider.total_timeout)),
         rec,
         broken,
+        rejected,
+        cascade_reference,
         admission,
         runtime: settle.runtime.clone(),
         provider: dep.provider.name.clone(),
@@ -190,6 +199,10 @@ pub(crate) struct GatewayStream {
     pub(crate) rec: Option<UsageRecord>,
     /// Earlier attempts that broke off, added to the record when the stream settles.
     pub(crate) broken: Broken,
+    /// Cascade tiers checked and rejected before this one answered.
+    pub(crate) rejected: Broken,
+    /// The last cascade tier, while an earlier one answers: what it saved.
+    pub(crate) cascade_reference: Option<Arc<Deployment>>,
     /// Held for the stream's whole life: the concurrency slot is the stream's.
     pub(crate) admission: Option<Admission>,
     pub(crate) runtime: Arc<Runtime>,
@@ -446,6 +459,10 @@ impl GatewayStream {
             source,
         );
         self.broken.fold(&mut rec);
+        self.rejected.fold_exact(&mut rec);
+        if let Some(reference) = self.cascade_reference.take() {
+            note_cascade_saving(&self.runtime, &reference, &mut rec);
+        }
         if let Some(s) = self.scrub.as_mut() {
             s.record(&self.app, &mut rec);
         }

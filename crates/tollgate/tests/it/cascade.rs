@@ -85,18 +85,14 @@ async fn a_cheap_answer_that_passes_is_returned_and_the_saving_recorded() {
     );
 }
 
-/// Each validator, failed by the cheap tier: the request escalates, both answers are paid.
-#[tokio::test]
-async fn every_validator_escalates_what_fails_it() {
-    let up = spawn_mock(None).await;
-    let gw = TestGateway::start(&config(&up)).await;
-    let key = gw.key().await;
+/// A request for each validator, the alias whose cheap tier fails it, and why it fails.
+fn failures() -> Vec<(&'static str, Value, &'static str)> {
     let schema = json!({"type": "object", "required": ["city", "days"],
         "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}});
     let tools = json!([{"type": "function", "function": {"name": "book",
         "parameters": {"type": "object", "required": ["city"],
                        "properties": {"city": {"type": "string"}}}}}]);
-    let cases: Vec<(&str, Value, &str)> = vec![
+    vec![
         (
             "auto-json",
             json!({"messages": user("plan a trip"), "response_format":
@@ -133,7 +129,16 @@ async fn every_validator_escalates_what_fails_it() {
             json!({"messages": user("are you up")}),
             "failed with 500",
         ),
-    ];
+    ]
+}
+
+/// Each validator, failed by the cheap tier: the request escalates, both answers are paid.
+#[tokio::test]
+async fn every_validator_escalates_what_fails_it() {
+    let up = spawn_mock(None).await;
+    let gw = TestGateway::start(&config(&up)).await;
+    let key = gw.key().await;
+    let cases = failures();
     for (alias, mut body, why) in cases {
         body["model"] = json!(alias);
         let before = upstream_requests(&up).await;
@@ -247,4 +252,201 @@ async fn both_tiers_are_held_at_once_and_captured_together() {
     let r = gw.chat(&poor, body).await;
     assert_eq!(r.status(), 402, "{}", r.text().await.unwrap());
     assert_eq!(upstream_requests(&up).await, before);
+}
+
+/// `config` with every alias reading the streams of the key named `buffered` whole.
+fn buffered_config(up: &str) -> String {
+    let mut c = String::new();
+    for section in config(up).split_inclusive('\n') {
+        c.push_str(section);
+        if section.starts_with("cascade = ") {
+            c.push_str("[models.validate]\nbuffer_streams = true\nbuffer_keys = [\"buffered\"]\n");
+        }
+    }
+    // Each alias has one validate table: merge the ones `config` already wrote.
+    let c = c.replace(
+        "buffer_keys = [\"buffered\"]\n[models.validate]\n",
+        "buffer_keys = [\"buffered\"]\n",
+    );
+    format!(
+        "{c}[[models]]\nname = \"auto-errorevent\"\ncascade = [\"mock-small-errorevent\", \"mock-large\"]\n\
+         [models.validate]\nbuffer_streams = true\nbuffer_keys = [\"buffered\"]\n\
+         [[models]]\nname = \"auto-long\"\ncascade = [\"mock-small-badjson\", \"mock-large\"]\n\
+         [models.validate]\nbuffer_streams = true\nbuffer_max_bytes = 200\n"
+    )
+}
+
+/// The text a Chat stream carries, and whether it ended with `[DONE]`.
+async fn streamed_text(r: reqwest::Response) -> (String, bool) {
+    let events = sse_data(r).await;
+    let mut text = String::new();
+    for e in &events {
+        if let Ok(v) = serde_json::from_str::<Value>(e) {
+            if let Some(t) = v
+                .pointer("/choices/0/delta/content")
+                .and_then(Value::as_str)
+            {
+                text.push_str(t);
+            }
+            if let Some(t) = v
+                .pointer("/choices/0/delta/refusal")
+                .and_then(Value::as_str)
+            {
+                text.push_str(t);
+            }
+            if let Some(calls) = v
+                .pointer("/choices/0/delta/tool_calls")
+                .and_then(Value::as_array)
+            {
+                for c in calls {
+                    text.push_str(c["function"]["arguments"].as_str().unwrap_or(""));
+                }
+            }
+        }
+    }
+    (text, events.last().map(String::as_str) == Some("[DONE]"))
+}
+
+/// Streams of a key that opts in are read whole and checked: a tier that fails any check is
+/// billed and the next one streamed; one that passes is replayed as it came; keys that do
+/// not opt in get the first tier that starts.
+#[tokio::test]
+async fn a_buffered_stream_is_checked_whole_then_replayed_or_escalated() {
+    let up = spawn_mock(None).await;
+    let gw = TestGateway::start(&buffered_config(&up)).await;
+    let (key, key_id) = gw.create_key(json!({"name": "buffered"})).await;
+    let wallet = gw.wallet(&format!("key:{key_id}"), "20").await;
+    let (direct, _) = gw.create_key(json!({"name": "direct"})).await;
+    let stream = |alias: &str, body: Value| {
+        let mut b = body;
+        b["model"] = json!(alias);
+        b["stream"] = json!(true);
+        b
+    };
+    let trip = json!({"messages": user("plan a trip"), "response_format": {"type": "json_schema",
+        "json_schema": {"name": "trip", "schema": {"type": "object", "required": ["city"]}}}});
+    // A tier that passes: replayed whole, one upstream call, and the saving recorded.
+    let before = upstream_requests(&up).await;
+    let r = gw
+        .chat(
+            &key,
+            stream("auto", json!({"messages": user("summarise the notes")})),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-tollgate-cascade"], "mock-small");
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let (text, done) = streamed_text(r).await;
+    assert!(done && !text.is_empty(), "{text}");
+    let rec = wait_record(&gw, &id).await;
+    assert_eq!(rec.model_served.as_deref(), Some("mock-small"));
+    assert!(
+        rec.output_tokens > 0 && rec.usage_source == "provider",
+        "{rec:?}"
+    );
+    assert!(rec.savings.iter().any(|s| s.saver == "cascade"), "{rec:?}");
+    assert_eq!(upstream_requests(&up).await, before + 1);
+
+    let mut cases = failures();
+    cases.retain(|c| c.0 != "auto-down");
+    cases.push((
+        "auto-errorevent",
+        json!({"messages": user("are you there")}),
+        "error in the stream",
+    ));
+    for (alias, body, why) in cases {
+        // What only the small tier would have said.
+        let small_only = match alias {
+            "auto-json" => "oops",
+            "auto-args" => "{}",
+            "auto-refuse" => "can't help",
+            _ => "",
+        };
+        let before = upstream_requests(&up).await;
+        let r = gw.chat(&key, stream(alias, body.clone())).await;
+        assert_eq!(r.status(), 200, "{alias}");
+        let trail = r.headers()["x-tollgate-cascade"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(trail.ends_with("-> mock-large"), "{alias}: {trail}");
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        let (text, done) = streamed_text(r).await;
+        assert!(done, "{alias}: the large tier's stream, whole");
+        if !small_only.is_empty() {
+            assert!(
+                !text.contains(small_only),
+                "{alias}: nothing of the small tier: {text}"
+            );
+        }
+        if alias == "auto-json" {
+            let doc: Value = serde_json::from_str(&text).unwrap();
+            assert!(doc["city"].is_string(), "{doc}");
+        }
+        if alias == "auto-args" {
+            assert!(text.contains("city"), "{text}");
+        }
+        let rec = wait_record(&gw, &id).await;
+        assert_eq!(rec.model_served.as_deref(), Some("mock-large"), "{alias}");
+        assert!(
+            rec.cascade.as_deref().unwrap().contains(why),
+            "{alias}: {rec:?}"
+        );
+        assert_eq!(upstream_requests(&up).await - before, 2, "{alias}");
+        assert!(
+            !rec.savings.iter().any(|s| s.saver == "cascade"),
+            "{alias}: escalating saves nothing"
+        );
+        assert!(rec.error_kind.is_none(), "{alias}: {rec:?}");
+    }
+
+    // Both tiers of a streamed escalation under the one hold, captured together.
+    let r = gw
+        .chat(
+            &key,
+            stream(
+                "auto-length",
+                json!({"max_tokens": 50, "messages": user("write")}),
+            ),
+        )
+        .await;
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let _ = r.text().await.unwrap();
+    let rec = wait_record(&gw, &id).await;
+    let small = cost(rec.input_tokens / 2, 50, SMALL_IN, SMALL_OUT);
+    assert!(
+        rec.cost_micros > small,
+        "the small tier is on the bill: {rec:?}"
+    );
+    let mut spent = 0;
+    for r in gw.records().await {
+        if r.key_id == key_id {
+            spent += r.cost_micros;
+        }
+    }
+    let w = gw.wallet_view(&wallet).await;
+    assert_eq!(
+        w["balance_micros"].as_u64().unwrap(),
+        20_000_000 - spent,
+        "{w}"
+    );
+    assert_eq!(w["held_micros"], 0, "{w}");
+
+    // A key that does not opt in gets the first tier that starts, unchecked.
+    let r = gw.chat(&direct, stream("auto-json", trip.clone())).await;
+    assert_eq!(r.headers()["x-tollgate-cascade"], "mock-small-badjson");
+    assert!(streamed_text(r).await.0.contains("oops"));
+
+    // Longer than the buffer: what was read and the rest go out unchecked, and the record
+    // says so.
+    let r = gw.chat(&key, stream("auto-long", trip.clone())).await;
+    assert_eq!(r.headers()["x-tollgate-cascade"], "mock-small-badjson");
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let (text, done) = streamed_text(r).await;
+    assert!(done && text.contains("oops"), "{text}");
+    let rec = wait_record(&gw, &id).await;
+    assert!(
+        rec.cascade.as_deref().unwrap().contains("unchecked"),
+        "{rec:?}"
+    );
 }
