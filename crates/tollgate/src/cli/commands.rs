@@ -534,6 +534,7 @@ pub(crate) async fn usage(args: UsageArgs) -> anyhow::Result<()> {
                 "errors",
                 "input",
                 "cached",
+                "cached_share",
                 "cache_write",
                 "output",
                 "reasoning",
@@ -548,6 +549,11 @@ pub(crate) async fn usage(args: UsageArgs) -> anyhow::Result<()> {
                         r.errors.to_string(),
                         r.input_tokens.to_string(),
                         r.cached_input_tokens.to_string(),
+                        // Of the input, what the provider read from its prompt cache.
+                        match r.input_tokens {
+                            0 => "-".into(),
+                            n => format!("{:.1}%", r.cached_input_tokens as f64 * 100.0 / n as f64),
+                        },
                         r.cache_write_tokens.to_string(),
                         r.output_tokens.to_string(),
                         r.reasoning_tokens.to_string(),

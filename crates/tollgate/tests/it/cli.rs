@@ -168,7 +168,7 @@ async fn cli_talks_to_a_running_gateway_with_the_admin_key() {
     let mut lines = csv.lines();
     assert_eq!(
         lines.next().unwrap(),
-        "key,requests,errors,input,cached,cache_write,output,reasoning,cost_usd"
+        "key,requests,errors,input,cached,cached_share,cache_write,output,reasoning,cost_usd"
     );
     let total: u64 = lines
         .map(|l| l.split(',').nth(1).unwrap().parse::<u64>().unwrap())

@@ -239,4 +239,27 @@ async fn the_providers_cached_tokens_are_recorded_as_a_saving() {
         report[0]["savers"]["provider_cache"]["tokens"],
         rec.cached_input_tokens
     );
+    // The cached-token share per model, next to the counts.
+    let out = crate::cli::tollgate_async(&[
+        "usage",
+        "--by",
+        "model",
+        "--format",
+        "csv",
+        "--url",
+        &gw.url,
+        "--admin-key",
+        &gw.admin_key,
+    ])
+    .await;
+    let csv = String::from_utf8(out.stdout).unwrap();
+    let share = format!(
+        ",{},{:.1}%,",
+        rec.cached_input_tokens,
+        rec.cached_input_tokens as f64 * 100.0 / rec.input_tokens as f64
+    );
+    assert!(
+        csv.lines().nth(1).unwrap().contains(&share),
+        "{csv} {share}"
+    );
 }
