@@ -354,3 +354,15 @@ pub fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
     }
     false
 }
+
+/// An error and its sources, `outer: inner: innermost`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}

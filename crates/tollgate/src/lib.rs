@@ -40,7 +40,14 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     (
         "store",
         &[
-            "db", "store", "wallet", "envelope", "outbox", "audit", "approval",
+            "db",
+            "store",
+            "wallet",
+            "envelope",
+            "outbox",
+            "audit",
+            "approval",
+            "analytics",
         ],
     ),
     (
@@ -71,6 +78,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
 ];
 
 pub mod admin;
+pub mod analytics;
 pub mod approval;
 pub mod audit;
 pub mod cache;

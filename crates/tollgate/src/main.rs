@@ -115,6 +115,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Cmd::Migrate {
             data_dir,
             store_url,
+            config,
         } => {
             let location = tollgate::db::Location::from_config(store_url.as_deref(), &data_dir);
             let store = tokio::task::spawn_blocking(move || Store::open_at(&location)).await??;
@@ -123,6 +124,15 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 store.location().describe(),
                 store.schema_version()?
             );
+            let cfg = match &config {
+                Some(p) => tollgate::config::Config::from_file(p).map_err(anyhow::Error::msg)?,
+                None => tollgate::config::Config::default(),
+            };
+            if cfg.analytics.backend == tollgate::config::AnalyticsBackend::Clickhouse {
+                let ch = tollgate::analytics::ClickHouse::new(&cfg.analytics)?;
+                let v = ch.migrate().await.map_err(anyhow::Error::msg)?;
+                println!("clickhouse {}: schema at version {v}", ch.database());
+            }
         }
         Cmd::MockProvider { listen, api_key } => {
             let l = tokio::net::TcpListener::bind(listen)

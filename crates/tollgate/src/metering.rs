@@ -349,6 +349,7 @@ fn run_writer(
     linger: Duration,
     metrics: Arc<Metrics>,
     acks: Option<mpsc::UnboundedSender<crate::hotwallet::Ack>>,
+    sink: Option<Arc<crate::analytics::Sink>>,
 ) {
     // Waits on both queues, and out `linger` without giving up on a hold that arrives.
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
@@ -425,7 +426,12 @@ fn run_writer(
         let chunk = p.chunk(batch_max);
         while !p.batch.is_empty() {
             let end = chunk.min(p.batch.len());
-            write_with_retry(&mut conn, &p.batch[..end], &metrics, acks.as_ref());
+            if write_with_retry(&mut conn, &p.batch[..end], &metrics, acks.as_ref()) {
+                // Only what the store has: analytics never count a record the ledger lacks.
+                if let Some(sink) = &sink {
+                    sink.offer(&p.batch[..end]);
+                }
+            }
             p.written(end);
             // Records in memory stay under `batch_max`: a store slower than the traffic
             // leaves the backlog in the bounded queue, where it is visible
@@ -460,6 +466,7 @@ impl Meter {
         linger: Duration,
         metrics: Arc<Metrics>,
         acks: Option<mpsc::UnboundedSender<crate::hotwallet::Ack>>,
+        sink: Option<Arc<crate::analytics::Sink>>,
     ) -> store::Result<Meter> {
         let conn = location.connect()?;
         let (tx, rx) = mpsc::channel::<Msg>(capacity);
@@ -479,6 +486,7 @@ impl Meter {
                     linger,
                     writer_metrics,
                     acks,
+                    sink,
                 )
             })?;
         Ok(Meter {
@@ -581,9 +589,9 @@ fn write_with_retry(
     batch: &[UsageRecord],
     metrics: &Metrics,
     acks: Option<&mpsc::UnboundedSender<crate::hotwallet::Ack>>,
-) {
+) -> bool {
     if batch.is_empty() {
-        return;
+        return false;
     }
     let mut delay = Duration::from_millis(50);
     // Records are only lost if the database stays unwritable for minutes; each failure is
@@ -597,7 +605,7 @@ fn write_with_retry(
                         let _ = acks.send(a);
                     }
                 }
-                return;
+                return true;
             }
             Err(e) => {
                 tracing::warn!(attempt, error = %e, records = batch.len(), "usage batch write failed; retrying");
@@ -610,6 +618,7 @@ fn write_with_retry(
     for rec in batch {
         tracing::error!(record = %serde_json::to_string(rec).unwrap_or_default(), "usage record not stored after retries");
     }
+    false
 }
 
 /// Writes a batch in one transaction: for each record, the capture of its wallet hold and the

@@ -41,6 +41,13 @@ pub struct Metrics {
     pub redactions: Family<RedactionLabels, Counter>,
     pub cache_lookups: Family<CacheLabels, Counter>,
     pub cache_redis_errors: Counter,
+    pub analytics_queue_depth: Gauge,
+    pub analytics_spill_bytes: Gauge,
+    pub analytics_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub analytics_records_sent: Counter,
+    pub analytics_records_spilled: Counter,
+    pub analytics_records_replayed: Counter,
+    pub analytics_records_dropped: Counter,
     pub cascade_answers: Family<CascadeLabels, Counter>,
     pub saved_tokens: Family<SaverLabels, Counter>,
     pub saved_micros: Family<SaverLabels, Counter>,
@@ -227,6 +234,48 @@ impl Metrics {
             "Findings of the redaction detectors, by detector, action and place",
             Family::default(),
         );
+        let analytics_queue_depth = reg(
+            &mut registry,
+            "analytics_queue_depth",
+            "Usage records waiting for the ClickHouse sink",
+            Gauge::default(),
+        );
+        let analytics_spill_bytes = reg(
+            &mut registry,
+            "analytics_spill_bytes",
+            "Bytes of usage rows in the analytics spill file, waiting for ClickHouse",
+            Gauge::default(),
+        );
+        let analytics_lag_seconds = reg(
+            &mut registry,
+            "analytics_lag_seconds",
+            "Age of the oldest usage record the ClickHouse sink holds",
+            Gauge::<f64, std::sync::atomic::AtomicU64>::default(),
+        );
+        let analytics_records_sent = reg(
+            &mut registry,
+            "analytics_records_sent",
+            "Usage records inserted into ClickHouse",
+            Counter::default(),
+        );
+        let analytics_records_spilled = reg(
+            &mut registry,
+            "analytics_records_spilled",
+            "Usage records written to the spill file because ClickHouse failed or the queue was full",
+            Counter::default(),
+        );
+        let analytics_records_replayed = reg(
+            &mut registry,
+            "analytics_records_replayed",
+            "Spilled usage records inserted into ClickHouse once it answered again",
+            Counter::default(),
+        );
+        let analytics_records_dropped = reg(
+            &mut registry,
+            "analytics_records_dropped",
+            "Usage records not sent to ClickHouse because the spill file was full (they are in the store)",
+            Counter::default(),
+        );
         let cache_redis_errors = reg(
             &mut registry,
             "cache_redis_errors",
@@ -316,6 +365,13 @@ impl Metrics {
             redactions,
             cache_lookups,
             cache_redis_errors,
+            analytics_queue_depth,
+            analytics_spill_bytes,
+            analytics_lag_seconds,
+            analytics_records_sent,
+            analytics_records_spilled,
+            analytics_records_replayed,
+            analytics_records_dropped,
             cascade_answers,
             saved_tokens,
             saved_micros,

@@ -419,7 +419,7 @@ pub fn next_cursor(records: &[crate::records::UsageRecord], limit: u32) -> Optio
 /// which `usage_report` says).
 pub fn report_since(by: &str, since: Option<&str>, source: Option<&str>) -> Option<i64> {
     let by: GroupBy = by.parse().ok()?;
-    let rollups = matches!(source, None | Some("auto" | "rollups")) && by.rolled_up();
+    let rollups = matches!(source, None | Some("auto" | "rollups" | "store")) && by.rolled_up();
     rollups.then(|| since_ms(since).ok().map(crate::store::report_start))?
 }
 
@@ -431,11 +431,12 @@ pub fn usage_report(
 ) -> Result<Vec<ReportRow>, AdminError> {
     let by: GroupBy = by.parse().map_err(AdminError::Invalid)?;
     let source = match source {
-        None | Some("auto" | "rollups") => crate::store::ReportSource::Auto,
+        // `store`: the store's rollups even when ClickHouse answers reports.
+        None | Some("auto" | "rollups" | "store") => crate::store::ReportSource::Auto,
         Some("records") => crate::store::ReportSource::Records,
         Some(other) => {
             return Err(AdminError::Invalid(format!(
-                "source \"{other}\": use auto (rollups where they cover the window) or records"
+                "source \"{other}\": use auto (ClickHouse when configured, else the store's rollups where they cover the window), store, or records"
             )))
         }
     };

@@ -139,6 +139,14 @@ impl Gateway {
         } else {
             (None, None)
         };
+        let analytics = match config.analytics.backend {
+            crate::config::AnalyticsBackend::Clickhouse => Some(Arc::new(
+                crate::analytics::Analytics::start(&config.analytics, &data_dir, metrics.clone())
+                    .await
+                    .context("setting up clickhouse analytics")?,
+            )),
+            crate::config::AnalyticsBackend::Store => None,
+        };
         let meter = Meter::start(
             &location,
             config.metering.queue_capacity,
@@ -146,6 +154,7 @@ impl Gateway {
             config.metering.linger,
             metrics.clone(),
             acks,
+            analytics.as_ref().map(|a| a.sink.clone()),
         )
         .context("starting the usage writer")?;
 
@@ -213,6 +222,7 @@ impl Gateway {
             loop_guard: crate::loopguard::LoopGuard::default(),
             damper: crate::damping::Damper::default(),
             cache,
+            analytics,
             prompt_caches: crate::promptcache::PromptCaches::default(),
             _checkpointer: crate::state::StopOnDrop(stop_checkpoints),
         });
@@ -283,6 +293,12 @@ impl Gateway {
                 tracing::error!(
                     "the store did not take the last usage records within the grace period; exiting without them"
                 );
+            }
+        }
+        // What ClickHouse did not take goes to the spill file, replayed on the next start.
+        if let Some(a) = &app.analytics {
+            if !a.sink.flush(app.server.shutdown_grace).await {
+                tracing::warn!("the analytics sink did not finish within the grace period");
             }
         }
         Ok(())

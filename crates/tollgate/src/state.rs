@@ -35,6 +35,8 @@ pub struct AppState {
     pub damper: crate::damping::Damper,
     /// The exact response cache (`[cache]`).
     pub cache: crate::cache::ResponseCache,
+    /// Usage analytics in ClickHouse (`[analytics]`), when configured.
+    pub analytics: Option<Arc<crate::analytics::Analytics>>,
     /// What provider prompt-cache affinity remembers (`[prompt_cache]`).
     pub prompt_caches: crate::promptcache::PromptCaches,
     /// Stops the WAL checkpointer when the gateway goes away.

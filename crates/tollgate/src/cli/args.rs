@@ -148,6 +148,9 @@ pub(crate) enum Cmd {
         /// in the data directory).
         #[arg(long, env = "TOLLGATE_STORE_URL", hide_env_values = true)]
         store_url: Option<String>,
+        /// A configuration whose `[analytics]` names ClickHouse: its schema is migrated too.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Run the mock provider alone (for benchmarks and experiments).
     MockProvider {

@@ -38,6 +38,7 @@ pub struct Config {
     pub cache: CacheConfig,
     pub compression: CompressionConfig,
     pub prompt_cache: PromptCacheConfig,
+    pub analytics: AnalyticsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -218,6 +219,62 @@ impl WebhookConfig {
             .as_deref()
             .and_then(|v| std::env::var(v).ok())
             .or_else(|| self.secret.clone())
+    }
+}
+
+/// Where usage analytics are also written and reports answered from (`analytics.rs`, ADR
+/// 0032): the store alone, or ClickHouse beside it. The ledger and wallets never leave the
+/// store. Needs a restart to change.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnalyticsConfig {
+    pub backend: AnalyticsBackend,
+    /// ClickHouse's HTTP interface, `http://host:8123`.
+    pub url: Option<String>,
+    pub database: String,
+    pub user: String,
+    /// The environment variable holding the user's password (none: no password).
+    pub password_env: Option<String>,
+    /// Records per insert, and how long records wait for more before they go.
+    pub batch_max: usize,
+    #[serde(deserialize_with = "de_duration")]
+    pub flush_interval: Duration,
+    /// Records waiting for the sink; past it they go straight to the spill file.
+    pub queue_capacity: usize,
+    /// The spill file's bound (records ClickHouse did not take, in the data dir); past it
+    /// records are counted as dropped from analytics (they stay in the store).
+    pub spill_max_bytes: u64,
+    /// Deadline of one ClickHouse call.
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// After a failure, how long the sink spills before it tries ClickHouse again.
+    #[serde(deserialize_with = "de_duration")]
+    pub retry_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnalyticsBackend {
+    #[default]
+    Store,
+    Clickhouse,
+}
+
+impl Default for AnalyticsConfig {
+    fn default() -> Self {
+        AnalyticsConfig {
+            backend: AnalyticsBackend::Store,
+            url: None,
+            database: "tollgate".into(),
+            user: "default".into(),
+            password_env: None,
+            batch_max: 10_000,
+            flush_interval: Duration::from_secs(1),
+            queue_capacity: 100_000,
+            spill_max_bytes: 1 << 30,
+            timeout: Duration::from_secs(10),
+            retry_interval: Duration::from_secs(2),
+        }
     }
 }
 

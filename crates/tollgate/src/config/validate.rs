@@ -170,6 +170,49 @@ impl Config {
         if self.cache.backend == CacheBackend::Redis && self.limits.redis.url.is_none() {
             p("cache.backend".into(), "\"redis\" needs [limits.redis] url");
         }
+        let a = &self.analytics;
+        if a.backend == AnalyticsBackend::Clickhouse {
+            match a.url.as_deref() {
+                None => p(
+                    "analytics.url".into(),
+                    "required when analytics.backend = \"clickhouse\"",
+                ),
+                Some(u) if !is_http_url(u) => p(
+                    "analytics.url".into(),
+                    &format!("not an http(s) URL: \"{u}\""),
+                ),
+                Some(_) => {}
+            }
+            let ident = |s: &str| {
+                !s.is_empty()
+                    && s.len() <= 64
+                    && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            };
+            if !ident(&a.database) {
+                p(
+                    "analytics.database".into(),
+                    "letters, digits and _ only (at most 64)",
+                );
+            }
+            if !(1..=1_000_000).contains(&a.batch_max) {
+                p(
+                    "analytics.batch_max".into(),
+                    "must be between 1 and 1000000",
+                );
+            }
+            if a.queue_capacity < a.batch_max {
+                p(
+                    "analytics.queue_capacity".into(),
+                    "must be at least batch_max",
+                );
+            }
+            if a.timeout.is_zero() || a.flush_interval.is_zero() {
+                p(
+                    "analytics.timeout".into(),
+                    "timeout and flush_interval must be greater than 0",
+                );
+            }
+        }
         if let Some(url) = &self.store.url {
             let ok = ["postgres://", "postgresql://", "sqlite://"]
                 .iter()

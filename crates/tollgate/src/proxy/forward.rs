@@ -344,16 +344,7 @@ pub(crate) fn classify_status(
     }
 }
 
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
-}
+pub(crate) use crate::error::error_chain;
 
 /// What the forward phase ended with.
 pub(crate) enum Forwarded {

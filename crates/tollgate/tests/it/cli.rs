@@ -3,7 +3,7 @@ use serde_json::{json, Value};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn tollgate(args: &[&str]) -> std::process::Output {
+pub fn tollgate(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(args)
         .env_remove("TOLLGATE_URL")

@@ -417,6 +417,23 @@ pub async fn spawn_gateway(args: &[&str], addr: &str) -> KillOnDrop {
     panic!("gateway {args:?} did not come up on {addr}");
 }
 
+/// Whether `bin` is on the PATH; says loudly when not, and fails when
+/// TOLLGATE_REQUIRE_SERVERS=1 (as in CI) says every server must be there.
+fn installed(bin: &str) -> bool {
+    let found = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("TOLLGATE_REQUIRE_SERVERS").as_deref() != Ok("1"),
+            "{bin} is not installed and TOLLGATE_REQUIRE_SERVERS=1"
+        );
+        eprintln!("SKIPPED: {bin} is not installed (apt-get install {bin})");
+    }
+    found
+}
+
 /// A real `redis-server` on a free port, for as long as the value lives. `None` (and a loud
 /// line on stderr) when the binary is missing, unless TOLLGATE_REQUIRE_SERVERS=1 makes that
 /// a failure, as in CI.
@@ -428,16 +445,7 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub async fn start() -> Option<RedisServer> {
-        let which = std::process::Command::new("sh")
-            .args(["-c", "command -v redis-server"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !which {
-            assert!(
-                std::env::var("TOLLGATE_REQUIRE_SERVERS").as_deref() != Ok("1"),
-                "redis-server is not installed and TOLLGATE_REQUIRE_SERVERS=1"
-            );
-            eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+        if !installed("redis-server") {
             return None;
         }
         let dir = TempDir::new("redis");
@@ -482,6 +490,113 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+/// A real `clickhouse-server` on free ports with its data in a temporary directory, for as
+/// long as the value lives; `None` (and a loud line) when the binary is missing, unless
+/// TOLLGATE_REQUIRE_SERVERS=1 makes that a failure. It can be killed and started again on
+/// the same port and data.
+pub struct ClickHouseServer {
+    pub port: u16,
+    tcp_port: u16,
+    pub process: KillOnDrop,
+    dir: TempDir,
+}
+
+impl ClickHouseServer {
+    pub async fn start() -> Option<ClickHouseServer> {
+        tollgate::server::init_tls();
+        if !installed("clickhouse-server") {
+            return None;
+        }
+        let dir = TempDir::new("clickhouse");
+        let d = dir.path().display().to_string();
+        std::fs::write(
+            dir.path().join("users.xml"),
+            "<?xml version=\"1.0\"?><yandex><profiles><default></default></profiles>\
+             <users><default><password></password><networks><ip>127.0.0.1</ip><ip>::1</ip></networks>\
+             <profile>default</profile><quota>default</quota></default></users>\
+             <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors>\
+             <result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time>\
+             </interval></default></quotas></yandex>",
+        )
+        .unwrap();
+        let mut ch = ClickHouseServer {
+            port: free_port(),
+            tcp_port: free_port(),
+            process: KillOnDrop(None),
+            dir,
+        };
+        std::fs::write(
+            ch.dir.path().join("config.xml"),
+            format!(
+                "<?xml version=\"1.0\"?><yandex><logger><level>warning</level><console>1</console></logger>\
+                 <http_port>{}</http_port><tcp_port>{}</tcp_port><listen_host>127.0.0.1</listen_host>\
+                 <path>{d}/data/</path><tmp_path>{d}/tmp/</tmp_path><user_files_path>{d}/files/</user_files_path>\
+                 <format_schema_path>{d}/schemas/</format_schema_path><users_config>{d}/users.xml</users_config>\
+                 <default_profile>default</default_profile><default_database>default</default_database>\
+                 <mark_cache_size>268435456</mark_cache_size></yandex>",
+                ch.port, ch.tcp_port
+            ),
+        )
+        .unwrap();
+        ch.restart().await;
+        Some(ch)
+    }
+
+    /// Starts the server (again) on its ports and data, and waits until it answers.
+    pub async fn restart(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("server.log")).unwrap();
+        let child = std::process::Command::new("clickhouse-server")
+            .arg(format!(
+                "--config-file={}/config.xml",
+                self.dir.path().display()
+            ))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.process = KillOnDrop(Some(child));
+        for _ in 0..400 {
+            if let Ok(r) = reqwest::get(format!("{}/?query=SELECT%201", self.url())).await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+        panic!(
+            "clickhouse-server did not come up on port {}: {log}",
+            self.port
+        );
+    }
+
+    /// Kills it at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.process.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// What ClickHouse answers `sql` with (TabSeparated), trimmed.
+    pub async fn query(&self, sql: &str) -> String {
+        let r = reqwest::Client::new()
+            .post(format!("{}/", self.url()))
+            .body(sql.to_string())
+            .send()
+            .await
+            .unwrap();
+        let ok = r.status().is_success();
+        let text = r.text().await.unwrap();
+        assert!(ok, "{sql}: {text}");
+        text.trim().to_string()
     }
 }
 

@@ -12,6 +12,7 @@ mod auth;
 mod cache;
 mod cascade;
 mod cli;
+mod clickhouse;
 mod clients;
 mod compression;
 mod connections;

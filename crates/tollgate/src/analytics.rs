@@ -1,0 +1,849 @@
+//! Usage analytics in ClickHouse (`[analytics] backend = "clickhouse"`, ADR 0032): every usage
+//! record the store commits is also sent to ClickHouse, and usage reports are answered from
+//! there. The ledger and wallets stay in the store; nothing here decides money.
+//!
+//! The path of a record: the store's writer commits a batch, then hands its rows (already
+//! written as JSONEachRow lines) to the sink's bounded queue without waiting (`Sink::offer`).
+//! The sink task gathers up to `batch_max` rows or `flush_interval`, and inserts them over
+//! ClickHouse's HTTP interface. When an insert fails, the rows go to a spill file in the data
+//! dir (bounded by `spill_max_bytes`) and so does everything after, until ClickHouse answers
+//! again; then the spill file is replayed. A full queue spills too, so neither a slow
+//! ClickHouse nor a dead one ever holds up the writer.
+//!
+//! Exactly once: an insert whose outcome is unknown (a timeout, a connection cut after the
+//! rows were sent) may have landed. So every retry and every replay first asks which of its
+//! request ids ClickHouse already has, and inserts only the others. That works on every
+//! ClickHouse version (18.16 has neither insert deduplication tokens nor deduplication on
+//! non-replicated tables), and keeps the rollup views exact, which a replacing engine would
+//! not: a view sums every insert, duplicates included.
+//!
+//! Schema: versioned migrations owned by tollgate (`MIGRATIONS`), applied on start and by
+//! `tollgate migrate`, recorded in `tollgate_migrations`. `usage` is a MergeTree partitioned
+//! by month and ordered by (day, team, key_id, id); `usage_daily` a SummingMergeTree fed by
+//! a materialized view. Money is integer micro-USD throughout. The SQL is what ClickHouse
+//! 18.16 (Debian's) and current releases both accept: no `LowCardinality`, no `DateTime64`,
+//! no JSON functions (tags are two parallel arrays).
+
+use crate::config::AnalyticsConfig;
+use crate::metrics::Metrics;
+use crate::records::UsageRecord;
+use crate::store::{GroupBy, ReportRow};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Applied in order, each once. Never edit one that has shipped: add the next.
+const MIGRATIONS: &[(u32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE IF NOT EXISTS {db}.usage (
+            id String, ts_ms Int64, day Date, endpoint String,
+            key_id String, agent String, team String, org String, project String,
+            model String, model_requested String, model_served String, provider String,
+            status UInt16, error UInt8, error_kind String, run_id String,
+            tag_keys Array(String), tag_values Array(String),
+            input_tokens UInt64, cached_input_tokens UInt64, output_tokens UInt64,
+            reasoning_tokens UInt64, cache_write_tokens UInt64,
+            cost_micros UInt64, saved_micros UInt64, latency_ms UInt64, ttft_ms UInt64,
+            stream UInt8, cache String, usage_source String, price_version String,
+            wallet_id String
+        ) ENGINE = MergeTree PARTITION BY toYYYYMM(day) ORDER BY (day, team, key_id, id)",
+    ),
+    (
+        2,
+        "CREATE TABLE IF NOT EXISTS {db}.usage_daily (
+            day Date, key_id String, agent String, team String, org String, project String,
+            model String, endpoint String,
+            requests UInt64, errors UInt64, input_tokens UInt64, cached_input_tokens UInt64,
+            output_tokens UInt64, reasoning_tokens UInt64, cache_write_tokens UInt64,
+            cost_micros UInt64, saved_micros UInt64
+        ) ENGINE = SummingMergeTree PARTITION BY toYYYYMM(day)
+          ORDER BY (day, key_id, agent, team, org, project, model, endpoint)",
+    ),
+    (
+        3,
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.usage_daily_mv TO {db}.usage_daily AS
+         SELECT day, key_id, agent, team, org, project, model, endpoint,
+                count() AS requests, sum(toUInt64(error)) AS errors,
+                sum(input_tokens) AS input_tokens, sum(cached_input_tokens) AS cached_input_tokens,
+                sum(output_tokens) AS output_tokens, sum(reasoning_tokens) AS reasoning_tokens,
+                sum(cache_write_tokens) AS cache_write_tokens, sum(cost_micros) AS cost_micros,
+                sum(saved_micros) AS saved_micros
+         FROM {db}.usage GROUP BY day, key_id, agent, team, org, project, model, endpoint",
+    ),
+];
+
+/// One usage row as ClickHouse keeps it, borrowed from the record.
+#[derive(Serialize)]
+struct Row<'a> {
+    id: &'a str,
+    ts_ms: i64,
+    day: String,
+    endpoint: &'a str,
+    key_id: &'a str,
+    agent: &'a str,
+    team: &'a str,
+    org: &'a str,
+    project: &'a str,
+    /// What reports group a model by: the one that served, else the one asked for.
+    model: &'a str,
+    model_requested: &'a str,
+    model_served: &'a str,
+    provider: &'a str,
+    status: u16,
+    error: u8,
+    error_kind: &'a str,
+    run_id: &'a str,
+    tag_keys: Vec<&'a str>,
+    tag_values: Vec<&'a str>,
+    input_tokens: u64,
+    cached_input_tokens: u64,
+    output_tokens: u64,
+    reasoning_tokens: u64,
+    cache_write_tokens: u64,
+    cost_micros: u64,
+    saved_micros: u64,
+    latency_ms: u64,
+    ttft_ms: u64,
+    stream: u8,
+    cache: &'a str,
+    usage_source: &'a str,
+    price_version: &'a str,
+    wallet_id: &'a str,
+}
+
+/// `YYYY-MM-DD` of a UTC millisecond timestamp.
+fn utc_day(ts_ms: i64) -> String {
+    crate::clock::rfc3339(ts_ms.div_euclid(DAY_MS) * DAY_MS)[..10].to_string()
+}
+
+fn row(r: &UsageRecord) -> Row<'_> {
+    fn s(o: &Option<String>) -> &str {
+        o.as_deref().unwrap_or("")
+    }
+    let model = r
+        .model_served
+        .as_deref()
+        .or(r.model_requested.as_deref())
+        .filter(|m| !m.is_empty())
+        .unwrap_or("-");
+    Row {
+        id: &r.id,
+        ts_ms: r.ts_ms,
+        day: utc_day(r.ts_ms),
+        endpoint: &r.endpoint,
+        key_id: &r.key_id,
+        agent: &r.agent,
+        team: s(&r.team),
+        org: r.org.as_deref().unwrap_or("default"),
+        project: s(&r.project),
+        model,
+        model_requested: s(&r.model_requested),
+        model_served: s(&r.model_served),
+        provider: s(&r.provider),
+        status: r.status,
+        error: u8::from(r.status >= 400 || r.error_kind.is_some()),
+        error_kind: s(&r.error_kind),
+        run_id: r.run_id.as_deref().unwrap_or("-"),
+        tag_keys: r.tags.keys().map(String::as_str).collect(),
+        tag_values: r.tags.values().map(String::as_str).collect(),
+        input_tokens: r.input_tokens,
+        cached_input_tokens: r.cached_input_tokens,
+        output_tokens: r.output_tokens,
+        reasoning_tokens: r.reasoning_tokens,
+        cache_write_tokens: r
+            .cache_write_5m_tokens
+            .saturating_add(r.cache_write_1h_tokens),
+        cost_micros: r.cost_micros,
+        saved_micros: r
+            .savings
+            .iter()
+            .fold(0u64, |a, s| a.saturating_add(s.micros)),
+        latency_ms: r.latency_ms,
+        ttft_ms: r.ttft_ms.unwrap_or(0),
+        stream: u8::from(r.stream),
+        cache: s(&r.cache),
+        usage_source: &r.usage_source,
+        price_version: s(&r.price_version),
+        wallet_id: s(&r.wallet_id),
+    }
+}
+
+/// Rows on their way: JSONEachRow lines, and what a deduplicating retry needs of each.
+#[derive(Default)]
+struct Chunk {
+    lines: Vec<u8>,
+    /// (request id, its UTC day) per line.
+    ids: Vec<(String, String)>,
+    /// The oldest record's time, for the lag.
+    oldest_ms: Option<i64>,
+}
+
+impl Chunk {
+    fn of(batch: &[UsageRecord]) -> Chunk {
+        let mut c = Chunk {
+            lines: Vec::with_capacity(batch.len() * 640),
+            ids: Vec::with_capacity(batch.len()),
+            oldest_ms: None,
+        };
+        for r in batch {
+            let row = row(r);
+            if serde_json::to_writer(&mut c.lines, &row).is_ok() {
+                c.lines.push(b'\n');
+                c.ids.push((r.id.clone(), row.day));
+                c.oldest_ms = Some(c.oldest_ms.map_or(r.ts_ms, |o| o.min(r.ts_ms)));
+            }
+        }
+        c
+    }
+
+    fn append(&mut self, other: Chunk) {
+        self.lines.extend_from_slice(&other.lines);
+        self.ids.extend(other.ids);
+        self.oldest_ms = match (self.oldest_ms, other.oldest_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// The lines whose ids are not in `present`.
+    fn without(&self, present: &std::collections::HashSet<String>) -> Chunk {
+        let mut out = Chunk::default();
+        for (line, (id, day)) in self.lines.split_inclusive(|b| *b == b'\n').zip(&self.ids) {
+            if !present.contains(id) {
+                out.lines.extend_from_slice(line);
+                out.ids.push((id.clone(), day.clone()));
+            }
+        }
+        out
+    }
+}
+
+/// ClickHouse over HTTP.
+pub struct ClickHouse {
+    http: reqwest::Client,
+    url: String,
+    database: String,
+    user: String,
+    password: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct IdRow {
+    id: String,
+}
+
+impl ClickHouse {
+    pub fn new(cfg: &AnalyticsConfig) -> anyhow::Result<ClickHouse> {
+        let url = cfg
+            .url
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("[analytics] url is required"))?;
+        let password = match &cfg.password_env {
+            Some(var) => Some(std::env::var(var).map_err(|_| {
+                anyhow::anyhow!("[analytics] password_env names {var}, which is not set")
+            })?),
+            None => None,
+        };
+        crate::tls::init_tls();
+        Ok(ClickHouse {
+            http: reqwest::Client::builder()
+                .timeout(cfg.timeout)
+                .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
+                .build()?,
+            url: url.trim_end_matches('/').to_string(),
+            database: cfg.database.clone(),
+            user: cfg.user.clone(),
+            password,
+        })
+    }
+
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// Runs `sql` (with `{db}` as the database) and returns what ClickHouse answered.
+    async fn run(&self, sql: &str, query: Option<&str>, body: Vec<u8>) -> Result<String, String> {
+        let mut req = self
+            .http
+            .post(format!("{}/", self.url))
+            .basic_auth(&self.user, self.password.as_deref())
+            .query(&[("output_format_json_quote_64bit_integers", "0")]);
+        let body = match query {
+            // An insert: the statement in the URL, the rows as the body.
+            Some(q) => {
+                req = req.query(&[("query", q.replace("{db}", &self.database))]);
+                body
+            }
+            None => sql.replace("{db}", &self.database).into_bytes(),
+        };
+        let resp = req
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| format!("clickhouse: {}", crate::error::error_chain(&e)))?;
+        let status = resp.status();
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| format!("clickhouse: {}", crate::error::error_chain(&e)))?;
+        if !status.is_success() {
+            let first = text.lines().next().unwrap_or("").trim();
+            return Err(format!("clickhouse answered {status}: {first}"));
+        }
+        Ok(text)
+    }
+
+    async fn exec(&self, sql: &str) -> Result<String, String> {
+        self.run(sql, None, Vec::new()).await
+    }
+
+    async fn rows<T: serde::de::DeserializeOwned>(&self, sql: &str) -> Result<Vec<T>, String> {
+        let text = self.exec(&format!("{sql} FORMAT JSONEachRow")).await?;
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).map_err(|e| format!("clickhouse: {e} in {l}")))
+            .collect()
+    }
+
+    async fn insert(&self, chunk: &Chunk) -> Result<(), String> {
+        if chunk.len() == 0 {
+            return Ok(());
+        }
+        self.run(
+            "",
+            Some("INSERT INTO {db}.usage FORMAT JSONEachRow"),
+            chunk.lines.clone(),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Creates the database and applies the migrations it has not seen; returns the version.
+    pub async fn migrate(&self) -> Result<u32, String> {
+        self.exec("CREATE DATABASE IF NOT EXISTS {db}").await?;
+        self.exec(
+            "CREATE TABLE IF NOT EXISTS {db}.tollgate_migrations (version UInt32, applied_ms Int64)
+             ENGINE = MergeTree ORDER BY version",
+        )
+        .await?;
+        #[derive(Deserialize)]
+        struct V {
+            version: u32,
+        }
+        let done: Vec<V> = self
+            .rows("SELECT version FROM {db}.tollgate_migrations")
+            .await?;
+        let newest = MIGRATIONS.last().map_or(0, |m| m.0);
+        if let Some(v) = done.iter().map(|v| v.version).max().filter(|v| *v > newest) {
+            return Err(format!(
+                "the ClickHouse schema is at version {v}, newer than this tollgate ({newest})"
+            ));
+        }
+        for (version, sql) in MIGRATIONS {
+            if done.iter().any(|d| d.version == *version) {
+                continue;
+            }
+            self.exec(sql).await?;
+            self.exec(&format!(
+                "INSERT INTO {{db}}.tollgate_migrations VALUES ({version}, {})",
+                crate::clock::now_ms()
+            ))
+            .await?;
+        }
+        Ok(newest)
+    }
+
+    /// Which of the chunk's request ids ClickHouse already has.
+    async fn present(&self, chunk: &Chunk) -> Result<std::collections::HashSet<String>, String> {
+        let mut found = std::collections::HashSet::new();
+        // Small enough that the statement stays under max_query_size (256 KiB).
+        for part in chunk.ids.chunks(2_000) {
+            let (lo, hi) = part
+                .iter()
+                .fold((None::<&str>, None::<&str>), |(lo, hi), (_, d)| {
+                    (
+                        Some(lo.map_or(d.as_str(), |l| l.min(d.as_str()))),
+                        Some(hi.map_or(d.as_str(), |h| h.max(d.as_str()))),
+                    )
+                });
+            let list = part
+                .iter()
+                .map(|(id, _)| quote(id))
+                .collect::<Vec<_>>()
+                .join(",");
+            let rows: Vec<IdRow> = self
+                .rows(&format!(
+                    "SELECT id FROM {{db}}.usage WHERE day >= '{}' AND day <= '{}' AND id IN ({list})",
+                    lo.unwrap_or("1970-01-01"),
+                    hi.unwrap_or("2200-01-01")
+                ))
+                .await?;
+            found.extend(rows.into_iter().map(|r| r.id));
+        }
+        Ok(found)
+    }
+
+    /// Inserts what of `chunk` ClickHouse does not have yet: safe to repeat.
+    async fn insert_once(&self, chunk: &Chunk) -> Result<usize, String> {
+        let present = self.present(chunk).await?;
+        let rest = chunk.without(&present);
+        self.insert(&rest).await?;
+        Ok(rest.len())
+    }
+
+    /// The usage report `Store::usage_report_from` gives, from ClickHouse: whole UTC days from
+    /// `usage_daily`, the partial days around them from `usage`. `None`: this grouping is not
+    /// answered here (the store answers it).
+    pub async fn usage_report(
+        &self,
+        by: &GroupBy,
+        since_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<ReportRow>, String> {
+        // The same window as the store's: rollup groupings start on the hour.
+        let start = if by.rolled_up() {
+            crate::store::report_start(since_ms)
+        } else {
+            since_ms
+        };
+        let (raw, daily) = match by {
+            GroupBy::Key => (
+                "concat(agent, ' (', key_id, ')')",
+                Some("concat(agent, ' (', key_id, ')')"),
+            ),
+            GroupBy::Team => ("if(team = '', '-', team)", Some("if(team = '', '-', team)")),
+            GroupBy::Org => ("org", Some("org")),
+            GroupBy::Project => (
+                "if(project = '', '-', project)",
+                Some("if(project = '', '-', project)"),
+            ),
+            GroupBy::Model => ("model", Some("model")),
+            GroupBy::Day => ("toString(day)", Some("toString(day)")),
+            GroupBy::Endpoint => ("endpoint", Some("endpoint")),
+            GroupBy::Run => ("run_id", None),
+            GroupBy::Tag(_) => ("", None),
+        };
+        let raw = match by {
+            GroupBy::Tag(t) => format!(
+                "if(has(tag_keys, {q}), tag_values[indexOf(tag_keys, {q})], '-')",
+                q = quote(t)
+            ),
+            _ => raw.to_string(),
+        };
+        let cols = |n: &str, e: &str, w: &str| {
+            format!(
+                "toUInt64({n}) AS n, toUInt64({e}) AS e, toUInt64(input_tokens) AS i,
+                 toUInt64(cached_input_tokens) AS c, toUInt64(output_tokens) AS o,
+                 toUInt64(reasoning_tokens) AS r, toUInt64(cost_micros) AS m, toUInt64({w}) AS w"
+            )
+        };
+        let from_raw = |cond: &str| {
+            format!(
+                "SELECT {raw} AS g, {} FROM {{db}}.usage WHERE {cond}",
+                cols("1", "error", "cache_write_tokens")
+            )
+        };
+        // Whole days in the window, by UTC midnight: [d1, d2).
+        let d1 = start.div_euclid(DAY_MS) * DAY_MS
+            + if start.rem_euclid(DAY_MS) == 0 {
+                0
+            } else {
+                DAY_MS
+            };
+        let d2 = now_ms.div_euclid(DAY_MS) * DAY_MS;
+        let parts = match daily {
+            Some(g) if d1 < d2 => vec![
+                from_raw(&format!("ts_ms >= {start} AND ts_ms < {d1}")),
+                format!(
+                    "SELECT {g} AS g, {} FROM {{db}}.usage_daily WHERE day >= '{}' AND day < '{}'",
+                    cols("requests", "errors", "cache_write_tokens"),
+                    utc_day(d1),
+                    utc_day(d2)
+                ),
+                from_raw(&format!("ts_ms >= {d2}")),
+            ],
+            _ => vec![from_raw(&format!("ts_ms >= {start}"))],
+        };
+        let sql = format!(
+            "SELECT g AS `group`, sum(n) AS requests, sum(e) AS errors, sum(i) AS input_tokens,
+                    sum(c) AS cached_input_tokens, sum(o) AS output_tokens,
+                    sum(r) AS reasoning_tokens, sum(w) AS cache_write_tokens,
+                    sum(m) AS cost_micros
+             FROM ({}) GROUP BY g ORDER BY cost_micros DESC, g",
+            parts.join(" UNION ALL ")
+        );
+        self.rows(&sql).await
+    }
+}
+
+/// A string literal for ClickHouse SQL.
+fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("\\'"),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// Rows ClickHouse did not take yet, in the data dir. New rows are appended to `spill.jsonl`;
+/// a replay first renames it to `replay.jsonl`, so rows spilled meanwhile go to a new file.
+struct Spill {
+    dir: PathBuf,
+    max_bytes: u64,
+    bytes: u64,
+}
+
+impl Spill {
+    fn path(&self) -> PathBuf {
+        self.dir.join("spill.jsonl")
+    }
+
+    fn replay_path(&self) -> PathBuf {
+        self.dir.join("replay.jsonl")
+    }
+
+    /// Appends the chunk; `false` (nothing written) past the bound or when the disk fails.
+    fn write(&mut self, chunk: &Chunk) -> bool {
+        let n = chunk.lines.len() as u64;
+        if self.bytes.saturating_add(n) > self.max_bytes {
+            return false;
+        }
+        let ok = std::fs::create_dir_all(&self.dir).is_ok()
+            && std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.path())
+                .and_then(|mut f| f.write_all(&chunk.lines).and_then(|_| f.flush()))
+                .is_ok();
+        if ok {
+            self.bytes += n;
+        }
+        ok
+    }
+}
+
+#[derive(Deserialize)]
+struct SpilledId {
+    id: String,
+    day: String,
+}
+
+/// Reads a spill file back in chunks of at most `max` rows.
+fn read_spill(path: &Path, max: usize) -> std::io::Result<Vec<Chunk>> {
+    let f = std::fs::File::open(path)?;
+    let mut out = Vec::new();
+    let mut cur = Chunk::default();
+    for line in std::io::BufReader::new(f).lines() {
+        let line = line?;
+        // A line cut by a crash mid-write is not a row.
+        let Ok(r) = serde_json::from_str::<SpilledId>(&line) else {
+            continue;
+        };
+        cur.lines.extend_from_slice(line.as_bytes());
+        cur.lines.push(b'\n');
+        cur.ids.push((r.id, r.day));
+        if cur.len() >= max {
+            out.push(std::mem::take(&mut cur));
+        }
+    }
+    if cur.len() > 0 {
+        out.push(cur);
+    }
+    Ok(out)
+}
+
+enum Msg {
+    Rows(Chunk),
+    /// Send (or spill) what is pending now, then say so.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// What the store's writer hands rows to.
+pub struct Sink {
+    tx: mpsc::Sender<Msg>,
+    queued: Arc<AtomicUsize>,
+    capacity: usize,
+    spill: Arc<Mutex<Spill>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Sink {
+    /// Hands a committed batch over without waiting: to the queue, or the spill file when
+    /// the queue is full.
+    pub fn offer(&self, batch: &[UsageRecord]) {
+        if batch.is_empty() {
+            return;
+        }
+        let chunk = Chunk::of(batch);
+        let n = chunk.len();
+        if self.queued.load(Ordering::Acquire) + n > self.capacity {
+            spill(&self.spill, &self.metrics, &chunk);
+            return;
+        }
+        self.queued.fetch_add(n, Ordering::AcqRel);
+        self.metrics.analytics_queue_depth.inc_by(n as i64);
+        if let Err(e) = self.tx.try_send(Msg::Rows(chunk)) {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            self.metrics.analytics_queue_depth.dec_by(n as i64);
+            if let Msg::Rows(chunk) = e.into_inner() {
+                spill(&self.spill, &self.metrics, &chunk);
+            }
+        }
+    }
+
+    /// Waits (up to `within`) until what was offered before is in ClickHouse or spilled.
+    pub async fn flush(&self, within: Duration) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = tokio::time::timeout(within, self.tx.send(Msg::Flush(tx))).await;
+        matches!(sent, Ok(Ok(()))) && tokio::time::timeout(within, rx).await.is_ok()
+    }
+}
+
+fn spill(s: &Mutex<Spill>, metrics: &Metrics, chunk: &Chunk) {
+    let mut s = s.lock().unwrap_or_else(|p| p.into_inner());
+    if s.write(chunk) {
+        metrics.analytics_records_spilled.inc_by(chunk.len() as u64);
+        metrics.analytics_spill_bytes.set(s.bytes as i64);
+    } else {
+        metrics.analytics_records_dropped.inc_by(chunk.len() as u64);
+        tracing::error!(
+            records = chunk.len(),
+            bound = s.max_bytes,
+            "analytics spill file full or unwritable: these records are in the store but not in ClickHouse"
+        );
+    }
+}
+
+/// The running analytics backend: the client for reports and the sink for records.
+pub struct Analytics {
+    pub clickhouse: Arc<ClickHouse>,
+    pub sink: Arc<Sink>,
+}
+
+impl Analytics {
+    /// Starts the sink task; migrates ClickHouse first if it answers (the sink retries until
+    /// it does, spilling meanwhile).
+    pub async fn start(
+        cfg: &AnalyticsConfig,
+        data_dir: &Path,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Analytics> {
+        let clickhouse = Arc::new(ClickHouse::new(cfg)?);
+        let migrated = match clickhouse.migrate().await {
+            Ok(v) => {
+                tracing::info!(version = v, database = %cfg.database, "clickhouse analytics schema ready");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "clickhouse unavailable at start; usage is spilled until it answers");
+                false
+            }
+        };
+        let dir = data_dir.join("analytics");
+        let spill = Spill {
+            bytes: [dir.join("spill.jsonl"), dir.join("replay.jsonl")]
+                .iter()
+                .filter_map(|p| std::fs::metadata(p).ok())
+                .map(|m| m.len())
+                .sum(),
+            dir,
+            max_bytes: cfg.spill_max_bytes,
+        };
+        metrics.analytics_spill_bytes.set(spill.bytes as i64);
+        let (tx, rx) = mpsc::channel(cfg.queue_capacity.div_ceil(cfg.batch_max.max(1)).max(16));
+        let sink = Arc::new(Sink {
+            tx,
+            queued: Arc::new(AtomicUsize::new(0)),
+            capacity: cfg.queue_capacity,
+            spill: Arc::new(Mutex::new(spill)),
+            metrics: metrics.clone(),
+        });
+        let task = SinkTask {
+            ch: clickhouse.clone(),
+            queued: sink.queued.clone(),
+            spill: sink.spill.clone(),
+            metrics,
+            batch_max: cfg.batch_max,
+            flush_interval: cfg.flush_interval,
+            retry_interval: cfg.retry_interval,
+            migrated,
+        };
+        tokio::spawn(task.run(rx));
+        Ok(Analytics { clickhouse, sink })
+    }
+}
+
+struct SinkTask {
+    ch: Arc<ClickHouse>,
+    queued: Arc<AtomicUsize>,
+    spill: Arc<Mutex<Spill>>,
+    metrics: Arc<Metrics>,
+    batch_max: usize,
+    flush_interval: Duration,
+    retry_interval: Duration,
+    migrated: bool,
+}
+
+impl SinkTask {
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        let mut pending = Chunk::default();
+        let mut flushes: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
+        // While down, rows are spilled; ClickHouse is tried again at `retry_at`.
+        let mut down = !self.migrated;
+        let mut retry_at = tokio::time::Instant::now();
+        let mut replay_due = self.spill.lock().unwrap_or_else(|p| p.into_inner()).bytes > 0;
+        let mut open = true;
+        while open || pending.len() > 0 || !flushes.is_empty() {
+            let deadline = tokio::time::Instant::now() + self.flush_interval;
+            while open && pending.len() < self.batch_max && flushes.is_empty() {
+                tokio::select! {
+                    m = rx.recv() => match m {
+                        Some(Msg::Rows(c)) => {
+                            self.queued.fetch_sub(c.len(), Ordering::AcqRel);
+                            self.metrics.analytics_queue_depth.dec_by(c.len() as i64);
+                            pending.append(c);
+                        }
+                        Some(Msg::Flush(done)) => flushes.push(done),
+                        None => open = false,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+            self.note_lag(&pending);
+            if down && tokio::time::Instant::now() >= retry_at {
+                down = !self.recover().await;
+                if down {
+                    retry_at = tokio::time::Instant::now() + self.retry_interval;
+                } else {
+                    replay_due = true;
+                }
+            }
+            if !down && replay_due {
+                match self.replay().await {
+                    Ok(()) => replay_due = false,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "replaying the analytics spill failed; retrying later");
+                        down = true;
+                        retry_at = tokio::time::Instant::now() + self.retry_interval;
+                    }
+                }
+            }
+            if pending.len() > 0 {
+                let chunk = std::mem::take(&mut pending);
+                if down {
+                    spill(&self.spill, &self.metrics, &chunk);
+                } else if let Err(e) = self.send(&chunk).await {
+                    tracing::warn!(error = %e, records = chunk.len(), "clickhouse insert failed; spilling until it answers");
+                    spill(&self.spill, &self.metrics, &chunk);
+                    down = true;
+                    retry_at = tokio::time::Instant::now() + self.retry_interval;
+                }
+                self.note_lag(&pending);
+            }
+            for f in flushes.drain(..) {
+                let _ = f.send(());
+            }
+            if !open && pending.len() == 0 {
+                break;
+            }
+        }
+    }
+
+    /// One insert, and twice more (each after asking what landed) if it fails.
+    async fn send(&self, chunk: &Chunk) -> Result<(), String> {
+        let mut err = match self.ch.insert(chunk).await {
+            Ok(()) => {
+                self.metrics
+                    .analytics_records_sent
+                    .inc_by(chunk.len() as u64);
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        for wait in [100u64, 500] {
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            match self.ch.insert_once(chunk).await {
+                Ok(n) => {
+                    self.metrics.analytics_records_sent.inc_by(n as u64);
+                    return Ok(());
+                }
+                Err(e) => err = e,
+            }
+        }
+        Err(err)
+    }
+
+    async fn recover(&mut self) -> bool {
+        match self.ch.migrate().await {
+            Ok(_) => {
+                tracing::info!("clickhouse answers; replaying the spilled usage");
+                self.migrated = true;
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "clickhouse still unavailable");
+                false
+            }
+        }
+    }
+
+    /// Sends what was spilled, each chunk only for the ids ClickHouse lacks. Rows spilled
+    /// while it runs (a full queue) are taken in the next round, three rounds at most.
+    async fn replay(&self) -> Result<(), String> {
+        for _ in 0..3 {
+            let replay = {
+                let s = self.spill.lock().unwrap_or_else(|p| p.into_inner());
+                let (path, replay) = (s.path(), s.replay_path());
+                // A replay that did not finish is finished first; new rows start a new file.
+                if !replay.exists() && path.exists() {
+                    std::fs::rename(&path, &replay).map_err(|e| format!("spill file: {e}"))?;
+                }
+                replay
+            };
+            if !replay.exists() {
+                return Ok(());
+            }
+            let chunks =
+                read_spill(&replay, self.batch_max).map_err(|e| format!("spill file: {e}"))?;
+            let mut sent = 0;
+            for c in &chunks {
+                sent += self.ch.insert_once(c).await?;
+            }
+            self.metrics.analytics_records_sent.inc_by(sent as u64);
+            self.metrics.analytics_records_replayed.inc_by(sent as u64);
+            let mut s = self.spill.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = std::fs::remove_file(&replay);
+            s.bytes = std::fs::metadata(s.path()).map_or(0, |m| m.len());
+            self.metrics.analytics_spill_bytes.set(s.bytes as i64);
+            tracing::info!(
+                records = sent,
+                "replayed the analytics spill into clickhouse"
+            );
+        }
+        Ok(())
+    }
+
+    fn note_lag(&self, pending: &Chunk) {
+        let lag = pending.oldest_ms.map_or(0.0, |oldest| {
+            (crate::clock::now_ms() - oldest).max(0) as f64 / 1000.0
+        });
+        self.metrics.analytics_lag_seconds.set(lag);
+    }
+}

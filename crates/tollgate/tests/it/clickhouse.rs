@@ -1,0 +1,343 @@
+//! Usage analytics in a real `clickhouse-server`: the same reports from ClickHouse as from the
+//! store, over whole days and partial ones; a ClickHouse killed under load and started again
+//! with every record there once; a spill replayed twice without double counting.
+
+use crate::harness::*;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tollgate::analytics::Analytics;
+use tollgate::config::{AnalyticsBackend, AnalyticsConfig};
+use tollgate::records::UsageRecord;
+use tollgate::store::{GroupBy, ReportSource, Store};
+
+fn analytics_config(url: &str, database: &str) -> AnalyticsConfig {
+    AnalyticsConfig {
+        backend: AnalyticsBackend::Clickhouse,
+        url: Some(url.to_string()),
+        database: database.to_string(),
+        batch_max: 400,
+        flush_interval: Duration::from_millis(50),
+        retry_interval: Duration::from_millis(200),
+        timeout: Duration::from_secs(5),
+        ..AnalyticsConfig::default()
+    }
+}
+
+/// `n` records over the last ten days: three agents (two in one team), served and
+/// unserved models, two endpoints, tags, runs, failures and cached tokens.
+fn records(n: usize, now: i64) -> Vec<UsageRecord> {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    (0..n)
+        .map(|i| {
+            let k = (next() % 3) as usize;
+            let ts = now - (next() % (10 * 86_400_000)) as i64;
+            let mut tags = std::collections::BTreeMap::new();
+            if i % 4 != 0 {
+                tags.insert("feature".to_string(), ["search", "chat"][i % 2].to_string());
+            }
+            let status = [200, 200, 200, 200, 429, 502][(next() % 6) as usize];
+            UsageRecord {
+                id: format!("req_{ts:011x}{i:013x}"),
+                ts_ms: ts,
+                endpoint: ["chat", "messages"][i % 2].into(),
+                key_id: format!("key{k}"),
+                agent: ["planner", "coder", "lone"][k].into(),
+                team: (k < 2).then(|| "research".to_string()),
+                project: (k == 1).then(|| "atlas".to_string()),
+                tags,
+                model_requested: Some(["gpt-x", "claude-y"][i % 2].into()),
+                model_served: (status == 200).then(|| ["gpt-x-1", "claude-y-2"][i % 2].into()),
+                provider: Some("up".into()),
+                status,
+                error_kind: (status != 200).then(|| "upstream_error".to_string()),
+                input_tokens: next() % 5_000,
+                cached_input_tokens: next() % 100,
+                output_tokens: next() % 800,
+                reasoning_tokens: next() % 10,
+                cache_write_5m_tokens: next() % 7,
+                usage_source: "provider".into(),
+                cost_micros: next() % 90_000,
+                latency_ms: next() % 2_000,
+                run_id: (i % 5 == 0).then(|| format!("run-{}", i % 3)),
+                attempts: 1,
+                ..UsageRecord::default()
+            }
+        })
+        .collect()
+}
+
+async fn count(ch: &ClickHouseServer, db: &str) -> (u64, u64) {
+    let out = ch
+        .query(&format!("SELECT count(), uniqExact(id) FROM {db}.usage"))
+        .await;
+    let mut it = out.split('\t').map(|v| v.parse::<u64>().unwrap());
+    (it.next().unwrap(), it.next().unwrap())
+}
+
+async fn wait_count(ch: &ClickHouseServer, db: &str, want: u64) -> (u64, u64) {
+    let mut last = (0, 0);
+    for _ in 0..300 {
+        last = count(ch, db).await;
+        if last.0 >= want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_reports_come_from_the_store_and_from_clickhouse() {
+    let Some(ch) = ClickHouseServer::start().await else {
+        return;
+    };
+    let dir = TempDir::new("ch-reports");
+    let location = tollgate::db::Location::Sqlite(dir.path().join("tollgate.db"));
+    let store = Store::open_at(&location).unwrap();
+    let mut db = location.connect().unwrap();
+    let now = tollgate::clock::now_ms();
+    let recs = records(3_000, now);
+    let metrics = Arc::new(tollgate::metrics::Metrics::new());
+    let a = Analytics::start(&analytics_config(&ch.url(), "reports"), dir.path(), metrics)
+        .await
+        .unwrap();
+    // As the writer does: each committed batch is offered to the sink.
+    for batch in recs.chunks(250) {
+        tollgate::metering::commit_batch(&mut db, batch).unwrap();
+        a.sink.offer(batch);
+    }
+    assert!(a.sink.flush(Duration::from_secs(20)).await);
+    assert_eq!(count(&ch, "reports").await, (3_000, 3_000));
+
+    let groupings = [
+        "key",
+        "team",
+        "org",
+        "project",
+        "model",
+        "day",
+        "endpoint",
+        "run",
+        "tag:feature",
+    ];
+    // A window of whole days and partial ones, one inside today's hours, and all of it.
+    let windows = [
+        now - 3 * 86_400_000 - 3_600_000 - 17 * 60_000,
+        now - 2 * 3_600_000,
+        now - 30 * 86_400_000,
+    ];
+    for g in groupings {
+        let by: GroupBy = g.parse().unwrap();
+        for since in windows {
+            let from_store = store
+                .usage_report_from(&by, since, now, ReportSource::Auto)
+                .unwrap();
+            let from_ch = a.clickhouse.usage_report(&by, since, now).await.unwrap();
+            assert!(!from_store.is_empty(), "{g} since {since}");
+            assert_eq!(from_ch, from_store, "{g} since {since}");
+        }
+    }
+    // The daily rollup holds every record once.
+    let daily = ch
+        .query("SELECT sum(requests), sum(cost_micros) FROM reports.usage_daily")
+        .await;
+    let cost: u64 = recs.iter().map(|r| r.cost_micros).sum();
+    assert_eq!(daily, format!("3000\t{cost}"));
+    // `tollgate migrate` with a config naming ClickHouse migrates its schema too.
+    let cfg = dir.path().join("tollgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[analytics]\nbackend = \"clickhouse\"\nurl = \"{}\"\ndatabase = \"cli\"\n",
+            ch.url()
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("cli-data");
+    let out = crate::cli::tollgate(&[
+        "migrate",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("clickhouse cli: schema at version 3"),
+        "{text}"
+    );
+    assert_eq!(ch.query("EXISTS TABLE cli.usage_daily").await, "1");
+    // Migrations are recorded and applied once.
+    let again = a.clickhouse.migrate().await.unwrap();
+    assert_eq!(
+        ch.query("SELECT count(), max(version) FROM reports.tollgate_migrations")
+            .await,
+        format!("{again}\t{again}")
+    );
+}
+
+/// A spill replayed, and then replayed again (a crash after the rows went in but before the
+/// file was removed): every record in ClickHouse once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spill_is_replayed_once_even_when_replayed_twice() {
+    let Some(ch) = ClickHouseServer::start().await else {
+        return;
+    };
+    let dir = TempDir::new("ch-spill");
+    let now = tollgate::clock::now_ms();
+    let recs = records(1_200, now);
+    let metrics = Arc::new(tollgate::metrics::Metrics::new());
+    // Nothing listens there: everything is spilled.
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let down = Analytics::start(
+        &analytics_config(&nowhere, "spill"),
+        dir.path(),
+        metrics.clone(),
+    )
+    .await
+    .unwrap();
+    for batch in recs.chunks(300) {
+        down.sink.offer(batch);
+    }
+    assert!(down.sink.flush(Duration::from_secs(10)).await);
+    drop(down);
+    let spill = dir.path().join("analytics").join("spill.jsonl");
+    let kept = std::fs::read(&spill).unwrap();
+    assert_eq!(kept.iter().filter(|b| **b == b'\n').count(), 1_200);
+
+    // ClickHouse is there now: the spill is replayed on start.
+    let cfg = analytics_config(&ch.url(), "spill");
+    let up = Analytics::start(&cfg, dir.path(), metrics.clone())
+        .await
+        .unwrap();
+    assert_eq!(wait_count(&ch, "spill", 1_200).await, (1_200, 1_200));
+    for _ in 0..100 {
+        if !spill.exists() && !dir.path().join("analytics/replay.jsonl").exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!spill.exists(), "the spill file is gone once replayed");
+    drop(up);
+
+    // The same file again, as if the process died before removing it: nothing doubles.
+    std::fs::write(dir.path().join("analytics/replay.jsonl"), &kept).unwrap();
+    let again = Analytics::start(&cfg, dir.path(), metrics.clone())
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        if !dir.path().join("analytics/replay.jsonl").exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(again.sink.flush(Duration::from_secs(10)).await);
+    assert_eq!(count(&ch, "spill").await, (1_200, 1_200));
+    let daily = ch
+        .query("SELECT sum(requests) FROM spill.usage_daily")
+        .await;
+    assert_eq!(daily, "1200", "the rollup counted each record once");
+}
+
+/// A gateway writing to ClickHouse while ClickHouse is killed and started again: every
+/// record the store has is in ClickHouse once, and reports answer from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_killed_under_load_loses_and_doubles_nothing() {
+    let Some(mut ch) = ClickHouseServer::start().await else {
+        return;
+    };
+    let gw = TestGateway::start(&format!(
+        "[analytics]\nbackend = \"clickhouse\"\nurl = \"{}\"\ndatabase = \"gw\"\nbatch_max = 50\nflush_interval = \"50ms\"\nretry_interval = \"300ms\"\ntimeout = \"2s\"\n[loop_guard]\nenabled = false\n",
+        ch.url()
+    ))
+    .await;
+    let key = gw.key().await;
+    let send = |n: usize, tag: &'static str| {
+        let gw = &gw;
+        let key = &key;
+        async move {
+            for i in 0..n {
+                let r = gw
+                    .chat(
+                        key,
+                        json!({"model": "mock", "messages": user(&format!("{tag} {i}"))}),
+                    )
+                    .await;
+                assert_eq!(r.status(), 200);
+            }
+        }
+    };
+    send(60, "before").await;
+    assert_eq!(wait_count(&ch, "gw", 60).await.0, 60);
+
+    // Killed while requests keep coming: they are answered, and their rows spilled.
+    let load = send(80, "during");
+    let kill = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ch.kill();
+    };
+    tokio::join!(load, kill);
+    send(20, "after").await;
+    // The sink retries a failed insert twice before it spills.
+    let mut m = String::new();
+    for _ in 0..100 {
+        m = gw.metrics().await;
+        if !m.contains("tollgate_analytics_records_spilled_total 0\n") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !m.contains("tollgate_analytics_records_spilled_total 0\n"),
+        "{m}"
+    );
+
+    ch.restart().await;
+    let store_count = gw.wait_records(160).await.len() as u64;
+    assert_eq!(store_count, 160);
+    assert_eq!(wait_count(&ch, "gw", 160).await, (160, 160));
+    // Nothing more arrives later either.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(count(&ch, "gw").await, (160, 160));
+    let m = gw.metrics().await;
+    assert!(
+        !m.contains("tollgate_analytics_records_replayed_total 0\n"),
+        "{m}"
+    );
+    assert!(m.contains("tollgate_analytics_spill_bytes 0\n"), "{m}");
+
+    // Reports answer from ClickHouse, with what the store says.
+    for by in ["key", "model", "day", "endpoint"] {
+        let r = gw
+            .client
+            .get(format!("{}/admin/usage?by={by}&since=1d", gw.url))
+            .bearer_auth(&gw.admin_key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["x-tollgate-report-source"], "clickhouse");
+        let from_ch: Value = r.json().await.unwrap();
+        let (s, from_store) = gw
+            .admin(
+                reqwest::Method::GET,
+                &format!("/admin/usage?by={by}&since=1d&source=store"),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200);
+        assert_eq!(from_ch, from_store, "{by}");
+        assert_eq!(from_ch[0]["requests"], 160, "{by}: {from_ch}");
+    }
+}
