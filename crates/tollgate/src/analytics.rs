@@ -577,7 +577,8 @@ enum Msg {
 
 /// What the store's writer hands rows to.
 pub struct Sink {
-    tx: mpsc::Sender<Msg>,
+    /// Unbounded as a channel: `queued` against `capacity` is the bound, in rows.
+    tx: mpsc::UnboundedSender<Msg>,
     queued: Arc<AtomicUsize>,
     capacity: usize,
     spill: Arc<Mutex<Spill>>,
@@ -599,10 +600,10 @@ impl Sink {
         }
         self.queued.fetch_add(n, Ordering::AcqRel);
         self.metrics.analytics_queue_depth.inc_by(n as i64);
-        if let Err(e) = self.tx.try_send(Msg::Rows(chunk)) {
+        if let Err(e) = self.tx.send(Msg::Rows(chunk)) {
             self.queued.fetch_sub(n, Ordering::AcqRel);
             self.metrics.analytics_queue_depth.dec_by(n as i64);
-            if let Msg::Rows(chunk) = e.into_inner() {
+            if let Msg::Rows(chunk) = e.0 {
                 spill(&self.spill, &self.metrics, &chunk);
             }
         }
@@ -611,8 +612,8 @@ impl Sink {
     /// Waits (up to `within`) until what was offered before is in ClickHouse or spilled.
     pub async fn flush(&self, within: Duration) -> bool {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let sent = tokio::time::timeout(within, self.tx.send(Msg::Flush(tx))).await;
-        matches!(sent, Ok(Ok(()))) && tokio::time::timeout(within, rx).await.is_ok()
+        self.tx.send(Msg::Flush(tx)).is_ok()
+            && matches!(tokio::time::timeout(within, rx).await, Ok(Ok(())))
     }
 }
 
@@ -667,7 +668,7 @@ impl Analytics {
             max_bytes: cfg.spill_max_bytes,
         };
         metrics.analytics_spill_bytes.set(spill.bytes as i64);
-        let (tx, rx) = mpsc::channel(cfg.queue_capacity.div_ceil(cfg.batch_max.max(1)).max(16));
+        let (tx, rx) = mpsc::unbounded_channel();
         let sink = Arc::new(Sink {
             tx,
             queued: Arc::new(AtomicUsize::new(0)),
@@ -702,13 +703,12 @@ struct SinkTask {
 }
 
 impl SinkTask {
-    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         let mut pending = Chunk::default();
         let mut flushes: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
         // While down, rows are spilled; ClickHouse is tried again at `retry_at`.
         let mut down = !self.migrated;
         let mut retry_at = tokio::time::Instant::now();
-        let mut replay_due = self.spill.lock().unwrap_or_else(|p| p.into_inner()).bytes > 0;
         let mut open = true;
         while open || pending.len() > 0 || !flushes.is_empty() {
             let deadline = tokio::time::Instant::now() + self.flush_interval;
@@ -731,13 +731,13 @@ impl SinkTask {
                 down = !self.recover().await;
                 if down {
                     retry_at = tokio::time::Instant::now() + self.retry_interval;
-                } else {
-                    replay_due = true;
                 }
             }
+            // Rows spill while ClickHouse is down, and also when the queue was full.
+            let replay_due = self.spill.lock().unwrap_or_else(|p| p.into_inner()).bytes > 0;
             if !down && replay_due {
                 match self.replay().await {
-                    Ok(()) => replay_due = false,
+                    Ok(()) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, "replaying the analytics spill failed; retrying later");
                         down = true;

@@ -341,3 +341,31 @@ async fn clickhouse_killed_under_load_loses_and_doubles_nothing() {
         assert_eq!(from_ch[0]["requests"], 160, "{by}: {from_ch}");
     }
 }
+
+/// A queue too small for what the writer hands over: the rows spill at once, and are
+/// replayed while ClickHouse is up, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_spills_and_the_spill_is_replayed_while_clickhouse_is_up() {
+    let Some(ch) = ClickHouseServer::start().await else {
+        return;
+    };
+    let dir = TempDir::new("ch-full");
+    let metrics = Arc::new(tollgate::metrics::Metrics::new());
+    let cfg = AnalyticsConfig {
+        queue_capacity: 50,
+        batch_max: 50,
+        ..analytics_config(&ch.url(), "full")
+    };
+    let a = Analytics::start(&cfg, dir.path(), metrics.clone())
+        .await
+        .unwrap();
+    let recs = records(1_000, tollgate::clock::now_ms());
+    for batch in recs.chunks(100) {
+        a.sink.offer(batch);
+    }
+    assert_eq!(metrics.analytics_records_spilled.get(), 1_000);
+    assert_eq!(wait_count(&ch, "full", 1_000).await, (1_000, 1_000));
+    assert!(a.sink.flush(Duration::from_secs(10)).await);
+    assert_eq!(count(&ch, "full").await, (1_000, 1_000));
+    assert_eq!(metrics.analytics_records_replayed.get(), 1_000);
+}
