@@ -24,7 +24,8 @@ fn analytics_config(url: &str, database: &str) -> AnalyticsConfig {
     }
 }
 
-/// `n` records over the last ten days: three agents (two in one team), served and
+/// `n` records over the last ten days: three agents (two in one team; names with tabs,
+/// quotes, backslashes, newlines and accents), served and
 /// unserved models, two endpoints, tags, runs, failures and cached tokens.
 fn records(n: usize, now: i64) -> Vec<UsageRecord> {
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
@@ -40,7 +41,11 @@ fn records(n: usize, now: i64) -> Vec<UsageRecord> {
             let ts = now - (next() % (10 * 86_400_000)) as i64;
             let mut tags = std::collections::BTreeMap::new();
             if i % 4 != 0 {
-                tags.insert("feature".to_string(), ["search", "chat"][i % 2].to_string());
+                // Values that need escaping on their way: quotes, backslashes, tabs, accents.
+                tags.insert(
+                    "feature".to_string(),
+                    ["sé'arch\\x", "chat\tbot"][i % 2].to_string(),
+                );
             }
             let status = [200, 200, 200, 200, 429, 502][(next() % 6) as usize];
             UsageRecord {
@@ -48,7 +53,7 @@ fn records(n: usize, now: i64) -> Vec<UsageRecord> {
                 ts_ms: ts,
                 endpoint: ["chat", "messages"][i % 2].into(),
                 key_id: format!("key{k}"),
-                agent: ["planner", "coder", "lone"][k].into(),
+                agent: ["plan\tner", "co'der\\", "lône\nwolf"][k].into(),
                 team: (k < 2).then(|| "research".to_string()),
                 project: (k == 1).then(|| "atlas".to_string()),
                 tags,
