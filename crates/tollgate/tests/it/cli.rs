@@ -238,6 +238,23 @@ fn check_config_prints_every_problem_with_its_path() {
         "{text}"
     );
 
+    // ClickHouse analytics: a URL, a plain database name, bounds that fit together.
+    std::fs::write(
+        &path,
+        "[analytics]\nbackend = \"clickhouse\"\ndatabase = \"x; DROP\"\nbatch_max = 0\nqueue_capacity = 0\n",
+    )
+    .unwrap();
+    let out = tollgate(&["check-config", "--config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for want in [
+        "analytics.url: required when analytics.backend = \"clickhouse\"",
+        "analytics.database: letters, digits and _ only",
+        "analytics.batch_max: must be between 1 and 1000000",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+
     let good = dir.path().join("good.toml");
     std::fs::write(&good, include_str!("../../../../tollgate.example.toml")).unwrap();
     let out = tollgate(&["check-config", "--config", good.to_str().unwrap()]);
