@@ -129,7 +129,13 @@ struct Row<'a> {
 
 /// `YYYY-MM-DD` of a UTC millisecond timestamp.
 fn utc_day(ts_ms: i64) -> String {
-    crate::clock::rfc3339(ts_ms.div_euclid(DAY_MS) * DAY_MS)[..10].to_string()
+    let (y, m, d) = civil_day(ts_ms);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// (year, month, day) of a UTC millisecond timestamp.
+fn civil_day(ts_ms: i64) -> (i64, i64, i64) {
+    crate::clock::civil(ts_ms.div_euclid(DAY_MS))
 }
 
 fn row(r: &UsageRecord) -> Row<'_> {
@@ -145,7 +151,7 @@ fn row(r: &UsageRecord) -> Row<'_> {
     Row {
         id: &r.id,
         ts_ms: r.ts_ms,
-        day: crate::clock::civil(r.ts_ms.div_euclid(DAY_MS)),
+        day: civil_day(r.ts_ms),
         endpoint: &r.endpoint,
         key_id: &r.key_id,
         agent: &r.agent,
@@ -590,16 +596,9 @@ impl ClickHouse {
                 cols("1", "error", "cache_write_tokens")
             )
         };
-        // Whole days in the window, by UTC midnight: [d1, d2).
-        let d1 = start.div_euclid(DAY_MS) * DAY_MS
-            + if start.rem_euclid(DAY_MS) == 0 {
-                0
-            } else {
-                DAY_MS
-            };
-        let d2 = now_ms.div_euclid(DAY_MS) * DAY_MS;
-        let parts = match daily {
-            Some(g) if d1 < d2 => vec![
+        // Whole days in the window from the daily rollup, as the store reads them.
+        let parts = match (daily, crate::store::whole_days(start, now_ms)) {
+            (Some(g), Some((d1, d2))) => vec![
                 from_raw(&format!("ts_ms >= {start} AND ts_ms < {d1}")),
                 format!(
                     "SELECT {g} AS g, {} FROM {{db}}.usage_daily WHERE day >= '{}' AND day < '{}'",

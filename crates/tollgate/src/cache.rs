@@ -230,7 +230,7 @@ fn redis_key(key: &[u8; 32]) -> String {
     format!("tg:cache:v{REDIS_VERSION}:{}", hex::encode(key))
 }
 
-struct RedisCache {
+pub struct RedisCache {
     conn: redis::aio::ConnectionManager,
     timeout: Duration,
     retry_interval_ms: i64,
@@ -311,17 +311,14 @@ impl RedisCache {
 }
 
 /// The response cache of a gateway: in this process, or in Redis.
-pub struct ResponseCache {
-    memory: MemoryCache,
-    redis: Option<Arc<RedisCache>>,
+pub enum ResponseCache {
+    Memory(MemoryCache),
+    Redis(Arc<RedisCache>),
 }
 
 impl ResponseCache {
     pub fn in_memory() -> ResponseCache {
-        ResponseCache {
-            memory: MemoryCache::default(),
-            redis: None,
-        }
+        ResponseCache::Memory(MemoryCache::default())
     }
 
     /// Does not connect: the first lookup does, so a gateway starts while Redis is down.
@@ -331,45 +328,28 @@ impl ResponseCache {
         retry_interval: Duration,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> anyhow::Result<ResponseCache> {
-        let conn = crate::limits::redis::connection(url, timeout, None)?;
-        Ok(ResponseCache {
-            memory: MemoryCache::default(),
-            redis: Some(Arc::new(RedisCache {
-                conn,
-                timeout,
-                retry_interval_ms: i64::try_from(retry_interval.as_millis()).unwrap_or(i64::MAX),
-                down_until_ms: AtomicI64::new(0),
-                metrics,
-            })),
-        })
-    }
-
-    /// Where entries are kept: `memory` or `redis`.
-    pub fn backend(&self) -> &'static str {
-        match self.redis {
-            Some(_) => "redis",
-            None => "memory",
-        }
+        Ok(ResponseCache::Redis(Arc::new(RedisCache {
+            conn: crate::limits::redis::connection(url, timeout, None)?,
+            timeout,
+            retry_interval_ms: i64::try_from(retry_interval.as_millis()).unwrap_or(i64::MAX),
+            down_until_ms: AtomicI64::new(0),
+            metrics,
+        })))
     }
 
     pub async fn get(&self, key: &[u8; 32], now_ms: i64) -> Option<Arc<Entry>> {
-        match &self.redis {
-            Some(r) => r.get(key, now_ms).await.map(Arc::new),
-            None => self.memory.get(key, now_ms),
+        match self {
+            ResponseCache::Redis(r) => r.get(key, now_ms).await.map(Arc::new),
+            ResponseCache::Memory(m) => m.get(key, now_ms),
         }
     }
 
     /// `bounds` apply in this process; Redis bounds itself by its `maxmemory` policy.
     pub fn put(&self, key: [u8; 32], expires_ms: i64, entry: Arc<Entry>, bounds: Bounds) {
-        match &self.redis {
-            Some(r) => r.put(key, expires_ms, &entry),
-            None => self.memory.put(key, expires_ms, entry, bounds),
+        match self {
+            ResponseCache::Redis(r) => r.put(key, expires_ms, &entry),
+            ResponseCache::Memory(m) => m.put(key, expires_ms, entry, bounds),
         }
-    }
-
-    /// (entries, bytes) kept in this process.
-    pub fn size(&self) -> (usize, usize) {
-        self.memory.size()
     }
 }
 

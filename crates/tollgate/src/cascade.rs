@@ -134,21 +134,12 @@ fn tool_schemas(request: &Value) -> Vec<(&str, Option<&Value>)> {
         .collect()
 }
 
-/// The event shapes a buffered stream can come in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StreamShape {
-    Chat,
-    Messages,
-    Responses,
-}
-
 /// Tool calls kept from one streamed answer; a provider's stream naming more is cut there.
 const MAX_STREAM_CALLS: usize = 256;
 
-/// The text, tool calls and ending of a whole streamed answer (its SSE bytes, in `shape`).
-fn read_stream(shape: StreamShape, sse: &[u8]) -> Reading {
-    let mut events = Vec::new();
-    tollgate_proto::SseSplitter::new().push(sse, &mut events);
+/// The text, tool calls and ending of a whole streamed answer, from its events in any
+/// dialect (each event says which by its shape, as whole answers do in `read`).
+fn read_stream(events: &[tollgate_proto::SseEvent]) -> Reading {
     let docs = events.iter().filter_map(|e| {
         let data = e.data()?;
         serde_json::from_str::<Value>(&data).ok()
@@ -166,75 +157,70 @@ fn read_stream(shape: StreamShape, sse: &[u8]) -> Reading {
             None => None,
         }
     };
+    let mut messages = false;
     for doc in docs {
-        match shape {
-            StreamShape::Chat => {
-                let Some(choice) = doc.pointer("/choices/0") else {
+        if let Some(choice) = doc.pointer("/choices/0") {
+            // Chat Completions chunks.
+            let d = &choice["delta"];
+            if let Some(t) = d["content"].as_str() {
+                r.text.push_str(t);
+            }
+            r.refusal |= d["refusal"].as_str().is_some_and(|x| !x.is_empty());
+            r.truncated |= choice["finish_reason"] == "length";
+            for c in d["tool_calls"].as_array().into_iter().flatten() {
+                let Some(p) = call(&mut calls, c["index"].as_u64().unwrap_or(0)) else {
                     continue;
                 };
-                let d = &choice["delta"];
-                if let Some(t) = d["content"].as_str() {
+                if let Some(n) = c["function"]["name"].as_str() {
+                    calls[p].1.push_str(n);
+                }
+                if let Some(a) = c["function"]["arguments"].as_str() {
+                    calls[p].2.push_str(a);
+                }
+            }
+            continue;
+        }
+        match doc["type"].as_str() {
+            // Anthropic Messages events.
+            Some("content_block_start") => {
+                messages = true;
+                let b = &doc["content_block"];
+                if b["type"] == "tool_use" {
+                    if let Some(p) = call(&mut calls, doc["index"].as_u64().unwrap_or(0)) {
+                        calls[p].1 = b["name"].as_str().unwrap_or("").to_string();
+                    }
+                } else if let Some(t) = b["text"].as_str() {
                     r.text.push_str(t);
                 }
-                r.refusal |= d["refusal"].as_str().is_some_and(|x| !x.is_empty());
-                r.truncated |= choice["finish_reason"] == "length";
-                for c in d["tool_calls"].as_array().into_iter().flatten() {
-                    let Some(p) = call(&mut calls, c["index"].as_u64().unwrap_or(0)) else {
-                        continue;
-                    };
-                    if let Some(n) = c["function"]["name"].as_str() {
-                        calls[p].1.push_str(n);
+            }
+            Some("content_block_delta") => {
+                let d = &doc["delta"];
+                match d["type"].as_str() {
+                    Some("text_delta") => r.text.push_str(d["text"].as_str().unwrap_or("")),
+                    Some("input_json_delta") => {
+                        let i = doc["index"].as_u64().unwrap_or(0);
+                        if let Some(p) = calls.iter().position(|c| c.0 == i) {
+                            calls[p]
+                                .2
+                                .push_str(d["partial_json"].as_str().unwrap_or(""));
+                        }
                     }
-                    if let Some(a) = c["function"]["arguments"].as_str() {
-                        calls[p].2.push_str(a);
-                    }
+                    _ => {}
                 }
             }
-            StreamShape::Messages => match doc["type"].as_str() {
-                Some("content_block_start") => {
-                    let b = &doc["content_block"];
-                    if b["type"] == "tool_use" {
-                        if let Some(p) = call(&mut calls, doc["index"].as_u64().unwrap_or(0)) {
-                            calls[p].1 = b["name"].as_str().unwrap_or("").to_string();
-                        }
-                    } else if let Some(t) = b["text"].as_str() {
-                        r.text.push_str(t);
-                    }
-                }
-                Some("content_block_delta") => {
-                    let d = &doc["delta"];
-                    match d["type"].as_str() {
-                        Some("text_delta") => r.text.push_str(d["text"].as_str().unwrap_or("")),
-                        Some("input_json_delta") => {
-                            let i = doc["index"].as_u64().unwrap_or(0);
-                            if let Some(p) = calls.iter().position(|c| c.0 == i) {
-                                calls[p]
-                                    .2
-                                    .push_str(d["partial_json"].as_str().unwrap_or(""));
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                Some("message_delta") => {
-                    let stop = &doc["delta"]["stop_reason"];
-                    r.truncated |= stop == "max_tokens";
-                    r.refusal |= stop == "refusal";
-                }
-                _ => {}
-            },
-            StreamShape::Responses => {
-                // The terminal event carries the whole response.
-                let t = doc["type"].as_str().unwrap_or("");
-                if matches!(t, "response.completed" | "response.incomplete") {
-                    return read(&doc["response"]);
-                }
+            Some("message_delta") => {
+                let stop = &doc["delta"]["stop_reason"];
+                r.truncated |= stop == "max_tokens";
+                r.refusal |= stop == "refusal";
             }
+            // Responses: the terminal event carries the whole response.
+            Some("response.completed" | "response.incomplete") => return read(&doc["response"]),
+            _ => {}
         }
     }
     for (_, name, args) in calls {
         // Anthropic streams a call without arguments as no deltas at all.
-        let args = if args.trim().is_empty() && shape == StreamShape::Messages {
+        let args = if args.trim().is_empty() && messages {
             Ok(Value::Object(Default::default()))
         } else {
             serde_json::from_str(&args).map_err(|e| e.to_string())
@@ -251,14 +237,13 @@ pub fn check(v: &Validators, request: &Value, answer: &[u8]) -> Result<(), Strin
     check_reading(v, request, &read(&answer))
 }
 
-/// Why a whole streamed answer (its SSE bytes, in `shape`) fails the checks, or `Ok`.
+/// Why a whole streamed answer (its events, in any dialect) fails the checks, or `Ok`.
 pub fn check_stream(
     v: &Validators,
     request: &Value,
-    shape: StreamShape,
-    sse: &[u8],
+    events: &[tollgate_proto::SseEvent],
 ) -> Result<(), String> {
-    check_reading(v, request, &read_stream(shape, sse))
+    check_reading(v, request, &read_stream(events))
 }
 
 fn check_reading(v: &Validators, request: &Value, r: &Reading) -> Result<(), String> {
@@ -463,7 +448,7 @@ mod tests {
             .into_bytes()
     }
 
-    fn sse(events: &[Value]) -> Vec<u8> {
+    fn sse(events: &[Value]) -> Vec<tollgate_proto::SseEvent> {
         let mut out = String::new();
         for e in events {
             out.push_str(&format!(
@@ -472,7 +457,9 @@ mod tests {
             ));
         }
         out.push_str("data: [DONE]\n\n");
-        out.into_bytes()
+        let mut evs = Vec::new();
+        tollgate_proto::SseSplitter::new().push(out.as_bytes(), &mut evs);
+        evs
     }
 
     #[test]
@@ -495,27 +482,24 @@ mod tests {
             sse(&ev)
         };
         let v = all();
-        let m = StreamShape::Messages;
         assert!(check_stream(
             &v,
             &tools,
-            m,
             &messages(&["{\"ci", "ty\": \"Oslo\"}"], "tool_use")
         )
         .is_ok());
-        let e = check_stream(&v, &tools, m, &messages(&["{\"town\": 1}"], "tool_use")).unwrap_err();
+        let e = check_stream(&v, &tools, &messages(&["{\"town\": 1}"], "tool_use")).unwrap_err();
         assert!(e.contains("do not match its schema"), "{e}");
-        let e = check_stream(&v, &tools, m, &messages(&["{\"ci"], "tool_use")).unwrap_err();
+        let e = check_stream(&v, &tools, &messages(&["{\"ci"], "tool_use")).unwrap_err();
         assert!(e.contains("not JSON"), "{e}");
         let e = check_stream(
             &v,
             &tools,
-            m,
             &messages(&["{\"city\": \"Oslo\"}"], "max_tokens"),
         )
         .unwrap_err();
         assert!(e.contains("token limit"), "{e}");
-        let e = check_stream(&v, &tools, m, &messages(&["{}"], "refusal")).unwrap_err();
+        let e = check_stream(&v, &tools, &messages(&["{}"], "refusal")).unwrap_err();
         assert!(e.contains("refused"), "{e}");
 
         // Chat: content and tool-call arguments by index, the finish reason.
@@ -528,10 +512,10 @@ mod tests {
         ]);
         let wants = json!({"response_format": {"type": "json_schema", "json_schema": {"schema":
             {"type": "object", "required": ["city", "days"]}}}});
-        assert!(check_stream(&v, &wants, StreamShape::Chat, &chat).is_ok());
+        assert!(check_stream(&v, &wants, &chat).is_ok());
         let strict = json!({"response_format": {"type": "json_schema", "json_schema": {"schema":
             {"type": "object", "required": ["weather"]}}}});
-        assert!(check_stream(&v, &strict, StreamShape::Chat, &chat).is_err());
+        assert!(check_stream(&v, &strict, &chat).is_err());
         let calls = sse(&[
             json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "c", "function": {"name": "book", "arguments": ""}}]}}]}),
             json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}}]}),
@@ -540,10 +524,10 @@ mod tests {
         ]);
         let chat_tools = json!({"tools": [{"type": "function", "function": {"name": "book",
             "parameters": {"type": "object", "required": ["city"]}}}]});
-        assert!(check_stream(&v, &chat_tools, StreamShape::Chat, &calls).is_ok());
-        let e = check_stream(&v, &json!({}), StreamShape::Chat, &calls).unwrap_err();
+        assert!(check_stream(&v, &chat_tools, &calls).is_ok());
+        let e = check_stream(&v, &json!({}), &calls).unwrap_err();
         assert!(e.contains("does not declare"), "{e}");
-        assert!(check_stream(&v, &json!({}), StreamShape::Chat, &sse(&[]))
+        assert!(check_stream(&v, &json!({}), &sse(&[]))
             .unwrap_err()
             .contains("empty"));
 
@@ -557,20 +541,8 @@ mod tests {
                            "content": [{"type": "output_text", "text": "hi there"}]}]}}),
             ])
         };
-        assert!(check_stream(
-            &v,
-            &json!({}),
-            StreamShape::Responses,
-            &responses("completed")
-        )
-        .is_ok());
-        let e = check_stream(
-            &v,
-            &json!({}),
-            StreamShape::Responses,
-            &responses("incomplete"),
-        )
-        .unwrap_err();
+        assert!(check_stream(&v, &json!({}), &responses("completed")).is_ok());
+        let e = check_stream(&v, &json!({}), &responses("incomplete")).unwrap_err();
         assert!(e.contains("token limit"), "{e}");
     }
 

@@ -327,7 +327,6 @@ pub enum WalletsBackend {
 }
 
 impl Config {
-    /// Whether holds are decided in Redis.
     /// Whether the response cache keeps its entries in Redis (`[cache] backend`).
     pub fn cache_in_redis(&self) -> bool {
         match self.cache.backend {
@@ -337,6 +336,7 @@ impl Config {
         }
     }
 
+    /// Whether holds are decided in Redis.
     pub fn hot_wallets(&self) -> bool {
         match self.wallets.backend {
             WalletsBackend::Redis => true,

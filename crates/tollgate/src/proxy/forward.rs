@@ -365,8 +365,8 @@ pub(crate) struct TierCheck<'a> {
 
 /// A cascade tier's stream, read whole before any of it goes out.
 enum Buffered {
-    /// It ended properly: its bytes, and what its observer read.
-    Whole(Bytes, Observer),
+    /// It ended properly: its bytes, its events, and what its observer read.
+    Whole(Bytes, Vec<tollgate_proto::SseEvent>, Observer),
     /// Longer than the buffer: what was read; the rest is still upstream.
     TooLong(Bytes),
     /// It broke off, stalled or reported an error: what arrived, and why.
@@ -420,7 +420,7 @@ async fn buffer_stream(
             "the provider's stream ended before its last event".into(),
         );
     }
-    Buffered::Whole(buf, observer)
+    Buffered::Whole(buf, events, observer)
 }
 
 /// The forward phase: attempts over the candidates (a deployment at its own limit is skipped,
@@ -646,22 +646,9 @@ pub(crate) async fn forward(
                         match buffer_stream(&dep, up_endpoint, first, &mut rest, c.max_stream_bytes)
                             .await
                         {
-                            Buffered::Whole(sse, observer) => {
-                                let shape = match up_endpoint.spec().stream {
-                                    StreamShape::Messages => crate::cascade::StreamShape::Messages,
-                                    StreamShape::Responses => {
-                                        crate::cascade::StreamShape::Responses
-                                    }
-                                    StreamShape::Chat | StreamShape::None => {
-                                        crate::cascade::StreamShape::Chat
-                                    }
-                                };
-                                let verdict = crate::cascade::check_stream(
-                                    c.validators,
-                                    c.request,
-                                    shape,
-                                    &sse,
-                                );
+                            Buffered::Whole(sse, events, observer) => {
+                                let verdict =
+                                    crate::cascade::check_stream(c.validators, c.request, &events);
                                 if let Err(why) = verdict {
                                     settle.bill_rejected_stream(&runtime, &dep, &observer);
                                     return Ok(Forwarded::Rejected(why));

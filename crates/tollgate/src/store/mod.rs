@@ -6,7 +6,8 @@ mod usage;
 
 pub use outcomes::{ModelSpend, Outcome, Recorded};
 pub use usage::{
-    insert_usage_rows, report_start, GroupBy, RecordFilter, ReportRow, ReportSource, SavedRow,
+    insert_usage_rows, report_start, whole_days, GroupBy, RecordFilter, ReportRow, ReportSource,
+    SavedRow,
 };
 
 use crate::db::{Db, DbError, Dialect, Location, Param, Row, Value};

@@ -177,12 +177,8 @@ impl Store {
                         CAST(SUM(m) AS BIGINT), CAST(SUM(w) AS BIGINT)";
             let rows = match (rollup, source) {
                 (Some((dim, group)), ReportSource::Auto) => {
-                    let ceil_day = |t: i64| t.div_euclid(DAY_MS) * DAY_MS + if t.rem_euclid(DAY_MS) == 0 { 0 } else { DAY_MS };
                     let h1 = report_start(since_ms);
-                    let (d1, d2) = match (ceil_day(h1), now_ms.div_euclid(DAY_MS) * DAY_MS) {
-                        (d1, d2) if d1 < d2 => (d1, d2),
-                        _ => (i64::MAX, i64::MAX),
-                    };
+                    let (d1, d2) = whole_days(h1, now_ms).unwrap_or((i64::MAX, i64::MAX));
                     let part = |cond: &str| {
                         format!(
                             "SELECT {group} AS g, requests AS n, errors AS e, input_tokens AS i,
@@ -642,6 +638,19 @@ const DAY_MS: i64 = 86_400_000;
 /// many records (ADR 0021). Reports say which start they used.
 pub fn report_start(since_ms: i64) -> i64 {
     since_ms.div_euclid(HOUR_MS) * HOUR_MS
+}
+
+/// The whole UTC days between `start_ms` and `now_ms`, `[first midnight, last midnight)`,
+/// which reports read from daily rollups; `None` when there are none.
+pub fn whole_days(start_ms: i64, now_ms: i64) -> Option<(i64, i64)> {
+    let ceil = start_ms.div_euclid(DAY_MS) * DAY_MS
+        + if start_ms.rem_euclid(DAY_MS) == 0 {
+            0
+        } else {
+            DAY_MS
+        };
+    let floor = now_ms.div_euclid(DAY_MS) * DAY_MS;
+    (ceil < floor).then_some((ceil, floor))
 }
 
 /// What a full rollup row is keyed by: a bucket, and the record's attribution and outcome class.
