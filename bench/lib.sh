@@ -48,6 +48,7 @@ cpu_ticks() { # total utime+stime of the given pids, in clock ticks
 #   hot       policies with the Redis limiter and hot wallets
 #   cachemiss policies with the response cache on: every body unique, every request a miss kept
 #   cachehit  the same, with 64 distinct bodies (pinned.sh): every measured request a hit
+#   otel      policies with every request traced (sample_ratio 1) to the OTLP sink on :4318
 gateway_config() {
   local file=$1 port=$2 data=$3 scenario=$4 redis=${5:-redis://127.0.0.1:6391}
   cat > "$file" <<TOML
@@ -63,6 +64,7 @@ TOML
   case $scenario in
     minimal) printf '[limits]\nrpm = 0\ntpm = 0\nconcurrency = 0\n[limits.team]\nrpm = 0\ntpm = 0\nconcurrency = 0\n[loop_guard]\nenabled = false\n[retries]\ncoalesce = false\n' >> "$file" ;;
     policies|wallet) printf '[loop_guard]\naction = "warn"\n' >> "$file" ;;
+    otel) printf '[loop_guard]\naction = "warn"\n[otel]\nendpoint = "http://127.0.0.1:4318"\nsample_ratio = 1.0\n' >> "$file" ;;
     hot) printf '[loop_guard]\naction = "warn"\n[limits]\nbackend = "redis"\n[limits.redis]\nurl = "%s"\n' "$redis" >> "$file" ;;
     # Repeats of a body are what a cache is for: not retries to budget.
     cachemiss|cachehit) printf '[loop_guard]\naction = "warn"\n[retries]\nsame_request_within = "0s"\n[cache]\nenabled = true\n' >> "$file" ;;

@@ -16,6 +16,8 @@
 #   hot       policies with the Redis limiter + hot wallets: holds in Redis
 #   cachemiss policies + the response cache: every request a miss whose answer is kept
 #   cachehit  the same with 64 distinct bodies: every measured request a cache hit
+#   otel      policies + every request traced and exported as OTLP/HTTP protobuf to a sink
+#             on core 0 that reads and discards (bench/otlp_sink.py)
 # Every request body is unique (bench/loadgen numbers them), so no policy refuses one; but
 # cachehit's, which repeat.
 #
@@ -50,6 +52,10 @@ taskset -c 0 "$TG" mock-provider --listen 127.0.0.1:4010 2>"$OUT/mock.log" & pid
 if command -v redis-server >/dev/null; then
   taskset -c 0 redis-server --port 6391 --bind 127.0.0.1 --save "" --appendonly no >"$OUT/redis.log" 2>&1 & pids+=($!); disown $!
 fi
+
+case " $SCENARIOS " in *" otel "*)
+  taskset -c 0 python3 bench/otlp_sink.py 4318 >"$OUT/otlp.log" 2>&1 & pids+=($!); disown $! ;;
+esac
 
 nginx_start "$OUT" 1 taskset -c 1
 peak_rss_kb() { local t=0; for p in "$@"; do t=$((t + $(awk '/VmHWM/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0))); done; echo "$t"; }

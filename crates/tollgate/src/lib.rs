@@ -28,6 +28,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
             "error",
             "config",
             "metrics",
+            "otel",
             "genmap",
             "fault",
             "records",
@@ -108,7 +109,9 @@ pub mod metering;
 pub mod metrics;
 pub mod mock;
 pub mod money;
+
 pub mod ops;
+pub mod otel;
 pub mod outbox;
 pub mod policy;
 pub mod prices;

@@ -258,6 +258,8 @@ pub struct Meter {
     metrics: Arc<Metrics>,
     /// What governed keys did this hour, for their tool policies' `session` counters.
     pub sessions: Arc<crate::policy::Sessions>,
+    /// Set when `[otel]` exports traces: each record's trace ends here.
+    pub tracer: Option<Arc<crate::otel::Tracer>>,
 }
 
 /// What the writer has gathered and not yet handled.
@@ -456,6 +458,147 @@ fn run_writer(
     }
 }
 
+/// `gen_ai.operation.name` of a record's endpoint.
+pub fn genai_operation(endpoint: &str) -> &'static str {
+    match endpoint {
+        "chat.completions" | "messages" | "responses" => "chat",
+        "embeddings" => "embeddings",
+        "messages.count_tokens" => "count_tokens",
+        e if e.starts_with("route:") => "execute_tool",
+        _ => "other",
+    }
+}
+
+/// The GenAI metrics of a model call that went upstream (not a replay, a cache hit or a
+/// refusal before any provider).
+fn observe_genai(metrics: &Metrics, rec: &UsageRecord) {
+    let Some(provider) = rec.genai_provider.filter(|_| rec.reused.is_none()) else {
+        return;
+    };
+    let served = rec.model_served.as_deref().unwrap_or_default();
+    metrics.genai.observe(&crate::metrics::GenAiCall {
+        operation: genai_operation(&rec.endpoint),
+        provider,
+        request_model: rec.model_requested.as_deref().unwrap_or(served),
+        response_model: served,
+        input_tokens: rec.input_tokens,
+        output_tokens: rec.output_tokens,
+        seconds: rec.latency_ms as f64 / 1000.0,
+        first_token_seconds: rec
+            .ttft_ms
+            .filter(|_| rec.stream && rec.status == 200)
+            .map(|ms| ms as f64 / 1000.0),
+        error_type: rec.error_kind.as_deref(),
+    });
+}
+
+/// Ends a request's trace with what its record says: the settle span, then the root span
+/// named and described after the GenAI conventions, with the gateway's ids as attributes.
+fn end_trace(
+    mut t: Box<crate::otel::RequestTrace>,
+    rec: &UsageRecord,
+) -> Box<crate::otel::RequestTrace> {
+    use crate::otel::{Kind, Value};
+    if !t.recording() {
+        return t;
+    }
+    if let Some(start) = t.settle_start_ns {
+        let mut attrs: crate::otel::Attrs = vec![
+            ("tollgate.cost_micros", rec.cost_micros.into()),
+            ("tollgate.usage_source", rec.usage_source.as_str().into()),
+        ];
+        if let Some(w) = &rec.wallet_id {
+            attrs.push(("tollgate.wallet_id", w.as_str().into()));
+        }
+        t.closed_child("tollgate.settle", Kind::Internal, start, attrs);
+    }
+    let operation = genai_operation(&rec.endpoint);
+    let model = rec.model_requested.as_deref().unwrap_or_default();
+    let mut a: crate::otel::Attrs = Vec::with_capacity(24);
+    a.push(("gen_ai.operation.name", operation.into()));
+    if let Some(p) = rec.genai_provider {
+        a.push(("gen_ai.provider.name", p.into()));
+    }
+    if !model.is_empty() {
+        a.push(("gen_ai.request.model", model.into()));
+    }
+    if let Some(m) = &rec.model_served {
+        a.push(("gen_ai.response.model", m.as_str().into()));
+    }
+    a.push(("gen_ai.request.stream", rec.stream.into()));
+    a.push(("gen_ai.usage.input_tokens", rec.input_tokens.into()));
+    a.push(("gen_ai.usage.output_tokens", rec.output_tokens.into()));
+    if rec.cached_input_tokens > 0 {
+        a.push((
+            "gen_ai.usage.cache_read.input_tokens",
+            rec.cached_input_tokens.into(),
+        ));
+    }
+    let written = rec
+        .cache_write_5m_tokens
+        .saturating_add(rec.cache_write_1h_tokens);
+    if written > 0 {
+        a.push(("gen_ai.usage.cache_creation.input_tokens", written.into()));
+    }
+    if rec.reasoning_tokens > 0 {
+        a.push((
+            "gen_ai.usage.reasoning.output_tokens",
+            rec.reasoning_tokens.into(),
+        ));
+    }
+    if !t.finish_reasons.is_empty() {
+        a.push((
+            "gen_ai.response.finish_reasons",
+            Value::Strs(std::mem::take(&mut t.finish_reasons)),
+        ));
+    }
+    a.push(("http.response.status_code", rec.status.into()));
+    if let Some(e) = &rec.error_kind {
+        a.push(("error.type", e.as_str().into()));
+    }
+    a.push(("tollgate.request_id", rec.id.as_str().into()));
+    a.push(("tollgate.key_id", rec.key_id.as_str().into()));
+    a.push(("tollgate.agent", rec.agent.as_str().into()));
+    for (k, v) in [
+        ("tollgate.team", &rec.team),
+        ("tollgate.run_id", &rec.run_id),
+        ("tollgate.wallet_id", &rec.wallet_id),
+        ("tollgate.provider", &rec.provider),
+        ("tollgate.reused", &rec.reused),
+        ("tollgate.cache", &rec.cache),
+        ("tollgate.price_version", &rec.price_version),
+    ] {
+        if let Some(v) = v {
+            a.push((k, v.as_str().into()));
+        }
+    }
+    a.push(("tollgate.cost_micros", rec.cost_micros.into()));
+    a.push(("tollgate.usage_source", rec.usage_source.as_str().into()));
+    a.push(("tollgate.attempts", rec.attempts.into()));
+    if rec.client_disconnected {
+        a.push(("tollgate.client_disconnected", true.into()));
+    }
+    let tool = rec.endpoint.strip_prefix("route:");
+    if let Some(tool) = tool {
+        a.push(("gen_ai.tool.name", tool.into()));
+    }
+    let name = match (tool, model.is_empty()) {
+        (Some(tool), _) => format!("{operation} {tool}"),
+        (None, true) => operation.to_string(),
+        (None, false) => format!("{operation} {model}"),
+    };
+    // A server span is in error only for the server's failures (HTTP semantic conventions):
+    // a 4xx is the caller's.
+    let error = (rec.status >= 500).then(|| {
+        rec.detail
+            .clone()
+            .or_else(|| rec.error_kind.clone())
+            .unwrap_or_else(|| rec.status.to_string())
+    });
+    t.end_root(name, a, error);
+    t
+}
+
 impl Meter {
     /// Starts the writer thread on its own SQLite connection. The thread ends when every
     /// `Meter` clone is gone; shutdown does not wait for that, it calls `flush`.
@@ -495,11 +638,19 @@ impl Meter {
             gathered,
             metrics,
             sessions: Arc::default(),
+            tracer: None,
         })
     }
 
     /// Queues a record without waiting. Never blocks the request path.
-    pub fn record(&self, rec: UsageRecord) {
+    pub fn record(&self, mut rec: UsageRecord) {
+        observe_genai(&self.metrics, &rec);
+        if let Some(t) = rec.trace.0.take() {
+            match &self.tracer {
+                Some(tracer) => tracer.end(end_trace(t, &rec)),
+                None => drop(t),
+            }
+        }
         self.sessions
             .note_spend(&rec.key_id, rec.cost_micros, crate::clock::now_ms());
         if !rec.savings.is_empty() {

@@ -57,6 +57,11 @@ pub struct Metrics {
     pub connection_timeouts: Family<ConnTimeoutLabels, Counter>,
     pub panics: Counter,
     pub attempts_billed_broken: Counter,
+    pub otel_spans_exported: Counter,
+    pub otel_spans_dropped: Counter,
+    pub otel_export_errors: Counter,
+    /// The GenAI semantic conventions' metrics, under their own names (no `tollgate_`).
+    pub genai: GenAi,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -109,6 +114,154 @@ pub struct RedactionLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReuseLabels {
     pub kind: &'static str,
+}
+
+/// `gen_ai.client.token.usage`'s attributes, as Prometheus labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GenAiTokenLabels {
+    pub gen_ai_operation_name: &'static str,
+    pub gen_ai_provider_name: &'static str,
+    pub gen_ai_token_type: &'static str,
+    pub gen_ai_request_model: String,
+    pub gen_ai_response_model: String,
+}
+
+/// `gen_ai.client.operation.duration`'s attributes; `error_type` is empty (no label) on
+/// success.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GenAiOpLabels {
+    pub gen_ai_operation_name: &'static str,
+    pub gen_ai_provider_name: &'static str,
+    pub gen_ai_request_model: String,
+    pub gen_ai_response_model: String,
+    pub error_type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GenAiTtftLabels {
+    pub gen_ai_operation_name: &'static str,
+    pub gen_ai_provider_name: &'static str,
+    pub gen_ai_request_model: String,
+    pub gen_ai_response_model: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// One model call as the GenAI metrics see it.
+pub struct GenAiCall<'a> {
+    pub operation: &'static str,
+    pub provider: &'static str,
+    pub request_model: &'a str,
+    pub response_model: &'a str,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub seconds: f64,
+    /// Streams that answered: when the first event was ready for the client.
+    pub first_token_seconds: Option<f64>,
+    pub error_type: Option<&'a str>,
+}
+
+/// The GenAI semantic conventions' metrics (v1.36 names, ADR 0033), in Prometheus form:
+/// `gen_ai.client.token.usage` is `gen_ai_client_token_usage`, and so on. Labels carry
+/// operation, provider and model, never a key, run or wallet.
+pub struct GenAi {
+    registry: Registry,
+    pub token_usage: HistogramFamily<GenAiTokenLabels>,
+    pub operation_duration: HistogramFamily<GenAiOpLabels>,
+    pub time_to_first_token: HistogramFamily<GenAiTtftLabels>,
+    /// Model names seen as labels: a passthrough provider lets a caller choose any name,
+    /// so past `MAX_MODEL_LABELS` new ones are counted as `_other`.
+    models: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+pub const MAX_MODEL_LABELS: usize = 200;
+
+impl GenAi {
+    fn new() -> GenAi {
+        let mut registry = Registry::default();
+        let token_usage: HistogramFamily<GenAiTokenLabels> =
+            Family::new_with_constructor(|| Histogram::new((0..14).map(|i| 4f64.powi(i))));
+        registry.register(
+            "gen_ai_client_token_usage",
+            "Number of input and output tokens used (billable), per model call",
+            token_usage.clone(),
+        );
+        let operation_duration: HistogramFamily<GenAiOpLabels> =
+            Family::new_with_constructor(|| Histogram::new((0..14).map(|i| 0.01 * 2f64.powi(i))));
+        registry.register_with_unit(
+            "gen_ai_client_operation_duration",
+            "GenAI operation duration: a model call through the gateway, retries included",
+            prometheus_client::registry::Unit::Seconds,
+            operation_duration.clone(),
+        );
+        let time_to_first_token: HistogramFamily<GenAiTtftLabels> =
+            Family::new_with_constructor(|| {
+                Histogram::new([
+                    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                    5.0, 7.5, 10.0,
+                ])
+            });
+        registry.register_with_unit(
+            "gen_ai_server_time_to_first_token",
+            "Time until a stream's first event was ready for the client",
+            prometheus_client::registry::Unit::Seconds,
+            time_to_first_token.clone(),
+        );
+        GenAi {
+            registry,
+            token_usage,
+            operation_duration,
+            time_to_first_token,
+            models: Default::default(),
+        }
+    }
+
+    fn model_label(&self, model: &str) -> String {
+        let mut seen = self.models.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(model) {
+            return model.to_string();
+        }
+        if seen.len() >= MAX_MODEL_LABELS {
+            return "_other".into();
+        }
+        seen.insert(model.to_string());
+        model.to_string()
+    }
+
+    pub fn observe(&self, c: &GenAiCall<'_>) {
+        let request_model = self.model_label(c.request_model);
+        let response_model = self.model_label(c.response_model);
+        for (kind, n) in [("input", c.input_tokens), ("output", c.output_tokens)] {
+            self.token_usage
+                .get_or_create(&GenAiTokenLabels {
+                    gen_ai_operation_name: c.operation,
+                    gen_ai_provider_name: c.provider,
+                    gen_ai_token_type: kind,
+                    gen_ai_request_model: request_model.clone(),
+                    gen_ai_response_model: response_model.clone(),
+                })
+                .observe(n as f64);
+        }
+        self.operation_duration
+            .get_or_create(&GenAiOpLabels {
+                gen_ai_operation_name: c.operation,
+                gen_ai_provider_name: c.provider,
+                gen_ai_request_model: request_model.clone(),
+                gen_ai_response_model: response_model.clone(),
+                error_type: c.error_type.unwrap_or_default().to_string(),
+            })
+            .observe(c.seconds);
+        if let Some(s) = c.first_token_seconds {
+            self.time_to_first_token
+                .get_or_create(&GenAiTtftLabels {
+                    gen_ai_operation_name: c.operation,
+                    gen_ai_provider_name: c.provider,
+                    gen_ai_request_model: request_model,
+                    gen_ai_response_model: response_model,
+                })
+                .observe(s);
+        }
+    }
 }
 
 /// Registers `metric` under `name` and hands it back.
@@ -348,8 +501,30 @@ impl Metrics {
             "Upstream attempts whose answer broke off after the provider accepted them, billed from an estimate",
             Counter::default(),
         );
+        let otel_spans_exported = reg(
+            &mut registry,
+            "otel_spans_exported",
+            "Spans the OTLP collector accepted",
+            Counter::default(),
+        );
+        let otel_spans_dropped = reg(
+            &mut registry,
+            "otel_spans_dropped",
+            "Spans not exported: the export queue was full, or the collector refused or stayed down",
+            Counter::default(),
+        );
+        let otel_export_errors = reg(
+            &mut registry,
+            "otel_export_errors",
+            "OTLP trace exports that failed (each retried up to twice)",
+            Counter::default(),
+        );
         Metrics {
             registry,
+            otel_spans_exported,
+            otel_spans_dropped,
+            otel_export_errors,
+            genai: GenAi::new(),
             attempts_billed_broken,
             connections_open,
             connections_refused,
@@ -424,8 +599,11 @@ impl Metrics {
     }
 
     pub fn encode(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.genai.registry);
+        let _ = encode_eof(&mut out);
         out
     }
 }

@@ -207,6 +207,12 @@ pub struct UsageRecord {
     /// The request reserved in envelopes (its run, budgets), settled with this record.
     #[serde(skip)]
     pub enveloped: bool,
+    /// The request's trace (`otel`), ended and exported when the record is committed.
+    #[serde(skip)]
+    pub trace: crate::otel::TraceSlot,
+    /// `gen_ai.provider.name` of the deployment that served it (`openai`, `anthropic`).
+    #[serde(skip)]
+    pub genai_provider: Option<&'static str>,
 }
 
 /// Tokens and micro-USD one saver kept a request from spending.

@@ -103,6 +103,9 @@ async fn call(
         request_id,
         started,
     );
+    if let Some(t) = &app.meter.tracer {
+        settle.rec.trace.0 = Some(t.begin(&parts.headers));
+    }
     match forward(app, route, parts, body, &key, &mut settle, &runtime).await {
         Ok((status, headers, upstream)) => {
             let body = CountingBody {
@@ -245,6 +248,26 @@ async fn forward(
     if let Ok(v) = HeaderValue::from_str(&settle.request_id) {
         headers.insert("x-request-id", v);
     }
+    // Traced, the service's parent is the call's own span; untraced, the caller's
+    // trace context went on with its other headers.
+    let span = settle.rec.trace.get().map(|t| {
+        let attrs: crate::otel::Attrs = if t.recording() {
+            vec![
+                ("gen_ai.operation.name", "execute_tool".into()),
+                ("gen_ai.tool.name", route.name.as_str().into()),
+                ("http.request.method", parts.method.as_str().into()),
+            ]
+        } else {
+            Vec::new()
+        };
+        let id = t.child(
+            format!("execute_tool {}", route.name),
+            crate::otel::Kind::Client,
+            attrs,
+        );
+        headers.insert("traceparent", t.traceparent(&id));
+        id
+    });
     let sent = route
         .client
         .request(parts.method.clone(), &url)
@@ -253,6 +276,16 @@ async fn forward(
         .timeout(route.timeout)
         .send()
         .await;
+    if let (Some(id), Some(t)) = (span, settle.rec.trace.get()) {
+        match &sent {
+            Ok(r) => t.end_child(
+                id,
+                (r.status().as_u16() >= 500).then_some("http_5xx"),
+                vec![("http.response.status_code", r.status().as_u16().into())],
+            ),
+            Err(_) => t.end_child(id, Some("unreachable"), Vec::new()),
+        }
+    }
     let upstream = match sent {
         Ok(r) => r,
         Err(e) => {

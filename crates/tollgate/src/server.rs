@@ -147,7 +147,7 @@ impl Gateway {
             )),
             crate::config::AnalyticsBackend::Store => None,
         };
-        let meter = Meter::start(
+        let mut meter = Meter::start(
             &location,
             config.metering.queue_capacity,
             config.metering.batch_max,
@@ -157,6 +157,14 @@ impl Gateway {
             analytics.as_ref().map(|a| a.sink.clone()),
         )
         .context("starting the usage writer")?;
+        let counters = crate::otel::Counters {
+            exported: metrics.otel_spans_exported.clone(),
+            dropped: metrics.otel_spans_dropped.clone(),
+            errors: metrics.otel_export_errors.clone(),
+        };
+        meter.tracer = crate::otel::Tracer::start(&config.otel, counters)
+            .context("setting up OpenTelemetry")?
+            .map(Arc::new);
 
         let mock_url = if config
             .providers
@@ -293,6 +301,11 @@ impl Gateway {
                 tracing::error!(
                     "the store did not take the last usage records within the grace period; exiting without them"
                 );
+            }
+        }
+        if let Some(t) = &app.meter.tracer {
+            if !t.flush(app.server.shutdown_grace).await {
+                tracing::warn!("the last spans were not exported within the grace period");
             }
         }
         // What ClickHouse did not take goes to the spill file, replayed on the next start.

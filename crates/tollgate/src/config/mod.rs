@@ -39,6 +39,7 @@ pub struct Config {
     pub compression: CompressionConfig,
     pub prompt_cache: PromptCacheConfig,
     pub analytics: AnalyticsConfig,
+    pub otel: OtelConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -274,6 +275,54 @@ impl Default for AnalyticsConfig {
             spill_max_bytes: 1 << 30,
             timeout: Duration::from_secs(10),
             retry_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// OpenTelemetry traces (`otel/`, ADR 0033): spans exported as OTLP/HTTP protobuf. Without
+/// an endpoint no span is recorded, and a caller's `traceparent` is passed on upstream as it
+/// came. Needs a restart to change.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtelConfig {
+    /// The collector's OTLP/HTTP base URL, `http://host:4318`: spans go to
+    /// `<endpoint>/v1/traces`.
+    pub endpoint: Option<String>,
+    /// `service.name` of the resource.
+    pub service_name: String,
+    /// More resource attributes, e.g. `{ "deployment.environment.name" = "prod" }`.
+    pub resource: BTreeMap<String, String>,
+    /// Headers sent with each export, each read from an environment variable at start:
+    /// `{ authorization = "OTLP_AUTH" }`.
+    pub headers_env: BTreeMap<String, String>,
+    /// Share of requests without a sampled parent that are traced, 0 to 1.
+    pub sample_ratio: f64,
+    /// A caller's `traceparent` decides whether its request is traced.
+    pub parent_based: bool,
+    /// Finished traces waiting for export; past it they are dropped (counted).
+    pub queue_capacity: usize,
+    /// Traces per export, and how long a trace waits for more before they go.
+    pub batch_max: usize,
+    #[serde(deserialize_with = "de_duration")]
+    pub flush_interval: Duration,
+    /// Deadline of one export.
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+}
+
+impl Default for OtelConfig {
+    fn default() -> Self {
+        OtelConfig {
+            endpoint: None,
+            service_name: "tollgate".into(),
+            resource: BTreeMap::new(),
+            headers_env: BTreeMap::new(),
+            sample_ratio: 1.0,
+            parent_based: true,
+            queue_capacity: 10_000,
+            batch_max: 512,
+            flush_interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(10),
         }
     }
 }

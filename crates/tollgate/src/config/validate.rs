@@ -213,6 +213,47 @@ impl Config {
                 );
             }
         }
+        let o = &self.otel;
+        if let Some(u) = o.endpoint.as_deref() {
+            if !is_http_url(u) {
+                p(
+                    "otel.endpoint".into(),
+                    &format!("not an http(s) URL: \"{u}\""),
+                );
+            }
+            if cfg!(not(feature = "otel")) {
+                p(
+                    "otel.endpoint".into(),
+                    "this build has no `otel` feature (rebuild with default features)",
+                );
+            }
+        }
+        if !(0.0..=1.0).contains(&o.sample_ratio) {
+            p("otel.sample_ratio".into(), "must be between 0 and 1");
+        }
+        if !(1..=100_000).contains(&o.batch_max) {
+            p("otel.batch_max".into(), "must be between 1 and 100000");
+        }
+        if o.queue_capacity < o.batch_max || o.queue_capacity > 10_000_000 {
+            p(
+                "otel.queue_capacity".into(),
+                "must be at least batch_max and at most 10000000",
+            );
+        }
+        if o.timeout.is_zero() || o.flush_interval.is_zero() {
+            p(
+                "otel.timeout".into(),
+                "timeout and flush_interval must be greater than 0",
+            );
+        }
+        for name in o.headers_env.keys() {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                p(
+                    format!("otel.headers_env.{name}"),
+                    "not a valid header name",
+                );
+            }
+        }
         if let Some(url) = &self.store.url {
             let ok = ["postgres://", "postgresql://", "sqlite://"]
                 .iter()

@@ -36,7 +36,7 @@ pub(crate) async fn messages(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    state.arrived(&headers);
     let Ok(req) = serde_json::from_slice::<Value>(&body) else {
         return json_response(
             StatusCode::BAD_REQUEST,
@@ -199,7 +199,7 @@ pub(crate) async fn count_tokens(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    state.arrived(&headers);
     let Ok(req) = serde_json::from_slice::<Value>(&body) else {
         return json_response(
             StatusCode::BAD_REQUEST,

@@ -34,6 +34,9 @@
 //! Tools are called when the conversation asks for one (see `tools.rs`), in all three dialects.
 //!
 //! Output is one token per word, so the usage it reports is exact for what it sends.
+//!
+//! `GET /mock/stats` counts requests and streams, and lists the `traceparent`/`tracestate`
+//! of the latest 64 requests that carried one.
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -104,6 +107,24 @@ pub(crate) struct MockState {
     pub(crate) stats: MockStats,
     /// What it billed, for the usage report APIs (`billing.rs`).
     pub(crate) billed: billing::Ledger,
+    /// The `traceparent` (and `tracestate`) of the latest requests, newest last, as a
+    /// provider's own tracing would see them.
+    pub(crate) traces: Mutex<std::collections::VecDeque<Value>>,
+}
+
+impl MockState {
+    /// Counts a request, and notes the trace context it came with.
+    pub(crate) fn arrived(&self, headers: &HeaderMap) {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+        if let Some(tp) = header("traceparent") {
+            let mut t = self.traces.lock().unwrap_or_else(|p| p.into_inner());
+            if t.len() >= 64 {
+                t.pop_front();
+            }
+            t.push_back(json!({"traceparent": tp, "tracestate": header("tracestate")}));
+        }
+    }
 }
 
 pub fn router(api_key: Option<String>) -> Router {
@@ -299,7 +320,7 @@ pub(crate) async fn openai_preamble(
     body: &[u8],
     default_model: &str,
 ) -> Result<(Value, String, Behaviour), Response> {
-    state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    state.arrived(headers);
     let Ok(req) = serde_json::from_slice::<Value>(body) else {
         return Err(error(
             StatusCode::BAD_REQUEST,
@@ -408,6 +429,7 @@ pub(crate) async fn stats(State(state): State<Arc<MockState>>) -> Response {
         "requests": state.stats.requests.load(Ordering::Relaxed),
         "streams_completed": state.stats.streams_completed.load(Ordering::Relaxed),
         "streams_cancelled": state.stats.streams_cancelled.load(Ordering::Relaxed),
+        "traces": *state.traces.lock().unwrap_or_else(|p| p.into_inner()),
     }))
     .into_response()
 }

@@ -6,6 +6,7 @@ use http::HeaderName;
 
 pub static KIND: Kind = Kind {
     name: "anthropic",
+    genai_name: "anthropic",
     dialects: &[Dialect::Anthropic],
     needs_base_url: true,
     auth: |key| (HeaderName::from_static("x-api-key"), key.to_string()),

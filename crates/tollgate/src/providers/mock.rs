@@ -21,6 +21,7 @@ pub const MODELS: &[&str] = &[
 
 pub static KIND: Kind = Kind {
     name: "mock",
+    genai_name: "tollgate.mock",
     dialects: &[Dialect::OpenAi, Dialect::Anthropic],
     needs_base_url: false,
     auth: super::bearer,

@@ -29,6 +29,9 @@ pub enum ProviderKind {
 pub struct Kind {
     /// The name in `kind = "…"`.
     pub name: &'static str,
+    /// `gen_ai.provider.name` in spans and metrics. An OpenAI-compatible URL may be any
+    /// server; it is named `openai` after the API it speaks.
+    pub genai_name: &'static str,
     /// The dialects it speaks natively; the other one reaches it through translation when the
     /// endpoint has a counterpart (Chat Completions ↔ Messages).
     pub dialects: &'static [Dialect],

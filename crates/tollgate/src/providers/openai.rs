@@ -5,6 +5,7 @@ use crate::error::Dialect;
 
 pub static KIND: Kind = Kind {
     name: "openai",
+    genai_name: "openai",
     dialects: &[Dialect::OpenAi],
     needs_base_url: true,
     auth: super::bearer,

@@ -109,6 +109,65 @@ impl Failure {
     }
 }
 
+/// The trace context the provider is sent, and the attempt's span when the request is
+/// traced: the attempt names itself as the provider's parent. Untraced, a caller's valid
+/// `traceparent` (and `tracestate`) goes on as it came, so the provider stays in its trace.
+fn propagate(
+    settle: &mut Settlement,
+    client: &HeaderMap,
+    dep: &Deployment,
+    up_endpoint: Endpoint,
+    attempt: u32,
+    out: &mut HeaderMap,
+) -> Option<crate::otel::SpanId> {
+    let Some(t) = settle.rec.trace.get() else {
+        if let Some(v) = client
+            .get("traceparent")
+            .filter(|v| crate::otel::parse_traceparent(v.as_bytes()).is_some())
+        {
+            out.insert("traceparent", v.clone());
+            if let Some(state) = crate::otel::tracestate(client) {
+                out.insert("tracestate", state.clone());
+            }
+        }
+        return None;
+    };
+    let (name, attrs) = if t.recording() {
+        let operation = crate::metering::genai_operation(up_endpoint.name());
+        let mut attrs: crate::otel::Attrs = vec![
+            ("gen_ai.operation.name", operation.into()),
+            (
+                "gen_ai.provider.name",
+                crate::providers::kind(dep.provider.kind).genai_name.into(),
+            ),
+            ("gen_ai.request.model", dep.model.as_str().into()),
+            ("tollgate.provider", dep.provider.name.as_str().into()),
+            ("tollgate.attempt", attempt.into()),
+        ];
+        if let Ok(url) = dep.provider.url(up_endpoint.upstream_path()) {
+            if let Some(host) = url.host_str() {
+                attrs.push(("server.address", host.into()));
+            }
+            if let Some(port) = url.port_or_known_default() {
+                attrs.push(("server.port", port.into()));
+            }
+        }
+        (format!("{operation} {}", dep.model), attrs)
+    } else {
+        (String::new(), Vec::new())
+    };
+    let id = t.child(name, crate::otel::Kind::Client, attrs);
+    out.insert("traceparent", t.traceparent(&id));
+    if let Some(v) = t
+        .tracestate
+        .as_deref()
+        .and_then(|s| HeaderValue::from_str(s).ok())
+    {
+        out.insert("tracestate", v);
+    }
+    Some(id)
+}
+
 /// One upstream attempt, up to the first byte of a stream or the whole of a JSON answer.
 /// Anything that fails here can still be retried: the client has seen nothing yet.
 pub(crate) async fn forward_once(
@@ -511,6 +570,7 @@ pub(crate) async fn forward(
             let rec = settle.rec_mut();
             rec.attempts = attempt;
             rec.provider = Some(dep.provider.name.clone());
+            rec.genai_provider = Some(crate::providers::kind(dep.provider.kind).genai_name);
             rec.model_served = Some(dep.model.clone());
         }
         doc.set_str("model", &dep.model)
@@ -556,9 +616,43 @@ pub(crate) async fn forward(
             ),
             None => upstream_body,
         };
-        let extra_headers = anthropic_headers(up_endpoint, headers);
+        let mut extra_headers = anthropic_headers(up_endpoint, headers);
+        let span = propagate(
+            settle,
+            headers,
+            &dep,
+            up_endpoint,
+            attempt,
+            &mut extra_headers,
+        );
         settle.upstream_started = true;
         let outcome = forward_once(&dep, up_endpoint, &extra_headers, upstream_body, stream).await;
+        if let (Some(id), Some(t)) = (span, settle.rec.trace.get()) {
+            match &outcome {
+                Ok(Upstream::Json(a)) => t.end_child(
+                    id,
+                    None,
+                    vec![("http.response.status_code", a.status.as_u16().into())],
+                ),
+                // Open while the stream lasts: the root's end closes it.
+                Ok(Upstream::Stream { .. }) => {
+                    t.annotate(id, vec![("http.response.status_code", 200u16.into())])
+                }
+                Err(f) => {
+                    let kind = f.error.kind.as_str();
+                    t.end_child(id, Some(kind), vec![("error.type", kind.into())]);
+                }
+            }
+        }
+        let end_span = |settle: &mut Settlement, why: &str| {
+            if let (Some(id), Some(t)) = (span, settle.rec.trace.get()) {
+                t.end_child(
+                    id,
+                    Some(why),
+                    vec![("error.type", "tollgate.rejected".into())],
+                );
+            }
+        };
         let label = match &outcome {
             Ok(_) => "ok",
             Err(f) => f.error.kind.as_str(),
@@ -651,6 +745,7 @@ pub(crate) async fn forward(
                                     crate::cascade::check_stream(c.validators, c.request, &events);
                                 if let Err(why) = verdict {
                                     settle.bill_rejected_stream(&runtime, &dep, &observer);
+                                    end_span(settle, &why);
                                     return Ok(Forwarded::Rejected(why));
                                 }
                                 (sse, Box::pin(futures_util::stream::empty()))
@@ -663,6 +758,7 @@ pub(crate) async fn forward(
                             }
                             Buffered::Broke(partial, why) => {
                                 settle.bill_broken_attempt(&runtime, &dep, &partial);
+                                end_span(settle, &why);
                                 return Ok(Forwarded::Rejected(why));
                             }
                         }

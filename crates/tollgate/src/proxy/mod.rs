@@ -114,6 +114,9 @@ async fn handle(app: Arc<AppState>, endpoint: Endpoint, req: Request) -> Respons
         &request_id,
         started,
     );
+    if let Some(t) = &app.meter.tracer {
+        settle.rec.trace.0 = Some(t.begin(&parts.headers));
+    }
 
     let mut response = match run(&app, endpoint, &parts.headers, body, &key, &mut settle).await {
         Ok(resp) => resp,
@@ -205,7 +208,31 @@ async fn run(
     let tiers = cascade_tiers(&cx)?;
     // hold (hold.rs): spend caps, and the wallet's hold for the request's maximum cost
     if endpoint != Endpoint::CountTokens {
-        hold(&mut cx, &mut doc, &deployments).await?;
+        let span = cx
+            .settle
+            .rec
+            .trace
+            .get()
+            .map(|t| t.child("tollgate.hold", crate::otel::Kind::Internal, Vec::new()));
+        let held = hold(&mut cx, &mut doc, &deployments).await;
+        if let Some(span) = span {
+            let s = &mut *cx.settle;
+            let mut attrs: crate::otel::Attrs = Vec::new();
+            if let Some(q) = &s.money {
+                attrs.push(("tollgate.hold_micros", q.cost_micros.into()));
+            }
+            if let Some(w) = &s.rec.wallet_id {
+                attrs.push(("tollgate.wallet_id", w.as_str().into()));
+            }
+            let error = held.as_ref().err().map(|e| e.kind.as_str());
+            if let Some(e) = error {
+                attrs.push(("error.type", e.into()));
+            }
+            if let Some(t) = s.rec.trace.get() {
+                t.end_child(span, error, attrs);
+            }
+        }
+        held?;
     }
     // A cache hit with a fee, now held for: answered instead of the upstream call.
     if let Some(entry) = cx.settle.cache_hit.take() {

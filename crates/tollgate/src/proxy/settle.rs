@@ -435,6 +435,10 @@ impl Settlement {
         if self.done {
             return StatusCode::INTERNAL_SERVER_ERROR.into_response();
         }
+        if let Some(t) = self.rec.trace.get().filter(|t| t.recording()) {
+            t.settle_start_ns = Some(crate::otel::now_ns());
+            t.finish_reasons = finish_reasons(&body);
+        }
         let reported = match endpoint.dialect() {
             Dialect::OpenAi => Usage::from_openai_response(&body),
             Dialect::Anthropic => Usage::from_anthropic_response(&body),
@@ -554,6 +558,44 @@ impl Drop for Settlement {
             self.commit(rec);
         }
     }
+}
+
+/// The finish reasons of a JSON answer in any dialect: Chat's per choice, Messages'
+/// `stop_reason`, a Responses answer's `incomplete_details.reason` or its `status`.
+pub(crate) fn finish_reasons(body: &[u8]) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct Choice {
+        finish_reason: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Incomplete {
+        reason: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        choices: Vec<Choice>,
+        stop_reason: Option<String>,
+        status: Option<String>,
+        incomplete_details: Option<Incomplete>,
+    }
+    let Ok(a) = serde_json::from_slice::<Answer>(body) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = a
+        .choices
+        .into_iter()
+        .filter_map(|c| c.finish_reason)
+        .collect();
+    out.extend(a.stop_reason);
+    if out.is_empty() {
+        out.extend(
+            a.incomplete_details
+                .and_then(|i| i.reason)
+                .or(a.status.filter(|s| s != "in_progress")),
+        );
+    }
+    out
 }
 
 /// Tokens, source and cost into the record, under the price of what was actually served.

@@ -50,6 +50,14 @@ impl Observer {
             Observer::Responses(o) => o.done || o.saw_error,
         }
     }
+    /// Why the provider stopped, in its words, once it said.
+    pub(crate) fn finish_reason(&self) -> Option<&str> {
+        match self {
+            Observer::Chat(o) => o.finish_reason.as_deref(),
+            Observer::Messages(o) => o.stop_reason.as_deref(),
+            Observer::Responses(_) => None,
+        }
+    }
     pub(crate) fn output_text(&self) -> &str {
         match self {
             Observer::Chat(o) => &o.output_text,
@@ -434,6 +442,11 @@ impl GatewayStream {
         let Some(mut rec) = self.rec.take() else {
             return;
         };
+        if let Some(t) = rec.trace.get().filter(|t| t.recording()) {
+            t.settle_start_ns = Some(crate::otel::now_ns());
+            t.finish_reasons
+                .extend(self.observer.finish_reason().map(str::to_string));
+        }
         let (usage, source) = match self.observer.usage() {
             Some(u) => (u, "provider"),
             None => {

@@ -490,6 +490,8 @@ fn usage_from_row(r: &Row) -> Result<UsageRecord> {
         cascade: r.get(38)?,
         bodies: None,
         enveloped: false,
+        trace: Default::default(),
+        genai_provider: None,
         hot_hold_micros: None,
         policy: Vec::new(),
         redactions: Vec::new(),

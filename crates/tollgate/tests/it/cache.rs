@@ -516,16 +516,18 @@ async fn replicas_share_answers_through_redis_and_an_outage_only_costs_the_hits(
     // A stream is kept there too and replayed as the same events by another replica.
     let streamed = json!({"model": "mock-1", "stream": true, "messages": user("shared stream")});
     let first_events = sse_data(post_to(&r.urls[0], &key, &streamed).await).await;
-    let mut replayed = None;
+    // The entry is written in the background after the last byte went out: asking another
+    // replica before it lands would be a miss that goes upstream and keeps its own answer.
     for _ in 0..100 {
-        let resp = post_to(&r.urls[2], &key, &streamed).await;
-        if verdict(&resp).as_deref() == Some("hit") {
-            replayed = Some(sse_data(resp).await);
+        let keys: Vec<String> = redis_cmd(&redis.url(), &["KEYS", "tg:cache:v1:*"]).await;
+        if keys.len() == 2 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert_eq!(replayed.expect("never a hit"), first_events);
+    let resp = post_to(&r.urls[2], &key, &streamed).await;
+    assert_eq!(verdict(&resp).as_deref(), Some("hit"));
+    assert_eq!(sse_data(resp).await, first_events);
     assert_eq!(upstream_requests(&up).await, 2);
 
     // Redis hangs: the lookup waits out its deadline once, answers from upstream, and the

@@ -255,6 +255,24 @@ fn check_config_prints_every_problem_with_its_path() {
         assert!(text.contains(want), "{want}: {text}");
     }
 
+    // OpenTelemetry: an http(s) endpoint, a ratio, bounds, header names.
+    std::fs::write(
+        &path,
+        "[otel]\nendpoint = \"grpc://c:4317\"\nsample_ratio = 1.5\nbatch_max = 0\nheaders_env = { \"bad header\" = \"X\" }\n",
+    )
+    .unwrap();
+    let out = tollgate(&["check-config", "--config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for want in [
+        "otel.endpoint: not an http(s) URL: \"grpc://c:4317\"",
+        "otel.sample_ratio: must be between 0 and 1",
+        "otel.batch_max: must be between 1 and 100000",
+        "otel.headers_env.bad header: not a valid header name",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+
     let good = dir.path().join("good.toml");
     std::fs::write(&good, include_str!("../../../../tollgate.example.toml")).unwrap();
     let out = tollgate(&["check-config", "--config", good.to_str().unwrap()]);

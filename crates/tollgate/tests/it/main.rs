@@ -24,6 +24,7 @@ mod loopguard;
 mod mcp;
 mod messages;
 mod metering;
+mod otel;
 mod postgres;
 mod promptcache;
 mod redaction;

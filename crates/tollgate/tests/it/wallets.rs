@@ -66,6 +66,14 @@ pub async fn a_dollar_buys_a_hundred_cent_requests_out_of_a_thousand_concurrent_
         .await;
     let ok = statuses.iter().filter(|(s, _)| *s == 200).count();
     let refused: Vec<_> = statuses.iter().filter(|(s, _)| *s == 402).collect();
+    let other: Vec<_> = statuses
+        .iter()
+        .filter(|(s, _)| *s != 200 && *s != 402)
+        .collect();
+    assert!(
+        other.is_empty(),
+        "neither served nor refused for money: {other:?}"
+    );
     assert_eq!(ok, 100, "exactly what $1.00 affords");
     assert_eq!(refused.len(), 900);
     let e = &refused[0].1["error"];
