@@ -77,7 +77,76 @@ const MIGRATIONS: &[(u32, &str)] = &[
                 sum(saved_micros) AS saved_micros
          FROM {db}.usage GROUP BY day, key_id, agent, team, org, project, model, endpoint",
     ),
+    (
+        4,
+        "CREATE TABLE IF NOT EXISTS {db}.usage_hourly (
+            day Date, hour_ms Int64, key_id String, agent String, team String, org String,
+            project String, model String, endpoint String,
+            requests UInt64, errors UInt64, input_tokens UInt64, cached_input_tokens UInt64,
+            output_tokens UInt64, reasoning_tokens UInt64, cache_write_tokens UInt64,
+            cost_micros UInt64, saved_micros UInt64
+        ) ENGINE = SummingMergeTree PARTITION BY toYYYYMM(day)
+          ORDER BY (hour_ms, key_id, agent, team, org, project, model, endpoint)",
+    ),
+    (
+        5,
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.usage_hourly_mv TO {db}.usage_hourly AS
+         SELECT day, intDiv(ts_ms, 3600000) * 3600000 AS hour_ms, key_id, agent, team, org,
+                project, model, endpoint,
+                count() AS requests, sum(toUInt64(error)) AS errors,
+                sum(input_tokens) AS input_tokens, sum(cached_input_tokens) AS cached_input_tokens,
+                sum(output_tokens) AS output_tokens, sum(reasoning_tokens) AS reasoning_tokens,
+                sum(cache_write_tokens) AS cache_write_tokens, sum(cost_micros) AS cost_micros,
+                sum(saved_micros) AS saved_micros
+         FROM {db}.usage
+         GROUP BY day, hour_ms, key_id, agent, team, org, project, model, endpoint",
+    ),
+    (
+        6,
+        "CREATE TABLE IF NOT EXISTS {db}.rollup_suspects (hour_ms Int64, noted_ms Int64)
+         ENGINE = MergeTree ORDER BY hour_ms",
+    ),
+    (
+        7,
+        "CREATE TABLE IF NOT EXISTS {db}.rollup_repaired (hour_ms Int64, repaired_ms Int64)
+         ENGINE = MergeTree ORDER BY hour_ms",
+    ),
 ];
+
+/// The rollups' columns after their keys, and how each is summed from `usage`.
+const ROLLUP_SUMS: &[(&str, &str)] = &[
+    ("requests", "count()"),
+    ("errors", "sum(toUInt64(error))"),
+    ("input_tokens", "sum(input_tokens)"),
+    ("cached_input_tokens", "sum(cached_input_tokens)"),
+    ("output_tokens", "sum(output_tokens)"),
+    ("reasoning_tokens", "sum(reasoning_tokens)"),
+    ("cache_write_tokens", "sum(cache_write_tokens)"),
+    ("cost_micros", "sum(cost_micros)"),
+    ("saved_micros", "sum(saved_micros)"),
+];
+const ROLLUP_DIMS: &str = "key_id, agent, team, org, project, model, endpoint";
+
+/// How long after a day ends its suspect hours are repaired: late inserts of its rows (an
+/// insert in flight, clocks apart) are done by then.
+const REPAIR_AFTER_MS: i64 = 10 * 60_000;
+/// How often the sink looks for suspect hours due for repair.
+const REPAIR_EVERY: Duration = Duration::from_secs(60);
+
+/// The migration whose view feeds `usage_hourly`: the hours it covers start from when it was
+/// applied.
+const HOURLY_VIEW: u32 = 5;
+const HOUR_MS: i64 = 3_600_000;
+
+/// The first hour `usage_hourly` holds in full, given when its view was created (`applied`,
+/// 0 when `usage` was still empty then): rows written before the view are only in `usage`.
+/// The ten minutes cover an insert in flight while the view was created, and clocks apart.
+fn hourly_from(applied_ms: i64) -> i64 {
+    if applied_ms == 0 {
+        return i64::MIN;
+    }
+    (applied_ms + 10 * 60_000).div_euclid(HOUR_MS) * HOUR_MS + HOUR_MS
+}
 
 /// The columns rows are sent in (`INSERT ... (COLUMNS) FORMAT TabSeparated`): named, so a
 /// later migration that adds a column does not shift them.
@@ -352,6 +421,18 @@ impl Chunk {
         })
     }
 
+    /// The UTC hours (column 2, the record's time) of the lines whose ids are in `ids`.
+    fn hours_of(&self, ids: &std::collections::HashSet<String>) -> std::collections::BTreeSet<i64> {
+        self.entries()
+            .filter(|(_, id, _)| ids.contains(id))
+            .filter_map(|(line, _, _)| {
+                let text = std::str::from_utf8(line).ok()?;
+                let ts: i64 = text.split('\t').nth(1)?.parse().ok()?;
+                Some(ts.div_euclid(HOUR_MS) * HOUR_MS)
+            })
+            .collect()
+    }
+
     /// The lines whose ids are not in `present`.
     fn without(&self, present: &std::collections::HashSet<String>) -> Chunk {
         let mut out = Chunk::default();
@@ -372,6 +453,13 @@ pub struct ClickHouse {
     database: String,
     user: String,
     password: Option<String>,
+    /// Where reports may read `usage_hourly` (`hourly_from`); `i64::MAX` until the
+    /// migrations have been read.
+    hourly_since: std::sync::atomic::AtomicI64,
+    /// Hours whose rows landed in an insert that failed or timed out: the views may have
+    /// missed them, so reports read them from `usage` until `repair_due` has fixed the
+    /// rollups.
+    suspects: std::sync::RwLock<std::collections::BTreeSet<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -401,6 +489,8 @@ impl ClickHouse {
             database: cfg.database.clone(),
             user: cfg.user.clone(),
             password,
+            hourly_since: std::sync::atomic::AtomicI64::new(i64::MAX),
+            suspects: Default::default(),
         })
     }
 
@@ -493,12 +583,50 @@ impl ClickHouse {
                 continue;
             }
             self.exec(sql).await?;
+            // A view sees only what is inserted after it exists: when `usage` is still
+            // empty once the hourly view is there, the rollup holds every row, else only
+            // the rows from now on.
+            let mut applied = crate::clock::now_ms();
+            if *version == HOURLY_VIEW {
+                #[derive(Deserialize)]
+                struct N {
+                    n: u64,
+                }
+                let n: Vec<N> = self.rows("SELECT count() AS n FROM {db}.usage").await?;
+                if n.first().is_some_and(|n| n.n == 0) {
+                    applied = 0;
+                }
+            }
             self.exec(&format!(
-                "INSERT INTO {{db}}.tollgate_migrations VALUES ({version}, {})",
-                crate::clock::now_ms()
+                "INSERT INTO {{db}}.tollgate_migrations VALUES ({version}, {applied})"
             ))
             .await?;
         }
+        #[derive(Deserialize)]
+        struct A {
+            applied_ms: i64,
+        }
+        let a: Vec<A> = self
+            .rows(&format!(
+                "SELECT applied_ms FROM {{db}}.tollgate_migrations WHERE version = {HOURLY_VIEW}"
+            ))
+            .await?;
+        if let Some(a) = a.iter().map(|a| a.applied_ms).max() {
+            self.hourly_since
+                .store(hourly_from(a), std::sync::atomic::Ordering::Relaxed);
+        }
+        #[derive(Deserialize)]
+        struct H {
+            hour_ms: i64,
+        }
+        let open: Vec<H> = self
+            .rows(
+                "SELECT DISTINCT hour_ms FROM {db}.rollup_suspects
+                 WHERE hour_ms NOT IN (SELECT hour_ms FROM {db}.rollup_repaired)",
+            )
+            .await?;
+        *self.suspects.write().unwrap_or_else(|p| p.into_inner()) =
+            open.into_iter().map(|h| h.hour_ms).collect();
         Ok(newest)
     }
 
@@ -539,9 +667,98 @@ impl ClickHouse {
     /// Inserts what of `chunk` ClickHouse does not have yet: safe to repeat.
     async fn insert_once(&self, chunk: &Chunk) -> Result<usize, String> {
         let present = self.present(chunk).await?;
+        if !present.is_empty() {
+            // They landed in an insert whose answer never came: the rows are in `usage`,
+            // but the views that feed the rollups may not have run.
+            let hours = chunk.hours_of(&present);
+            self.note_suspects(&hours).await?;
+        }
         let rest = chunk.without(&present);
         self.insert(&rest).await?;
         Ok(rest.len())
+    }
+
+    async fn note_suspects(&self, hours: &std::collections::BTreeSet<i64>) -> Result<(), String> {
+        let now = crate::clock::now_ms();
+        let values = hours
+            .iter()
+            .map(|h| format!("({h}, {now})"))
+            .collect::<Vec<_>>()
+            .join(",");
+        self.exec(&format!(
+            "INSERT INTO {{db}}.rollup_suspects VALUES {values}"
+        ))
+        .await?;
+        let mut s = self.suspects.write().unwrap_or_else(|p| p.into_inner());
+        s.extend(hours.iter().copied());
+        tracing::warn!(
+            hours = hours.len(),
+            "rows of an insert that failed are in clickhouse; their rollups are read from usage until repaired"
+        );
+        Ok(())
+    }
+
+    /// Repairs the rollups of suspect hours whose day ended more than `REPAIR_AFTER_MS`
+    /// ago: for each day, what `usage` sums to minus what the rollup holds is inserted into
+    /// `usage_daily`, and the same per suspect hour into `usage_hourly` (Summing tables add
+    /// it). The views only ever miss rows, never add them, so a difference is never
+    /// negative.
+    pub async fn repair_due(&self, now_ms: i64) -> Result<usize, String> {
+        let due: Vec<i64> = self
+            .suspects
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .filter(|h| h.div_euclid(DAY_MS) * DAY_MS + DAY_MS + REPAIR_AFTER_MS <= now_ms)
+            .collect();
+        let mut days: Vec<i64> = due.iter().map(|h| h.div_euclid(DAY_MS) * DAY_MS).collect();
+        days.dedup();
+        // Two statements per day: its daily rows, and its suspect hours' hourly rows.
+        for day in &days {
+            let d = utc_day(*day);
+            self.exec(&repair_sql(
+                "usage_daily",
+                "day",
+                "day",
+                &format!("day = '{d}'"),
+                &format!("day = '{d}'"),
+            ))
+            .await?;
+            let hours = due
+                .iter()
+                .filter(|h| h.div_euclid(DAY_MS) * DAY_MS == *day)
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            self.exec(&repair_sql(
+                "usage_hourly",
+                "day, intDiv(ts_ms, 3600000) * 3600000 AS hour_ms",
+                "day, hour_ms",
+                &format!("day = '{d}' AND intDiv(ts_ms, 3600000) * 3600000 IN ({hours})"),
+                &format!("day = '{d}' AND hour_ms IN ({hours})"),
+            ))
+            .await?;
+        }
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let now = crate::clock::now_ms();
+        let values = due
+            .iter()
+            .map(|h| format!("({h}, {now})"))
+            .collect::<Vec<_>>()
+            .join(",");
+        self.exec(&format!(
+            "INSERT INTO {{db}}.rollup_repaired VALUES {values}"
+        ))
+        .await?;
+        let mut s = self.suspects.write().unwrap_or_else(|p| p.into_inner());
+        for h in &due {
+            s.remove(h);
+        }
+        tracing::info!(hours = due.len(), "repaired the rollups of suspect hours");
+        Ok(due.len())
     }
 
     /// The usage report `Store::usage_report_from` gives, from ClickHouse: whole UTC days from
@@ -590,26 +807,54 @@ impl ClickHouse {
                  toUInt64(reasoning_tokens) AS r, toUInt64(cost_micros) AS m, toUInt64({w}) AS w"
             )
         };
-        let from_raw = |cond: &str| {
+        // Each bound also names its day, so ClickHouse prunes months and index granules by
+        // the tables' `day` (and `hour_ms`) keys instead of reading every row's timestamp.
+        let after =
+            |col: &str, from: i64| format!("day >= '{}' AND {col} >= {from}", utc_day(from));
+        let before = |col: &str, to: i64| {
+            if to == i64::MAX {
+                String::new()
+            } else {
+                format!(" AND day <= '{}' AND {col} < {to}", utc_day(to))
+            }
+        };
+        let from_raw = |a: i64, b: i64| {
             format!(
-                "SELECT {raw} AS g, {} FROM {{db}}.usage WHERE {cond}",
-                cols("1", "error", "cache_write_tokens")
+                "SELECT {raw} AS g, {} FROM {{db}}.usage WHERE {}{}",
+                cols("1", "error", "cache_write_tokens"),
+                after("ts_ms", a),
+                before("ts_ms", b)
             )
         };
-        // Whole days in the window from the daily rollup, as the store reads them.
-        let parts = match (daily, crate::store::whole_days(start, now_ms)) {
-            (Some(g), Some((d1, d2))) => vec![
-                from_raw(&format!("ts_ms >= {start} AND ts_ms < {d1}")),
-                format!(
-                    "SELECT {g} AS g, {} FROM {{db}}.usage_daily WHERE day >= '{}' AND day < '{}'",
-                    cols("requests", "errors", "cache_write_tokens"),
-                    utc_day(d1),
-                    utc_day(d2)
-                ),
-                from_raw(&format!("ts_ms >= {d2}")),
-            ],
-            _ => vec![from_raw(&format!("ts_ms >= {start}"))],
+        let rolled = |table: &str, g: &str, cond: String| {
+            format!(
+                "SELECT {g} AS g, {} FROM {{db}}.{table} WHERE {cond}",
+                cols("requests", "errors", "cache_write_tokens")
+            )
         };
+        let hourly_since = self.hourly_since.load(std::sync::atomic::Ordering::Relaxed);
+        let mut parts = Vec::new();
+        match daily {
+            Some(g) => {
+                let suspects = self.suspects.read().unwrap_or_else(|p| p.into_inner());
+                for (src, a, b) in plan(start, now_ms, hourly_since, &suspects) {
+                    parts.push(match src {
+                        Src::Raw => from_raw(a, b),
+                        Src::Hourly => rolled(
+                            "usage_hourly",
+                            g,
+                            format!("{}{}", after("hour_ms", a), before("hour_ms", b)),
+                        ),
+                        Src::Daily => rolled(
+                            "usage_daily",
+                            g,
+                            format!("day >= '{}' AND day < '{}'", utc_day(a), utc_day(b)),
+                        ),
+                    });
+                }
+            }
+            None => parts.push(from_raw(start, i64::MAX)),
+        }
         let sql = format!(
             "SELECT g AS `group`, sum(n) AS requests, sum(e) AS errors, sum(i) AS input_tokens,
                     sum(c) AS cached_input_tokens, sum(o) AS output_tokens,
@@ -620,6 +865,103 @@ impl ClickHouse {
         );
         self.rows(&sql).await
     }
+}
+
+/// What `usage` sums to under `raw_cond` minus what `table` holds under `rollup_cond`, per
+/// rollup key, inserted into `table` where it is short. `keys` are the table's key columns
+/// before the dimensions as computed from `usage`, `keys_out` their names.
+fn repair_sql(
+    table: &str,
+    keys: &str,
+    keys_out: &str,
+    raw_cond: &str,
+    rollup_cond: &str,
+) -> String {
+    let raw_sums = ROLLUP_SUMS
+        .iter()
+        .map(|(c, e)| format!("{e} AS {c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let have_sums = ROLLUP_SUMS
+        .iter()
+        .map(|(c, _)| format!("sum({c}) AS have_{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let deltas = ROLLUP_SUMS
+        .iter()
+        .map(|(c, _)| format!("{c} - have_{c} AS delta_{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let columns = ROLLUP_SUMS
+        .iter()
+        .map(|(c, _)| *c)
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "INSERT INTO {{db}}.{table} ({keys_out}, {ROLLUP_DIMS}, {columns})
+         SELECT {keys_out}, {ROLLUP_DIMS}, {deltas}
+         FROM (SELECT {keys}, {ROLLUP_DIMS}, {raw_sums} FROM {{db}}.usage WHERE {raw_cond}
+               GROUP BY {keys_out}, {ROLLUP_DIMS})
+         ANY LEFT JOIN (SELECT {keys_out}, {ROLLUP_DIMS}, {have_sums} FROM {{db}}.{table}
+                        WHERE {rollup_cond} GROUP BY {keys_out}, {ROLLUP_DIMS})
+         USING ({keys_out}, {ROLLUP_DIMS})
+         WHERE requests > have_requests"
+    )
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Src {
+    Raw,
+    Hourly,
+    Daily,
+}
+
+/// Where a report over `[start, now]` reads each stretch of time: whole UTC days from
+/// `usage_daily`, other hours from `usage_hourly` from `hourly_since` on, and from `usage`
+/// the rest, and every suspect hour (a day with one is read hour by hour). Consecutive
+/// stretches from one source are one; the last ends at `i64::MAX` (up to now).
+fn plan(
+    start: i64,
+    now: i64,
+    hourly_since: i64,
+    suspects: &std::collections::BTreeSet<i64>,
+) -> Vec<(Src, i64, i64)> {
+    let mut out: Vec<(Src, i64, i64)> = Vec::new();
+    let mut push = |src: Src, a: i64, b: i64| match out.last_mut() {
+        Some(last) if last.0 == src && last.2 == a => last.2 = b,
+        _ => out.push((src, a, b)),
+    };
+    let hour = |h: i64| {
+        if suspects.contains(&h) || h < hourly_since {
+            Src::Raw
+        } else {
+            Src::Hourly
+        }
+    };
+    let (d1, d2) = crate::store::whole_days(start, now).unwrap_or((i64::MAX, i64::MAX));
+    let last_hour = now.div_euclid(HOUR_MS) * HOUR_MS;
+    let mut t = start.div_euclid(HOUR_MS) * HOUR_MS;
+    // A window that does not start on the hour (groupings not rolled up) starts raw.
+    if t < start {
+        push(Src::Raw, start, t + HOUR_MS);
+        t += HOUR_MS;
+    }
+    while t <= last_hour {
+        if t >= d1 && t < d2 && t.rem_euclid(DAY_MS) == 0 {
+            let day_suspect = suspects.range(t..t + DAY_MS).next().is_some();
+            if !day_suspect {
+                push(Src::Daily, t, t + DAY_MS);
+                t += DAY_MS;
+                continue;
+            }
+        }
+        push(hour(t), t, t + HOUR_MS);
+        t += HOUR_MS;
+    }
+    if let Some(last) = out.last_mut() {
+        last.2 = i64::MAX;
+    }
+    out
 }
 
 /// A string literal for ClickHouse SQL.
@@ -840,6 +1182,7 @@ impl SinkTask {
         // While down, rows are spilled; ClickHouse is tried again at `retry_at`.
         let mut down = !self.migrated;
         let mut retry_at = tokio::time::Instant::now();
+        let mut repair_at = tokio::time::Instant::now() + REPAIR_EVERY;
         let mut open = true;
         while open || pending.len() > 0 || !flushes.is_empty() {
             let deadline = tokio::time::Instant::now() + self.flush_interval;
@@ -876,15 +1219,47 @@ impl SinkTask {
                     }
                 }
             }
+            if !down && tokio::time::Instant::now() >= repair_at {
+                repair_at = tokio::time::Instant::now() + REPAIR_EVERY;
+                if let Err(e) = self.ch.repair_due(crate::clock::now_ms()).await {
+                    tracing::warn!(error = %e, "repairing the clickhouse rollups failed; retrying later");
+                }
+            }
             if pending.len() > 0 {
                 let chunk = std::mem::take(&mut pending);
-                if down {
-                    spill(&self.spill, &self.metrics, &chunk);
-                } else if let Err(e) = self.send(&chunk).await {
-                    tracing::warn!(error = %e, records = chunk.len(), "clickhouse insert failed; spilling until it answers");
-                    spill(&self.spill, &self.metrics, &chunk);
-                    down = true;
-                    retry_at = tokio::time::Instant::now() + self.retry_interval;
+                // Behind by more than a batch: a second insert goes with the first, so
+                // ClickHouse parses on two cores (its parse of one insert is one thread).
+                let mut second = Chunk::default();
+                while open && !down && second.len() < self.batch_max {
+                    match rx.try_recv() {
+                        Ok(Msg::Rows(c)) => {
+                            self.queued.fetch_sub(c.len(), Ordering::AcqRel);
+                            self.metrics.analytics_queue_depth.dec_by(c.len() as i64);
+                            second.append(c);
+                        }
+                        Ok(Msg::Flush(done)) => flushes.push(done),
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                    }
+                }
+                let (a, b) = if down {
+                    (Err("down".to_string()), Err("down".to_string()))
+                } else if second.len() > 0 {
+                    tokio::join!(self.send(&chunk), self.send(&second))
+                } else {
+                    (self.send(&chunk).await, Ok(()))
+                };
+                for (result, c) in [(a, &chunk), (b, &second)] {
+                    let Err(e) = result else { continue };
+                    if c.len() == 0 {
+                        continue;
+                    }
+                    if !down {
+                        tracing::warn!(error = %e, records = c.len(), "clickhouse insert failed; spilling until it answers");
+                        down = true;
+                        retry_at = tokio::time::Instant::now() + self.retry_interval;
+                    }
+                    spill(&self.spill, &self.metrics, c);
                 }
                 self.note_lag(&pending);
             }
@@ -976,5 +1351,70 @@ impl SinkTask {
             (crate::clock::now_ms() - oldest).max(0) as f64 / 1000.0
         });
         self.metrics.analytics_lag_seconds.set(lag);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    const D: i64 = DAY_MS;
+    const H: i64 = HOUR_MS;
+
+    #[test]
+    fn a_window_reads_days_then_hours_then_raw() {
+        // From 19:00 on day 10 to 05:30 on day 13.
+        let (start, now) = (10 * D + 19 * H, 13 * D + 5 * H + 30 * 60_000);
+        let none = BTreeSet::new();
+        use Src::*;
+        assert_eq!(
+            plan(start, now, i64::MIN, &none),
+            vec![
+                (Hourly, start, 11 * D),
+                (Daily, 11 * D, 13 * D),
+                (Hourly, 13 * D, i64::MAX)
+            ]
+        );
+        // Before the hourly view existed: hours from `usage`.
+        assert_eq!(
+            plan(start, now, i64::MAX, &none),
+            vec![
+                (Raw, start, 11 * D),
+                (Daily, 11 * D, 13 * D),
+                (Raw, 13 * D, i64::MAX)
+            ]
+        );
+        assert_eq!(
+            plan(start, now, 13 * D + 2 * H, &none),
+            vec![
+                (Raw, start, 11 * D),
+                (Daily, 11 * D, 13 * D),
+                (Raw, 13 * D, 13 * D + 2 * H),
+                (Hourly, 13 * D + 2 * H, i64::MAX)
+            ]
+        );
+        // A suspect hour inside a whole day: that day hour by hour, the hour from `usage`.
+        let suspect: BTreeSet<i64> = [12 * D + 7 * H].into();
+        assert_eq!(
+            plan(start, now, i64::MIN, &suspect),
+            vec![
+                (Hourly, start, 11 * D),
+                (Daily, 11 * D, 12 * D),
+                (Hourly, 12 * D, 12 * D + 7 * H),
+                (Raw, 12 * D + 7 * H, 12 * D + 8 * H),
+                (Hourly, 12 * D + 8 * H, i64::MAX)
+            ]
+        );
+        // Not on the hour (groupings without rollups never get here, but the plan holds).
+        let p = plan(start + 60_000, start + 2 * H, i64::MIN, &none);
+        assert_eq!(p[0], (Raw, start + 60_000, start + H));
+    }
+
+    #[test]
+    fn the_hourly_view_covers_from_the_hour_after_it_was_created() {
+        assert_eq!(hourly_from(0), i64::MIN);
+        assert_eq!(hourly_from(5 * H + 1), 6 * H);
+        assert_eq!(hourly_from(5 * H + 55 * 60_000), 7 * H);
     }
 }

@@ -138,22 +138,41 @@ async fn the_same_reports_come_from_the_store_and_from_clickhouse() {
         now - 2 * 3_600_000,
         now - 30 * 86_400_000,
     ];
-    for g in groupings {
-        let by: GroupBy = g.parse().unwrap();
-        for since in windows {
-            let from_store = store
-                .usage_report_from(&by, since, now, ReportSource::Auto)
-                .unwrap();
-            let from_ch = a.clickhouse.usage_report(&by, since, now).await.unwrap();
-            assert!(!from_store.is_empty(), "{g} since {since}");
-            assert_eq!(from_ch, from_store, "{g} since {since}");
+    // Three states of the hourly rollup: it saw every row (a fresh database), it started
+    // two days ago (an upgrade then: older hours from `usage`), it starts now (an upgrade
+    // today: only days come from a rollup). The reports must not change.
+    for applied in [None, Some(now - 50 * 3_600_000), Some(now)] {
+        if let Some(at) = applied {
+            ch.query(&format!(
+                "INSERT INTO reports.tollgate_migrations VALUES (5, {at})"
+            ))
+            .await;
+            a.clickhouse.migrate().await.unwrap();
+        }
+        for g in groupings {
+            let by: GroupBy = g.parse().unwrap();
+            for since in windows {
+                let from_store = store
+                    .usage_report_from(&by, since, now, ReportSource::Auto)
+                    .unwrap();
+                let from_ch = a.clickhouse.usage_report(&by, since, now).await.unwrap();
+                assert!(!from_store.is_empty(), "{g} since {since}");
+                assert_eq!(
+                    from_ch, from_store,
+                    "{g} since {since}, view applied {applied:?}"
+                );
+            }
         }
     }
+    let hourly = ch
+        .query("SELECT sum(requests), sum(cost_micros) FROM reports.usage_hourly")
+        .await;
+    let cost: u64 = recs.iter().map(|r| r.cost_micros).sum();
+    assert_eq!(hourly, format!("3000\t{cost}"));
     // The daily rollup holds every record once.
     let daily = ch
         .query("SELECT sum(requests), sum(cost_micros) FROM reports.usage_daily")
         .await;
-    let cost: u64 = recs.iter().map(|r| r.cost_micros).sum();
     assert_eq!(daily, format!("3000\t{cost}"));
     // `tollgate migrate` with a config naming ClickHouse migrates its schema too.
     let cfg = dir.path().join("tollgate.toml");
@@ -180,16 +199,18 @@ async fn the_same_reports_come_from_the_store_and_from_clickhouse() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("clickhouse cli: schema at version 3"),
+        text.contains("clickhouse cli: schema at version 7"),
         "{text}"
     );
     assert_eq!(ch.query("EXISTS TABLE cli.usage_daily").await, "1");
-    // Migrations are recorded and applied once.
+    // Migrations are recorded and applied once (version 5's extra rows are the test's).
     let again = a.clickhouse.migrate().await.unwrap();
     assert_eq!(
-        ch.query("SELECT count(), max(version) FROM reports.tollgate_migrations")
-            .await,
-        format!("{again}\t{again}")
+        ch.query(
+            "SELECT countIf(version != 5), countIf(version = 5), max(version) FROM reports.tollgate_migrations"
+        )
+        .await,
+        format!("{}\t3\t{again}", again - 1)
     );
 }
 
@@ -373,4 +394,121 @@ async fn a_full_queue_spills_and_the_spill_is_replayed_while_clickhouse_is_up() 
     assert!(a.sink.flush(Duration::from_secs(10)).await);
     assert_eq!(count(&ch, "full").await, (1_000, 1_000));
     assert_eq!(metrics.analytics_records_replayed.get(), 1_000);
+}
+
+/// Rows that landed in `usage` while the rollups' views did not run (ClickHouse killed
+/// between the table and its views), then found there by a replay: their hours are suspect,
+/// reports read them from `usage` and stay exact, and the repair puts what the rollups lack
+/// into them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollups_missing_rows_are_read_around_then_repaired() {
+    let Some(ch) = ClickHouseServer::start().await else {
+        return;
+    };
+    let dir = TempDir::new("ch-repair");
+    let location = tollgate::db::Location::Sqlite(dir.path().join("tollgate.db"));
+    let store = Store::open_at(&location).unwrap();
+    let mut db = location.connect().unwrap();
+    let now = tollgate::clock::now_ms();
+    let recs = records(900, now);
+    for batch in recs.chunks(300) {
+        tollgate::metering::commit_batch(&mut db, batch).unwrap();
+    }
+    // The rows as the sink spills them, from a sink that cannot reach ClickHouse.
+    let metrics = Arc::new(tollgate::metrics::Metrics::new());
+    let spilled = TempDir::new("ch-repair-spill");
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let down = Analytics::start(
+        &analytics_config(&nowhere, "repair"),
+        spilled.path(),
+        metrics.clone(),
+    )
+    .await
+    .unwrap();
+    down.sink.offer(&recs);
+    assert!(down.sink.flush(Duration::from_secs(10)).await);
+    drop(down);
+    let lines = std::fs::read(spilled.path().join("analytics/spill.jsonl")).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {:?} {}",
+            std::fs::read_dir(spilled.path().join("analytics"))
+                .map(|d| d.map(|e| e.unwrap().path()).collect::<Vec<_>>()),
+            metrics.encode()
+        )
+    });
+
+    // The rows go in with the views detached: in `usage`, not in the rollups.
+    let cfg = analytics_config(&ch.url(), "repair");
+    let a = Analytics::start(&cfg, dir.path(), metrics.clone())
+        .await
+        .unwrap();
+    for v in ["usage_daily_mv", "usage_hourly_mv"] {
+        ch.query(&format!("DETACH TABLE repair.{v}")).await;
+    }
+    a.sink.offer(&recs);
+    assert!(a.sink.flush(Duration::from_secs(10)).await);
+    assert_eq!(count(&ch, "repair").await, (900, 900));
+    for v in ["usage_daily_mv", "usage_hourly_mv"] {
+        ch.query(&format!("ATTACH TABLE repair.{v}")).await;
+    }
+    let rolled = |t: &'static str| {
+        let ch = &ch;
+        async move {
+            ch.query(&format!("SELECT sum(requests) FROM repair.{t}"))
+                .await
+        }
+    };
+    assert_eq!(rolled("usage_daily").await, "0");
+    drop(a);
+
+    // As after a crash: the same rows replayed. They are there, so nothing is inserted,
+    // and their hours become suspect.
+    std::fs::create_dir_all(dir.path().join("analytics")).unwrap();
+    std::fs::write(dir.path().join("analytics/replay.jsonl"), &lines).unwrap();
+    let a = Analytics::start(&cfg, dir.path(), metrics.clone())
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        if !dir.path().join("analytics/replay.jsonl").exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(a.sink.flush(Duration::from_secs(10)).await);
+    assert_eq!(count(&ch, "repair").await, (900, 900));
+    let compare = |when: &'static str| {
+        let (a, store) = (&a, &store);
+        async move {
+            for g in ["key", "team", "model", "day"] {
+                let by: GroupBy = g.parse().unwrap();
+                for since in [now - 3 * 86_400_000 - 3_600_000, now - 30 * 86_400_000] {
+                    let from_store = store
+                        .usage_report_from(&by, since, now, ReportSource::Auto)
+                        .unwrap();
+                    let from_ch = a.clickhouse.usage_report(&by, since, now).await.unwrap();
+                    assert_eq!(from_ch, from_store, "{when}: {g} since {since}");
+                }
+            }
+        }
+    };
+    compare("suspect, not repaired").await;
+
+    // Due once their days are over: the rollups get what they lack, once.
+    let repaired = a.clickhouse.repair_due(now + 2 * 86_400_000).await.unwrap();
+    assert!(repaired > 0);
+    assert_eq!(rolled("usage_daily").await, "900");
+    assert_eq!(rolled("usage_hourly").await, "900");
+    assert_eq!(
+        a.clickhouse.repair_due(now + 2 * 86_400_000).await.unwrap(),
+        0
+    );
+    compare("repaired").await;
+    // A restart finds nothing left to repair, and reads the rollups again.
+    drop(a);
+    let a = Analytics::start(&cfg, dir.path(), metrics).await.unwrap();
+    assert_eq!(
+        a.clickhouse.repair_due(now + 2 * 86_400_000).await.unwrap(),
+        0
+    );
+    assert_eq!(rolled("usage_daily").await, "900");
 }
