@@ -39,11 +39,24 @@ fn string(out: &mut Vec<u8>, field: u32, s: &str) {
     bytes(out, field, s.as_bytes());
 }
 
-/// A nested message: written after its length, which is known once it is written.
+/// A nested message, written in place: its length goes into four bytes reserved before it
+/// and filled in after, as a varint padded with continuation bits (the protobuf encoding
+/// allows a varint's redundant bytes; the official Python decoder in tests/it/otel.rs reads
+/// them).
+/// One buffer for the whole export instead of one per nested message.
 fn message(out: &mut Vec<u8>, field: u32, write: impl FnOnce(&mut Vec<u8>)) {
-    let mut inner = Vec::new();
-    write(&mut inner);
-    bytes(out, field, &inner);
+    tag(out, field, LEN);
+    let at = out.len();
+    out.extend_from_slice(&[0x80, 0x80, 0x80, 0x00]);
+    write(out);
+    let len = out.len() - at - 4;
+    // Exports are far below 2^28 bytes (256 MiB): `batch_max` traces of a few KiB each.
+    debug_assert!(len < 1 << 28);
+    let len = len.min((1 << 28) - 1) as u32;
+    out[at] = (len & 0x7f) as u8 | 0x80;
+    out[at + 1] = ((len >> 7) & 0x7f) as u8 | 0x80;
+    out[at + 2] = ((len >> 14) & 0x7f) as u8 | 0x80;
+    out[at + 3] = ((len >> 21) & 0x7f) as u8;
 }
 
 fn any_value(out: &mut Vec<u8>, v: &Value) {
@@ -161,7 +174,14 @@ mod tests {
     fn an_attribute_is_a_key_value_message() {
         let mut out = Vec::new();
         attribute(&mut out, 9, "a", &Value::Int(1));
-        // field 9 LEN, 7 bytes: key "a" (0a 01 61), value AnyValue{int_value=1} (12 02 18 01)
-        assert_eq!(out, [0x4a, 0x07, 0x0a, 0x01, b'a', 0x12, 0x02, 0x18, 0x01]);
+        // field 9 LEN (10 bytes, padded to four): key "a" (0a 01 61), value
+        // AnyValue{int_value=1} (12, length 2 padded, 18 01)
+        assert_eq!(
+            out,
+            [
+                0x4a, 0x8a, 0x80, 0x80, 0x00, 0x0a, 0x01, b'a', 0x12, 0x82, 0x80, 0x80, 0x00, 0x18,
+                0x01
+            ]
+        );
     }
 }
