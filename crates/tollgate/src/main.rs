@@ -134,6 +134,40 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 println!("clickhouse {}: schema at version {v}", ch.database());
             }
         }
+        Cmd::Backfill {
+            data_dir,
+            store_url,
+            config,
+            since,
+            until,
+        } => {
+            let cfg = tollgate::config::Config::from_file(&config).map_err(anyhow::Error::msg)?;
+            if cfg.analytics.backend != tollgate::config::AnalyticsBackend::Clickhouse {
+                anyhow::bail!(
+                    "{}: [analytics] backend is not \"clickhouse\"; nothing to backfill",
+                    config.display()
+                );
+            }
+            let since =
+                tollgate::ops::time_ms("since", &since).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let until = until
+                .map(|u| tollgate::ops::time_ms("until", &u))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let location = tollgate::db::Location::from_config(store_url.as_deref(), &data_dir);
+            let store = tokio::task::spawn_blocking(move || Store::open_at(&location)).await??;
+            let ch = tollgate::analytics::ClickHouse::new(&cfg.analytics)?;
+            ch.migrate().await.map_err(anyhow::Error::msg)?;
+            let (read, inserted) = ch
+                .backfill(&store, since, until)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            println!(
+                "clickhouse {}: {read} records in the store's range, {inserted} sent, {} already there",
+                ch.database(),
+                read - inserted
+            );
+        }
         Cmd::MockProvider { listen, api_key } => {
             let l = tokio::net::TcpListener::bind(listen)
                 .await

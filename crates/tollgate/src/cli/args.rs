@@ -152,6 +152,29 @@ pub(crate) enum Cmd {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Send ClickHouse (`[analytics]` in the config) the store's usage records it lacks, in
+    /// a time range: after a `kill -9` lost the sink's queue, or to load history. Records
+    /// ClickHouse has are not sent again; safe to repeat.
+    Backfill {
+        #[arg(
+            long,
+            env = "TOLLGATE_DATA_DIR",
+            hide_env_values = true,
+            default_value = "./tollgate-data"
+        )]
+        data_dir: PathBuf,
+        #[arg(long, env = "TOLLGATE_STORE_URL", hide_env_values = true)]
+        store_url: Option<String>,
+        /// The configuration naming ClickHouse.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// From this long ago (`2h`, `7d`) or this time (ms since the epoch).
+        #[arg(long)]
+        since: String,
+        /// Up to this long ago, or this time (default: now).
+        #[arg(long)]
+        until: Option<String>,
+    },
     /// Run the mock provider alone (for benchmarks and experiments).
     MockProvider {
         #[arg(long, default_value = "127.0.0.1:4010")]

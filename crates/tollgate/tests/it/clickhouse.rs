@@ -512,3 +512,96 @@ async fn rollups_missing_rows_are_read_around_then_repaired() {
     );
     assert_eq!(rolled("usage_daily").await, "900");
 }
+
+/// `tollgate backfill`: what the sink never sent (its queue lost to a `kill -9`) goes from the
+/// store to ClickHouse, once however often it runs, through the rollups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_sends_what_clickhouse_lacks_once() {
+    let Some(ch) = ClickHouseServer::start().await else {
+        return;
+    };
+    let dir = TempDir::new("ch-backfill");
+    let location = tollgate::db::Location::Sqlite(dir.path().join("tollgate.db"));
+    let store = Store::open_at(&location).unwrap();
+    let mut db = location.connect().unwrap();
+    let now = tollgate::clock::now_ms();
+    let recs = records(1_000, now);
+    let metrics = Arc::new(tollgate::metrics::Metrics::new());
+    let a = Analytics::start(&analytics_config(&ch.url(), "fill"), dir.path(), metrics)
+        .await
+        .unwrap();
+    for (i, batch) in recs.chunks(200).enumerate() {
+        tollgate::metering::commit_batch(&mut db, batch).unwrap();
+        // Only the first two batches reached the sink before the process died.
+        if i < 2 {
+            a.sink.offer(batch);
+        }
+    }
+    assert!(a.sink.flush(Duration::from_secs(10)).await);
+    assert_eq!(count(&ch, "fill").await, (400, 400));
+    let cfg = dir.path().join("tollgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[analytics]\nbackend = \"clickhouse\"\nurl = \"{}\"\ndatabase = \"fill\"\n",
+            ch.url()
+        ),
+    )
+    .unwrap();
+    let run = || {
+        let out = crate::cli::tollgate(&[
+            "backfill",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+            "--since",
+            "30d",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let first = run();
+    assert!(
+        first.contains("1000 records in the store's range, 600 sent, 400 already there"),
+        "{first}"
+    );
+    let again = run();
+    assert!(again.contains("0 sent, 1000 already there"), "{again}");
+    assert_eq!(count(&ch, "fill").await, (1_000, 1_000));
+    let cost: u64 = recs.iter().map(|r| r.cost_micros).sum();
+    assert_eq!(
+        ch.query("SELECT sum(requests), sum(cost_micros) FROM fill.usage_daily")
+            .await,
+        format!("1000\t{cost}")
+    );
+    for g in ["key", "model", "tag:feature"] {
+        let by: GroupBy = g.parse().unwrap();
+        let since = now - 30 * 86_400_000;
+        assert_eq!(
+            a.clickhouse.usage_report(&by, since, now).await.unwrap(),
+            store
+                .usage_report_from(&by, since, now, ReportSource::Auto)
+                .unwrap(),
+            "{g}"
+        );
+    }
+    // Without ClickHouse in the configuration there is nothing to do, and it says so.
+    std::fs::write(&cfg, "").unwrap();
+    let out = crate::cli::tollgate(&[
+        "backfill",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--since",
+        "1d",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to backfill"));
+}
