@@ -112,12 +112,8 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             threshold,
             target,
         } => return reconcile(provider, since, until, threshold, target).await,
-        Cmd::Migrate {
-            data_dir,
-            store_url,
-            config,
-        } => {
-            let location = tollgate::db::Location::from_config(store_url.as_deref(), &data_dir);
+        Cmd::Migrate { store, config } => {
+            let location = store.location();
             let store = tokio::task::spawn_blocking(move || Store::open_at(&location)).await??;
             println!(
                 "{}: schema at version {}",
@@ -135,8 +131,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             }
         }
         Cmd::Backfill {
-            data_dir,
-            store_url,
+            store,
             config,
             since,
             until,
@@ -154,7 +149,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 .map(|u| tollgate::ops::time_ms("until", &u))
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let location = tollgate::db::Location::from_config(store_url.as_deref(), &data_dir);
+            let location = store.location();
             let store = tokio::task::spawn_blocking(move || Store::open_at(&location)).await??;
             let ch = tollgate::analytics::ClickHouse::new(&cfg.analytics)?;
             ch.migrate().await.map_err(anyhow::Error::msg)?;

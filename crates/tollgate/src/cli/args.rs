@@ -137,17 +137,8 @@ pub(crate) enum Cmd {
     Logs(LogsArgs),
     /// Create or upgrade the store's schema, then exit (`serve` also does this on start).
     Migrate {
-        #[arg(
-            long,
-            env = "TOLLGATE_DATA_DIR",
-            hide_env_values = true,
-            default_value = "./tollgate-data"
-        )]
-        data_dir: PathBuf,
-        /// A PostgreSQL store, e.g. postgres://tollgate:secret@db:5432/tollgate (else SQLite
-        /// in the data directory).
-        #[arg(long, env = "TOLLGATE_STORE_URL", hide_env_values = true)]
-        store_url: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
         /// A configuration whose `[analytics]` names ClickHouse: its schema is migrated too.
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -156,15 +147,8 @@ pub(crate) enum Cmd {
     /// a time range: after a `kill -9` lost the sink's queue, or to load history. Records
     /// ClickHouse has are not sent again; safe to repeat.
     Backfill {
-        #[arg(
-            long,
-            env = "TOLLGATE_DATA_DIR",
-            hide_env_values = true,
-            default_value = "./tollgate-data"
-        )]
-        data_dir: PathBuf,
-        #[arg(long, env = "TOLLGATE_STORE_URL", hide_env_values = true)]
-        store_url: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
         /// The configuration naming ClickHouse.
         #[arg(long, short)]
         config: PathBuf,
@@ -183,6 +167,28 @@ pub(crate) enum Cmd {
         #[arg(long)]
         api_key: Option<String>,
     },
+}
+
+/// Which store a command opens directly (not through a running gateway).
+#[derive(Args)]
+pub struct StoreArgs {
+    #[arg(
+        long,
+        env = "TOLLGATE_DATA_DIR",
+        hide_env_values = true,
+        default_value = "./tollgate-data"
+    )]
+    pub data_dir: PathBuf,
+    /// A PostgreSQL store, e.g. postgres://tollgate:secret@db:5432/tollgate (else SQLite in
+    /// the data directory).
+    #[arg(long, env = "TOLLGATE_STORE_URL", hide_env_values = true)]
+    pub store_url: Option<String>,
+}
+
+impl StoreArgs {
+    pub fn location(&self) -> tollgate::db::Location {
+        tollgate::db::Location::from_config(self.store_url.as_deref(), &self.data_dir)
+    }
 }
 
 #[derive(Args)]

@@ -98,15 +98,22 @@ async fn wait_count(ch: &ClickHouseServer, db: &str, want: u64) -> (u64, u64) {
     last
 }
 
+/// A SQLite store in a fresh directory, and a connection to write records the way the
+/// writer does.
+fn store_in(tag: &str) -> (TempDir, Store, tollgate::db::Db) {
+    let dir = TempDir::new(tag);
+    let location = tollgate::db::Location::Sqlite(dir.path().join("tollgate.db"));
+    let store = Store::open_at(&location).unwrap();
+    let db = location.connect().unwrap();
+    (dir, store, db)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_reports_come_from_the_store_and_from_clickhouse() {
     let Some(ch) = ClickHouseServer::start().await else {
         return;
     };
-    let dir = TempDir::new("ch-reports");
-    let location = tollgate::db::Location::Sqlite(dir.path().join("tollgate.db"));
-    let store = Store::open_at(&location).unwrap();
-    let mut db = location.connect().unwrap();
+    let (dir, store, mut db) = store_in("ch-reports");
     let now = tollgate::clock::now_ms();
     let recs = records(3_000, now);
     let metrics = Arc::new(tollgate::metrics::Metrics::new());
@@ -405,10 +412,7 @@ async fn rollups_missing_rows_are_read_around_then_repaired() {
     let Some(ch) = ClickHouseServer::start().await else {
         return;
     };
-    let dir = TempDir::new("ch-repair");
-    let location = tollgate::db::Location::Sqlite(dir.path().join("tollgate.db"));
-    let store = Store::open_at(&location).unwrap();
-    let mut db = location.connect().unwrap();
+    let (dir, store, mut db) = store_in("ch-repair");
     let now = tollgate::clock::now_ms();
     let recs = records(900, now);
     for batch in recs.chunks(300) {
@@ -520,10 +524,7 @@ async fn backfill_sends_what_clickhouse_lacks_once() {
     let Some(ch) = ClickHouseServer::start().await else {
         return;
     };
-    let dir = TempDir::new("ch-backfill");
-    let location = tollgate::db::Location::Sqlite(dir.path().join("tollgate.db"));
-    let store = Store::open_at(&location).unwrap();
-    let mut db = location.connect().unwrap();
+    let (dir, store, mut db) = store_in("ch-backfill");
     let now = tollgate::clock::now_ms();
     let recs = records(1_000, now);
     let metrics = Arc::new(tollgate::metrics::Metrics::new());
