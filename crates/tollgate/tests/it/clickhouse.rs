@@ -110,9 +110,20 @@ fn store_in(tag: &str) -> (TempDir, Store, tollgate::db::Db) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_reports_come_from_the_store_and_from_clickhouse() {
-    let Some(ch) = ClickHouseServer::start().await else {
-        return;
-    };
+    if let Some(ch) = ClickHouseServer::start().await {
+        same_reports_on(ch).await;
+    }
+}
+
+/// The same on ClickHouse 26.9 (chDB), so the SQL stays what current versions accept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_reports_come_from_current_clickhouse_too() {
+    if let Some(ch) = ClickHouseServer::chdb().await {
+        same_reports_on(ch).await;
+    }
+}
+
+async fn same_reports_on(ch: ClickHouseServer) {
     let (dir, store, mut db) = store_in("ch-reports");
     let now = tollgate::clock::now_ms();
     let recs = records(3_000, now);
@@ -409,9 +420,20 @@ async fn a_full_queue_spills_and_the_spill_is_replayed_while_clickhouse_is_up() 
 /// into them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollups_missing_rows_are_read_around_then_repaired() {
-    let Some(ch) = ClickHouseServer::start().await else {
-        return;
-    };
+    if let Some(ch) = ClickHouseServer::start().await {
+        repair_on(ch).await;
+    }
+}
+
+/// The same on ClickHouse 26.9 (chDB), so the SQL stays what current versions accept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollups_are_read_around_and_repaired_on_current_clickhouse_too() {
+    if let Some(ch) = ClickHouseServer::chdb().await {
+        repair_on(ch).await;
+    }
+}
+
+async fn repair_on(ch: ClickHouseServer) {
     let (dir, store, mut db) = store_in("ch-repair");
     let now = tollgate::clock::now_ms();
     let recs = records(900, now);
@@ -521,9 +543,20 @@ async fn rollups_missing_rows_are_read_around_then_repaired() {
 /// store to ClickHouse, once however often it runs, through the rollups.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_sends_what_clickhouse_lacks_once() {
-    let Some(ch) = ClickHouseServer::start().await else {
-        return;
-    };
+    if let Some(ch) = ClickHouseServer::start().await {
+        backfill_on(ch).await;
+    }
+}
+
+/// The same on ClickHouse 26.9 (chDB), so the SQL stays what current versions accept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_works_on_current_clickhouse_too() {
+    if let Some(ch) = ClickHouseServer::chdb().await {
+        backfill_on(ch).await;
+    }
+}
+
+async fn backfill_on(ch: ClickHouseServer) {
     let (dir, store, mut db) = store_in("ch-backfill");
     let now = tollgate::clock::now_ms();
     let recs = records(1_000, now);

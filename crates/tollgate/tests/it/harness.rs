@@ -497,6 +497,47 @@ impl RedisServer {
 /// long as the value lives; `None` (and a loud line) when the binary is missing, unless
 /// TOLLGATE_REQUIRE_SERVERS=1 makes that a failure. It can be killed and started again on
 /// the same port and data.
+/// An HTTP front for chDB: a statement in the body (POST) or in `?query=` (GET); an insert
+/// (`?query=INSERT ... FORMAT F`, POST) with its rows in the body, read back `FROM INFILE`.
+/// Errors answer 400 with ClickHouse's message, as the server does.
+const CHDB_FRONT: &str = r#"
+import http.server, os, sys, tempfile, urllib.parse
+from chdb import session
+s = session.Session(sys.argv[2])
+class H(http.server.BaseHTTPRequestHandler):
+    def answer(self, sql, rows=None):
+        try:
+            if rows is not None:
+                with tempfile.NamedTemporaryFile(delete=False, suffix=".rows") as f:
+                    f.write(rows)
+                head, fmt = sql.rsplit(" FORMAT ", 1)
+                out = s.query(f"{head} FROM INFILE '{f.name}' FORMAT {fmt}", "TabSeparated")
+                os.unlink(f.name)
+            else:
+                out = s.query(sql, "TabSeparated")
+            data, code = out.bytes(), 200
+        except Exception as e:
+            data, code = str(e).encode(), 400
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    def params(self):
+        return urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
+    def do_GET(self):
+        self.answer(self.params()["query"][0])
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        q = self.params()
+        if "query" in q:
+            self.answer(q["query"][0], body)
+        else:
+            self.answer(body.decode())
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
 pub struct ClickHouseServer {
     pub port: u16,
     tcp_port: u16,
@@ -543,6 +584,46 @@ impl ClickHouseServer {
         .unwrap();
         ch.restart().await;
         Some(ch)
+    }
+
+    /// Current ClickHouse (PyPI's `chdb-core`: the engine in-process) behind `CHDB_FRONT`, a
+    /// small HTTP front speaking what tollgate's client sends, with its own data directory.
+    /// No kill or restart: it is there to run the SQL on a current version.
+    pub async fn chdb() -> Option<ClickHouseServer> {
+        tollgate::server::init_tls();
+        if !crate::clients::have("chdb") {
+            return None;
+        }
+        let dir = TempDir::new("chdb");
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("front.log")).unwrap();
+        let child = std::process::Command::new(crate::clients::python())
+            .args([
+                "-c",
+                CHDB_FRONT,
+                &port.to_string(),
+                &dir.path().join("data").display().to_string(),
+            ])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let ch = ClickHouseServer {
+            port,
+            tcp_port: 0,
+            process: KillOnDrop(Some(child)),
+            dir,
+        };
+        for _ in 0..400 {
+            if let Ok(r) = reqwest::get(format!("{}/?query=SELECT%201", ch.url())).await {
+                if r.status().is_success() {
+                    return Some(ch);
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        let log = std::fs::read_to_string(ch.dir.path().join("front.log")).unwrap_or_default();
+        panic!("the chDB front did not come up: {log}");
     }
 
     /// Starts the server (again) on its ports and data, and waits until it answers.
