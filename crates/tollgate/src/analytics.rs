@@ -666,16 +666,26 @@ impl ClickHouse {
 
     /// Inserts what of `chunk` ClickHouse does not have yet: safe to repeat.
     async fn insert_once(&self, chunk: &Chunk) -> Result<usize, String> {
-        let present = self.present(chunk).await?;
+        let (sent, present) = self.insert_missing(chunk).await?;
         if !present.is_empty() {
             // They landed in an insert whose answer never came: the rows are in `usage`,
             // but the views that feed the rollups may not have run.
             let hours = chunk.hours_of(&present);
             self.note_suspects(&hours).await?;
         }
+        Ok(sent)
+    }
+
+    /// Inserts the rows of `chunk` whose ids ClickHouse lacks; returns how many, and the
+    /// ids it had.
+    async fn insert_missing(
+        &self,
+        chunk: &Chunk,
+    ) -> Result<(usize, std::collections::HashSet<String>), String> {
+        let present = self.present(chunk).await?;
         let rest = chunk.without(&present);
         self.insert(&rest).await?;
-        Ok(rest.len())
+        Ok((rest.len(), present))
     }
 
     /// Sends ClickHouse the store's records of `[since, until)` it lacks, asking first as a
@@ -705,25 +715,12 @@ impl ClickHouse {
             };
             before = Some((last.ts_ms, last.id.clone()));
             read += page.len() as u64;
-            let chunk = Chunk::of(&page);
-            let present = self.present(&chunk).await?;
-            let rest = chunk.without(&present);
-            self.insert(&rest).await?;
-            inserted += rest.len() as u64;
+            inserted += self.insert_missing(&Chunk::of(&page)).await?.0 as u64;
         }
     }
 
     async fn note_suspects(&self, hours: &std::collections::BTreeSet<i64>) -> Result<(), String> {
-        let now = crate::clock::now_ms();
-        let values = hours
-            .iter()
-            .map(|h| format!("({h}, {now})"))
-            .collect::<Vec<_>>()
-            .join(",");
-        self.exec(&format!(
-            "INSERT INTO {{db}}.rollup_suspects VALUES {values}"
-        ))
-        .await?;
+        self.note_hours("rollup_suspects", hours.iter()).await?;
         let mut s = self.suspects.write().unwrap_or_else(|p| p.into_inner());
         s.extend(hours.iter().copied());
         tracing::warn!(
@@ -731,6 +728,22 @@ impl ClickHouse {
             "rows of an insert that failed are in clickhouse; their rollups are read from usage until repaired"
         );
         Ok(())
+    }
+
+    /// `(hour_ms, now)` rows into `table` (`rollup_suspects` or `rollup_repaired`).
+    async fn note_hours(
+        &self,
+        table: &str,
+        hours: impl Iterator<Item = &i64>,
+    ) -> Result<(), String> {
+        let now = crate::clock::now_ms();
+        let values = hours
+            .map(|h| format!("({h}, {now})"))
+            .collect::<Vec<_>>()
+            .join(",");
+        self.exec(&format!("INSERT INTO {{db}}.{table} VALUES {values}"))
+            .await
+            .map(|_| ())
     }
 
     /// Repairs the rollups of suspect hours whose day ended more than `REPAIR_AFTER_MS`
@@ -778,16 +791,7 @@ impl ClickHouse {
         if due.is_empty() {
             return Ok(0);
         }
-        let now = crate::clock::now_ms();
-        let values = due
-            .iter()
-            .map(|h| format!("({h}, {now})"))
-            .collect::<Vec<_>>()
-            .join(",");
-        self.exec(&format!(
-            "INSERT INTO {{db}}.rollup_repaired VALUES {values}"
-        ))
-        .await?;
+        self.note_hours("rollup_repaired", due.iter()).await?;
         let mut s = self.suspects.write().unwrap_or_else(|p| p.into_inner());
         for h in &due {
             s.remove(h);
@@ -796,9 +800,9 @@ impl ClickHouse {
         Ok(due.len())
     }
 
-    /// The usage report `Store::usage_report_from` gives, from ClickHouse: whole UTC days from
-    /// `usage_daily`, the partial days around them from `usage`. `None`: this grouping is not
-    /// answered here (the store answers it).
+    /// The usage report `Store::usage_report_from` gives, from ClickHouse, read where `plan`
+    /// says: whole UTC days from `usage_daily`, other hours from `usage_hourly`, and from
+    /// `usage` what the rollups may not hold (and every grouping they do not carry).
     pub async fn usage_report(
         &self,
         by: &GroupBy,

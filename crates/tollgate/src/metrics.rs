@@ -218,13 +218,12 @@ impl GenAi {
 
     fn model_label(&self, model: &str) -> String {
         let mut seen = self.models.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.contains(model) {
-            return model.to_string();
+        if !seen.contains(model) {
+            if seen.len() >= MAX_MODEL_LABELS {
+                return "_other".into();
+            }
+            seen.insert(model.to_string());
         }
-        if seen.len() >= MAX_MODEL_LABELS {
-            return "_other".into();
-        }
-        seen.insert(model.to_string());
         model.to_string()
     }
 

@@ -103,9 +103,7 @@ async fn call(
         request_id,
         started,
     );
-    if let Some(t) = &app.meter.tracer {
-        settle.rec.trace.0 = Some(t.begin(&parts.headers));
-    }
+    settle.begin_trace(&parts.headers);
     match forward(app, route, parts, body, &key, &mut settle, &runtime).await {
         Ok((status, headers, upstream)) => {
             let body = CountingBody {

@@ -8,8 +8,8 @@
 //! where the record is committed (`Meter::record`), however the request ended: an answer, a
 //! refusal, a stream cut short, a client that went away.
 
+pub use crate::clock::now_ns;
 use http::{HeaderMap, HeaderValue};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 #[cfg(feature = "otel")]
 mod export;
@@ -30,6 +30,7 @@ pub struct Parent {
     pub sampled: bool,
 }
 
+/// Lower-case hex only: trace context refuses upper case, which `hex::decode` accepts.
 fn hex_digit(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
@@ -96,12 +97,6 @@ pub fn tracestate(headers: &HeaderMap) -> Option<&HeaderValue> {
     let mut all = headers.get_all("tracestate").iter();
     let v = all.next()?;
     (all.next().is_none() && v.len() <= MAX_TRACESTATE && v.to_str().is_ok()).then_some(v)
-}
-
-pub fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn random_span_id() -> SpanId {

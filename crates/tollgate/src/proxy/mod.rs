@@ -114,9 +114,7 @@ async fn handle(app: Arc<AppState>, endpoint: Endpoint, req: Request) -> Respons
         &request_id,
         started,
     );
-    if let Some(t) = &app.meter.tracer {
-        settle.rec.trace.0 = Some(t.begin(&parts.headers));
-    }
+    settle.begin_trace(&parts.headers);
 
     let mut response = match run(&app, endpoint, &parts.headers, body, &key, &mut settle).await {
         Ok(resp) => resp,

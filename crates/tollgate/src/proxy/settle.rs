@@ -367,6 +367,13 @@ impl Settlement {
         }
     }
 
+    /// Starts the request's trace when `[otel]` exports them: the caller's context, or a new one.
+    pub(crate) fn begin_trace(&mut self, headers: &HeaderMap) {
+        if let Some(t) = &self.app.meter.tracer {
+            self.rec.trace.0 = Some(t.begin(headers));
+        }
+    }
+
     pub(crate) fn rec_mut(&mut self) -> &mut UsageRecord {
         &mut self.rec
     }
