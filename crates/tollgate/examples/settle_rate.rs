@@ -68,7 +68,7 @@ fn main() {
     }
     let hold_secs = started.elapsed().as_secs_f64();
     let records_only = std::env::var("SETTLE_RATE_RECORDS_ONLY").is_ok_and(|v| v == "1");
-    let records: Vec<UsageRecord> = ids
+    let mut records: Vec<UsageRecord> = ids
         .iter()
         .map(|id| UsageRecord {
             id: id.clone(),
@@ -91,7 +91,7 @@ fn main() {
         })
         .collect();
     let started = Instant::now();
-    for batch in records.chunks(chunk) {
+    for batch in records.chunks_mut(chunk) {
         tollgate::metering::commit_batch(&mut db, batch).expect("settle");
     }
     let settle_secs = started.elapsed().as_secs_f64();

@@ -525,6 +525,79 @@ async fn run_caps_h(
     Ok(Json(r).into_response())
 }
 
+/// ClickHouse, when it is configured and holds every record the store does (the sink's
+/// queue sent, nothing spilled): reads go there, else to the store.
+async fn clickhouse_caught_up(app: &AppState) -> Option<Arc<crate::analytics::ClickHouse>> {
+    let a = app.analytics.as_ref()?;
+    if a.sink.caught_up(std::time::Duration::from_secs(5)).await {
+        Some(a.clickhouse.clone())
+    } else {
+        tracing::info!("clickhouse is behind the store (queue or spill); answering from the store");
+        None
+    }
+}
+
+/// The ROI report from ClickHouse: outcomes and spend from there, the run trees (envelopes,
+/// money) from the store.
+async fn roi_from_clickhouse(
+    app: &Arc<AppState>,
+    ch: &crate::analytics::ClickHouse,
+    by: &str,
+    since: Option<&str>,
+) -> Result<Vec<crate::ops::RoiRow>, String> {
+    let since_ms = crate::ops::since_ms(since).map_err(|e| e.to_string())?;
+    let outcomes = ch.outcomes_since(since_ms).await?;
+    let mut roots: Vec<String> = outcomes
+        .iter()
+        .filter(|o| o.request_id.is_none())
+        .filter_map(|o| o.run_id.clone())
+        .collect();
+    roots.sort();
+    roots.dedup();
+    let trees = blocking(app, move |a| Ok(a.store.run_trees(&roots)?))
+        .await
+        .map_err(|e| e.message.to_string())?;
+    let spends = ch.outcome_spends(&outcomes, &trees, since_ms).await?;
+    let total: u64 = ch
+        .usage_report(
+            &crate::store::GroupBy::Endpoint,
+            since_ms,
+            crate::clock::now_ms(),
+        )
+        .await?
+        .iter()
+        .map(|r| r.cost_micros)
+        .sum();
+    Ok(crate::ops::roi_rows(by, outcomes, &spends, total))
+}
+
+/// The ROI report, from ClickHouse when it can answer, with where it came from.
+async fn roi_answer(
+    app: &Arc<AppState>,
+    by: String,
+    since: Option<String>,
+) -> Result<(Vec<crate::ops::RoiRow>, &'static str), ApiError> {
+    crate::ops::roi_by(&by)?;
+    if let Some(ch) = clickhouse_caught_up(app).await {
+        match roi_from_clickhouse(app, &ch, &by, since.as_deref()).await {
+            Ok(rows) => return Ok((rows, "clickhouse")),
+            Err(e) => {
+                tracing::warn!(error = %e, "roi report from clickhouse failed; answering from the store")
+            }
+        }
+    }
+    let rows = blocking(app, move |a| roi_report(&a.store, &by, since.as_deref())).await?;
+    Ok((rows, "store"))
+}
+
+fn with_source(mut resp: Response, source: &'static str) -> Response {
+    resp.headers_mut().insert(
+        "x-tollgate-report-source",
+        axum::http::HeaderValue::from_static(source),
+    );
+    resp
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UsageQuery {
@@ -543,11 +616,8 @@ async fn usage_h(
     app.meter.flush().await;
     if q.by.as_deref() == Some("outcome") {
         // Spend by what it bought: the ROI report by outcome type.
-        let rows = blocking(&app, move |a| {
-            crate::ops::roi_report(&a.store, "type", q.since.as_deref())
-        })
-        .await?;
-        return Ok(Json(rows).into_response());
+        let (rows, source) = roi_answer(&app, "type".into(), q.since.clone()).await?;
+        return Ok(with_source(Json(rows).into_response(), source));
     }
     if q.by.as_deref() == Some("saver") {
         let rows = blocking(&app, move |a| {
@@ -566,7 +636,11 @@ async fn usage_h(
     // holds every record ClickHouse does).
     let mut source = "store";
     let mut rows = None;
-    if let (Some(a), None | Some("auto" | "rollups")) = (&app.analytics, q.source.as_deref()) {
+    let ch = match q.source.as_deref() {
+        None | Some("auto" | "rollups") => clickhouse_caught_up(&app).await,
+        _ => None,
+    };
+    if let Some(ch) = ch {
         let by: crate::store::GroupBy =
             q.by.as_deref()
                 .unwrap_or("model")
@@ -574,11 +648,7 @@ async fn usage_h(
                 .map_err(|e: String| ApiError::new(ErrorKind::BadRequest, e))?;
         let since = crate::ops::since_ms(q.since.as_deref())
             .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?;
-        match a
-            .clickhouse
-            .usage_report(&by, since, crate::clock::now_ms())
-            .await
-        {
+        match ch.usage_report(&by, since, crate::clock::now_ms()).await {
             Ok(r) => {
                 rows = Some(r);
                 source = "clickhouse";
@@ -627,8 +697,23 @@ async fn records_h(
     // Read-your-writes for operators and tests: whatever was queued is committed first.
     app.meter.flush().await;
     let limit = filter.limit;
-    let rows: Vec<UsageRecord> =
-        blocking(&app, move |a| Ok(a.store.find_records(&filter)?)).await?;
+    let mut source = "store";
+    let mut found = None;
+    if let Some(ch) = clickhouse_caught_up(&app).await {
+        match ch.find_records(&filter).await {
+            Ok(rows) => {
+                found = Some(rows);
+                source = "clickhouse";
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "request log from clickhouse failed; answering from the store")
+            }
+        }
+    }
+    let rows: Vec<UsageRecord> = match found {
+        Some(rows) => rows,
+        None => blocking(&app, move |a| Ok(a.store.find_records(&filter)?)).await?,
+    };
     let cursor = next_cursor(&rows, limit);
     // Each record with why it ended, in words.
     let rows: Vec<serde_json::Value> = rows
@@ -639,7 +724,7 @@ async fn records_h(
             v
         })
         .collect();
-    let mut resp = Json(rows).into_response();
+    let mut resp = with_source(Json(rows).into_response(), source);
     if let Some(v) = cursor.and_then(|c| axum::http::HeaderValue::from_str(&c).ok()) {
         resp.headers_mut().insert("x-tollgate-next-cursor", v);
     }
@@ -697,6 +782,9 @@ pub async fn outcomes_h(
     // The outcome may name a request that finished a moment ago: its record first.
     app.meter.flush().await;
     let (created, o) = blocking(&app, move |a| record_outcome(&a.store, &key, req)).await?;
+    if let (true, Some(a)) = (created, &app.analytics) {
+        a.sink.offer_outcome(&o);
+    }
     let status = if created {
         http::StatusCode::CREATED
     } else {
@@ -719,15 +807,9 @@ async fn roi_h(
 ) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
     app.meter.flush().await;
-    let rows = blocking(&app, move |a| {
-        roi_report(
-            &a.store,
-            q.by.as_deref().unwrap_or("agent"),
-            q.since.as_deref(),
-        )
-    })
-    .await?;
-    Ok(Json(rows).into_response())
+    let by = q.by.unwrap_or_else(|| "agent".into());
+    let (rows, source) = roi_answer(&app, by, q.since).await?;
+    Ok(with_source(Json(rows).into_response(), source))
 }
 
 /// Tokens and USD saved, by saver or by a usage dimension (`ops::savings_report`).

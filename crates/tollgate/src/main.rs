@@ -158,7 +158,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 .await
                 .map_err(anyhow::Error::msg)?;
             println!(
-                "clickhouse {}: {read} records in the store's range, {inserted} sent, {} already there",
+                "clickhouse {}: {read} rows in the store's range (records, their captures, outcomes), {inserted} sent, {} already there",
                 ch.database(),
                 read - inserted
             );

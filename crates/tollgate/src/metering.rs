@@ -428,7 +428,7 @@ fn run_writer(
         let chunk = p.chunk(batch_max);
         while !p.batch.is_empty() {
             let end = chunk.min(p.batch.len());
-            if write_with_retry(&mut conn, &p.batch[..end], &metrics, acks.as_ref()) {
+            if write_with_retry(&mut conn, &mut p.batch[..end], &metrics, acks.as_ref()) {
                 // Only what the store has: analytics never count a record the ledger lacks.
                 if let Some(sink) = &sink {
                     sink.offer(&p.batch[..end]);
@@ -737,7 +737,7 @@ impl Meter {
 
 fn write_with_retry(
     conn: &mut Db,
-    batch: &[UsageRecord],
+    batch: &mut [UsageRecord],
     metrics: &Metrics,
     acks: Option<&mpsc::UnboundedSender<crate::hotwallet::Ack>>,
 ) -> bool {
@@ -780,7 +780,7 @@ fn write_with_retry(
 /// learn once the batch is committed.
 pub fn commit_batch(
     db: &mut Db,
-    batch: &[UsageRecord],
+    batch: &mut [UsageRecord],
 ) -> Result<Vec<crate::hotwallet::Ack>, store::StoreError> {
     let now = crate::clock::now_ms();
     db.write(|tx| {
@@ -800,8 +800,9 @@ pub fn commit_batch(
             })
             .collect();
         let mut settled_all = crate::wallet::settle_group(tx, &settles, now)?.into_iter();
-        for u in batch {
+        for u in batch.iter_mut() {
             let mut shortfall = 0;
+            u.captured_micros = None;
             if let Some(w) = &u.wallet_id {
                 let settled = settled_all.next().flatten();
                 if u.hot_hold_micros.is_some() {
@@ -819,6 +820,7 @@ pub fn commit_batch(
                 }
                 if let Some(s) = settled {
                     shortfall = s.shortfall_micros as u64;
+                    u.captured_micros = Some(s.captured_micros);
                     if let Some((wallet, balance)) = s.low_balance {
                         crate::outbox::enqueue(
                             tx,
@@ -841,6 +843,7 @@ pub fn commit_batch(
                     crate::outbox::enqueue_crossing(tx, &c, now)?;
                 }
             }
+            u.shortfall_micros = shortfall;
             shortfalls.push(shortfall);
             crate::audit::append_decisions(tx, &u.key_id, &u.id, &u.policy, now)?;
             crate::audit::append_redactions(tx, &u.key_id, &u.id, &u.redactions, now)?;

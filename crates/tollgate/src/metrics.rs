@@ -401,31 +401,31 @@ impl Metrics {
         let analytics_lag_seconds = reg(
             &mut registry,
             "analytics_lag_seconds",
-            "Age of the oldest usage record the ClickHouse sink holds",
+            "Age of the oldest row the ClickHouse sink holds",
             Gauge::<f64, std::sync::atomic::AtomicU64>::default(),
         );
         let analytics_records_sent = reg(
             &mut registry,
             "analytics_records_sent",
-            "Usage records inserted into ClickHouse",
+            "Analytics rows (usage, captures, outcomes) inserted into ClickHouse",
             Counter::default(),
         );
         let analytics_records_spilled = reg(
             &mut registry,
             "analytics_records_spilled",
-            "Usage records written to the spill file because ClickHouse failed or the queue was full",
+            "Analytics rows (usage, captures, outcomes) written to the spill file because ClickHouse failed or the queue was full",
             Counter::default(),
         );
         let analytics_records_replayed = reg(
             &mut registry,
             "analytics_records_replayed",
-            "Spilled usage records inserted into ClickHouse once it answered again",
+            "Spilled analytics rows inserted into ClickHouse once it answered again",
             Counter::default(),
         );
         let analytics_records_dropped = reg(
             &mut registry,
             "analytics_records_dropped",
-            "Usage records not sent to ClickHouse because the spill file was full (they are in the store)",
+            "Analytics rows not sent to ClickHouse because the spill file was full (they are in the store)",
             Counter::default(),
         );
         let cache_redis_errors = reg(

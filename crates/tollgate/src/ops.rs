@@ -987,13 +987,40 @@ pub struct RoiRow {
 /// Cost per outcome and per successful outcome since `since`, by agent, team, project, model
 /// or type, and a last row `(no outcome)` with the spend no outcome accounts for.
 pub fn roi_report(store: &Store, by: &str, since: Option<&str>) -> Result<Vec<RoiRow>, AdminError> {
+    roi_by(by)?;
+    let since_ms = since_ms(since)?;
+    let spends = store.outcome_spends(since_ms)?;
+    let total: u64 = store
+        .usage_report(&GroupBy::Endpoint, since_ms)?
+        .iter()
+        .map(|r| r.cost_micros)
+        .sum();
+    Ok(roi_rows(
+        by,
+        store.outcomes_since(since_ms)?,
+        &spends,
+        total,
+    ))
+}
+
+/// Refuses a grouping the ROI report does not have.
+pub fn roi_by(by: &str) -> Result<(), AdminError> {
     if !["agent", "team", "project", "model", "type"].contains(&by) {
         return Err(AdminError::Invalid(format!(
             "cannot group outcomes by \"{by}\": use agent, team, project, model or type"
         )));
     }
-    let since_ms = since_ms(since)?;
-    let spends = store.outcome_spends(since_ms)?;
+    Ok(())
+}
+
+/// The ROI report's rows from its parts, wherever they were read: the outcomes, the spend
+/// each is set against (`Store::outcome_spends`), and all spend in the window.
+pub fn roi_rows(
+    by: &str,
+    outcomes: Vec<crate::store::Outcome>,
+    spends: &BTreeMap<String, crate::store::ModelSpend>,
+    total: u64,
+) -> Vec<RoiRow> {
     #[derive(Default)]
     struct Acc {
         outcomes: u64,
@@ -1003,7 +1030,7 @@ pub fn roi_report(store: &Store, by: &str, since: Option<&str>) -> Result<Vec<Ro
     }
     let mut groups: BTreeMap<String, Acc> = BTreeMap::new();
     let mut attributed: BTreeMap<String, u64> = BTreeMap::new();
-    for o in store.outcomes_since(since_ms)? {
+    for o in outcomes {
         let target = match (&o.request_id, &o.run_id) {
             (Some(r), _) => format!("req:{r}"),
             (None, Some(r)) => format!("run:{r}"),
@@ -1052,11 +1079,6 @@ pub fn roi_report(store: &Store, by: &str, since: Option<&str>) -> Result<Vec<Ro
             .cmp(&a.spend_micros)
             .then(a.group.cmp(&b.group))
     });
-    let total: u64 = store
-        .usage_report(&GroupBy::Endpoint, since_ms)?
-        .iter()
-        .map(|r| r.cost_micros)
-        .sum();
     rows.push(RoiRow {
         group: "(no outcome)".into(),
         outcomes: 0,
@@ -1067,7 +1089,7 @@ pub fn roi_report(store: &Store, by: &str, since: Option<&str>) -> Result<Vec<Ro
         value_micros: 0,
         value_per_cost: None,
     });
-    Ok(rows)
+    rows
 }
 
 /// `export focus`: FOCUS rows for charges in the window, as CSV or JSON lines.

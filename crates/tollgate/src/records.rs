@@ -207,6 +207,10 @@ pub struct UsageRecord {
     /// The request reserved in envelopes (its run, budgets), settled with this record.
     #[serde(skip)]
     pub enveloped: bool,
+    /// What its settle captured from the wallet (`commit_batch` sets it, with
+    /// `shortfall_micros`): the ledger's `capture` entry, for analytics.
+    #[serde(skip)]
+    pub captured_micros: Option<i64>,
     /// The request's trace (`otel`), ended and exported when the record is committed.
     #[serde(skip)]
     pub trace: crate::otel::TraceSlot,

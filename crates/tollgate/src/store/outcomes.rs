@@ -177,4 +177,64 @@ impl Store {
             Ok(spends)
         })
     }
+
+    /// Each run under each of `roots` at any depth, the root included, as (root, run):
+    /// what a run's outcome is set against when its spend is summed elsewhere (ClickHouse).
+    pub fn run_trees(&self, roots: &[String]) -> Result<Vec<(String, String)>> {
+        let rows = self.rows_in(
+            roots,
+            |list| {
+                format!(
+                    "WITH RECURSIVE tree(root, id) AS (
+                    SELECT column1, CAST('run:' || column1 AS TEXT) FROM (VALUES {list}) AS v
+                    UNION ALL
+                    SELECT t.root, e.id FROM envelopes e JOIN tree t ON e.parent = t.id
+                 )
+                 SELECT DISTINCT root, substr(id, 5) FROM tree ORDER BY 1, 2"
+                )
+            },
+            "(CAST(?{} AS TEXT))",
+        )?;
+        rows.iter()
+            .map(|r| Ok((r.get::<String>(0)?, r.get::<String>(1)?)))
+            .collect()
+    }
+
+    /// What the ledger captured for each of `request_ids` that has a capture.
+    pub fn captures(&self, request_ids: &[&str]) -> Result<BTreeMap<String, i64>> {
+        let rows = self.rows_in(
+            request_ids,
+            |list| {
+                format!(
+                    "SELECT request_id, -amount_micros FROM ledger
+                 WHERE kind = 'capture' AND request_id IN ({list})"
+                )
+            },
+            "?{}",
+        )?;
+        rows.iter()
+            .map(|r| Ok((r.get::<String>(0)?, r.get::<i64>(1)?)))
+            .collect()
+    }
+
+    /// `sql(list)` for each 500 of `values`, `list` being `each` (with `{}` for the
+    /// parameter's number) once per value, joined by commas; the rows of all of them.
+    fn rows_in<P: crate::db::Param>(
+        &self,
+        values: &[P],
+        sql: impl Fn(&str) -> String,
+        each: &str,
+    ) -> Result<Vec<Row>> {
+        let mut out = Vec::new();
+        for part in values.chunks(500) {
+            let list = (1..=part.len())
+                .map(|i| each.replace("{}", &i.to_string()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let params: Vec<&dyn crate::db::Param> =
+                part.iter().map(|r| r as &dyn crate::db::Param).collect();
+            out.extend(self.with(|db| Ok(db.rows(&sql(&list), &params)?))?);
+        }
+        Ok(out)
+    }
 }

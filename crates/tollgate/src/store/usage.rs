@@ -493,6 +493,7 @@ fn usage_from_row(r: &Row) -> Result<UsageRecord> {
         trace: Default::default(),
         genai_provider: None,
         hot_hold_micros: None,
+        captured_micros: None,
         policy: Vec::new(),
         redactions: Vec::new(),
     })

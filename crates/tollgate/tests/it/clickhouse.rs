@@ -126,13 +126,13 @@ async fn the_same_reports_come_from_current_clickhouse_too() {
 async fn same_reports_on(ch: ClickHouseServer) {
     let (dir, store, mut db) = store_in("ch-reports");
     let now = tollgate::clock::now_ms();
-    let recs = records(3_000, now);
+    let mut recs = records(3_000, now);
     let metrics = Arc::new(tollgate::metrics::Metrics::new());
     let a = Analytics::start(&analytics_config(&ch.url(), "reports"), dir.path(), metrics)
         .await
         .unwrap();
     // As the writer does: each committed batch is offered to the sink.
-    for batch in recs.chunks(250) {
+    for batch in recs.chunks_mut(250) {
         tollgate::metering::commit_batch(&mut db, batch).unwrap();
         a.sink.offer(batch);
     }
@@ -217,7 +217,7 @@ async fn same_reports_on(ch: ClickHouseServer) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("clickhouse cli: schema at version 7"),
+        text.contains("clickhouse cli: schema at version 10"),
         "{text}"
     );
     assert_eq!(ch.query("EXISTS TABLE cli.usage_daily").await, "1");
@@ -257,9 +257,15 @@ async fn a_spill_is_replayed_once_even_when_replayed_twice() {
     }
     assert!(down.sink.flush(Duration::from_secs(10)).await);
     drop(down);
-    let spill = dir.path().join("analytics").join("spill.jsonl");
+    let spill = dir.path().join("analytics").join("spill.bin");
     let kept = std::fs::read(&spill).unwrap();
-    assert_eq!(kept.iter().filter(|b| **b == b'\n').count(), 1_200);
+    assert!(
+        metrics
+            .encode()
+            .contains("tollgate_analytics_records_spilled_total 1200"),
+        "{}",
+        metrics.encode()
+    );
 
     // ClickHouse is there now: the spill is replayed on start.
     let cfg = analytics_config(&ch.url(), "spill");
@@ -268,7 +274,7 @@ async fn a_spill_is_replayed_once_even_when_replayed_twice() {
         .unwrap();
     assert_eq!(wait_count(&ch, "spill", 1_200).await, (1_200, 1_200));
     for _ in 0..100 {
-        if !spill.exists() && !dir.path().join("analytics/replay.jsonl").exists() {
+        if !spill.exists() && !dir.path().join("analytics/replay.bin").exists() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -277,12 +283,12 @@ async fn a_spill_is_replayed_once_even_when_replayed_twice() {
     drop(up);
 
     // The same file again, as if the process died before removing it: nothing doubles.
-    std::fs::write(dir.path().join("analytics/replay.jsonl"), &kept).unwrap();
+    std::fs::write(dir.path().join("analytics/replay.bin"), &kept).unwrap();
     let again = Analytics::start(&cfg, dir.path(), metrics.clone())
         .await
         .unwrap();
     for _ in 0..100 {
-        if !dir.path().join("analytics/replay.jsonl").exists() {
+        if !dir.path().join("analytics/replay.bin").exists() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -293,6 +299,47 @@ async fn a_spill_is_replayed_once_even_when_replayed_twice() {
         .query("SELECT sum(requests) FROM spill.usage_daily")
         .await;
     assert_eq!(daily, "1200", "the rollup counted each record once");
+    drop(again);
+
+    // A spill file of version 7 (TabSeparated lines), left by an older tollgate: replayed
+    // once, its rows already there (the first) left alone.
+    let line = |id: &str, ts: i64, day: String| {
+        format!(
+            "{id}\t{ts}\t{day}\tchat\tkeyL\tleg\\tacy\tteamL\tdefault\t\tm\tm\tm\tup\t200\t0\t\t-\t['a']\t['b\\'c']\t1\t0\t2\t0\t0\t777\t0\t5\t0\t0\t\tprovider\t\t\n"
+        )
+    };
+    let day = |ts: i64| {
+        let ch = &ch;
+        async move {
+            ch.query(&format!("SELECT toDate({})", ts / 86_400_000))
+                .await
+        }
+    };
+    let (old_ts, new_ts) = (recs[0].ts_ms, 1_764_000_000_000i64);
+    let legacy = format!(
+        "{}{}{}",
+        line(&recs[0].id, old_ts, day(old_ts).await),
+        line("req_legacy", new_ts, day(new_ts).await),
+        "req_cut\t1"
+    );
+    std::fs::write(dir.path().join("analytics/replay.jsonl"), legacy).unwrap();
+    let legacy_up = Analytics::start(&cfg, dir.path(), metrics.clone())
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        if !dir.path().join("analytics/replay.jsonl").exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(legacy_up.sink.flush(Duration::from_secs(10)).await);
+    assert!(!dir.path().join("analytics/replay.jsonl").exists());
+    assert_eq!(count(&ch, "spill").await, (1_201, 1_201));
+    assert_eq!(
+        ch.query("SELECT agent, cost_micros, tag_values FROM spill.usage WHERE id = 'req_legacy'")
+            .await,
+        "leg\\tacy\t777\t['b\\'c']"
+    );
 }
 
 /// A gateway writing to ClickHouse while ClickHouse is killed and started again: every
@@ -436,8 +483,8 @@ async fn rollups_are_read_around_and_repaired_on_current_clickhouse_too() {
 async fn repair_on(ch: ClickHouseServer) {
     let (dir, store, mut db) = store_in("ch-repair");
     let now = tollgate::clock::now_ms();
-    let recs = records(900, now);
-    for batch in recs.chunks(300) {
+    let mut recs = records(900, now);
+    for batch in recs.chunks_mut(300) {
         tollgate::metering::commit_batch(&mut db, batch).unwrap();
     }
     // The rows as the sink spills them, from a sink that cannot reach ClickHouse.
@@ -454,7 +501,7 @@ async fn repair_on(ch: ClickHouseServer) {
     down.sink.offer(&recs);
     assert!(down.sink.flush(Duration::from_secs(10)).await);
     drop(down);
-    let lines = std::fs::read(spilled.path().join("analytics/spill.jsonl")).unwrap_or_else(|e| {
+    let lines = std::fs::read(spilled.path().join("analytics/spill.bin")).unwrap_or_else(|e| {
         panic!(
             "{e}: {:?} {}",
             std::fs::read_dir(spilled.path().join("analytics"))
@@ -490,12 +537,12 @@ async fn repair_on(ch: ClickHouseServer) {
     // As after a crash: the same rows replayed. They are there, so nothing is inserted,
     // and their hours become suspect.
     std::fs::create_dir_all(dir.path().join("analytics")).unwrap();
-    std::fs::write(dir.path().join("analytics/replay.jsonl"), &lines).unwrap();
+    std::fs::write(dir.path().join("analytics/replay.bin"), &lines).unwrap();
     let a = Analytics::start(&cfg, dir.path(), metrics.clone())
         .await
         .unwrap();
     for _ in 0..100 {
-        if !dir.path().join("analytics/replay.jsonl").exists() {
+        if !dir.path().join("analytics/replay.bin").exists() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -559,12 +606,12 @@ async fn backfill_works_on_current_clickhouse_too() {
 async fn backfill_on(ch: ClickHouseServer) {
     let (dir, store, mut db) = store_in("ch-backfill");
     let now = tollgate::clock::now_ms();
-    let recs = records(1_000, now);
+    let mut recs = records(1_000, now);
     let metrics = Arc::new(tollgate::metrics::Metrics::new());
     let a = Analytics::start(&analytics_config(&ch.url(), "fill"), dir.path(), metrics)
         .await
         .unwrap();
-    for (i, batch) in recs.chunks(200).enumerate() {
+    for (i, batch) in recs.chunks_mut(200).enumerate() {
         tollgate::metering::commit_batch(&mut db, batch).unwrap();
         // Only the first two batches reached the sink before the process died.
         if i < 2 {
@@ -602,7 +649,7 @@ async fn backfill_on(ch: ClickHouseServer) {
     };
     let first = run();
     assert!(
-        first.contains("1000 records in the store's range, 600 sent, 400 already there"),
+        first.contains("1000 rows in the store's range (records, their captures, outcomes), 600 sent, 400 already there"),
         "{first}"
     );
     let again = run();
@@ -638,4 +685,314 @@ async fn backfill_on(ch: ClickHouseServer) {
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to backfill"));
+}
+
+/// A gateway with ClickHouse: paid requests in runs and sub-runs, a stream, a refusal, other
+/// agents' spend, outcomes. The request log (filters, pages) and the ROI report answer from
+/// ClickHouse with exactly what the store answers; ClickHouse holds every capture the
+/// ledger made and every outcome once; `tollgate backfill` fills an empty database with the
+/// same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_and_roi_come_from_clickhouse_as_from_the_store() {
+    let Some(ch) = ClickHouseServer::start().await else {
+        return;
+    };
+    log_and_roi_on(&TestStore::Sqlite, &ch).await;
+}
+
+/// The same with the store in PostgreSQL (the run trees are read from there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_and_roi_come_from_clickhouse_as_from_postgres() {
+    let (Some(ch), Some(pg)) = (ClickHouseServer::start().await, PgServer::start().await) else {
+        return;
+    };
+    log_and_roi_on(&TestStore::Postgres(pg.database("chlog").await), &ch).await;
+}
+
+async fn log_and_roi_on(store_kind: &TestStore, ch: &ClickHouseServer) {
+    let analytics = format!(
+        "[analytics]\nbackend = \"clickhouse\"\nurl = \"{}\"\ndatabase = \"logs\"\nbatch_max = 50\nflush_interval = \"50ms\"\n",
+        ch.url()
+    );
+    let gw = TestGateway::start(
+        &store_kind.config(&format!("{analytics}[loop_guard]\nenabled = false\n")),
+    )
+    .await;
+    let (solver, _) = gw
+        .create_key(json!({"name": "sol'ver", "team": "support", "tags": {"tier": "gold"}}))
+        .await;
+    let (idle, _) = gw.create_key(json!({"name": "idle"})).await;
+    let wallet = gw.wallet("team:support", "1.00").await;
+    let call = |key: String, run: Option<(&'static str, Option<&'static str>)>, body: Value| {
+        let gw = &gw;
+        async move {
+            let mut r = gw
+                .client
+                .post(format!("{}/v1/chat/completions", gw.url))
+                .bearer_auth(&key)
+                .json(&body);
+            if let Some((run, parent)) = run {
+                r = r.header("x-tollgate-run", run);
+                if let Some(p) = parent {
+                    r = r.header("x-tollgate-parent-run", p);
+                }
+            }
+            let r = r.send().await.unwrap();
+            let status = r.status().as_u16();
+            let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+            let _ = r.bytes().await;
+            (status, id)
+        }
+    };
+    let chat = |text: &str| json!({"model": "mock", "messages": user(text)});
+    for (i, run) in [
+        Some(("t1", None)),
+        Some(("t1", None)),
+        Some(("t1a", Some("t1"))),
+        Some(("t2", None)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert_eq!(
+            call(solver.clone(), run, chat(&format!("run {i}"))).await.0,
+            200
+        );
+    }
+    let (_, lone) = call(solver.clone(), None, chat("lone")).await;
+    let stream = json!({"model": "mock", "stream": true, "messages": user("a stream")});
+    assert_eq!(
+        call(solver.clone(), Some(("t2", None)), stream).await.0,
+        200
+    );
+    let (refused, _) = call(solver.clone(), None, json!({"model": 5, "messages": []})).await;
+    assert_eq!(refused, 400);
+    for i in 0..3 {
+        assert_eq!(
+            call(idle.clone(), None, chat(&format!("idle {i}"))).await.0,
+            200
+        );
+    }
+    let recs = gw.wait_records(10).await;
+    assert_eq!(recs.len(), 10);
+    for (body, want) in [
+        (
+            json!({"id": "o1", "run_id": "t1", "type": "ticket", "success": true, "value": "5.00", "tags": {"q": "it's"}}),
+            201,
+        ),
+        (
+            json!({"id": "o2", "run_id": "t2", "type": "ticket", "success": false}),
+            201,
+        ),
+        (
+            json!({"id": "o3", "request_id": lone, "type": "answer", "success": true}),
+            201,
+        ),
+        (
+            json!({"id": "o1", "run_id": "t1", "type": "ticket", "success": true, "value": "5.00", "tags": {"q": "it's"}}),
+            200,
+        ),
+    ] {
+        let r = gw
+            .client
+            .post(format!("{}/v1/outcomes", gw.url))
+            .bearer_auth(&solver)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), want, "{body}");
+    }
+
+    let location = match store_kind {
+        TestStore::Postgres(url) => tollgate::db::Location::Postgres(url.clone()),
+        _ => tollgate::db::Location::Sqlite(gw.dir.path().join("tollgate.db")),
+    };
+    let store = tokio::task::block_in_place(|| Store::open_at(&location).unwrap());
+    // The store's own answers, off the runtime (PostgreSQL's client blocks).
+    let on_store = |f: &dyn Fn(&Store) -> Value| tokio::task::block_in_place(|| f(&store));
+    let get = |path: String| {
+        let gw = &gw;
+        async move {
+            let r = gw
+                .client
+                .get(format!("{}{path}", gw.url))
+                .bearer_auth(&gw.admin_key)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{path}");
+            let source = r.headers()["x-tollgate-report-source"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            let cursor = r
+                .headers()
+                .get("x-tollgate-next-cursor")
+                .map(|c| c.to_str().unwrap().to_string());
+            (source, cursor, r.json::<Value>().await.unwrap())
+        }
+    };
+    let queries: &[&[(&str, &str)]] = &[
+        &[],
+        &[("key", "sol'ver")],
+        &[("team", "support")],
+        &[("status", "4xx")],
+        &[("run", "t2")],
+        &[("model", "mock"), ("since", "1h")],
+        &[("request_id", &lone)],
+        &[("endpoint", "chat.completions"), ("key", "idle")],
+    ];
+    for q in queries {
+        let pairs: Vec<(String, String)> = q
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let from_store: Vec<UsageRecord> = serde_json::from_value(on_store(&|s| {
+            json!(s
+                .find_records(&tollgate::ops::record_filter(&pairs).unwrap())
+                .unwrap())
+        }))
+        .unwrap();
+        assert!(!from_store.is_empty(), "{q:?}");
+        let query: String = q
+            .iter()
+            .map(|(k, v)| format!("&{k}={}", urlencode(v)))
+            .collect();
+        let (source, _, v) = get(format!("/admin/usage/records?limit=1000{query}")).await;
+        assert_eq!(source, "clickhouse", "{q:?}");
+        let from_ch: Vec<UsageRecord> = serde_json::from_value(v).unwrap();
+        assert_eq!(from_ch, from_store, "{q:?}");
+    }
+    // Page by page, three at a time, the same pages.
+    let (mut cursor, mut paged) = (None::<String>, Vec::new());
+    loop {
+        let after = cursor
+            .as_ref()
+            .map(|c| format!("&cursor={}", urlencode(c)))
+            .unwrap_or_default();
+        let (source, next, v) = get(format!("/admin/usage/records?limit=3{after}")).await;
+        assert_eq!(source, "clickhouse");
+        paged.extend(serde_json::from_value::<Vec<UsageRecord>>(v).unwrap());
+        match next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    let all: Vec<UsageRecord> = serde_json::from_value(on_store(&|s| {
+        json!(s
+            .find_records(&tollgate::ops::record_filter(&[]).unwrap())
+            .unwrap())
+    }))
+    .unwrap();
+    assert_eq!(paged, all);
+    // The records say what the store says, beyond what reports sum.
+    let streamed = all.iter().find(|r| r.stream).unwrap();
+    assert!(streamed.ttft_ms.is_some() && streamed.wallet_id.is_some());
+    assert!(all.iter().any(|r| r.detail.is_some()));
+
+    for by in ["agent", "team", "project", "model", "type"] {
+        let (source, _, v) = get(format!("/admin/roi?by={by}")).await;
+        assert_eq!(source, "clickhouse", "{by}");
+        let from_store = on_store(&|s| json!(tollgate::ops::roi_report(s, by, None).unwrap()));
+        assert_eq!(v, from_store, "{by}");
+    }
+    let (source, _, by_outcome) = get("/admin/usage?by=outcome".to_string()).await;
+    assert_eq!(source, "clickhouse");
+    let ticket = by_outcome
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["group"] == "ticket")
+        .unwrap()
+        .clone();
+    let runs: u64 = all
+        .iter()
+        .filter(|r| matches!(r.run_id.as_deref(), Some("t1" | "t1a" | "t2")))
+        .map(|r| r.cost_micros)
+        .sum();
+    assert_eq!(ticket["spend_micros"].as_u64(), Some(runs));
+
+    // Every capture of the ledger, once; every outcome once.
+    let (_, ledger) = gw
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/wallets/{wallet}/ledger?limit=1000"),
+            None,
+        )
+        .await;
+    let captures: Vec<&Value> = ledger
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "capture")
+        .collect();
+    let captured: i64 = captures
+        .iter()
+        .map(|e| e["amount_micros"].as_i64().unwrap())
+        .sum();
+    assert!(captures.len() >= 6, "{ledger}");
+    let want = format!("{}\t{captured}\t{}", captures.len(), captures.len());
+    assert_eq!(
+        ch.query("SELECT count(), sum(amount_micros), uniqExact(request_id) FROM logs.ledger")
+            .await,
+        want
+    );
+    assert_eq!(
+        ch.query("SELECT count(), sum(success) FROM logs.outcomes")
+            .await,
+        "3\t2"
+    );
+
+    // The same from the store into an empty database.
+    let cfg = gw.dir.path().join("fill.toml");
+    std::fs::write(&cfg, analytics.replace("\"logs\"", "\"refill\"")).unwrap();
+    let mut args = vec![
+        "backfill".to_string(),
+        "--config".into(),
+        cfg.to_str().unwrap().into(),
+        "--since".into(),
+        "1d".into(),
+    ];
+    args.extend(match store_kind {
+        TestStore::Postgres(_) => store_kind.cli_args(),
+        _ => vec!["--data-dir".into(), gw.dir.path().to_str().unwrap().into()],
+    });
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = crate::cli::tollgate_async(&args).await;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent = 10 + captures.len() + 3;
+    assert!(
+        text.contains(&format!("{sent} sent, 0 already there")),
+        "{text}"
+    );
+    for (table, cols) in [
+        (
+            "usage",
+            "count(), sum(cost_micros), sum(attempts), sum(absent)",
+        ),
+        ("ledger", "count(), sum(amount_micros)"),
+        ("outcomes", "count(), sum(value_micros), sum(absent)"),
+    ] {
+        assert_eq!(
+            ch.query(&format!("SELECT {cols} FROM refill.{table}"))
+                .await,
+            ch.query(&format!("SELECT {cols} FROM logs.{table}")).await,
+            "{table}"
+        );
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

@@ -1,42 +1,42 @@
 //! Usage analytics in ClickHouse (`[analytics] backend = "clickhouse"`, ADR 0032): every usage
-//! record the store commits is also sent to ClickHouse, and usage reports are answered from
-//! there. The ledger and wallets stay in the store; nothing here decides money.
+//! record the store commits, every ledger capture its settle made and every outcome recorded
+//! is also sent to ClickHouse, and usage reports, the request log and the ROI report are
+//! answered from there. The ledger and wallets stay in the store; nothing here decides money.
 //!
 //! The path of a record: the store's writer commits a batch, then hands its rows (already
-//! written as TabSeparated lines, which ClickHouse parses 2.5 times as fast as JSON) to the sink's bounded queue without waiting (`Sink::offer`).
-//! The sink task gathers up to `batch_max` rows or `flush_interval`, and inserts them over
-//! ClickHouse's HTTP interface. When an insert fails, the rows go to a spill file in the data
-//! dir (bounded by `spill_max_bytes`) and so does everything after, until ClickHouse answers
-//! again; then the spill file is replayed. A full queue spills too, so neither a slow
-//! ClickHouse nor a dead one ever holds up the writer.
+//! written in ClickHouse's RowBinary format, `rows.rs`) to the sink's bounded queue without
+//! waiting (`Sink::offer`, `sink.rs`). The sink task gathers up to `batch_max` rows or
+//! `flush_interval`, and inserts them over ClickHouse's HTTP interface. When an insert fails,
+//! the rows go to a spill file in the data dir (bounded by `spill_max_bytes`) and so does
+//! everything after, until ClickHouse answers again; then the spill file is replayed. A full
+//! queue spills too, so neither a slow ClickHouse nor a dead one ever holds up the writer.
 //!
 //! Exactly once: an insert whose outcome is unknown (a timeout, a connection cut after the
 //! rows were sent) may have landed. So every retry and every replay first asks which of its
-//! request ids ClickHouse already has, and inserts only the others. That works on every
-//! ClickHouse version (18.16 has neither insert deduplication tokens nor deduplication on
+//! ids ClickHouse already has, and inserts only the others. That works on every ClickHouse
+//! version (18.16 has neither insert deduplication tokens nor deduplication on
 //! non-replicated tables), and keeps the rollup views exact, which a replacing engine would
 //! not: a view sums every insert, duplicates included.
 //!
 //! Schema: versioned migrations owned by tollgate (`MIGRATIONS`), applied on start and by
 //! `tollgate migrate`, recorded in `tollgate_migrations`. `usage` is a MergeTree partitioned
-//! by month and ordered by (day, team, key_id, id); `usage_daily` a SummingMergeTree fed by
-//! a materialized view. Money is integer micro-USD throughout. The SQL is what ClickHouse
-//! 18.16 (Debian's) and current releases both accept: no `LowCardinality`, no `DateTime64`,
-//! no JSON functions (tags are two parallel arrays).
+//! by month and ordered by (day, team, key_id, id); `usage_daily` and `usage_hourly`
+//! SummingMergeTrees fed by materialized views; `outcomes` and `ledger` MergeTrees by month.
+//! Money is integer micro-USD throughout. The SQL is what ClickHouse 18.16 (Debian's) and
+//! current releases both accept: no `LowCardinality`, no `DateTime64`, no JSON functions
+//! (tags are two parallel arrays), no `IF NOT EXISTS` on a column.
+
+mod read;
+mod rows;
+mod sink;
+
+pub use sink::{Analytics, Sink};
 
 use crate::config::AnalyticsConfig;
-use crate::metrics::Metrics;
-use crate::records::UsageRecord;
 use crate::store::{GroupBy, ReportRow};
+use rows::{day_text, Chunk, Table, DAY_MS, HOUR_MS};
 use serde::Deserialize;
-use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
-
-const DAY_MS: i64 = 86_400_000;
 
 /// Applied in order, each once. Never edit one that has shipped: add the next.
 const MIGRATIONS: &[(u32, &str)] = &[
@@ -111,6 +111,39 @@ const MIGRATIONS: &[(u32, &str)] = &[
         "CREATE TABLE IF NOT EXISTS {db}.rollup_repaired (hour_ms Int64, repaired_ms Int64)
          ENGINE = MergeTree ORDER BY hour_ms",
     ),
+    // What the request log shows of a record beyond what reports sum, and which optional
+    // fields were absent (`rows::absent`). Rows from before read as empty.
+    (
+        8,
+        "ALTER TABLE {db}.usage
+            ADD COLUMN attempts UInt32, ADD COLUMN client_disconnected UInt8,
+            ADD COLUMN cache_write_5m_tokens UInt64, ADD COLUMN cache_write_1h_tokens UInt64,
+            ADD COLUMN request_bytes UInt64, ADD COLUMN response_bytes UInt64,
+            ADD COLUMN reused String, ADD COLUMN reused_from String,
+            ADD COLUMN shortfall_micros UInt64, ADD COLUMN detail String,
+            ADD COLUMN cascade String, ADD COLUMN saving_savers Array(String),
+            ADD COLUMN saving_tokens Array(UInt64), ADD COLUMN saving_micros Array(UInt64),
+            ADD COLUMN absent UInt32",
+    ),
+    (
+        9,
+        "CREATE TABLE IF NOT EXISTS {db}.outcomes (
+            id String, occurred_ms Int64, day Date, key_id String, agent String,
+            team String, project String, run_id String, request_id String, kind String,
+            success UInt8, value_micros Int64, tag_keys Array(String), tag_values Array(String),
+            created_ms Int64, absent UInt32
+        ) ENGINE = MergeTree PARTITION BY toYYYYMM(day) ORDER BY (day, id)",
+    ),
+    // The captures of the store's ledger (its other entries are operators' and net zero
+    // per request), with what the spend is attributed to.
+    (
+        10,
+        "CREATE TABLE IF NOT EXISTS {db}.ledger (
+            id String, ts_ms Int64, day Date, wallet_id String, kind String,
+            amount_micros Int64, request_id String, key_id String, agent String, team String,
+            org String, project String, model String
+        ) ENGINE = MergeTree PARTITION BY toYYYYMM(day) ORDER BY (day, wallet_id, id)",
+    ),
 ];
 
 /// The rollups' columns after their keys, and how each is summed from `usage`.
@@ -136,7 +169,6 @@ const REPAIR_EVERY: Duration = Duration::from_secs(60);
 /// The migration whose view feeds `usage_hourly`: the hours it covers start from when it was
 /// applied.
 const HOURLY_VIEW: u32 = 5;
-const HOUR_MS: i64 = 3_600_000;
 
 /// The first hour `usage_hourly` holds in full, given when its view was created (`applied`,
 /// 0 when `usage` was still empty then): rows written before the view are only in `usage`.
@@ -148,302 +180,9 @@ fn hourly_from(applied_ms: i64) -> i64 {
     (applied_ms + 10 * 60_000).div_euclid(HOUR_MS) * HOUR_MS + HOUR_MS
 }
 
-/// The columns rows are sent in (`INSERT ... (COLUMNS) FORMAT TabSeparated`): named, so a
-/// later migration that adds a column does not shift them.
-const COLUMNS: &str = "id, ts_ms, day, endpoint, key_id, agent, team, org, project, model, \
-    model_requested, model_served, provider, status, error, error_kind, run_id, tag_keys, \
-    tag_values, input_tokens, cached_input_tokens, output_tokens, reasoning_tokens, \
-    cache_write_tokens, cost_micros, saved_micros, latency_ms, ttft_ms, stream, cache, \
-    usage_source, price_version, wallet_id";
-const N_COLUMNS: usize = 33;
-
-/// One usage row as ClickHouse keeps it, borrowed from the record.
-struct Row<'a> {
-    id: &'a str,
-    ts_ms: i64,
-    /// (year, month, day), UTC.
-    day: (i64, i64, i64),
-    endpoint: &'a str,
-    key_id: &'a str,
-    agent: &'a str,
-    team: &'a str,
-    org: &'a str,
-    project: &'a str,
-    /// What reports group a model by: the one that served, else the one asked for.
-    model: &'a str,
-    model_requested: &'a str,
-    model_served: &'a str,
-    provider: &'a str,
-    status: u16,
-    error: u8,
-    error_kind: &'a str,
-    run_id: &'a str,
-    tag_keys: Vec<&'a str>,
-    tag_values: Vec<&'a str>,
-    input_tokens: u64,
-    cached_input_tokens: u64,
-    output_tokens: u64,
-    reasoning_tokens: u64,
-    cache_write_tokens: u64,
-    cost_micros: u64,
-    saved_micros: u64,
-    latency_ms: u64,
-    ttft_ms: u64,
-    stream: u8,
-    cache: &'a str,
-    usage_source: &'a str,
-    price_version: &'a str,
-    wallet_id: &'a str,
-}
-
 /// `YYYY-MM-DD` of a UTC millisecond timestamp.
 fn utc_day(ts_ms: i64) -> String {
-    let (y, m, d) = civil_day(ts_ms);
-    format!("{y:04}-{m:02}-{d:02}")
-}
-
-/// (year, month, day) of a UTC millisecond timestamp.
-fn civil_day(ts_ms: i64) -> (i64, i64, i64) {
-    crate::clock::civil(ts_ms.div_euclid(DAY_MS))
-}
-
-fn row(r: &UsageRecord) -> Row<'_> {
-    fn s(o: &Option<String>) -> &str {
-        o.as_deref().unwrap_or("")
-    }
-    let model = r
-        .model_served
-        .as_deref()
-        .or(r.model_requested.as_deref())
-        .filter(|m| !m.is_empty())
-        .unwrap_or("-");
-    Row {
-        id: &r.id,
-        ts_ms: r.ts_ms,
-        day: civil_day(r.ts_ms),
-        endpoint: &r.endpoint,
-        key_id: &r.key_id,
-        agent: &r.agent,
-        team: s(&r.team),
-        org: r.org.as_deref().unwrap_or("default"),
-        project: s(&r.project),
-        model,
-        model_requested: s(&r.model_requested),
-        model_served: s(&r.model_served),
-        provider: s(&r.provider),
-        status: r.status,
-        error: u8::from(r.status >= 400 || r.error_kind.is_some()),
-        error_kind: s(&r.error_kind),
-        run_id: r.run_id.as_deref().unwrap_or("-"),
-        tag_keys: r.tags.keys().map(String::as_str).collect(),
-        tag_values: r.tags.values().map(String::as_str).collect(),
-        input_tokens: r.input_tokens,
-        cached_input_tokens: r.cached_input_tokens,
-        output_tokens: r.output_tokens,
-        reasoning_tokens: r.reasoning_tokens,
-        cache_write_tokens: r
-            .cache_write_5m_tokens
-            .saturating_add(r.cache_write_1h_tokens),
-        cost_micros: r.cost_micros,
-        saved_micros: r
-            .savings
-            .iter()
-            .fold(0u64, |a, s| a.saturating_add(s.micros)),
-        latency_ms: r.latency_ms,
-        ttft_ms: r.ttft_ms.unwrap_or(0),
-        stream: u8::from(r.stream),
-        cache: s(&r.cache),
-        usage_source: &r.usage_source,
-        price_version: s(&r.price_version),
-        wallet_id: s(&r.wallet_id),
-    }
-}
-
-/// One byte of a TabSeparated string, escaped as ClickHouse reads it back.
-fn tsv_byte(out: &mut Vec<u8>, b: u8) {
-    match b {
-        b'\\' => out.extend_from_slice(b"\\\\"),
-        b'\t' => out.extend_from_slice(b"\\t"),
-        b'\n' => out.extend_from_slice(b"\\n"),
-        b'\r' => out.extend_from_slice(b"\\r"),
-        0 => out.extend_from_slice(b"\\0"),
-        b => out.push(b),
-    }
-}
-
-/// A string as a TabSeparated field.
-fn tsv_str(out: &mut Vec<u8>, v: &str) {
-    for b in v.bytes() {
-        tsv_byte(out, b);
-    }
-}
-
-/// An array of strings as a TabSeparated field: `['a','b']`, each item quoted, with the
-/// same backslash escapes (and `\'`).
-fn tsv_array(out: &mut Vec<u8>, items: &[&str]) {
-    out.push(b'[');
-    for (i, v) in items.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.push(b'\'');
-        for b in v.bytes() {
-            match b {
-                b'\'' => out.extend_from_slice(b"\\'"),
-                b => tsv_byte(out, b),
-            }
-        }
-        out.push(b'\'');
-    }
-    out.push(b']');
-}
-
-impl Row<'_> {
-    /// The row as one TabSeparated line, in `COLUMNS` order.
-    fn tsv(&self, out: &mut Vec<u8>) {
-        use std::io::Write as _;
-        let strs = |out: &mut Vec<u8>, vs: &[&str]| {
-            for v in vs {
-                tsv_str(out, v);
-                out.push(b'\t');
-            }
-        };
-        strs(out, &[self.id]);
-        let (y, m, d) = self.day;
-        let _ = write!(out, "{}\t{y:04}-{m:02}-{d:02}\t", self.ts_ms);
-        strs(
-            out,
-            &[
-                self.endpoint,
-                self.key_id,
-                self.agent,
-                self.team,
-                self.org,
-                self.project,
-                self.model,
-                self.model_requested,
-                self.model_served,
-                self.provider,
-            ],
-        );
-        let _ = write!(out, "{}\t{}\t", self.status, self.error);
-        strs(out, &[self.error_kind, self.run_id]);
-        tsv_array(out, &self.tag_keys);
-        out.push(b'\t');
-        tsv_array(out, &self.tag_values);
-        let _ = write!(
-            out,
-            "\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t",
-            self.input_tokens,
-            self.cached_input_tokens,
-            self.output_tokens,
-            self.reasoning_tokens,
-            self.cache_write_tokens,
-            self.cost_micros,
-            self.saved_micros,
-            self.latency_ms,
-            self.ttft_ms,
-            self.stream
-        );
-        strs(out, &[self.cache, self.usage_source, self.price_version]);
-        tsv_str(out, self.wallet_id);
-        out.push(b'\n');
-    }
-}
-
-/// Rows on their way: TabSeparated lines, and what a deduplicating retry needs of each.
-#[derive(Default)]
-struct Chunk {
-    lines: Vec<u8>,
-    rows: usize,
-    /// The oldest record's time, for the lag.
-    oldest_ms: Option<i64>,
-}
-
-/// A TabSeparated field's value (the escapes `tsv_byte` writes, undone).
-fn tsv_unescape(field: &str) -> String {
-    let mut out = String::with_capacity(field.len());
-    let mut it = field.chars();
-    while let Some(c) = it.next() {
-        if c != '\\' {
-            out.push(c);
-            continue;
-        }
-        match it.next() {
-            Some('t') => out.push('\t'),
-            Some('n') => out.push('\n'),
-            Some('r') => out.push('\r'),
-            Some('0') => out.push('\0'),
-            Some(other) => out.push(other),
-            None => {}
-        }
-    }
-    out
-}
-
-impl Chunk {
-    fn of(batch: &[UsageRecord]) -> Chunk {
-        let mut c = Chunk {
-            lines: Vec::with_capacity(batch.len() * 256),
-            rows: 0,
-            oldest_ms: None,
-        };
-        for r in batch {
-            row(r).tsv(&mut c.lines);
-            c.rows += 1;
-            c.oldest_ms = Some(c.oldest_ms.map_or(r.ts_ms, |o| o.min(r.ts_ms)));
-        }
-        c
-    }
-
-    fn append(&mut self, other: Chunk) {
-        self.lines.extend_from_slice(&other.lines);
-        self.rows += other.rows;
-        self.oldest_ms = match (self.oldest_ms, other.oldest_ms) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-    }
-
-    fn len(&self) -> usize {
-        self.rows
-    }
-
-    /// Each line with its request id and UTC day (columns 1 and 3), read back from the line:
-    /// only retries and replays need them, so the writer's path does not pay for them.
-    fn entries(&self) -> impl Iterator<Item = (&[u8], String, &str)> {
-        self.lines.split_inclusive(|b| *b == b'\n').map(|line| {
-            let text = std::str::from_utf8(line).unwrap_or("");
-            let mut f = text.split('\t');
-            let id = tsv_unescape(f.next().unwrap_or(""));
-            let day = f.nth(1).unwrap_or("");
-            (line, id, day)
-        })
-    }
-
-    /// The UTC hours (column 2, the record's time) of the lines whose ids are in `ids`.
-    fn hours_of(&self, ids: &std::collections::HashSet<String>) -> std::collections::BTreeSet<i64> {
-        self.entries()
-            .filter(|(_, id, _)| ids.contains(id))
-            .filter_map(|(line, _, _)| {
-                let text = std::str::from_utf8(line).ok()?;
-                let ts: i64 = text.split('\t').nth(1)?.parse().ok()?;
-                Some(ts.div_euclid(HOUR_MS) * HOUR_MS)
-            })
-            .collect()
-    }
-
-    /// The lines whose ids are not in `present`.
-    fn without(&self, present: &std::collections::HashSet<String>) -> Chunk {
-        let mut out = Chunk::default();
-        for (line, id, _) in self.entries() {
-            if !present.contains(&id) {
-                out.lines.extend_from_slice(line);
-                out.rows += 1;
-            }
-        }
-        out
-    }
+    day_text(rows::day_number(ts_ms))
 }
 
 /// ClickHouse over HTTP.
@@ -546,12 +285,15 @@ impl ClickHouse {
         if chunk.len() == 0 {
             return Ok(());
         }
+        let t = chunk.table;
         self.run(
             "",
             Some(&format!(
-                "INSERT INTO {{db}}.usage ({COLUMNS}) FORMAT TabSeparated"
+                "INSERT INTO {{db}}.{} ({}) FORMAT RowBinary",
+                t.name(),
+                t.columns()
             )),
-            chunk.lines.clone(),
+            chunk.body().to_vec(),
         )
         .await
         .map(|_| ())
@@ -582,7 +324,13 @@ impl ClickHouse {
             if done.iter().any(|d| d.version == *version) {
                 continue;
             }
-            self.exec(sql).await?;
+            match self.exec(sql).await {
+                Ok(_) => {}
+                // 18.16 has no `ADD COLUMN IF NOT EXISTS`: an ALTER that was applied before
+                // its version could be recorded (a crash between them) is done already.
+                Err(e) if sql.starts_with("ALTER") && e.contains("already exists") => {}
+                Err(e) => return Err(e),
+            }
             // A view sees only what is inserted after it exists: when `usage` is still
             // empty once the hourly view is there, the rollup holds every row, else only
             // the rows from now on.
@@ -630,25 +378,17 @@ impl ClickHouse {
         Ok(newest)
     }
 
-    /// Which of the chunk's request ids ClickHouse already has.
-    async fn present(&self, chunk: &Chunk) -> Result<std::collections::HashSet<String>, String> {
+    /// Which of `rows` (id, day) `table` already has.
+    async fn present_in(
+        &self,
+        table: &str,
+        rows: &[(&str, u16)],
+    ) -> Result<std::collections::HashSet<String>, String> {
         let mut found = std::collections::HashSet::new();
         // Small enough that the statement stays under max_query_size (256 KiB).
-        let entries: Vec<(String, String)> = chunk
-            .entries()
-            .map(|(_, id, day)| (id, day.to_string()))
-            .collect();
-        for part in entries.chunks(2_000) {
-            let lo = part
-                .iter()
-                .map(|e| e.1.as_str())
-                .min()
-                .unwrap_or("1970-01-01");
-            let hi = part
-                .iter()
-                .map(|e| e.1.as_str())
-                .max()
-                .unwrap_or("2200-01-01");
+        for part in rows.chunks(2_000) {
+            let lo = part.iter().map(|e| e.1).min().unwrap_or(0);
+            let hi = part.iter().map(|e| e.1).max().unwrap_or(u16::MAX);
             let list = part
                 .iter()
                 .map(|(id, _)| quote(id))
@@ -656,7 +396,9 @@ impl ClickHouse {
                 .join(",");
             let rows: Vec<IdRow> = self
                 .rows(&format!(
-                    "SELECT id FROM {{db}}.usage WHERE day >= '{lo}' AND day <= '{hi}' AND id IN ({list})"
+                    "SELECT id FROM {{db}}.{table} WHERE day >= '{}' AND day <= '{}' AND id IN ({list})",
+                    day_text(lo),
+                    day_text(hi)
                 ))
                 .await?;
             found.extend(rows.into_iter().map(|r| r.id));
@@ -667,7 +409,7 @@ impl ClickHouse {
     /// Inserts what of `chunk` ClickHouse does not have yet: safe to repeat.
     async fn insert_once(&self, chunk: &Chunk) -> Result<usize, String> {
         let (sent, present) = self.insert_missing(chunk).await?;
-        if !present.is_empty() {
+        if !present.is_empty() && chunk.table == Table::Usage {
             // They landed in an insert whose answer never came: the rows are in `usage`,
             // but the views that feed the rollups may not have run.
             let hours = chunk.hours_of(&present);
@@ -682,26 +424,69 @@ impl ClickHouse {
         &self,
         chunk: &Chunk,
     ) -> Result<(usize, std::collections::HashSet<String>), String> {
-        let present = self.present(chunk).await?;
+        let ids: Vec<(&str, u16)> = chunk.entries().map(|e| (e.id, e.day)).collect();
+        let present = self.present_in(chunk.table.name(), &ids).await?;
         let rest = chunk.without(&present);
         self.insert(&rest).await?;
         Ok((rest.len(), present))
     }
 
-    /// Sends ClickHouse the store's records of `[since, until)` it lacks, asking first as a
-    /// replay does: after a `kill -9` (the sink's queue lost) or to load a history. Rows
-    /// already there are left alone and raise no suspicion: the sink sent them, whole.
-    /// Returns (records read, records inserted).
+    /// A piece of a version 7 spill file (TabSeparated), as `insert_once` inserts a chunk.
+    async fn insert_legacy_once(&self, piece: &rows::LegacyPiece) -> Result<usize, String> {
+        let ids: Vec<(&str, u16)> = piece
+            .rows
+            .iter()
+            .map(|(id, ts)| (id.as_str(), rows::day_number(*ts)))
+            .collect();
+        let present = self.present_in("usage", &ids).await?;
+        let mut lines = Vec::new();
+        let mut sent = 0;
+        let mut hours = std::collections::BTreeSet::new();
+        for ((id, ts), line) in piece
+            .rows
+            .iter()
+            .zip(piece.lines.split_inclusive(|b| *b == b'\n'))
+        {
+            if present.contains(id) {
+                hours.insert(ts.div_euclid(HOUR_MS) * HOUR_MS);
+            } else {
+                lines.extend_from_slice(line);
+                sent += 1;
+            }
+        }
+        if sent > 0 {
+            self.run(
+                "",
+                Some(&format!(
+                    "INSERT INTO {{db}}.usage ({}) FORMAT TabSeparated",
+                    rows::LEGACY_COLUMNS
+                )),
+                lines,
+            )
+            .await?;
+        }
+        if !hours.is_empty() {
+            self.note_suspects(&hours).await?;
+        }
+        Ok(sent)
+    }
+
+    /// Sends ClickHouse the store's records of `[since, until)` it lacks, with their ledger
+    /// captures and the outcomes of the window, asking first as a replay does: after a
+    /// `kill -9` (the sink's queue lost) or to load a history. Rows already there are left
+    /// alone and raise no suspicion: the sink sent them, whole. Returns (rows read, rows
+    /// inserted), over the three tables.
     pub async fn backfill(
         &self,
         store: &crate::store::Store,
         since_ms: i64,
         until_ms: Option<i64>,
     ) -> Result<(u64, u64), String> {
+        let store_err = |e: crate::store::StoreError| format!("reading the store: {e}");
         let mut before: Option<(i64, String)> = None;
         let (mut read, mut inserted) = (0u64, 0u64);
         loop {
-            let page = store
+            let mut page = store
                 .find_records(&crate::store::RecordFilter {
                     since_ms,
                     until_ms,
@@ -709,14 +494,36 @@ impl ClickHouse {
                     before: before.clone(),
                     ..Default::default()
                 })
-                .map_err(|e| format!("reading the store: {e}"))?;
+                .map_err(store_err)?;
             let Some(last) = page.last() else {
-                return Ok((read, inserted));
+                break;
             };
             before = Some((last.ts_ms, last.id.clone()));
-            read += page.len() as u64;
-            inserted += self.insert_missing(&Chunk::of(&page)).await?.0 as u64;
+            let paid: Vec<&str> = page
+                .iter()
+                .filter(|r| r.wallet_id.is_some())
+                .map(|r| r.id.as_str())
+                .collect();
+            let captures = store.captures(&paid).map_err(store_err)?;
+            for r in &mut page {
+                r.captured_micros = captures.get(&r.id).copied();
+            }
+            let ledger = Chunk::captures(&page);
+            read += (page.len() + ledger.len()) as u64;
+            inserted += self.insert_missing(&Chunk::usage(&page)).await?.0 as u64;
+            inserted += self.insert_missing(&ledger).await?.0 as u64;
         }
+        let outcomes: Vec<crate::store::Outcome> = store
+            .outcomes_since(since_ms)
+            .map_err(store_err)?
+            .into_iter()
+            .filter(|o| until_ms.is_none_or(|u| o.occurred_ms < u))
+            .collect();
+        for part in outcomes.chunks(10_000) {
+            read += part.len() as u64;
+            inserted += self.insert_missing(&Chunk::outcomes(part)).await?.0 as u64;
+        }
+        Ok((read, inserted))
     }
 
     async fn note_suspects(&self, hours: &std::collections::BTreeSet<i64>) -> Result<(), String> {
@@ -1018,381 +825,6 @@ fn quote(s: &str) -> String {
     }
     out.push('\'');
     out
-}
-
-/// Rows ClickHouse did not take yet, in the data dir. New rows are appended to `spill.jsonl`;
-/// a replay first renames it to `replay.jsonl`, so rows spilled meanwhile go to a new file.
-struct Spill {
-    dir: PathBuf,
-    max_bytes: u64,
-    bytes: u64,
-}
-
-impl Spill {
-    fn path(&self) -> PathBuf {
-        self.dir.join("spill.jsonl")
-    }
-
-    fn replay_path(&self) -> PathBuf {
-        self.dir.join("replay.jsonl")
-    }
-
-    /// Appends the chunk; `false` (nothing written) past the bound or when the disk fails.
-    fn write(&mut self, chunk: &Chunk) -> bool {
-        let n = chunk.lines.len() as u64;
-        if self.bytes.saturating_add(n) > self.max_bytes {
-            return false;
-        }
-        let ok = std::fs::create_dir_all(&self.dir).is_ok()
-            && std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.path())
-                .and_then(|mut f| f.write_all(&chunk.lines).and_then(|_| f.flush()))
-                .is_ok();
-        if ok {
-            self.bytes += n;
-        }
-        ok
-    }
-}
-
-/// Reads a spill file back in chunks of at most `max` rows.
-fn read_spill(path: &Path, max: usize) -> std::io::Result<Vec<Chunk>> {
-    let f = std::fs::File::open(path)?;
-    let mut out = Vec::new();
-    let mut cur = Chunk::default();
-    for line in std::io::BufReader::new(f).lines() {
-        let line = line?;
-        // A line cut by a crash mid-write is not a row. Tabs inside values are escaped, so
-        // a raw tab always separates columns.
-        let fields: Vec<&str> = line.split('\t').collect();
-        if fields.len() != N_COLUMNS {
-            continue;
-        }
-        cur.rows += 1;
-        cur.lines.extend_from_slice(line.as_bytes());
-        cur.lines.push(b'\n');
-        if cur.len() >= max {
-            out.push(std::mem::take(&mut cur));
-        }
-    }
-    if cur.len() > 0 {
-        out.push(cur);
-    }
-    Ok(out)
-}
-
-enum Msg {
-    Rows(Chunk),
-    /// Send (or spill) what is pending now, then say so.
-    Flush(tokio::sync::oneshot::Sender<()>),
-}
-
-/// What the store's writer hands rows to.
-pub struct Sink {
-    /// Unbounded as a channel: `queued` against `capacity` is the bound, in rows.
-    tx: mpsc::UnboundedSender<Msg>,
-    queued: Arc<AtomicUsize>,
-    capacity: usize,
-    spill: Arc<Mutex<Spill>>,
-    metrics: Arc<Metrics>,
-}
-
-impl Sink {
-    /// Hands a committed batch over without waiting: to the queue, or the spill file when
-    /// the queue is full.
-    pub fn offer(&self, batch: &[UsageRecord]) {
-        if batch.is_empty() {
-            return;
-        }
-        let chunk = Chunk::of(batch);
-        let n = chunk.len();
-        if self.queued.load(Ordering::Acquire) + n > self.capacity {
-            spill(&self.spill, &self.metrics, &chunk);
-            return;
-        }
-        self.queued.fetch_add(n, Ordering::AcqRel);
-        self.metrics.analytics_queue_depth.inc_by(n as i64);
-        if let Err(e) = self.tx.send(Msg::Rows(chunk)) {
-            self.queued.fetch_sub(n, Ordering::AcqRel);
-            self.metrics.analytics_queue_depth.dec_by(n as i64);
-            if let Msg::Rows(chunk) = e.0 {
-                spill(&self.spill, &self.metrics, &chunk);
-            }
-        }
-    }
-
-    /// Waits (up to `within`) until what was offered before is in ClickHouse or spilled.
-    pub async fn flush(&self, within: Duration) -> bool {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.tx.send(Msg::Flush(tx)).is_ok()
-            && matches!(tokio::time::timeout(within, rx).await, Ok(Ok(())))
-    }
-}
-
-fn spill(s: &Mutex<Spill>, metrics: &Metrics, chunk: &Chunk) {
-    let mut s = s.lock().unwrap_or_else(|p| p.into_inner());
-    if s.write(chunk) {
-        metrics.analytics_records_spilled.inc_by(chunk.len() as u64);
-        metrics.analytics_spill_bytes.set(s.bytes as i64);
-    } else {
-        metrics.analytics_records_dropped.inc_by(chunk.len() as u64);
-        tracing::error!(
-            records = chunk.len(),
-            bound = s.max_bytes,
-            "analytics spill file full or unwritable: these records are in the store but not in ClickHouse"
-        );
-    }
-}
-
-/// The running analytics backend: the client for reports and the sink for records.
-pub struct Analytics {
-    pub clickhouse: Arc<ClickHouse>,
-    pub sink: Arc<Sink>,
-}
-
-impl Analytics {
-    /// Starts the sink task; migrates ClickHouse first if it answers (the sink retries until
-    /// it does, spilling meanwhile).
-    pub async fn start(
-        cfg: &AnalyticsConfig,
-        data_dir: &Path,
-        metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Analytics> {
-        let clickhouse = Arc::new(ClickHouse::new(cfg)?);
-        let migrated = match clickhouse.migrate().await {
-            Ok(v) => {
-                tracing::info!(version = v, database = %cfg.database, "clickhouse analytics schema ready");
-                true
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "clickhouse unavailable at start; usage is spilled until it answers");
-                false
-            }
-        };
-        let dir = data_dir.join("analytics");
-        let spill = Spill {
-            bytes: [dir.join("spill.jsonl"), dir.join("replay.jsonl")]
-                .iter()
-                .filter_map(|p| std::fs::metadata(p).ok())
-                .map(|m| m.len())
-                .sum(),
-            dir,
-            max_bytes: cfg.spill_max_bytes,
-        };
-        metrics.analytics_spill_bytes.set(spill.bytes as i64);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let sink = Arc::new(Sink {
-            tx,
-            queued: Arc::new(AtomicUsize::new(0)),
-            capacity: cfg.queue_capacity,
-            spill: Arc::new(Mutex::new(spill)),
-            metrics: metrics.clone(),
-        });
-        let task = SinkTask {
-            ch: clickhouse.clone(),
-            queued: sink.queued.clone(),
-            spill: sink.spill.clone(),
-            metrics,
-            batch_max: cfg.batch_max,
-            flush_interval: cfg.flush_interval,
-            retry_interval: cfg.retry_interval,
-            migrated,
-        };
-        tokio::spawn(task.run(rx));
-        Ok(Analytics { clickhouse, sink })
-    }
-}
-
-struct SinkTask {
-    ch: Arc<ClickHouse>,
-    queued: Arc<AtomicUsize>,
-    spill: Arc<Mutex<Spill>>,
-    metrics: Arc<Metrics>,
-    batch_max: usize,
-    flush_interval: Duration,
-    retry_interval: Duration,
-    migrated: bool,
-}
-
-impl SinkTask {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
-        let mut pending = Chunk::default();
-        let mut flushes: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
-        // While down, rows are spilled; ClickHouse is tried again at `retry_at`.
-        let mut down = !self.migrated;
-        let mut retry_at = tokio::time::Instant::now();
-        let mut repair_at = tokio::time::Instant::now() + REPAIR_EVERY;
-        let mut open = true;
-        while open || pending.len() > 0 || !flushes.is_empty() {
-            let deadline = tokio::time::Instant::now() + self.flush_interval;
-            while open && pending.len() < self.batch_max && flushes.is_empty() {
-                tokio::select! {
-                    m = rx.recv() => match m {
-                        Some(Msg::Rows(c)) => {
-                            self.queued.fetch_sub(c.len(), Ordering::AcqRel);
-                            self.metrics.analytics_queue_depth.dec_by(c.len() as i64);
-                            pending.append(c);
-                        }
-                        Some(Msg::Flush(done)) => flushes.push(done),
-                        None => open = false,
-                    },
-                    _ = tokio::time::sleep_until(deadline) => break,
-                }
-            }
-            self.note_lag(&pending);
-            if down && tokio::time::Instant::now() >= retry_at {
-                down = !self.recover().await;
-                if down {
-                    retry_at = tokio::time::Instant::now() + self.retry_interval;
-                }
-            }
-            // Rows spill while ClickHouse is down, and also when the queue was full.
-            let replay_due = self.spill.lock().unwrap_or_else(|p| p.into_inner()).bytes > 0;
-            if !down && replay_due {
-                match self.replay().await {
-                    Ok(()) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "replaying the analytics spill failed; retrying later");
-                        down = true;
-                        retry_at = tokio::time::Instant::now() + self.retry_interval;
-                    }
-                }
-            }
-            if !down && tokio::time::Instant::now() >= repair_at {
-                repair_at = tokio::time::Instant::now() + REPAIR_EVERY;
-                if let Err(e) = self.ch.repair_due(crate::clock::now_ms()).await {
-                    tracing::warn!(error = %e, "repairing the clickhouse rollups failed; retrying later");
-                }
-            }
-            if pending.len() > 0 {
-                let chunk = std::mem::take(&mut pending);
-                // Behind by more than a batch: a second insert goes with the first, so
-                // ClickHouse parses on two cores (its parse of one insert is one thread).
-                let mut second = Chunk::default();
-                while open && !down && second.len() < self.batch_max {
-                    match rx.try_recv() {
-                        Ok(Msg::Rows(c)) => {
-                            self.queued.fetch_sub(c.len(), Ordering::AcqRel);
-                            self.metrics.analytics_queue_depth.dec_by(c.len() as i64);
-                            second.append(c);
-                        }
-                        Ok(Msg::Flush(done)) => flushes.push(done),
-                        Err(mpsc::error::TryRecvError::Empty) => break,
-                        Err(mpsc::error::TryRecvError::Disconnected) => open = false,
-                    }
-                }
-                let (a, b) = if down {
-                    (Err("down".to_string()), Err("down".to_string()))
-                } else if second.len() > 0 {
-                    tokio::join!(self.send(&chunk), self.send(&second))
-                } else {
-                    (self.send(&chunk).await, Ok(()))
-                };
-                for (result, c) in [(a, &chunk), (b, &second)] {
-                    let Err(e) = result else { continue };
-                    if c.len() == 0 {
-                        continue;
-                    }
-                    if !down {
-                        tracing::warn!(error = %e, records = c.len(), "clickhouse insert failed; spilling until it answers");
-                        down = true;
-                        retry_at = tokio::time::Instant::now() + self.retry_interval;
-                    }
-                    spill(&self.spill, &self.metrics, c);
-                }
-                self.note_lag(&pending);
-            }
-            for f in flushes.drain(..) {
-                let _ = f.send(());
-            }
-            if !open && pending.len() == 0 {
-                break;
-            }
-        }
-    }
-
-    /// One insert, and twice more (each after asking what landed) if it fails.
-    async fn send(&self, chunk: &Chunk) -> Result<(), String> {
-        let mut err = match self.ch.insert(chunk).await {
-            Ok(()) => {
-                self.metrics
-                    .analytics_records_sent
-                    .inc_by(chunk.len() as u64);
-                return Ok(());
-            }
-            Err(e) => e,
-        };
-        for wait in [100u64, 500] {
-            tokio::time::sleep(Duration::from_millis(wait)).await;
-            match self.ch.insert_once(chunk).await {
-                Ok(n) => {
-                    self.metrics.analytics_records_sent.inc_by(n as u64);
-                    return Ok(());
-                }
-                Err(e) => err = e,
-            }
-        }
-        Err(err)
-    }
-
-    async fn recover(&mut self) -> bool {
-        match self.ch.migrate().await {
-            Ok(_) => {
-                tracing::info!("clickhouse answers; replaying the spilled usage");
-                self.migrated = true;
-                true
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "clickhouse still unavailable");
-                false
-            }
-        }
-    }
-
-    /// Sends what was spilled, each chunk only for the ids ClickHouse lacks. Rows spilled
-    /// while it runs (a full queue) are taken in the next round, three rounds at most.
-    async fn replay(&self) -> Result<(), String> {
-        for _ in 0..3 {
-            let replay = {
-                let s = self.spill.lock().unwrap_or_else(|p| p.into_inner());
-                let (path, replay) = (s.path(), s.replay_path());
-                // A replay that did not finish is finished first; new rows start a new file.
-                if !replay.exists() && path.exists() {
-                    std::fs::rename(&path, &replay).map_err(|e| format!("spill file: {e}"))?;
-                }
-                replay
-            };
-            if !replay.exists() {
-                return Ok(());
-            }
-            let chunks =
-                read_spill(&replay, self.batch_max).map_err(|e| format!("spill file: {e}"))?;
-            let mut sent = 0;
-            for c in &chunks {
-                sent += self.ch.insert_once(c).await?;
-            }
-            self.metrics.analytics_records_sent.inc_by(sent as u64);
-            self.metrics.analytics_records_replayed.inc_by(sent as u64);
-            let mut s = self.spill.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = std::fs::remove_file(&replay);
-            s.bytes = std::fs::metadata(s.path()).map_or(0, |m| m.len());
-            self.metrics.analytics_spill_bytes.set(s.bytes as i64);
-            tracing::info!(
-                records = sent,
-                "replayed the analytics spill into clickhouse"
-            );
-        }
-        Ok(())
-    }
-
-    fn note_lag(&self, pending: &Chunk) {
-        let lag = pending.oldest_ms.map_or(0.0, |oldest| {
-            (crate::clock::now_ms() - oldest).max(0) as f64 / 1000.0
-        });
-        self.metrics.analytics_lag_seconds.set(lag);
-    }
 }
 
 #[cfg(test)]
