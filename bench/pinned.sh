@@ -18,6 +18,9 @@
 #   cachehit  the same with 64 distinct bodies: every measured request a cache hit
 #   otel      policies + every request traced and exported as OTLP/HTTP protobuf to a sink
 #             on core 0 that reads and discards (bench/otlp_sink.py)
+#   clickhouse  wallet + [analytics] ClickHouse: every record and its capture also inserted
+#             into a clickhouse-server this script starts on core 0 (or the one at $CH_URL);
+#             afterwards the records ClickHouse holds are checked against the store's
 # Every request body is unique (bench/loadgen numbers them), so no policy refuses one; but
 # cachehit's, which repeat.
 #
@@ -52,6 +55,17 @@ taskset -c 0 "$TG" mock-provider --listen 127.0.0.1:4010 2>"$OUT/mock.log" & pid
 if command -v redis-server >/dev/null; then
   taskset -c 0 redis-server --port 6391 --bind 127.0.0.1 --save "" --appendonly no >"$OUT/redis.log" 2>&1 & pids+=($!); disown $!
 fi
+
+case " $SCENARIOS " in *" clickhouse "*)
+  if [ -z "${CH_URL:-}" ]; then
+    ch_dir="$PWD/$OUT/clickhouse"; mkdir -p "$ch_dir"/{data,tmp,files,schemas}
+    printf '<?xml version="1.0"?><yandex><profiles><default></default></profiles><users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users><quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors><result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time></interval></default></quotas></yandex>' > "$ch_dir/users.xml"
+    printf '<?xml version="1.0"?><yandex><logger><level>warning</level><console>1</console></logger><http_port>18124</http_port><tcp_port>19001</tcp_port><listen_host>127.0.0.1</listen_host><path>%s/data/</path><tmp_path>%s/tmp/</tmp_path><user_files_path>%s/files/</user_files_path><format_schema_path>%s/schemas/</format_schema_path><users_config>%s/users.xml</users_config><default_profile>default</default_profile><default_database>default</default_database><mark_cache_size>268435456</mark_cache_size></yandex>' "$ch_dir" "$ch_dir" "$ch_dir" "$ch_dir" "$ch_dir" > "$ch_dir/config.xml"
+    taskset -c 0 clickhouse-server --config-file="$ch_dir/config.xml" >"$OUT/clickhouse.log" 2>&1 & pids+=($!); disown $!
+    export CH_URL=http://127.0.0.1:18124
+    for _ in $(seq 200); do curl -sf "$CH_URL/" -d 'SELECT 1' >/dev/null && break; sleep 0.1; done
+  fi ;;
+esac
 
 case " $SCENARIOS " in *" otel "*)
   taskset -c 0 python3 bench/otlp_sink.py 4318 >"$OUT/otlp.log" 2>&1 & pids+=($!); disown $! ;;
@@ -106,6 +120,17 @@ for s in $SCENARIOS; do
   loads "$label" "http://127.0.0.1:$port/v1/chat/completions" "$KEY" "$pid"
   if [ "$s" = wallet ] || [ "$s" = hot ]; then
     curl -sf "http://127.0.0.1:$port/admin/wallets/verify" -H "Authorization: Bearer $ADMIN" > "$OUT/$label-verify.json" || echo "wallet verify failed for $label" >&2
+  fi
+  if [ "$s" = clickhouse ]; then
+    # What the sink had to catch up on when the load stopped, then whether ClickHouse holds
+    # every record the store does, once.
+    curl -sf "http://127.0.0.1:$port/metrics" | grep -E '^tollgate_analytics_(queue_depth|lag_seconds|spill_bytes|records_[a-z]+_total) ' > "$OUT/$label-analytics.txt" || true
+    sleep 3
+    store=$(curl -sf "http://127.0.0.1:$port/admin/usage?by=key&source=store" -H "Authorization: Bearer $ADMIN" | python3 -c 'import json,sys; print(sum(r["requests"] for r in json.load(sys.stdin)))')
+    ch=$(curl -sf "$CH_URL/" -d "SELECT count(), uniqExact(id) FROM bench_$port.usage" | tr '\t' ' ')
+    ledger=$(curl -sf "$CH_URL/" -d "SELECT count() FROM bench_$port.ledger")
+    echo "store records $store; clickhouse usage (rows, distinct ids) $ch; ledger rows $ledger" >> "$OUT/$label-analytics.txt"
+    cat "$OUT/$label-analytics.txt" >&2
   fi
   kill -9 "$pid" 2>/dev/null || true
   done

@@ -151,7 +151,7 @@ fn require_admin(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     app: &Arc<AppState>,
     f: impl FnOnce(&AppState) -> Result<T, AdminError> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -365,7 +365,7 @@ async fn configure_wallet_h(
 
 /// Hot wallets: tells Redis about a change made here at once, instead of at the next
 /// reconciliation (changes made by the CLI wait for that).
-async fn push_hot(app: &Arc<AppState>, wallet_id: &str) {
+pub(crate) async fn push_hot(app: &Arc<AppState>, wallet_id: &str) {
     let Some(hot) = app.hot.clone() else { return };
     let id = wallet_id.to_string();
     let state = blocking(app, move |a| {
@@ -572,7 +572,7 @@ async fn roi_from_clickhouse(
 }
 
 /// The ROI report, from ClickHouse when it can answer, with where it came from.
-async fn roi_answer(
+pub(crate) async fn roi_answer(
     app: &Arc<AppState>,
     by: String,
     since: Option<String>,
@@ -632,21 +632,43 @@ async fn usage_h(
         q.since.as_deref(),
         q.source.as_deref(),
     );
+    let (rows, source) = usage_rows(&app, q.by, q.since, q.source).await?;
+    let mut resp = Json(rows).into_response();
+    resp.headers_mut().insert(
+        "x-tollgate-report-source",
+        axum::http::HeaderValue::from_static(source),
+    );
+    if let Some(v) =
+        from.and_then(|f| axum::http::HeaderValue::from_str(&crate::clock::rfc3339(f)).ok())
+    {
+        resp.headers_mut().insert("x-tollgate-report-since", v);
+    }
+    Ok(resp)
+}
+
+/// A usage report as `GET /admin/usage` gives it, and who answered: ClickHouse when it is
+/// configured and caught up (and not told otherwise by `source`), else the store.
+pub(crate) async fn usage_rows(
+    app: &Arc<AppState>,
+    by: Option<String>,
+    since: Option<String>,
+    source_q: Option<String>,
+) -> Result<(Vec<crate::store::ReportRow>, &'static str), ApiError> {
     // With ClickHouse configured it answers (the store does, should it fail: the store
     // holds every record ClickHouse does).
     let mut source = "store";
     let mut rows = None;
-    let ch = match q.source.as_deref() {
-        None | Some("auto" | "rollups") => clickhouse_caught_up(&app).await,
+    let ch = match source_q.as_deref() {
+        None | Some("auto" | "rollups") => clickhouse_caught_up(app).await,
         _ => None,
     };
     if let Some(ch) = ch {
-        let by: crate::store::GroupBy =
-            q.by.as_deref()
-                .unwrap_or("model")
-                .parse()
-                .map_err(|e: String| ApiError::new(ErrorKind::BadRequest, e))?;
-        let since = crate::ops::since_ms(q.since.as_deref())
+        let by: crate::store::GroupBy = by
+            .as_deref()
+            .unwrap_or("model")
+            .parse()
+            .map_err(|e: String| ApiError::new(ErrorKind::BadRequest, e))?;
+        let since = crate::ops::since_ms(since.as_deref())
             .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?;
         match ch.usage_report(&by, since, crate::clock::now_ms()).await {
             Ok(r) => {
@@ -661,28 +683,47 @@ async fn usage_h(
     let rows = match rows {
         Some(r) => r,
         None => {
-            blocking(&app, move |a| {
+            blocking(app, move |a| {
                 usage_report(
                     &a.store,
-                    q.by.as_deref().unwrap_or("model"),
-                    q.since.as_deref(),
-                    q.source.as_deref(),
+                    by.as_deref().unwrap_or("model"),
+                    since.as_deref(),
+                    source_q.as_deref(),
                 )
             })
             .await?
         }
     };
-    let mut resp = Json(rows).into_response();
-    resp.headers_mut().insert(
-        "x-tollgate-report-source",
-        axum::http::HeaderValue::from_static(source),
-    );
-    if let Some(v) =
-        from.and_then(|f| axum::http::HeaderValue::from_str(&crate::clock::rfc3339(f)).ok())
-    {
-        resp.headers_mut().insert("x-tollgate-report-since", v);
+    Ok((rows, source))
+}
+
+/// A page of the request log, and who answered: ClickHouse when configured and caught up
+/// (and its rows have every column the log shows), else the store.
+pub(crate) async fn request_log(
+    app: &Arc<AppState>,
+    filter: crate::store::RecordFilter,
+) -> Result<(Vec<UsageRecord>, &'static str), ApiError> {
+    let mut source = "store";
+    let mut found = None;
+    if let Some(ch) = clickhouse_caught_up(app).await {
+        match ch.find_records(&filter).await {
+            Ok(Some(rows)) => {
+                found = Some(rows);
+                source = "clickhouse";
+            }
+            Ok(None) => tracing::info!(
+                "the request log's page has rows clickhouse took before schema version 8; answering from the store"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "request log from clickhouse failed; answering from the store")
+            }
+        }
     }
-    Ok(resp)
+    let rows: Vec<UsageRecord> = match found {
+        Some(rows) => rows,
+        None => blocking(app, move |a| Ok(a.store.find_records(&filter)?)).await?,
+    };
+    Ok((rows, source))
 }
 
 /// The request log: `LOG_FILTERS` as query parameters, newest first; a full page carries
@@ -697,23 +738,7 @@ async fn records_h(
     // Read-your-writes for operators and tests: whatever was queued is committed first.
     app.meter.flush().await;
     let limit = filter.limit;
-    let mut source = "store";
-    let mut found = None;
-    if let Some(ch) = clickhouse_caught_up(&app).await {
-        match ch.find_records(&filter).await {
-            Ok(rows) => {
-                found = Some(rows);
-                source = "clickhouse";
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "request log from clickhouse failed; answering from the store")
-            }
-        }
-    }
-    let rows: Vec<UsageRecord> = match found {
-        Some(rows) => rows,
-        None => blocking(&app, move |a| Ok(a.store.find_records(&filter)?)).await?,
-    };
+    let (rows, source) = request_log(&app, filter).await?;
     let cursor = next_cursor(&rows, limit);
     // Each record with why it ended, in words.
     let rows: Vec<serde_json::Value> = rows

@@ -121,6 +121,12 @@ impl KeyCache {
         self.map.load().get(digest).cloned()
     }
 
+    /// The key with this id: a scan, for the few callers that hold an id, not a secret
+    /// (dashboard sessions).
+    pub fn by_id(&self, id: &str) -> Option<Arc<KeyRecord>> {
+        self.map.load().values().find(|k| k.id == id).cloned()
+    }
+
     pub fn team_limits(&self, team: &str) -> Option<KeyLimits> {
         self.teams.load().get(team).copied()
     }

@@ -221,6 +221,7 @@ impl Gateway {
             metrics,
             server: config.server.clone(),
             store_config: config.store.clone(),
+            ui: config.ui.clone(),
             config_path: opts.config_path,
             provider_keys: opts.provider_keys,
             mock_url,

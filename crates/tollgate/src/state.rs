@@ -25,6 +25,8 @@ pub struct AppState {
     pub server: ServerConfig,
     /// As started (changing the store needs a restart).
     pub store_config: crate::config::StoreConfig,
+    /// The dashboard's settings (`[ui]`, static).
+    pub ui: crate::config::UiConfig,
     pub config_path: Option<PathBuf>,
     pub(crate) provider_keys: ProviderKeys,
     pub(crate) mock_url: Option<String>,

@@ -250,7 +250,11 @@ impl ClickHouse {
                 req = req.query(&[("query", q.replace("{db}", &self.database))]);
                 body
             }
-            None => sql.replace("{db}", &self.database).into_bytes(),
+            // Id lists (`present_in`) run past the default 256 KiB.
+            None => {
+                req = req.query(&[("max_query_size", "4194304")]);
+                sql.replace("{db}", &self.database).into_bytes()
+            }
         };
         let resp = req
             .body(body)
@@ -385,8 +389,9 @@ impl ClickHouse {
         rows: &[(&str, u16)],
     ) -> Result<std::collections::HashSet<String>, String> {
         let mut found = std::collections::HashSet::new();
-        // Small enough that the statement stays under max_query_size (256 KiB).
-        for part in rows.chunks(2_000) {
+        // Each statement scans the ids of its days: few and large (about 350 KiB of ids,
+        // under the max_query_size `run` sets, and the default 50 000 AST elements).
+        for part in rows.chunks(10_000) {
             let lo = part.iter().map(|e| e.1).min().unwrap_or(0);
             let hi = part.iter().map(|e| e.1).max().unwrap_or(u16::MAX);
             let list = part

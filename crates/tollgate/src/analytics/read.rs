@@ -64,23 +64,11 @@ struct LogRow {
 }
 
 impl LogRow {
+    /// The record of a row with the `absent` mask (written by version 8 or later).
     fn record(self) -> UsageRecord {
         let mask = self.absent;
-        let known = mask & absent::KNOWN != 0;
-        // Rows written before the mask (version 7) read an empty value as absent.
-        let opt = |v: String, bit: u32, empty: &str| -> Option<String> {
-            let gone = if known {
-                mask & bit != 0
-            } else {
-                v.is_empty() || v == empty
-            };
-            (!gone).then_some(v)
-        };
-        let ttft_gone = if known {
-            mask & absent::TTFT != 0
-        } else {
-            self.ttft_ms == 0
-        };
+        let opt = |v: String, bit: u32| (mask & bit == 0).then_some(v);
+        let ttft_gone = mask & absent::TTFT != 0;
         let savings = self
             .saving_savers
             .into_iter()
@@ -98,16 +86,16 @@ impl LogRow {
             endpoint: self.endpoint,
             key_id: self.key_id,
             agent: self.agent,
-            team: opt(self.team, absent::TEAM, ""),
-            project: opt(self.project, absent::PROJECT, ""),
-            org: opt(self.org, absent::ORG, "default"),
+            team: opt(self.team, absent::TEAM),
+            project: opt(self.project, absent::PROJECT),
+            org: opt(self.org, absent::ORG),
             tags: self.tag_keys.into_iter().zip(self.tag_values).collect(),
-            model_requested: opt(self.model_requested, absent::MODEL_REQUESTED, ""),
-            provider: opt(self.provider, absent::PROVIDER, ""),
-            model_served: opt(self.model_served, absent::MODEL_SERVED, ""),
+            model_requested: opt(self.model_requested, absent::MODEL_REQUESTED),
+            provider: opt(self.provider, absent::PROVIDER),
+            model_served: opt(self.model_served, absent::MODEL_SERVED),
             attempts: self.attempts,
             status: self.status,
-            error_kind: opt(self.error_kind, absent::ERROR_KIND, ""),
+            error_kind: opt(self.error_kind, absent::ERROR_KIND),
             input_tokens: self.input_tokens,
             cached_input_tokens: self.cached_input_tokens,
             output_tokens: self.output_tokens,
@@ -116,22 +104,22 @@ impl LogRow {
             cache_write_1h_tokens: self.cache_write_1h_tokens,
             usage_source: self.usage_source,
             cost_micros: self.cost_micros,
-            price_version: opt(self.price_version, absent::PRICE_VERSION, ""),
+            price_version: opt(self.price_version, absent::PRICE_VERSION),
             latency_ms: self.latency_ms,
             ttft_ms: (!ttft_gone).then_some(self.ttft_ms),
             stream: self.stream != 0,
             client_disconnected: self.client_disconnected != 0,
             request_bytes: self.request_bytes,
             response_bytes: self.response_bytes,
-            reused: opt(self.reused, absent::REUSED, ""),
-            reused_from: opt(self.reused_from, absent::REUSED_FROM, ""),
-            wallet_id: opt(self.wallet_id, absent::WALLET, ""),
+            reused: opt(self.reused, absent::REUSED),
+            reused_from: opt(self.reused_from, absent::REUSED_FROM),
+            wallet_id: opt(self.wallet_id, absent::WALLET),
             shortfall_micros: self.shortfall_micros,
-            run_id: opt(self.run_id, absent::RUN, "-"),
-            cache: opt(self.cache, absent::CACHE, ""),
-            cascade: opt(self.cascade, absent::CASCADE, ""),
+            run_id: opt(self.run_id, absent::RUN),
+            cache: opt(self.cache, absent::CACHE),
+            cascade: opt(self.cascade, absent::CASCADE),
             savings,
-            detail: opt(self.detail, absent::DETAIL, ""),
+            detail: opt(self.detail, absent::DETAIL),
             ..UsageRecord::default()
         }
     }
@@ -175,8 +163,10 @@ const FIRST_SPAN_DAYS: i64 = 1;
 impl ClickHouse {
     /// The request log from `usage`, as `Store::find_records` gives it: newest first, the
     /// same filters and cursor. Recent days are looked at first, and only ids and times are
-    /// sorted: the page's rows are read whole once they are known.
-    pub async fn find_records(&self, f: &RecordFilter) -> Result<Vec<UsageRecord>, String> {
+    /// sorted: the page's rows are read whole once they are known. `None` when the page holds
+    /// a row written before migration 8: it lacks columns the log shows (attempts, bytes,
+    /// savings), so the store, which has them, should answer.
+    pub async fn find_records(&self, f: &RecordFilter) -> Result<Option<Vec<UsageRecord>>, String> {
         let mut conds = Vec::new();
         if let Some(k) = &f.key {
             conds.push(format!("(key_id = {q} OR agent = {q})", q = quote(k)));
@@ -238,7 +228,7 @@ impl ClickHouse {
             span = span.saturating_mul(2);
         }
         if found.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Some(Vec::new()));
         }
         // The page's rows whole, a few thousand ids per statement (under max_query_size).
         let mut rows: Vec<LogRow> = Vec::with_capacity(found.len());
@@ -263,11 +253,16 @@ impl ClickHouse {
                 .await?,
             );
         }
+        if rows.iter().any(|r| r.absent & absent::KNOWN == 0) {
+            return Ok(None);
+        }
         let mut by_id: BTreeMap<String, UsageRecord> = rows
             .into_iter()
             .map(|r| (r.id.clone(), r.record()))
             .collect();
-        Ok(found.iter().filter_map(|r| by_id.remove(&r.id)).collect())
+        Ok(Some(
+            found.iter().filter_map(|r| by_id.remove(&r.id)).collect(),
+        ))
     }
 
     /// Outcomes that occurred at or after `since_ms`, oldest first (`Store::outcomes_since`).

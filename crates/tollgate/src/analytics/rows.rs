@@ -453,11 +453,12 @@ impl Chunk {
         out
     }
 
-    /// The chunk as one spill-file frame: `T`, the table, the row count, the body's length,
+    /// The chunk as one spill-file frame: `T` (an insert of these rows was tried and its
+    /// outcome is unknown) or `U` (never sent), the table, the row count, the body's length,
     /// each row's start, the body. A frame cut by a crash mid-write is short, and skipped.
-    pub(super) fn frame(&self) -> Vec<u8> {
+    pub(super) fn frame(&self, tried: bool) -> Vec<u8> {
         let mut f = Vec::with_capacity(10 + 4 * self.starts.len() + self.bytes.len());
-        f.push(b'T');
+        f.push(if tried { b'T' } else { b'U' });
         f.push(self.table.code());
         f.extend_from_slice(&(self.starts.len() as u32).to_le_bytes());
         f.extend_from_slice(&(self.bytes.len() as u32).to_le_bytes());
@@ -468,18 +469,20 @@ impl Chunk {
         f
     }
 
-    /// The frames of a spill file, in order; stops at the first one that is cut or does not
-    /// read as a frame (and says whether it did).
-    pub(super) fn unframe(mut b: &[u8]) -> (Vec<Chunk>, bool) {
+    /// The frames of a spill file, in order, each with whether it was tried; stops at the
+    /// first one that is cut or does not read as a frame (and says whether it did).
+    pub(super) fn unframe(mut b: &[u8]) -> (Vec<(Chunk, bool)>, bool) {
         let mut out = Vec::new();
         let u32_at = |b: &[u8], at: usize| -> Option<u32> {
             Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
         };
         while !b.is_empty() {
             let frame = (|| {
-                if *b.first()? != b'T' {
-                    return None;
-                }
+                let tried = match *b.first()? {
+                    b'T' => true,
+                    b'U' => false,
+                    _ => return None,
+                };
                 let table = Table::of_code(*b.get(1)?)?;
                 let rows = u32_at(b, 2)? as usize;
                 let len = u32_at(b, 6)? as usize;
@@ -501,11 +504,11 @@ impl Chunk {
                     oldest_ms: None,
                 };
                 c.oldest_ms = c.entries().map(|e| e.ts_ms).min();
-                Some((c, end))
+                Some((c, tried, end))
             })();
             match frame {
-                Some((c, end)) => {
-                    out.push(c);
+                Some((c, tried, end)) => {
+                    out.push((c, tried));
                     b = &b[end..];
                 }
                 None => return (out, false),
@@ -583,11 +586,13 @@ mod tests {
             })
             .collect();
         let c = Chunk::usage(&recs);
-        let mut file = c.frame();
-        file.extend_from_slice(&Chunk::usage(&recs[..1]).frame());
+        let mut file = c.frame(true);
+        file.extend_from_slice(&Chunk::usage(&recs[..1]).frame(false));
         let (chunks, whole) = Chunk::unframe(&file);
         assert!(whole);
         assert_eq!(chunks.len(), 2);
+        assert_eq!((chunks[0].1, chunks[1].1), (true, false));
+        let chunks: Vec<Chunk> = chunks.into_iter().map(|(c, _)| c).collect();
         let ids: Vec<&str> = chunks[0].entries().map(|e| e.id).collect();
         assert_eq!(ids, ["req_0é\t", "req_1é\t", "req_2é\t"]);
         assert_eq!(chunks[0].body(), c.body());
@@ -596,7 +601,7 @@ mod tests {
         assert_eq!((e.ts_ms, e.day), (1_700_000_000_002, 19_675));
         assert_eq!(day_text(e.day), "2023-11-14");
         // The second frame cut anywhere: the first still reads, the second does not.
-        for cut in 1..Chunk::usage(&recs[..1]).frame().len() {
+        for cut in 1..Chunk::usage(&recs[..1]).frame(false).len() {
             let (chunks, whole) = Chunk::unframe(&file[..file.len() - cut]);
             assert!(!whole);
             assert_eq!(chunks.len(), 1);

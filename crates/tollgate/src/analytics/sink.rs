@@ -47,9 +47,10 @@ impl Spill {
             .sum()
     }
 
-    /// Appends the chunk; `false` (nothing written) past the bound or when the disk fails.
-    fn write(&mut self, chunk: &Chunk) -> bool {
-        let frame = chunk.frame();
+    /// Appends the chunk (`tried`: an insert of it went out and its outcome is unknown);
+    /// `false` (nothing written) past the bound or when the disk fails.
+    fn write(&mut self, chunk: &Chunk, tried: bool) -> bool {
+        let frame = chunk.frame(tried);
         let n = frame.len() as u64;
         if self.bytes.saturating_add(n) > self.max_bytes {
             return false;
@@ -106,7 +107,7 @@ impl Sink {
             return;
         }
         if self.queued.load(Ordering::Acquire) + n > self.capacity {
-            spill(&self.spill, &self.metrics, &chunk);
+            spill(&self.spill, &self.metrics, &chunk, false);
             return;
         }
         self.queued.fetch_add(n, Ordering::AcqRel);
@@ -115,7 +116,7 @@ impl Sink {
             self.queued.fetch_sub(n, Ordering::AcqRel);
             self.metrics.analytics_queue_depth.dec_by(n as i64);
             if let Msg::Rows(chunk) = e.0 {
-                spill(&self.spill, &self.metrics, &chunk);
+                spill(&self.spill, &self.metrics, &chunk, false);
             }
         }
     }
@@ -135,9 +136,9 @@ impl Sink {
     }
 }
 
-fn spill(s: &Mutex<Spill>, metrics: &Metrics, chunk: &Chunk) {
+fn spill(s: &Mutex<Spill>, metrics: &Metrics, chunk: &Chunk, tried: bool) {
     let mut s = s.lock().unwrap_or_else(|p| p.into_inner());
-    if s.write(chunk) {
+    if s.write(chunk, tried) {
         metrics.analytics_records_spilled.inc_by(chunk.len() as u64);
         metrics.analytics_spill_bytes.set(s.bytes as i64);
     } else {
@@ -315,6 +316,7 @@ impl SinkTask {
                     }
                 }
                 let chunks = [usage, second, outcomes, ledger];
+                let tried = !down;
                 let results: Vec<Result<(), String>> = if down {
                     chunks.iter().map(|_| Err("down".to_string())).collect()
                 } else {
@@ -336,7 +338,7 @@ impl SinkTask {
                         down = true;
                         retry_at = tokio::time::Instant::now() + self.retry_interval;
                     }
-                    spill(&self.spill, &self.metrics, c);
+                    spill(&self.spill, &self.metrics, c, tried);
                 }
                 self.note_lag(pending.oldest_ms());
             }
@@ -392,6 +394,9 @@ impl SinkTask {
 
     /// Sends what was spilled, each chunk only for the ids ClickHouse lacks. Rows spilled
     /// while it runs (a full queue) are taken in the next round, three rounds at most.
+    /// Frames never sent go in without asking, but only from a file this call took: a
+    /// `replay.bin` already there is a replay that failed or was cut off, whose inserts may
+    /// have landed, so all of it is asked about.
     async fn replay(&self) -> Result<(), String> {
         let dir = self
             .spill
@@ -415,11 +420,13 @@ impl SinkTask {
                 let s = self.spill.lock().unwrap_or_else(|p| p.into_inner());
                 let (path, replay) = (s.path(), s.replay_path());
                 // A replay that did not finish is finished first; new rows start a new file.
-                if !replay.exists() && path.exists() {
+                let fresh = !replay.exists() && path.exists();
+                if fresh {
                     std::fs::rename(&path, &replay).map_err(|e| format!("spill file: {e}"))?;
                 }
-                replay
+                (replay, fresh)
             };
+            let (replay, fresh) = replay;
             let Ok(bytes) = std::fs::read(&replay) else {
                 return Ok(());
             };
@@ -430,19 +437,29 @@ impl SinkTask {
                     "the analytics spill file ends in a cut frame (a crash mid-write); the frames before it are replayed"
                 );
             }
-            // Consecutive frames of a table go in together, up to a batch.
-            let mut merged: Vec<Chunk> = Vec::new();
-            for c in chunks {
-                match merged.last_mut() {
-                    Some(last) if last.table == c.table && last.len() < self.batch_max => {
-                        last.append(c)
-                    }
-                    _ => merged.push(c),
+            // A table's frames go in together, up to a batch (the tables' frames alternate in
+            // the file: a batch's usage rows, then its captures); those that need asking
+            // apart from those that do not.
+            let mut merged: Vec<(Chunk, bool)> = Vec::new();
+            for (c, tried) in chunks {
+                let ask = tried || !fresh;
+                match merged
+                    .iter_mut()
+                    .rev()
+                    .find(|(m, a)| m.table == c.table && *a == ask)
+                {
+                    Some((last, _)) if last.len() < self.batch_max => last.append(c),
+                    _ => merged.push((c, ask)),
                 }
             }
             let mut sent = 0;
-            for c in &merged {
-                sent += self.ch.insert_once(c).await?;
+            for (c, ask) in &merged {
+                sent += if *ask {
+                    self.ch.insert_once(c).await?
+                } else {
+                    self.ch.insert(c).await?;
+                    c.len()
+                };
             }
             self.replayed(sent, &replay);
         }

@@ -213,6 +213,13 @@ impl Config {
                 );
             }
         }
+        let ttl = self.ui.session_ttl;
+        if ttl < Duration::from_secs(60) || ttl > Duration::from_secs(30 * 86_400) {
+            p(
+                "ui.session_ttl".into(),
+                "must be between 1 minute and 30 days",
+            );
+        }
         let o = &self.otel;
         if let Some(u) = o.endpoint.as_deref() {
             if !is_http_url(u) {

@@ -345,6 +345,21 @@ impl Store {
         })
     }
 
+    /// The status and error kind of the newest `limit` records since `since_ms`, newest
+    /// first: what the dashboard's refusal shares are taken over (bounded whatever the
+    /// traffic, by the `ts_ms` index).
+    pub fn recent_statuses(&self, since_ms: i64, limit: u32) -> Result<Vec<(u16, Option<String>)>> {
+        self.with(|db| {
+            db.rows(
+                "SELECT status, error_kind FROM usage WHERE ts_ms >= ?1 ORDER BY ts_ms DESC LIMIT ?2",
+                &[&since_ms, &limit],
+            )?
+            .iter()
+            .map(|r| Ok((r.get::<i64>(0)?.clamp(0, 999) as u16, r.get::<Option<String>>(1)?)))
+            .collect()
+        })
+    }
+
     /// The bodies kept with a record (`[logging] bodies`), if any.
     pub fn record_bodies(&self, id: &str) -> Result<Option<crate::records::Bodies>> {
         self.with(|db| {
