@@ -75,7 +75,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     ),
     ("state", &["state", "ops", "focus", "reconcile"]),
     ("pipeline", &["proxy", "routes", "mcp"]),
-    ("server", &["server", "admin", "webhooks", "conn"]),
+    ("server", &["server", "admin", "ui", "webhooks", "conn"]),
 ];
 
 pub mod admin;
@@ -127,6 +127,7 @@ pub mod state;
 pub mod store;
 pub mod tls;
 pub mod toolroute;
+pub mod ui;
 pub mod upstream;
 pub mod wallet;
 pub mod webhooks;

@@ -332,6 +332,11 @@ pub fn router(app: Arc<AppState>) -> Router {
             ),
         );
     }
+    if app.ui.enabled {
+        r = r
+            .nest("/ui", crate::ui::router())
+            .route("/ui/", get(|| async { crate::ui::see_other("/ui") }));
+    }
     r.route("/v1/models", get(proxy::list_models))
         .route("/v1/models/{*id}", get(proxy::get_model))
         .route("/v1/quote", post(proxy::quote_handler))

@@ -419,7 +419,7 @@ pub async fn spawn_gateway(args: &[&str], addr: &str) -> KillOnDrop {
 
 /// Whether `bin` is on the PATH; says loudly when not, and fails when
 /// TOLLGATE_REQUIRE_SERVERS=1 (as in CI) says every server must be there.
-fn installed(bin: &str) -> bool {
+pub fn installed(bin: &str) -> bool {
     let found = std::process::Command::new("sh")
         .args(["-c", &format!("command -v {bin}")])
         .output()

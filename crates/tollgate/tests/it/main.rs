@@ -37,5 +37,6 @@ mod spend;
 mod streaming;
 mod toolcalls;
 mod translation;
+mod ui;
 mod upstream_conns;
 mod wallets;

@@ -1,0 +1,403 @@
+//! The dashboard in a real browser: Debian's Chromium driven by its chromedriver over the
+//! W3C WebDriver protocol (plain HTTP and JSON, spoken here with the test's reqwest client).
+//! Screenshots of every page go to `target/ui-screenshots/`, and to `docs/ui/` when
+//! `TOLLGATE_UI_SCREENSHOTS=docs`.
+
+use crate::harness::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+use tollgate::ui::usd;
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+struct Browser {
+    http: reqwest::Client,
+    url: String,
+    _driver: std::process::Child,
+    _profile: TempDir,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self._driver.kill();
+        let _ = self._driver.wait();
+    }
+}
+
+impl Browser {
+    async fn start(width: u32, height: u32) -> Option<Browser> {
+        if !installed("chromedriver") || !installed("chromium") {
+            return None;
+        }
+        let port = free_port();
+        let driver = std::process::Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("chromedriver");
+        let http = reqwest::Client::new();
+        let base = format!("http://127.0.0.1:{port}");
+        for _ in 0..200 {
+            if http.get(format!("{base}/status")).send().await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let profile = TempDir::new("chromium");
+        // Debian's /usr/bin/chromium is a wrapper script; the browser itself is beside it.
+        let binary = ["/usr/lib/chromium/chromium", "/usr/bin/chromium"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or("chromium");
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": binary,
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--no-first-run", "--hide-scrollbars", "--force-device-scale-factor=1",
+                    format!("--window-size={width},{height}"),
+                    format!("--user-data-dir={}", profile.path().display()),
+                ]
+            }
+        }}});
+        let r: Value = http
+            .post(format!("{base}/session"))
+            .json(&caps)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let session = r["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no WebDriver session: {r}"))
+            .to_string();
+        Some(Browser {
+            http,
+            url: format!("{base}/session/{session}"),
+            _driver: driver,
+            _profile: profile,
+        })
+    }
+
+    async fn cmd(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut req = self.http.request(method, format!("{}{path}", self.url));
+        req = req.json(&body.unwrap_or(json!({})));
+        let v: Value = req.send().await.unwrap().json().await.unwrap();
+        assert!(
+            v["value"].get("error").is_none(),
+            "WebDriver {path}: {}",
+            v["value"]
+        );
+        v["value"].clone()
+    }
+
+    async fn goto(&self, url: &str) {
+        self.cmd(reqwest::Method::POST, "/url", Some(json!({"url": url})))
+            .await;
+    }
+
+    async fn find(&self, css: &str) -> String {
+        let v = self
+            .cmd(
+                reqwest::Method::POST,
+                "/element",
+                Some(json!({"using": "css selector", "value": css})),
+            )
+            .await;
+        v[ELEMENT].as_str().unwrap().to_string()
+    }
+
+    async fn fill(&self, css: &str, text: &str) {
+        let el = self.find(css).await;
+        self.cmd(
+            reqwest::Method::POST,
+            &format!("/element/{el}/value"),
+            Some(json!({"text": text})),
+        )
+        .await;
+    }
+
+    async fn click(&self, css: &str) {
+        let el = self.find(css).await;
+        self.cmd(reqwest::Method::POST, &format!("/element/{el}/click"), None)
+            .await;
+    }
+
+    async fn text(&self, css: &str) -> String {
+        let el = self.find(css).await;
+        self.cmd(reqwest::Method::GET, &format!("/element/{el}/text"), None)
+            .await
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    async fn source(&self) -> String {
+        self.cmd(reqwest::Method::GET, "/source", None)
+            .await
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    async fn current_url(&self) -> String {
+        self.cmd(reqwest::Method::GET, "/url", None)
+            .await
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    async fn script(&self, js: &str) -> Value {
+        self.cmd(
+            reqwest::Method::POST,
+            "/execute/sync",
+            Some(json!({"script": js, "args": []})),
+        )
+        .await
+    }
+
+    async fn screenshot(&self, name: &str) {
+        use base64::Engine as _;
+        let png = self.cmd(reqwest::Method::GET, "/screenshot", None).await;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(png.as_str().unwrap())
+            .unwrap();
+        assert!(bytes.starts_with(b"\x89PNG"), "a PNG");
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let dir = root.join("target/ui-screenshots");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{name}.png")), &bytes).unwrap();
+        if std::env::var("TOLLGATE_UI_SCREENSHOTS").as_deref() == Ok("docs") {
+            let docs = root.join("docs/ui");
+            std::fs::create_dir_all(&docs).unwrap();
+            std::fs::write(docs.join(format!("{name}.png")), &bytes).unwrap();
+        }
+    }
+
+    /// The session cookie, as the browser holds it (HttpOnly: no page script can read it).
+    async fn cookie(&self, name: &str) -> Value {
+        self.cmd(reqwest::Method::GET, &format!("/cookie/{name}"), None)
+            .await
+    }
+
+    /// How far the page moved while it loaded (the Layout Instability API's sum).
+    async fn layout_shift(&self) -> f64 {
+        let v = self
+            .cmd(
+                reqwest::Method::POST,
+                "/execute/async",
+                Some(json!({"script": "const done = arguments[arguments.length - 1]; let sum = 0; \
+                    new PerformanceObserver(l => { for (const e of l.getEntries()) sum += e.value; }) \
+                      .observe({type: 'layout-shift', buffered: true}); \
+                    setTimeout(() => done(sum), 300);", "args": []})),
+            )
+            .await;
+        v.as_f64().unwrap()
+    }
+}
+
+/// Signs in, creates a key, gives it a wallet and tops it up, sends traffic, and sees the
+/// request in the log and the spend in the overview; every page once at 1 280 px and the
+/// overview on a phone, without layout shift or sideways scrolling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_in_a_real_browser() {
+    let gw = TestGateway::start("").await;
+    let Some(b) = Browser::start(1280, 900).await else {
+        return;
+    };
+    let ui = format!("{}/ui", gw.url);
+
+    // Not signed in: the sign-in page. A wrong key is refused there.
+    b.goto(&ui).await;
+    assert!(b.current_url().await.ends_with("/ui/login"));
+    b.screenshot("login").await;
+    b.fill("#key", "tg_not_a_key").await;
+    b.click("button[type=submit]").await;
+    assert!(
+        b.text(".error").await.contains("not a key of this gateway"),
+        "{}",
+        b.source().await
+    );
+    let agent = gw.create_key(json!({"name": "someone"})).await.0;
+    b.fill("#key", &agent).await;
+    b.click("button[type=submit]").await;
+    assert!(b.text(".error").await.contains("agent key"));
+
+    b.fill("#key", &gw.admin_key).await;
+    b.click("button[type=submit]").await;
+    assert!(
+        b.current_url().await.ends_with("/ui"),
+        "{}",
+        b.current_url().await
+    );
+    assert_eq!(b.text("[data-testid=spend]").await, "$0.00");
+    let cookie = b.cookie("tollgate_ui").await;
+    assert_eq!(cookie["httpOnly"], true, "{cookie}");
+    assert_eq!(cookie["sameSite"], "Strict", "{cookie}");
+
+    // A key, made in the browser.
+    b.goto(&format!("{ui}/keys")).await;
+    b.script("document.querySelector('details').open = true;")
+        .await;
+    b.fill("input[name=name]", "ui-agent").await;
+    b.fill("input[name=team]", "web").await;
+    b.click("details form button[type=submit]").await;
+    let after = b.source().await;
+    assert!(after.contains("data-testid=\"secret\""), "{after}");
+    let secret = b.text("[data-testid=secret]").await;
+    let key_id = b.text("[data-testid=key-id]").await;
+    assert!(secret.starts_with("tg_"), "{secret}");
+    b.screenshot("keys").await;
+
+    // Its wallet, topped up with $5.
+    b.goto(&format!("{ui}/wallets")).await;
+    b.script("document.querySelector('details').open = true;")
+        .await;
+    b.fill("input[name=owner]", &format!("key:{key_id}")).await;
+    b.click("details form button[type=submit]").await;
+    assert_eq!(b.text("[data-testid=balance]").await, "$0.00");
+    b.fill("input[name=amount]", "5.00").await;
+    b.click("form.panel button[type=submit]").await;
+    assert_eq!(b.text("[data-testid=balance]").await, "$5.00");
+
+    // Traffic through the gateway with the key the browser made.
+    for i in 0..3 {
+        let r = gw
+            .chat(
+                &secret,
+                json!({"model": "mock", "max_tokens": 16, "messages": [{"role": "user", "content": format!("hello {i}")}]}),
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+    }
+    let records = gw.records().await;
+    let spent: u64 = records
+        .iter()
+        .filter(|r| r.agent == "ui-agent")
+        .map(|r| r.cost_micros)
+        .sum();
+    assert!(spent > 0);
+
+    // The requests in the log, and one opened.
+    b.goto(&format!("{ui}/requests")).await;
+    let log = b.source().await;
+    assert_eq!(log.matches(">ui-agent<").count(), 3, "{log}");
+    b.screenshot("requests").await;
+    b.click("tbody tr:first-child td:first-child a").await;
+    assert!(b.current_url().await.contains("/ui/requests/req_"));
+    assert!(b.source().await.contains("price version"));
+    b.screenshot("request").await;
+
+    // The spend in the overview: the tile and today's bar.
+    b.goto(&ui).await;
+    let tile = b.text("[data-testid=spend]").await;
+    assert_eq!(tile, usd(spent as i64));
+    let today = &tollgate::clock::rfc3339(tollgate::clock::now_ms())[..10];
+    assert!(
+        b.source()
+            .await
+            .contains(&format!("{today}: {}", usd(spent as i64))),
+        "today's bar"
+    );
+    assert!(b.layout_shift().await < 0.01, "the overview does not move");
+    b.screenshot("overview").await;
+
+    // The wallet spent what the records cost.
+    b.goto(&format!("{ui}/wallets")).await;
+    b.click("tbody tr:first-child td:first-child a").await;
+    let balance = b.text("[data-testid=balance]").await;
+    assert_eq!(balance, usd(5_000_000 - spent as i64), "{balance}");
+    b.screenshot("wallet").await;
+    for (page, name) in [("/runs", "runs"), ("/roi", "roi"), ("/wallets", "wallets")] {
+        b.goto(&format!("{ui}{page}")).await;
+        b.screenshot(name).await;
+    }
+
+    // Changes from elsewhere are refused: no CSRF token, a wrong one, another origin.
+    let session = format!("tollgate_ui={}", cookie["value"].as_str().unwrap());
+    let csrf = {
+        let page = b.source().await;
+        let at = page.find("name=\"csrf\" value=\"").unwrap() + 19;
+        page[at..at + 32].to_string()
+    };
+    let post = |body: String, origin: Option<&str>| {
+        let mut r = gw
+            .client
+            .post(format!("{ui}/keys"))
+            .header("cookie", &session)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body);
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        r.send()
+    };
+    let keys = || async {
+        gw.client
+            .get(format!("{}/admin/keys", gw.url))
+            .bearer_auth(&gw.admin_key)
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let before = keys().await;
+    let r = post("name=csrf-less".into(), None).await.unwrap();
+    assert_eq!(r.status(), 403);
+    let r = post(format!("name=wrong&csrf={}", "0".repeat(32)), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = post(
+        format!("name=elsewhere&csrf={csrf}"),
+        Some("http://evil.example"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(keys().await, before, "no key was made");
+    // The same form with its token and this origin works.
+    let r = post(format!("name=from-form&csrf={csrf}"), Some(&gw.url))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // A forged cookie is no session.
+    let r = gw
+        .client
+        .get(&ui)
+        .header("cookie", "tollgate_ui=key_x.99999999999999.00.00")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.url().path().ends_with("/ui/login"));
+
+    // Every page says what it allows: no inline script, no framing.
+    let r = gw.client.get(format!("{ui}/login")).send().await.unwrap();
+    let csp = r.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"));
+    assert!(csp.contains("frame-ancestors 'none'"));
+    assert_eq!(r.headers()["x-frame-options"], "DENY");
+    drop(b);
+
+    // On a phone: the overview fits the screen's width.
+    let phone = Browser::start(390, 844).await.unwrap();
+    phone.goto(&format!("{ui}/login")).await;
+    phone.fill("#key", &gw.admin_key).await;
+    phone.click("button[type=submit]").await;
+    let fits = phone
+        .script("return document.documentElement.scrollWidth <= window.innerWidth + 1;")
+        .await;
+    assert_eq!(fits, true, "no sideways scrolling at 390 px");
+    assert!(phone.layout_shift().await < 0.01);
+    phone.screenshot("overview-phone").await;
+}
