@@ -51,6 +51,8 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/runs", get(pages::runs))
         .route("/runs/{id}", get(pages::run))
         .route("/roi", get(pages::roi))
+        .route("/approvals", get(pages::approvals))
+        .route("/approvals/{id}/{decision}", post(pages::decide))
         .fallback(|| async { error_page(StatusCode::NOT_FOUND, "No such page.") })
         .layer(axum::middleware::map_response(security_headers))
 }
@@ -255,6 +257,7 @@ pub fn page(s: &Session, active: &str, title: &str, body: &str) -> Response {
         ("/ui/runs", "Runs"),
         ("/ui/requests", "Requests"),
         ("/ui/roi", "ROI"),
+        ("/ui/approvals", "Approvals"),
     ]
     .iter()
     .map(|(href, name)| {

@@ -1061,3 +1061,97 @@ pub async fn roi(State(app): State<Arc<AppState>>, headers: HeaderMap, p: Pairs)
     let _ = write!(body, "<p class=\"source\">From {source}.</p>");
     Ok(page(&s, "ROI", "Return on spend", &body))
 }
+
+// ---------------------------------------------------------------------------------------
+// Approvals
+
+pub async fn approvals(State(app): State<Arc<AppState>>, headers: HeaderMap, p: Pairs) -> Page {
+    let s = signed_in(&app, &headers)?;
+    let state = match param(&p.0, "state") {
+        Some(st @ ("pending" | "approved" | "denied" | "used")) => st.to_string(),
+        _ => "pending".into(),
+    };
+    let st = state.clone();
+    let list = blocking(&app, move |a| {
+        crate::ops::list_approvals(&a.store, Some(&st), 200)
+    })
+    .await
+    .map_err(failed)?;
+    let mut body = String::from("<nav class=\"ranges\" aria-label=\"State\">");
+    for st in ["pending", "approved", "denied", "used"] {
+        let cur = if st == state {
+            " aria-current=\"true\""
+        } else {
+            ""
+        };
+        let _ = write!(body, "<a href=\"/ui/approvals?state={st}\"{cur}>{st}</a>");
+    }
+    body.push_str("</nav>");
+    if list.is_empty() {
+        body.push_str(
+            "<section class=\"empty\"><p>Nothing here. Tool calls a policy marks \
+             <code>require_approval</code> wait here for a person; the agent retries the same \
+             call once it is approved.</p></section>",
+        );
+    }
+    let csrf = esc(&s.csrf);
+    let now = now_ms();
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|a| {
+            let args = serde_json::to_string(&a.arguments).unwrap_or_default();
+            let shown: String = args.chars().take(300).collect();
+            let decide = if a.state == "pending" && a.expires_ms > now {
+                let id = q(&a.id);
+                format!(
+                    "<form method=\"post\" action=\"/ui/approvals/{id}/approve\" class=\"inline\">\
+                     <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+                     <input name=\"note\" aria-label=\"note\" placeholder=\"note\" maxlength=\"2000\">\
+                     <button type=\"submit\">Approve</button></form>\
+                     <form method=\"post\" action=\"/ui/approvals/{id}/deny\" class=\"inline\">\
+                     <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+                     <button type=\"submit\" class=\"danger\">Deny</button></form>"
+                )
+            } else {
+                esc(a.decided_by.as_deref().unwrap_or(""))
+            };
+            vec![
+                esc(&crate::clock::rfc3339(a.created_ms)),
+                esc(&a.agent),
+                format!("<code>{}</code>", esc(&a.tool)),
+                format!("<code>{}</code>", esc(&shown)),
+                esc(&format!("{}: {}", a.policy, a.reason)),
+                decide,
+            ]
+        })
+        .collect();
+    body.push_str(&table(
+        &["asked", "agent", "tool", "arguments", "policy", ""],
+        &rows,
+    ));
+    Ok(page(&s, "Approvals", "Approvals", &body))
+}
+
+pub async fn decide(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((id, decision)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Page {
+    let (s, f) = change(&app, &headers, &body)?;
+    let approve = match decision.as_str() {
+        "approve" => true,
+        "deny" => false,
+        _ => return Err(error_page(StatusCode::NOT_FOUND, "Approve or deny.").into()),
+    };
+    // Who decided, as the audit log keeps it: the dashboard session's admin key.
+    let by = format!("admin key {} (dashboard)", s.key_name);
+    let note = field(&f, "note").map(str::to_string);
+    let ttl = app.runtime.load().approvals.ttl;
+    blocking(&app, move |a| {
+        crate::ops::decide_approval(&a.store, &id, approve, &by, note.as_deref(), ttl)
+    })
+    .await
+    .map_err(failed)?;
+    Ok(see_other("/ui/approvals"))
+}

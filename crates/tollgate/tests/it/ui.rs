@@ -206,7 +206,22 @@ impl Browser {
 /// overview on a phone, without layout shift or sideways scrolling.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_in_a_real_browser() {
-    let gw = TestGateway::start("").await;
+    let gw = TestGateway::start(
+        r#"
+        [[providers]]
+        name = "mock"
+        kind = "mock"
+        models = ["mock*"]
+        [[tool_policies]]
+        name = "desk"
+        keys = ["desk-*"]
+        [[tool_policies.rules]]
+        when = "surface == 'model' && tool.name == 'change_account_email'"
+        decision = "require_approval"
+        reason = "an account's email changes with a human's approval"
+        "#,
+    )
+    .await;
     let Some(b) = Browser::start(1280, 900).await else {
         return;
     };
@@ -317,6 +332,33 @@ async fn the_dashboard_in_a_real_browser() {
         b.goto(&format!("{ui}{page}")).await;
         b.screenshot(name).await;
     }
+
+    // A tool call parked for approval, approved from the dashboard.
+    let desk = gw.create_key(json!({"name": "desk-1"})).await.0;
+    let tools = json!([{"type": "function", "function": {"name": "change_account_email",
+        "parameters": {"type": "object", "properties": {"email": {"type": "string", "const": "a@b.example"}}, "required": ["email"]}}}]);
+    let r = gw
+        .chat(
+            &desk,
+            json!({"model": "mock", "messages": [{"role": "user", "content": "change it"}], "tools": tools,
+                   "tool_choice": {"type": "function", "function": {"name": "change_account_email"}}}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    b.goto(&format!("{ui}/approvals")).await;
+    let pending = b.source().await;
+    assert!(
+        pending.contains("change_account_email") && pending.contains("a@b.example"),
+        "{pending}"
+    );
+    b.screenshot("approvals").await;
+    b.click("form[action$='/approve'] button").await;
+    b.goto(&format!("{ui}/approvals?state=approved")).await;
+    let approved = b.source().await;
+    assert!(
+        approved.contains("change_account_email") && approved.contains("(dashboard)"),
+        "{approved}"
+    );
 
     // Changes from elsewhere are refused: no CSRF token, a wrong one, another origin.
     let session = format!("tollgate_ui={}", cookie["value"].as_str().unwrap());
