@@ -13,7 +13,7 @@ N=${1:-10000000}
 DIR=${DIR:-/tmp/tollgate-ui-bench}
 PORT=${PORT:-4190}
 ADMIN=tg_ui_bench_admin_key_0123456789
-cargo build --release -q -p tollgate --example spend_scale
+cargo build --release -q -p tollgate --bins --example spend_scale
 mkdir -p "$DIR"
 target/release/examples/spend_scale "sqlite:$DIR" "$N" > "$DIR/fill.jsonl"
 printf '[server]\nlisten = "127.0.0.1:%s"\ndata_dir = "%s"\n' "$PORT" "$DIR" > "$DIR/ui.toml"
@@ -26,7 +26,7 @@ cookie=$(curl -s -i -X POST "http://127.0.0.1:$PORT/ui/login" -d "key=$ADMIN" | 
 echo "| page | median ms | slowest ms | status |"
 echo "|---|---|---|---|"
 for page in "/ui" "/ui?range=30d" "/ui?range=90d" "/ui/keys" "/ui/wallets" "/ui/requests" \
-            "/ui/requests?team=team-3&status=429" "/ui/runs?range=1d" "/ui/runs?range=7d" \
+            "/ui/requests?team=team-3&status=429" "/ui/runs" "/ui/runs?range=30d" \
             "/ui/runs/run_0000000010" "/ui/roi" "/ui/roi?by=type&range=30d"; do
   times=(); status=
   for _ in 1 2 3 4 5; do

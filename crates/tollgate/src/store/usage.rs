@@ -345,6 +345,55 @@ impl Store {
         })
     }
 
+    /// Spend and requests per hour from `since_ms` on (the hour it falls in), from the hourly
+    /// rollup of all traffic: `(hour start, cost, requests)`, oldest first, hours without
+    /// traffic absent.
+    pub fn hourly_spend(&self, since_ms: i64) -> Result<Vec<(i64, u64, u64)>> {
+        let start = report_start(since_ms);
+        self.with(|db| {
+            db.rows(
+                "SELECT start_ms, CAST(SUM(cost_micros) AS BIGINT), CAST(SUM(requests) AS BIGINT)
+                 FROM usage_rollup_dim WHERE dim = 'all' AND bucket = 'h' AND start_ms >= ?1
+                 GROUP BY start_ms ORDER BY start_ms",
+                &[&start],
+            )?
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.get::<i64>(0)?,
+                    r.get::<i64>(1)?.max(0) as u64,
+                    r.get::<i64>(2)?.max(0) as u64,
+                ))
+            })
+            .collect()
+        })
+    }
+
+    /// The runs with spend from `since_ms` on (the hour it falls in), costliest first, from
+    /// the per-run hourly rollup: `(run, requests, errors, cost)`.
+    pub fn runs_since(&self, since_ms: i64, limit: u32) -> Result<Vec<(String, u64, u64, u64)>> {
+        let start = report_start(since_ms);
+        self.with(|db| {
+            db.rows(
+                "SELECT run_id, CAST(SUM(requests) AS BIGINT), CAST(SUM(errors) AS BIGINT),
+                        CAST(SUM(cost_micros) AS BIGINT)
+                 FROM usage_run_rollup WHERE start_ms >= ?1
+                 GROUP BY run_id ORDER BY 4 DESC, 1 LIMIT ?2",
+                &[&start, &limit],
+            )?
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.get::<String>(0)?,
+                    r.get::<i64>(1)?.max(0) as u64,
+                    r.get::<i64>(2)?.max(0) as u64,
+                    r.get::<i64>(3)?.max(0) as u64,
+                ))
+            })
+            .collect()
+        })
+    }
+
     /// The status and error kind of the newest `limit` records since `since_ms`, newest
     /// first: what the dashboard's refusal shares are taken over (bounded whatever the
     /// traffic, by the `ts_ms` index).

@@ -22,6 +22,7 @@ type Pairs = Query<Vec<(String, String)>>;
 type Page = Result<Response, Refused>;
 
 const DAY_MS: i64 = 86_400_000;
+const HOUR_MS: i64 = 3_600_000;
 
 /// A change's session and form, once it is known to come from a page of ours.
 fn change(
@@ -182,6 +183,22 @@ async fn overview_body(
     );
     body.push_str("<h2>Spend per day</h2>");
     body.push_str(&chart::bars(&format!("Spend per day, last {range}"), &bars));
+    // The last 24 hours by the hour, from the hourly rollup.
+    let hour0 = crate::store::report_start(now) - 23 * HOUR_MS;
+    let hours = blocking(app, move |a| Ok(a.store.hourly_spend(hour0)?)).await?;
+    let per_hour: BTreeMap<i64, u64> = hours.iter().map(|(h, c, _)| (*h, *c)).collect();
+    let hour_bars: Vec<Bar> = (0..24)
+        .map(|i| {
+            let h = hour0 + i * HOUR_MS;
+            Bar {
+                micros: per_hour.get(&h).copied().unwrap_or(0),
+                href: format!("/ui/requests?since={h}&until={}", h + HOUR_MS),
+                label: format!("{}:00", &crate::clock::rfc3339(h)[11..13]),
+            }
+        })
+        .collect();
+    body.push_str("<h2>Spend per hour, last 24 h (UTC)</h2>");
+    body.push_str(&chart::bars("Spend per hour, last 24 hours", &hour_bars));
 
     // Refusals and failures, over the newest 10 000 requests of the range.
     let recent = blocking(app, move |a| Ok(a.store.recent_statuses(start, 10_000)?)).await?;
@@ -888,29 +905,21 @@ pub async fn request(
 
 pub async fn runs(State(app): State<Arc<AppState>>, headers: HeaderMap, p: Pairs) -> Page {
     let s = signed_in(&app, &headers)?;
-    // Runs are not rolled up: the list reads the range's records, so it offers short ranges.
-    let (range, days) = match param(&p.0, "range") {
-        Some("1d") => ("1d", 1),
-        _ => ("7d", 7),
-    };
-    let since = Some((now_ms() - days * DAY_MS).to_string());
-    let (rows, _) = usage_rows(&app, Some("run".into()), since, None)
+    // From the per-run hourly rollup: the 500 costliest runs of the range.
+    let (range, days) = range_of(&p.0);
+    let since = now_ms() - days * DAY_MS;
+    let rows = blocking(&app, move |a| Ok(a.store.runs_since(since, 500)?))
         .await
         .map_err(failed)?;
-    let mut body = format!(
-        "<nav class=\"ranges\" aria-label=\"Time range\"><a href=\"/ui/runs?range=1d\"{}>last 1d</a><a href=\"/ui/runs?range=7d\"{}>last 7d</a></nav>",
-        if range == "1d" { " aria-current=\"true\"" } else { "" },
-        if range == "7d" { " aria-current=\"true\"" } else { "" },
-    );
+    let mut body = picker("/ui/runs?", range);
     let cells: Vec<Vec<String>> = rows
         .iter()
-        .filter(|r| r.group != "-")
-        .map(|r| {
+        .map(|(run, requests, errors, cost)| {
             vec![
-                link(&format!("/ui/runs/{}", q(&r.group)), &r.group),
-                esc(&usd(r.cost_micros as i64)),
-                esc(&group(r.requests)),
-                esc(&group(r.errors)),
+                link(&format!("/ui/runs/{}", q(run)), run),
+                esc(&usd(*cost as i64)),
+                esc(&group(*requests)),
+                esc(&group(*errors)),
             ]
         })
         .collect();

@@ -290,6 +290,19 @@ async fn the_dashboard_in_a_real_browser() {
             .await;
         assert_eq!(r.status(), 200);
     }
+    // A run with a sub-run.
+    for (run, parent) in [("ui-run", None), ("ui-run-child", Some("ui-run"))] {
+        let mut req = gw
+            .client
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(&secret)
+            .header("x-tollgate-run", run)
+            .json(&json!({"model": "mock", "max_tokens": 16, "messages": [{"role": "user", "content": run}]}));
+        if let Some(p) = parent {
+            req = req.header("x-tollgate-parent-run", p);
+        }
+        assert_eq!(req.send().await.unwrap().status(), 200);
+    }
     let records = gw.records().await;
     let spent: u64 = records
         .iter()
@@ -301,7 +314,7 @@ async fn the_dashboard_in_a_real_browser() {
     // The requests in the log, and one opened.
     b.goto(&format!("{ui}/requests")).await;
     let log = b.source().await;
-    assert_eq!(log.matches(">ui-agent<").count(), 3, "{log}");
+    assert_eq!(log.matches(">ui-agent<").count(), 5, "{log}");
     b.screenshot("requests").await;
     b.click("tbody tr:first-child td:first-child a").await;
     assert!(b.current_url().await.contains("/ui/requests/req_"));
@@ -328,7 +341,18 @@ async fn the_dashboard_in_a_real_browser() {
     let balance = b.text("[data-testid=balance]").await;
     assert_eq!(balance, usd(5_000_000 - spent as i64), "{balance}");
     b.screenshot("wallet").await;
-    for (page, name) in [("/runs", "runs"), ("/roi", "roi"), ("/wallets", "wallets")] {
+    // The run, its sub-run and its calls.
+    b.goto(&format!("{ui}/runs")).await;
+    assert!(b.source().await.contains(">ui-run-child<"));
+    b.screenshot("runs").await;
+    b.click("a[href='/ui/runs/ui-run']").await;
+    let run = b.source().await;
+    assert!(
+        run.contains("Sub-runs") && run.contains(">ui-run-child<"),
+        "{run}"
+    );
+    b.screenshot("run").await;
+    for (page, name) in [("/roi", "roi"), ("/wallets", "wallets")] {
         b.goto(&format!("{ui}{page}")).await;
         b.screenshot(name).await;
     }
