@@ -555,9 +555,18 @@ pub async fn wallets(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Pa
     let s = signed_in(&app, &headers)?;
     app.meter.flush().await;
     let (wallets, budgets) = blocking(&app, |a| {
+        let now = now_ms();
         Ok((
             a.store.read(crate::wallet::list)?,
-            a.store.read(|c| Ok(crate::envelope::budgets(c)?))?,
+            // Each budget with its current period's envelope: what it spent and holds.
+            a.store.read(|c| {
+                let mut out = Vec::new();
+                for b in crate::envelope::budgets(c)? {
+                    let env = crate::envelope::get(c, &b.spec("", now).id)?;
+                    out.push((b, env));
+                }
+                Ok(out)
+            })?,
         ))
     })
     .await
@@ -601,10 +610,18 @@ pub async fn wallets(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Pa
     if !budgets.is_empty() {
         let rows: Vec<Vec<String>> = budgets
             .iter()
-            .map(|b| {
+            .map(|(b, env)| {
+                let spent = env.as_ref().map_or(0, |e| e.spent_cost_micros);
+                let held = env.as_ref().map_or(0, |e| e.held_cost_micros);
                 vec![
                     esc(&b.scope),
-                    esc(b.period.as_str()),
+                    esc(&format!(
+                        "{} (from {})",
+                        b.period.as_str(),
+                        b.period.start(now_ms())
+                    )),
+                    esc(&usd(spent)),
+                    esc(&usd(held)),
                     esc(&b.hard_micros.map(usd).unwrap_or_else(|| "–".into())),
                     esc(&b.soft_micros.map(usd).unwrap_or_else(|| "–".into())),
                 ]
@@ -614,7 +631,14 @@ pub async fn wallets(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Pa
             body,
             "<h2>Budgets</h2>{}",
             table(
-                &["scope", "period", "refused beyond", "warned beyond"],
+                &[
+                    "scope",
+                    "period",
+                    "spent",
+                    "held",
+                    "refused beyond",
+                    "warned beyond"
+                ],
                 &rows
             )
         );

@@ -280,6 +280,17 @@ async fn the_dashboard_in_a_real_browser() {
     b.click("form.panel button[type=submit]").await;
     assert_eq!(b.text("[data-testid=balance]").await, "$5.00");
 
+    // The team's monthly budget, set through the API.
+    let r = gw
+        .client
+        .put(format!("{}/admin/budgets", gw.url))
+        .bearer_auth(&gw.admin_key)
+        .json(&json!({"scope": "team:web", "period": "monthly", "hard": "100"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+
     // Traffic through the gateway with the key the browser made.
     for i in 0..3 {
         let r = gw
@@ -352,6 +363,15 @@ async fn the_dashboard_in_a_real_browser() {
         "{run}"
     );
     b.screenshot("run").await;
+    // The budget's period spend is what the team's records cost.
+    b.goto(&format!("{ui}/wallets")).await;
+    let budgets = b.source().await;
+    assert!(
+        budgets.contains("<td>team:web</td>")
+            && budgets.contains(&format!("<td>{}</td>", usd(spent as i64)))
+            && budgets.contains("<td>$100.00</td>"),
+        "{budgets}"
+    );
     for (page, name) in [("/roi", "roi"), ("/wallets", "wallets")] {
         b.goto(&format!("{ui}{page}")).await;
         b.screenshot(name).await;
