@@ -7,6 +7,8 @@
 # page is rendered whole before its first byte goes out).
 #
 #   bench/ui.sh [N]          # N defaults to 10 000 000; DIR=/tmp/tollgate-ui-bench
+#   FILL=0 bench/ui.sh       # the store in DIR is already filled (spend_scale also times its
+#                            # own reports, minutes at 10 M): only the pages are timed
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-10000000}
@@ -15,7 +17,9 @@ PORT=${PORT:-4190}
 ADMIN=tg_ui_bench_admin_key_0123456789
 cargo build --release -q -p tollgate --bins --example spend_scale
 mkdir -p "$DIR"
-target/release/examples/spend_scale "sqlite:$DIR" "$N" > "$DIR/fill.jsonl"
+if [ "${FILL:-1}" != 0 ]; then
+  target/release/examples/spend_scale "sqlite:$DIR" "$N" > "$DIR/fill.jsonl"
+fi
 printf '[server]\nlisten = "127.0.0.1:%s"\ndata_dir = "%s"\n' "$PORT" "$DIR" > "$DIR/ui.toml"
 TOLLGATE_ADMIN_KEY=$ADMIN RUST_LOG=warn target/release/tollgate serve --config "$DIR/ui.toml" 2>"$DIR/gw.log" >/dev/null &
 gw=$!
@@ -27,7 +31,7 @@ echo "| page | median ms | slowest ms | status |"
 echo "|---|---|---|---|"
 for page in "/ui" "/ui?range=30d" "/ui?range=90d" "/ui/keys" "/ui/wallets" "/ui/requests" \
             "/ui/requests?team=team-3&status=429" "/ui/runs" "/ui/runs?range=30d" \
-            "/ui/runs/run_0000000010" "/ui/roi" "/ui/roi?by=type&range=30d"; do
+            "/ui/roi" "/ui/roi?by=type&range=30d"; do
   times=(); status=
   for _ in 1 2 3 4 5; do
     line=$(curl -s -o /dev/null -w '%{http_code} %{time_total}' -H "Cookie: $cookie" "http://127.0.0.1:$PORT$page")
