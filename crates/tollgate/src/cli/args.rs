@@ -17,7 +17,8 @@ pub(crate) struct Cli {
 pub(crate) enum Cmd {
     /// Run the gateway. With no flags: 127.0.0.1:4000, data in ./tollgate-data, the built-in
     /// mock provider, an `openai` provider if OPENAI_API_KEY is set and an `anthropic` provider
-    /// if ANTHROPIC_API_KEY is set.
+    /// if ANTHROPIC_API_KEY is set. The dashboard is at /ui on the same port (sign in with the
+    /// admin key; `[ui] enabled = false` turns it off).
     Serve(ServeArgs),
     /// Check a configuration file and print every problem with its path.
     CheckConfig {
