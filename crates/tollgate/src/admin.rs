@@ -654,14 +654,34 @@ pub(crate) async fn usage_rows(
     since: Option<String>,
     source_q: Option<String>,
 ) -> Result<(Vec<crate::store::ReportRow>, &'static str), ApiError> {
+    let ch = report_clickhouse(app, source_q.as_deref()).await;
+    usage_rows_on(app, ch.as_deref(), by, since, source_q).await
+}
+
+/// Whether ClickHouse answers this report: configured, caught up, and not told otherwise by
+/// `source`. A page of several reports asks once.
+pub(crate) async fn report_clickhouse(
+    app: &Arc<AppState>,
+    source_q: Option<&str>,
+) -> Option<Arc<crate::analytics::ClickHouse>> {
+    match source_q {
+        None | Some("auto" | "rollups") => clickhouse_caught_up(app).await,
+        _ => None,
+    }
+}
+
+/// `usage_rows` with the ClickHouse decision already made (`report_clickhouse`).
+pub(crate) async fn usage_rows_on(
+    app: &Arc<AppState>,
+    ch: Option<&crate::analytics::ClickHouse>,
+    by: Option<String>,
+    since: Option<String>,
+    source_q: Option<String>,
+) -> Result<(Vec<crate::store::ReportRow>, &'static str), ApiError> {
     // With ClickHouse configured it answers (the store does, should it fail: the store
     // holds every record ClickHouse does).
     let mut source = "store";
     let mut rows = None;
-    let ch = match source_q.as_deref() {
-        None | Some("auto" | "rollups") => clickhouse_caught_up(app).await,
-        _ => None,
-    };
     if let Some(ch) = ch {
         let by: crate::store::GroupBy = by
             .as_deref()

@@ -5,7 +5,9 @@
 use super::chart::{self, Bar};
 use super::html::{esc, group, link, q, table, usd};
 use super::{check_change, error_page, field, form, page, see_other, signed_in, Refused, Session};
-use crate::admin::{blocking, push_hot, request_log, roi_answer, usage_rows};
+use crate::admin::{
+    blocking, push_hot, report_clickhouse, request_log, roi_answer, usage_rows, usage_rows_on,
+};
 use crate::clock::now_ms;
 use crate::error::ApiError;
 use crate::state::{refresh_keys, AppState};
@@ -17,6 +19,9 @@ use std::fmt::Write;
 use std::sync::Arc;
 
 type Pairs = Query<Vec<(String, String)>>;
+
+/// Whether a record (status, error kind) is one a refusal share counts.
+type Hit = fn(u16, Option<&str>) -> bool;
 
 /// A page, or the page that says why not (sign in first, a refused change, an error).
 type Page = Result<Response, Refused>;
@@ -109,7 +114,10 @@ async fn overview_body(
     let now = now_ms();
     let start = (now - (days - 1) * DAY_MS).div_euclid(DAY_MS) * DAY_MS;
     let since = Some(start.to_string());
-    let (by_day, source) = usage_rows(app, Some("day".into()), since.clone(), None).await?;
+    // One decision for the page's six reports: ClickHouse (caught up) or the store.
+    let ch = report_clickhouse(app, None).await;
+    let ch = ch.as_deref();
+    let (by_day, source) = usage_rows_on(app, ch, Some("day".into()), since.clone(), None).await?;
     let spent: u64 = by_day.iter().map(|r| r.cost_micros).sum();
     let requests: u64 = by_day.iter().map(|r| r.requests).sum();
     let errors: u64 = by_day.iter().map(|r| r.errors).sum();
@@ -129,8 +137,9 @@ async fn overview_body(
         })
         .collect();
     // Burn: the last 24 hours; projection: this month so far, at its pace.
-    let (last_day, _) = usage_rows(
+    let (last_day, _) = usage_rows_on(
         app,
+        ch,
         Some("endpoint".into()),
         Some((now - DAY_MS).to_string()),
         None,
@@ -138,8 +147,9 @@ async fn overview_body(
     .await?;
     let burn: u64 = last_day.iter().map(|r| r.cost_micros).sum();
     let month_start = month_start_ms(now);
-    let (month, _) = usage_rows(
+    let (month, _) = usage_rows_on(
         app,
+        ch,
         Some("endpoint".into()),
         Some(month_start.max(1).to_string()),
         None,
@@ -203,32 +213,44 @@ async fn overview_body(
     // Refusals and failures, over the newest 10 000 requests of the range.
     let recent = blocking(app, move |a| Ok(a.store.recent_statuses(start, 10_000)?)).await?;
     let n = recent.len();
-    let count = |f: &dyn Fn(u16, Option<&str>) -> bool| {
-        recent.iter().filter(|(st, k)| f(*st, k.as_deref())).count()
-    };
-    let paid = count(&|st, _| st == 402);
-    let limited = count(&|st, _| st == 429);
-    let looped = count(&|_, k| matches!(k, Some("loop_detected" | "retry_budget_exhausted")));
-    let upstream = count(&|_, k| {
-        k.is_some_and(|k| k.starts_with("upstream_") || k == "no_healthy_deployment")
-    });
-    let since_q = format!("since={start}");
+    let count = |f: Hit| recent.iter().filter(|(st, k)| f(*st, k.as_deref())).count();
+    // Each share counts what its link's log filter finds, so the number and the rows agree.
+    let shares: [(&str, &str, Hit); 5] = [
+        ("402 out of money", "status=402", |st, _| st == 402),
+        ("429 rate limited", "status=429", |st, _| st == 429),
+        ("loops", "error_kind=loop_detected", |_, k| {
+            k == Some("loop_detected")
+        }),
+        (
+            "retry storms",
+            "error_kind=retry_budget_exhausted",
+            |_, k| k == Some("retry_budget_exhausted"),
+        ),
+        (
+            "5xx: upstream trouble, gateway errors",
+            "status=5xx",
+            |st, _| (500..600).contains(&st),
+        ),
+    ];
+    let rows: Vec<Vec<String>> = shares
+        .iter()
+        .map(|(what, filter, hit)| {
+            let k = count(*hit);
+            vec![
+                esc(what),
+                share(k, n),
+                link(
+                    &format!("/ui/requests?since={start}&{filter}"),
+                    &group(k as u64),
+                ),
+            ]
+        })
+        .collect();
     let _ = write!(
         body,
         "<h2>Refusals and failures</h2><p class=\"hint\">Of the newest {} requests in the range.</p>{}",
         group(n as u64),
-        table(
-            &["", "share", "requests"],
-            &[
-                ("402 out of money", paid, format!("/ui/requests?{since_q}&status=402")),
-                ("429 rate limited", limited, format!("/ui/requests?{since_q}&status=429")),
-                ("loops and retry storms", looped, format!("/ui/requests?{since_q}&error_kind=loop_detected")),
-                ("upstream errors", upstream, format!("/ui/requests?{since_q}&status=5xx")),
-            ]
-            .iter()
-            .map(|(what, k, href)| vec![esc(what), share(*k, n), link(href, &group(*k as u64))])
-            .collect::<Vec<_>>(),
-        )
+        table(&["", "share", "requests"], &rows)
     );
 
     // Where the money went.
@@ -238,7 +260,7 @@ async fn overview_body(
         ("team", "Top teams", "team"),
         ("model", "Top models", "model"),
     ] {
-        let (rows, _) = usage_rows(app, Some(by.into()), since.clone(), None).await?;
+        let (rows, _) = usage_rows_on(app, ch, Some(by.into()), since.clone(), None).await?;
         let rows: Vec<Vec<String>> = rows
             .iter()
             .take(8)
@@ -316,6 +338,16 @@ async fn overview_body(
     }
     let _ = write!(body, "<p class=\"source\">Reports from {source}.</p>");
     Ok(body)
+}
+
+/// The request log of what a wallet pays for: its key's or team's requests (an org wallet
+/// pays for every key of the org, which the log does not filter on).
+fn owner_requests(w: &crate::wallet::Wallet) -> String {
+    match w.owner_kind {
+        crate::wallet::OwnerKind::Key => format!("/ui/requests?key={}", q(&w.owner)),
+        crate::wallet::OwnerKind::Team => format!("/ui/requests?team={}", q(&w.owner)),
+        crate::wallet::OwnerKind::Org => "/ui/requests".into(),
+    }
 }
 
 /// Midnight UTC of the first day of `ms`'s month.
@@ -687,10 +719,11 @@ pub async fn wallet(
         "<div class=\"tiles\"><div class=\"tile\"><span>Balance</span><strong data-testid=\"balance\">{}</strong></div>\
          <div class=\"tile\"><span>Held by requests in flight</span><strong>{}</strong></div>\
          <div class=\"tile\"><span>Floor</span><strong>{}</strong></div>\
-         <a class=\"tile\" href=\"/ui/requests?since=1\"><span>Owner</span><strong>{}:{}</strong></a></div>",
+         <a class=\"tile\" href=\"{}\"><span>Owner: its requests</span><strong>{}:{}</strong></a></div>",
         esc(&usd(w.balance_micros)),
         esc(&usd(w.held_micros)),
         esc(&usd(w.floor_micros)),
+        esc(&owner_requests(&w)),
         esc(w.owner_kind.as_str()),
         esc(&w.owner),
     );
