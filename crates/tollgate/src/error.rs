@@ -36,6 +36,8 @@ pub enum ErrorKind {
     KeyRevoked,
     ModelNotAllowed,
     AdminOnly,
+    /// A read-only dashboard key was sent to an API: it opens `/ui` and nothing else.
+    DashboardOnly,
     ModelNotFound,
     NotFound,
     /// The path exists, the method does not.
@@ -91,6 +93,7 @@ impl ErrorKind {
             ErrorKind::KeyRevoked => "key_revoked",
             ErrorKind::ModelNotAllowed => "model_not_allowed",
             ErrorKind::AdminOnly => "admin_only",
+            ErrorKind::DashboardOnly => "dashboard_only",
             ErrorKind::ModelNotFound => "model_not_found",
             ErrorKind::NotFound => "not_found",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
@@ -128,7 +131,9 @@ impl ErrorKind {
             ErrorKind::InvalidApiKey | ErrorKind::KeyExpired | ErrorKind::KeyRevoked => {
                 StatusCode::UNAUTHORIZED
             }
-            ErrorKind::ModelNotAllowed | ErrorKind::AdminOnly => StatusCode::FORBIDDEN,
+            ErrorKind::ModelNotAllowed | ErrorKind::AdminOnly | ErrorKind::DashboardOnly => {
+                StatusCode::FORBIDDEN
+            }
             ErrorKind::ModelNotFound | ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -173,6 +178,7 @@ impl ErrorKind {
             | ErrorKind::DialectMismatch => "invalid_request_error",
             ErrorKind::ModelNotAllowed
             | ErrorKind::AdminOnly
+            | ErrorKind::DashboardOnly
             | ErrorKind::ToolDenied
             | ErrorKind::ApprovalPending => "permission_error",
             ErrorKind::InsufficientFunds

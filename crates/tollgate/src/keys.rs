@@ -238,6 +238,7 @@ mod tests {
             tools: Vec::new(),
             tags: BTreeMap::new(),
             admin: false,
+            viewer: false,
             prefix: "tg_".into(),
             created_ms: 0,
             expires_ms: Some(100),

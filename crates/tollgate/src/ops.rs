@@ -41,6 +41,10 @@ pub struct NewKey {
     /// Requests in flight at once; overrides `[limits] concurrency`.
     #[serde(default)]
     pub concurrency: Option<u32>,
+    /// A read-only dashboard key: signs in to `/ui` to look, refused everywhere else. It
+    /// takes no models, tools or limits, since it calls nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub viewer: bool,
 }
 
 /// A key as shown to operators: never the secret, only its prefix.
@@ -149,6 +153,18 @@ pub fn create_key(
     for t in &req.tools {
         validate_name("tools entry", t)?;
     }
+    if req.viewer
+        && (!req.models.is_empty()
+            || !req.tools.is_empty()
+            || req.rpm.is_some()
+            || req.tpm.is_some()
+            || req.concurrency.is_some())
+    {
+        return Err(AdminError::Invalid(
+            "a viewer key only opens the dashboard read-only: it takes no models, tools or limits"
+                .into(),
+        ));
+    }
     let now = now_ms();
     let expires_ms = match &req.expires {
         Some(text) => {
@@ -170,6 +186,7 @@ pub fn create_key(
         tools: req.tools,
         tags: req.tags,
         admin: false,
+        viewer: req.viewer,
         prefix: keys::shown_prefix(&secret_text),
         created_ms: now,
         expires_ms,
@@ -247,6 +264,7 @@ pub fn bootstrap_admin_key(
         tools: Vec::new(),
         tags: BTreeMap::new(),
         admin: true,
+        viewer: false,
         prefix: keys::shown_prefix(secret_text),
         created_ms: now,
         expires_ms: None,

@@ -15,6 +15,10 @@ pub struct KeyRecord {
     pub models: Vec<String>,
     pub tags: BTreeMap<String, String>,
     pub admin: bool,
+    /// A read-only dashboard key: it signs in to `/ui` to look and is refused everywhere
+    /// else (the model and MCP endpoints, tool routes, the admin API, every dashboard form).
+    #[serde(default)]
+    pub viewer: bool,
     /// The first characters of the secret, for humans.
     pub prefix: String,
     pub created_ms: i64,
@@ -70,6 +74,11 @@ pub struct KeyLimits {
 impl KeyRecord {
     pub fn allows_model(&self, model: &str) -> bool {
         self.models.is_empty() || self.models.iter().any(|pat| pattern_matches(pat, model))
+    }
+
+    /// A key an agent calls with: neither the admin key nor a dashboard viewer's.
+    pub fn is_agent(&self) -> bool {
+        !self.admin && !self.viewer
     }
 
     pub fn status_at(&self, now_ms: i64) -> KeyStatus {

@@ -283,6 +283,10 @@ pub(crate) enum KeysCmd {
         /// This key's limits (each overrides its [limits] default).
         #[command(flatten)]
         limits: LimitArgs,
+        /// A read-only dashboard key: it signs in at /ui to look (no forms, no changes) and
+        /// every API refuses it (403 dashboard_only). Takes no models, tools or limits.
+        #[arg(long)]
+        viewer: bool,
     },
     /// List keys (prefixes only, never secrets).
     List,

@@ -16,6 +16,7 @@ pub(crate) async fn keys(cmd: KeysCmd, target: Target) -> anyhow::Result<()> {
             expires,
             tags,
             limits,
+            viewer,
         } => {
             let tags = tags.into_iter().collect::<BTreeMap<_, _>>();
             let req = NewKey {
@@ -30,6 +31,7 @@ pub(crate) async fn keys(cmd: KeysCmd, target: Target) -> anyhow::Result<()> {
                 rpm: limits.rpm,
                 tpm: limits.tpm,
                 concurrency: limits.concurrency,
+                viewer,
             };
             let created: CreatedKey = match &backend {
                 Backend::Local { store, secret } => admin::create_key(store, secret, req)?,

@@ -40,6 +40,8 @@ pub(crate) fn print_keys(keys: &[KeyView], format: Format) -> anyhow::Result<()>
                 format!("{}…", k.prefix),
                 if k.admin {
                     format!("{} (admin)", k.name)
+                } else if k.viewer {
+                    format!("{} (dashboard viewer)", k.name)
                 } else {
                     k.name.clone()
                 },

@@ -55,6 +55,12 @@ pub fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<Arc<KeyRecord
         .get(&app.secret.digest(secret))
         .ok_or_else(|| ApiError::new(ErrorKind::InvalidApiKey, "invalid API key"))?;
     match key.status_at(now_ms()) {
+        // Every API (models, MCP, tool routes, admin) authenticates here, so a dashboard
+        // viewer's key, leaked or pasted into an agent, calls nothing and spends nothing.
+        KeyStatus::Active if key.viewer => Err(ApiError::new(
+            ErrorKind::DashboardOnly,
+            "this is a read-only dashboard key: it signs in at /ui and calls no API",
+        )),
         KeyStatus::Active => Ok(key),
         KeyStatus::Expired => Err(ApiError::new(
             ErrorKind::KeyExpired,

@@ -151,6 +151,8 @@ const MIGRATIONS: &[&str] = &[
     usage::SAVINGS_MIGRATION,
     // 21: the path a cascade alias's request took through its tiers
     "ALTER TABLE usage ADD COLUMN cascade TEXT;",
+    // 22: read-only dashboard keys
+    "ALTER TABLE keys ADD COLUMN viewer INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Copies the WAL back into the database every `every`, off the request and writer paths
@@ -683,8 +685,8 @@ fn migrate(db: &mut Db) -> Result<()> {
 fn insert_key_row(tx: &mut Db, key: &KeyRecord, digest: &[u8; 32]) -> Result<()> {
     tx.exec(
         "INSERT INTO keys (id, digest, prefix, name, team, project, models, tags, admin,
-                           created_ms, expires_ms, revoked_ms, rotated_from, limits, org, tools)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                           created_ms, expires_ms, revoked_ms, rotated_from, limits, org, tools, viewer)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         &[
             &key.id,
             &&digest[..],
@@ -702,6 +704,7 @@ fn insert_key_row(tx: &mut Db, key: &KeyRecord, digest: &[u8; 32]) -> Result<()>
             &json(&key.limits),
             &key.org,
             &(!key.tools.is_empty()).then(|| json(&key.tools)),
+            &key.viewer,
         ],
     )?;
     tx.exec(
@@ -758,8 +761,8 @@ fn teams_in(db: &mut Db) -> Result<Vec<TeamRecord>> {
 }
 
 const KEY_COLUMNS: &str =
-    "id, prefix, name, team, project, models, tags, admin, created_ms, expires_ms, revoked_ms, rotated_from, limits, org, tools";
-const KEY_COLUMN_COUNT: usize = 15;
+    "id, prefix, name, team, project, models, tags, admin, created_ms, expires_ms, revoked_ms, rotated_from, limits, org, tools, viewer";
+const KEY_COLUMN_COUNT: usize = 16;
 
 fn key_from_row(r: &Row) -> Result<KeyRecord> {
     let models: String = r.get(5)?;
@@ -783,6 +786,7 @@ fn key_from_row(r: &Row) -> Result<KeyRecord> {
             .get::<Option<String>>(14)?
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default(),
+        viewer: r.get(15)?,
         secrets: Vec::new(),
     })
 }

@@ -123,6 +123,9 @@ impl IntoResponse for Refused {
 pub struct Session {
     pub key_id: String,
     pub key_name: String,
+    /// Signed in with a read-only dashboard key: pages show no forms, and every change is
+    /// refused (`check_change`).
+    pub viewer: bool,
     /// The token every form carries back.
     pub csrf: String,
 }
@@ -151,7 +154,7 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// The session the request's cookie carries, if it is genuine, unexpired, and its key is
-/// still an active admin key.
+/// still an active admin or viewer key.
 pub fn session(app: &AppState, headers: &HeaderMap) -> Option<Session> {
     let token = cookie(headers, COOKIE)?;
     let mut parts = token.split('.');
@@ -168,19 +171,38 @@ pub fn session(app: &AppState, headers: &HeaderMap) -> Option<Session> {
         return None;
     }
     let key = app.keys.by_id(key_id)?;
-    if !key.admin || key.status_at(now_ms()) != crate::records::KeyStatus::Active {
+    if key.is_agent() || key.status_at(now_ms()) != crate::records::KeyStatus::Active {
         return None;
     }
     Some(Session {
         key_id: key.id.clone(),
         key_name: key.name.clone(),
+        viewer: key.viewer,
         csrf: mac(app, "csrf", token)[..32].to_string(),
     })
 }
 
-/// A change (a POST) is honoured only from a page of this gateway: the form's CSRF token
-/// matches the session, and the browser, where it says, sent it from this origin.
+/// A change (a POST) is honoured only from a page of this gateway (`from_our_page`) and from
+/// the admin key's session: a viewer's session looks and changes nothing.
 pub fn check_change(
+    headers: &HeaderMap,
+    s: &Session,
+    form: &[(String, String)],
+) -> Result<(), Refused> {
+    from_our_page(headers, s, form)?;
+    if s.viewer {
+        return Err(error_page(
+            StatusCode::FORBIDDEN,
+            "This session's key is a read-only dashboard key: it can look, not change. Nothing was changed; sign in with the admin key to change keys, wallets or approvals.",
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// The form's CSRF token matches the session, and the browser, where it says, sent it from
+/// this origin.
+fn from_our_page(
     headers: &HeaderMap,
     s: &Session,
     form: &[(String, String)],
@@ -276,11 +298,12 @@ pub fn page(s: &Session, active: &str, title: &str, body: &str) -> Response {
          <script src=\"/ui/assets/app.js\" defer></script></head><body>\
          <header><span class=\"brand\">tollgate</span><nav>{nav}</nav>\
          <form method=\"post\" action=\"/ui/logout\" class=\"signout\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-         <span class=\"who\">{who}</span><button type=\"submit\">Sign out</button></form></header>\
+         <span class=\"who\">{who}{ro}</span><button type=\"submit\">Sign out</button></form></header>\
          <main><h1>{t}</h1>{body}</main></body></html>",
         t = esc(title),
         csrf = esc(&s.csrf),
         who = esc(&s.key_name),
+        ro = if s.viewer { " (read-only)" } else { "" },
     );
     (
         [(http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
@@ -318,11 +341,12 @@ fn login_page(status: StatusCode, message: Option<&str>) -> Response {
          <title>Sign in · tollgate</title><link rel=\"stylesheet\" href=\"/ui/assets/app.css\"></head>\
          <body><main class=\"narrow\"><h1>tollgate</h1>{msg}\
          <form method=\"post\" action=\"/ui/login\" class=\"stack\">\
-         <label for=\"key\">Admin key</label>\
+         <label for=\"key\">Admin or viewer key</label>\
          <input id=\"key\" name=\"key\" type=\"password\" autocomplete=\"current-password\" required placeholder=\"tg_…\">\
          <button type=\"submit\">Sign in</button></form>\
          <p class=\"hint\">The admin key was printed when the gateway first started (or set with \
-         <code>TOLLGATE_ADMIN_KEY</code>); <code>tollgate keys create --admin</code> makes another.</p>\
+         <code>TOLLGATE_ADMIN_KEY</code>); <code>tollgate keys create --name NAME --viewer</code> \
+         makes a read-only one, for people who only look.</p>\
          </main></body></html>"
     );
     (
@@ -347,7 +371,10 @@ async fn login(
 ) -> Response {
     let f = form(&body);
     let Some(secret) = field(&f, "key") else {
-        return login_page(StatusCode::BAD_REQUEST, Some("Paste the admin key."));
+        return login_page(
+            StatusCode::BAD_REQUEST,
+            Some("Paste the admin key or a viewer key."),
+        );
     };
     let key = app.keys.get(&app.secret.digest(secret));
     let Some(key) = key.filter(|k| k.status_at(now_ms()) == crate::records::KeyStatus::Active)
@@ -357,10 +384,10 @@ async fn login(
             Some("That is not a key of this gateway, or it was revoked or has expired."),
         );
     };
-    if !key.admin {
+    if key.is_agent() {
         return login_page(
             StatusCode::FORBIDDEN,
-            Some("That is an agent key; the dashboard needs the admin key."),
+            Some("That is an agent key; the dashboard needs the admin key or a viewer key."),
         );
     }
     let ttl = i64::try_from(app.ui.session_ttl.as_millis()).unwrap_or(i64::MAX);
@@ -379,7 +406,7 @@ async fn login(
         ttl / 1000,
         if secure { "; Secure" } else { "" }
     );
-    tracing::info!(key = %key.id, "dashboard sign-in");
+    tracing::info!(key = %key.id, viewer = key.viewer, "dashboard sign-in");
     let mut resp = see_other("/ui");
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         resp.headers_mut().insert(http::header::SET_COOKIE, v);
@@ -393,7 +420,8 @@ async fn logout(
     body: axum::body::Bytes,
 ) -> Response {
     if let Some(s) = session(&app, &headers) {
-        if let Err(r) = check_change(&headers, &s, &form(&body)) {
+        // Signing out changes nothing but the browser's cookie: viewers may.
+        if let Err(r) = from_our_page(&headers, &s, &form(&body)) {
             return r.into_response();
         }
     }

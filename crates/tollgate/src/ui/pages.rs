@@ -162,7 +162,7 @@ async fn overview_body(
 
     let mut body = picker("/ui?", range);
     let keys = blocking(app, |a| Ok(a.store.list_keys()?)).await?;
-    if !keys.iter().any(|k| !k.admin) {
+    if !keys.iter().any(|k| k.is_agent()) {
         body.push_str(
             "<section class=\"empty\"><h2>Start here</h2><p>No agent has a key yet. \
              <a href=\"/ui/keys\">Create the first agent key</a>, then point the agent's SDK at \
@@ -400,7 +400,8 @@ async fn keys_body(
         );
     }
     let csrf = esc(&s.csrf);
-    let _ = write!(
+    if !s.viewer {
+        let _ = write!(
         body,
         "<details class=\"panel\"{open}><summary>Create an agent key</summary>\
          <form method=\"post\" action=\"/ui/keys\" class=\"grid\">\
@@ -411,9 +412,11 @@ async fn keys_body(
          <label>Tokens per minute <input name=\"tpm\" inputmode=\"numeric\"></label>\
          <label>In flight at once <input name=\"concurrency\" inputmode=\"numeric\"></label>\
          <label>Expires after <input name=\"expires\" placeholder=\"30d\"></label>\
+         <label class=\"check\"><input type=\"checkbox\" name=\"viewer\" value=\"1\"> Read-only dashboard key (a person who only looks; no API)</label>\
          <button type=\"submit\">Create key</button></form></details>",
-        open = if keys.iter().any(|k| !k.admin) { "" } else { " open" },
+        open = if keys.iter().any(|k| k.is_agent()) { "" } else { " open" },
     );
+    }
     let now = now_ms();
     let rows: Vec<Vec<String>> = keys
         .into_iter()
@@ -443,19 +446,26 @@ async fn keys_body(
                 crate::records::KeyStatus::Revoked => "revoked",
             };
             let id = q(&k.id);
-            let actions = if view.status == crate::records::KeyStatus::Active && !k.admin {
+            let actions = if view.status == crate::records::KeyStatus::Active && !k.admin && !s.viewer {
+                // A viewer's key calls nothing, so it has no limits to set.
+                let limits_form = if k.viewer {
+                    String::new()
+                } else {
+                    format!(
+                        "<form method=\"post\" action=\"/ui/keys/{id}/limits\" class=\"inline\">\
+                         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+                         <input name=\"rpm\" aria-label=\"rpm\" placeholder=\"rpm\" size=\"6\" value=\"{}\">\
+                         <input name=\"tpm\" aria-label=\"tpm\" placeholder=\"tpm\" size=\"8\" value=\"{}\">\
+                         <button type=\"submit\">Set limits</button></form>",
+                        k.limits.rpm.map(|v| v.to_string()).unwrap_or_default(),
+                        k.limits.tpm.map(|v| v.to_string()).unwrap_or_default(),
+                    )
+                };
                 format!(
-                    "<form method=\"post\" action=\"/ui/keys/{id}/limits\" class=\"inline\">\
-                     <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-                     <input name=\"rpm\" aria-label=\"rpm\" placeholder=\"rpm\" size=\"6\" value=\"{}\">\
-                     <input name=\"tpm\" aria-label=\"tpm\" placeholder=\"tpm\" size=\"8\" value=\"{}\">\
-                     <button type=\"submit\">Set limits</button></form>\
-                     <form method=\"post\" action=\"/ui/keys/{id}/rotate\" class=\"inline\">\
+                    "{limits_form}<form method=\"post\" action=\"/ui/keys/{id}/rotate\" class=\"inline\">\
                      <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">Rotate</button></form>\
                      <form method=\"post\" action=\"/ui/keys/{id}/revoke\" class=\"inline\" data-confirm=\"Revoke {}? Its agent stops at once.\">\
                      <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\" class=\"danger\">Revoke</button></form>",
-                    k.limits.rpm.map(|v| v.to_string()).unwrap_or_default(),
-                    k.limits.tpm.map(|v| v.to_string()).unwrap_or_default(),
                     esc(&k.name),
                 )
             } else {
@@ -469,7 +479,11 @@ async fn keys_body(
                 esc(&usd(spend.get(k.id.as_str()).copied().unwrap_or(0) as i64)),
                 esc(if limits.is_empty() { "defaults" } else { &limits }),
                 wallet,
-                if k.admin { "admin".into() } else { actions },
+                match (k.admin, k.viewer) {
+                    (true, _) => "admin".into(),
+                    (_, true) => format!("viewer {actions}"),
+                    _ => actions,
+                },
             ]
         })
         .collect();
@@ -515,6 +529,7 @@ pub async fn create_key(
         rpm: num(&f, "rpm")?,
         tpm: num(&f, "tpm")?,
         concurrency: num(&f, "concurrency")?,
+        viewer: field(&f, "viewer").is_some(),
         ..Default::default()
     };
     let created = blocking(&app, move |a| {
@@ -612,7 +627,8 @@ pub async fn wallets(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Pa
              up: requests it cannot pay for are refused with 402.</p></section>",
         );
     }
-    let _ = write!(
+    if !s.viewer {
+        let _ = write!(
         body,
         "<details class=\"panel\"{open}><summary>Create a wallet</summary>\
          <form method=\"post\" action=\"/ui/wallets\" class=\"grid\">\
@@ -624,6 +640,7 @@ pub async fn wallets(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Pa
         csrf = esc(&s.csrf),
         open = if wallets.is_empty() { " open" } else { "" },
     );
+    }
     let rows: Vec<Vec<String>> = wallets
         .iter()
         .map(|w| {
@@ -730,7 +747,8 @@ pub async fn wallet(
     // A fresh idempotency key per page view: a form sent twice (a double click, a reload
     // that re-posts) credits once.
     let idem = format!("ui-{}", hex::encode(rand::random::<[u8; 12]>()));
-    let _ = write!(
+    if !s.viewer {
+        let _ = write!(
         body,
         "<form method=\"post\" action=\"/ui/wallets/{wid}/credit\" class=\"grid panel\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
@@ -742,6 +760,7 @@ pub async fn wallet(
          <button type=\"submit\">Credit the wallet</button></form>",
         csrf = esc(&s.csrf),
     );
+    }
     let kinds = [
         "capture", "hold", "release", "topup", "grant", "adjust", "expire",
     ];
@@ -1167,7 +1186,9 @@ pub async fn approvals(State(app): State<Arc<AppState>>, headers: HeaderMap, p: 
         .map(|a| {
             let args = serde_json::to_string(&a.arguments).unwrap_or_default();
             let shown: String = args.chars().take(300).collect();
-            let decide = if a.state == "pending" && a.expires_ms > now {
+            let decide = if a.state == "pending" && a.expires_ms > now && s.viewer {
+                "waiting for the admin".into()
+            } else if a.state == "pending" && a.expires_ms > now {
                 let id = q(&a.id);
                 format!(
                     "<form method=\"post\" action=\"/ui/approvals/{id}/approve\" class=\"inline\">\

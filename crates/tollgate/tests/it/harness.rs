@@ -402,6 +402,8 @@ pub async fn spawn_gateway(args: &[&str], addr: &str) -> KillOnDrop {
         .spawn()
         .unwrap();
     let child = KillOnDrop(Some(child));
+    // reqwest needs rustls's provider, which a test run alone has not installed yet.
+    tollgate::tls::init_tls();
     let client = reqwest::Client::new();
     for _ in 0..400 {
         if client

@@ -93,7 +93,7 @@ async fn migrate_and_the_cli_work_against_postgres() {
     let dir = TempDir::new("pgcli");
     let d = dir.path().to_str().unwrap().to_string();
     let u = url.clone();
-    let (first, second, key) = tokio::task::spawn_blocking(move || {
+    let (first, second, key, viewer, bad_viewer) = tokio::task::spawn_blocking(move || {
         let run = |args: &[&str]| {
             std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
                 .args(args)
@@ -106,11 +106,23 @@ async fn migrate_and_the_cli_work_against_postgres() {
         let first = run(&["migrate"]);
         let second = run(&["migrate"]);
         let key = run(&["keys", "create", "--name", "from-cli", "--format", "json"]);
-        (first, second, key)
+        let viewer = run(&[
+            "keys", "create", "--name", "looker", "--viewer", "--format", "json",
+        ]);
+        let bad_viewer = run(&[
+            "keys", "create", "--name", "looker2", "--viewer", "--models", "mock",
+        ]);
+        (first, second, key, viewer, bad_viewer)
     })
     .await
     .unwrap();
-    for out in [&first, &second, &key] {
+    assert!(!bad_viewer.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad_viewer.stderr).contains("takes no models"),
+        "{}",
+        String::from_utf8_lossy(&bad_viewer.stderr)
+    );
+    for out in [&first, &second, &key, &viewer] {
         assert!(
             out.status.success(),
             "{}",
@@ -139,6 +151,17 @@ async fn migrate_and_the_cli_work_against_postgres() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // The viewer key, read back from PostgreSQL, opens no API.
+    let viewer: serde_json::Value = serde_json::from_slice(&viewer.stdout).unwrap();
+    assert_eq!(viewer["key"]["viewer"], true, "{viewer}");
+    let r = reqwest::Client::new()
+        .post(format!("http://{listen}/v1/chat/completions"))
+        .bearer_auth(viewer["secret"].as_str().unwrap())
+        .json(&serde_json::json!({"model": "mock", "messages": user("hello")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
 }
 
 /// PostgreSQL stalls (every process stopped), then goes away and comes back: requests that

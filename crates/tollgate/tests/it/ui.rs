@@ -487,3 +487,170 @@ async fn the_dashboard_in_a_real_browser() {
     assert!(phone.layout_shift().await < 0.01);
     phone.screenshot("overview-phone").await;
 }
+
+/// A read-only dashboard key, made in the browser: it signs in and sees every page without a
+/// form, its changes are refused even with the right CSRF token, and every API refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_key_looks_and_changes_nothing() {
+    let gw = TestGateway::start(
+        r#"
+        [[providers]]
+        name = "mock"
+        kind = "mock"
+        models = ["mock*"]
+        "#,
+    )
+    .await;
+    let Some(b) = Browser::start(1280, 900).await else {
+        return;
+    };
+    let ui = format!("{}/ui", gw.url);
+    let (agent, agent_id) = gw.create_key(json!({"name": "worker"})).await;
+    let r = gw
+        .chat(
+            &agent,
+            json!({"model": "mock", "max_tokens": 8, "messages": user("hi")}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let (s, w) = gw
+        .admin(
+            reqwest::Method::POST,
+            "/admin/wallets",
+            Some(json!({"owner": format!("key:{agent_id}")})),
+        )
+        .await;
+    assert_eq!(s, 201, "{w}");
+    let wallet_id = w["id"].as_str().unwrap().to_string();
+
+    // The admin makes the viewer key with the form's checkbox.
+    b.goto(&format!("{ui}/login")).await;
+    b.fill("#key", &gw.admin_key).await;
+    b.click("button[type=submit]").await;
+    b.goto(&format!("{ui}/keys")).await;
+    b.script("document.querySelector('details').open = true;")
+        .await;
+    b.fill("input[name=name]", "finance-viewer").await;
+    b.click("input[name=viewer]").await;
+    b.click("details form button[type=submit]").await;
+    let viewer = b.text("[data-testid=secret]").await;
+    assert!(viewer.starts_with("tg_"), "{viewer}");
+    assert!(b.source().await.contains("<td>viewer "));
+    b.click("header form button[type=submit]").await;
+    assert!(b.current_url().await.ends_with("/ui/login"));
+
+    // Every API refuses it, in its caller's dialect.
+    let r = gw
+        .chat(
+            &viewer,
+            json!({"model": "mock", "max_tokens": 8, "messages": user("hi")}),
+        )
+        .await;
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "dashboard_only", "{v}");
+    let r = gw
+        .client
+        .post(format!("{}/v1/messages", gw.url))
+        .header("x-api-key", &viewer)
+        .header("anthropic-version", "2023-06-01")
+        .json(&json!({"model": "mock", "max_tokens": 8, "messages": user("hi")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["error"]["type"], "permission_error", "{v}");
+    for (method, path) in [
+        (reqwest::Method::GET, "/admin/keys"),
+        (reqwest::Method::GET, "/admin/usage"),
+        (reqwest::Method::GET, "/v1/models"),
+        (reqwest::Method::POST, "/mcp"),
+    ] {
+        let r = gw
+            .client
+            .request(method, format!("{}{path}", gw.url))
+            .bearer_auth(&viewer)
+            .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{path}");
+    }
+
+    // Signed in with it, the pages show the numbers and no form but signing out.
+    b.fill("#key", &viewer).await;
+    b.click("button[type=submit]").await;
+    assert!(b.current_url().await.ends_with("/ui"));
+    assert!(b.text("header .who").await.contains("(read-only)"));
+    for page in [
+        String::new(),
+        "/keys".into(),
+        "/wallets".into(),
+        format!("/wallets/{wallet_id}"),
+        "/approvals".into(),
+        "/requests".into(),
+    ] {
+        b.goto(&format!("{ui}{page}")).await;
+        let html = b.source().await;
+        assert_eq!(
+            html.matches("method=\"post\"").count(),
+            1,
+            "{page}: only the sign-out form\n{html}"
+        );
+    }
+    b.goto(&format!("{ui}/keys")).await;
+    assert!(b.source().await.contains(">worker<"));
+    b.screenshot("keys-viewer").await;
+
+    // A change sent with the viewer's own session and CSRF token is still refused.
+    let cookie = b.cookie("tollgate_ui").await;
+    let session = format!("tollgate_ui={}", cookie["value"].as_str().unwrap());
+    let csrf = {
+        let page = b.source().await;
+        let at = page.find("name=\"csrf\" value=\"").unwrap() + 19;
+        page[at..at + 32].to_string()
+    };
+    let keys = || async {
+        let (_, v) = gw.admin(reqwest::Method::GET, "/admin/keys", None).await;
+        v.as_array().unwrap().len()
+    };
+    let keys_before = keys().await;
+    for (path, body) in [
+        ("/keys", format!("name=by-viewer&csrf={csrf}")),
+        (&format!("/keys/{agent_id}/revoke"), format!("csrf={csrf}")),
+        (
+            &format!("/wallets/{wallet_id}/credit"),
+            format!("amount=1000&kind=topup&csrf={csrf}"),
+        ),
+    ] {
+        let r = gw
+            .client
+            .post(format!("{ui}{path}"))
+            .header("cookie", &session)
+            .header("origin", &gw.url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{path}");
+        assert!(r.text().await.unwrap().contains("read-only"));
+    }
+    assert_eq!(keys().await, keys_before, "no key was made");
+    let r = gw
+        .chat(
+            &agent,
+            json!({"model": "mock", "max_tokens": 8, "messages": user("still here")}),
+        )
+        .await;
+    // Alive (a revoked key is 401) and still unfunded (a credit would have paid).
+    assert_eq!(r.status(), 402, "the agent's key was not revoked");
+    let w = gw.wallet_view(&wallet_id).await;
+    assert_eq!(w["balance_micros"], 0, "nothing was credited: {w}");
+
+    // Signing out works for a viewer.
+    b.click("header form button[type=submit]").await;
+    assert!(b.current_url().await.ends_with("/ui/login"));
+}
