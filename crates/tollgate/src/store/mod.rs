@@ -6,8 +6,8 @@ mod usage;
 
 pub use outcomes::{ModelSpend, Outcome, Recorded};
 pub use usage::{
-    insert_usage_rows, report_start, whole_days, GroupBy, RecordFilter, ReportRow, ReportSource,
-    SavedRow,
+    insert_usage_rows, report_start, whole_days, GroupBy, RecentRun, RecordFilter, ReportRow,
+    ReportSource, SavedRow,
 };
 
 use crate::db::{Db, DbError, Dialect, Location, Param, Row, Value};
@@ -153,6 +153,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE usage ADD COLUMN cascade TEXT;",
     // 22: read-only dashboard keys
     "ALTER TABLE keys ADD COLUMN viewer INTEGER NOT NULL DEFAULT 0;",
+    // 23: the dashboard's runs list walks the per-run rollup by hour, newest first
+    "CREATE INDEX usage_run_rollup_hour ON usage_run_rollup(start_ms, run_id);",
 ];
 
 /// Copies the WAL back into the database every `every`, off the request and writer paths

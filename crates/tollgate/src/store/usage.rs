@@ -369,29 +369,90 @@ impl Store {
         })
     }
 
-    /// The runs with spend from `since_ms` on (the hour it falls in), costliest first, from
-    /// the per-run hourly rollup: `(run, requests, errors, cost)`.
-    pub fn runs_since(&self, since_ms: i64, limit: u32) -> Result<Vec<(String, u64, u64, u64)>> {
+    /// The `limit` runs last active most recently from `since_ms` on (the hour it falls in),
+    /// newest first, with what they did in that window: `(run, last hour, requests, errors,
+    /// cost)`. Walks the per-run rollup's hours newest first on its `(start_ms, run_id)`
+    /// index and stops once it has `limit` runs, then sums just those runs on the primary
+    /// key: bounded by the page, not by the number of runs in the window (a GROUP BY over
+    /// every run of 30 days took 1.4 s at 10 M records).
+    pub fn recent_runs(&self, since_ms: i64, limit: u32) -> Result<Vec<RecentRun>> {
         let start = report_start(since_ms);
+        let limit = limit as usize;
+        let mut order: Vec<(String, i64)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         self.with(|db| {
-            db.rows(
-                "SELECT run_id, CAST(SUM(requests) AS BIGINT), CAST(SUM(errors) AS BIGINT),
-                        CAST(SUM(cost_micros) AS BIGINT)
-                 FROM usage_run_rollup WHERE start_ms >= ?1
-                 GROUP BY run_id ORDER BY 4 DESC, 1 LIMIT ?2",
-                &[&start, &limit],
-            )?
-            .iter()
-            .map(|r| {
-                Ok((
-                    r.get::<String>(0)?,
-                    r.get::<i64>(1)?.max(0) as u64,
-                    r.get::<i64>(2)?.max(0) as u64,
-                    r.get::<i64>(3)?.max(0) as u64,
-                ))
+            let mut hour: Option<i64> = None;
+            while order.len() < limit {
+                // The newest hour with activity below the last one looked at.
+                let next = db
+                    .row(
+                        "SELECT MAX(start_ms) FROM usage_run_rollup
+                         WHERE start_ms >= ?1 AND (CAST(?2 AS BIGINT) IS NULL OR start_ms < ?2)",
+                        &[&start, &hour],
+                    )?
+                    .map(|r| r.get::<Option<i64>>(0))
+                    .transpose()?
+                    .flatten();
+                let Some(h) = next else { break };
+                for r in db.rows(
+                    "SELECT DISTINCT run_id FROM usage_run_rollup WHERE start_ms = ?1
+                     ORDER BY run_id DESC",
+                    &[&h],
+                )? {
+                    let run: String = r.get(0)?;
+                    if order.len() < limit && seen.insert(run.clone()) {
+                        order.push((run, h));
+                    }
+                }
+                hour = Some(h);
+            }
+            Ok(())
+        })?;
+        let runs: Vec<&str> = order.iter().map(|(r, _)| r.as_str()).collect();
+        let mut sums: std::collections::HashMap<String, (u64, u64, u64)> =
+            std::collections::HashMap::new();
+        for part in runs.chunks(500) {
+            let list = (2..part.len() + 2)
+                .map(|i| format!("?{i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut params: Vec<&dyn crate::db::Param> = vec![&start];
+            params.extend(part.iter().map(|r| r as &dyn crate::db::Param));
+            let rows = self.with(|db| {
+                Ok(db.rows(
+                    &format!(
+                        "SELECT run_id, CAST(SUM(requests) AS BIGINT), CAST(SUM(errors) AS BIGINT),
+                                CAST(SUM(cost_micros) AS BIGINT)
+                         FROM usage_run_rollup WHERE run_id IN ({list}) AND start_ms >= ?1
+                         GROUP BY run_id"
+                    ),
+                    &params,
+                )?)
+            })?;
+            for r in rows {
+                sums.insert(
+                    r.get(0)?,
+                    (
+                        r.get::<i64>(1)?.max(0) as u64,
+                        r.get::<i64>(2)?.max(0) as u64,
+                        r.get::<i64>(3)?.max(0) as u64,
+                    ),
+                );
+            }
+        }
+        Ok(order
+            .into_iter()
+            .map(|(run, last_hour_ms)| {
+                let (requests, errors, cost_micros) = sums.get(&run).copied().unwrap_or_default();
+                RecentRun {
+                    run,
+                    last_hour_ms,
+                    requests,
+                    errors,
+                    cost_micros,
+                }
             })
-            .collect()
-        })
+            .collect())
     }
 
     /// The status and error kind of the newest `limit` records since `since_ms`, newest
@@ -635,7 +696,7 @@ fn usage_values(u: &UsageRecord, shortfall: u64, out: &mut Vec<Value>) {
 /// run J). A record already there (a replayed batch) changes nothing and is not rolled up.
 fn insert_usage_one_by_one(tx: &mut Db, batch: &[UsageRecord], shortfalls: &[u64]) -> Result<()> {
     let sql = multi_row_sql(
-        "usage",
+        "usage one by one",
         &format!("INSERT INTO usage ({USAGE_COLUMNS}) VALUES "),
         " ON CONFLICT DO NOTHING",
         USAGE_COLUMN_COUNT,
@@ -677,7 +738,7 @@ fn insert_usage_statement(tx: &mut Db, batch: &[UsageRecord], shortfalls: &[u64]
     if !rows.is_empty() {
         let n = rows.len() / USAGE_COLUMN_COUNT;
         let sql = multi_row_sql(
-            "usage",
+            "usage returning ids",
             &format!("INSERT INTO usage ({USAGE_COLUMNS}) VALUES "),
             " ON CONFLICT DO NOTHING RETURNING id",
             USAGE_COLUMN_COUNT,
@@ -1051,7 +1112,10 @@ fn statement_sizes(mut n: usize) -> impl Iterator<Item = usize> {
 
 /// The text of a multi-row INSERT of `rows` rows of `cols` placeholders between `head` and
 /// `tail`, made once per (statement, rows) per thread: formatting thousands of placeholders
-/// per statement showed in the writer's profile.
+/// per statement showed in the writer's profile. `id` names the statement, so two
+/// statements must never share one: the SQLite insert (no RETURNING) and PostgreSQL's (which
+/// returns the ids it inserted) once did, and a thread that wrote to both stores rolled up
+/// nothing of PostgreSQL's one-row statements.
 fn multi_row_sql(
     id: &'static str,
     head: &str,
@@ -1085,6 +1149,17 @@ fn multi_row_sql(
             })
             .clone()
     })
+}
+
+/// One line of the dashboard's runs list (`Store::recent_runs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentRun {
+    pub run: String,
+    /// The start of the newest hour the run was active in.
+    pub last_hour_ms: i64,
+    pub requests: u64,
+    pub errors: u64,
+    pub cost_micros: u64,
 }
 
 /// Migration 16: records name their key's organisation; reports read one rollup row per

@@ -981,21 +981,28 @@ pub async fn request(
 
 pub async fn runs(State(app): State<Arc<AppState>>, headers: HeaderMap, p: Pairs) -> Page {
     let s = signed_in(&app, &headers)?;
-    // From the per-run hourly rollup: the 500 costliest runs of the range.
+    // The 500 runs active most recently in the range, from the per-run hourly rollup.
     let (range, days) = range_of(&p.0);
     let since = now_ms() - days * DAY_MS;
-    let rows = blocking(&app, move |a| Ok(a.store.runs_since(since, 500)?))
+    let rows = blocking(&app, move |a| Ok(a.store.recent_runs(since, 500)?))
         .await
         .map_err(failed)?;
     let mut body = picker("/ui/runs?", range);
+    body.push_str(
+        "<p class=\"hint\">The runs active most recently first, with what each spent in the range.</p>",
+    );
     let cells: Vec<Vec<String>> = rows
         .iter()
-        .map(|(run, requests, errors, cost)| {
+        .map(|r| {
             vec![
-                link(&format!("/ui/runs/{}", q(run)), run),
-                esc(&usd(*cost as i64)),
-                esc(&group(*requests)),
-                esc(&group(*errors)),
+                link(&format!("/ui/runs/{}", q(&r.run)), &r.run),
+                esc(&format!(
+                    "{}:00",
+                    crate::clock::rfc3339(r.last_hour_ms)[..13].replace('T', " ")
+                )),
+                esc(&usd(r.cost_micros as i64)),
+                esc(&group(r.requests)),
+                esc(&group(r.errors)),
             ]
         })
         .collect();
@@ -1006,7 +1013,16 @@ pub async fn runs(State(app): State<Arc<AppState>>, headers: HeaderMap, p: Pairs
              <code>x-tollgate-parent-run</code>); its calls, spend and outcome then show here.</p></section>",
         );
     }
-    body.push_str(&table(&["run", "spend", "requests", "errors"], &cells));
+    body.push_str(&table(
+        &[
+            "run",
+            "last active (hour, UTC)",
+            "spend",
+            "requests",
+            "errors",
+        ],
+        &cells,
+    ));
     Ok(page(&s, "Runs", "Runs", &body))
 }
 

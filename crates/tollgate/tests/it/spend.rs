@@ -960,3 +960,105 @@ async fn bodies_are_kept_only_when_asked_and_cut_to_size() {
         .await;
     assert_eq!(s, 404, "{v}");
 }
+
+/// The dashboard's runs list: the runs active most recently first (a run at its newest
+/// hour, once), at most the limit, each with what it did inside the window only; the same on
+/// SQLite and PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runs_list_is_newest_first_bounded_and_windowed() {
+    use tollgate::db::Location;
+    use tollgate::store::Store;
+    let pg = PgServer::start().await;
+    let dir = TempDir::new("recentruns");
+    let mut locations = vec![Location::Sqlite(dir.path().join("tollgate.db"))];
+    if let Some(pg) = &pg {
+        locations.push(Location::from_config(
+            Some(&pg.database("recentruns").await),
+            dir.path(),
+        ));
+    }
+    const HOUR: i64 = 3_600_000;
+    let now = tollgate::clock::now_ms().div_euclid(HOUR) * HOUR;
+    // (run, hours ago, cost): "old" spent 4 days ago and 1 hour ago; "mid" 3 hours ago;
+    // "new" in this hour, twice; "gone" 9 days ago only.
+    let spend = [
+        ("old", 96, 1_000),
+        ("old", 1, 10),
+        ("mid", 3, 200),
+        ("new", 0, 5),
+        ("new", 0, 7),
+        ("gone", 216, 9_999),
+    ];
+    // One thread writes to both stores, one after the other, as a copy between them would:
+    // the statements each store's writer prepares must not mix (they once did).
+    let results = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        for location in locations {
+            let store = Store::open_at(&location).unwrap();
+            let recs: Vec<_> = spend
+                .iter()
+                .enumerate()
+                .map(|(i, (run, ago, cost))| tollgate::metering::UsageRecord {
+                    id: format!("req_rr_{i}"),
+                    ts_ms: now - ago * HOUR + 1_000,
+                    endpoint: "chat".into(),
+                    key_id: "key_rr".into(),
+                    agent: "rr".into(),
+                    run_id: Some(run.to_string()),
+                    model_requested: Some("mock".into()),
+                    status: if i == 2 { 502 } else { 200 },
+                    cost_micros: *cost,
+                    usage_source: "provider".into(),
+                    attempts: 1,
+                    ..Default::default()
+                })
+                .collect();
+            store.insert_usage_batch(&recs).unwrap();
+            let week = now - 7 * 24 * HOUR;
+            out.push((
+                matches!(store.location(), Location::Postgres(_)),
+                store.recent_runs(week, 10).unwrap(),
+                store.recent_runs(week, 2).unwrap(),
+                store.recent_runs(now - 2 * HOUR, 10).unwrap(),
+            ));
+        }
+        out
+    })
+    .await
+    .unwrap();
+    for got in results {
+        let store = if got.0 { "postgres" } else { "sqlite" };
+        let got = (got.1, got.2, got.3);
+        let line = |r: &tollgate::store::RecentRun| {
+            (
+                r.run.clone(),
+                (now - r.last_hour_ms) / HOUR,
+                r.requests,
+                r.errors,
+                r.cost_micros,
+            )
+        };
+        let all: Vec<_> = got.0.iter().map(line).collect();
+        assert_eq!(
+            all,
+            vec![
+                ("new".to_string(), 0, 2, 0, 12),
+                ("old".to_string(), 1, 2, 0, 1_010),
+                ("mid".to_string(), 3, 1, 1, 200),
+            ],
+            "{store}"
+        );
+        let two: Vec<_> = got.1.iter().map(line).collect();
+        assert_eq!(two, all[..2].to_vec(), "{store}");
+        // Two hours back: "old" counts only its spend of an hour ago, "mid" is not there.
+        let short: Vec<_> = got.2.iter().map(line).collect();
+        assert_eq!(
+            short,
+            vec![
+                ("new".to_string(), 0, 2, 0, 12),
+                ("old".to_string(), 1, 1, 0, 10)
+            ],
+            "{store}"
+        );
+    }
+}

@@ -52,6 +52,9 @@ impl Browser {
             .unwrap_or("chromium");
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
+            // Finding an element waits for it a while: a form's answer may still be loading
+            // on a busy machine when the next step looks for what it shows.
+            "timeouts": {"implicit": 10000},
             "goog:chromeOptions": {
                 "binary": binary,
                 "args": [
@@ -262,8 +265,6 @@ async fn the_dashboard_in_a_real_browser() {
     b.fill("input[name=name]", "ui-agent").await;
     b.fill("input[name=team]", "web").await;
     b.click("details form button[type=submit]").await;
-    let after = b.source().await;
-    assert!(after.contains("data-testid=\"secret\""), "{after}");
     let secret = b.text("[data-testid=secret]").await;
     let key_id = b.text("[data-testid=key-id]").await;
     assert!(secret.starts_with("tg_"), "{secret}");
