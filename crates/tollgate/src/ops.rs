@@ -1007,7 +1007,7 @@ pub struct RoiRow {
 pub fn roi_report(store: &Store, by: &str, since: Option<&str>) -> Result<Vec<RoiRow>, AdminError> {
     roi_by(by)?;
     let since_ms = since_ms(since)?;
-    let spends = store.outcome_spends(since_ms)?;
+    let spends = store.outcome_spends(since_ms, by == "model")?;
     let total: u64 = store
         .usage_report(&GroupBy::Endpoint, since_ms)?
         .iter()
