@@ -402,20 +402,20 @@ async fn keys_body(
     let csrf = esc(&s.csrf);
     if !s.viewer {
         let _ = write!(
-        body,
-        "<details class=\"panel\"{open}><summary>Create an agent key</summary>\
-         <form method=\"post\" action=\"/ui/keys\" class=\"grid\">\
-         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-         <label>Name <input name=\"name\" required maxlength=\"128\" placeholder=\"research-agent\"></label>\
-         <label>Team <input name=\"team\" maxlength=\"128\"></label>\
-         <label>Requests per minute <input name=\"rpm\" inputmode=\"numeric\"></label>\
-         <label>Tokens per minute <input name=\"tpm\" inputmode=\"numeric\"></label>\
-         <label>In flight at once <input name=\"concurrency\" inputmode=\"numeric\"></label>\
-         <label>Expires after <input name=\"expires\" placeholder=\"30d\"></label>\
-         <label class=\"check\"><input type=\"checkbox\" name=\"viewer\" value=\"1\"> Read-only dashboard key (a person who only looks; no API)</label>\
-         <button type=\"submit\">Create key</button></form></details>",
-        open = if keys.iter().any(|k| k.is_agent()) { "" } else { " open" },
-    );
+            body,
+            "<details class=\"panel\"{open}><summary>Create an agent key</summary>\
+             <form method=\"post\" action=\"/ui/keys\" class=\"grid\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+             <label>Name <input name=\"name\" required maxlength=\"128\" placeholder=\"research-agent\"></label>\
+             <label>Team <input name=\"team\" maxlength=\"128\"></label>\
+             <label>Requests per minute <input name=\"rpm\" inputmode=\"numeric\"></label>\
+             <label>Tokens per minute <input name=\"tpm\" inputmode=\"numeric\"></label>\
+             <label>In flight at once <input name=\"concurrency\" inputmode=\"numeric\"></label>\
+             <label>Expires after <input name=\"expires\" placeholder=\"30d\"></label>\
+             <label class=\"check\"><input type=\"checkbox\" name=\"viewer\" value=\"1\"> Read-only dashboard key (a person who only looks; no API)</label>\
+             <button type=\"submit\">Create key</button></form></details>",
+            open = if keys.iter().any(|k| k.is_agent()) { "" } else { " open" },
+        );
     }
     let now = now_ms();
     let rows: Vec<Vec<String>> = keys
@@ -629,17 +629,17 @@ pub async fn wallets(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Pa
     }
     if !s.viewer {
         let _ = write!(
-        body,
-        "<details class=\"panel\"{open}><summary>Create a wallet</summary>\
-         <form method=\"post\" action=\"/ui/wallets\" class=\"grid\">\
-         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-         <label>Owner <input name=\"owner\" required placeholder=\"key:key_… / team:NAME / org:default\"></label>\
-         <label>Floor, USD <input name=\"floor\" placeholder=\"0\"></label>\
-         <label>Warn below, USD <input name=\"low_balance\"></label>\
-         <button type=\"submit\">Create wallet</button></form></details>",
-        csrf = esc(&s.csrf),
-        open = if wallets.is_empty() { " open" } else { "" },
-    );
+            body,
+            "<details class=\"panel\"{open}><summary>Create a wallet</summary>\
+             <form method=\"post\" action=\"/ui/wallets\" class=\"grid\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+             <label>Owner <input name=\"owner\" required placeholder=\"key:key_… / team:NAME / org:default\"></label>\
+             <label>Floor, USD <input name=\"floor\" placeholder=\"0\"></label>\
+             <label>Warn below, USD <input name=\"low_balance\"></label>\
+             <button type=\"submit\">Create wallet</button></form></details>",
+            csrf = esc(&s.csrf),
+            open = if wallets.is_empty() { " open" } else { "" },
+        );
     }
     let rows: Vec<Vec<String>> = wallets
         .iter()
@@ -749,17 +749,17 @@ pub async fn wallet(
     let idem = format!("ui-{}", hex::encode(rand::random::<[u8; 12]>()));
     if !s.viewer {
         let _ = write!(
-        body,
-        "<form method=\"post\" action=\"/ui/wallets/{wid}/credit\" class=\"grid panel\">\
-         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-         <input type=\"hidden\" name=\"idempotency_key\" value=\"{idem}\">\
-         <label>Kind <select name=\"kind\"><option value=\"topup\">top-up</option><option value=\"grant\">grant (expires)</option><option value=\"adjust\">adjustment (signed)</option></select></label>\
-         <label>Amount, USD <input name=\"amount\" required inputmode=\"decimal\" placeholder=\"25.00\"></label>\
-         <label>Grant expires after <input name=\"expires\" placeholder=\"30d\"></label>\
-         <label>Note <input name=\"note\" maxlength=\"256\"></label>\
-         <button type=\"submit\">Credit the wallet</button></form>",
-        csrf = esc(&s.csrf),
-    );
+            body,
+            "<form method=\"post\" action=\"/ui/wallets/{wid}/credit\" class=\"grid panel\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+             <input type=\"hidden\" name=\"idempotency_key\" value=\"{idem}\">\
+             <label>Kind <select name=\"kind\"><option value=\"topup\">top-up</option><option value=\"grant\">grant (expires)</option><option value=\"adjust\">adjustment (signed)</option></select></label>\
+             <label>Amount, USD <input name=\"amount\" required inputmode=\"decimal\" placeholder=\"25.00\"></label>\
+             <label>Grant expires after <input name=\"expires\" placeholder=\"30d\"></label>\
+             <label>Note <input name=\"note\" maxlength=\"256\"></label>\
+             <button type=\"submit\">Credit the wallet</button></form>",
+            csrf = esc(&s.csrf),
+        );
     }
     let kinds = [
         "capture", "hold", "release", "topup", "grant", "adjust", "expire",
