@@ -961,6 +961,24 @@ async fn bodies_are_kept_only_when_asked_and_cut_to_size() {
     assert_eq!(s, 404, "{v}");
 }
 
+const HOUR: i64 = 3_600_000;
+
+/// A fresh SQLite store and, where PostgreSQL is installed, a fresh database: the places a
+/// store-level test runs against (keep the first two alive for the test's length).
+async fn both_stores(name: &str) -> (TempDir, Option<PgServer>, Vec<tollgate::db::Location>) {
+    use tollgate::db::Location;
+    let pg = PgServer::start().await;
+    let dir = TempDir::new(name);
+    let mut locations = vec![Location::Sqlite(dir.path().join("tollgate.db"))];
+    if let Some(pg) = &pg {
+        locations.push(Location::from_config(
+            Some(&pg.database(name).await),
+            dir.path(),
+        ));
+    }
+    (dir, pg, locations)
+}
+
 /// The dashboard's runs list: the runs active most recently first (a run at its newest
 /// hour, once), at most the limit, each with what it did inside the window only; the same on
 /// SQLite and PostgreSQL.
@@ -968,16 +986,7 @@ async fn bodies_are_kept_only_when_asked_and_cut_to_size() {
 async fn the_runs_list_is_newest_first_bounded_and_windowed() {
     use tollgate::db::Location;
     use tollgate::store::Store;
-    let pg = PgServer::start().await;
-    let dir = TempDir::new("recentruns");
-    let mut locations = vec![Location::Sqlite(dir.path().join("tollgate.db"))];
-    if let Some(pg) = &pg {
-        locations.push(Location::from_config(
-            Some(&pg.database("recentruns").await),
-            dir.path(),
-        ));
-    }
-    const HOUR: i64 = 3_600_000;
+    let (_dir, _pg, locations) = both_stores("recentruns").await;
     let now = tollgate::clock::now_ms().div_euclid(HOUR) * HOUR;
     // (run, hours ago, cost): "old" spent 4 days ago and 1 hour ago; "mid" 3 hours ago;
     // "new" in this hour, twice; "gone" 9 days ago only.
@@ -1060,5 +1069,131 @@ async fn the_runs_list_is_newest_first_bounded_and_windowed() {
             ],
             "{store}"
         );
+    }
+}
+
+/// ROI over a window: a run that began before the window counts only what it spent inside
+/// it, a run inside it counts whole, a run with a sub-run counts the sub-run's spend too;
+/// the same on SQLite and PostgreSQL, by every grouping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roi_sets_each_outcome_against_its_runs_spend_in_the_window() {
+    use tollgate::db::Location;
+    use tollgate::store::{Outcome, Store};
+    let (_dir, _pg, locations) = both_stores("roiwindow").await;
+    let now = tollgate::clock::now_ms().div_euclid(HOUR) * HOUR;
+    let results = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        for location in locations {
+            let pg = matches!(location, Location::Postgres(_));
+            let store = Store::open_at(&location).unwrap();
+            // (run, hours ago, cost)
+            let spend = [
+                ("crossing", 30, 1_000_000),
+                ("crossing", 1, 300),
+                ("inside", 2, 40),
+                ("inside", 1, 2),
+                ("parent", 1, 10),
+                ("child", 1, 5),
+                ("lonely", 1, 7),
+            ];
+            let recs: Vec<_> = spend
+                .iter()
+                .enumerate()
+                .map(|(i, (run, ago, cost))| tollgate::metering::UsageRecord {
+                    id: format!("req_roiw_{i}"),
+                    ts_ms: now - ago * HOUR + 1_000,
+                    endpoint: "chat".into(),
+                    key_id: "key_w".into(),
+                    agent: "w".into(),
+                    run_id: Some(run.to_string()),
+                    model_requested: Some("mock".into()),
+                    status: 200,
+                    cost_micros: *cost,
+                    usage_source: "provider".into(),
+                    attempts: 1,
+                    ..Default::default()
+                })
+                .collect();
+            store.insert_usage_batch(&recs).unwrap();
+            store
+                .write(|tx| {
+                    tx.exec(
+                        "INSERT INTO envelopes (id, kind, parent, org, created_ms)
+                         VALUES ('run:parent', 'run', NULL, 'default', 0),
+                                ('run:child', 'run', 'run:parent', 'default', 0)",
+                        &[],
+                    )?;
+                    Ok(())
+                })
+                .unwrap();
+            for (i, (run, kind, success)) in [
+                ("crossing", "ticket", true),
+                ("inside", "ticket", false),
+                ("parent", "pr", true),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let o = Outcome {
+                    id: format!("out_w_{i}"),
+                    occurred_ms: now,
+                    key_id: "key_w".into(),
+                    agent: "w".into(),
+                    team: Some(["a", "b", "a"][i].into()),
+                    project: None,
+                    run_id: Some(run.into()),
+                    request_id: None,
+                    kind: kind.into(),
+                    success,
+                    value_micros: Some(1_000),
+                    tags: Default::default(),
+                    created_ms: now,
+                };
+                store.record_outcome(&o, true).unwrap();
+            }
+            let since = (now - 5 * HOUR).to_string();
+            let by = |g: &str| tollgate::ops::roi_report(&store, g, Some(&since)).unwrap();
+            out.push((pg, by("type"), by("team"), by("agent")));
+        }
+        out
+    })
+    .await
+    .unwrap();
+    for (pg, by_type, by_team, by_agent) in results {
+        let store = if pg { "postgres" } else { "sqlite" };
+        let line = |rows: &[tollgate::ops::RoiRow]| {
+            rows.iter()
+                .map(|r| (r.group.clone(), r.outcomes, r.successes, r.spend_micros))
+                .collect::<Vec<_>>()
+        };
+        // crossing: 300 of its 1 000 300 (the rest is before the window); inside: 42;
+        // parent: 10 + its child's 5; "lonely" has no outcome.
+        assert_eq!(
+            line(&by_type),
+            vec![
+                ("ticket".to_string(), 2, 1, 342),
+                ("pr".to_string(), 1, 1, 15),
+                ("(no outcome)".to_string(), 0, 0, 7),
+            ],
+            "{store}"
+        );
+        assert_eq!(
+            line(&by_team),
+            vec![
+                ("a".to_string(), 2, 2, 315),
+                ("b".to_string(), 1, 0, 42),
+                ("(no outcome)".to_string(), 0, 0, 7),
+            ],
+            "{store}"
+        );
+        assert_eq!(
+            line(&by_agent),
+            vec![
+                ("w".to_string(), 3, 2, 357),
+                ("(no outcome)".to_string(), 0, 0, 7),
+            ],
+            "{store}"
+        );
+        assert_eq!(by_agent[0].value_micros, 3_000, "{store}");
     }
 }
