@@ -1007,82 +1007,18 @@ pub struct RoiRow {
 pub fn roi_report(store: &Store, by: &str, since: Option<&str>) -> Result<Vec<RoiRow>, AdminError> {
     roi_by(by)?;
     let since_ms = since_ms(since)?;
+    let spends = store.outcome_spends(since_ms, by == "model")?;
     let total: u64 = store
         .usage_report(&GroupBy::Endpoint, since_ms)?
         .iter()
         .map(|r| r.cost_micros)
         .sum();
-    if by == "model" {
-        // A run's spend split by model needs its rollup rows: the exact way for all.
-        let spends = store.outcome_spends(since_ms, true, false)?;
-        return Ok(roi_rows(
-            by,
-            store.outcomes_since(since_ms)?,
-            &spends,
-            total,
-        ));
-    }
-    // Most outcomes are a run's that began in the window and has no sub-runs: summed in
-    // the store against each run's total. The rest (requests, sub-run trees, runs older
-    // than the window) the exact way, with the spend the first part accounts for taken out
-    // of "(no outcome)" first.
-    let group = match by {
-        "agent" => "o.agent",
-        "team" => "COALESCE(o.team, '-')",
-        "project" => "COALESCE(o.project, '-')",
-        _ => "o.kind",
-    };
-    let (whole, whole_spend) = store.roi_runs(group, since_ms)?;
-    let spends = store.outcome_spends(since_ms, false, true)?;
-    let rows = roi_rows(
+    Ok(roi_rows(
         by,
-        store.outcomes_rest(since_ms)?,
+        store.outcomes_since(since_ms)?,
         &spends,
-        total.saturating_sub(whole_spend),
-    );
-    Ok(merge_roi(rows, whole))
-}
-
-/// `roi_rows`' rows with `roi_runs`' groups added in (same names, summed), sorted the same
-/// way, "(no outcome)" still last.
-fn merge_roi(mut rows: Vec<RoiRow>, whole: Vec<crate::store::RoiGroup>) -> Vec<RoiRow> {
-    let none = rows.pop();
-    let mut by_name: BTreeMap<String, RoiRow> =
-        rows.into_iter().map(|r| (r.group.clone(), r)).collect();
-    for g in whole {
-        let r = by_name.entry(g.group.clone()).or_insert_with(|| RoiRow {
-            group: g.group.clone(),
-            outcomes: 0,
-            successes: 0,
-            spend_micros: 0,
-            cost_per_outcome_micros: None,
-            cost_per_success_micros: None,
-            value_micros: 0,
-            value_per_cost: None,
-        });
-        r.outcomes += g.outcomes;
-        r.successes += g.successes;
-        r.spend_micros = r.spend_micros.saturating_add(g.spend_micros);
-        r.value_micros = r.value_micros.saturating_add(g.value_micros);
-    }
-    let per = |spend: u64, n: u64| (n > 0).then(|| spend / n);
-    let mut rows: Vec<RoiRow> = by_name
-        .into_values()
-        .map(|mut r| {
-            r.cost_per_outcome_micros = per(r.spend_micros, r.outcomes);
-            r.cost_per_success_micros = per(r.spend_micros, r.successes);
-            r.value_per_cost =
-                (r.spend_micros > 0).then(|| r.value_micros as f64 / r.spend_micros as f64);
-            r
-        })
-        .collect();
-    rows.sort_by(|a, b| {
-        b.spend_micros
-            .cmp(&a.spend_micros)
-            .then(a.group.cmp(&b.group))
-    });
-    rows.extend(none);
-    rows
+        total,
+    ))
 }
 
 /// Refuses a grouping the ROI report does not have.

@@ -4,7 +4,7 @@
 mod outcomes;
 mod usage;
 
-pub use outcomes::{ModelSpend, Outcome, Recorded, RoiGroup};
+pub use outcomes::{ModelSpend, Outcome, Recorded};
 pub use usage::{
     insert_usage_rows, report_start, whole_days, GroupBy, RecentRun, RecordFilter, ReportRow,
     ReportSource, SavedRow,
@@ -155,8 +155,6 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE keys ADD COLUMN viewer INTEGER NOT NULL DEFAULT 0;",
     // 23: the dashboard's runs list walks the per-run rollup by hour, newest first
     "CREATE INDEX usage_run_rollup_hour ON usage_run_rollup(start_ms, run_id);",
-    // 24: each run's first hour and total spend, what ROI sums outcomes against
-    usage::RUN_TOTALS_MIGRATION,
 ];
 
 /// Copies the WAL back into the database every `every`, off the request and writer paths

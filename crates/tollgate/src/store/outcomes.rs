@@ -73,23 +73,6 @@ pub enum Recorded {
     Conflict(Outcome),
 }
 
-/// An outcome `o` whose spend is its run's row in `usage_run_totals` (`Store::roi_runs`): a
-/// run outcome, the run has no sub-runs, and it began at or after the report's start (`?2`).
-/// Every other outcome goes the exact per-rollup way (`outcome_spends` with `rest`).
-const WHOLE_RUN: &str = "o.request_id IS NULL AND o.run_id IS NOT NULL
-     AND NOT EXISTS (SELECT 1 FROM envelopes e WHERE e.parent = 'run:' || o.run_id)
-     AND NOT EXISTS (SELECT 1 FROM usage_run_totals rt WHERE rt.run_id = o.run_id AND rt.first_ms < ?2)";
-
-/// One group of `Store::roi_runs`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RoiGroup {
-    pub group: String,
-    pub outcomes: u64,
-    pub successes: u64,
-    pub value_micros: u64,
-    pub spend_micros: u64,
-}
-
 /// Spend per model on what an outcome is set against: its request, or its run with every
 /// sub-run, counting only records at or after `since_ms`.
 pub type ModelSpend = Vec<(String, u64)>;
@@ -140,77 +123,6 @@ impl Store {
         })
     }
 
-    /// The ROI of the outcomes whose spend is their whole run's (`WHOLE_RUN`), summed in one
-    /// statement by `group` (an expression over the outcome `o`): per group the outcomes,
-    /// successes, value and the spend of its runs, each run once; and the spend of all those
-    /// runs, each once. At 100 000 outcomes this is one key lookup per run, where setting each
-    /// against its rollup rows took ~1.5 s.
-    pub fn roi_runs(&self, group: &str, since_ms: i64) -> Result<(Vec<RoiGroup>, u64)> {
-        let from = super::usage::report_start(since_ms);
-        self.with(|db| {
-            let groups = db
-                .rows(
-                    &format!(
-                        "SELECT t.g, CAST(SUM(t.n) AS BIGINT), CAST(SUM(t.s) AS BIGINT),
-                                CAST(SUM(t.v) AS BIGINT), CAST(SUM(COALESCE(rt.cost_micros, 0)) AS BIGINT)
-                         FROM (SELECT {group} AS g, o.run_id AS run, COUNT(*) AS n,
-                                      SUM(CASE WHEN o.success <> 0 THEN 1 ELSE 0 END) AS s,
-                                      SUM(CASE WHEN o.value_micros > 0 THEN o.value_micros ELSE 0 END) AS v
-                               FROM outcomes o WHERE o.occurred_ms >= ?1 AND {WHOLE_RUN}
-                               GROUP BY 1, 2) AS t
-                         LEFT JOIN usage_run_totals rt ON rt.run_id = t.run
-                         GROUP BY t.g"
-                    ),
-                    &[&since_ms, &from],
-                )?
-                .iter()
-                .map(|r| {
-                    Ok(RoiGroup {
-                        group: r.get(0)?,
-                        outcomes: r.get::<i64>(1)?.max(0) as u64,
-                        successes: r.get::<i64>(2)?.max(0) as u64,
-                        value_micros: r.get::<i64>(3)?.max(0) as u64,
-                        spend_micros: r.get::<i64>(4)?.max(0) as u64,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let spent: Option<i64> = db
-                .one(
-                    &format!(
-                        "SELECT CAST(SUM(rt.cost_micros) AS BIGINT) FROM usage_run_totals rt
-                         WHERE rt.run_id IN (SELECT o.run_id FROM outcomes o
-                                             WHERE o.occurred_ms >= ?1 AND {WHOLE_RUN})"
-                    ),
-                    &[&since_ms, &from],
-                )?
-                .get(0)?;
-            Ok((groups, spent.unwrap_or(0).max(0) as u64))
-        })
-    }
-
-    /// Outcomes that occurred at or after `since_ms` and are not `WHOLE_RUN`'s (what
-    /// `roi_runs` leaves to the exact way), oldest first.
-    pub fn outcomes_rest(&self, since_ms: i64) -> Result<Vec<Outcome>> {
-        let from = super::usage::report_start(since_ms);
-        let columns = COLUMNS
-            .split(',')
-            .map(|c| format!("o.{}", c.trim()))
-            .collect::<Vec<_>>()
-            .join(", ");
-        self.with(|db| {
-            db.rows(
-                &format!(
-                    "SELECT {columns} FROM outcomes o
-                     WHERE o.occurred_ms >= ?1 AND NOT ({WHOLE_RUN}) ORDER BY o.occurred_ms, o.id"
-                ),
-                &[&since_ms, &from],
-            )?
-            .iter()
-            .map(from_row)
-            .collect()
-        })
-    }
-
     /// Outcomes that occurred at or after `since_ms`, oldest first.
     pub fn outcomes_since(&self, since_ms: i64) -> Result<Vec<Outcome>> {
         self.with(|db| {
@@ -234,19 +146,11 @@ impl Store {
     /// `per_model` false: one total per target (named `*`), which is all a report not by
     /// model needs and half the work (grouping 400 000 rollup rows by model was most of a
     /// 30-day report at 100 000 outcomes).
-    ///
-    /// `rest`: only the outcomes `roi_runs` does not cover.
     pub fn outcome_spends(
         &self,
         since_ms: i64,
         per_model: bool,
-        rest: bool,
     ) -> Result<BTreeMap<String, ModelSpend>> {
-        let only = if rest {
-            format!("AND NOT ({WHOLE_RUN})")
-        } else {
-            String::new()
-        };
         let from = super::usage::report_start(since_ms);
         let model = if per_model {
             "COALESCE(NULLIF(r.model, ''), '-')"
@@ -276,9 +180,8 @@ impl Store {
                 &format!("SELECT 'run:' || r.run_id, {model}, CAST(SUM(r.cost_micros) AS BIGINT)
                  FROM usage_run_rollup r
                  WHERE r.start_ms >= ?2
-                   AND r.run_id IN (SELECT o.run_id FROM outcomes o
-                                    WHERE o.occurred_ms >= ?1 AND o.request_id IS NULL
-                                      AND o.run_id IS NOT NULL {only})
+                   AND r.run_id IN (SELECT run_id FROM outcomes
+                                    WHERE occurred_ms >= ?1 AND request_id IS NULL AND run_id IS NOT NULL)
                  GROUP BY 1, 2"),
                 &[&since_ms, &from],
             )?;
@@ -286,7 +189,7 @@ impl Store {
                 &format!("WITH RECURSIVE tree(root, id) AS (
                     SELECT DISTINCT o.run_id, CAST(e.id AS TEXT) FROM outcomes o
                     JOIN envelopes e ON e.parent = 'run:' || o.run_id
-                    WHERE o.occurred_ms >= ?1 AND o.request_id IS NULL AND o.run_id IS NOT NULL {only}
+                    WHERE o.occurred_ms >= ?1 AND o.request_id IS NULL AND o.run_id IS NOT NULL
                     UNION ALL
                     SELECT t.root, e.id FROM envelopes e JOIN tree t ON e.parent = t.id
                  )

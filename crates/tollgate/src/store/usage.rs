@@ -896,7 +896,6 @@ fn upsert_rollups(tx: &mut Db, recs: &[&UsageRecord]) -> Result<()> {
     let mut dims: HashMap<(&'static str, &'static str, i64, String), (String, Sums)> =
         HashMap::new();
     let mut runs: HashMap<(String, i64, String), Sums> = HashMap::new();
-    let mut totals: HashMap<String, (i64, u64)> = HashMap::new();
     for u in recs {
         let model = u
             .model_served
@@ -930,9 +929,6 @@ fn upsert_rollups(tx: &mut Db, recs: &[&UsageRecord]) -> Result<()> {
             }
         }
         if let Some(run) = &u.run_id {
-            let t = totals.entry(run.clone()).or_insert((hour, 0));
-            t.0 = t.0.min(hour);
-            t.1 = t.1.saturating_add(u.cost_micros);
             runs.entry((run.clone(), u.ts_ms.div_euclid(HOUR_MS) * HOUR_MS, model))
                 .or_default()
                 .add(u);
@@ -987,24 +983,7 @@ fn upsert_rollups(tx: &mut Db, recs: &[&UsageRecord]) -> Result<()> {
             )
         })
         .collect();
-    upsert_sums(tx, "usage_run_rollup", "run_id, start_ms, model", &[], runs)?;
-    // One statement per run of the batch (tens per batch: runs are many requests each),
-    // pipelined on PostgreSQL.
-    let sets: Vec<Vec<Value>> = totals
-        .into_iter()
-        .map(|(run, (first, cost))| vec![run.value(), first.value(), cost.value()])
-        .collect();
-    if !sets.is_empty() {
-        tx.pipeline(
-            "INSERT INTO usage_run_totals (run_id, first_ms, cost_micros) VALUES (?1, ?2, ?3)
-             ON CONFLICT (run_id) DO UPDATE SET
-                first_ms = CASE WHEN excluded.first_ms < usage_run_totals.first_ms
-                                THEN excluded.first_ms ELSE usage_run_totals.first_ms END,
-                cost_micros = usage_run_totals.cost_micros + excluded.cost_micros",
-            &sets,
-        )?;
-    }
-    Ok(())
+    upsert_sums(tx, "usage_run_rollup", "run_id, start_ms, model", &[], runs)
 }
 
 /// Adds what the batch's records saved to `savings_rollup`: per dimension value (as in
@@ -1254,18 +1233,6 @@ pub(super) const DIMENSION_MIGRATION: &str = "ALTER TABLE usage ADD COLUMN org T
         SELECT 'all', bucket, start_ms, '*', '*', SUM(requests), SUM(errors), SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens), SUM(reasoning_tokens), SUM(cache_write_tokens), SUM(cost_micros), SUM(latency_ms_sum)
         FROM usage_rollup GROUP BY bucket, start_ms;
      DELETE FROM usage_rollup WHERE bucket = 'd';";
-
-/// Migration 24: one row per run, its first hour and what it spent in all, kept by the writer
-/// with the per-run rollup. ROI sets an outcome against its run's spend since a window's
-/// start; for a run that began inside the window that is this row, one key lookup, instead
-/// of the run's rollup rows grouped (`Store::roi_runs`).
-pub(super) const RUN_TOTALS_MIGRATION: &str = "CREATE TABLE usage_run_totals (
-        run_id TEXT PRIMARY KEY,
-        first_ms INTEGER NOT NULL,
-        cost_micros INTEGER NOT NULL
-     );
-     INSERT INTO usage_run_totals
-        SELECT run_id, MIN(start_ms), SUM(cost_micros) FROM usage_run_rollup GROUP BY run_id;";
 
 /// Migration 13: the rollup table, filled from the records already there.
 /// Migration 20: what the response cache did, what each request saved, and its rollup.
