@@ -255,7 +255,7 @@ impl Store {
 
     /// `sql(list)` for each 500 of `values`, `list` being `each` (with `{}` for the
     /// parameter's number) once per value, joined by commas; the rows of all of them.
-    fn rows_in<P: crate::db::Param>(
+    pub(super) fn rows_in<P: crate::db::Param>(
         &self,
         values: &[P],
         sql: impl Fn(&str) -> String,

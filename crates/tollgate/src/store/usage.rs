@@ -409,36 +409,29 @@ impl Store {
             Ok(())
         })?;
         let runs: Vec<&str> = order.iter().map(|(r, _)| r.as_str()).collect();
-        let mut sums: std::collections::HashMap<String, (u64, u64, u64)> =
-            std::collections::HashMap::new();
-        for part in runs.chunks(500) {
-            let list = (2..part.len() + 2)
-                .map(|i| format!("?{i}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let mut params: Vec<&dyn crate::db::Param> = vec![&start];
-            params.extend(part.iter().map(|r| r as &dyn crate::db::Param));
-            let rows = self.with(|db| {
-                Ok(db.rows(
-                    &format!(
-                        "SELECT run_id, CAST(SUM(requests) AS BIGINT), CAST(SUM(errors) AS BIGINT),
-                                CAST(SUM(cost_micros) AS BIGINT)
-                         FROM usage_run_rollup WHERE run_id IN ({list}) AND start_ms >= ?1
-                         GROUP BY run_id"
-                    ),
-                    &params,
-                )?)
-            })?;
-            for r in rows {
-                sums.insert(
-                    r.get(0)?,
-                    (
-                        r.get::<i64>(1)?.max(0) as u64,
-                        r.get::<i64>(2)?.max(0) as u64,
-                        r.get::<i64>(3)?.max(0) as u64,
-                    ),
-                );
-            }
+        // `start` is an i64 of ours, so it goes into the text as a literal.
+        let rows = self.rows_in(
+            &runs,
+            |list| {
+                format!(
+                    "SELECT run_id, CAST(SUM(requests) AS BIGINT), CAST(SUM(errors) AS BIGINT),
+                            CAST(SUM(cost_micros) AS BIGINT)
+                     FROM usage_run_rollup WHERE run_id IN ({list}) AND start_ms >= {start}
+                     GROUP BY run_id"
+                )
+            },
+            "?{}",
+        )?;
+        let mut sums: HashMap<String, (u64, u64, u64)> = HashMap::new();
+        for r in rows {
+            sums.insert(
+                r.get(0)?,
+                (
+                    r.get::<i64>(1)?.max(0) as u64,
+                    r.get::<i64>(2)?.max(0) as u64,
+                    r.get::<i64>(3)?.max(0) as u64,
+                ),
+            );
         }
         Ok(order
             .into_iter()

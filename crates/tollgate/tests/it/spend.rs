@@ -1161,39 +1161,25 @@ async fn roi_sets_each_outcome_against_its_runs_spend_in_the_window() {
     .unwrap();
     for (pg, by_type, by_team, by_agent) in results {
         let store = if pg { "postgres" } else { "sqlite" };
-        let line = |rows: &[tollgate::ops::RoiRow]| {
+        fn line(rows: &[tollgate::ops::RoiRow]) -> Vec<(&str, u64, u64, u64)> {
             rows.iter()
-                .map(|r| (r.group.clone(), r.outcomes, r.successes, r.spend_micros))
-                .collect::<Vec<_>>()
-        };
+                .map(|r| (r.group.as_str(), r.outcomes, r.successes, r.spend_micros))
+                .collect()
+        }
         // crossing: 300 of its 1 000 300 (the rest is before the window); inside: 42;
         // parent: 10 + its child's 5; "lonely" has no outcome.
-        assert_eq!(
-            line(&by_type),
-            vec![
-                ("ticket".to_string(), 2, 1, 342),
-                ("pr".to_string(), 1, 1, 15),
-                ("(no outcome)".to_string(), 0, 0, 7),
-            ],
-            "{store}"
-        );
-        assert_eq!(
-            line(&by_team),
-            vec![
-                ("a".to_string(), 2, 2, 315),
-                ("b".to_string(), 1, 0, 42),
-                ("(no outcome)".to_string(), 0, 0, 7),
-            ],
-            "{store}"
-        );
-        assert_eq!(
-            line(&by_agent),
-            vec![
-                ("w".to_string(), 3, 2, 357),
-                ("(no outcome)".to_string(), 0, 0, 7),
-            ],
-            "{store}"
-        );
+        let none = ("(no outcome)", 0, 0, 7);
+        let want = [
+            (
+                &by_type,
+                vec![("ticket", 2, 1, 342), ("pr", 1, 1, 15), none],
+            ),
+            (&by_team, vec![("a", 2, 2, 315), ("b", 1, 0, 42), none]),
+            (&by_agent, vec![("w", 3, 2, 357), none]),
+        ];
+        for (rows, expected) in want {
+            assert_eq!(line(rows), expected, "{store}");
+        }
         assert_eq!(by_agent[0].value_micros, 3_000, "{store}");
     }
 }
