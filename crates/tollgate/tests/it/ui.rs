@@ -135,6 +135,32 @@ impl Browser {
             .await;
     }
 
+    /// Clicks something that loads a page (a form's button, a link) and waits for the new
+    /// page (within 10 s): the click returns before the answer has replaced the old page,
+    /// and reading right after it could read the old one.
+    async fn submit(&self, css: &str) {
+        self.script("document.documentElement.dataset.tgBefore = '1';")
+            .await;
+        self.click(css).await;
+        for _ in 0..100 {
+            // Asked while the page unloads, the browser may answer with an error: not yet.
+            let v: Value = self
+                .http
+                .post(format!("{}/execute/sync", self.url))
+                .json(&json!({"script": "return document.documentElement.dataset.tgBefore !== '1' && document.readyState === 'complete';", "args": []}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if v["value"] == Value::Bool(true) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     async fn text(&self, css: &str) -> String {
         let el = self.find(css).await;
         self.cmd(reqwest::Method::GET, &format!("/element/{el}/text"), None)
@@ -240,7 +266,7 @@ async fn the_dashboard_in_a_real_browser() {
     assert!(b.current_url().await.ends_with("/ui/login"));
     b.screenshot("login").await;
     b.fill("#key", "tg_not_a_key").await;
-    b.click("button[type=submit]").await;
+    b.submit("button[type=submit]").await;
     assert!(
         b.text(".error").await.contains("not a key of this gateway"),
         "{}",
@@ -248,11 +274,11 @@ async fn the_dashboard_in_a_real_browser() {
     );
     let agent = gw.create_key(json!({"name": "someone"})).await.0;
     b.fill("#key", &agent).await;
-    b.click("button[type=submit]").await;
+    b.submit("button[type=submit]").await;
     assert!(b.text(".error").await.contains("agent key"));
 
     b.fill("#key", &gw.admin_key).await;
-    b.click("button[type=submit]").await;
+    b.submit("button[type=submit]").await;
     assert!(
         b.current_url().await.ends_with("/ui"),
         "{}",
@@ -269,7 +295,7 @@ async fn the_dashboard_in_a_real_browser() {
         .await;
     b.fill("input[name=name]", "ui-agent").await;
     b.fill("input[name=team]", "web").await;
-    b.click("details form button[type=submit]").await;
+    b.submit("details form button[type=submit]").await;
     let secret = b.text("[data-testid=secret]").await;
     let key_id = b.text("[data-testid=key-id]").await;
     assert!(secret.starts_with("tg_"), "{secret}");
@@ -280,10 +306,10 @@ async fn the_dashboard_in_a_real_browser() {
     b.script("document.querySelector('details').open = true;")
         .await;
     b.fill("input[name=owner]", &format!("key:{key_id}")).await;
-    b.click("details form button[type=submit]").await;
+    b.submit("details form button[type=submit]").await;
     assert_eq!(b.text("[data-testid=balance]").await, "$0.00");
     b.fill("input[name=amount]", "5.00").await;
-    b.click("form.panel button[type=submit]").await;
+    b.submit("form.panel button[type=submit]").await;
     assert_eq!(b.text("[data-testid=balance]").await, "$5.00");
 
     // The team's monthly budget, set through the API.
@@ -333,7 +359,7 @@ async fn the_dashboard_in_a_real_browser() {
     let log = b.source().await;
     assert_eq!(log.matches(">ui-agent<").count(), 5, "{log}");
     b.screenshot("requests").await;
-    b.click("tbody tr:first-child td:first-child a").await;
+    b.submit("tbody tr:first-child td:first-child a").await;
     assert!(b.current_url().await.contains("/ui/requests/req_"));
     assert!(b.source().await.contains("price version"));
     b.screenshot("request").await;
@@ -354,7 +380,7 @@ async fn the_dashboard_in_a_real_browser() {
 
     // The wallet spent what the records cost.
     b.goto(&format!("{ui}/wallets")).await;
-    b.click("tbody tr:first-child td:first-child a").await;
+    b.submit("tbody tr:first-child td:first-child a").await;
     let balance = b.text("[data-testid=balance]").await;
     assert_eq!(balance, usd(5_000_000 - spent as i64), "{balance}");
     b.screenshot("wallet").await;
@@ -362,7 +388,7 @@ async fn the_dashboard_in_a_real_browser() {
     b.goto(&format!("{ui}/runs")).await;
     assert!(b.source().await.contains(">ui-run-child<"));
     b.screenshot("runs").await;
-    b.click("a[href='/ui/runs/ui-run']").await;
+    b.submit("a[href='/ui/runs/ui-run']").await;
     let run = b.source().await;
     assert!(
         run.contains("Sub-runs") && run.contains(">ui-run-child<"),
@@ -402,7 +428,7 @@ async fn the_dashboard_in_a_real_browser() {
         "{pending}"
     );
     b.screenshot("approvals").await;
-    b.click("form[action$='/approve'] button").await;
+    b.submit("form[action$='/approve'] button").await;
     b.goto(&format!("{ui}/approvals?state=approved")).await;
     let approved = b.source().await;
     assert!(
@@ -485,7 +511,7 @@ async fn the_dashboard_in_a_real_browser() {
     let phone = Browser::start(390, 844).await.unwrap();
     phone.goto(&format!("{ui}/login")).await;
     phone.fill("#key", &gw.admin_key).await;
-    phone.click("button[type=submit]").await;
+    phone.submit("button[type=submit]").await;
     let fits = phone
         .script("return document.documentElement.scrollWidth <= window.innerWidth + 1;")
         .await;
@@ -532,17 +558,17 @@ async fn a_viewer_key_looks_and_changes_nothing() {
     // The admin makes the viewer key with the form's checkbox.
     b.goto(&format!("{ui}/login")).await;
     b.fill("#key", &gw.admin_key).await;
-    b.click("button[type=submit]").await;
+    b.submit("button[type=submit]").await;
     b.goto(&format!("{ui}/keys")).await;
     b.script("document.querySelector('details').open = true;")
         .await;
     b.fill("input[name=name]", "finance-viewer").await;
     b.click("input[name=viewer]").await;
-    b.click("details form button[type=submit]").await;
+    b.submit("details form button[type=submit]").await;
     let viewer = b.text("[data-testid=secret]").await;
     assert!(viewer.starts_with("tg_"), "{viewer}");
     assert!(b.source().await.contains("<td>viewer "));
-    b.click("header form button[type=submit]").await;
+    b.submit("header form button[type=submit]").await;
     assert!(b.current_url().await.ends_with("/ui/login"));
 
     // Every API refuses it, in its caller's dialect.
@@ -587,7 +613,7 @@ async fn a_viewer_key_looks_and_changes_nothing() {
 
     // Signed in with it, the pages show the numbers and no form but signing out.
     b.fill("#key", &viewer).await;
-    b.click("button[type=submit]").await;
+    b.submit("button[type=submit]").await;
     assert!(b.current_url().await.ends_with("/ui"));
     assert!(b.text("header .who").await.contains("(read-only)"));
     for page in [
@@ -657,6 +683,6 @@ async fn a_viewer_key_looks_and_changes_nothing() {
     assert_eq!(w["balance_micros"], 0, "nothing was credited: {w}");
 
     // Signing out works for a viewer.
-    b.click("header form button[type=submit]").await;
+    b.submit("header form button[type=submit]").await;
     assert!(b.current_url().await.ends_with("/ui/login"));
 }
