@@ -45,6 +45,7 @@ cpu_ticks() { # total utime+stime of the given pids, in clock ticks
 #   minimal   auth and metering only: no limits, loop guard off, no coalescing
 #   policies  limits, loop guard in warn mode, retry damping, coalescing, metering
 #   wallet    policies (the key gets a wallet: see bench_key)
+#   memory    wallet, holds decided in the gateway's memory ([wallets] backend = "memory")
 #   hot       policies with the Redis limiter and hot wallets
 #   cachemiss policies with the response cache on: every body unique, every request a miss kept
 #   cachehit  the same, with 64 distinct bodies (pinned.sh): every measured request a hit
@@ -65,6 +66,7 @@ TOML
   case $scenario in
     minimal) printf '[limits]\nrpm = 0\ntpm = 0\nconcurrency = 0\n[limits.team]\nrpm = 0\ntpm = 0\nconcurrency = 0\n[loop_guard]\nenabled = false\n[retries]\ncoalesce = false\n' >> "$file" ;;
     policies|wallet) printf '[loop_guard]\naction = "warn"\n' >> "$file" ;;
+    memory) printf '[loop_guard]\naction = "warn"\n[wallets]\nbackend = "memory"\n' >> "$file" ;;
     clickhouse) printf '[loop_guard]\naction = "warn"\n[analytics]\nbackend = "clickhouse"\nurl = "%s"\ndatabase = "bench_%s"\n' "${CH_URL:-http://127.0.0.1:18123}" "$port" >> "$file" ;;
     otel) printf '[loop_guard]\naction = "warn"\n[otel]\nendpoint = "http://127.0.0.1:4318"\nsample_ratio = 1.0\n' >> "$file" ;;
     hot) printf '[loop_guard]\naction = "warn"\n[limits]\nbackend = "redis"\n[limits.redis]\nurl = "%s"\n' "$redis" >> "$file" ;;
@@ -76,13 +78,13 @@ TOML
 }
 
 # bench_key PORT ADMIN SCENARIO: prints a key's secret; limits high enough never to refuse
-# (none for minimal), and a wallet with $1 000 000 for wallet, hot and clickhouse.
+# (none for minimal), and a wallet with $1 000 000 for wallet, memory, hot and clickhouse.
 bench_key() {
   local port=$1 admin=$2 scenario=$3 limits j kid wid
   limits='"rpm":100000000,"tpm":1000000000000,"concurrency":100000'
   [ "$scenario" = minimal ] && limits='"rpm":0'
   j=$(curl -sf "http://127.0.0.1:$port/admin/keys" -H "Authorization: Bearer $admin" -d "{\"name\":\"bench\",$limits}")
-  if [ "$scenario" = wallet ] || [ "$scenario" = hot ] || [ "$scenario" = clickhouse ]; then
+  if [ "$scenario" = wallet ] || [ "$scenario" = memory ] || [ "$scenario" = hot ] || [ "$scenario" = clickhouse ]; then
     kid=$(echo "$j" | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"]["id"])')
     wid=$(curl -sf "http://127.0.0.1:$port/admin/wallets" -H "Authorization: Bearer $admin" -d "{\"owner\":\"key:$kid\"}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
     curl -sf "http://127.0.0.1:$port/admin/wallets/$wid/topup" -H "Authorization: Bearer $admin" -d '{"amount":"1000000"}' >/dev/null

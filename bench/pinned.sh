@@ -8,11 +8,13 @@
 #   bench/pinned.sh [BIN...]  # default target/release/tollgate (built); needs nginx-light,
 #                             # redis-server for the `hot` scenario
 #
-# Scenarios (SCENARIOS="minimal policies wallet hot"):
+# Scenarios (SCENARIOS="minimal policies wallet memory hot"):
 #   minimal   auth and metering only: no limits, loop guard off, no coalescing
 #   policies  limits (per key, high enough never to refuse), loop guard in warn mode, retry
 #             damping, coalescing, metering: the defaults a production gateway runs
 #   wallet    policies + a wallet on the key: a hold in the store before every call
+#   memory    the same wallet, holds decided in the gateway's memory and written with their
+#             settle ([wallets] backend = "memory", ADR 0036)
 #   hot       policies with the Redis limiter + hot wallets: holds in Redis
 #   cachemiss policies + the response cache: every request a miss whose answer is kept
 #   cachehit  the same with 64 distinct bodies: every measured request a cache hit
@@ -32,7 +34,7 @@ OUT=bench/out-pinned
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-10}
 RATE=${RATE:-1000}
 CONC=${CONC:-32}
-SCENARIOS=${SCENARIOS:-minimal policies wallet hot}
+SCENARIOS=${SCENARIOS:-minimal policies wallet memory hot}
 rm -rf "$OUT"; mkdir -p "$OUT"
 
 # Several binaries (a base and a head, say) are measured in the same run, scenario by scenario,
@@ -118,7 +120,7 @@ for s in $SCENARIOS; do
   wait_healthy "$port"
   KEY=$(bench_key "$port" "$ADMIN" "$s")
   loads "$label" "http://127.0.0.1:$port/v1/chat/completions" "$KEY" "$pid"
-  if [ "$s" = wallet ] || [ "$s" = hot ]; then
+  if [ "$s" = wallet ] || [ "$s" = memory ] || [ "$s" = hot ]; then
     curl -sf "http://127.0.0.1:$port/admin/wallets/verify" -H "Authorization: Bearer $ADMIN" > "$OUT/$label-verify.json" || echo "wallet verify failed for $label" >&2
   fi
   if [ "$s" = clickhouse ]; then

@@ -300,7 +300,10 @@ async fn list_wallets_h(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
-    let w = blocking(&app, |a| Ok(a.store.read(crate::wallet::list)?)).await?;
+    let mut w = blocking(&app, |a| Ok(a.store.read(crate::wallet::list)?)).await?;
+    for w in &mut w {
+        with_holds_in_memory(&app, w);
+    }
     Ok(Json(w).into_response())
 }
 
@@ -326,6 +329,8 @@ async fn show_wallet_h(
         Ok(a.store.read(|c| crate::wallet::find(c, &id))?)
     })
     .await?;
+    let mut w = w;
+    with_holds_in_memory(&app, &mut w);
     let mut v = serde_json::to_value(&w).unwrap_or_default();
     if let Some(hot) = &app.hot {
         // What Redis admits against: the store's balance minus the holds of requests in
@@ -336,6 +341,14 @@ async fn show_wallet_h(
         }
     }
     Ok(Json(v).into_response())
+}
+
+/// A SQLite store's holds live in the writer's book until they settle (ADR 0036): what is
+/// available and held counts them as the store's own open holds are counted.
+pub(crate) fn with_holds_in_memory(app: &AppState, w: &mut crate::wallet::Wallet) {
+    let open = app.meter.held_in_memory(&w.id);
+    w.held_micros = w.held_micros.saturating_add(open);
+    w.balance_micros = w.balance_micros.saturating_sub(open);
 }
 
 #[derive(Deserialize)]
@@ -366,6 +379,8 @@ async fn configure_wallet_h(
 /// Hot wallets: tells Redis about a change made here at once, instead of at the next
 /// reconciliation (changes made by the CLI wait for that).
 pub(crate) async fn push_hot(app: &Arc<AppState>, wallet_id: &str) {
+    // Holds decided in memory read the store again before the next one.
+    app.meter.wallets_changed();
     let Some(hot) = app.hot.clone() else { return };
     let id = wallet_id.to_string();
     let state = blocking(app, move |a| {

@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | core | clock, money, error, config, metrics, genmap, fault, records, tls, providers | units, records, errors, settings, what differs by provider kind: no I/O |
 //! | store | db, store, wallet, envelope, outbox, audit, approval | SQL: keys, usage rows, the ledger, envelopes, the outbox, the audit chain, approvals |
-//! | traffic | metering, hotwallet, keys, limits, damping, loopguard, prices, estimate, upstream, toolroute, mcpclient, policy, mock | the writer that owns money, limits, providers and their health |
+//! | traffic | metering, hotwallet, holdbook, keys, limits, damping, loopguard, prices, estimate, upstream, toolroute, mcpclient, policy, mock | the writer that owns money, limits, providers and their health |
 //! | state | state, ops | `AppState`, reload, the key cache refresh; the operations the CLI and admin API share |
 //! | pipeline | proxy, routes, mcp | the request path: model calls, tool routes and MCP tool calls |
 //! | server | server, admin, webhooks, conn | the router, the admin API, delivery, connections |
@@ -56,6 +56,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
         &[
             "metering",
             "hotwallet",
+            "holdbook",
             "keys",
             "limits",
             "damping",
@@ -99,6 +100,7 @@ pub mod fault;
 pub mod focus;
 pub mod genmap;
 pub mod h1client;
+pub mod holdbook;
 pub mod hotwallet;
 pub mod keys;
 pub mod limits;

@@ -52,8 +52,15 @@ pub enum Held {
 
 type HoldReply = (HoldRequest, oneshot::Sender<Result<Held, String>>);
 
-/// Envelopes first (cheap to undo by rolling back), then the wallet; all or nothing.
-fn hold_one(tx: &mut Db, h: &HoldRequest, now: i64) -> Result<Held, String> {
+/// Envelopes first (cheap to undo by rolling back), then the wallet; all or nothing. With a
+/// hold book (SQLite) the wallet's part is decided in it, after the envelopes: a refusal
+/// there rolls the envelopes back, and a hold in the book is only made when it stands.
+fn hold_one(
+    tx: &mut Db,
+    h: &HoldRequest,
+    now: i64,
+    book: Option<&crate::holdbook::HoldBook>,
+) -> Result<Held, String> {
     if !h.envelopes.is_empty() {
         match crate::envelope::reserve(
             tx,
@@ -74,9 +81,12 @@ fn hold_one(tx: &mut Db, h: &HoldRequest, now: i64) -> Result<Held, String> {
             balance_micros: None,
         });
     };
-    crate::wallet::hold(tx, w, &h.request_id, h.amount, h.expires_ms, now)
-        .map(held)
-        .map_err(|e| e.to_string())
+    match book {
+        Some(book) => book.decide(w, &h.request_id, h.amount, h.expires_ms, now),
+        None => crate::wallet::hold(tx, w, &h.request_id, h.amount, h.expires_ms, now),
+    }
+    .map(held)
+    .map_err(|e| e.to_string())
 }
 
 fn held(h: crate::wallet::Hold) -> Held {
@@ -181,18 +191,30 @@ fn refusal_event(
 /// Places every queued hold in one transaction (group commit: under load, many holds share
 /// one write), each in its own savepoint so a refused one leaves nothing behind, then
 /// answers each.
-fn place_holds(db: &mut Db, holds: &mut Vec<HoldReply>) {
+fn place_holds(db: &mut Db, holds: &mut Vec<HoldReply>, book: Option<&crate::holdbook::HoldBook>) {
     if holds.is_empty() {
         return;
     }
     let now = crate::clock::now_ms();
+    if let Some(book) = book {
+        let wallets: Vec<&str> = holds
+            .iter()
+            .filter_map(|(h, _)| h.wallet_id.as_deref())
+            .collect();
+        if let Err(e) = book.refresh(db, &wallets, now) {
+            for (_, reply) in holds.drain(..) {
+                let _ = reply.send(Err(e.to_string()));
+            }
+            return;
+        }
+    }
     let result = db.write(|tx| -> Result<Vec<Result<Held, String>>, String> {
         // Wallet-only holds go as one group (pipelined on PostgreSQL: one round trip);
         // holds with envelopes need a savepoint each and go one by one after them.
         let (grouped, args): (Vec<usize>, Vec<crate::wallet::HoldArgs>) = holds
             .iter()
             .enumerate()
-            .filter(|(_, (h, _))| h.envelopes.is_empty())
+            .filter(|(_, (h, _))| h.envelopes.is_empty() && book.is_none())
             .filter_map(|(i, (h, _))| {
                 let wallet_id = h.wallet_id.as_deref()?;
                 Some((
@@ -217,11 +239,11 @@ fn place_holds(db: &mut Db, holds: &mut Vec<HoldReply>) {
                 r
             } else if h.envelopes.is_empty() {
                 // A wallet hold alone writes nothing unless it succeeds: no savepoint needed.
-                hold_one(tx, h, now)
+                hold_one(tx, h, now, book)
             } else {
                 // A refused hold leaves nothing of what it had reserved.
                 tx.savepoint(
-                    |sp| Ok::<_, String>(hold_one(sp, h, now)),
+                    |sp| Ok::<_, String>(hold_one(sp, h, now, book)),
                     |r| matches!(r, Ok(Held::Ok { .. })),
                 )?
             };
@@ -260,6 +282,8 @@ pub struct Meter {
     pub sessions: Arc<crate::policy::Sessions>,
     /// Set when `[otel]` exports traces: each record's trace ends here.
     pub tracer: Option<Arc<crate::otel::Tracer>>,
+    /// Wallet holds decided in memory: a SQLite store without hot wallets (ADR 0036).
+    book: Option<Arc<crate::holdbook::HoldBook>>,
 }
 
 /// What the writer has gathered and not yet handled.
@@ -272,6 +296,7 @@ struct Pending {
     /// `batch.len()`, for `Meter::backlogged`.
     gathered: Arc<AtomicUsize>,
     last_hold: Option<Instant>,
+    book: Option<Arc<crate::holdbook::HoldBook>>,
 }
 
 impl Pending {
@@ -314,7 +339,7 @@ impl Pending {
     fn place_holds(&mut self, conn: &mut Db) {
         if !self.holds.is_empty() {
             self.last_hold = Some(Instant::now());
-            place_holds(conn, &mut self.holds);
+            place_holds(conn, &mut self.holds, self.book.as_deref());
         }
     }
 
@@ -336,6 +361,31 @@ impl Pending {
                 let e = crate::envelope::expire(tx, now)?;
                 Ok((h + e, g))
             }));
+            // Grants that ran out and holds an earlier version left changed balances.
+            if let Some(book) = &self.book {
+                if let Err(e) = book.reload(conn) {
+                    tracing::warn!(error = %e, "could not read balances again after a sweep");
+                    book.stale();
+                }
+            }
+        }
+    }
+
+    /// After a commit: the book forgets the holds the chunk settled (and holds that never
+    /// settle, of requests that gave up waiting) and reads their wallets again.
+    fn settled(&self, conn: &mut Db, chunk: &[UsageRecord]) {
+        let Some(book) = &self.book else { return };
+        let done: Vec<(&str, &str)> = chunk
+            .iter()
+            .filter_map(|u| Some((u.id.as_str(), u.wallet_id.as_deref()?)))
+            .collect();
+        if done.is_empty() {
+            return;
+        }
+        if let Err(e) = book.settled(conn, &done) {
+            // The holds stay in the book until they expire: it refuses more, never less.
+            tracing::warn!(error = %e, "could not read balances after a settle");
+            book.stale();
         }
     }
 }
@@ -352,6 +402,7 @@ fn run_writer(
     metrics: Arc<Metrics>,
     acks: Option<mpsc::UnboundedSender<crate::hotwallet::Ack>>,
     sink: Option<Arc<crate::analytics::Sink>>,
+    book: Option<Arc<crate::holdbook::HoldBook>>,
 ) {
     // Waits on both queues, and out `linger` without giving up on a hold that arrives.
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
@@ -369,6 +420,7 @@ fn run_writer(
         refused: Vec::new(),
         gathered,
         last_hold: None,
+        book,
     };
     let mut records_open = true;
     let mut urgent_open = true;
@@ -429,6 +481,7 @@ fn run_writer(
         while !p.batch.is_empty() {
             let end = chunk.min(p.batch.len());
             if write_with_retry(&mut conn, &mut p.batch[..end], &metrics, acks.as_ref()) {
+                p.settled(&mut conn, &p.batch[..end]);
                 // Only what the store has: analytics never count a record the ledger lacks.
                 if let Some(sink) = &sink {
                     sink.offer(&p.batch[..end]);
@@ -602,8 +655,10 @@ fn end_trace(
 impl Meter {
     /// Starts the writer thread on its own SQLite connection. The thread ends when every
     /// `Meter` clone is gone; shutdown does not wait for that, it calls `flush`.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         location: &Location,
+        holds_in_memory: bool,
         capacity: usize,
         batch_max: usize,
         linger: Duration,
@@ -617,6 +672,9 @@ impl Meter {
         let writer_metrics = metrics.clone();
         let gathered = Arc::new(AtomicUsize::new(0));
         let writer_gathered = gathered.clone();
+        let book = (holds_in_memory && matches!(location, Location::Sqlite(_)) && acks.is_none())
+            .then(|| Arc::new(crate::holdbook::HoldBook::default()));
+        let writer_book = book.clone();
         std::thread::Builder::new()
             .name("tollgate-meter".into())
             .spawn(move || {
@@ -630,6 +688,7 @@ impl Meter {
                     writer_metrics,
                     acks,
                     sink,
+                    writer_book,
                 )
             })?;
         Ok(Meter {
@@ -639,7 +698,28 @@ impl Meter {
             metrics,
             sessions: Arc::default(),
             tracer: None,
+            book,
         })
+    }
+
+    /// Wallet holds are decided in memory and written with their settle (a SQLite store
+    /// without hot wallets): the request's record carries its hold, as a hot wallet's does.
+    pub fn holds_in_memory(&self) -> bool {
+        self.book.is_some()
+    }
+
+    /// An operator changed wallets on another connection: the next hold reads the store.
+    pub fn wallets_changed(&self) {
+        if let Some(b) = &self.book {
+            b.stale();
+        }
+    }
+
+    /// Money held in memory for a wallet, on top of the store's open holds.
+    pub fn held_in_memory(&self, wallet_id: &str) -> i64 {
+        self.book
+            .as_ref()
+            .map_or(0, |b| b.open_micros(wallet_id, crate::clock::now_ms()))
     }
 
     /// Queues a record without waiting. Never blocks the request path.
@@ -685,6 +765,19 @@ impl Meter {
     /// that is released by the request's usage record, which the caller must then send with
     /// the wallet set: the writer handles it after the hold.
     pub async fn hold(&self, req: HoldRequest, within: Duration) -> Result<Held, String> {
+        if let (Some(book), Some(w), true) = (&self.book, &req.wallet_id, req.envelopes.is_empty())
+        {
+            let now = crate::clock::now_ms();
+            if let Some(decided) =
+                book.try_hold(w, &req.request_id, req.amount, req.expires_ms, now)
+            {
+                let outcome = decided.map(held).map_err(|e| e.to_string())?;
+                if !matches!(outcome, Held::Ok { .. }) {
+                    self.refused(req, outcome.clone());
+                }
+                return Ok(outcome);
+            }
+        }
         let placed = async {
             let (reply, rx) = oneshot::channel();
             self.urgent

@@ -209,8 +209,9 @@ pub struct UsageRecord {
     /// `usage_bodies` beside the record.
     #[serde(skip)]
     pub bodies: Option<Box<Bodies>>,
-    /// The hold Redis admitted for this request (hot wallets): written to the ledger with
-    /// the request's settle.
+    /// The hold admitted for this request outside the store's holds (by Redis for hot
+    /// wallets, or in the writer's book in memory on SQLite): written to the ledger with the
+    /// request's settle.
     #[serde(skip)]
     pub hot_hold_micros: Option<i64>,
     /// The request reserved in envelopes (its run, budgets), settled with this record.

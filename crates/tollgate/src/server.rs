@@ -147,8 +147,11 @@ impl Gateway {
             )),
             crate::config::AnalyticsBackend::Store => None,
         };
+        let in_memory = config.wallets.backend == crate::config::WalletsBackend::Memory;
+        let store_lock = crate::holdbook::lock_store(&location, in_memory)?;
         let mut meter = Meter::start(
             &location,
+            in_memory,
             config.metering.queue_capacity,
             config.metering.batch_max,
             config.metering.linger,
@@ -234,6 +237,7 @@ impl Gateway {
             analytics,
             prompt_caches: crate::promptcache::PromptCaches::default(),
             _checkpointer: crate::state::StopOnDrop(stop_checkpoints),
+            _store_lock: store_lock,
         });
         refresh_keys(&app).await.context("loading keys")?;
         let _ = warm.await;

@@ -42,6 +42,8 @@ pub struct AppState {
     /// What provider prompt-cache affinity remembers (`[prompt_cache]`).
     pub prompt_caches: crate::promptcache::PromptCaches,
     /// Stops the WAL checkpointer when the gateway goes away.
+    /// `<store>.gateways`, locked while this gateway serves (`holdbook::lock_store`).
+    pub(crate) _store_lock: Option<std::fs::File>,
     pub(crate) _checkpointer: StopOnDrop,
 }
 

@@ -379,8 +379,10 @@ pub struct WalletsConfig {
     /// with a terminal error event; 0 cuts at the hold.
     pub stream_overrun_percent: u64,
     /// Where holds are decided: `store` (the writer, in the store's transactions), `redis`
-    /// (hot balances in Redis shared by every replica, the ledger in the store), or `auto`:
-    /// `redis` when `[limits] backend = "redis"`. Needs a restart to change.
+    /// (hot balances in Redis shared by every replica, the ledger in the store), `memory`
+    /// (this gateway's memory, the ledger in the store: SQLite with one gateway on the file,
+    /// which it locks; ADR 0036), or `auto`: `redis` when `[limits] backend = "redis"`, else
+    /// `store`. Needs a restart to change.
     pub backend: WalletsBackend,
     /// Redis mode: how often balances are reconciled from the store and expired holds
     /// released.
@@ -395,6 +397,7 @@ pub enum WalletsBackend {
     Auto,
     Store,
     Redis,
+    Memory,
 }
 
 impl Config {
@@ -411,7 +414,7 @@ impl Config {
     pub fn hot_wallets(&self) -> bool {
         match self.wallets.backend {
             WalletsBackend::Redis => true,
-            WalletsBackend::Store => false,
+            WalletsBackend::Store | WalletsBackend::Memory => false,
             WalletsBackend::Auto => self.limits.backend == LimitsBackend::Redis,
         }
     }

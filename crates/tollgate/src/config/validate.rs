@@ -167,6 +167,19 @@ impl Config {
                 "\"redis\" needs [limits.redis] url",
             );
         }
+        if self.wallets.backend == WalletsBackend::Memory
+            && self
+                .store
+                .url
+                .as_deref()
+                .is_some_and(|u| !u.trim().is_empty() && !u.starts_with("sqlite://"))
+        {
+            p(
+                "wallets.backend".into(),
+                "\"memory\" needs a SQLite store: a PostgreSQL store is shared by several \
+                 gateways, whose holds must meet in it (use \"store\" or \"redis\")",
+            );
+        }
         if self.cache.backend == CacheBackend::Redis && self.limits.redis.url.is_none() {
             p("cache.backend".into(), "\"redis\" needs [limits.redis] url");
         }

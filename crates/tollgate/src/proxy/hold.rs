@@ -490,7 +490,10 @@ pub(crate) async fn place_hold(
     let (wallet_id, enveloped, amount) =
         (req.wallet_id.clone(), !req.envelopes.is_empty(), req.amount);
     let hot = app.hot.as_ref().filter(|_| wallet_id.is_some());
-    if hot.is_some() && app.meter.backlogged() {
+    // Admitted outside the store's holds (Redis, or the writer's book in memory): the record
+    // carries the hold to its settle, and a writer far behind means no new money.
+    let outside = wallet_id.is_some() && (hot.is_some() || app.meter.holds_in_memory());
+    if outside && app.meter.backlogged() {
         settle.shed = true;
         return Err(wallet_unavailable("the ledger writer is behind"));
     }
@@ -515,7 +518,7 @@ pub(crate) async fn place_hold(
         let rec = settle.rec_mut();
         rec.wallet_id = wallet_id;
         rec.enveloped = enveloped;
-        rec.hot_hold_micros = hot.map(|_| amount);
+        rec.hot_hold_micros = outside.then_some(amount);
     }
     Ok(outcome)
 }

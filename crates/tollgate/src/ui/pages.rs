@@ -311,7 +311,10 @@ async fn overview_body(
         );
     }
 
-    let wallets = blocking(app, |a| Ok(a.store.read(crate::wallet::list)?)).await?;
+    let mut wallets = blocking(app, |a| Ok(a.store.read(crate::wallet::list)?)).await?;
+    for w in &mut wallets {
+        crate::admin::with_holds_in_memory(app, w);
+    }
     let low: Vec<Vec<String>> = wallets
         .iter()
         .filter(|w| {
@@ -618,6 +621,10 @@ pub async fn wallets(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Pa
     })
     .await
     .map_err(failed)?;
+    let mut wallets = wallets;
+    for w in &mut wallets {
+        crate::admin::with_holds_in_memory(&app, w);
+    }
     let mut body = String::new();
     if wallets.is_empty() {
         body.push_str(
@@ -730,7 +737,8 @@ pub async fn wallet(
         })?)
     })
     .await;
-    let (w, entries) = found.map_err(failed)?;
+    let (mut w, entries) = found.map_err(failed)?;
+    crate::admin::with_holds_in_memory(&app, &mut w);
     let wid = q(&w.id);
     let mut body = format!(
         "<div class=\"tiles\"><div class=\"tile\"><span>Balance</span><strong data-testid=\"balance\">{}</strong></div>\

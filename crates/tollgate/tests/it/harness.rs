@@ -691,6 +691,8 @@ pub enum TestStore {
     Postgres(String),
     /// SQLite, with limits and hot wallets (holds decided) in the Redis at this URL.
     SqliteHotRedis(String),
+    /// SQLite, holds decided in the gateway's memory (`[wallets] backend = "memory"`).
+    SqliteMemory,
 }
 
 impl TestStore {
@@ -702,13 +704,17 @@ impl TestStore {
             TestStore::SqliteHotRedis(url) => {
                 format!("[limits]\nbackend = \"redis\"\n[limits.redis]\nurl = \"{url}\"\n{rest}")
             }
+            TestStore::SqliteMemory if rest.contains("[wallets]\n") => {
+                rest.replacen("[wallets]\n", "[wallets]\nbackend = \"memory\"\n", 1)
+            }
+            TestStore::SqliteMemory => format!("[wallets]\nbackend = \"memory\"\n{rest}"),
         }
     }
 
     /// What the CLI needs to act on this store.
     pub fn cli_args(&self) -> Vec<String> {
         match self {
-            TestStore::Sqlite | TestStore::SqliteHotRedis(_) => vec![],
+            TestStore::Sqlite | TestStore::SqliteHotRedis(_) | TestStore::SqliteMemory => vec![],
             TestStore::Postgres(url) => vec!["--store-url".into(), url.clone()],
         }
     }

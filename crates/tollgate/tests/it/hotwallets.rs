@@ -10,20 +10,7 @@ async fn wallet_scenarios_behave_identically_with_hot_wallets_in_redis() {
     let Some(redis) = RedisServer::start().await else {
         return;
     };
-    let store = TestStore::SqliteHotRedis(redis.url());
-    wallets::a_dollar_buys_a_hundred_cent_requests_out_of_a_thousand_concurrent_ones_on(&store)
-        .await;
-    wallets::wallets_by_cli_and_api_with_idempotent_topups_grants_and_refusals_in_both_dialects_on(
-        &store,
-    )
-    .await;
-    wallets::spend_caps_quotes_and_clamping_on(&store).await;
-    wallets::a_stream_that_uses_up_its_hold_is_cut_and_billed_for_what_was_delivered_on(&store)
-        .await;
-    wallets::spending_stops_at_the_parent_runs_cap_across_its_sub_runs_on(&store).await;
-    wallets::a_teams_monthly_budget_refuses_past_its_hard_limit_on(&store).await;
-    wallets::a_request_retried_upstream_is_held_and_captured_once_on(&store).await;
-    wallets::low_balance_and_refused_wallets_reach_the_webhook_on(&store).await;
+    wallets::every_scenario_on(&TestStore::SqliteHotRedis(redis.url())).await;
 }
 
 /// The acceptance test: three gateway processes, one Redis, one dollar.

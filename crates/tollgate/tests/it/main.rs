@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod holdbook;
 mod hotwallets;
 mod layers;
 

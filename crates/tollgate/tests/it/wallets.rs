@@ -40,6 +40,19 @@ async fn ledger(gw: &TestGateway, wallet: &str) -> Vec<Value> {
     l.as_array().unwrap().clone()
 }
 
+/// Every wallet scenario on one store: what each way of deciding holds must pass unchanged.
+pub async fn every_scenario_on(store: &TestStore) {
+    a_dollar_buys_a_hundred_cent_requests_out_of_a_thousand_concurrent_ones_on(store).await;
+    wallets_by_cli_and_api_with_idempotent_topups_grants_and_refusals_in_both_dialects_on(store)
+        .await;
+    spend_caps_quotes_and_clamping_on(store).await;
+    a_stream_that_uses_up_its_hold_is_cut_and_billed_for_what_was_delivered_on(store).await;
+    spending_stops_at_the_parent_runs_cap_across_its_sub_runs_on(store).await;
+    a_teams_monthly_budget_refuses_past_its_hard_limit_on(store).await;
+    a_request_retried_upstream_is_held_and_captured_once_on(store).await;
+    low_balance_and_refused_wallets_reach_the_webhook_on(store).await;
+}
+
 pub async fn a_dollar_buys_a_hundred_cent_requests_out_of_a_thousand_concurrent_ones_on(
     store: &TestStore,
 ) {
