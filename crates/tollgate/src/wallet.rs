@@ -871,7 +871,7 @@ fn settle_hot_set(
     settles: &[SettleArgs],
     now_ms: i64,
 ) -> Result<Option<Vec<Option<Settled>>>> {
-    use crate::db::{Param, Value};
+    use crate::db::Value;
     let mut ids = std::collections::HashSet::with_capacity(settles.len());
     if !settles.iter().all(|s| ids.insert(s.request_id)) {
         return Ok(None);
@@ -902,8 +902,11 @@ fn settle_hot_set(
         wallets.push((w, r.get(0)?, r.get(1)?, r.get(2)?));
     }
     let mut out = Vec::with_capacity(settles.len());
-    let mut holds: Vec<Value> = Vec::with_capacity(settles.len() * 4);
-    let mut entries: Vec<Value> = Vec::with_capacity(settles.len() * 15);
+    // One-row statements, each prepared once: SQLite binds and runs them faster per row than
+    // a multi-row statement (bench/RESULTS.md, run J).
+    let mut holds: Vec<[Value; 7]> = Vec::with_capacity(settles.len());
+    // Each ledger row with the wallet and amount it moves.
+    let mut entries: Vec<([Value; 6], &str, i64)> = Vec::with_capacity(settles.len() * 3);
     for s in settles {
         let Some((w, amount)) = s.hot else {
             return Ok(None);
@@ -915,20 +918,25 @@ fn settle_hot_set(
         let before = at.1;
         let captured = cost.min((before - at.2).max(0));
         at.1 = before - captured;
-        holds.extend([
+        holds.push([
             Value::Text(s.request_id.to_string()),
             Value::Text(w.to_string()),
             Value::Int(amount),
             Value::Int(captured),
+            Value::Int(now_ms),
+            Value::Int(now_ms),
+            Value::Text("settled".into()),
         ]);
         let mut entry = |kind: &str, amount: i64| {
-            entries.extend([
+            let row = [
                 Value::Text(w.to_string()),
                 Value::Text(kind.to_string()),
                 Value::Int(amount),
                 Value::Text(format!("{kind}:{}", s.request_id)),
                 Value::Text(s.request_id.to_string()),
-            ]);
+                Value::Int(now_ms),
+            ];
+            entries.push((row, w, amount));
         };
         entry("hold", -amount);
         entry("release", amount);
@@ -944,59 +952,36 @@ fn settle_hot_set(
                 .map(|_| (w.to_string(), at.1)),
         }));
     }
-    let now = Value::Int(now_ms);
     tx.savepoint(
         |sp| -> Result<Option<Vec<Option<Settled>>>> {
-            // A hold recorded already (a replayed batch, a store hold of an earlier mode)
-            // needs `settle`'s care: then this group goes one by one instead.
-            let mut at = 0;
-            let mut inserted = 0u64;
-            for n in crate::db::statement_sizes(settles.len()) {
-                let sql = crate::db::multi_row_sql(
-                    "hot holds settled",
+            for h in &holds {
+                // A hold recorded already (a replayed batch, a store hold of an earlier
+                // mode) needs `settle`'s care: then this group goes one by one instead.
+                if sp.exec_values(
                     "INSERT INTO holds (id, wallet_id, amount_micros, captured_micros,
-                                        expires_ms, created_ms, state) VALUES ",
-                    " ON CONFLICT DO NOTHING",
-                    7,
-                    n,
-                );
-                let mut params: Vec<&dyn Param> = Vec::with_capacity(n * 7);
-                for row in holds[at * 4..(at + n) * 4].chunks(4) {
-                    params.extend(row.iter().map(|v| v as &dyn Param));
-                    params.extend([&now as &dyn Param, &now, &"settled"]);
+                                        expires_ms, created_ms, state)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
+                    h,
+                )? != 1
+                {
+                    return Ok(None);
                 }
-                inserted += sp.exec(&sql, &params)?;
-                at += n;
             }
-            if inserted != settles.len() as u64 {
-                return Ok(None);
-            }
-            let rows = entries.len() / 5;
-            let mut at = 0;
-            let mut deltas: Vec<(String, i64)> = Vec::new();
-            for n in crate::db::statement_sizes(rows) {
-                let sql = crate::db::multi_row_sql(
-                    "hot ledger entries",
+            let mut deltas: Vec<(&str, i64)> = Vec::new();
+            for (e, w, amount) in &entries {
+                // What was inserted moves the balance, as in `book`.
+                if sp.exec_values(
                     "INSERT INTO ledger (wallet_id, kind, amount_micros, idempotency_key,
-                                         request_id, ts_ms) VALUES ",
-                    // What was inserted moves the balance, as in `book`.
-                    " ON CONFLICT DO NOTHING RETURNING wallet_id, amount_micros",
-                    6,
-                    n,
-                );
-                let mut params: Vec<&dyn Param> = Vec::with_capacity(n * 6);
-                for row in entries[at * 5..(at + n) * 5].chunks(5) {
-                    params.extend(row.iter().map(|v| v as &dyn Param));
-                    params.push(&now);
-                }
-                for r in sp.rows(&sql, &params)? {
-                    let (w, a): (String, i64) = (r.get(0)?, r.get(1)?);
-                    match deltas.iter_mut().find(|d| d.0 == w) {
-                        Some(d) => d.1 += a,
-                        None => deltas.push((w, a)),
+                                         request_id, ts_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+                    e,
+                )? == 1
+                {
+                    match deltas.iter_mut().find(|d| d.0 == *w) {
+                        Some(d) => d.1 += amount,
+                        None => deltas.push((w, *amount)),
                     }
                 }
-                at += n;
             }
             for (w, delta) in deltas.iter().filter(|d| d.1 != 0) {
                 sp.exec(
