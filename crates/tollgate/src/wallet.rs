@@ -1117,10 +1117,11 @@ fn settle_set(
     finish_group(tx, out, now_ms).map(Some)
 }
 
-/// The ledger side of settling, in as few statements as the books allow (each is a round
-/// trip on PostgreSQL): one read of the wallet, one multi-row insert of the entries
-/// (`hot_hold`: a hold and its release, recorded now; `release`: a store hold given back;
-/// the capture), one balance update by what was actually inserted.
+/// The ledger side of settling: one read of the wallet, the entries (`hot_hold`: a hold and
+/// its release, recorded now; `release`: a store hold given back; the capture), one balance
+/// update by what was actually inserted. PostgreSQL settles through `settle_group`'s one
+/// statement per settle, not through here, so a statement per entry costs no round trips
+/// where they matter.
 fn book(
     tx: &mut Db,
     wallet_id: &str,
@@ -1157,27 +1158,21 @@ fn book(
         entries.push(("capture", -captured, format!("capture:{request_id}")));
     }
     if !entries.is_empty() {
-        let mut sql = String::from(
-            "INSERT INTO ledger (wallet_id, kind, amount_micros, idempotency_key, request_id, ts_ms)
-             VALUES ",
-        );
-        let mut params: Vec<&dyn crate::db::Param> = vec![&wallet_id, &request_id, &now_ms];
-        for (i, (kind, amount, idem)) in entries.iter().enumerate() {
-            let n = 4 + i * 3;
-            if i > 0 {
-                sql.push_str(", ");
+        // One prepared one-row statement per entry (SQLite runs them faster than a multi-row
+        // one, bench/RESULTS.md run J). What was actually inserted moves the balance: an
+        // entry that somehow existed already is not counted twice.
+        let mut delta = 0i64;
+        for (kind, amount, idem) in &entries {
+            if tx.exec(
+                "INSERT INTO ledger (wallet_id, kind, amount_micros, idempotency_key, request_id,
+                                     ts_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+                &[&wallet_id, kind, amount, idem, &request_id, &now_ms],
+            )? == 1
+            {
+                delta += amount;
             }
-            sql.push_str(&format!("(?1, ?{n}, ?{}, ?{}, ?2, ?3)", n + 1, n + 2));
-            params.extend([kind as &dyn crate::db::Param, amount, idem]);
         }
-        // What was actually inserted moves the balance: an entry that somehow existed
-        // already is not counted twice.
-        sql.push_str(" ON CONFLICT DO NOTHING RETURNING amount_micros");
-        let delta: i64 = tx
-            .rows(&sql, &params)?
-            .iter()
-            .map(|r| r.get::<i64>(0))
-            .sum::<crate::db::Result<i64>>()?;
         if delta != 0 {
             tx.exec(
                 "UPDATE wallets SET balance_micros = balance_micros + ?2, version = version + 1
