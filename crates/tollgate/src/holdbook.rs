@@ -13,10 +13,11 @@
 //! - the writer reads each wallet it holds for from the store, and again after every commit
 //!   that settled against it;
 //! - commits by other connections are seen through `PRAGMA data_version`: the writer checks
-//!   it whenever it touches the book and reloads every balance when it moved; a decision in
-//!   memory is only taken within `FRESH_MS` of such a check, otherwise the request asks the
-//!   writer, which checks first; the gateway's own operator endpoints make the book stale
-//!   as they answer, so a top-up is seen by the next request.
+//!   it after each of its commits and before each hold it is asked for, and reloads every
+//!   balance when it moved; a decision in memory is only taken within `FRESH_MS` of such a
+//!   check, otherwise the request asks the writer, which checks first; the gateway's own
+//!   operator endpoints make the book stale as they answer, so a top-up is seen by the next
+//!   request.
 //!
 //! A change made by another process (the CLI on the same file) can go unseen for up to
 //! `FRESH_MS`: a top-up refuses a little longer, a debit can admit a little longer; a
@@ -166,6 +167,9 @@ impl HoldBook {
     /// are over, and their wallets' balances are read again. The commit is this
     /// connection's own, so `PRAGMA data_version` does not show it.
     pub fn settled(&self, db: &mut Db, done: &[(&str, &str)]) -> crate::db::Result<()> {
+        if done.is_empty() {
+            return Ok(());
+        }
         let mut wallets: Vec<String> = Vec::new();
         for (_, w) in done {
             if !wallets.iter().any(|x| x == w) {

@@ -372,17 +372,17 @@ impl Pending {
     }
 
     /// After a commit: the book forgets the holds the chunk settled (and holds that never
-    /// settle, of requests that gave up waiting) and reads their wallets again.
+    /// settle, of requests that gave up waiting) and reads their wallets again; and it checks
+    /// for other connections' commits, so that under steady traffic the book stays fresh
+    /// and holds never wait for the writer.
     fn settled(&self, conn: &mut Db, chunk: &[UsageRecord]) {
         let Some(book) = &self.book else { return };
         let done: Vec<(&str, &str)> = chunk
             .iter()
             .filter_map(|u| Some((u.id.as_str(), u.wallet_id.as_deref()?)))
             .collect();
-        if done.is_empty() {
-            return;
-        }
-        if let Err(e) = book.settled(conn, &done) {
+        let checked = book.refresh(conn, &[], crate::clock::now_ms());
+        if let Err(e) = checked.and_then(|()| book.settled(conn, &done)) {
             // The holds stay in the book until they expire: it refuses more, never less.
             tracing::warn!(error = %e, "could not read balances after a settle");
             book.stale();
