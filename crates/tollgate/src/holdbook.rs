@@ -299,17 +299,24 @@ pub fn lock_store(
     };
     let mut lock_path = path.clone().into_os_string();
     lock_path.push(".gateways");
-    let file = std::fs::OpenOptions::new()
+    let file = match std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&lock_path)
-        .map_err(|e| {
-            anyhow::anyhow!(
+    {
+        Ok(f) => f,
+        Err(e) if in_memory => {
+            anyhow::bail!(
                 "opening {}: {e}",
                 std::path::Path::new(&lock_path).display()
             )
-        })?;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, path = %std::path::Path::new(&lock_path).display(), "could not open the store's gateways file");
+            return Ok(None);
+        }
+    };
     let taken = if in_memory {
         file.try_lock()
     } else {
@@ -327,11 +334,18 @@ pub fn lock_store(
              own memory, so no other gateway may share its store",
             path.display()
         ),
-        Err(std::fs::TryLockError::Error(e)) => {
+        Err(std::fs::TryLockError::Error(e)) if in_memory => {
             anyhow::bail!(
                 "locking {}: {e}",
                 std::path::Path::new(&lock_path).display()
             )
+        }
+        // A gateway deciding holds in the store does not need the lock, only shows it to a
+        // memory-mode one: a file system without locks (or a lock file it may not create)
+        // costs it nothing.
+        Err(std::fs::TryLockError::Error(e)) => {
+            tracing::warn!(error = %e, path = %std::path::Path::new(&lock_path).display(), "could not lock the store's gateways file");
+            Ok(None)
         }
     }
 }
