@@ -103,9 +103,12 @@ impl Browser {
         v["value"].clone()
     }
 
+    /// Loads `url` and waits for the new page (see `submit`).
     async fn goto(&self, url: &str) {
+        self.mark_page().await;
         self.cmd(reqwest::Method::POST, "/url", Some(json!({"url": url})))
             .await;
+        self.wait_new_page().await;
     }
 
     async fn find(&self, css: &str) -> String {
@@ -139,9 +142,25 @@ impl Browser {
     /// page (within 10 s): the click returns before the answer has replaced the old page,
     /// and reading right after it could read the old one.
     async fn submit(&self, css: &str) {
-        self.script("document.documentElement.dataset.tgBefore = '1';")
-            .await;
+        self.mark_page().await;
         self.click(css).await;
+        self.wait_new_page().await;
+    }
+
+    async fn mark_page(&self) {
+        // Before the first page there is no document to mark: nothing to tell apart.
+        let _ = self
+            .http
+            .post(format!("{}/execute/sync", self.url))
+            .json(
+                &json!({"script": "document.documentElement.dataset.tgBefore = '1';", "args": []}),
+            )
+            .send()
+            .await;
+    }
+
+    /// Until the marked page is gone and its successor has loaded (within 10 s).
+    async fn wait_new_page(&self) {
         for _ in 0..100 {
             // Asked while the page unloads, the browser may answer with an error: not yet.
             let v: Value = self
