@@ -155,6 +155,10 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE keys ADD COLUMN viewer INTEGER NOT NULL DEFAULT 0;",
     // 23: the dashboard's runs list walks the per-run rollup by hour, newest first
     "CREATE INDEX usage_run_rollup_hour ON usage_run_rollup(start_ms, run_id);",
+    // 24: records without a run are not indexed by run (every query on it names a run):
+    // one B-tree insert fewer per such record on the writer's path
+    "DROP INDEX usage_run;
+     CREATE INDEX usage_run ON usage(run_id) WHERE run_id IS NOT NULL;",
 ];
 
 /// Copies the WAL back into the database every `every`, off the request and writer paths
