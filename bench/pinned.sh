@@ -5,7 +5,7 @@
 # (utime + stime from /proc) divided by completed requests; its peak RSS (VmHWM) is read at the
 # end, so each scenario's memory is its own.
 #
-#   bench/pinned.sh [BIN...]  # default target/release/tollgate (built); needs nginx-light,
+#   [REPEAT=N] bench/pinned.sh [BIN...]  # default target/release/tollgate (built); needs nginx-light,
 #                             # redis-server for the `hot` scenario
 #
 # Scenarios (SCENARIOS="minimal policies wallet memory hot"):
@@ -104,17 +104,20 @@ loads() { # scenario url key pids...
   echo "{\"scenario\":\"$s\",\"peak_rss_kb\":$(peak_rss_kb "$@")}" >> "$OUT/rss.jsonl"
 }
 
-# shellcheck disable=SC2086
-loads nginx http://127.0.0.1:4020/v1/chat/completions none $NGINX_PIDS
-
 ADMIN=tg_bench_admin_$(date +%s)
 port=4100
+# REPEAT=N measures everything N times, interleaved (nginx, then each scenario with each
+# binary, then again): this machine's speed drifts by tens of percent within minutes, and
+# the table's medians say more than any one run.
+for rep in $(seq "${REPEAT:-1}"); do
+# shellcheck disable=SC2086
+loads nginx http://127.0.0.1:4020/v1/chat/completions none $NGINX_PIDS
 for s in $SCENARIOS; do
   for TG in "${BINS[@]}"; do
   port=$((port + 1))
   label=$s; [ ${#BINS[@]} -gt 1 ] && label="$(basename "$TG")-$s"
   if [ "$s" = hot ] && ! command -v redis-server >/dev/null; then echo "no redis-server: skipping hot" >&2; continue; fi
-  gateway_config "$OUT/$label.toml" "$port" "$OUT/data-$label" "$s"
+  gateway_config "$OUT/$label.toml" "$port" "$OUT/data-$label-$rep" "$s"
   TOLLGATE_ADMIN_KEY=$ADMIN RUST_LOG=warn taskset -c 1 "$TG" serve --config "$OUT/$label.toml" 2>"$OUT/$label.log" >/dev/null & pids+=($!)
   pid=$!; disown "$pid"
   wait_healthy "$port"
@@ -137,20 +140,36 @@ for s in $SCENARIOS; do
   kill -9 "$pid" 2>/dev/null || true
   done
 done
+done
 
 python3 - "$OUT/results.jsonl" "$OUT/rss.jsonl" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-rss = {r["scenario"]: r["peak_rss_kb"] for r in map(json.loads, open(sys.argv[2]))}
+import json, statistics, sys
+runs = [json.loads(l) for l in open(sys.argv[1])]
+rss = {}
+for r in map(json.loads, open(sys.argv[2])):
+    rss[r["scenario"]] = max(rss.get(r["scenario"], 0), r["peak_rss_kb"])
+# With REPEAT, one row per label: the median of each figure over the repetitions.
+groups = {}
+for r in runs:
+    groups.setdefault(r["label"], []).append(r)
+def median(rs):
+    m = dict(rs[0])
+    for k in ("achieved_rps", "cpu_us_per_request"):
+        m[k] = statistics.median(r[k] for r in rs)
+    m["ms"] = {k: statistics.median(r["ms"][k] for r in rs) for k in ("p50", "p99")}
+    m["errors"] = sum(r["errors"] for r in rs)
+    return m
+rows = [median(rs) for rs in groups.values()]
 ng = {r["label"].split(" ", 1)[1]: r for r in rows if r["scenario"] == "nginx"}
-print("proxy pinned to one core; load generator, mock and Redis on the other\n")
+n_rep = max(len(rs) for rs in groups.values())
+print("proxy pinned to one core; load generator, mock and Redis on the other" + (f"; medians of {n_rep} runs" if n_rep > 1 else "") + "\n")
 print("| scenario | load | rps | × nginx rps | errors | p50 ms | p99 ms | CPU µs/req | × nginx CPU |")
 print("|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     load = r["label"].split(" ", 1)[1]
     n = ng[load]
     print(f"| {r['scenario']} | {load} | {r['achieved_rps']:.0f} | {r['achieved_rps'] / max(n['achieved_rps'], 1):.2f} | {r['errors']} | {r['ms']['p50']:.3f} | {r['ms']['p99']:.3f} | {r['cpu_us_per_request']:.1f} | {r['cpu_us_per_request'] / n['cpu_us_per_request'] if n['cpu_us_per_request'] else float('nan'):.2f} |")
-print("\n| scenario | peak RSS MB |\n|---|---|")
+print("\n| scenario | peak RSS MB (highest) |\n|---|---|")
 for s, kb in rss.items():
     print(f"| {s} | {kb / 1024:.1f} |")
 PY
