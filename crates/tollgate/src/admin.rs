@@ -325,11 +325,10 @@ async fn show_wallet_h(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
-    let w = blocking(&app, move |a| {
+    let mut w = blocking(&app, move |a| {
         Ok(a.store.read(|c| crate::wallet::find(c, &id))?)
     })
     .await?;
-    let mut w = w;
     with_holds_in_memory(&app, &mut w);
     let mut v = serde_json::to_value(&w).unwrap_or_default();
     if let Some(hot) = &app.hot {

@@ -138,21 +138,20 @@ impl HoldBook {
     /// `FRESH_MS`.
     pub fn refresh(&self, db: &mut Db, wallets: &[&str], now_ms: i64) -> crate::db::Result<()> {
         let version: i64 = db.one("PRAGMA data_version", &[])?.get(0)?;
-        let (moved, mut load): (bool, Vec<String>) = {
+        let load: Vec<String> = {
             let inner = self.lock();
-            let moved = inner.data_version != Some(version);
-            let load = if moved {
+            let mut load: Vec<String> = if inner.data_version != Some(version) {
                 inner.wallets.keys().cloned().collect()
             } else {
                 Vec::new()
             };
-            (moved, load)
-        };
-        for w in wallets {
-            if !load.iter().any(|l| l == w) && (moved || !self.lock().wallets.contains_key(*w)) {
-                load.push(w.to_string());
+            for w in wallets {
+                if !inner.wallets.contains_key(*w) && !load.iter().any(|l| l == w) {
+                    load.push(w.to_string());
+                }
             }
-        }
+            load
+        };
         let read = read_balances(db, &load)?;
         let mut inner = self.lock();
         for (id, found) in load.into_iter().zip(read) {

@@ -41,9 +41,9 @@ pub struct AppState {
     pub analytics: Option<Arc<crate::analytics::Analytics>>,
     /// What provider prompt-cache affinity remembers (`[prompt_cache]`).
     pub prompt_caches: crate::promptcache::PromptCaches,
-    /// Stops the WAL checkpointer when the gateway goes away.
     /// `<store>.gateways`, locked while this gateway serves (`holdbook::lock_store`).
     pub(crate) _store_lock: Option<std::fs::File>,
+    /// Stops the WAL checkpointer when the gateway goes away.
     pub(crate) _checkpointer: StopOnDrop,
 }
 

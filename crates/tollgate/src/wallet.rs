@@ -860,12 +860,13 @@ pub fn settle_group(
 }
 
 /// SQLite: a group of settles of holds admitted outside the store (hot wallets, the hold
-/// book) in a few multi-row statements instead of five statements each, when the outcome is
-/// plainly the one settling one by one reaches: no request id twice, every wallet exists and
-/// has no grant to draw on, and none of the holds is recorded yet. The captures are clamped
-/// at each wallet's floor in the group's order, and the ledger gets each request's hold,
-/// release and capture in that order, as one by one. `None` (nothing written) otherwise:
-/// the caller settles one by one.
+/// book) with each wallet read and updated once instead of once per settle, when the outcome
+/// is plainly the one settling one by one reaches: no request id twice, every wallet exists
+/// and has no grant to draw on, and none of the holds is recorded yet. The captures are
+/// clamped at each wallet's floor in the group's order, and the ledger gets each request's
+/// hold, release and capture in that order, as one by one. Rows go in as one-row statements,
+/// each prepared once: SQLite runs them faster per row than multi-row ones (bench/RESULTS.md,
+/// runs J and U). `None` (nothing written) otherwise: the caller settles one by one.
 fn settle_hot_set(
     tx: &mut Db,
     settles: &[SettleArgs],
@@ -876,12 +877,12 @@ fn settle_hot_set(
     if !settles.iter().all(|s| ids.insert(s.request_id)) {
         return Ok(None);
     }
+    let Some(hot): Option<Vec<(&str, i64)>> = settles.iter().map(|s| s.hot).collect() else {
+        return Ok(None);
+    };
     // (balance as the group goes, floor, low-balance alert) per wallet.
     let mut wallets: Vec<(&str, i64, i64, Option<i64>)> = Vec::new();
-    for s in settles {
-        let Some((w, amount)) = s.hot else {
-            return Ok(None);
-        };
+    for &(w, amount) in &hot {
         hold_amount_in_range(amount)?;
         if wallets.iter().any(|x| x.0 == w) {
             continue;
@@ -901,16 +902,11 @@ fn settle_hot_set(
         }
         wallets.push((w, r.get(0)?, r.get(1)?, r.get(2)?));
     }
-    let mut out = Vec::with_capacity(settles.len());
-    // One-row statements, each prepared once: SQLite binds and runs them faster per row than
-    // a multi-row statement (bench/RESULTS.md, run J).
+    let mut booked = Vec::with_capacity(settles.len());
     let mut holds: Vec<[Value; 7]> = Vec::with_capacity(settles.len());
     // Each ledger row with the wallet and amount it moves.
     let mut entries: Vec<([Value; 6], &str, i64)> = Vec::with_capacity(settles.len() * 3);
-    for s in settles {
-        let Some((w, amount)) = s.hot else {
-            return Ok(None);
-        };
+    for (s, &(w, amount)) in settles.iter().zip(&hot) {
         let Some(at) = wallets.iter_mut().find(|x| x.0 == w) else {
             return Ok(None);
         };
@@ -943,17 +939,17 @@ fn settle_hot_set(
         if captured > 0 {
             entry("capture", -captured);
         }
-        out.push(Some(Settled {
-            captured_micros: captured,
-            shortfall_micros: cost - captured,
-            low_balance: at
-                .3
-                .filter(|l| before >= *l && at.1 < *l)
-                .map(|_| (w.to_string(), at.1)),
+        booked.push(Some(BookedRow {
+            wallet_id: w.to_string(),
+            cost,
+            captured,
+            before,
+            low: at.3,
+            grants: false,
         }));
     }
-    tx.savepoint(
-        |sp| -> Result<Option<Vec<Option<Settled>>>> {
+    let written = tx.savepoint(
+        |sp| -> Result<bool> {
             for h in &holds {
                 // A hold recorded already (a replayed batch, a store hold of an earlier
                 // mode) needs `settle`'s care: then this group goes one by one instead.
@@ -964,7 +960,7 @@ fn settle_hot_set(
                     h,
                 )? != 1
                 {
-                    return Ok(None);
+                    return Ok(false);
                 }
             }
             let mut deltas: Vec<(&str, i64)> = Vec::new();
@@ -991,10 +987,15 @@ fn settle_hot_set(
                     &[w, delta],
                 )?;
             }
-            Ok(Some(out))
+            Ok(true)
         },
-        |r| r.is_some(),
-    )
+        |written| *written,
+    )?;
+    if !written {
+        return Ok(None);
+    }
+    // No grants in the group: `finish_group` only works out each settle's outcome.
+    finish_group(tx, booked, now_ms).map(Some)
 }
 
 /// What the store said one settle of a group did.

@@ -1,7 +1,6 @@
 //! The usage table: rows in (one statement per batch), reports and raw records out.
 
 use super::*;
-use crate::db::{multi_row_sql, statement_sizes};
 use std::collections::HashMap;
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -1089,6 +1088,60 @@ fn upsert_columns(
         tx.exec(&sql, &params)?;
     }
     Ok(())
+}
+
+/// Statement sizes for `n` rows, from a fixed set: each size's statement is parsed once and
+/// then comes from the statement cache. (One statement of exactly `n` rows was parsed anew
+/// for nearly every batch, since batches vary: ~18 000 placeholders of SQL each time, a
+/// third of the writer's time.) At most 256 rows: 256 × 39 columns is under SQLite's
+/// 32 766 bound parameters.
+fn statement_sizes(mut n: usize) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        let size = [256, 64, 16, 4, 1].into_iter().find(|s| *s <= n)?;
+        n -= size;
+        Some(size)
+    })
+}
+
+/// The text of a multi-row INSERT of `rows` rows of `cols` placeholders between `head` and
+/// `tail`, made once per (statement, rows) per thread: formatting thousands of placeholders
+/// per statement showed in the writer's profile. `id` names the statement, so two
+/// statements must never share one: the SQLite insert (no RETURNING) and PostgreSQL's (which
+/// returns the ids it inserted) once did, and a thread that wrote to both stores rolled up
+/// nothing of PostgreSQL's one-row statements.
+fn multi_row_sql(
+    id: &'static str,
+    head: &str,
+    tail: &str,
+    cols: usize,
+    rows: usize,
+) -> std::rc::Rc<str> {
+    use std::fmt::Write;
+    thread_local! {
+        static MEMO: std::cell::RefCell<HashMap<(&'static str, usize), std::rc::Rc<str>>> =
+            std::cell::RefCell::new(HashMap::new());
+    }
+    MEMO.with(|m| {
+        m.borrow_mut()
+            .entry((id, rows))
+            .or_insert_with(|| {
+                let mut sql = String::with_capacity(head.len() + tail.len() + rows * cols * 7);
+                sql.push_str(head);
+                for r in 0..rows {
+                    sql.push_str(if r > 0 { ", (" } else { "(" });
+                    for c in 0..cols {
+                        if c > 0 {
+                            sql.push_str(", ");
+                        }
+                        let _ = write!(sql, "?{}", r * cols + c + 1);
+                    }
+                    sql.push(')');
+                }
+                sql.push_str(tail);
+                sql.into()
+            })
+            .clone()
+    })
 }
 
 /// One line of the dashboard's runs list (`Store::recent_runs`).

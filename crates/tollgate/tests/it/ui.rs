@@ -149,13 +149,7 @@ impl Browser {
 
     async fn mark_page(&self) {
         // Before the first page there is no document to mark: nothing to tell apart.
-        let _ = self
-            .http
-            .post(format!("{}/execute/sync", self.url))
-            .json(
-                &json!({"script": "document.documentElement.dataset.tgBefore = '1';", "args": []}),
-            )
-            .send()
+        self.try_script("document.documentElement.dataset.tgBefore = '1';")
             .await;
     }
 
@@ -163,21 +157,32 @@ impl Browser {
     async fn wait_new_page(&self) {
         for _ in 0..100 {
             // Asked while the page unloads, the browser may answer with an error: not yet.
-            let v: Value = self
-                .http
-                .post(format!("{}/execute/sync", self.url))
-                .json(&json!({"script": "return document.documentElement.dataset.tgBefore !== '1' && document.readyState === 'complete';", "args": []}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if v["value"] == Value::Bool(true) {
+            let loaded = self
+                .try_script("return document.documentElement.dataset.tgBefore !== '1' && document.readyState === 'complete';")
+                .await;
+            if loaded == Some(Value::Bool(true)) {
                 return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
+    }
+
+    /// `script`, with the browser's error as `None` instead of a failed test.
+    async fn try_script(&self, js: &str) -> Option<Value> {
+        let v: Value = self
+            .http
+            .post(format!("{}/execute/sync", self.url))
+            .json(&json!({"script": js, "args": []}))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        v["value"]
+            .get("error")
+            .is_none()
+            .then(|| v["value"].clone())
     }
 
     async fn text(&self, css: &str) -> String {
